@@ -1,0 +1,58 @@
+"""Process-group set-up for driving a Megatron-Core model directly (tests, CPU recipes, tools).
+
+NeMo's ``MegatronStrategy`` does this itself on the GPU path; here it is for the plain-Lightning CPU
+path and for tests that spawn gloo processes. One process or a ``torchrun``-style environment.
+"""
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from nemo_mla_lora import cpu_compat
+
+
+def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
+                  port: int | None = None) -> None:
+    """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's model-parallel groups."""
+    cpu_compat.apply()
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port or 29500))
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        backend = "gloo" if cpu_compat.cuda_absent() else "nccl"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    cpu_compat.seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def megatron_session(**kwargs):
+    """``with megatron_session(tp=1):`` initialise, run, tear down."""
+    init_megatron(**kwargs)
+    try:
+        yield
+    finally:
+        destroy()
