@@ -1,0 +1,170 @@
+"""The LoRA adapter for one Megatron linear: delta(x) = scale * scatter_rows(B (A x)).
+
+Tensor parallelism follows the base linear (``to_wrap``), through Megatron-Core's own mappings:
+
+| base | A [r, in] | B [rows, r] | communication |
+|---|---|---|---|
+| ColumnParallelLinear (output sharded) | full, replicated; grad all-reduced | local output rows | input: copy (or sequence gather) |
+| RowParallelLinear (input sharded) | local input columns | full, replicated | r-sized all-reduce (or reduce-scatter) |
+| TP size 1 / duplicated | full | full | none |
+
+Routed-expert linears with explicit expert communication (EP or expert-TP > 1) leave input gather and
+output reduction to the token dispatcher, as their base linears do; the adapter does the same and only
+all-reduces the gradient of its replicated factor. A part-selective B whose chosen rows do not split
+evenly over the TP ranks (e.g. latent-only ``linear_kv_down_proj``) is kept whole on every rank and
+each rank takes its slice of the output.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+
+def init_a(weight: torch.Tensor, method: str) -> None:
+    """LoRA A initialisation, named as in NeMo's LoRA (xavier, kaiming, normal)."""
+    if method == "xavier":
+        nn.init.xavier_normal_(weight)
+    elif method == "kaiming":
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    elif method == "normal":
+        nn.init.normal_(weight, std=0.02)
+    else:
+        raise ValueError(f"lora_A_init_method={method!r}; expected xavier, kaiming or normal")
+
+
+def tp_layout(base: nn.Module) -> tuple[str, object, int, int]:
+    """(mode, tp_group, tp_rank, tp_size) of a Megatron linear."""
+    group = getattr(base, "tp_group", None)
+    size = group.size() if group is not None else 1
+    rank = group.rank() if group is not None else 0
+    if size == 1 and not getattr(base, "explicit_expert_comm", False):
+        return "plain", group, 0, 1
+    if isinstance(base, ColumnParallelLinear):
+        return "column", group, rank, size
+    if isinstance(base, RowParallelLinear):
+        return "row", group, rank, size
+    raise TypeError(f"{type(base).__name__} is not a Megatron Column/RowParallelLinear")
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """Global (out_features, in_features) of a Megatron linear."""
+    return base.output_size, base.input_size
+
+
+class MLALoRAAdapter(nn.Module):
+    """A [r, in], B [rows, r]; ``row_mask`` (global, optional) selects the rows B may change."""
+
+    def __init__(self, base: nn.Module, dim: int, alpha: float, dropout: float = 0.0,
+                 dropout_position: str = "pre", a_init: str = "xavier", b_init: str = "zero",
+                 row_mask: torch.Tensor | None = None, glu_fc1: bool = False, dtype=None):
+        super().__init__()
+        if b_init != "zero":
+            raise ValueError(f"lora_B_init_method={b_init!r}; only 'zero' keeps the model unchanged at start")
+        if dropout_position not in ("pre", "post"):
+            raise ValueError(f"dropout_position={dropout_position!r}; expected 'pre' or 'post'")
+        self.mode, self.tp_group, self.tp_rank, self.tp_size = tp_layout(base)
+        self.base_kind = "row" if isinstance(base, RowParallelLinear) else "column"
+        self.explicit = bool(getattr(base, "explicit_expert_comm", False))
+        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and not self.explicit
+        self.dim, self.alpha, self.scale = dim, alpha, alpha / dim
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_position = dropout_position
+        self.glu_fc1 = glu_fc1
+        out_features, in_features = base_shape(base)
+        if row_mask is not None and row_mask.numel() != out_features:
+            raise ValueError(f"part mask has {row_mask.numel()} rows, linear has {out_features} output rows")
+        dtype = dtype or base.weight.dtype
+        device = base.weight.device
+        self._init_rows(out_features, row_mask)
+        a_full = torch.empty(dim, in_features, dtype=torch.float32)
+        init_a(a_full, a_init)
+        if self.base_kind == "row":
+            a_full = a_full.chunk(self.tp_size, dim=1)[self.tp_rank]
+        self.lora_a = nn.Parameter(a_full.to(device=device, dtype=dtype).contiguous())
+        self.lora_b = nn.Parameter(torch.zeros(self.b_rows, dim, device=device, dtype=dtype))
+
+    def _init_rows(self, out_features: int, row_mask: torch.Tensor | None) -> None:
+        """Decide how B's rows map to this rank's output rows; register the scatter index."""
+        rows = torch.arange(out_features) if row_mask is None else row_mask.nonzero().flatten()
+        self.part_selective = row_mask is not None
+        self.global_rows = rows.numel()
+        self.out_local = out_features // self.tp_size if self.base_kind == "column" else out_features
+        self.b_replicated = self.base_kind != "column"
+        if self.base_kind == "column":
+            lo = self.tp_rank * self.out_local
+            per_rank = [((rows >= r * self.out_local) & (rows < (r + 1) * self.out_local)).sum().item()
+                        for r in range(self.tp_size)]
+            if len(set(per_rank)) == 1:  # even split: B sharded like the base weight
+                local = rows[(rows >= lo) & (rows < lo + self.out_local)] - lo
+                self.register_buffer("scatter_index", local, persistent=False)
+                self.b_rows = per_rank[0]
+            else:  # uneven: B whole on every rank, output sliced
+                self.b_replicated = True
+                self.register_buffer("scatter_index", rows, persistent=False)
+                self.b_rows = rows.numel()
+        else:
+            self.register_buffer("scatter_index", rows, persistent=False)
+            self.b_rows = rows.numel()
+
+    def _scatter(self, y_sel: torch.Tensor, out_features: int) -> torch.Tensor:
+        """[..., rows_sel] -> [..., out_features] with zeros outside the chosen rows."""
+        if not self.part_selective and y_sel.shape[-1] == out_features:
+            return y_sel
+        full = y_sel.new_zeros(*y_sel.shape[:-1], out_features)
+        return full.index_copy(-1, self.scatter_index, y_sel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [s, b, in] (in sharded for row-parallel) -> delta [s, b, out_local]."""
+        if self.dropout_position == "pre":
+            x = self.dropout(x)
+        g = self.tp_group
+        if self.mode == "column":
+            if self.sequence_parallel:
+                x = mappings.gather_from_sequence_parallel_region(x, group=g)
+            elif not self.explicit:
+                x = mappings.copy_to_tensor_model_parallel_region(x, group=g)
+            h = x @ mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g).T  # [s, b, r]
+            b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g) if self.b_replicated else self.lora_b
+            if self.b_replicated:
+                full = self._scatter(h @ b.T, self.out_local * self.tp_size)
+                y = full[..., self.tp_rank * self.out_local:(self.tp_rank + 1) * self.out_local]
+            else:
+                y = self._scatter(h @ b.T, self.out_local)
+        elif self.mode == "row":
+            h = x @ self.lora_a.T  # partial sums over the input shards: [s, b, r]
+            if self.explicit:
+                b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
+            elif self.sequence_parallel:
+                h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=g)
+                b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
+            else:
+                h = mappings.reduce_from_tensor_model_parallel_region(h, group=g)
+                b = self.lora_b
+            y = self._scatter(h @ b.T, self.out_local)
+        else:
+            y = self._scatter((x @ self.lora_a.T) @ self.lora_b.T, self.out_local)
+        y = y * self.scale
+        return self.dropout(y) if self.dropout_position == "post" else y
+
+    def full_b(self) -> torch.Tensor:
+        """This rank's B expanded to its full output rows (zeros outside the part): [out_local or out, r]."""
+        out = self.out_local * self.tp_size if self.b_replicated and self.base_kind == "column" else self.out_local
+        return self._scatter(self.lora_b.detach().T, out).T
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """A and B as ShardedTensors, sharded like the base weight (so TP can change on load)."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        axis_map = {"lora_a": 1} if self.base_kind == "row" else ({} if self.b_replicated else {"lora_b": 0})
+        sharded = make_sharded_tensors_for_checkpoint(state, prefix, axis_map, sharded_offsets)
+        if self.glu_fc1 and "lora_b" in axis_map and not self.part_selective:
+            key = f"{prefix}lora_b"
+            singleton = (metadata or {}).get("singleton_local_shards", False)
+            sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        return sharded

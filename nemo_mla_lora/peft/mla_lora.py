@@ -1,0 +1,170 @@
+"""``MLALoRA``: NeMo PEFT for MLA models (NeMo finds it as ``PEFT_STR2CLS["mla_lora"]``).
+
+Use it wherever NeMo takes ``peft=``::
+
+    peft = MLALoRA(placement="nemo_official", dim=32, alpha=32, parts={"linear_kv_up_proj": "k"})
+    llm.finetune(model=..., data=..., trainer=..., peft=peft)
+
+or on a bare Megatron-Core model: ``model = peft(model)`` (freezes the base, wraps the targets).
+
+Targets are a named placement (``placements.PLACEMENTS``) or a free-form list: a bare leaf name
+(``linear_kv_up_proj``) matches that leaf anywhere; a pattern with ``*``, ``?``, ``[`` or ``.`` is a
+shell-style wildcard on the full module name (``*.layers.1.*`` does not match ``layers.11``).
+``exclude_modules`` removes matches the same way. Only Megatron linears with a target leaf name
+(attention linears, ``linear_fc1``/``linear_fc2`` of dense MLPs, shared and routed experts) are wrapped.
+Under pipeline parallelism layer indices in module names are local to the stage.
+"""
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal, Optional
+
+import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from nemo.collections.llm.peft.lora import LoRALinear
+from nemo.collections.llm.peft.module_matcher import ModuleMatcher
+from nemo.lightning.pytorch.callbacks.peft import PEFT
+from torch import nn
+
+from nemo_mla_lora.peft import parts as mla_parts
+from nemo_mla_lora.peft import placements
+from nemo_mla_lora.peft.adapter import MLALoRAAdapter
+
+
+class MLALoRALinear(LoRALinear):
+    """A Megatron linear with an ``MLALoRAAdapter``: returns (base(x) + delta(x), bias)."""
+
+
+def is_adaptable(module: nn.Module, name: str) -> bool:
+    return name in placements.ALL_TARGETS and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+
+
+def pattern_matches(pattern: str, name: str, full_name: str) -> bool:
+    if not any(ch in pattern for ch in "*?[."):
+        return name == pattern
+    return fnmatchcase(full_name, pattern)
+
+
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Full name -> module for every Megatron linear a target could name (wrapped ones included)."""
+    out = {}
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if isinstance(module, MLALoRALinear):
+            out[full_name] = module.to_wrap
+        elif is_adaptable(module, leaf) and not full_name.endswith(".to_wrap"):
+            out[full_name] = module
+    return out
+
+
+@dataclass
+class MLALoRA(PEFT, ModuleMatcher):
+    """MLA-aware LoRA (see the module docstring). ``target_modules`` (non-empty) overrides ``placement``."""
+
+    placement: Optional[str] = "nemo_official"
+    target_modules: list = field(default_factory=list)
+    exclude_modules: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+    dim: int = 32
+    alpha: float = 32
+    dropout: float = 0.0
+    dropout_position: Literal["pre", "post"] = "pre"
+    lora_A_init_method: str = "xavier"
+    lora_B_init_method: str = "zero"
+    lora_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if not self.target_modules and not self.placement:
+            raise ValueError("MLALoRA needs a placement or a non-empty target_modules list")
+        if not self.target_modules:
+            placements.get(self.placement)
+        if self.dim <= 0:
+            raise ValueError(f"LoRA dim must be positive, got {self.dim}")
+        mla_parts.validate(self.parts)
+        self._resolved_targets = None
+        self._match_counts = {}
+
+    @property
+    def requested_targets(self) -> tuple:
+        return tuple(self.target_modules) or placements.get(self.placement).targets
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate scale this placement suggests (multiply a standard LoRA learning rate)."""
+        if self.target_modules:
+            return placements.suggested_lr_scale(self.target_modules)
+        return placements.get(self.placement).lr_scale
+
+    def resolve(self, model: nn.Module) -> tuple:
+        present = {n.rsplit(".", 1)[-1] for n in adaptable_modules(model)}
+        targets = self.requested_targets
+        if not self.target_modules:
+            targets = placements.resolve_for_model(targets, present)
+        self._resolved_targets = targets
+        return targets
+
+    def match(self, m: nn.Module, name=None, prefix=None):
+        full_name = f"{prefix}.{name}" if prefix else name
+        if not is_adaptable(m, name):
+            return None
+        if any(pattern_matches(p, name, full_name) for p in self.exclude_modules):
+            return None
+        for pattern in self._resolved_targets or self.requested_targets:
+            if pattern_matches(pattern, name, full_name):
+                self._match_counts[pattern] = self._match_counts.get(pattern, 0) + 1
+                return pattern, full_name
+        return None
+
+    def transform(self, m: nn.Module, name=None, prefix=None):
+        if self.match(m, name, prefix) is None:
+            return m
+        adapter = MLALoRAAdapter(
+            m, dim=self.dim, alpha=self.alpha, dropout=self.dropout, dropout_position=self.dropout_position,
+            a_init=self.lora_A_init_method, b_init=self.lora_B_init_method,
+            row_mask=mla_parts.row_mask(name, self.parts.get(name), m.config),
+            glu_fc1=name == "linear_fc1" and m.config.gated_linear_unit, dtype=self.lora_dtype,
+        )
+        return MLALoRALinear(m, adapter)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        """Freeze the base, wrap every target; a target (or part) that matches nothing is an error."""
+        targets = self.resolve(model)
+        self._match_counts = {}
+        if hasattr(model, "walk"):  # NeMo's Lightning model / MegatronParallel
+            model = super().__call__(model)
+        else:  # a bare Megatron-Core module
+            from nemo.collections.llm import fn
+
+            model.requires_grad_(False)
+            model = fn.walk(model, self.transform)
+        self._check_matches(model, targets)
+        return model
+
+    def _check_matches(self, model: nn.Module, targets: tuple) -> None:
+        counts = torch.tensor([self._match_counts.get(t, 0) for t in targets], dtype=torch.long)
+        pp_group = _pipeline_group()
+        if pp_group is not None:
+            torch.distributed.all_reduce(counts, group=pp_group)
+        missing = [t for t, c in zip(targets, counts.tolist()) if c == 0]
+        unused_parts = [leaf for leaf in self.parts if not any(
+            n.rsplit(".", 1)[-1] == leaf for n, _ in _wrapped(model))]
+        if missing or unused_parts:
+            names = sorted(adaptable_modules(model))
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ValueError(
+                f"MLALoRA: targets {missing or unused_parts} matched no module "
+                f"(excludes: {self.exclude_modules}). Adaptable leaves in this model: {leaves}; "
+                f"e.g. {names[:6]}{' ...' if len(names) > 6 else ''}")
+
+
+def _wrapped(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MLALoRALinear)]
+
+
+def _pipeline_group():
+    from megatron.core import parallel_state
+
+    if (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_pipeline_model_parallel_world_size() > 1):
+        return parallel_state.get_pipeline_model_parallel_group()
+    return None

@@ -1,0 +1,151 @@
+"""A plain-torch DeepSeek-V3 / V2 forward written from the MLA equations (../shared/notes/MLA_LORA.md).
+
+It reads a Megatron-named state dict and shares no code with Megatron-Core, NeMo or HF: it is the
+independent oracle for parity tests. LoRA deltas are applied unmerged: ``adapters[module] = (A [r, in],
+B [out, r], scale)`` with B full-height (rows outside a part-selective adapter are zero).
+
+Index legend: b batch, s/t positions (query/key), h heads, d head dim, c latent, r LoRA rank.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nemo_mla_lora.mla_spec import MLASpec, yarn_mscale
+
+
+def linear(x, state, adapters, name):
+    """y = x W^T (+ s (x A^T) B^T when ``name`` has an adapter)."""
+    y = x @ state[f"{name}.weight"].T
+    if adapters and name in adapters:
+        a, b, scale = adapters[name]
+        y = y + scale * ((x @ a.T) @ b.T)
+    return y
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope_inv_freq(spec: MLASpec) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [d/2] for the rope dims and the cos/sin scale (yarn, or plain rope)."""
+    d, base = spec.qk_rope_head_dim, spec.rope_base
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if spec.rope_type != "yarn":
+        return 1.0 / pos_freqs, 1.0
+    factor, original = spec.rope_factor, spec.rope_original_max_positions
+
+    def correction_dim(num_rotations):
+        return d * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(spec.rope_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(spec.rope_beta_slow)), d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    scale = yarn_mscale(factor, spec.rope_mscale) / yarn_mscale(factor, spec.rope_mscale_all_dim)
+    return inv_freq, scale
+
+
+def rope_cos_sin(spec: MLASpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [s, d] for positions [s]."""
+    inv_freq, scale = rope_inv_freq(spec)
+    freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [s, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [s, d]
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [..., s, (h,) d], rope dims stored interleaved (DeepSeek): de-interleave, then rotate halves."""
+    x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def mla_projections(x, state, adapters, p, spec: MLASpec, cos, sin):
+    """The MLA projections for x [b, s, hidden] -> q_nope [b,s,h,dn], q_rope [b,s,h,dr], c_kv [b,s,c],
+    k_rope [b,s,dr] (rope applied; the shared key of all heads)."""
+    b, s, _ = x.shape
+    h, dn, dr, c = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.kv_lora_rank
+    if spec.q_lora_rank is None:
+        q = linear(x, state, adapters, f"{p}.linear_q_proj")
+    else:
+        c_q = rms_norm(linear(x, state, adapters, f"{p}.linear_q_down_proj"), state[f"{p}.q_layernorm.weight"],
+                       spec.norm_eps)  # [b, s, rq]
+        q = linear(c_q, state, adapters, f"{p}.linear_q_up_proj")
+    q = q.view(b, s, h, dn + dr)
+    q_nope, q_rope = q[..., :dn], q[..., dn:]
+    kv = linear(x, state, adapters, f"{p}.linear_kv_down_proj")  # [b, s, c + dr]
+    c_kv = rms_norm(kv[..., :c], state[f"{p}.kv_layernorm.weight"], spec.norm_eps)
+    k_rope = apply_rope(kv[..., c:], cos, sin)  # [b, s, dr]
+    q_rope = apply_rope(q_rope, cos[:, None, :], sin[:, None, :])  # [b, s, h, dr]
+    return q_nope, q_rope, c_kv, k_rope
+
+
+def mla_attention(x, state, adapters, p, spec: MLASpec, cos, sin):
+    """Materialized MLA: up-project c_kv to per-head K (nope) and V, then causal softmax attention."""
+    b, s, _ = x.shape
+    h, dn, dv = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim
+    q_nope, q_rope, c_kv, k_rope = mla_projections(x, state, adapters, p, spec, cos, sin)
+    kv = linear(c_kv, state, adapters, f"{p}.linear_kv_up_proj").view(b, s, h, dn + dv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]  # [b, t, h, dn], [b, t, h, dv]
+    scores = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    scores = (scores * spec.softmax_scale).masked_fill(causal, float("-inf"))
+    probs = torch.softmax(scores.float() if scores.dtype != torch.float64 else scores, dim=-1).to(x.dtype)
+    o = torch.einsum("bhst,bthd->bshd", probs, v).reshape(b, s, h * dv)
+    return linear(o, state, adapters, f"{p}.linear_proj")
+
+
+def gated_mlp(x, state, adapters, p):
+    gate, up = linear(x, state, adapters, f"{p}.linear_fc1").chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, state, adapters, f"{p}.linear_fc2")
+
+
+def moe(x, state, adapters, p, spec: MLASpec):
+    """DeepSeek-V3 MoE: sigmoid scores, expert bias for the choice only, group-limited top-k,
+    normalised weights times the scaling factor, plus the shared experts."""
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])  # [n, hidden]
+    scores = torch.sigmoid(tokens.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+                           @ state[f"{p}.router.weight"].to(torch.float64 if x.dtype == torch.float64 else torch.float32).T)
+    choice = scores + state[f"{p}.router.expert_bias"].to(scores.dtype)  # [n, E]
+    n, e, g = choice.shape[0], spec.num_experts, spec.moe_num_groups
+    group_scores = choice.view(n, g, e // g).topk(spec.moe_topk // spec.moe_group_topk, dim=-1)[0].sum(-1)
+    keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.moe_group_topk, dim=-1)[1], 1)
+    keep = keep_groups[:, :, None].expand(n, g, e // g).reshape(n, e).bool()
+    top = choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1]  # [n, k]
+    weights = scores.gather(1, top)
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * spec.moe_scaling_factor
+    out = torch.zeros_like(tokens)
+    for expert in range(e):
+        rows, slot = torch.where(top == expert)
+        if rows.numel():
+            y = gated_mlp(tokens[rows], state, adapters, f"{p}.experts.local_experts.{expert}")
+            out.index_add_(0, rows, y * weights[rows, slot, None].to(y.dtype))
+    out = out + gated_mlp(tokens, state, adapters, f"{p}.shared_experts")
+    return out.view(shape)
+
+
+def decoder_layer(x, state, adapters, layer: int, spec: MLASpec, cos, sin, attention=mla_attention):
+    p = f"decoder.layers.{layer}"
+    x = x + attention(rms_norm(x, state[f"{p}.input_layernorm.weight"], spec.norm_eps), state, adapters,
+                      f"{p}.self_attention", spec, cos, sin)
+    hidden = rms_norm(x, state[f"{p}.pre_mlp_layernorm.weight"], spec.norm_eps)
+    if spec.is_moe_layer(layer):
+        return x + moe(hidden, state, adapters, f"{p}.mlp", spec)
+    return x + gated_mlp(hidden, state, adapters, f"{p}.mlp")
+
+
+def forward(tokens, state, spec: MLASpec, adapters=None, attention=mla_attention):
+    """Logits [b, s, vocab] for tokens [b, s]."""
+    x = state["embedding.word_embeddings.weight"][tokens]
+    cos, sin = rope_cos_sin(spec, torch.arange(tokens.shape[1]), x.dtype)
+    for layer in range(spec.num_layers):
+        x = decoder_layer(x, state, adapters, layer, spec, cos, sin, attention)
+    x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
+    return x @ state["output_layer.weight"].T
