@@ -1,0 +1,1 @@
+"""Hydra configs, shipped inside the package as nemo_mla_lora.conf."""

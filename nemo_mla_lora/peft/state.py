@@ -1,0 +1,39 @@
+"""Read a (single-rank) adapted model as tensors: the base state dict and the LoRA factors.
+
+Names are Megatron module names without the wrapper's ``to_wrap`` level, so the same keys serve the
+base checkpoint, the reference forward and the merge/export functions.
+"""
+
+import torch
+from torch import nn
+
+from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+
+
+def _clean(name: str) -> str:
+    return name.replace(".to_wrap", "").removeprefix("module.")
+
+
+def base_state_dict(model: nn.Module) -> dict:
+    """The base model's tensors (adapters and ``_extra_state`` dropped), detached."""
+    return {_clean(k): v.detach() for k, v in model.state_dict().items()
+            if ".adapter." not in k and not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+
+
+def adapter_factors(model: nn.Module) -> dict:
+    """module name -> (A [r, in], B [out, r] with zero rows outside the part, scale)."""
+    return {_clean(n): (m.adapter.lora_a.detach(), m.adapter.full_b(), m.adapter.scale)
+            for n, m in model.named_modules() if isinstance(m, MLALoRALinear)}
+
+
+def adapter_modules(model: nn.Module) -> dict:
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, MLALoRALinear)}
+
+
+@torch.no_grad()
+def randomize_b(model: nn.Module, std: float = 0.2, seed: int = 0) -> None:
+    """Give every adapter a non-zero B (tests, and checks that a merge really does something)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in adapter_modules(model).values():
+        b = m.adapter.lora_b
+        b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * std)
