@@ -1,12 +1,27 @@
 """The Transformer-Engine-free MLA layer spec (CPU, and GPU machines without TE).
 
-megatron-core's local spec builds MLA with ``DotProductAttention``, but ``MLASelfAttention`` passes it
-``k_channels`` / ``v_channels`` (q head dim nope+rope, v head dim), which the local core attention does
-not accept. ``MLADotProductAttention`` accepts them and sizes its output by ``v_channels``.
+Two substitutions in megatron-core's local spec:
+1. ``MLASelfAttention`` passes ``k_channels`` / ``v_channels`` (q head dim nope+rope, v head dim) to its
+   core attention, which the local ``DotProductAttention`` does not accept: ``MLADotProductAttention``
+   accepts them and sizes its output by ``v_channels``.
+2. ``MLASelfAttention`` with a column-parallel ``linear_kv_down_proj`` (the local spec) never sums the
+   gradient of the shared rope key k_pe over the TP ranks: each rank's k_pe gradient covers only its
+   own heads (measured: TP=2 adapter gradients before the last layer off by up to 40% against TP=1).
+   ``LocalMLASelfAttention`` makes that linear a ``KVDownProjection``, whose output is gathered over TP
+   so that k_pe's gradient is all-reduced (or, under sequence parallelism, reduce-scattered by MLA's own
+   sequence gather of k_pe), as with TE's duplicated down projection.
+3. The local norm (``WrappedTorchNorm``) refuses sequence parallelism. ``SequenceParallelTorchNorm``
+   builds the same ``torch.nn.RMSNorm``/``LayerNorm`` and, as apex's and TE's norms do, tags its weight
+   ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient across TP.
 """
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
 class MLADotProductAttention(DotProductAttention):
@@ -18,9 +33,66 @@ class MLADotProductAttention(DotProductAttention):
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
 
+class KVDownProjection(ColumnParallelLinear):
+    """``linear_kv_down_proj`` whose [c_kv, k_pe] output is whole on every TP rank (see the module docstring).
+
+    ``local_forward`` is the plain column-parallel forward (output rows sharded); ``finish_output`` turns
+    that shard into the full output. An adapter wrapper adds its delta between the two."""
+
+    def local_forward(self, x):
+        return ColumnParallelLinear.forward(self, x)
+
+    def finish_output(self, out_local: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.size() == 1:
+            return out_local
+        full = mappings.gather_from_tensor_model_parallel_region(out_local, group=self.tp_group)  # [s, b, c+dr]
+        if self.sequence_parallel:  # MLA gathers k_pe over the sequence; its backward sums the heads' parts
+            return mappings.scatter_to_sequence_parallel_region(full, group=self.tp_group)  # [s/tp, b, c+dr]
+        rope = self.config.qk_pos_emb_head_dim
+        c_kv, k_pe = full[..., :-rope], full[..., -rope:]
+        return torch.cat([c_kv, mappings.copy_to_tensor_model_parallel_region(k_pe, group=self.tp_group)], dim=-1)
+
+    def forward(self, x):
+        out_local, bias = self.local_forward(x)
+        return self.finish_output(out_local), bias
+
+
+class LocalMLASelfAttention(MLASelfAttention):
+    """MLA self-attention of the local spec, with ``KVDownProjection`` as its kv down projection."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if type(self.linear_kv_down_proj) is ColumnParallelLinear:  # mcore accepts only its own classes here
+            self.linear_kv_down_proj.__class__ = KVDownProjection
+
+
+class SequenceParallelTorchNorm:
+    """``WrappedTorchNorm`` that also works under sequence parallelism (see the module docstring)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}.get(config.normalization)
+        if norm_cls is None:
+            raise ValueError(f"normalization={config.normalization!r}; expected RMSNorm or LayerNorm")
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _swap_norms(submodules) -> None:
+    for name, value in vars(submodules).items():
+        if value is WrappedTorchNorm:
+            setattr(submodules, name, SequenceParallelTorchNorm)
+
+
 def local_mla_block_spec(config, vp_stage=None):
     """Decoder block spec (dense and MoE layers per ``moe_layer_freq``) without Transformer Engine."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
     for layer_spec in spec.layer_specs:
+        layer_spec.submodules.self_attention.module = LocalMLASelfAttention
         layer_spec.submodules.self_attention.submodules.core_attention = MLADotProductAttention
+        _swap_norms(layer_spec.submodules)
+        _swap_norms(layer_spec.submodules.self_attention.submodules)
+    if spec.layer_norm is WrappedTorchNorm:
+        spec.layer_norm = SequenceParallelTorchNorm
     return spec

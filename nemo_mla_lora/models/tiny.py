@@ -60,9 +60,10 @@ def mla_config(dtype: torch.dtype = torch.float32, **overrides):
     from nemo.collections.llm import DeepSeekV3Config
 
     num_layers = overrides.get("num_layers", TINY_DIMS["num_layers"])
+    dense = "num_moe_experts" in overrides and not overrides["num_moe_experts"]
     args = dict(TINY_DIMS, **CPU_SAFE)
     args.update(
-        moe_layer_freq=[0] + [1] * (num_layers - 1),
+        moe_layer_freq=[0] * num_layers if dense else [0] + [1] * (num_layers - 1),
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,

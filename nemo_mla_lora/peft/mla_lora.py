@@ -32,7 +32,28 @@ from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 
 
 class MLALoRALinear(LoRALinear):
-    """A Megatron linear with an ``MLALoRAAdapter``: returns (base(x) + delta(x), bias)."""
+    """A Megatron linear with an ``MLALoRAAdapter``: returns (base(x) + delta(x), bias).
+
+    Its state dict keeps the base linear's own keys (``...linear_proj.weight``, as NeMo's wrappers do)
+    plus ``...linear_proj.adapter.lora_a`` / ``lora_b``; loading accepts the same keys."""
+
+    def __init__(self, to_wrap: nn.Module, adapter: nn.Module):
+        super().__init__(to_wrap, adapter)
+        self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
+
+    def forward(self, x, *args, **kwargs):
+        if not hasattr(self.to_wrap, "finish_output"):
+            return super().forward(x, *args, **kwargs)
+        out_local, bias = self.to_wrap.local_forward(x)  # e.g. KVDownProjection: delta goes on the shard
+        return self.to_wrap.finish_output(out_local + self.adapter(x.contiguous())), bias
+
+
+def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
+    """``prefix + 'weight'`` -> ``prefix + 'to_wrap.weight'`` (the inverse of AdapterWrapper.state_dict)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith(("adapter.", "to_wrap.")):
+            state_dict[f"{prefix}to_wrap.{rest}"] = state_dict.pop(key)
 
 
 def is_adaptable(module: nn.Module, name: str) -> bool:
