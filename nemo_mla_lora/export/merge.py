@@ -1,0 +1,45 @@
+"""Merging LoRA into base weights: W' = W + scale * B @ A, accumulated in fp32, cast back.
+
+Pure functions on tensors. Names are Megatron module names (``peft.state`` conventions): an adapter for
+``decoder.layers.0.self_attention.linear_kv_up_proj`` merges into ``...linear_kv_up_proj.weight``.
+"""
+
+import torch
+
+
+class MergeError(ValueError):
+    pass
+
+
+def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 name: str = "weight") -> torch.Tensor:
+    """weight [out, in], A [r, in], B [out, r] (full height; zeros outside a part) -> merged [out, in]."""
+    out_features, in_features = weight.shape
+    if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
+        raise MergeError(f"{name}: LoRA shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit "
+                         f"weight {tuple(weight.shape)} (expected A [r, {in_features}], B [{out_features}, r])")
+    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"{name}: merged weight has NaN/Inf ({(~torch.isfinite(merged)).sum().item()} values)")
+    return merged.to(weight.dtype)
+
+
+def merge_state(base: dict, adapters: dict) -> dict:
+    """A new state dict with every adapter merged; ``adapters``: module -> (A, B, scale)."""
+    missing = [m for m in adapters if f"{m}.weight" not in base]
+    if missing:
+        raise MergeError(f"adapters for modules the base checkpoint lacks: {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} (is the adapter for another model?)")
+    merged = dict(base)
+    for module, (a, b, scale) in adapters.items():
+        merged[f"{module}.weight"] = merge_linear(base[f"{module}.weight"], a, b, scale, name=module)
+    return merged
+
+
+def expand_rows(b_rows: torch.Tensor, row_index: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A part-selective B [rows_sel, r] to full height [out, r] (zeros outside the part)."""
+    if row_index is None:
+        return b_rows
+    full = b_rows.new_zeros(out_features, b_rows.shape[1])
+    full[row_index] = b_rows
+    return full
