@@ -147,7 +147,7 @@ def hf_config(spec, **extra):
         qk_nope_head_dim=spec.qk_nope_head_dim, n_group=spec.moe_num_groups, topk_group=spec.moe_group_topk,
         num_experts_per_tok=spec.moe_topk or 1, first_k_dense_replace=first_dense if spec.num_experts else spec.num_layers,
         norm_topk_prob=True, rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_base, rope_scaling=rope_scaling,
-        rope_interleave=True, tie_word_embeddings=False, max_position_embeddings=max(
-            spec.rope_original_max_positions * int(max(spec.rope_factor, 1)), 4096),
+        rope_interleave=True, tie_word_embeddings=False,
+        max_position_embeddings=int(spec.rope_original_max_positions * max(spec.rope_factor, 1.0)),
         **extra,
     )

@@ -97,3 +97,30 @@ class MLASpec:
             moe_num_groups=c.moe_router_num_groups or 1, moe_group_topk=c.moe_router_group_topk or 1,
             moe_scaling_factor=c.moe_router_topk_scaling_factor or 1.0, moe_layer_pattern=pattern,
         )
+
+
+def spec_from_hf(config) -> MLASpec:
+    """From an HF DeepSeek-V3/V2 ``config.json`` (dict or ``PretrainedConfig``)."""
+    c = config if isinstance(config, dict) else config.to_dict()
+    layers = c["num_hidden_layers"]
+    experts = c.get("n_routed_experts") or 0
+    first_dense = c.get("first_k_dense_replace", 0) if experts else layers
+    rope = c.get("rope_scaling") or {}
+    yarn = rope.get("type", rope.get("rope_type")) == "yarn"
+    return MLASpec(
+        hidden_size=c["hidden_size"], num_layers=layers, num_heads=c["num_attention_heads"],
+        q_lora_rank=c.get("q_lora_rank"), kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+        qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"], vocab_size=c["vocab_size"],
+        ffn_hidden_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_type="yarn" if yarn else "rope", rope_base=c.get("rope_theta", 10000.0),
+        rope_factor=rope.get("factor", 1.0) if yarn else 1.0,
+        rope_original_max_positions=rope.get("original_max_position_embeddings", 4096),
+        rope_beta_fast=rope.get("beta_fast", 32.0), rope_beta_slow=rope.get("beta_slow", 1.0),
+        rope_mscale=rope.get("mscale", 1.0), rope_mscale_all_dim=rope.get("mscale_all_dim", 1.0),
+        num_experts=experts, moe_ffn_hidden_size=c.get("moe_intermediate_size", 0) if experts else 0,
+        shared_expert_ffn_hidden_size=(c.get("moe_intermediate_size", 0) * (c.get("n_shared_experts") or 0)
+                                       if experts else 0),
+        moe_topk=c.get("num_experts_per_tok", 0) if experts else 0, moe_num_groups=c.get("n_group") or 1,
+        moe_group_topk=c.get("topk_group") or 1, moe_scaling_factor=c.get("routed_scaling_factor", 1.0),
+        moe_layer_pattern=tuple(0 if i < first_dense else 1 for i in range(layers)),
+    )

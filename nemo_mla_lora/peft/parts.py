@@ -37,20 +37,28 @@ def _per_head(num_heads: int, first: int, second: int, keep_first: bool) -> torc
     return head.repeat(num_heads)
 
 
+def _dims(config) -> tuple[int, int, int, int, int]:
+    """(heads, qk_nope, qk_rope, v, kv_lora_rank) from a Megatron config or an ``MLASpec``."""
+    if hasattr(config, "qk_nope_head_dim"):
+        return (config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
+                config.kv_lora_rank)
+    return (config.num_attention_heads, config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim,
+            config.kv_lora_rank)
+
+
 def row_mask(leaf: str, part: str | None, config) -> torch.Tensor | None:
     """Global boolean mask over ``leaf``'s output rows for ``part``; None means every row.
 
-    ``config`` is the Megatron ``MLATransformerConfig`` (``qk_head_dim`` there is the nope part)."""
+    ``config``: a Megatron ``MLATransformerConfig`` (whose ``qk_head_dim`` is the nope part) or an ``MLASpec``."""
     if part is None or part == FULL.get(leaf):
         return None
     validate({leaf: part})
-    h = config.num_attention_heads
-    nope, rope, v = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
+    h, nope, rope, v, c = _dims(config)
     if leaf == "linear_kv_up_proj":
         return _per_head(h, nope, v, keep_first=part == "k")
     if leaf == "linear_kv_down_proj":
-        mask = torch.zeros(config.kv_lora_rank + rope, dtype=torch.bool)
-        mask[: config.kv_lora_rank] = part == "latent"
-        mask[config.kv_lora_rank:] = part == "rope"
+        mask = torch.zeros(c + rope, dtype=torch.bool)
+        mask[:c] = part == "latent"
+        mask[c:] = part == "rope"
         return mask
     return _per_head(h, nope, rope, keep_first=part == "nope")

@@ -1,0 +1,177 @@
+"""Our checkpoints on disk: Megatron dist-checkpoints (torch_dist) plus a JSON sidecar.
+
+- base checkpoint:    <dir>/ (dist-ckpt of the base model's tensors) + ``mla_spec.json``
+- adapter checkpoint: <dir>/ (dist-ckpt of ``*.adapter.lora_a/lora_b`` only) + ``adapter.json``
+
+Checkpoint keys are Megatron's sharded keys (routed experts stacked: ``...mlp.experts.experts.linear_fc1.weight``
+[E, out, in]); readers hand out *flat* names (``...mlp.experts.local_experts.3.linear_fc1.weight``), the
+module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nemo_mla_lora.mla_spec import MLASpec
+
+SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
+_STACKED = re.compile(r"^(.*\.mlp\.experts)\.experts\.(linear_fc[12]\..+)$")
+_FLAT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\..+)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@contextmanager
+def atomic_dir(path, overwrite: bool = False):
+    """Yield a temp dir beside ``path``; rename it to ``path`` on success, remove it on failure."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _sharded(flat: dict) -> dict:
+    """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (experts stacked on a leading axis)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    stacked, out = {}, {}
+    for name, t in flat.items():
+        m = _FLAT_EXPERT.match(name)
+        if m:
+            stacked.setdefault(f"{m.group(1)}.experts.{m.group(3)}", {})[int(m.group(2))] = t
+        else:
+            out[name] = ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0)
+    for key, experts in stacked.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise CheckpointError(f"{key}: experts {sorted(experts)} are not 0..{len(experts) - 1}")
+        out[key] = ShardedTensor.from_rank_offsets(key, torch.stack([experts[e] for e in sorted(experts)]),
+                                                   replica_id=0)
+    return out
+
+
+def save_tensors(flat: dict, directory) -> None:
+    """Write flat tensors as a Megatron dist-checkpoint (loadable by ``model.sharded_state_dict()``)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded(flat), str(directory))
+
+
+def write_json(path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def file_hash(directory) -> str:
+    """Content hash of a checkpoint directory (every file, sorted by name)."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(directory).rglob("*")):
+        if f.is_file():
+            digest.update(f.relative_to(directory).as_posix().encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+class CheckpointReader:
+    """Reads tensors of a dist-checkpoint by flat name, a few at a time."""
+
+    def __init__(self, directory):
+        from megatron.core import dist_checkpointing
+
+        self.directory = Path(directory)
+        if not (self.directory / ".metadata").is_file():
+            raise CheckpointError(f"{self.directory} is not a Megatron dist-checkpoint (no .metadata)")
+        try:
+            self.metadata = dist_checkpointing.load_tensors_metadata(str(self.directory))
+        except Exception as err:  # unreadable metadata: truncated or foreign
+            raise CheckpointError(f"{self.directory}: cannot read checkpoint metadata: {err}") from err
+        self.flat = {}  # flat name -> (key, expert index or None, shape)
+        for key, meta in self.metadata.items():
+            m = _STACKED.match(key)
+            if m:
+                for e in range(meta.global_shape[0]):
+                    self.flat[f"{m.group(1)}.local_experts.{e}.{m.group(2)}"] = (key, e, meta.global_shape[1:])
+            else:
+                self.flat[key] = (key, None, tuple(meta.global_shape))
+
+    def names(self) -> list[str]:
+        return sorted(self.flat)
+
+    def load(self, names) -> dict:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        missing = [n for n in names if n not in self.flat]
+        if missing:
+            raise CheckpointError(f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        keys = sorted({self.flat[n][0] for n in names})
+        request = {k: ShardedTensor.from_rank_offsets(
+            k, torch.empty(self.metadata[k].global_shape, dtype=self.metadata[k].dtype), replica_id=0) for k in keys}
+        try:
+            loaded = dist_checkpointing.load(request, str(self.directory))
+        except Exception as err:
+            raise CheckpointError(f"{self.directory}: failed to read {keys[:3]}...: {err} "
+                                  f"(truncated or incomplete checkpoint?)") from err
+        out = {}
+        for n in names:
+            key, expert, _ = self.flat[n]
+            out[n] = loaded[key] if expert is None else loaded[key][expert].clone()
+        return out
+
+
+def read_spec(directory) -> MLASpec:
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {SPEC_FILE} (MLA dimensions of the model)")
+    return MLASpec.from_dict(json.loads(path.read_text()))
+
+
+def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:
+    """Base model tensors (adapters excluded) + ``mla_spec.json``."""
+    from nemo_mla_lora.peft.state import base_state_dict
+
+    with atomic_dir(directory, overwrite) as tmp:
+        save_tensors(base_state_dict(model), tmp)
+        write_json(tmp / SPEC_FILE, spec.to_dict())
+    return Path(directory)
+
+
+def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite: bool = False) -> Path:
+    """Adapter tensors only (``<module>.adapter.lora_a`` / ``lora_b``, B holding only its part's rows)
+    + ``adapter.json`` (rank, alpha, scale, parts, targets, the model's MLA dims, the base's hash)."""
+    from nemo_mla_lora.peft.state import adapter_modules
+
+    flat = {}
+    for name, module in adapter_modules(model).items():
+        flat[f"{name}.adapter.lora_a"] = module.adapter.lora_a.detach()
+        flat[f"{name}.adapter.lora_b"] = module.adapter.lora_b.detach()
+    if not flat:
+        raise CheckpointError("the model has no MLALoRA adapters to save")
+    info = {
+        "dim": peft.dim, "alpha": peft.alpha, "scale": peft.alpha / peft.dim, "parts": dict(peft.parts),
+        "placement": peft.placement if not peft.target_modules else None,
+        "target_modules": list(peft.target_modules), "mla_spec": spec.to_dict(),
+        "modules": sorted(adapter_modules(model)),
+        "base_checkpoint": str(base_dir) if base_dir else None,
+        "base_hash": file_hash(base_dir) if base_dir else None,
+    }
+    with atomic_dir(directory, overwrite) as tmp:
+        save_tensors(flat, tmp)
+        write_json(tmp / ADAPTER_FILE, info)
+    return Path(directory)

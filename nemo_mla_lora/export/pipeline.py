@@ -1,0 +1,124 @@
+"""The export step: read base + adapter group by group, merge, absorb, write, verify, rename.
+
+    export(base="runs/x/base", adapter="runs/x/adapter", output="runs/x/export", fmt="absorbed")
+
+Formats: ``absorbed`` (Megatron dist-ckpt, split K/V up projections, latent cache), ``mcore`` (merged
+standard Megatron dist-ckpt), ``hf`` (merged HF DeepSeek-V3 safetensors), ``hf_peft`` (the unmerged
+adapters as HF PEFT files). Output appears only when everything, verification included, passed.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nemo_mla_lora.checkpoint import atomic_dir, file_hash
+from nemo_mla_lora.export import absorb, manifest
+from nemo_mla_lora.export.merge import MergeError, merge_state
+from nemo_mla_lora.export.sources import groups, open_adapter, open_base
+from nemo_mla_lora.export.verify import compare
+from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, write_hf_peft
+
+log = logging.getLogger(__name__)
+FORMATS = ("absorbed", "mcore", "hf", "hf_peft")
+
+
+class VerificationError(RuntimeError):
+    pass
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, overwrite: bool = False,
+           verify: bool = True, tolerance: float | None = None, progress: bool = True) -> dict:
+    """Run the export; returns the manifest (also written as ``manifest.json``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    if fold and fmt != "absorbed":
+        raise ValueError("fold=true applies to format=absorbed only")
+    source = open_base(base)
+    spec = source.spec
+    lora = open_adapter(adapter, spec)
+    unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
+    if unknown:
+        raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
+    if fold:
+        cost = absorb.fold_cost(spec)
+        log.warning("folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
+                    cost["folded"]["params_per_layer"], cost["split"]["params_per_layer"],
+                    cost["folded_over_split"], cost["folding_pays_when"])
+    with atomic_dir(output, overwrite) as tmp:
+        if fmt == "hf_peft":
+            info = _export_hf_peft(source, lora, spec, tmp)
+        else:
+            info = _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress)
+        info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},
+                          "adapter": {"path": str(adapter), "hash": file_hash(adapter)}}
+        (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress) -> dict:
+    grouped = groups(source.names)
+    order = ["pre"] + list(range(spec.num_layers)) + ["post"]
+    writer = HFWriter(tmp, spec, len(order)) if fmt == "hf" else DistCkptWriter(tmp, spec)
+    keep_for_verify = verify  # the reference forward needs the whole (small) model
+    base_all, merged_all, adapters_all, dtype = {}, {}, {}, None
+    for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
+        names = grouped.get(key, [])
+        tensors = source.load(names)
+        modules = [n[: -len(".weight")] for n in names if n.endswith(".weight")]
+        factors = lora.factors(modules, {n: t.shape for n, t in tensors.items()})
+        merged = merge_state(tensors, factors)
+        if fmt == "absorbed" and isinstance(key, int):
+            merged = absorb.absorb_layer(merged, f"decoder.layers.{key}.self_attention", spec, fold=fold)
+        dtype = dtype or _dtype_name(next(iter(tensors.values())))
+        writer.add(merged)
+        if keep_for_verify:
+            base_all.update(tensors)
+            merged_all.update(merged)
+            adapters_all.update(factors)
+    writer.finish()
+    info = manifest.build(fmt, spec, dtype, {}, {}, lora.scales, writer.checksums,
+                          absorb.fold_cost(spec) if fold else None)
+    if verify:  # read the written export back, not the tensors in memory
+        exported = read_export(tmp, fmt)
+        report = compare(exported, base_all, adapters_all, spec, absorbed=fmt == "absorbed",
+                         tolerance=tolerance, dtype=dtype)
+        info["verify"] = report
+        if not report["passed"]:
+            raise VerificationError(f"export differs from the unmerged model: max |logit diff| "
+                                    f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g}")
+    return info
+
+
+def read_export(directory, fmt: str) -> dict:
+    """All tensors of a written ``absorbed``/``mcore``/``hf`` export, under flat Megatron names."""
+    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoint import CheckpointReader
+
+    if fmt == "hf":
+        source = HFBase(directory, dtype=torch.float32)
+        return source.load(source.names)
+    reader = CheckpointReader(directory)
+    return reader.load(reader.names())
+
+
+def _export_hf_peft(source, lora, spec, tmp) -> dict:
+    shapes = {}
+    factors = lora.factors(lora.modules, shapes)
+    ranks = {a.shape[0] for a, _, _ in factors.values()}
+    if len(ranks) != 1:
+        raise MergeError(f"HF PEFT needs one rank for all modules; adapters have ranks {sorted(ranks)}")
+    scale = next(iter(lora.scales.values()))
+    r = ranks.pop()
+    warnings = write_hf_peft(factors, r, scale * r, tmp, base_name=str(getattr(source, "directory", "")))
+    for w in warnings:
+        log.warning(w)
+    info = manifest.build("hf_peft", spec, "float32", {}, {}, lora.scales, {})
+    info["warnings"] = warnings
+    return info

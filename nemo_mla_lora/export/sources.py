@@ -1,0 +1,216 @@
+"""Where export reads from: base weights and adapters, ours or HF's, one layer group at a time.
+
+Every source hands out flat Megatron names (``checkpoint`` conventions) and LoRA factors as
+module -> (A [r, in], B [out, r] full height, scale).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from nemo_mla_lora import keymap
+from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, read_spec
+from nemo_mla_lora.mla_spec import MLASpec, spec_from_hf
+from nemo_mla_lora.peft.parts import row_mask
+
+FP8_BLOCK = 128
+
+
+def layer_of(name: str) -> int | None:
+    m = re.match(r"(?:.*\.)?decoder\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def groups(names) -> dict:
+    """'pre' (embedding), 0..L-1 (decoder layers), 'post' (final norm, output layer) -> names."""
+    out = {}
+    for n in names:
+        layer = layer_of(n)
+        key = layer if layer is not None else ("pre" if n.startswith("embedding") else "post")
+        out.setdefault(key, []).append(n)
+    return out
+
+
+class MegatronBase:
+    """Our base checkpoint (dist-ckpt + mla_spec.json)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.reader = CheckpointReader(directory)
+        self.spec = read_spec(directory)
+        self.names = [n for n in self.reader.names() if ".adapter." not in n]
+
+    def load(self, names) -> dict:
+        return self.reader.load(names)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)]."""
+    out_f, in_f = weight.shape
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out_f].repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
+    return (weight.float() * scale).to(dtype)
+
+
+class HFBase:
+    """An HF DeepSeek-V3-format directory: config.json + safetensors (sharded with an index, or one file);
+    bf16/fp32, or FP8 e4m3 with ``weight_scale_inv`` block scales (dequantized on read)."""
+
+    def __init__(self, directory, dtype=torch.bfloat16):
+        from safetensors import safe_open
+
+        self.directory, self.dtype = Path(directory), dtype
+        config = self.directory / "config.json"
+        if not config.is_file():
+            raise CheckpointError(f"{directory}: no config.json (not an HF checkpoint)")
+        self.spec = spec_from_hf(json.loads(config.read_text()))
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        else:
+            single = self.directory / "model.safetensors"
+            if not single.is_file():
+                raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+            with safe_open(single, "pt") as f:
+                self.files = {k: single.name for k in f.keys()}
+        missing = sorted({f for f in self.files.values() if not (self.directory / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{directory}: index names missing shard files {missing}")
+        # MTP layers (DeepSeek-V3's layer 61) are beyond num_hidden_layers and not part of the model.
+        self.hf_names = sorted(k for k in self.files if not k.endswith("weight_scale_inv")
+                               and "rotary_emb" not in k and (_hf_layer(k) or 0) < self.spec.num_layers)
+        self.names = sorted({_megatron_name(h) for h in self.hf_names})
+
+    def load(self, names) -> dict:
+        names_set = set(names)
+        wanted = [h for h in self.hf_names if _megatron_name(h) in names_set]
+        hf = {h: self._read(h) for h in wanted}
+        out = keymap.hf_to_megatron(hf)
+        return {n: out[n] for n in names}
+
+    def _read(self, hf_name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.directory / self.files[hf_name], "pt") as f:
+            t = f.get_tensor(hf_name)
+            if t.dtype == torch.float8_e4m3fn:
+                scale_name = hf_name.replace(".weight", ".weight_scale_inv")
+                if scale_name not in self.files:
+                    raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
+                with safe_open(self.directory / self.files[scale_name], "pt") as g:
+                    return dequantize_fp8(t, g.get_tensor(scale_name), self.dtype)
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+
+def _hf_layer(name: str):
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _megatron_name(hf_name: str) -> str:
+    module, _, param = hf_name.rpartition(".")
+    mc, _ = keymap.to_megatron_module(module)
+    return f"{mc}.{ {'e_score_correction_bias': 'expert_bias'}.get(param, param) }"
+
+
+def open_base(directory, dtype=torch.bfloat16):
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return HFBase(directory, dtype)
+    if (directory / ".metadata").is_file():
+        return MegatronBase(directory)
+    raise CheckpointError(f"{directory}: neither a Megatron dist-checkpoint (.metadata + mla_spec.json) "
+                          f"nor an HF checkpoint (config.json + safetensors)")
+
+
+class MegatronAdapter:
+    """Our adapter checkpoint (dist-ckpt of lora_a/lora_b + adapter.json)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        info = self.directory / ADAPTER_FILE
+        if not info.is_file():
+            raise CheckpointError(f"{directory}: no {ADAPTER_FILE} (not an MLALoRA adapter checkpoint)")
+        self.info = json.loads(info.read_text())
+        self.spec = MLASpec.from_dict(self.info["mla_spec"])
+        self.reader = CheckpointReader(directory)
+        self.modules = sorted({n.rsplit(".adapter.", 1)[0] for n in self.reader.names()})
+        self.scales = {m: self.info["scale"] for m in self.modules}
+
+    def factors(self, modules, base_shapes: dict) -> dict:
+        """module -> (A, B full height, scale) for those of ``modules`` that have an adapter."""
+        mine = [m for m in modules if m in self.scales]
+        tensors = self.reader.load([f"{m}.adapter.{p}" for m in mine for p in ("lora_a", "lora_b")])
+        out = {}
+        for m in mine:
+            a, b = tensors[f"{m}.adapter.lora_a"], tensors[f"{m}.adapter.lora_b"]
+            if a.shape[0] != self.info["dim"]:
+                raise CheckpointError(f"{m}: adapter rank {a.shape[0]} != adapter.json dim {self.info['dim']}")
+            leaf = m.rsplit(".", 1)[-1]
+            mask = row_mask(leaf, self.info["parts"].get(leaf), self.spec)
+            if mask is not None:
+                full = b.new_zeros(mask.numel(), b.shape[1])
+                if int(mask.sum()) != b.shape[0]:
+                    raise CheckpointError(f"{m}: B has {b.shape[0]} rows, part {self.info['parts'][leaf]!r} has "
+                                          f"{int(mask.sum())}")
+                full[mask] = b
+                b = full
+            out[m] = (a, b, self.scales[m])
+        return out
+
+
+class HFPeftAdapter:
+    """An HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) on a DeepSeek
+    model. gate_proj/up_proj adapters (separate A each) become one fused ``linear_fc1`` factor pair of
+    rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up) — the same delta, exactly."""
+
+    def __init__(self, directory, spec: MLASpec):
+        from safetensors.torch import load_file
+
+        self.directory, self.spec = Path(directory), spec
+        config = self.directory / "adapter_config.json"
+        weights = self.directory / "adapter_model.safetensors"
+        if not (config.is_file() and weights.is_file()):
+            raise CheckpointError(f"{directory}: expected adapter_config.json + adapter_model.safetensors (HF PEFT)")
+        self.info = json.loads(config.read_text())
+        r, alpha = self.info["r"], self.info["lora_alpha"]
+        self.scale = alpha / (r ** 0.5 if self.info.get("use_rslora") else r)
+        self.tensors = load_file(weights)  # adapters are small
+        self.pairs = {}  # Megatron module -> {part: (A, B)}
+        for key, t in self.tensors.items():
+            m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
+            if not m:
+                continue
+            module, part = keymap.to_megatron_module(m.group(1))
+            self.pairs.setdefault(module, {}).setdefault(part, {})[m.group(2)] = t
+        self.modules = sorted(self.pairs)
+        self.scales = {mod: self.scale for mod in self.modules}
+
+    def factors(self, modules, base_shapes: dict) -> dict:
+        out = {}
+        for mod in [m for m in modules if m in self.pairs]:
+            parts = self.pairs[mod]
+            if None in parts:
+                out[mod] = (parts[None]["A"].float(), parts[None]["B"].float(), self.scale)
+                continue
+            if set(parts) != {"gate", "up"}:
+                raise CheckpointError(f"{mod}: HF adapter has {sorted(parts)} of gate_proj/up_proj; need both")
+            a = torch.cat([parts["gate"]["A"], parts["up"]["A"]]).float()
+            b = torch.block_diag(parts["gate"]["B"], parts["up"]["B"]).float()
+            out[mod] = (a, b, self.scale)
+        return out
+
+
+def open_adapter(directory, spec: MLASpec):
+    directory = Path(directory)
+    if (directory / ADAPTER_FILE).is_file():
+        adapter = MegatronAdapter(directory)
+        if adapter.spec != spec:
+            diff = {k: (v, getattr(spec, k)) for k, v in adapter.spec.to_dict().items()
+                    if spec.to_dict().get(k) != v}
+            raise CheckpointError(f"adapter {directory} was trained on another model: (adapter, base) differ in {diff}")
+        return adapter
+    if (directory / "adapter_config.json").is_file():
+        return HFPeftAdapter(directory, spec)
+    raise CheckpointError(f"{directory}: neither an MLALoRA adapter (adapter.json) nor an HF PEFT adapter")

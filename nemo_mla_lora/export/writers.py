@@ -1,0 +1,84 @@
+"""Writers of the export formats. Each gets tensor groups (embedding, each decoder layer, final) in
+order and writes into a directory it does not own (the pipeline renames it when everything passed).
+
+| format | what | streams? |
+|---|---|---|
+| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | no: one save at the end |
+| mcore | Megatron dist-ckpt, merged, standard layout | no: one save at the end |
+| hf | HF DeepSeek-V3 safetensors, one shard per group + index + config.json | yes |
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from nemo_mla_lora import keymap
+from nemo_mla_lora.checkpoint import save_tensors, write_json
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+class DistCkptWriter:
+    def __init__(self, directory: Path, spec):
+        self.directory, self.spec, self.tensors, self.checksums = Path(directory), spec, {}, {}
+
+    def add(self, group: dict) -> None:
+        for name, t in group.items():
+            self.checksums[name] = tensor_checksum(t)
+        self.tensors.update(group)
+
+    def finish(self) -> None:
+        save_tensors(self.tensors, self.directory)
+        write_json(self.directory / "mla_spec.json", self.spec.to_dict())
+
+
+class HFWriter:
+    def __init__(self, directory: Path, spec, num_groups: int):
+        self.directory, self.spec, self.num_groups = Path(directory), spec, num_groups
+        self.weight_map, self.checksums, self.index = {}, {}, 0
+
+    def add(self, group: dict) -> None:
+        from safetensors.torch import save_file
+
+        self.index += 1
+        shard = f"model-{self.index:05d}-of-{self.num_groups:05d}.safetensors"
+        hf = {k: v.contiguous() for k, v in keymap.megatron_to_hf(group).items()}
+        save_file(hf, str(self.directory / shard), metadata={"format": "pt"})
+        for name, t in hf.items():
+            self.weight_map[name] = shard
+            self.checksums[name] = tensor_checksum(t)
+
+    def finish(self) -> None:
+        total = sum((self.directory / f).stat().st_size for f in set(self.weight_map.values()))
+        write_json(self.directory / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))})
+        keymap.hf_config(self.spec, torch_dtype="bfloat16").to_json_file(str(self.directory / "config.json"))
+
+
+def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, base_name: str | None = None) -> list:
+    """The unmerged adapters as HF PEFT files (HF module names). ``linear_fc1`` (shared A) becomes
+    gate_proj and up_proj with the same A and B's two halves. Returns warnings."""
+    from safetensors.torch import save_file
+
+    tensors, targets = {}, set()
+    for module, (a, b, _) in adapter_factors.items():
+        hf_names = keymap.to_hf_modules(module)
+        for hf_name, b_part in zip(hf_names, b.chunk(len(hf_names), dim=0)):
+            tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.clone()  # gate and up get their own copy
+            tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b_part.contiguous()
+            targets.add(hf_name.rsplit(".", 1)[-1])
+    save_file(tensors, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(Path(directory) / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "base_model_name_or_path": base_name, "inference_mode": True,
+    })
+    warnings = []
+    if "kv_b_proj" in targets:
+        warnings.append("kv_b_proj is targeted: some serving engines (vLLM's absorbed MLA path, issue 48974) "
+                        "silently drop LoRA on kv_b_proj; prefer the merged 'absorbed' or 'hf' export there.")
+    return warnings
