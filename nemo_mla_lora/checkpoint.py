@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_mla_lora.mla_spec import MLASpec
 
@@ -125,7 +126,7 @@ class CheckpointReader:
             k, torch.empty(self.metadata[k].global_shape, dtype=self.metadata[k].dtype), replica_id=0) for k in keys}
         try:
             loaded = dist_checkpointing.load(request, str(self.directory))
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
             raise CheckpointError(f"{self.directory}: failed to read {keys[:3]}...: {err} "
                                   f"(truncated or incomplete checkpoint?)") from err
         out = {}

@@ -55,7 +55,8 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bf
 
 class HFBase:
     """An HF DeepSeek-V3-format directory: config.json + safetensors (sharded with an index, or one file);
-    bf16/fp32, or FP8 e4m3 with ``weight_scale_inv`` block scales (dequantized on read)."""
+    bf16/fp32 tensors are read as stored; FP8 e4m3 weights with ``weight_scale_inv`` 128x128 block scales
+    are dequantized to ``dtype`` on read."""
 
     def __init__(self, directory, dtype=torch.bfloat16):
         from safetensors import safe_open
@@ -100,7 +101,7 @@ class HFBase:
                     raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
                 with safe_open(self.directory / self.files[scale_name], "pt") as g:
                     return dequantize_fp8(t, g.get_tensor(scale_name), self.dtype)
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return t
 
 
 def _hf_layer(name: str):

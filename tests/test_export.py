@@ -1,0 +1,250 @@
+"""Merge -> absorb -> write -> verify, every format, both tiny models; bad inputs fail with no output."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import batch, perturb_norms_and_bias
+
+from nemo_mla_lora import checkpoint
+from nemo_mla_lora.export import absorb
+from nemo_mla_lora.export.merge import MergeError, merge_linear
+from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
+from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
+from nemo_mla_lora.peft import MLALoRA
+from nemo_mla_lora.peft.state import adapter_factors, base_state_dict, randomize_b
+from nemo_mla_lora.reference import latent
+
+PARTS = {"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"}
+
+
+@pytest.fixture(scope="module", params=["q_lora", "no_q_lora"])
+def trained(request, mcore, tmp_path_factory):
+    """A base checkpoint and an adapter checkpoint (all linears, B != 0, part-selective kv) on disk."""
+    make = tiny_mla_config if request.param == "q_lora" else tiny_mla_noq_config
+    config = make()
+    spec = MLASpec.from_megatron(config)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    perturb_norms_and_bias(model)
+    root = tmp_path_factory.mktemp(request.param)
+    checkpoint.save_base(model, spec, root / "base")
+    peft = MLALoRA(placement="all_linear", dim=4, alpha=8, parts=PARTS)
+    model = peft(model)
+    randomize_b(model)
+    checkpoint.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
+    return dict(root=root, model=model, spec=spec, peft=peft)
+
+
+@pytest.mark.parametrize("fmt", ["absorbed", "mcore", "hf"])
+def test_merged_formats_round_trip_and_match_unmerged(trained, fmt):
+    out = trained["root"] / f"export_{fmt}"
+    info = export(trained["root"] / "base", trained["root"] / "adapter", out, fmt=fmt, progress=False)
+    assert info["verify"]["passed"] and info["verify"]["max_abs_logit_diff"] < 2e-5
+    assert json.loads((out / "manifest.json").read_text())["format"] == fmt
+    state = read_export(out, fmt)
+    tokens, positions, mask = batch()
+    with torch.no_grad():
+        unmerged = trained["model"](tokens, positions, mask)  # the Megatron model with live adapters
+    spec = trained["spec"]
+    if fmt == "absorbed":
+        assert not any(k.endswith(absorb.KV_UP) for k in state)
+        logits, cache = latent.generate_logits(tokens, state, spec, prefill=5)
+        assert cache.values_per_token() == spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim)
+    else:
+        from nemo_mla_lora.reference.model import forward
+        logits = forward(tokens, state, spec)
+    torch.testing.assert_close(logits, unmerged, atol=2e-5, rtol=0)
+
+
+def test_absorbed_layout_is_megatron_split_layout(trained):
+    """linear_k_up_proj = view [h, dn+dv, c][:, :dn] as [h*dn, c]; linear_v_up_proj the rest."""
+    spec = trained["spec"]
+    out = trained["root"] / "export_absorbed"
+    state = read_export(out, "absorbed")
+    merged = read_export(trained["root"] / "export_mcore", "mcore")
+    p = "decoder.layers.1.self_attention"
+    kv = merged[f"{p}.linear_kv_up_proj.weight"].view(spec.num_heads, -1, spec.kv_lora_rank)
+    h, dn, c = spec.num_heads, spec.qk_nope_head_dim, spec.kv_lora_rank
+    assert torch.equal(state[f"{p}.linear_k_up_proj.weight"], kv[:, :dn].reshape(h * dn, c))
+    assert torch.equal(state[f"{p}.linear_v_up_proj.weight"], kv[:, dn:].reshape(-1, c))
+    assert torch.equal(absorb.join_kv_up(*absorb.split_kv_up(merged[f"{p}.linear_kv_up_proj.weight"], spec), spec),
+                       merged[f"{p}.linear_kv_up_proj.weight"])
+    assert f"{p}.kv_layernorm.weight" in state
+
+
+def test_manifest_kv_bytes_by_hand(trained):
+    spec = trained["spec"]
+    info = json.loads((trained["root"] / "export_absorbed" / "manifest.json").read_text())
+    kv = info["kv_cache"]
+    latent_values = spec.kv_lora_rank + spec.qk_rope_head_dim  # 40 + 8
+    materialized = spec.num_heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim + spec.v_head_dim)  # 4*(24+8+28)
+    assert (latent_values, materialized) == (48, 240)
+    assert kv["bytes_per_token_per_layer"] == {"latent": 48 * 4, "materialized": 240 * 4}  # float32
+    assert kv["bytes_per_token"] == {"latent": 48 * 4 * 3, "materialized": 240 * 4 * 3}
+    assert info["latent_cache"] and info["source"]["base"]["hash"] and info["source"]["adapter"]["hash"]
+    assert len(info["tensor_checksums"]) > 50 and info["merge_scales"]
+
+
+def test_v3_kv_cache_is_71x():
+    from nemo_mla_lora.export.manifest import kv_cache_report
+
+    v3 = MLASpec(hidden_size=7168, num_layers=61, num_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280, ffn_hidden_size=18432)
+    report = kv_cache_report(v3, "bfloat16")
+    assert report["bytes_per_token_per_layer"] == {"latent": 1152, "materialized": 81920}
+    assert round(report["materialized_over_latent"], 1) == 71.1
+
+
+def write_hf_base(state, spec, directory):
+    from safetensors.torch import save_file
+
+    from nemo_mla_lora import keymap
+
+    directory.mkdir(parents=True, exist_ok=True)
+    keymap.hf_config(spec).to_json_file(str(directory / "config.json"))
+    save_file({k: v.contiguous() for k, v in keymap.megatron_to_hf(state).items()}, str(directory / "model.safetensors"))
+
+
+def test_hf_peft_export_loads_in_hf_transformers_peft(trained):
+    """Our hf_peft files on the unmerged HF base, through HF transformers + HF peft, give the logits of
+    the unmerged Megatron model."""
+    from peft import PeftModel
+    from transformers import DeepseekV3ForCausalLM
+
+    out = trained["root"] / "export_hf_peft"
+    info = export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="hf_peft", progress=False)
+    assert any("kv_b_proj" in w for w in info["warnings"])
+    hf_base = trained["root"] / "hf_base"
+    write_hf_base(base_state_dict(trained["model"]), trained["spec"], hf_base)
+    base = DeepseekV3ForCausalLM.from_pretrained(hf_base, torch_dtype=torch.float32, attn_implementation="eager")
+    hf = PeftModel.from_pretrained(base, out).eval()
+    tokens, positions, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, trained["model"](tokens, positions, mask),
+                                   atol=3e-6, rtol=0)
+
+
+def test_hf_transformers_and_peft_chain(mcore, tmp_path):
+    """HF DeepseekV3 + HF peft LoRA on the five MLA linears (B != 0), saved by HF, then our import ->
+    merge -> absorb -> latent-cache decode gives HF's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DeepseekV3ForCausalLM
+
+    from nemo_mla_lora import keymap
+
+    spec = MLASpec.from_megatron(tiny_mla_config())
+    torch.manual_seed(0)
+    config = keymap.hf_config(spec)
+    config._attn_implementation = "eager"
+    hf = DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.1)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "peft")
+    tokens = batch()[0]
+    with torch.no_grad():
+        expected = peft_model(input_ids=tokens).logits
+    info = export(tmp_path / "hf", tmp_path / "peft", tmp_path / "absorbed", fmt="absorbed", progress=False)
+    assert info["verify"]["passed"]
+    state = read_export(tmp_path / "absorbed", "absorbed")
+    logits, _ = latent.generate_logits(tokens, state, spec, prefill=3)
+    torch.testing.assert_close(logits, expected, atol=3e-6, rtol=0)
+
+
+def test_fp8_block_dequantization(tmp_path):
+    from nemo_mla_lora.export.sources import dequantize_fp8
+
+    w = torch.randn(200, 300)
+    scale = torch.zeros(2, 3)
+    for i in range(2):
+        for j in range(3):
+            scale[i, j] = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().max() / 448.0
+    q = (w / scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]).to(torch.float8_e4m3fn)
+    back = dequantize_fp8(q, scale, torch.float32)
+    assert (back - w).abs().max() < 0.07 * w.abs().max()  # e4m3: 3 mantissa bits
+    assert (back - w).abs().max() > 0  # it really went through fp8
+
+
+def test_fold_is_exact_and_costs_are_reported(trained):
+    spec, model = trained["spec"], trained["model"]
+    state = {k: v.double() for k, v in base_state_dict(model).items()}
+    p = "decoder.layers.0.self_attention"
+    k_up, v_up = absorb.split_kv_up(state[f"{p}.linear_kv_up_proj.weight"], spec)
+    folded = absorb.fold_products(state, p, spec, k_up, v_up)
+    h, dn, dr, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    q_name = "linear_q_up_proj" if spec.q_lora_rank else "linear_q_proj"
+    c_q = torch.randn(3, state[f"{p}.{q_name}.weight"].shape[1], dtype=torch.float64)  # [s, rq]
+    q_nope = (c_q @ state[f"{p}.{q_name}.weight"].T).view(3, h, dn + dr)[..., :dn]
+    q_lat_split = torch.einsum("shd,hdc->shc", q_nope, k_up.view(h, dn, c))
+    q_lat_folded = torch.einsum("hcq,sq->shc", folded[f"{p}.{absorb.Q_FOLDED}"], c_q)
+    torch.testing.assert_close(q_lat_folded, q_lat_split)
+    o_lat = torch.randn(3, h, c, dtype=torch.float64)
+    out_split = torch.einsum("shc,hdc->shd", o_lat, v_up.view(h, dv, c)).reshape(3, -1) @ state[f"{p}.linear_proj.weight"].T
+    out_folded = torch.einsum("ohc,shc->so", folded[f"{p}.{absorb.O_FOLDED}"], o_lat)
+    torch.testing.assert_close(out_folded, out_split)
+    cost = absorb.fold_cost(spec)
+    assert cost["folded"]["params_per_layer"] > 0 and "qk_nope_head_dim" in cost["folding_pays_when"]
+
+
+def test_existing_output_is_not_overwritten(trained):
+    out = trained["root"] / "export_mcore"
+    with pytest.raises(FileExistsError, match="exists"):
+        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="mcore", progress=False)
+
+
+def test_failed_verification_leaves_nothing(trained):
+    out = trained["root"] / "never"
+    with pytest.raises(VerificationError, match="tolerance"):
+        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="absorbed", tolerance=0.0,
+               progress=False)
+    assert not out.exists() and not list(trained["root"].glob(".never.tmp-*"))
+
+
+def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
+    from nemo_mla_lora.checkpoint import CheckpointError
+
+    broken = tmp_path / "base"
+    shutil.copytree(trained["root"] / "base", broken)
+    for f in broken.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="truncated or incomplete"):
+        export(broken, trained["root"] / "adapter", tmp_path / "out", fmt="mcore", progress=False)
+    (broken / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="neither a Megatron dist-checkpoint"):
+        export(broken, trained["root"] / "adapter", tmp_path / "out", fmt="mcore", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_model_is_refused(trained, tmp_path, mcore):
+    other_config = tiny_mla_config(num_layers=2)
+    other_spec = MLASpec.from_megatron(other_config)
+    peft = MLALoRA(placement="kv_up", dim=4, alpha=8)
+    other = peft(build_model(other_config))
+    checkpoint.save_adapter(other, peft, other_spec, tmp_path / "adapter")
+    from nemo_mla_lora.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="trained on another model"):
+        export(trained["root"] / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", progress=False)
+
+
+def test_merge_refuses_bad_shapes_and_nan():
+    w = torch.zeros(6, 5)
+    with pytest.raises(MergeError, match=r"expected A \[r, 5\], B \[6, r\]"):
+        merge_linear(w, torch.zeros(2, 4), torch.zeros(6, 2), 1.0)
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        merge_linear(w, torch.full((2, 5), float("nan")), torch.ones(6, 2), 1.0)
+    a, b = torch.randn(2, 5), torch.randn(6, 2)
+    torch.testing.assert_close(merge_linear(w, a, b, 0.5), 0.5 * b @ a)
