@@ -10,7 +10,6 @@ module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -30,23 +29,39 @@ class CheckpointError(ValueError):
     pass
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
 @contextmanager
 def atomic_dir(path, overwrite: bool = False):
-    """Yield a temp dir beside ``path``; rename it to ``path`` on success, remove it on failure."""
+    """Yield a temp dir beside ``path``; rename it to ``path`` on success, remove it on failure.
+    Under torch.distributed every rank gets the same temp dir and rank 0 renames after a barrier."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    _barrier()
+    if _rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    _barrier()
 
 
 def _sharded(flat: dict) -> dict:
@@ -143,26 +158,34 @@ def read_spec(directory) -> MLASpec:
     return MLASpec.from_dict(json.loads(path.read_text()))
 
 
+def _model_sharded(model, adapters: bool) -> dict:
+    """The model's own sharded state dict (TP/EP/PP aware), adapters only or base only."""
+    sharded = model.sharded_state_dict()
+    return {k: v for k, v in sharded.items()
+            if not k.endswith("_extra_state") and (".adapter." in k) == adapters}
+
+
 def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:
-    """Base model tensors (adapters excluded) + ``mla_spec.json``."""
-    from nemo_mla_lora.peft.state import base_state_dict
+    """Base model tensors (adapters excluded) + ``mla_spec.json``. Every rank calls it."""
+    from megatron.core import dist_checkpointing
 
     with atomic_dir(directory, overwrite) as tmp:
-        save_tensors(base_state_dict(model), tmp)
-        write_json(tmp / SPEC_FILE, spec.to_dict())
+        dist_checkpointing.save(_model_sharded(model, adapters=False), str(tmp))
+        if _rank() == 0:
+            write_json(tmp / SPEC_FILE, spec.to_dict())
     return Path(directory)
 
 
 def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite: bool = False) -> Path:
     """Adapter tensors only (``<module>.adapter.lora_a`` / ``lora_b``, B holding only its part's rows)
-    + ``adapter.json`` (rank, alpha, scale, parts, targets, the model's MLA dims, the base's hash)."""
+    + ``adapter.json`` (rank, alpha, scale, parts, targets, the model's MLA dims, the base's hash).
+    Every rank calls it (dist-checkpointing gathers the shards)."""
+    from megatron.core import dist_checkpointing
+
     from nemo_mla_lora.peft.state import adapter_modules
 
-    flat = {}
-    for name, module in adapter_modules(model).items():
-        flat[f"{name}.adapter.lora_a"] = module.adapter.lora_a.detach()
-        flat[f"{name}.adapter.lora_b"] = module.adapter.lora_b.detach()
-    if not flat:
+    sharded = _model_sharded(model, adapters=True)
+    if not sharded:
         raise CheckpointError("the model has no MLALoRA adapters to save")
     info = {
         "dim": peft.dim, "alpha": peft.alpha, "scale": peft.alpha / peft.dim, "parts": dict(peft.parts),
@@ -173,6 +196,7 @@ def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite
         "base_hash": file_hash(base_dir) if base_dir else None,
     }
     with atomic_dir(directory, overwrite) as tmp:
-        save_tensors(flat, tmp)
-        write_json(tmp / ADAPTER_FILE, info)
+        dist_checkpointing.save(sharded, str(tmp))
+        if _rank() == 0:
+            write_json(tmp / ADAPTER_FILE, info)
     return Path(directory)

@@ -1,4 +1,5 @@
-"""Merging LoRA into base weights: W' = W + scale * B @ A, accumulated in fp32, cast back.
+"""Merging LoRA into base weights: W' = W + scale * B @ A, accumulated in fp32 (fp64 for fp64 weights),
+cast back to the weight's dtype.
 
 Pure functions on tensors. Names are Megatron module names (``peft.state`` conventions): an adapter for
 ``decoder.layers.0.self_attention.linear_kv_up_proj`` merges into ``...linear_kv_up_proj.weight``.
@@ -18,7 +19,8 @@ def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
         raise MergeError(f"{name}: LoRA shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit "
                          f"weight {tuple(weight.shape)} (expected A [r, {in_features}], B [{out_features}, r])")
-    merged = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # at least fp32
+    merged = weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))
     if not torch.isfinite(merged).all():
         raise MergeError(f"{name}: merged weight has NaN/Inf ({(~torch.isfinite(merged)).sum().item()} values)")
     return merged.to(weight.dtype)

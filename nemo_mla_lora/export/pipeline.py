@@ -92,7 +92,8 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
         info["verify"] = report
         if not report["passed"]:
             raise VerificationError(f"export differs from the unmerged model: max |logit diff| "
-                                    f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g}")
+                                    f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} x max |logit| "
+                                    f"{report['max_abs_logit']:.3g}")
     return info
 
 

@@ -62,25 +62,27 @@ def latent_attention(x, state, p, spec: MLASpec, cos, sin, cache: LatentCache, l
     return linear(o, state, None, f"{p}.linear_proj")
 
 
-def forward(tokens, state, spec: MLASpec, cache: LatentCache | None = None):
-    """Logits [b, s, vocab] for tokens [b, s] appended after ``cache`` (prefill when empty)."""
+def forward(tokens, state, spec: MLASpec, cache: LatentCache | None = None, routing: dict | None = None):
+    """Logits [b, s, vocab] for tokens [b, s] appended after ``cache`` (prefill when empty).
+    ``routing``: experts chosen for the whole sequence ([b, s_total, k] per MoE module) to replay."""
     cache = cache if cache is not None else LatentCache()
     start = cache.length
+    chunk = None if routing is None else {p: r[:, start:start + tokens.shape[1]] for p, r in routing.items()}
     x = state["embedding.word_embeddings.weight"][tokens]
     cos, sin = rope_cos_sin(spec, torch.arange(start, start + tokens.shape[1]), x.dtype)
     for layer in range(spec.num_layers):
         def attention(x_, state_, adapters_, p_, spec_, cos_, sin_, layer=layer):
             return latent_attention(x_, state_, p_, spec_, cos_, sin_, cache, layer, start)
-        x = decoder_layer(x, state, None, layer, spec, cos, sin, attention)
+        x = decoder_layer(x, state, None, layer, spec, cos, sin, attention, chunk)
     x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
     return x @ state["output_layer.weight"].T, cache
 
 
-def generate_logits(tokens, state, spec: MLASpec, prefill: int) -> tuple[torch.Tensor, LatentCache]:
-    """Prefill ``tokens[:, :prefill]`` then decode the rest one token at a time: logits [b, s, vocab]."""
-    logits, cache = forward(tokens[:, :prefill], state, spec)
+def generate_logits(tokens, state, spec: MLASpec, prefill: int, routing: dict | None = None):
+    """Prefill ``tokens[:, :prefill]`` then decode the rest one token at a time: (logits [b, s, vocab], cache)."""
+    logits, cache = forward(tokens[:, :prefill], state, spec, routing=routing)
     steps = [logits]
     for i in range(prefill, tokens.shape[1]):
-        step, cache = forward(tokens[:, i:i + 1], state, spec, cache)
+        step, cache = forward(tokens[:, i:i + 1], state, spec, cache, routing)
         steps.append(step)
     return torch.cat(steps, dim=1), cache

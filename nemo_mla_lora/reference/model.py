@@ -106,9 +106,13 @@ def gated_mlp(x, state, adapters, p):
     return linear(F.silu(gate) * up, state, adapters, f"{p}.linear_fc2")
 
 
-def moe(x, state, adapters, p, spec: MLASpec):
+def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
     """DeepSeek-V3 MoE: sigmoid scores, expert bias for the choice only, group-limited top-k,
-    normalised weights times the scaling factor, plus the shared experts."""
+    normalised weights times the scaling factor, plus the shared experts.
+
+    ``routing`` (optional) records the chosen experts per module (``routing[p]`` absent: [b, s, k] is
+    stored) or replays them (present): comparisons of two weight sets then cannot differ by a top-k
+    tie flipping, only by the weights themselves."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])  # [n, hidden]
     scores = torch.sigmoid(tokens.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -119,6 +123,11 @@ def moe(x, state, adapters, p, spec: MLASpec):
     keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.moe_group_topk, dim=-1)[1], 1)
     keep = keep_groups[:, :, None].expand(n, g, e // g).reshape(n, e).bool()
     top = choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1]  # [n, k]
+    if routing is not None:
+        if p in routing:
+            top = routing[p].reshape(n, spec.moe_topk)
+        else:
+            routing[p] = top.view(*shape[:-1], spec.moe_topk)
     weights = scores.gather(1, top)
     weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * spec.moe_scaling_factor
     out = torch.zeros_like(tokens)
@@ -131,21 +140,21 @@ def moe(x, state, adapters, p, spec: MLASpec):
     return out.view(shape)
 
 
-def decoder_layer(x, state, adapters, layer: int, spec: MLASpec, cos, sin, attention=mla_attention):
+def decoder_layer(x, state, adapters, layer: int, spec: MLASpec, cos, sin, attention=mla_attention, routing=None):
     p = f"decoder.layers.{layer}"
     x = x + attention(rms_norm(x, state[f"{p}.input_layernorm.weight"], spec.norm_eps), state, adapters,
                       f"{p}.self_attention", spec, cos, sin)
     hidden = rms_norm(x, state[f"{p}.pre_mlp_layernorm.weight"], spec.norm_eps)
     if spec.is_moe_layer(layer):
-        return x + moe(hidden, state, adapters, f"{p}.mlp", spec)
+        return x + moe(hidden, state, adapters, f"{p}.mlp", spec, routing)
     return x + gated_mlp(hidden, state, adapters, f"{p}.mlp")
 
 
-def forward(tokens, state, spec: MLASpec, adapters=None, attention=mla_attention):
-    """Logits [b, s, vocab] for tokens [b, s]."""
+def forward(tokens, state, spec: MLASpec, adapters=None, attention=mla_attention, routing=None):
+    """Logits [b, s, vocab] for tokens [b, s]; ``routing``: see ``moe``."""
     x = state["embedding.word_embeddings.weight"][tokens]
     cos, sin = rope_cos_sin(spec, torch.arange(tokens.shape[1]), x.dtype)
     for layer in range(spec.num_layers):
-        x = decoder_layer(x, state, adapters, layer, spec, cos, sin, attention)
+        x = decoder_layer(x, state, adapters, layer, spec, cos, sin, attention, routing)
     x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
     return x @ state["output_layer.weight"].T

@@ -1,0 +1,1 @@
+"""Lightning callbacks (NeMo's trainer and a plain Lightning trainer alike)."""

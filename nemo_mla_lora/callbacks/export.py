@@ -1,0 +1,58 @@
+"""``MLAExportCallback``: at train end (optionally at each saved checkpoint) save the adapters, then
+merge -> absorb -> write -> verify through ``export.pipeline`` (a thin wrapper over it).
+
+Every rank joins the adapter save (dist-checkpointing gathers TP/EP shards); rank 0 runs the export
+and writes the output; the others wait at a barrier.
+"""
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from nemo_mla_lora import checkpoint
+from nemo_mla_lora.export.pipeline import export
+from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+
+log = logging.getLogger(__name__)
+
+
+def find_megatron_model(pl_module):
+    """The module that holds the MLALoRA wrappers (NeMo: pl_module.module; ours: pl_module.model)."""
+    for candidate in (getattr(pl_module, "module", None), getattr(pl_module, "model", None), pl_module):
+        if candidate is not None and any(isinstance(m, MLALoRALinear) for m in candidate.modules()):
+            return candidate
+    raise RuntimeError("MLAExportCallback: the trained module has no MLALoRA adapters")
+
+
+class MLAExportCallback(L.Callback):
+    def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "absorbed", fold: bool = False,
+                 verify: bool = True, tolerance: float | None = None, every_checkpoint: bool = False):
+        self.peft, self.spec = peft, spec
+        self.base_dir, self.output_dir = Path(base_dir), Path(output_dir)
+        self.fmt, self.fold, self.verify, self.tolerance = fmt, fold, verify, tolerance
+        self.every_checkpoint = every_checkpoint
+        self.result = None
+
+    def run(self, pl_module, tag: str) -> dict | None:
+        model = find_megatron_model(pl_module)
+        adapter_dir = self.output_dir / f"adapter{tag}"
+        checkpoint.save_adapter(model, self.peft, self.spec, adapter_dir, base_dir=self.base_dir, overwrite=True)
+        info = None
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:
+            info = export(self.base_dir, adapter_dir, self.output_dir / f"export{tag}", fmt=self.fmt,
+                          fold=self.fold, overwrite=True, verify=self.verify, tolerance=self.tolerance)
+            if "verify" in info:
+                log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
+
+    def on_train_end(self, trainer, pl_module):
+        self.result = self.run(pl_module, "")
+
+    def on_save_checkpoint(self, trainer, pl_module, ckpt):
+        if self.every_checkpoint:
+            self.run(pl_module, f"_step{trainer.global_step}")

@@ -1,0 +1,191 @@
+"""Typed schemas for ``conf/`` (YAML holds values only; these hold the types and defaults).
+
+``register()`` stores ``finetune_schema`` / ``export_schema`` in Hydra's ConfigStore; the primary
+configs extend them, so an unknown key or a wrongly typed value fails at composition. ``validate()``
+adds the checks that span fields (parallel sizes against heads and experts), before any model is built.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ParallelConfig:
+    """What a model needs at scale (used by trainer=megatron): the official layout where there is one."""
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    layers_in_first_pipeline_stage: Optional[int] = None
+    layers_in_last_pipeline_stage: Optional[int] = None
+    nodes: int = 1
+    devices_per_node: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = "deepseek_v3"  # NeMo config class: deepseek_v3 | deepseek_v2
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128  # Megatron's name: the nope part (qk_nope_head_dim)
+    qk_pos_emb_head_dim: int = 64  # qk_rope_head_dim
+    v_head_dim: int = 128
+    num_moe_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_score_function: str = "sigmoid"
+    first_dense_layers: int = 1
+    vocab_size: Optional[int] = None
+    seq_length: int = 4096
+    rotary_scaling_factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    dtype: str = "bfloat16"
+    checkpoint: Optional[str] = None  # base weights: Megatron dist-ckpt (+ mla_spec.json) or HF directory
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass
+class PeftConfig:
+    placement: Optional[str] = "nemo_official"
+    target_modules: list = field(default_factory=list)
+    exclude_modules: list = field(default_factory=list)
+    parts: dict = field(default_factory=dict)
+    dim: int = 32
+    alpha: float = 32
+    dropout: float = 0.0
+    apply_lr_scale: bool = False  # multiply optim.lr by the placement's suggested scale
+
+
+@dataclass
+class TrainerConfig:
+    kind: str = "cpu"  # cpu: plain Lightning over the Megatron-Core model; megatron: NeMo llm.finetune
+    max_steps: int = 100
+    val_check_interval: int = 25
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 50
+    limit_val_batches: int = 8
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    precision: str = "32"
+    devices: int = 1
+    num_nodes: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    expert_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    layers_in_first_pipeline_stage: Optional[int] = None
+    layers_in_last_pipeline_stage: Optional[int] = None
+    use_distributed_optimizer: bool = False
+    cross_entropy_loss_fusion: bool = False
+    resume_if_exists: bool = True
+
+
+@dataclass
+class DataConfig:
+    kind: str = "jsonl"  # jsonl (prompt/answer or input/output) | squad (NeMo's SQuAD data module)
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    seq_length: int = 2048
+    packed: bool = False
+    base_pretrain: Optional[str] = None  # tiny default only: the generic task that makes the base
+    base_pretrain_steps: int = 0
+    base_pretrain_lr: float = 3e-3
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 50
+    scheduler: str = "cosine"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    format: str = "absorbed"  # absorbed | mcore | hf | hf_peft
+    fold: bool = False
+    verify: bool = True
+    tolerance: Optional[float] = None
+    every_checkpoint: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = MISSING
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    output_dir: str = "runs/finetune"
+    seed: int = 1234
+
+
+@dataclass
+class ExportJobConfig:
+    base: str = MISSING
+    adapter: str = MISSING
+    output: str = MISSING
+    format: str = "absorbed"
+    fold: bool = False
+    verify: bool = True
+    tolerance: Optional[float] = None
+    overwrite: bool = False
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    cs.store(name="export_schema", node=ExportJobConfig)
+
+
+FORMATS = ("absorbed", "mcore", "hf", "hf_peft")
+
+
+def validate(cfg) -> None:
+    """Cross-field checks with expected-vs-actual messages. Raises ValueError."""
+    m, t = cfg.model, cfg.trainer
+    errors = []
+    if t.kind not in ("cpu", "megatron"):
+        errors.append(f"trainer.kind={t.kind!r}; expected 'cpu' or 'megatron'")
+    if t.kind == "cpu" and (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) != (1, 1, 1):
+        errors.append("trainer=cpu runs one process: tensor/pipeline/expert parallel must be 1 "
+                      f"(got {t.tensor_parallel}/{t.pipeline_parallel}/{t.expert_parallel})")
+    if m.num_attention_heads % t.tensor_parallel:
+        errors.append(f"trainer.tensor_parallel={t.tensor_parallel} does not divide "
+                      f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_moe_experts and m.num_moe_experts % t.expert_parallel:
+        errors.append(f"trainer.expert_parallel={t.expert_parallel} does not divide "
+                      f"model.num_moe_experts={m.num_moe_experts}")
+    if not m.num_moe_experts and t.expert_parallel > 1:
+        errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
+    if t.global_batch_size % t.micro_batch_size:
+        errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+                      f"micro_batch_size={t.micro_batch_size}")
+    if cfg.export.format not in FORMATS:
+        errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
+    if cfg.peft.dim <= 0:
+        errors.append(f"peft.dim must be positive, got {cfg.peft.dim}")
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,38 @@
+"""Merge an adapter into its base and write an export (absorbed by default), then verify it.
+
+    python -m nemo_mla_lora.recipes.export base=runs/finetune/base adapter=runs/finetune/adapter \\
+        output=runs/finetune/export_hf format=hf [verify=true] [fold=false] [overwrite=false]
+
+``base``: our Megatron dist-ckpt (+ mla_spec.json) or an HF DeepSeek-V3 directory (bf16 or FP8);
+``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory.
+"""
+
+import json
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from nemo_mla_lora.config.schema import FORMATS, register
+
+register()
+log = logging.getLogger("nemo_mla_lora.export")
+
+
+@hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="export", version_base=None)
+def main(cfg: DictConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
+    from nemo_mla_lora import parallel
+    from nemo_mla_lora.export.pipeline import export
+
+    parallel.init_megatron()
+    info = export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
+                  verify=cfg.verify, tolerance=cfg.tolerance)
+    report = {k: info[k] for k in ("format", "kv_cache", "verify", "warnings") if k in info}
+    print(json.dumps(report, indent=2))
+    print(f"wrote {cfg.output}")
+
+
+if __name__ == "__main__":
+    main()

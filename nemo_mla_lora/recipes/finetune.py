@@ -1,0 +1,158 @@
+"""LoRA fine-tuning of an MLA model, then the absorbed export.
+
+    python -m nemo_mla_lora.recipes.finetune [overrides]      # tiny model on CPU, a few minutes
+    python -m nemo_mla_lora.recipes.finetune model=deepseek_v3 trainer=megatron model.checkpoint=...
+
+Steps (CPU path): compose + validate the config -> base model (restore, or train the tiny base on its
+generic task) -> MLALoRA -> held-out loss before -> train -> held-out loss after -> adapter checkpoint
+-> export callback (merge, absorb, write, verify) -> summary.json. trainer=megatron hands the same
+model, PEFT and callback to NeMo's llm.finetune.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_mla_lora.config.schema import register, validate
+
+log = logging.getLogger("nemo_mla_lora.finetune")
+register()
+
+
+def data_path(spec: str) -> str:
+    from nemo_mla_lora.data import DATA_DIR
+
+    return str(DATA_DIR / spec.removeprefix("pkg://")) if spec and spec.startswith("pkg://") else spec
+
+
+def make_peft(cfg):
+    from nemo_mla_lora.peft import MLALoRA
+
+    p = cfg.peft
+    return MLALoRA(placement=p.placement, target_modules=list(p.target_modules), exclude_modules=list(p.exclude_modules),
+                   parts=dict(p.parts), dim=p.dim, alpha=p.alpha, dropout=p.dropout)
+
+
+def loaders(cfg, path, shuffle):
+    from nemo_mla_lora.data.prompt_answer import PromptAnswerDataset
+
+    ds = PromptAnswerDataset(data_path(path), cfg.data.seq_length, cfg.data.packed)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.micro_batch_size, shuffle=shuffle,
+                                       generator=torch.Generator().manual_seed(cfg.seed), drop_last=shuffle)
+
+
+def base_model(cfg, out: Path, spec):
+    """Restore the base, or (tiny default) train it on the generic task and save it."""
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.models.tiny import build_model
+    from nemo_mla_lora.training import cpu
+
+    model = build_model(nemo_model_config(cfg.model))
+    source = cfg.model.checkpoint or (str(out / "base") if (out / "base").exists() else None)
+    if source:
+        from nemo_mla_lora.export.sources import open_base
+
+        base = open_base(source)
+        state = base.load(base.names)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
+            raise ValueError(f"base {source} does not fit model {cfg.model.name}: missing "
+                             f"{[k for k in missing if not k.endswith('_extra_state')][:5]}, unexpected {unexpected[:5]}")
+        log.info("base restored from %s", source)
+        return model, source
+    if not cfg.data.base_pretrain:
+        raise ValueError("no model.checkpoint given and no data.base_pretrain task to make a base from")
+    log.info("training the base model on %s for %d steps", cfg.data.base_pretrain, cfg.data.base_pretrain_steps)
+    module = cpu.MegatronLM(model, cfg.optim, cfg.data.base_pretrain_steps, lr=cfg.data.base_pretrain_lr)
+    trainer = cpu.make_trainer(cfg.trainer, out / "base_training", cfg.data.base_pretrain_steps,
+                               cfg.optim.clip_grad, checkpoints=False)
+    trainer.fit(module, loaders(cfg, cfg.data.base_pretrain, True), loaders(cfg, cfg.data.base_pretrain, False))
+    checkpoint.save_base(model, spec, out / "base")
+    return model, str(out / "base")
+
+
+def run_cpu(cfg, out: Path) -> dict:
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
+    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.training import cpu
+
+    spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
+    model, base_dir = base_model(cfg, out, spec)
+    peft = make_peft(cfg)
+    model = peft(model)
+    val = loaders(cfg, cfg.data.validation, False)
+    before = cpu.evaluate(model, val)
+    log.info("held-out loss before LoRA: %.4f (%s, %d trainable parameters)", before, peft.placement or "targets",
+             sum(p.numel() for p in model.parameters() if p.requires_grad))
+    lr = cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
+    export_cb = MLAExportCallback(peft, spec, base_dir, out, fmt=cfg.export.format, fold=cfg.export.fold,
+                                  verify=cfg.export.verify, tolerance=cfg.export.tolerance,
+                                  every_checkpoint=cfg.export.every_checkpoint)
+    callbacks = [export_cb] if cfg.export.enabled else []
+    trainer = cpu.make_trainer(cfg.trainer, out, cfg.trainer.max_steps, cfg.optim.clip_grad, callbacks)
+    last = out / "checkpoints" / "last.ckpt"
+    resume = str(last) if cfg.trainer.resume_if_exists and last.exists() else None
+    trainer.fit(cpu.MegatronLM(model, cfg.optim, cfg.trainer.max_steps, lr=lr), loaders(cfg, cfg.data.train, True),
+                val, ckpt_path=resume)
+    after = cpu.evaluate(model, val)
+    log.info("held-out loss after LoRA: %.4f", after)
+    result = export_cb.result or {}
+    manifest = (result.get("manifest") or {})
+    if not cfg.export.enabled:  # still save the adapter
+        from nemo_mla_lora import checkpoint
+        checkpoint.save_adapter(model, peft, spec, out / "adapter", base_dir=base_dir, overwrite=True)
+        result = {"adapter": str(out / "adapter")}
+    return {
+        "model": cfg.model.name, "placement": peft.placement, "target_modules": list(peft.target_modules),
+        "lora_dim": peft.dim, "lora_alpha": peft.alpha, "lr": lr, "steps": cfg.trainer.max_steps,
+        "resumed_from": resume, "base_checkpoint": base_dir,
+        "heldout_loss_before": before, "heldout_loss_after": after,
+        "adapter_path": result.get("adapter"), "export_path": result.get("export"),
+        "export_format": cfg.export.format if cfg.export.enabled else None,
+        "kv_cache": manifest.get("kv_cache"), "verify": manifest.get("verify"),
+    }
+
+
+@hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="finetune", version_base=None)
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg)
+    validate(cfg)  # before any model is built
+    start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from nemo_mla_lora import parallel
+
+    if cfg.trainer.kind == "megatron":
+        from nemo_mla_lora.training import nemo_finetune
+
+        from nemo_mla_lora.callbacks.export import MLAExportCallback
+        from nemo_mla_lora.mla_spec import MLASpec
+        from nemo_mla_lora.models.from_config import nemo_model_config
+
+        peft = make_peft(cfg)
+        callbacks = []
+        if cfg.export.enabled and cfg.model.checkpoint:
+            spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
+            callbacks.append(MLAExportCallback(peft, spec, cfg.model.checkpoint, out, fmt=cfg.export.format,
+                                               fold=cfg.export.fold, verify=cfg.export.verify,
+                                               tolerance=cfg.export.tolerance))
+        nemo_finetune.run(cfg, peft, callbacks)
+        return
+    parallel.init_megatron(seed=cfg.seed)
+    summary = run_cpu(cfg, out)
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    print(f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}; "
+          f"summary: {path.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

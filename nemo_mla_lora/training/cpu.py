@@ -1,0 +1,92 @@
+"""The CPU path: a plain Lightning trainer over the same Megatron-Core GPTModel NeMo would train.
+
+NeMo's trainer (MegatronStrategy) needs CUDA; this drives the identical module with Lightning's CPU
+accelerator: masked next-token loss, AdamW with warmup + cosine, gradient clipping, validation loss.
+"""
+
+import math
+
+import lightning as L
+import torch
+
+
+def causal_mask(seq: int) -> torch.Tensor:
+    return torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked
+
+
+def masked_loss(model, batch) -> torch.Tensor:
+    """Mean next-token loss over loss_mask (the answer tokens)."""
+    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    b, s = tokens.shape
+    positions = torch.arange(s).expand(b, s)
+    per_token = model(tokens, positions, causal_mask(s), labels=labels)  # [b, s]
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class MegatronLM(L.LightningModule):
+    """A Megatron-Core GPTModel as a LightningModule (only parameters with requires_grad train)."""
+
+    def __init__(self, model, optim_cfg, max_steps: int, lr: float | None = None):
+        super().__init__()
+        self.model, self.optim_cfg, self.max_steps = model, optim_cfg, max_steps
+        self.lr = lr if lr is not None else optim_cfg.lr
+
+    def training_step(self, batch, batch_idx):
+        loss = masked_loss(self.model, batch)
+        self.log("train_loss", loss, prog_bar=True, on_step=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", masked_loss(self.model, batch), prog_bar=True, on_epoch=True)
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                                weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr / self.lr if self.lr else 0.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def evaluate(model, loader, limit: int | None = None) -> float:
+    """Token-weighted mean masked loss over ``loader``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        n = batch["loss_mask"].sum().item()
+        total += masked_loss(model, batch).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def make_trainer(trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, callbacks=(), checkpoints: bool = True,
+                 logger=True):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    cbs = list(callbacks)
+    if checkpoints:
+        cbs.append(ModelCheckpoint(dirpath=f"{root_dir}/checkpoints", every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
+                                   save_last=True, save_top_k=-1))
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=trainer_cfg.val_check_interval,
+        limit_val_batches=trainer_cfg.limit_val_batches, log_every_n_steps=trainer_cfg.log_every_n_steps,
+        gradient_clip_val=clip_grad or None, enable_checkpointing=checkpoints, callbacks=cbs, default_root_dir=str(root_dir),
+        logger=CSVLogger(str(root_dir), name="logs") if logger else False, enable_model_summary=False,
+        num_sanity_val_steps=0, precision=trainer_cfg.precision,
+    )

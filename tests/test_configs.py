@@ -1,0 +1,95 @@
+"""Every YAML composes against its typed schema; the DeepSeek-V3 recipe matches NeMo's, value by value;
+bad overrides fail before any model is built."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from nemo_mla_lora.config.compose import compose
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_yaml_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group in ("data", "optim"):
+        overrides.append(f"trainer={option}")  # these follow the trainer by default
+    if group == "trainer" and option == "megatron":
+        overrides.append("model=deepseek_v3")
+    cfg = compose("finetune", overrides)
+    assert cfg[group] is not None
+
+
+def test_export_config_composes():
+    cfg = compose("export", ["base=a", "adapter=b", "output=c"])
+    assert (cfg.format, cfg.verify, cfg.fold) == ("absorbed", True, False)
+
+
+def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
+    """NeMo 2 recipes/deepseek_v3.py finetune_recipe(peft_scheme='lora'), per ../shared/notes/MLA_LORA.md."""
+    cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron"])
+    t, o, p, d, m = cfg.trainer, cfg.optim, cfg.peft, cfg.data, cfg.model
+    assert (t.num_nodes, t.devices) == (5, 8)
+    assert (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) == (8, 5, 1)
+    assert t.sequence_parallel is True
+    assert (t.layers_in_first_pipeline_stage, t.layers_in_last_pipeline_stage) == (13, 12)
+    assert p.placement == "nemo_official" and (p.dim, p.alpha, p.dropout) == (32, 32, 0.0)
+    from nemo_mla_lora.peft.placements import get
+    assert set(get(p.placement).targets) >= {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+                                             "linear_kv_up_proj", "linear_proj"}
+    assert (o.lr, o.min_lr, o.scheduler, o.warmup_steps) == (1e-4, 0.0, "cosine", 50)
+    assert (o.name, o.adam_beta1, o.adam_beta2, o.adam_eps) == ("adam", 0.9, 0.98, 1e-5)
+    assert (o.weight_decay, o.clip_grad) == (0.1, 1.0)
+    assert t.precision == "bf16-mixed" and m.dtype == "bfloat16"
+    assert d.seq_length == 2048 and d.kind == "squad" and d.packed is False
+    assert (t.global_batch_size, t.micro_batch_size) == (128, 1)
+    assert (t.max_steps, t.val_check_interval, t.checkpoint_every_n_steps) == (1000, 30, 50)
+    assert t.use_distributed_optimizer is False and t.cross_entropy_loss_fusion is False
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank) == (61, 7168, 128, 1536, 512)
+    assert (m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim, m.num_moe_experts, m.moe_router_topk) == (128, 64, 128, 256, 8)
+    assert (m.first_dense_layers, m.ffn_hidden_size, m.moe_ffn_hidden_size, m.vocab_size) == (3, 18432, 2048, 129280)
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("trainer.max_stepz=3", ConfigCompositionException, "max_stepz"),
+    ("peft.dim=abc", ConfigCompositionException, "dim"),
+    ("model=gpt2", ConfigCompositionException, "gpt2"),
+])
+def test_bad_overrides_fail_at_composition(override, error, message):
+    with pytest.raises(error, match=message):
+        compose("finetune", [override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=deepseek_v3", "trainer=megatron", "trainer.tensor_parallel=7"], "does not divide model.num_attention_heads=128"),
+    (["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"], "does not divide model.num_moe_experts=256"),
+    (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
+    (["export.format=onnx"], "export.format='onnx'"),
+])
+def test_bad_values_fail_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose("finetune", overrides)
+
+
+def test_recipe_rejects_bad_override_before_building(tmp_path):
+    """The CLI fails fast (no model, no run directory contents) with the reason."""
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", "model=deepseek_v3",
+                           "trainer=megatron", "trainer.tensor_parallel=6", f"output_dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "does not divide model.num_attention_heads=128" in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "base").exists()
+
+
+def test_cfg_job_prints_composed_config():
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", "--cfg", "job",
+                           "model=deepseek_v3", "trainer=megatron"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "tensor_parallel: 8" in proc.stdout or "tensor_parallel: ${model.parallel.tensor}" in proc.stdout
+    assert "kv_lora_rank: 512" in proc.stdout
