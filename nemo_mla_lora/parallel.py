@@ -5,6 +5,7 @@ path and for tests that spawn gloo processes. One process or a ``torchrun``-styl
 """
 
 import os
+import socket
 from contextlib import contextmanager
 
 import torch
@@ -21,7 +22,10 @@ def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port or 29500))
+        if "WORLD_SIZE" not in os.environ:  # one process of our own: never reuse an inherited port
+            os.environ["MASTER_PORT"] = str(port or free_port())
+        elif port:
+            os.environ["MASTER_PORT"] = str(port)
         rank = int(os.environ.get("RANK", 0))
         world = int(os.environ.get("WORLD_SIZE", 1))
         backend = "gloo" if cpu_compat.cuda_absent() else "nccl"
@@ -37,6 +41,12 @@ def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
         expert_tensor_parallel_size=etp,
     )
     cpu_compat.seed(seed)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def destroy() -> None:
