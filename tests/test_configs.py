@@ -26,6 +26,13 @@ def test_every_yaml_composes_and_validates(group, option):
     assert cfg[group] is not None
 
 
+def test_parts_and_targets_from_the_command_line():
+    cfg = compose("finetune", ["model=tiny_mla_noq", "+peft.parts.linear_kv_up_proj=k",
+                               "peft.target_modules=[linear_kv_up_proj,linear_q_proj]"])
+    assert dict(cfg.peft.parts) == {"linear_kv_up_proj": "k"}
+    assert list(cfg.peft.target_modules) == ["linear_kv_up_proj", "linear_q_proj"]
+
+
 def test_export_config_composes():
     cfg = compose("export", ["base=a", "adapter=b", "output=c"])
     assert (cfg.format, cfg.verify, cfg.fold) == ("absorbed", True, False)
@@ -71,6 +78,8 @@ def test_bad_overrides_fail_at_composition(override, error, message):
     (["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"], "does not divide model.num_moe_experts=256"),
     (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
     (["export.format=onnx"], "export.format='onnx'"),
+    (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
+    (["peft.placement=everywhere"], "unknown placement"),
 ])
 def test_bad_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):

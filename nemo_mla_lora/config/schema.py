@@ -6,7 +6,7 @@ adds the checks that span fields (parallel sizes against heads and experts), bef
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -60,9 +60,9 @@ class ModelConfig:
 @dataclass
 class PeftConfig:
     placement: Optional[str] = "nemo_official"
-    target_modules: list = field(default_factory=list)
-    exclude_modules: list = field(default_factory=list)
-    parts: dict = field(default_factory=dict)
+    target_modules: List[str] = field(default_factory=list)
+    exclude_modules: List[str] = field(default_factory=list)
+    parts: Dict[str, str] = field(default_factory=dict)  # leaf -> part (peft/parts.py)
     dim: int = 32
     alpha: float = 32
     dropout: float = 0.0
@@ -187,5 +187,13 @@ def validate(cfg) -> None:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
     if cfg.peft.dim <= 0:
         errors.append(f"peft.dim must be positive, got {cfg.peft.dim}")
+    from nemo_mla_lora.peft import parts, placements
+
+    try:
+        parts.validate(dict(cfg.peft.parts))
+        if not cfg.peft.target_modules:
+            placements.get(cfg.peft.placement)
+    except ValueError as err:
+        errors.append(f"peft: {err}")
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
