@@ -17,15 +17,14 @@ def kv_cache_report(spec, dtype: str) -> dict:
     }
 
 
-def build(fmt: str, spec, dtype: str, base: dict, adapter: dict, scales: dict, checksums: dict,
-          fold: dict | None = None) -> dict:
+def build(fmt: str, spec, dtype: str, scales: dict, checksums: dict, fold: dict | None = None) -> dict:
+    """The manifest without its ``source`` (added by the pipeline) and ``verify`` (added after verifying)."""
     return {
         "format": fmt,
         "format_version": FORMAT_VERSION,
         "mla": spec.to_dict(),
         "latent_cache": fmt == "absorbed",
         "kv_cache": kv_cache_report(spec, dtype),
-        "source": {"base": base, "adapter": adapter},
         "merge_scales": scales,
         "dtype": dtype,
         "folded": fold,

@@ -5,6 +5,11 @@
 Formats: ``absorbed`` (Megatron dist-ckpt, split K/V up projections, latent cache), ``mcore`` (merged
 standard Megatron dist-ckpt), ``hf`` (merged HF DeepSeek-V3 safetensors), ``hf_peft`` (the unmerged
 adapters as HF PEFT files). Output appears only when everything, verification included, passed.
+
+Memory: tensors are read one group (embedding, one decoder layer, final) at a time and ``hf`` writes a
+shard per group, so ``format=hf verify=false`` holds one layer. The dist-ckpt formats write with one
+Megatron save at the end, and ``verify`` runs the whole model in the reference forward: both hold the
+full model (not yet bounded by the largest layer).
 """
 
 import json
@@ -56,7 +61,7 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
             info = _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress)
-        info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},
+        info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},  # hashes the input files
                           "adapter": {"path": str(adapter), "hash": file_hash(adapter)}}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
@@ -72,7 +77,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
         names = grouped.get(key, [])
         tensors = source.load(names)
         modules = [n[: -len(".weight")] for n in names if n.endswith(".weight")]
-        factors = lora.factors(modules, {n: t.shape for n, t in tensors.items()})
+        factors = lora.factors(modules)
         merged = merge_state(tensors, factors)
         if fmt == "absorbed" and isinstance(key, int):
             merged = absorb.absorb_layer(merged, f"decoder.layers.{key}.self_attention", spec, fold=fold)
@@ -83,7 +88,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
             merged_all.update(merged)
             adapters_all.update(factors)
     writer.finish()
-    info = manifest.build(fmt, spec, dtype, {}, {}, lora.scales, writer.checksums,
+    info = manifest.build(fmt, spec, dtype, lora.scales, writer.checksums,
                           absorb.fold_cost(spec) if fold else None)
     if verify:  # read the written export back, not the tensors in memory
         exported = read_export(tmp, fmt)
@@ -110,8 +115,7 @@ def read_export(directory, fmt: str) -> dict:
 
 
 def _export_hf_peft(source, lora, spec, tmp) -> dict:
-    shapes = {}
-    factors = lora.factors(lora.modules, shapes)
+    factors = lora.factors(lora.modules)
     ranks = {a.shape[0] for a, _, _ in factors.values()}
     if len(ranks) != 1:
         raise MergeError(f"HF PEFT needs one rank for all modules; adapters have ranks {sorted(ranks)}")
@@ -120,6 +124,6 @@ def _export_hf_peft(source, lora, spec, tmp) -> dict:
     warnings = write_hf_peft(factors, r, scale * r, tmp, base_name=str(getattr(source, "directory", "")))
     for w in warnings:
         log.warning(w)
-    info = manifest.build("hf_peft", spec, "float32", {}, {}, lora.scales, {})
+    info = manifest.build("hf_peft", spec, "float32", lora.scales, {})
     info["warnings"] = warnings
     return info

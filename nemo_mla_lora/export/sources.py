@@ -139,7 +139,7 @@ class MegatronAdapter:
         self.modules = sorted({n.rsplit(".adapter.", 1)[0] for n in self.reader.names()})
         self.scales = {m: self.info["scale"] for m in self.modules}
 
-    def factors(self, modules, base_shapes: dict) -> dict:
+    def factors(self, modules) -> dict:
         """module -> (A, B full height, scale) for those of ``modules`` that have an adapter."""
         mine = [m for m in modules if m in self.scales]
         tensors = self.reader.load([f"{m}.adapter.{p}" for m in mine for p in ("lora_a", "lora_b")])
@@ -188,7 +188,7 @@ class HFPeftAdapter:
         self.modules = sorted(self.pairs)
         self.scales = {mod: self.scale for mod in self.modules}
 
-    def factors(self, modules, base_shapes: dict) -> dict:
+    def factors(self, modules) -> dict:
         out = {}
         for mod in [m for m in modules if m in self.pairs]:
             parts = self.pairs[mod]

@@ -2,7 +2,8 @@
 
 ``build(cfg)`` returns the keyword arguments of ``llm.finetune`` (model, data, trainer, optim, peft,
 log, resume) so they can be inspected, tested against the official recipe, and run by ``run(cfg)``.
-Constructing the trainer needs no GPU; fitting does.
+Constructing the trainer needs no GPU; fitting does. Not yet run on a GPU (see the GPU issue): the
+tokenizer comes from the restored base checkpoint's NeMo context, which ``model.checkpoint`` must provide.
 """
 
 from nemo_mla_lora.models.from_config import nemo_model_config
@@ -39,14 +40,13 @@ def strategy(cfg):
 def data(cfg):
     from nemo.collections import llm
 
-    from nemo_mla_lora.data.tokenizer import VOCAB_SIZE  # noqa: F401  (byte tokenizer for jsonl data)
-
     t, d = cfg.trainer, cfg.data
     if d.kind == "squad":
         return llm.SquadDataModule(seq_length=d.seq_length, micro_batch_size=t.micro_batch_size,
                                    global_batch_size=t.global_batch_size, packed_sequence_specs=None)
+    # NeMo's FineTuningDataModule reads <root>/training.jsonl and validation.jsonl ({"input", "output"}).
     from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
-    return FineTuningDataModule(dataset_root=str(d.train).rsplit("/", 1)[0], seq_length=d.seq_length,
+    return FineTuningDataModule(dataset_root=str(d.train), seq_length=d.seq_length,
                                 micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
 
 
