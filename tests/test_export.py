@@ -43,6 +43,9 @@ def test_merged_formats_round_trip_and_match_unmerged(trained, fmt):
     out = trained["root"] / f"export_{fmt}"
     info = export(trained["root"] / "base", trained["root"] / "adapter", out, fmt=fmt, progress=False)
     assert info["verify"]["passed"] and info["verify"]["max_abs_logit_diff"] < 2e-5
+    if fmt == "absorbed":  # verify decoded with a cache of c_kv + k_rope only
+        spec_ = trained["spec"]
+        assert info["verify"]["cached_values_per_token"] == spec_.num_layers * (spec_.kv_lora_rank + spec_.qk_rope_head_dim)
     assert json.loads((out / "manifest.json").read_text())["format"] == fmt
     state = read_export(out, fmt)
     tokens, positions, mask = batch()
@@ -248,3 +251,34 @@ def test_merge_refuses_bad_shapes_and_nan():
         merge_linear(w, torch.full((2, 5), float("nan")), torch.ones(6, 2), 1.0)
     a, b = torch.randn(2, 5), torch.randn(6, 2)
     torch.testing.assert_close(merge_linear(w, a, b, 0.5), 0.5 * b @ a)
+
+
+def test_streaming_verify_catches_a_wrong_split(trained):
+    """The layer-by-layer verify is not vacuous: K/V halves swapped inside one head fail it."""
+    from nemo_mla_lora.checkpoint import CheckpointReader
+    from nemo_mla_lora.export.sources import groups, open_adapter, open_base
+    from nemo_mla_lora.export.verify import compare_streaming
+
+    spec = trained["spec"]
+    reader = CheckpointReader(trained["root"] / "export_absorbed")
+    names = groups(reader.names())
+    base = open_base(trained["root"] / "base")
+    base_groups = groups(base.names)
+    lora = open_adapter(trained["root"] / "adapter", spec)
+
+    def load_base(g):
+        return base.load(base_groups.get(g, []))
+
+    def load_factors(layer):
+        return lora.factors([n[:-7] for n in base_groups.get(layer, []) if n.endswith(".weight")])
+
+    def load_export(g, corrupt=False):
+        tensors = reader.load(names.get(g, []))
+        key = "decoder.layers.1.self_attention.linear_k_up_proj.weight"
+        if corrupt and key in tensors:
+            tensors[key] = tensors[key].view(spec.num_heads, -1, spec.kv_lora_rank).flip(0).reshape(-1, spec.kv_lora_rank)
+        return tensors
+
+    good = compare_streaming(load_export, load_base, load_factors, spec, absorbed=True)
+    bad = compare_streaming(lambda g: load_export(g, True), load_base, load_factors, spec, absorbed=True)
+    assert good["passed"] and not bad["passed"] and bad["max_abs_logit_diff"] > 100 * good["max_abs_logit_diff"]

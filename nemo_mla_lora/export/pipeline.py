@@ -6,10 +6,10 @@ Formats: ``absorbed`` (Megatron dist-ckpt, split K/V up projections, latent cach
 standard Megatron dist-ckpt), ``hf`` (merged HF DeepSeek-V3 safetensors), ``hf_peft`` (the unmerged
 adapters as HF PEFT files). Output appears only when everything, verification included, passed.
 
-Memory: tensors are read one group (embedding, one decoder layer, final) at a time and ``hf`` writes a
-shard per group, so ``format=hf verify=false`` holds one layer. The dist-ckpt formats write with one
-Megatron save at the end, and ``verify`` runs the whole model in the reference forward: both hold the
-full model (not yet bounded by the largest layer).
+Memory: tensors are read one group (embedding, one decoder layer, final) at a time; ``hf`` writes a shard
+per group and ``verify`` runs layer by layer (``compare_streaming``), so ``format=hf`` holds about one
+layer. The dist-ckpt formats (``absorbed``, ``mcore``) write with one Megatron save at the end and so
+still hold the whole merged model while writing.
 """
 
 import json
@@ -23,7 +23,7 @@ from nemo_mla_lora.checkpoint import atomic_dir, file_hash
 from nemo_mla_lora.export import absorb, manifest
 from nemo_mla_lora.export.merge import MergeError, merge_state
 from nemo_mla_lora.export.sources import groups, open_adapter, open_base
-from nemo_mla_lora.export.verify import compare
+from nemo_mla_lora.export.verify import compare_streaming
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, write_hf_peft
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
     grouped = groups(source.names)
     order = ["pre"] + list(range(spec.num_layers)) + ["post"]
     writer = HFWriter(tmp, spec, len(order)) if fmt == "hf" else DistCkptWriter(tmp, spec)
-    keep_for_verify = verify  # the reference forward needs the whole (small) model
-    base_all, merged_all, adapters_all, dtype = {}, {}, {}, None
+    dtype = None
     for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
         names = grouped.get(key, [])
         tensors = source.load(names)
@@ -83,23 +82,32 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
             merged = absorb.absorb_layer(merged, f"decoder.layers.{key}.self_attention", spec, fold=fold)
         dtype = dtype or _dtype_name(next(iter(tensors.values())))
         writer.add(merged)
-        if keep_for_verify:
-            base_all.update(tensors)
-            merged_all.update(merged)
-            adapters_all.update(factors)
+        del tensors, merged, factors
     writer.finish()
     info = manifest.build(fmt, spec, dtype, lora.scales, writer.checksums,
                           absorb.fold_cost(spec) if fold else None)
-    if verify:  # read the written export back, not the tensors in memory
-        exported = read_export(tmp, fmt)
-        report = compare(exported, base_all, adapters_all, spec, absorbed=fmt == "absorbed",
-                         tolerance=tolerance, dtype=dtype)
+    if verify:  # read the written export back, group by group, against base + adapter re-read from disk
+        export_reader = _group_reader(tmp, fmt)
+        report = compare_streaming(
+            export_reader, lambda g: source.load(grouped.get(g, [])),
+            lambda layer: lora.factors([n[: -len(".weight")] for n in grouped.get(layer, []) if n.endswith(".weight")]),
+            spec, absorbed=fmt == "absorbed", tolerance=tolerance, dtype=dtype)
         info["verify"] = report
         if not report["passed"]:
             raise VerificationError(f"export differs from the unmerged model: max |logit diff| "
                                     f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} x max |logit| "
                                     f"{report['max_abs_logit']:.3g}")
     return info
+
+
+def _group_reader(directory, fmt: str):
+    """group -> that group's tensors of a written export (flat Megatron names)."""
+    from nemo_mla_lora.checkpoint import CheckpointReader
+    from nemo_mla_lora.export.sources import HFBase
+
+    reader = HFBase(directory, dtype=torch.float32) if fmt == "hf" else CheckpointReader(directory)
+    names = groups(reader.names if fmt == "hf" else reader.names())
+    return lambda g: reader.load(names.get(g, []))
 
 
 def read_export(directory, fmt: str) -> dict:
