@@ -100,7 +100,9 @@ def file_hash(directory) -> str:
     for f in sorted(Path(directory).rglob("*")):
         if f.is_file():
             digest.update(f.relative_to(directory).as_posix().encode())
-            digest.update(f.read_bytes())
+            with open(f, "rb") as handle:  # in chunks: a shard can be many GB
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 

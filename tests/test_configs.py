@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ValidationError
 
 from nemo_mla_lora.config.compose import compose
 

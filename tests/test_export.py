@@ -14,7 +14,7 @@ from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
 from nemo_mla_lora.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
-from nemo_mla_lora.peft.state import adapter_factors, base_state_dict, randomize_b
+from nemo_mla_lora.peft.state import base_state_dict, randomize_b
 from nemo_mla_lora.reference import latent
 
 PARTS = {"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"}

@@ -50,7 +50,7 @@ def global_grads(model):
     from nemo_mla_lora.peft.state import adapter_modules
 
     out = {}
-    ep_rank, tp = parallel_state.get_expert_model_parallel_rank(), _tp()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
     for name, module in adapter_modules(model).items():
         ad = module.adapter
         da, db = ad.lora_a.grad, ad.lora_b.grad

@@ -14,7 +14,6 @@ still hold the whole merged model while writing.
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 from tqdm import tqdm

@@ -2,6 +2,7 @@
 
 Absorbed exports run through the reference latent-cache forward (prefill half the prompt, then decode
 token by token, caching only c_kv + k_rope); ``mcore``/``hf`` exports through the reference forward.
+Layer by layer: one layer of each model is in memory at a time.
 The unmerged model is the base weights plus the LoRA factors applied as x A^T B^T (reference forward).
 Both runs use the unmerged run's expert choices: with saturated router scores a 1e-16 change can flip a
 top-k tie (measured: 1.3e-5 logit difference in float64 on a trained tiny model), which says nothing
@@ -11,7 +12,7 @@ about the merge; the gate weights are still recomputed from each run's own score
 import torch
 
 from nemo_mla_lora.reference import latent
-from nemo_mla_lora.reference.model import decoder_layer, forward, rms_norm, rope_cos_sin
+from nemo_mla_lora.reference.model import decoder_layer, rms_norm, rope_cos_sin
 
 # Relative to the largest |logit| of the reference (at least 1): max |diff| <= tolerance * scale.
 # fp32: the merged weights' own rounding (~1e-8 per linear) reaches ~3e-5 x max|logit| on the trained tiny
@@ -24,25 +25,6 @@ def fixed_prompts(vocab_size: int, count: int = 2, length: int = 16) -> torch.Te
     return torch.randint(0, vocab_size, (count, length), generator=gen)
 
 
-@torch.no_grad()
-def compare(export_state: dict, base_state: dict, adapters: dict, spec, absorbed: bool,
-            tolerance: float | None = None, dtype: str = "float32") -> dict:
-    """Max/mean abs logit difference (fp32 compute) and whether it is within tolerance (relative to the
-    reference's largest |logit|, so the bound means the same for a fresh and a long-trained model)."""
-    up = {k: v.float() for k, v in export_state.items()}
-    base = {k: v.float() for k, v in base_state.items()}
-    factors = {m: (a.float(), b.float(), s) for m, (a, b, s) in adapters.items()}
-    tokens = fixed_prompts(spec.vocab_size)
-    routing = {}  # the unmerged model's expert choices, replayed: a top-k tie cannot flip between the two
-    reference = forward(tokens, base, spec, factors, routing=routing)
-    if absorbed:
-        logits, cache = latent.generate_logits(tokens, up, spec, prefill=tokens.shape[1] // 2, routing=routing)
-        cached = cache.values_per_token()
-    else:
-        logits, cached = forward(tokens, up, spec, routing=routing), None
-    return _report(logits, reference, tokens, tolerance, dtype, cached)
-
-
 def _float(tensors: dict) -> dict:
     return {k: v.float() for k, v in tensors.items()}
 
@@ -50,8 +32,9 @@ def _float(tensors: dict) -> dict:
 @torch.no_grad()
 def compare_streaming(load_export, load_base, load_factors, spec, absorbed: bool,
                       tolerance: float | None = None, dtype: str = "float32") -> dict:
-    """``compare`` layer by layer: ``load_*(group)`` return one group's tensors ('pre', 0..L-1, 'post'),
-    so memory holds one layer of each model (plus activations of the fixed prompts), never the model."""
+    """Max/mean abs logit difference (fp32 compute) and whether it is within tolerance (relative to the
+    reference's largest |logit|). ``load_*(group)`` return one group's tensors ('pre', 0..L-1, 'post'),
+    so memory holds one layer of each model (plus the prompts' activations), never the whole model."""
     tokens = fixed_prompts(spec.vocab_size)
     s = tokens.shape[1]
     cos, sin = rope_cos_sin(spec, torch.arange(s), torch.float32)

@@ -9,7 +9,6 @@ order and writes into a directory it does not own (the pipeline renames it when 
 """
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
