@@ -282,3 +282,25 @@ def test_streaming_verify_catches_a_wrong_split(trained):
     good = compare_streaming(load_export, load_base, load_factors, spec, absorbed=True)
     bad = compare_streaming(lambda g: load_export(g, True), load_base, load_factors, spec, absorbed=True)
     assert good["passed"] and not bad["passed"] and bad["max_abs_logit_diff"] > 100 * good["max_abs_logit_diff"]
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("factor_sharded", [False, True])
+def test_merge_tp_shards_equals_merging_the_whole(kind, factor_sharded):
+    """Shards merged rank by rank (with A or B gathered where sharded on r) == the whole matrix merged."""
+    from nemo_mla_lora.export.merge import merge_tp_shards
+
+    tp, r = 2, 4
+    w, a, b = torch.randn(12, 10, dtype=torch.float64), torch.randn(r, 10, dtype=torch.float64), torch.randn(12, r, dtype=torch.float64)
+    whole = merge_linear(w, a, b, 0.5)
+    if kind == "column":
+        shards_w, shards_b = list(w.chunk(tp, 0)), list(b.chunk(tp, 0))
+        shards_a = list(a.chunk(tp, 0)) if factor_sharded else [a] * tp  # NeMo shards r of A; MLALoRA does not
+        merged = torch.cat(merge_tp_shards("column", shards_w, shards_a, shards_b, 0.5), 0)
+    else:
+        shards_w, shards_a = list(w.chunk(tp, 1)), list(a.chunk(tp, 1))
+        shards_b = list(b.chunk(tp, 1)) if factor_sharded else [b] * tp
+        merged = torch.cat(merge_tp_shards("row", shards_w, shards_a, shards_b, 0.5), 1)
+    torch.testing.assert_close(merged, whole)
+    with pytest.raises(MergeError, match="weight shards"):
+        merge_tp_shards(kind, shards_w, shards_a[:1], shards_b, 0.5)

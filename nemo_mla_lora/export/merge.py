@@ -45,3 +45,28 @@ def expand_rows(b_rows: torch.Tensor, row_index: torch.Tensor | None, out_featur
     full = b_rows.new_zeros(out_features, b_rows.shape[1])
     full[row_index] = b_rows
     return full
+
+
+def merge_tp_shards(kind: str, weights: list, lora_a: list, lora_b: list, scale: float, name: str = "weight") -> list:
+    """Merge one linear's tensor-parallel shards (rank order), gathering a LoRA factor only where the
+    shapes say it is sharded on the rank dim (NeMo's LoRA shards A's rank for column-parallel bases;
+    MLALoRA keeps the replicated factor whole):
+
+    - ``column`` (weight [out/tp, in] per rank): B_i [out/tp, r] is the rank's own rows; A is whole
+      ([r, in] on every rank) or sharded on r ([r/tp, in]) and then gathered.
+    - ``row`` (weight [out, in/tp] per rank): A_i [r, in/tp] is the rank's own columns; B is whole
+      ([out, r]) or sharded on r ([out, r/tp]) and then gathered.
+    Returns the merged shards, each W_i + scale * B_i A_i in fp32.
+    """
+    tp = len(weights)
+    if not (len(lora_a) == len(lora_b) == tp):
+        raise MergeError(f"{name}: {tp} weight shards but {len(lora_a)} A and {len(lora_b)} B shards")
+    if kind == "column":
+        rank_dim_a = lora_b[0].shape[1]  # B_i [out/tp, r] carries the full rank
+        a = torch.cat(lora_a, 0) if lora_a[0].shape[0] * tp == rank_dim_a and tp > 1 else lora_a[0]
+        return [merge_linear(w, a, b, scale, f"{name}[tp{i}]") for i, (w, b) in enumerate(zip(weights, lora_b))]
+    if kind == "row":
+        rank_dim = lora_a[0].shape[0]  # A_i [r, in/tp] carries the full rank
+        b = torch.cat(lora_b, 1) if lora_b[0].shape[1] * tp == rank_dim and tp > 1 else lora_b[0]
+        return [merge_linear(w, a, b, scale, f"{name}[tp{i}]") for i, (w, a) in enumerate(zip(weights, lora_a))]
+    raise ValueError(f"kind={kind!r}; expected 'column' or 'row'")
