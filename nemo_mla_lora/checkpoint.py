@@ -29,11 +29,12 @@ class CheckpointError(ValueError):
     pass
 
 
-def _rank() -> int:
+def rank() -> int:
+    """This process's torch.distributed rank (0 when not distributed)."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
 
@@ -46,22 +47,22 @@ def atomic_dir(path, overwrite: bool = False):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     tmp = path.parent / f".{path.name}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         yield tmp
     except BaseException:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
-    _barrier()
+    barrier()
 
 
 def _sharded(flat: dict) -> dict:
@@ -173,7 +174,7 @@ def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:
 
     with atomic_dir(directory, overwrite) as tmp:
         dist_checkpointing.save(_model_sharded(model, adapters=False), str(tmp))
-        if _rank() == 0:
+        if rank() == 0:
             write_json(tmp / SPEC_FILE, spec.to_dict())
     return Path(directory)
 
@@ -199,6 +200,6 @@ def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite
     }
     with atomic_dir(directory, overwrite) as tmp:
         dist_checkpointing.save(sharded, str(tmp))
-        if _rank() == 0:
+        if rank() == 0:
             write_json(tmp / ADAPTER_FILE, info)
     return Path(directory)

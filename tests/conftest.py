@@ -1,18 +1,13 @@
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 
+from nemo_mla_lora.parallel import free_port  # noqa: F401  (tests import it from here)
+
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from nemo_mla_lora import checkpoint
 from nemo_mla_lora.export.pipeline import export
@@ -40,14 +39,12 @@ class MLAExportCallback(L.Callback):
         adapter_dir = self.output_dir / f"adapter{tag}"
         checkpoint.save_adapter(model, self.peft, self.spec, adapter_dir, base_dir=self.base_dir, overwrite=True)
         info = None
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank == 0:
+        if checkpoint.rank() == 0:
             info = export(self.base_dir, adapter_dir, self.output_dir / f"export{tag}", fmt=self.fmt,
                           fold=self.fold, overwrite=True, verify=self.verify, tolerance=self.tolerance)
             if "verify" in info:
                 log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.barrier()
+        checkpoint.barrier()
         return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
 
     def on_train_end(self, trainer, pl_module):

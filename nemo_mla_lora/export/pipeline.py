@@ -74,8 +74,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
     for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
         names = grouped.get(key, [])
         tensors = source.load(names)
-        modules = [n[: -len(".weight")] for n in names if n.endswith(".weight")]
-        factors = lora.factors(modules)
+        factors = lora.factors(_modules(names))
         merged = merge_state(tensors, factors)
         if fmt == "absorbed" and isinstance(key, int):
             merged = absorb.absorb_layer(merged, f"decoder.layers.{key}.self_attention", spec, fold=fold)
@@ -89,7 +88,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
         export_reader = _group_reader(tmp, fmt)
         report = compare_streaming(
             export_reader, lambda g: source.load(grouped.get(g, [])),
-            lambda layer: lora.factors([n[: -len(".weight")] for n in grouped.get(layer, []) if n.endswith(".weight")]),
+            lambda layer: lora.factors(_modules(grouped.get(layer, []))),
             spec, absorbed=fmt == "absorbed", tolerance=tolerance, dtype=dtype)
         info["verify"] = report
         if not report["passed"]:
@@ -99,26 +98,34 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
     return info
 
 
-def _group_reader(directory, fmt: str):
-    """group -> that group's tensors of a written export (flat Megatron names)."""
+def _modules(names) -> list[str]:
+    """Module names of the ``.weight`` tensors among ``names`` (what an adapter can attach to)."""
+    return [n[: -len(".weight")] for n in names if n.endswith(".weight")]
+
+
+def _open_export(directory, fmt: str):
+    """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``hf`` export."""
     from nemo_mla_lora.checkpoint import CheckpointReader
     from nemo_mla_lora.export.sources import HFBase
 
-    reader = HFBase(directory, dtype=torch.float32) if fmt == "hf" else CheckpointReader(directory)
-    names = groups(reader.names if fmt == "hf" else reader.names())
-    return lambda g: reader.load(names.get(g, []))
+    if fmt == "hf":
+        reader = HFBase(directory, dtype=torch.float32)
+        return reader, reader.names
+    reader = CheckpointReader(directory)
+    return reader, reader.names()
+
+
+def _group_reader(directory, fmt: str):
+    """group -> that group's tensors of a written export (flat Megatron names)."""
+    reader, names = _open_export(directory, fmt)
+    grouped = groups(names)
+    return lambda g: reader.load(grouped.get(g, []))
 
 
 def read_export(directory, fmt: str) -> dict:
     """All tensors of a written ``absorbed``/``mcore``/``hf`` export, under flat Megatron names."""
-    from nemo_mla_lora.export.sources import HFBase
-    from nemo_mla_lora.checkpoint import CheckpointReader
-
-    if fmt == "hf":
-        source = HFBase(directory, dtype=torch.float32)
-        return source.load(source.names)
-    reader = CheckpointReader(directory)
-    return reader.load(reader.names())
+    reader, names = _open_export(directory, fmt)
+    return reader.load(names)
 
 
 def _export_hf_peft(source, lora, spec, tmp) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from nemo_mla_lora import keymap
 from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, read_spec
+from nemo_mla_lora.export.merge import expand_rows
 from nemo_mla_lora.mla_spec import MLASpec, spec_from_hf
 from nemo_mla_lora.peft.parts import row_mask
 
@@ -151,12 +152,10 @@ class MegatronAdapter:
             leaf = m.rsplit(".", 1)[-1]
             mask = row_mask(leaf, self.info["parts"].get(leaf), self.spec)
             if mask is not None:
-                full = b.new_zeros(mask.numel(), b.shape[1])
                 if int(mask.sum()) != b.shape[0]:
                     raise CheckpointError(f"{m}: B has {b.shape[0]} rows, part {self.info['parts'][leaf]!r} has "
                                           f"{int(mask.sum())}")
-                full[mask] = b
-                b = full
+                b = expand_rows(b, mask.nonzero().flatten(), mask.numel())
             out[m] = (a, b, self.scales[m])
         return out
 

@@ -92,7 +92,6 @@ class MLALoRAAdapter(nn.Module):
         """Decide how B's rows map to this rank's output rows; register the scatter index."""
         rows = torch.arange(out_features) if row_mask is None else row_mask.nonzero().flatten()
         self.part_selective = row_mask is not None
-        self.global_rows = rows.numel()
         self.out_local = out_features // self.tp_size if self.base_kind == "column" else out_features
         self.b_replicated = self.base_kind != "column"
         if self.base_kind == "column":
