@@ -8,12 +8,9 @@ measured failure (../shared/notes/STACK.md):
    in dist-checkpoint save: both answer for the CPU.
 2. ``model_parallel_cuda_manual_seed`` asserts CUDA: ``seed()`` below uses the inference RNG tracker
    (plain ``torch.manual_seed``) instead.
-3. Without Transformer Engine, ``megatron.core.extensions.transformer_engine`` sets ``te = MagicMock()``,
-   so ``multi_latent_attention.HAVE_TE`` is wrongly True, and ``moe_utils.te_general_gemm`` is
-   undefined (NameError in the router). Both are set to what "TE absent" means.
 
-The local-spec attention that accepts ``k_channels``/``v_channels`` (the fourth failure) is not a
-shim: the GPU machine lacks Transformer Engine too, so it lives in ``models/layer_spec.py``.
+Transformer-Engine-absent fixes are not CPU shims (the GPU machine lacks TE too): ``te_compat.py``
+and the TE-free layer spec in ``models/layer_spec.py``.
 """
 
 import torch
@@ -34,13 +31,6 @@ def apply() -> bool:
         return True
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
-
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-    import megatron.core.transformer.multi_latent_attention as mla
-
-    mla.HAVE_TE = False
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     _APPLIED = True
     return True
 

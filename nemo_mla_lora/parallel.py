@@ -11,13 +11,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from nemo_mla_lora import cpu_compat
+from nemo_mla_lora import cpu_compat, te_compat
 
 
 def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
                   port: int | None = None) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's model-parallel groups."""
     cpu_compat.apply()
+    te_compat.apply()
     from megatron.core import parallel_state
 
     if not dist.is_initialized():

@@ -19,8 +19,8 @@ def test_every_yaml_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group in ("data", "optim"):
         overrides.append(f"trainer={option}")  # these follow the trainer by default
-    if group == "trainer" and option == "megatron":
-        overrides.append("model=deepseek_v3")
+    if option == "megatron" and group in ("trainer", "data", "optim"):
+        overrides += ["model=deepseek_v3", "model.checkpoint=/ckpt/deepseek_v3_nemo"]
     cfg = compose("finetune", overrides)
     assert cfg[group] is not None
 
@@ -39,7 +39,7 @@ def test_export_config_composes():
 
 def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     """NeMo 2 recipes/deepseek_v3.py finetune_recipe(peft_scheme='lora'), per ../shared/notes/MLA_LORA.md."""
-    cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron"])
+    cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron", "model.checkpoint=/ckpt/deepseek_v3_nemo"])
     t, o, p, d, m = cfg.trainer, cfg.optim, cfg.peft, cfg.data, cfg.model
     assert (t.num_nodes, t.devices) == (5, 8)
     assert (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) == (8, 5, 1)
@@ -79,10 +79,20 @@ def test_bad_overrides_fail_at_composition(override, error, message):
     (["export.format=onnx"], "export.format='onnx'"),
     (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
     (["peft.placement=everywhere"], "unknown placement"),
+    (["model=deepseek_v3", "trainer=megatron"], "needs data.tokenizer"),
+    (["data.tokenizer=byte"], "model.vocab_size=264 is smaller"),
 ])
 def test_bad_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         compose("finetune", overrides)
+
+
+def test_gpu_proof_config_validates():
+    """What bench/run_gpu.sh runs: V3 attention dims, base made on the GPU, NeMo's byte tokenizer."""
+    cfg = compose("finetune", ["model=deepseek_v3_small", "trainer=megatron", "data=cpu", "data.tokenizer=byte",
+                               "data.seq_length=64", "trainer.global_batch_size=32", "trainer.micro_batch_size=8"])
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.kv_lora_rank) == (7168, 128, 512)
+    assert cfg.trainer.devices == 1 and cfg.data.base_pretrain
 
 
 def test_recipe_rejects_bad_override_before_building(tmp_path):

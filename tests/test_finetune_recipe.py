@@ -30,6 +30,10 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
             __import__("pathlib").Path(summary[key]).exists(), key
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert manifest["format"] == "absorbed" and manifest["latent_cache"]
+    from nemo_mla_lora.training.metrics import read
+    logged = read(out / "lora_metrics.jsonl")
+    assert [r["step"] for r in logged if "val_loss" in r] == [12, 24]
+    assert sum("train_loss" in r for r in logged) >= 2
 
     # resume: same output_dir, more steps -> continues from checkpoints/last.ckpt and reuses the base
     resumed = run(["nemo_mla_lora.recipes.finetune", f"output_dir={out}", *SHORT[:-4], "trainer.max_steps=36",

@@ -101,7 +101,8 @@ class DataConfig:
     validation: Optional[str] = None
     seq_length: int = 2048
     packed: bool = False
-    base_pretrain: Optional[str] = None  # tiny default only: the generic task that makes the base
+    tokenizer: Optional[str] = None  # trainer=megatron: byte | HF id/path | unset = the base checkpoint's
+    base_pretrain: Optional[str] = None  # no model.checkpoint: the generic task that makes the base
     base_pretrain_steps: int = 0
     base_pretrain_lr: float = 3e-3
 
@@ -183,6 +184,10 @@ def validate(cfg) -> None:
     if t.global_batch_size % t.micro_batch_size:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                       f"micro_batch_size={t.micro_batch_size}")
+    if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
+        errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
+    if cfg.data.tokenizer == "byte" and (m.vocab_size or 0) < 512:
+        errors.append(f"data.tokenizer=byte has 512 ids; model.vocab_size={m.vocab_size} is smaller")
     if cfg.export.format not in FORMATS:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
     if cfg.peft.dim <= 0:

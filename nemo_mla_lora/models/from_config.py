@@ -2,18 +2,11 @@
 
 import torch
 
+from nemo_mla_lora import te_compat
 from nemo_mla_lora.models.layer_spec import local_mla_block_spec
 from nemo_mla_lora.models.tiny import CPU_SAFE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def nemo_model_config(model_cfg, trainer_cfg=None):
@@ -43,7 +36,7 @@ def nemo_model_config(model_cfg, trainer_cfg=None):
     if not m.num_moe_experts:
         args.update(moe_ffn_hidden_size=None, moe_shared_expert_intermediate_size=None,
                     moe_router_num_groups=None, moe_router_group_topk=None)
-    if not have_transformer_engine():
+    if te_compat.apply():  # Transformer Engine absent: its shims, the local spec, no fusions
         args.update(CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
         args["use_cpu_initialization"] = not torch.cuda.is_available()
     if trainer_cfg is not None:

@@ -21,16 +21,41 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
 class MLADotProductAttention(DotProductAttention):
-    """Local core attention for MLA: q/k head dim (nope+rope) differs from the v head dim."""
+    """Local core attention for MLA: q/k head dim (nope+rope) differs from the v head dim.
+
+    Runs through ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU, no
+    [b, h, s, t] score tensor kept for backward) unless dropout, an attention bias or a non-vanilla
+    softmax needs megatron's unfused path. A boolean mask (True = masked, Megatron's convention)
+    becomes SDPA's keep-mask; no mask means causal."""
 
     def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
         super().__init__(*args, **kwargs)
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    def _sdpa_ok(self, attention_bias, packed_seq_params) -> bool:
+        dropout = self.attention_dropout.p if self.training else 0.0
+        return (dropout == 0.0 and attention_bias is None and packed_seq_params is None
+                and self.softmax_offset is None and self.config.window_size is None
+                and not self.config.apply_query_key_layer_scaling
+                and self.num_attention_heads_per_partition == self.num_query_groups_per_partition)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if not self._sdpa_ok(attention_bias, packed_seq_params):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        s, b = query.shape[:2]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
+        keep = None if attention_mask is None else ~attention_mask.bool()  # [b or 1, 1, s, t]
+        context = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, is_causal=keep is None and s > 1 and self.attn_mask_type == AttnMaskType.causal, scale=self.softmax_scale)  # [b, h, s, dv]
+        return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)  # [s, b, h*dv]
 
 
 class KVDownProjection(ColumnParallelLinear):

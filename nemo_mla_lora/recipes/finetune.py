@@ -18,16 +18,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_mla_lora.checkpoint import rank as checkpoint_rank
 from nemo_mla_lora.config.schema import register, validate
 
 log = logging.getLogger("nemo_mla_lora.finetune")
 register()
-
-
-def data_path(spec: str) -> str:
-    from nemo_mla_lora.data import DATA_DIR
-
-    return str(DATA_DIR / spec.removeprefix("pkg://")) if spec and spec.startswith("pkg://") else spec
 
 
 def make_peft(cfg):
@@ -39,9 +34,10 @@ def make_peft(cfg):
 
 
 def loaders(cfg, path, shuffle):
+    from nemo_mla_lora.data import resolve
     from nemo_mla_lora.data.prompt_answer import PromptAnswerDataset
 
-    ds = PromptAnswerDataset(data_path(path), cfg.data.seq_length, cfg.data.packed)
+    ds = PromptAnswerDataset(resolve(path), cfg.data.seq_length, cfg.data.packed)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.micro_batch_size, shuffle=shuffle,
                                        generator=torch.Generator().manual_seed(cfg.seed), drop_last=shuffle)
 
@@ -95,7 +91,9 @@ def run_cpu(cfg, out: Path) -> dict:
     export_cb = MLAExportCallback(peft, spec, base_dir, out, fmt=cfg.export.format, fold=cfg.export.fold,
                                   verify=cfg.export.verify, tolerance=cfg.export.tolerance,
                                   every_checkpoint=cfg.export.every_checkpoint)
-    callbacks = [export_cb] if cfg.export.enabled else []
+    from nemo_mla_lora.training.metrics import MetricsLog
+
+    callbacks = [MetricsLog(out / "lora_metrics.jsonl")] + ([export_cb] if cfg.export.enabled else [])
     trainer = cpu.make_trainer(cfg.trainer, out, cfg.trainer.max_steps, cfg.optim.clip_grad, callbacks)
     last = out / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.trainer.resume_if_exists and last.exists() else None
@@ -120,6 +118,33 @@ def run_cpu(cfg, out: Path) -> dict:
     }
 
 
+def run_megatron(cfg, out: Path) -> dict:
+    """NeMo's llm.finetune (base stage if no model.checkpoint, then LoRA) with the export callback."""
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
+    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.training import metrics, nemo_finetune
+
+    peft = make_peft(cfg)
+    spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
+    export_cb = MLAExportCallback(peft, spec, cfg.model.checkpoint, out, fmt=cfg.export.format, fold=cfg.export.fold,
+                                  verify=cfg.export.verify, tolerance=cfg.export.tolerance,
+                                  every_checkpoint=cfg.export.every_checkpoint)
+    stages = nemo_finetune.run(cfg, peft, [export_cb] if cfg.export.enabled else [])
+    lora = metrics.read(out / "lora_metrics.jsonl") if (out / "lora_metrics.jsonl").exists() else []
+    val = [r["val_loss"] for r in lora if "val_loss" in r]
+    train = [r["reduced_train_loss"] for r in lora if "reduced_train_loss" in r]
+    manifest = ((export_cb.result or {}).get("manifest") or {})
+    return {
+        "model": cfg.model.name, "trainer": "nemo llm.finetune + MegatronStrategy", "placement": peft.placement,
+        "lora_dim": peft.dim, "steps": cfg.trainer.max_steps, **stages,
+        "train_loss_first_last": [train[0], train[-1]] if train else None,
+        "heldout_loss_first_last": [val[0], val[-1]] if val else None,
+        "export_path": (export_cb.result or {}).get("export"), "export_format": cfg.export.format,
+        "kv_cache": manifest.get("kv_cache"), "verify": manifest.get("verify"),
+    }
+
+
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
@@ -130,28 +155,20 @@ def main(cfg: DictConfig) -> None:
     from nemo_mla_lora import parallel
 
     if cfg.trainer.kind == "megatron":
-        from nemo_mla_lora.training import nemo_finetune
-
-        from nemo_mla_lora.callbacks.export import MLAExportCallback
-        from nemo_mla_lora.mla_spec import MLASpec
-        from nemo_mla_lora.models.from_config import nemo_model_config
-
-        peft = make_peft(cfg)
-        callbacks = []
-        if cfg.export.enabled and cfg.model.checkpoint:
-            spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
-            callbacks.append(MLAExportCallback(peft, spec, cfg.model.checkpoint, out, fmt=cfg.export.format,
-                                               fold=cfg.export.fold, verify=cfg.export.verify,
-                                               tolerance=cfg.export.tolerance))
-        nemo_finetune.run(cfg, peft, callbacks)
+        summary = run_megatron(cfg, out)
+    else:
+        parallel.init_megatron(seed=cfg.seed)
+        summary = run_cpu(cfg, out)
+    if checkpoint_rank() != 0:
         return
-    parallel.init_megatron(seed=cfg.seed)
-    summary = run_cpu(cfg, out)
     summary["wall_seconds"] = round(time.time() - start, 1)
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
-    print(f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}; "
-          f"summary: {path.resolve()}")
+    if "heldout_loss_before" in summary:
+        print(f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}; "
+              f"summary: {path.resolve()}")
+    else:
+        print(f"held-out loss (first, last validation) {summary['heldout_loss_first_last']}; summary: {path.resolve()}")
 
 
 if __name__ == "__main__":

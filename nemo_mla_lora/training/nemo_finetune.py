@@ -1,26 +1,36 @@
 """The GPU path: NeMo's ``llm.finetune`` with ``MegatronStrategy`` (TP/PP/EP/CP/SP from the config).
 
-``build(cfg)`` returns the keyword arguments of ``llm.finetune`` (model, data, trainer, optim, peft,
-log, resume) so they can be inspected, tested against the official recipe, and run by ``run(cfg)``.
-Constructing the trainer needs no GPU; fitting does. Not yet run on a GPU (see the GPU issue): the
-tokenizer comes from the restored base checkpoint's NeMo context, which ``model.checkpoint`` must provide.
+``build(cfg, peft, ...)`` returns the keyword arguments of ``llm.finetune`` (model, data, trainer, optim,
+peft, log, resume) so they can be inspected and tested against the official recipe; ``run`` fits them.
+Constructing the arguments needs no GPU; fitting does.
+
+Base weights come from ``model.checkpoint`` (a NeMo checkpoint, e.g. one imported from HF, restored
+through NeMo's ``RestoreConfig``). Without one, ``data.base_pretrain`` makes the base first: a full-
+parameter ``llm.finetune`` (``peft=None``) on that task, whose last checkpoint the LoRA stage restores.
 """
 
+import logging
+from pathlib import Path
+
 from nemo_mla_lora.models.from_config import nemo_model_config
+from nemo_mla_lora.training.metrics import MetricsLog
+from nemo_mla_lora.training.nemo_data import data_module, make_tokenizer
+
+log = logging.getLogger(__name__)
 
 
-def optimizer(cfg):
+def optimizer(cfg, lr: float, max_steps: int):
     from megatron.core.optimizer import OptimizerConfig
     from nemo import lightning as nl
     from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
     o = cfg.optim
     opt_config = OptimizerConfig(
-        optimizer=o.name, lr=o.lr, min_lr=o.min_lr, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+        optimizer=o.name, lr=lr, min_lr=o.min_lr, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
         adam_eps=o.adam_eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad, bf16="bf16" in cfg.trainer.precision,
         use_distributed_optimizer=cfg.trainer.use_distributed_optimizer,
     )
-    scheduler = CosineAnnealingScheduler(max_steps=cfg.trainer.max_steps, warmup_steps=o.warmup_steps,
+    scheduler = CosineAnnealingScheduler(max_steps=max_steps, warmup_steps=min(o.warmup_steps, max_steps // 4),
                                          constant_steps=0, min_lr=o.min_lr)
     return nl.MegatronOptimizerModule(config=opt_config, lr_scheduler=scheduler)
 
@@ -37,39 +47,65 @@ def strategy(cfg):
     )
 
 
-def data(cfg):
-    from nemo.collections import llm
+def trainer(cfg, max_steps: int, callbacks):
+    from nemo import lightning as nl
 
-    t, d = cfg.trainer, cfg.data
-    if d.kind == "squad":
-        return llm.SquadDataModule(seq_length=d.seq_length, micro_batch_size=t.micro_batch_size,
-                                   global_batch_size=t.global_batch_size, packed_sequence_specs=None)
-    # NeMo's FineTuningDataModule reads <root>/training.jsonl and validation.jsonl ({"input", "output"}).
-    from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
-    return FineTuningDataModule(dataset_root=str(d.train), seq_length=d.seq_length,
-                                micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
+    t = cfg.trainer
+    return nl.Trainer(
+        devices=t.devices, num_nodes=t.num_nodes, accelerator="gpu", strategy=strategy(cfg), max_steps=max_steps,
+        val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps, plugins=nl.MegatronMixedPrecision(precision=t.precision),
+        callbacks=list(callbacks), num_sanity_val_steps=0,
+    )
 
 
-def build(cfg, peft, callbacks=()) -> dict:
+def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = None) -> dict:
+    """``llm.finetune`` arguments for one stage: ``lora`` (``peft`` on the restored base) or ``base``
+    (full-parameter training of the base on ``data.base_pretrain``)."""
     from nemo import lightning as nl
     from nemo.collections import llm
 
-    t = cfg.trainer
-    trainer = nl.Trainer(
-        devices=t.devices, num_nodes=t.num_nodes, accelerator="gpu", strategy=strategy(cfg), max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps, plugins=nl.MegatronMixedPrecision(precision=t.precision),
-        callbacks=list(callbacks),
-    )
-    resume = nl.AutoResume(resume_if_exists=t.resume_if_exists, resume_ignore_no_checkpoint=True,
-                           restore_config=nl.RestoreConfig(path=cfg.model.checkpoint) if cfg.model.checkpoint else None)
-    log = nl.NeMoLogger(log_dir=cfg.output_dir, ckpt=nl.ModelCheckpoint(every_n_train_steps=t.checkpoint_every_n_steps,
-                                                                         save_last=True))
-    model = llm.GPTModel(nemo_model_config(cfg.model, t))
-    return dict(model=model, data=data(cfg), trainer=trainer, optim=optimizer(cfg), peft=peft, log=log, resume=resume)
+    t, d, out = cfg.trainer, cfg.data, Path(cfg.output_dir)
+    tokenizer = make_tokenizer(d.tokenizer)
+    base = stage == "base"
+    steps = d.base_pretrain_steps if base else t.max_steps
+    lr = d.base_pretrain_lr if base else cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
+    train, validation = (d.base_pretrain, d.base_pretrain) if base else (d.train, d.validation)
+    restore = restore or cfg.model.checkpoint
+    resume = nl.AutoResume(
+        resume_if_exists=t.resume_if_exists, resume_ignore_no_checkpoint=True,
+        restore_config=nl.RestoreConfig(path=restore, load_artifacts=tokenizer is None) if restore else None)
+    logger = nl.NeMoLogger(explicit_log_dir=str(out / f"{stage}_training"), ckpt=nl.ModelCheckpoint(
+        every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=1))
+    metrics = MetricsLog(out / f"{stage}_metrics.jsonl")
+    return dict(
+        model=llm.GPTModel(nemo_model_config(cfg.model, t), tokenizer=tokenizer),
+        data=data_module(cfg, tokenizer, train, validation, out / "nemo_data" / stage),
+        trainer=trainer(cfg, steps, [metrics, *callbacks]), optim=optimizer(cfg, lr, steps),
+        peft=None if base else peft, log=logger, resume=resume)
 
 
-def run(cfg, peft, callbacks=()):
+def last_checkpoint(log_dir) -> str:
+    """The newest NeMo checkpoint (a directory holding ``weights/``) under ``log_dir``."""
+    found = sorted((p.parent for p in Path(log_dir).rglob("weights") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no NeMo checkpoint (a directory with weights/) under {log_dir}")
+    return str(found[-1])
+
+
+def run(cfg, peft, callbacks=()) -> dict:
+    """Base stage if needed, then the LoRA stage; returns the paths of both stages' outputs."""
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from nemo.collections import llm
 
-    return llm.finetune(**build(cfg, peft, callbacks))
+    out, restore = Path(cfg.output_dir), None
+    if not cfg.model.checkpoint:
+        if not cfg.data.base_pretrain:
+            raise ValueError("trainer=megatron needs model.checkpoint (a NeMo checkpoint) or data.base_pretrain")
+        log.info("no model.checkpoint: training the base on %s", cfg.data.base_pretrain)
+        llm.finetune(**build(cfg, peft, stage="base"))
+        destroy_num_microbatches_calculator()  # the LoRA stage sets its own batch sizes
+        restore = last_checkpoint(out / "base_training")
+        log.info("base checkpoint: %s", restore)
+    llm.finetune(**build(cfg, peft, callbacks, stage="lora", restore=restore))
+    return {"base_checkpoint": restore or cfg.model.checkpoint, "lora_log": str(out / "lora_training")}

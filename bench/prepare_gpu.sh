@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Here (no GPU): fetch the wheels the GPU machine lacks into .gpu_wheels/ (git-ignored) and add a fresh
+# wheel of this package, so that `bench/run_gpu.sh` installs exactly this working tree there.
+# Then call the device tool with carry [".gpu_wheels"] and command "bash bench/run_gpu.sh STEP".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f .gpu_wheels/nemo_toolkit-2.7.3-py3-none-any.whl ] || bash ../shared/scripts/fetch_gpu_wheels.sh .gpu_wheels
+rm -f .gpu_wheels/nemo_mla_lora-*.whl
+rm -rf build
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .gpu_wheels .
+rm -rf build
+ls .gpu_wheels | wc -l
+du -sh .gpu_wheels

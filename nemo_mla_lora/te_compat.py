@@ -1,0 +1,51 @@
+"""Shims for machines without Transformer Engine (the CPU here, and GPU images that lack it).
+
+Applied only when ``transformer_engine.pytorch`` cannot be imported (``apply()`` is a no-op otherwise),
+together with the TE-free layer spec (``models/layer_spec.py``). Each answers a measured failure
+(../shared/notes/STACK.md for the CPU, ../shared/notes/GPU.md for NeMo's trainer on the GPU machine):
+
+1. megatron-core's TE extension sets ``te = MagicMock()`` when TE is missing, so
+   ``multi_latent_attention.HAVE_TE`` is wrongly True, and ``moe_utils.te_general_gemm`` is undefined
+   (NameError in the MoE router). Both are set to what "TE absent" means.
+2. NeMo's PEFT modules: ``peft.utils.HAVE_TE`` must be False (else ``isinstance() arg 2 must be a
+   type``) and ``peft.lora.te`` must not be NeMo's unavailable-module placeholder (else
+   ``UnavailableError``); it becomes a namespace whose TE classes match no module.
+"""
+
+import types
+
+_APPLIED = False
+
+
+def transformer_engine_absent() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        return False
+    except Exception:  # ImportError, or a broken install that fails on import
+        return True
+
+
+class _AbsentTEModule:
+    """Stands for TE's module classes: nothing is an instance of it."""
+
+
+def apply() -> bool:
+    """Install the shims if Transformer Engine is absent. Idempotent. Returns whether they are active."""
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if not transformer_engine_absent():
+        return False
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.multi_latent_attention as mla
+    from nemo.collections.llm.peft import lora, utils
+
+    mla.HAVE_TE = False
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    utils.HAVE_TE = False
+    lora.HAVE_TE = lora.HAVE_TE_FUSED_LORA = False
+    if not isinstance(lora.te, types.ModuleType):
+        lora.te = types.SimpleNamespace(Linear=_AbsentTEModule, LayerNormLinear=_AbsentTEModule)
+    _APPLIED = True
+    return True
