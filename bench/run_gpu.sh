@@ -18,9 +18,9 @@ finetune() {
   local run=/tmp/run_finetune
   rm -rf "$run"
   python3 -m nemo_mla_lora.recipes.finetune model=deepseek_v3_small trainer=megatron data=cpu \
-    data.tokenizer=byte data.seq_length=64 data.base_pretrain_steps=80 data.base_pretrain_lr=3e-4 \
+    data.tokenizer=byte data.seq_length=64 data.base_pretrain_steps=300 data.base_pretrain_lr=5e-4 \
     trainer.max_steps=80 trainer.global_batch_size=32 trainer.micro_batch_size=8 trainer.val_check_interval=20 \
-    trainer.limit_val_batches=4 trainer.log_every_n_steps=5 trainer.checkpoint_every_n_steps=80 \
+    trainer.limit_val_batches=4 trainer.log_every_n_steps=5 trainer.checkpoint_every_n_steps=300 \
     optim.lr=1e-3 optim.warmup_steps=10 "output_dir=$run" 2>&1 | tee "$OUT/finetune.log"
   local rc=${PIPESTATUS[0]}
   for f in summary.json base_metrics.jsonl lora_metrics.jsonl export/manifest.json; do
@@ -31,7 +31,7 @@ finetune() {
 }
 
 overhead() {
-  python3 "$REPO/bench/lora_overhead.py" --out "$OUT/lora_overhead.json" \
+  python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
     --profile linear_kv_up_proj:16 all_linear:64 2>&1 | tee "$OUT/overhead.log"
   return "${PIPESTATUS[0]}"
 }

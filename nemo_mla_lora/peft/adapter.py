@@ -117,10 +117,9 @@ class MLALoRAAdapter(nn.Module):
         full = y_sel.new_zeros(*y_sel.shape[:-1], out_features)
         return full.index_copy(-1, self.scatter_index, y_sel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [s, b, in] (in sharded for row-parallel) -> delta [s, b, out_local]."""
-        if self.dropout_position == "pre":
-            x = self.dropout(x)
+    def _factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [s, b, in] (in sharded for row-parallel) -> (h [s', b, r] = x A^T after the mode's
+        communication, the B to apply [rows, r]); delta = scatter_rows(h B^T) * scale."""
         g = self.tp_group
         if self.mode == "column":
             if self.sequence_parallel:
@@ -129,26 +128,40 @@ class MLALoRAAdapter(nn.Module):
                 x = mappings.copy_to_tensor_model_parallel_region(x, group=g)
             h = x @ mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g).T  # [s, b, r]
             b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g) if self.b_replicated else self.lora_b
-            if self.b_replicated:
-                full = self._scatter(h @ b.T, self.out_local * self.tp_size)
-                y = full[..., self.tp_rank * self.out_local:(self.tp_rank + 1) * self.out_local]
-            else:
-                y = self._scatter(h @ b.T, self.out_local)
-        elif self.mode == "row":
+            return h, b
+        if self.mode == "row":
             h = x @ self.lora_a.T  # partial sums over the input shards: [s, b, r]
             if self.explicit:
-                b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
-            elif self.sequence_parallel:
+                return h, mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
+            if self.sequence_parallel:
                 h = mappings.reduce_scatter_to_sequence_parallel_region(h, group=g)
-                b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
-            else:
-                h = mappings.reduce_from_tensor_model_parallel_region(h, group=g)
-                b = self.lora_b
-            y = self._scatter(h @ b.T, self.out_local)
+                return h, mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
+            return mappings.reduce_from_tensor_model_parallel_region(h, group=g), self.lora_b
+        return x @ self.lora_a.T, self.lora_b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [s, b, in] (in sharded for row-parallel) -> delta [s, b, out_local]."""
+        if self.dropout_position == "pre":
+            x = self.dropout(x)
+        h, b = self._factors(x)
+        if self.mode == "column" and self.b_replicated:
+            full = self._scatter(h @ b.T, self.out_local * self.tp_size)
+            y = full[..., self.tp_rank * self.out_local:(self.tp_rank + 1) * self.out_local]
         else:
-            y = self._scatter((x @ self.lora_a.T) @ self.lora_b.T, self.out_local)
+            y = self._scatter(h @ b.T, self.out_local)
         y = y * self.scale
         return self.dropout(y) if self.dropout_position == "post" else y
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out + delta(x). Where B covers every output row, one ``addmm`` computes out + scale * h B^T
+        (no scaled [s, b, out] temporary, no separate add: fewer kernels and fewer passes over the
+        output, which is what LoRA's per-step overhead is made of; see bench/README.md)."""
+        fusable = not self.part_selective and (self.dropout_position == "pre" or isinstance(self.dropout, nn.Identity))
+        if not fusable:
+            return out + self(x)
+        h, b = self._factors(self.dropout(x))  # h: [s, b, r] -> [t, r] below (t = s*b)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T,
+                           alpha=self.scale).view(out.shape)
 
     def full_b(self) -> torch.Tensor:
         """This rank's B expanded to its full output rows (zeros outside the part): [out_local or out, r]."""

@@ -42,10 +42,11 @@ class MLALoRALinear(LoRALinear):
         self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
 
     def forward(self, x, *args, **kwargs):
-        if not hasattr(self.to_wrap, "finish_output"):
-            return super().forward(x, *args, **kwargs)
-        out_local, bias = self.to_wrap.local_forward(x)  # e.g. KVDownProjection: delta goes on the shard
-        return self.to_wrap.finish_output(out_local + self.adapter(x.contiguous())), bias
+        if hasattr(self.to_wrap, "finish_output"):  # e.g. KVDownProjection: the delta goes on the shard
+            out_local, bias = self.to_wrap.local_forward(x)
+            return self.to_wrap.finish_output(self.adapter.add_to(out_local, x)), bias
+        out, bias = self.to_wrap(x, *args, **kwargs)  # Megatron linears return (output, bias)
+        return self.adapter.add_to(out, x), bias
 
 
 def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
