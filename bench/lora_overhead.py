@@ -101,7 +101,8 @@ def measure(args, variant: str, rank: int) -> dict:
     holder, config = build_layer(args.dims, args.seq, dtype, args.seed)
     model = with_lora(holder, variant, rank)
     gen = torch.Generator(device=device()).manual_seed(args.seed)
-    x = torch.randn(args.seq, 1, config.hidden_size, device=device(), dtype=dtype, generator=gen).requires_grad_()
+    x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
+                    generator=gen).requires_grad_()
     grad = torch.randn(x.shape, device=device(), dtype=dtype, generator=gen)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if x.is_cuda:
@@ -125,7 +126,7 @@ def profile(args, variant: str, rank: int, top: int = 12) -> str:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     holder, config = build_layer(args.dims, args.seq, dtype, args.seed)
     model = with_lora(holder, variant, rank)
-    x = torch.randn(args.seq, 1, config.hidden_size, device=device(), dtype=dtype).requires_grad_()
+    x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype).requires_grad_()
     grad = torch.randn_like(x)
     timed_steps(model, x, grad, 2, 1)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
@@ -135,7 +136,8 @@ def profile(args, variant: str, rank: int, top: int = 12) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], base_ms: float) -> str:
+    """Ratios against ``base_ms`` (the median of the interleaved base runs)."""
     base = next(r for r in rows if r["variant"] == "base")
     lines = ["| variant | rank | trainable | step ms (median) | x base | step peak MiB | x base |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -143,7 +145,7 @@ def table(rows: list[dict]) -> str:
         mib = "-" if mem is None else f"{mem:,.0f}"
         mem_ratio = "-" if mem is None else f"{mem / base['step_peak_mib']:.3f}"
         lines.append(f"| {r['variant']} | {r['rank'] or '-'} | {r['trainable']:,} | {r['median_ms']:.2f} | "
-                     f"{r['median_ms'] / base['median_ms']:.3f} | {mib} | {mem_ratio} |")
+                     f"{r['median_ms'] / base_ms:.3f} | {mib} | {mem_ratio} |")
     return "\n".join(lines)
 
 
@@ -151,6 +153,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dims", choices=("v3", "tiny"), default="v3")
     p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1, help="micro-batch: tokens per step = seq * batch")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--variants", nargs="+", default=list(TARGETS + PLACEMENTS))
@@ -165,21 +168,23 @@ def main(argv=None) -> int:
 
     parallel.init_megatron(seed=args.seed)
     rows = [measure(args, "base", 0)]
-    base_again = measure(args, "base", 0)  # the same version twice: the spread that is noise
+    bases = [rows[0]["median_ms"]]  # the base again between ranks and at the end: its spread is the noise
     for rank in args.ranks:
         for variant in args.variants:
             rows.append(measure(args, variant, rank))
             print(f"{variant} r={rank}: {rows[-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+        bases.append(measure(args, "base", 0)["median_ms"])
+    base_ms = statistics.median(bases)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"card": card, "dims": args.dims, "seq": args.seq, "dtype": args.dtype, "rows": rows,
-              "base_repeat_ms": base_again["median_ms"], "torch": torch.__version__}
+    result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+              "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
     result["profiles"] = {spec: profile(args, *spec.split(":")[:1], int(spec.split(":")[1])) for spec in args.profile}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"card: {card}; dims {args.dims}, seq {args.seq}, {args.dtype}; base repeated: "
-          f"{rows[0]['median_ms']:.2f} / {base_again['median_ms']:.2f} ms")
-    print(table(rows))
+    print(f"card: {card}; dims {args.dims}, seq {args.seq} x batch {args.batch}, {args.dtype}; base runs (ms): "
+          f"{', '.join(f'{b:.2f}' for b in bases)}; ratios against their median {base_ms:.2f}")
+    print(table(rows, base_ms))
     for spec, text in result["profiles"].items():
         print(f"\nprofile {spec}\n{text}")
     return 0

@@ -1,39 +1,58 @@
 #!/usr/bin/env bash
-# Issue 6 on the lent GPU machine (one H100/H200; Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
-#   bash bench/run_gpu.sh finetune   # NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
-#   bash bench/run_gpu.sh overhead   # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096
-# Installs .gpu_wheels/ (bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
+# Issue 6 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
+#   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
+#   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
+#   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
+# Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 SITE=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+REPO=$PWD
 cd /tmp  # import the installed package, not the source tree
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
-REPO=$OLDPWD
+
+GPU_PROOF=(model=deepseek_v3_small trainer=megatron data=cpu data.tokenizer=byte data.seq_length=64
+  trainer.global_batch_size=32 trainer.micro_batch_size=8 trainer.val_check_interval=20 trainer.limit_val_batches=4
+  trainer.log_every_n_steps=5 optim.lr=1e-3 optim.warmup_steps=10)
+
+collect() {  # run dir, tag
+  for f in summary.json base_metrics.jsonl lora_metrics.jsonl export/manifest.json; do
+    [ -f "$1/$f" ] && cp "$1/$f" "$OUT/$2_$(basename "$f")"
+  done
+  du -sh "$1"/* 2>/dev/null | tee -a "$OUT/$2.log"
+}
 
 finetune() {
-  local run=/tmp/run_finetune
-  rm -rf "$run"
-  python3 -m nemo_mla_lora.recipes.finetune model=deepseek_v3_small trainer=megatron data=cpu \
-    data.tokenizer=byte data.seq_length=64 data.base_pretrain_steps=300 data.base_pretrain_lr=5e-4 \
-    trainer.max_steps=80 trainer.global_batch_size=32 trainer.micro_batch_size=8 trainer.val_check_interval=20 \
-    trainer.limit_val_batches=4 trainer.log_every_n_steps=5 trainer.checkpoint_every_n_steps=300 \
-    optim.lr=1e-3 optim.warmup_steps=10 "output_dir=$run" 2>&1 | tee "$OUT/finetune.log"
-  local rc=${PIPESTATUS[0]}
-  for f in summary.json base_metrics.jsonl lora_metrics.jsonl export/manifest.json; do
-    [ -f "$run/$f" ] && cp "$run/$f" "$OUT/finetune_$(basename "$f")"
-  done
-  du -sh "$run"/* 2>/dev/null | tee -a "$OUT/finetune.log"
-  return "$rc"
+  local run=/tmp/run_finetune; rm -rf "$run"
+  timeout 560 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" data.base_pretrain_steps=300 \
+    data.base_pretrain_lr=5e-4 trainer.max_steps=80 trainer.checkpoint_every_n_steps=300 "output_dir=$run" \
+    2>&1 | tee "$OUT/finetune.log"
+  local rc=${PIPESTATUS[0]}; collect "$run" finetune; return "$rc"
+}
+
+finetune_tp2() {
+  local run=/tmp/run_tp2; rm -rf "$run"
+  timeout 540 python3 -m torch.distributed.run --nproc-per-node 2 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" \
+    trainer.devices=2 trainer.tensor_parallel=2 trainer.sequence_parallel=true data.base_pretrain_steps=60 \
+    data.base_pretrain_lr=5e-4 trainer.max_steps=40 trainer.checkpoint_every_n_steps=60 "output_dir=$run" \
+    2>&1 | tee "$OUT/finetune_tp2.log"
+  local rc=${PIPESTATUS[0]}; collect "$run" finetune_tp2; return "$rc"
 }
 
 overhead() {
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
-    --profile linear_kv_up_proj:16 all_linear:64 2>&1 | tee "$OUT/overhead.log"
-  return "${PIPESTATUS[0]}"
+    --profile all_linear:64 2>&1 | tee "$OUT/overhead.log"
+  local rc=${PIPESTATUS[0]}
+  # Is the remaining overhead per-launch (CPU) cost? More tokens per step: GPU time grows, launches do not.
+  for b in 2 4; do
+    python3 "$REPO/bench/lora_overhead.py" --batch "$b" --iters 10 --ranks 64 --variants nemo_official all_linear \
+      --out "$OUT/lora_overhead_batch$b.json" 2>&1 | tail -6 | tee -a "$OUT/overhead.log"
+  done
+  return "$rc"
 }
 
 "$@"
