@@ -51,6 +51,24 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
                 torch.testing.assert_close(got_g, k * ref_g, atol=1e-5 * scale, rtol=0, msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
 
 
+    # the export callback under TP=2+SP wrote the same absorbed checkpoint as a one-process export
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.export.pipeline import export, read_export
+    from nemo_mla_lora.mla_spec import MLASpec
+
+    spec = MLASpec.from_megatron(model.config)
+    checkpoint.save_base(model, spec, tmp_path / "base_tp1")
+    checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
+    export(tmp_path / "base_tp1", tmp_path / "adapter_tp1", tmp_path / "export_tp1", verify=False, progress=False)
+    tp2 = tmp_path / "callback_tp2_sp"
+    manifest = __import__("json").loads((tp2 / "export" / "manifest.json").read_text())
+    assert manifest["verify"]["passed"], manifest["verify"]
+    one, two = read_export(tmp_path / "export_tp1", "absorbed"), read_export(tp2 / "export", "absorbed")
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=0, rtol=0, msg=lambda m, n=name: f"{n}\n{m}")
+
+
 def _run(rank, world, port, ckpt, batch_path, out_dir):
     from tp_worker import worker
 

@@ -98,7 +98,22 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
             grads.update(part)
         if rank == 0:
             torch.save({"logits": logits, "loss": loss, "grads": grads}, f"{out_dir}/{layout}.pt")
+        if layout == "tp2_sp":
+            export_through_callback(model, f"{out_dir}/callback_tp2_sp")
     parallel.destroy()
+
+
+def export_through_callback(model, out_dir):
+    """The export callback as NeMo's trainer calls it at train end, under TP=2 + SP: every rank saves,
+    rank 0 exports (absorbed, verified) while the other waits."""
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
+    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.peft import MLALoRA
+
+    holder = torch.nn.Module()
+    holder.model = model
+    spec = MLASpec.from_megatron(model.config)
+    MLAExportCallback(MLALoRA(**PEFT_KWARGS), spec, None, out_dir).run(holder, "")
 
 
 def _all_gather_objects(obj):

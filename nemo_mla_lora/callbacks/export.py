@@ -2,12 +2,21 @@
 merge -> absorb -> write -> verify through ``export.pipeline`` (a thin wrapper over it).
 
 Every rank joins the adapter save (dist-checkpointing gathers TP/EP shards); rank 0 runs the export
-and writes the output; the others wait at a barrier. The base is read from ``base_dir`` when that is
+and writes the output; the others wait at a barrier. With several ranks the export runs in a child
+process of rank 0 (CPU only, no process group): Megatron's checkpoint reads and writes are collective
+over the default group, so run in the training process they wait forever for ranks parked at the
+barrier (measured: a TP=2 NeMo run on two H100s hung at the first tensor read). The barrier's wait is
+bounded by the process-group timeout (30 min by default); for exports longer than that, set
+``export.enabled=false`` and run ``python -m nemo_mla_lora.recipes.export`` after training. The base is read from ``base_dir`` when that is
 one of our base checkpoints (dist-ckpt + ``mla_spec.json``); otherwise (NeMo's trainer restoring a NeMo
 checkpoint, say) the frozen base weights are saved once from the live model to ``<output_dir>/base``.
 """
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -58,12 +67,18 @@ class MLAExportCallback(L.Callback):
         checkpoint.save_adapter(model, self.peft, self.spec, adapter_dir, base_dir=self.base_dir, overwrite=True)
         info = None
         if checkpoint.rank() == 0:
-            info = export(self.base_dir, adapter_dir, self.output_dir / f"export{tag}", fmt=self.fmt,
-                          fold=self.fold, overwrite=True, verify=self.verify, tolerance=self.tolerance)
+            info = self._export(adapter_dir, self.output_dir / f"export{tag}")
             if "verify" in info:
                 log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
         checkpoint.barrier()
         return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
+
+    def _export(self, adapter_dir: Path, output: Path) -> dict:
+        if checkpoint.world_size() == 1:
+            return export(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold, overwrite=True,
+                          verify=self.verify, tolerance=self.tolerance)
+        return export_in_child(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold,
+                               verify=self.verify, tolerance=self.tolerance)
 
     def on_train_end(self, trainer, pl_module):
         self.result = self.run(pl_module, "")
@@ -71,3 +86,20 @@ class MLAExportCallback(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, ckpt):
         if self.every_checkpoint:
             self.run(pl_module, f"_step{trainer.global_step}")
+
+
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "NODE_RANK")
+
+
+def export_in_child(base, adapter, output, fmt: str, fold: bool, verify: bool, tolerance) -> dict:
+    """``python -m nemo_mla_lora.recipes.export`` in a fresh single process on the CPU; returns the manifest."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    args = [f"base={base}", f"adapter={adapter}", f"output={output}", f"format={fmt}", f"fold={str(fold).lower()}",
+            f"verify={str(verify).lower()}", "overwrite=true", f"tolerance={'null' if tolerance is None else tolerance}"]
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"export of {adapter} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((Path(output) / "manifest.json").read_text())
