@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One node, NeMo's trainer (MegatronStrategy). Default: DeepSeek-V2-Lite LoRA on 8 GPUs (EP=8).
 #   BASE=/ckpt/deepseek_v2_lite recipes/torchrun_one_node.sh model=deepseek_v2_lite [overrides]
-# Needs: CUDA GPUs, the pinned stack (make setup), a base checkpoint (Megatron dist-ckpt + mla_spec.json,
-# or an HF directory). Without Transformer Engine the local layer spec is used (no sequence-parallel
-# fused norms needed: see README "GPU path").
+# Needs: CUDA GPUs, the pinned stack (make setup), a base NeMo checkpoint (e.g. from llm.import_ckpt of
+# the HF model). Without Transformer Engine the local layer spec is used (README "The GPU path";
+# bench/run_gpu.sh is the run made on H100s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUS=${GPUS:-8}

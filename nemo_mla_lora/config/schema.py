@@ -53,7 +53,7 @@ class ModelConfig:
     rotary_scaling_factor: float = 40.0
     original_max_position_embeddings: int = 4096
     dtype: str = "bfloat16"
-    checkpoint: Optional[str] = None  # base weights: Megatron dist-ckpt (+ mla_spec.json) or HF directory
+    checkpoint: Optional[str] = None  # base: trainer=cpu: our dist-ckpt (+ mla_spec.json) or HF dir; megatron: NeMo ckpt
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
