@@ -139,7 +139,8 @@ def profile(args, variant: str, rank: int, top: int = 12) -> str:
 def table(rows: list[dict], base_ms: float) -> str:
     """Ratios against ``base_ms`` (the median of the interleaved base runs)."""
     base = next(r for r in rows if r["variant"] == "base")
-    lines = ["| variant | rank | trainable | step ms (median) | x base | step peak MiB | x base |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | rank | trainable | step ms (median) | x base | step peak MiB | x base |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r.get("step_peak_mib")
         mib = "-" if mem is None else f"{mem:,.0f}"

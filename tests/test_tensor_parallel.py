@@ -35,7 +35,8 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
              nprocs=2, join=True)
     for layout in LAYOUTS:  # fp32; SDPA's CPU kernel blocks by heads per rank: ~2e-6 apart (measured 2.07e-6)
         got = torch.load(tmp_path / f"{layout}.pt")
-        torch.testing.assert_close(got["logits"], logits, atol=5e-6, rtol=0, msg=lambda m, lay=layout: f"{lay}: logits\n{m}")
+        torch.testing.assert_close(got["logits"], logits, atol=5e-6, rtol=0,
+                                   msg=lambda m, lay=layout: f"{lay}: logits\n{m}")
         torch.testing.assert_close(got["loss"], loss, atol=5e-6, rtol=0, msg=lambda m, lay=layout: f"{lay}: loss\n{m}")
         assert set(got["grads"]) == set(grads), layout
         for name, (da, db) in grads.items():
@@ -48,7 +49,8 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
             k = 2.0 if layout == "ep2" and "local_experts" in name else 1.0
             for got_g, ref_g, what in ((got["grads"][name][0], da, "dA"), (got["grads"][name][1], db, "dB")):
                 scale = max(1.0, ref_g.abs().max().item())  # fp32 sums in another order: relative to the tensor
-                torch.testing.assert_close(got_g, k * ref_g, atol=1e-5 * scale, rtol=0, msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
+                torch.testing.assert_close(got_g, k * ref_g, atol=1e-5 * scale, rtol=0,
+                                           msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
 
 
     # the export callback under TP=2+SP wrote the same absorbed checkpoint as a one-process export

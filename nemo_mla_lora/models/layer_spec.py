@@ -53,8 +53,9 @@ class MLADotProductAttention(DotProductAttention):
         s, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
         keep = None if attention_mask is None else ~attention_mask.bool()  # [b or 1, 1, s, t]
+        causal = keep is None and s > 1 and self.attn_mask_type == AttnMaskType.causal
         context = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, is_causal=keep is None and s > 1 and self.attn_mask_type == AttnMaskType.causal, scale=self.softmax_scale)  # [b, h, s, dv]
+            q, k, v, attn_mask=keep, is_causal=causal, scale=self.softmax_scale)  # [b, h, s, dv]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)  # [s, b, h*dv]
 
 
