@@ -96,7 +96,8 @@ def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def measure(args, variant: str, rank: int) -> dict:
+def prepare(args, variant: str, rank: int):
+    """(model with ``variant`` adapters, input x [s, b, hidden] requiring grad, output gradient), seeded."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     holder, config = build_layer(args.dims, args.seq, dtype, args.seed)
     model = with_lora(holder, variant, rank)
@@ -104,6 +105,11 @@ def measure(args, variant: str, rank: int) -> dict:
     x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
                     generator=gen).requires_grad_()
     grad = torch.randn(x.shape, device=device(), dtype=dtype, generator=gen)
+    return model, x, grad
+
+
+def measure(args, variant: str, rank: int) -> dict:
+    model, x, grad = prepare(args, variant, rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -115,7 +121,7 @@ def measure(args, variant: str, rank: int) -> dict:
     if x.is_cuda:
         row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         row["total_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    del model, holder, x, grad
+    del model, x, grad
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
@@ -123,11 +129,7 @@ def measure(args, variant: str, rank: int) -> dict:
 
 def profile(args, variant: str, rank: int, top: int = 12) -> str:
     """The top CUDA (or CPU) ops of one LoRA step, for explaining a missed goal."""
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    holder, config = build_layer(args.dims, args.seq, dtype, args.seed)
-    model = with_lora(holder, variant, rank)
-    x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype).requires_grad_()
-    grad = torch.randn_like(x)
+    model, x, grad = prepare(args, variant, rank)
     timed_steps(model, x, grad, 2, 1)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
     with torch.profiler.profile(activities=acts) as prof:

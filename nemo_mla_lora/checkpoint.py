@@ -100,14 +100,27 @@ def write_json(path, obj) -> None:
 
 
 def file_hash(directory) -> str:
-    """Content hash of a checkpoint directory (every file, sorted by name)."""
+    """Content hash of a checkpoint directory (every file, sorted by name). Memoised on the files' names,
+    sizes and modification times: the export callback hashes the base once for ``adapter.json`` and
+    once more for the manifest, and a base can be terabytes."""
+    files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
+    signature = (str(Path(directory).resolve()),
+                 tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _HASHES:
+        _HASHES[signature] = _content_hash(directory, files)
+    return _HASHES[signature]
+
+
+_HASHES: dict = {}
+
+
+def _content_hash(directory, files) -> str:
     digest = hashlib.sha256()
-    for f in sorted(Path(directory).rglob("*")):
-        if f.is_file():
-            digest.update(f.relative_to(directory).as_posix().encode())
-            with open(f, "rb") as handle:  # in chunks: a shard can be many GB
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+    for f in files:
+        digest.update(f.relative_to(directory).as_posix().encode())
+        with open(f, "rb") as handle:  # in chunks: a shard can be many GB
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
     assert summary["kv_cache"]["bytes_per_token"]["latent"] == 3 * (40 + 8) * 4
     for key in ("adapter_path", "export_path", "base_checkpoint"):
         assert (out.parent / summary[key]).exists() or (tmp_path / summary[key]).exists() or \
-            __import__("pathlib").Path(summary[key]).exists(), key
+            Path(summary[key]).exists(), key
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert manifest["format"] == "absorbed" and manifest["latent_cache"]
     from nemo_mla_lora.training.metrics import read

@@ -9,6 +9,8 @@ which no MoE backward precedes and no MoE dispatch touches, are compared; TP=2+S
 Before ``models.layer_spec.KVDownProjection``, TP=2+SP gradients before the last layer were off by up
 to 40% (the shared rope key's gradient was not summed over the heads of other ranks)."""
 
+import json
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -63,7 +65,7 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
     checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
     export(tmp_path / "base_tp1", tmp_path / "adapter_tp1", tmp_path / "export_tp1", verify=False, progress=False)
     tp2 = tmp_path / "callback_tp2_sp"
-    manifest = __import__("json").loads((tp2 / "export" / "manifest.json").read_text())
+    manifest = json.loads((tp2 / "export" / "manifest.json").read_text())
     assert manifest["verify"]["passed"], manifest["verify"]
     one, two = read_export(tmp_path / "export_tp1", "absorbed"), read_export(tp2 / "export", "absorbed")
     assert set(one) == set(two)

@@ -33,6 +33,15 @@ def make_peft(cfg):
                    parts=dict(p.parts), dim=p.dim, alpha=p.alpha, dropout=p.dropout)
 
 
+def export_callback(cfg, peft, spec, base_dir, out: Path):
+    """The ``export`` config group as an ``MLAExportCallback`` (both trainers)."""
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
+
+    e = cfg.export
+    return MLAExportCallback(peft, spec, base_dir, out, fmt=e.format, fold=e.fold, verify=e.verify,
+                             tolerance=e.tolerance, every_checkpoint=e.every_checkpoint)
+
+
 def loaders(cfg, path, shuffle):
     from nemo_mla_lora.data import resolve
     from nemo_mla_lora.data.prompt_answer import PromptAnswerDataset
@@ -74,7 +83,6 @@ def base_model(cfg, out: Path, spec):
 
 
 def run_cpu(cfg, out: Path) -> dict:
-    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.mla_spec import MLASpec
     from nemo_mla_lora.models.from_config import nemo_model_config
     from nemo_mla_lora.training import cpu
@@ -88,9 +96,7 @@ def run_cpu(cfg, out: Path) -> dict:
     log.info("held-out loss before LoRA: %.4f (%s, %d trainable parameters)", before, peft.placement or "targets",
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     lr = cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
-    export_cb = MLAExportCallback(peft, spec, base_dir, out, fmt=cfg.export.format, fold=cfg.export.fold,
-                                  verify=cfg.export.verify, tolerance=cfg.export.tolerance,
-                                  every_checkpoint=cfg.export.every_checkpoint)
+    export_cb = export_callback(cfg, peft, spec, base_dir, out)
     from nemo_mla_lora.training.metrics import MetricsLog
 
     callbacks = [MetricsLog(out / "lora_metrics.jsonl")] + ([export_cb] if cfg.export.enabled else [])
@@ -120,16 +126,13 @@ def run_cpu(cfg, out: Path) -> dict:
 
 def run_megatron(cfg, out: Path) -> dict:
     """NeMo's llm.finetune (base stage if no model.checkpoint, then LoRA) with the export callback."""
-    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.mla_spec import MLASpec
     from nemo_mla_lora.models.from_config import nemo_model_config
     from nemo_mla_lora.training import metrics, nemo_finetune
 
     peft = make_peft(cfg)
     spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
-    export_cb = MLAExportCallback(peft, spec, cfg.model.checkpoint, out, fmt=cfg.export.format, fold=cfg.export.fold,
-                                  verify=cfg.export.verify, tolerance=cfg.export.tolerance,
-                                  every_checkpoint=cfg.export.every_checkpoint)
+    export_cb = export_callback(cfg, peft, spec, cfg.model.checkpoint, out)
     stages = nemo_finetune.run(cfg, peft, [export_cb] if cfg.export.enabled else [])
     lora = metrics.read(out / "lora_metrics.jsonl") if (out / "lora_metrics.jsonl").exists() else []
     val = [r["val_loss"] for r in lora if "val_loss" in r]

@@ -115,8 +115,8 @@ def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
     tie flipping, only by the weights themselves."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])  # [n, hidden]
-    scores = torch.sigmoid(tokens.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-                           @ state[f"{p}.router.weight"].to(torch.float64 if x.dtype == torch.float64 else torch.float32).T)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # router in at least fp32
+    scores = torch.sigmoid(tokens.to(acc) @ state[f"{p}.router.weight"].to(acc).T)  # [n, E]
     choice = scores + state[f"{p}.router.expert_bias"].to(scores.dtype)  # [n, E]
     n, e, g = choice.shape[0], spec.num_experts, spec.moe_num_groups
     group_scores = choice.view(n, g, e // g).topk(spec.moe_topk // spec.moe_group_topk, dim=-1)[0].sum(-1)
