@@ -2,6 +2,7 @@
 # Issue 6 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
 #   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
+#   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
 #   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
@@ -34,14 +35,21 @@ finetune() {
   local rc=${PIPESTATUS[0]}; collect "$run" finetune; return "$rc"
 }
 
-finetune_tp2() {
-  local run=/tmp/run_tp2; rm -rf "$run"
-  timeout 540 python3 -m torch.distributed.run --nproc-per-node 2 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" \
-    trainer.devices=2 trainer.tensor_parallel=2 trainer.sequence_parallel=true data.base_pretrain_steps=60 \
-    data.base_pretrain_lr=5e-4 trainer.max_steps=40 trainer.checkpoint_every_n_steps=60 "output_dir=$run" \
-    2>&1 | tee "$OUT/finetune_tp2.log"
-  local rc=${PIPESTATUS[0]}; collect "$run" finetune_tp2; return "$rc"
+two_gpus() {  # tag, parallel overrides: train on two GPUs (torchrun), then export the saved base + adapter
+  # in one process and compare it with the callback's export, tensor by tensor
+  local tag=$1; shift; local run=/tmp/run_$tag; rm -rf "$run"
+  timeout 420 python3 -m torch.distributed.run --nproc-per-node 2 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" \
+    trainer.devices=2 "$@" data.base_pretrain_steps=60 data.base_pretrain_lr=5e-4 trainer.max_steps=40 \
+    trainer.checkpoint_every_n_steps=60 "output_dir=$run" 2>&1 | tee "$OUT/$tag.log"
+  local rc=${PIPESTATUS[0]}; collect "$run" "$tag"; [ "$rc" = 0 ] || return "$rc"
+  CUDA_VISIBLE_DEVICES="" timeout 150 python3 -m nemo_mla_lora.recipes.export "base=$run/base" \
+    "adapter=$run/adapter" "output=/tmp/one_process_$tag" verify=false 2>&1 | tail -3 | tee -a "$OUT/$tag.log"
+  python3 "$REPO/bench/compare_exports.py" "$run/export" "/tmp/one_process_$tag" \
+    --out "$OUT/${tag}_vs_one_process.json" 2>&1 | tee -a "$OUT/$tag.log"
 }
+
+finetune_tp2() { two_gpus finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
+finetune_ep2() { two_gpus finetune_ep2 trainer.expert_parallel=2; }
 
 overhead() {
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \

@@ -10,6 +10,9 @@ Before ``models.layer_spec.KVDownProjection``, TP=2+SP gradients before the last
 to 40% (the shared rope key's gradient was not summed over the heads of other ranks)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from test_lora_parity import adapted
 from tp_worker import LAYOUTS, PEFT_KWARGS, global_grads, run_step
 
 from nemo_mla_lora.peft import MLALoRA
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -55,7 +60,7 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
                                            msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
 
 
-    # the export callback under TP=2+SP wrote the same absorbed checkpoint as a one-process export
+    # the export callback under TP=2+SP and under EP=2 wrote the same absorbed checkpoint as a one-process export
     from nemo_mla_lora import checkpoint
     from nemo_mla_lora.export.pipeline import export, read_export
     from nemo_mla_lora.mla_spec import MLASpec
@@ -64,13 +69,21 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
     checkpoint.save_base(model, spec, tmp_path / "base_tp1")
     checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
     export(tmp_path / "base_tp1", tmp_path / "adapter_tp1", tmp_path / "export_tp1", verify=False, progress=False)
-    tp2 = tmp_path / "callback_tp2_sp"
-    manifest = json.loads((tp2 / "export" / "manifest.json").read_text())
-    assert manifest["verify"]["passed"], manifest["verify"]
-    one, two = read_export(tmp_path / "export_tp1", "absorbed"), read_export(tp2 / "export", "absorbed")
-    assert set(one) == set(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=0, rtol=0, msg=lambda m, n=name: f"{n}\n{m}")
+    one = read_export(tmp_path / "export_tp1", "absorbed")
+    for layout in ("tp2_sp", "ep2"):
+        out = tmp_path / f"callback_{layout}"
+        manifest = json.loads((out / "export" / "manifest.json").read_text())
+        assert manifest["verify"]["passed"], (layout, manifest["verify"])
+        two = read_export(out / "export", "absorbed")
+        assert set(one) == set(two), layout
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=0, rtol=0,
+                                       msg=lambda m, n=f"{layout} {name}": f"{n}\n{m}")
+    # the script the GPU run (bench/run_gpu.sh two_gpus) uses for the same comparison agrees
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_exports.py"), str(tmp_path / "export_tp1"),
+                           str(tmp_path / "callback_ep2" / "export")], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and '"identical": ' in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 def _run(rank, world, port, ckpt, batch_path, out_dir):

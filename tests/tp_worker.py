@@ -98,14 +98,14 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
             grads.update(part)
         if rank == 0:
             torch.save({"logits": logits, "loss": loss, "grads": grads}, f"{out_dir}/{layout}.pt")
-        if layout == "tp2_sp":
-            export_through_callback(model, f"{out_dir}/callback_tp2_sp")
+        if layout in ("tp2_sp", "ep2"):
+            export_through_callback(model, f"{out_dir}/callback_{layout}")
     parallel.destroy()
 
 
 def export_through_callback(model, out_dir):
-    """The export callback as NeMo's trainer calls it at train end, under TP=2 + SP: every rank saves,
-    rank 0 exports (absorbed, verified) while the other waits."""
+    """The export callback as NeMo's trainer calls it at train end, under TP=2 + SP or EP=2: every rank
+    saves, rank 0 exports (absorbed, verified) while the other waits."""
     from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.mla_spec import MLASpec
     from nemo_mla_lora.peft import MLALoRA
