@@ -62,3 +62,12 @@ def test_export_callback_unwraps_nemo_wrappers(mcore):
     lightning_module = torch.nn.Module()
     lightning_module.module = wrapper
     assert find_megatron_model(lightning_module) is model
+
+
+def test_strategy_reads_and_writes_checkpoints_without_the_fully_parallel_exchange():
+    """megatron-core 0.15.3's fully-parallel save and load call np.product (gone in NumPy 2); on the GPU
+    machine they failed under TP=2 (save) and EP=2 (the LoRA stage's restore). Both must stay off."""
+    cfg = compose("finetune", GPU_PROOF + ["trainer.devices=2", "trainer.expert_parallel=2"])
+    s = nemo_finetune.strategy(cfg)
+    assert not s.parallel_save and not s.parallel_load
+    assert s.expert_model_parallel_size == 2 and s.tensor_model_parallel_size == 1

@@ -44,9 +44,10 @@ def strategy(cfg):
         expert_model_parallel_size=t.expert_parallel, context_parallel_size=t.context_parallel,
         sequence_parallel=t.sequence_parallel, gradient_as_bucket_view=True, ckpt_async_save=False,
         ckpt_load_strictness="log_all",
-        # megatron-core 0.15.3's fully-parallel save calls np.product (gone in NumPy 2): measured failing
-        # at the first checkpoint under TP=2 on the GPU machine. Each rank still writes its own shards.
-        ckpt_parallel_save=False,
+        # megatron-core 0.15.3's fully-parallel save and load call np.product (gone in NumPy 2): measured
+        # failing at the first checkpoint under TP=2, and at the LoRA stage's restore of the base under EP=2
+        # (two data-parallel replicas), on the GPU machine. Each rank still writes and reads its own shards.
+        ckpt_parallel_save=False, ckpt_parallel_load=False,
     )
 
 
