@@ -4,6 +4,7 @@
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
 #   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
+#   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: the GPU-size grid, one shard per GPU
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -61,6 +62,30 @@ overhead() {
       --out "$OUT/lora_overhead_batch$b.json" 2>&1 | tail -6 | tee -a "$OUT/overhead.log"
   done
   return "$rc"
+}
+
+placement_study() {  # one process per GPU, each a shard of the grid; shard 0 pretrains the bases the others load
+  local n; n=$(nvidia-smi -L | wc -l); local bases=/tmp/ps_bases; rm -rf /tmp/ps_*
+  local args=(model=mla_study_gpu study=gpu "study.base_dir=$bases" "$@")
+  for i in $(seq 0 $((n - 1))); do
+    if [ "$i" -gt 0 ]; then  # wait for shard 0's bases (written whole, then renamed)
+      for _ in $(seq 200); do [ -f "$bases/base_twin.pt" ] && [ -f "$bases/base_mla.pt" ] && break; sleep 2; done
+    fi
+    CUDA_VISIBLE_DEVICES=$i timeout 570 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
+      "study.shard=$i/$n" "output_dir=/tmp/ps_$i" > "$OUT/placement_shard$i.log" 2>&1 &
+  done
+  wait
+  python3 - "$OUT/placement_runs.jsonl" /tmp/ps_*/runs.jsonl <<'PY'
+import json, sys
+seen = {}
+for path in sys.argv[2:]:
+    for line in open(path):
+        r = json.loads(line)
+        seen[(r["arch"], r["variant"], r["lr_scale"], r["seed"])] = line
+open(sys.argv[1], "w").writelines(seen.values())
+print(len(seen), "runs")
+PY
+  tail -n 3 "$OUT"/placement_shard*.log
 }
 
 "$@"

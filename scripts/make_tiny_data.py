@@ -2,6 +2,7 @@
 
 - base_copy.jsonl: the generic task the tiny base model is first trained on: "copy: word = word".
 - upper_*.jsonl:   the fine-tuning task the base never saw: "upper: word = WORD" (train / held-out).
+- reverse_*.jsonl: the placement study's task: "reverse: word = drow" (known tokens, new attention pattern).
 """
 
 import json
@@ -28,6 +29,9 @@ def main():
     upper = [{"prompt": f"upper: {w} =", "answer": f" {w.upper()}"} for w in words(rng, 1200)]
     write("upper_train.jsonl", upper[:1000])
     write("upper_validation.jsonl", upper[1000:])
+    reverse = [{"prompt": f"reverse: {w} =", "answer": f" {w[::-1]}"} for w in words(rng, 1200)]
+    write("reverse_train.jsonl", reverse[:1000])
+    write("reverse_validation.jsonl", reverse[1000:])
 
 
 if __name__ == "__main__":

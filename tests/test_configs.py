@@ -17,12 +17,38 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_yaml_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
-    if group in ("data", "optim"):
+    if group in ("data", "optim") and option in GROUPS["trainer"]:
         overrides.append(f"trainer={option}")  # these follow the trainer by default
     if option == "megatron" and group in ("trainer", "data", "optim"):
         overrides += ["model=deepseek_v3", "model.checkpoint=/ckpt/deepseek_v3_nemo"]
-    cfg = compose("finetune", overrides)
+    primary = "placement_study" if group == "study" else "finetune"
+    cfg = compose(primary, overrides)
     assert cfg[group] is not None
+
+
+def test_placement_study_configs_compose_and_validate():
+    cpu = compose("placement_study")
+    assert cpu.study.device == "cpu" and cpu.model.name == "tiny_mla" and cpu.data.train.endswith("reverse_train.jsonl")
+    assert {0.5, 0.8, 1.0, 2.0} <= set(cpu.study.lr_scales) and len(cpu.study.seeds) >= 2
+    assert {"kv_up_k_only", "kv_down_latent_only", "linear_kv_up_proj"} <= set(cpu.study.variants)
+    assert (cpu.peft.dim, cpu.peft.alpha) == (8, 16)
+    gpu = compose("placement_study", ["model=mla_study_gpu", "study=gpu"])
+    assert gpu.study.device == "cuda" and gpu.model.hidden_size == 1024 and gpu.study.time_budget_s
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.variants=[everywhere]"], "unknown mla study variants"),
+    (["study.twin_variants=[nemo_official]"], "unknown twin study variants"),
+    (["study.steps=5"], "must exceed optim.warmup_steps=10"),
+    (["study.lr_scales=[0.0,1.0]"], "positive"),
+    (["model.checkpoint=/ckpt/x"], "drop study.twin_variants"),
+    (["data.base_pretrain_steps=0"], "to make a base"),
+    (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
+    (["study.shard=2/2"], "expected 'i/n'"),
+])
+def test_bad_study_values_fail_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose("placement_study", overrides)
 
 
 def test_parts_and_targets_from_the_command_line():

@@ -27,6 +27,8 @@ def test_non_editable_install_composes_configs_elsewhere(tmp_path):
     assert (target / "nemo_mla_lora" / "conf" / "finetune.yaml").is_file()
     assert (target / "nemo_mla_lora" / "conf" / "model" / "deepseek_v3.yaml").is_file()
     assert (target / "nemo_mla_lora" / "data" / "upper_train.jsonl").is_file()
+    assert (target / "nemo_mla_lora" / "conf" / "study" / "gpu.yaml").is_file()
+    assert (target / "nemo_mla_lora" / "data" / "reverse_validation.jsonl").is_file()
     code = ("import nemo_mla_lora.config.compose as c, nemo_mla_lora.data as d;"
             "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'model.checkpoint=/ckpt']);"
             "print(c.__file__, cfg.trainer.tensor_parallel, d.DATA_DIR)")

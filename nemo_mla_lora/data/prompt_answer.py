@@ -70,3 +70,12 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
         t, m = self.rows[i]
         t, m = torch.tensor(t), torch.tensor(m, dtype=torch.float32)
         return {"tokens": t[:-1], "labels": t[1:], "loss_mask": m[1:]}
+
+
+def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int):
+    """A DataLoader over ``path`` (``pkg://`` names resolved); shuffled training order fixed by ``seed``."""
+    from nemo_mla_lora.data import resolve
+
+    ds = PromptAnswerDataset(resolve(path), seq_length, packed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                                       generator=torch.Generator().manual_seed(seed), drop_last=shuffle)

@@ -11,7 +11,8 @@ Targets are a named placement (``placements.PLACEMENTS``) or a free-form list: a
 (``linear_kv_up_proj``) matches that leaf anywhere; a pattern with ``*``, ``?``, ``[`` or ``.`` is a
 shell-style wildcard on the full module name (``*.layers.1.*`` does not match ``layers.11``).
 ``exclude_modules`` removes matches the same way. Only Megatron linears with a target leaf name
-(attention linears, ``linear_fc1``/``linear_fc2`` of dense MLPs, shared and routed experts) are wrapped.
+(attention linears, ``linear_fc1``/``linear_fc2`` of dense MLPs, shared and routed experts, and standard
+attention's ``linear_qkv`` for the placement study's twin) are wrapped.
 Under pipeline parallelism layer indices in module names are local to the stage.
 """
 
@@ -58,7 +59,7 @@ def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
 
 
 def is_adaptable(module: nn.Module, name: str) -> bool:
-    return name in placements.ALL_TARGETS and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+    return name in placements.ADAPTABLE and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
 
 
 def pattern_matches(pattern: str, name: str, full_name: str) -> bool:

@@ -43,12 +43,10 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
 
 
 def loaders(cfg, path, shuffle):
-    from nemo_mla_lora.data import resolve
-    from nemo_mla_lora.data.prompt_answer import PromptAnswerDataset
+    from nemo_mla_lora.data.prompt_answer import make_loader
 
-    ds = PromptAnswerDataset(resolve(path), cfg.data.seq_length, cfg.data.packed)
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.trainer.micro_batch_size, shuffle=shuffle,
-                                       generator=torch.Generator().manual_seed(cfg.seed), drop_last=shuffle)
+    d = cfg.data
+    return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed)
 
 
 def base_model(cfg, out: Path, spec):

@@ -10,16 +10,16 @@ import lightning as L
 import torch
 
 
-def causal_mask(seq: int) -> torch.Tensor:
-    return torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)  # True = masked
+def causal_mask(seq: int, device=None) -> torch.Tensor:
+    return torch.ones(1, 1, seq, seq, dtype=torch.bool, device=device).triu(1)  # True = masked
 
 
 def masked_loss(model, batch) -> torch.Tensor:
     """Mean next-token loss over loss_mask (the answer tokens)."""
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     b, s = tokens.shape
-    positions = torch.arange(s).expand(b, s)
-    per_token = model(tokens, positions, causal_mask(s), labels=labels)  # [b, s]
+    positions = torch.arange(s, device=tokens.device).expand(b, s)
+    per_token = model(tokens, positions, causal_mask(s, tokens.device), labels=labels)  # [b, s]
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -58,15 +58,20 @@ class MegatronLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate(model, loader, limit: int | None = None) -> float:
-    """Token-weighted mean masked loss over ``loader``."""
+def evaluate(model, loader, limit: int | None = None, device=None) -> float:
+    """Token-weighted mean masked loss over ``loader`` (batches moved to ``device`` if given)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
+        batch = to_device(batch, device) if device is not None else batch
         n = batch["loss_mask"].sum().item()
         total += masked_loss(model, batch).item() * n
         count += n

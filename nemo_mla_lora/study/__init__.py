@@ -1,0 +1,1 @@
+"""The placement study: variants, one run, stability metrics, tables, claims and plots."""
