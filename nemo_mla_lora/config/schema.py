@@ -184,11 +184,27 @@ class PlacementStudyConfig:
     seed: int = 1234  # base pretraining
 
 
+@dataclass
+class GenerateConfig:
+    checkpoint: str = MISSING  # an absorbed export directory
+    prompt: Optional[str] = None
+    prompt_file: Optional[str] = None  # one prompt per line (a batch: equal token lengths, or run them one by one)
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: Optional[int] = None
+    seed: int = 0
+    tokenizer: str = "byte"  # byte (the embedded tiny models) | an HF tokenizer id/path
+    device: str = "cpu"
+    dtype: Optional[str] = None  # default: the export's
+    dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(name="export_schema", node=ExportJobConfig)
     cs.store(name="placement_study_schema", node=PlacementStudyConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
 
 
 FORMATS = ("absorbed", "mcore", "hf", "hf_peft")

@@ -1,0 +1,1 @@
+"""Inference on absorbed checkpoints: a latent KV cache, absorbed MLA attention, generation."""

@@ -1,0 +1,56 @@
+"""Absorbed MLA attention over the latent cache, on a Megatron-Core ``MLASelfAttention``'s own modules.
+
+The attention's down projections, q/kv norms, q up projection, rotary embedding and output projection are
+Megatron's; the split kv-up weights of the absorbed checkpoint stand in for ``linear_kv_up_proj``:
+
+    q_lat[h]  = W_UK[h]^T q_nope[h]                      [b, s, h, c]
+    score     = q_lat . c_kv(t) + q_rope[h] . k_rope(t)  [b, h, s, t], times the softmax scale
+    o[h]      = W_UV[h] sum_t p(t) c_kv(t)               [s, b, h, dv]
+
+Index legend: b batch, s new positions, t cached positions, h heads, d head dim, c latent.
+"""
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+
+def project(hidden, attn, start: int):
+    """hidden [s, b, hidden] at positions start..start+s-1 -> q_nope [s, b, h, dn], q_rope [s, b, h, dr]
+    (roped), c_kv [b, s, c] (normed), k_rope [b, s, dr] (roped)."""
+    cfg = attn.config
+    s, b, _ = hidden.shape
+    dn, dr, c = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank is not None:
+        q_compressed, _ = attn.linear_q_down_proj(hidden)
+        q, _ = attn.linear_q_up_proj(attn.q_layernorm(q_compressed))
+    else:
+        q, _ = attn.linear_q_proj(hidden)
+    q = q.view(s, b, -1, dn + dr)  # [s, b, h, dn + dr]
+    kv, _ = attn.linear_kv_down_proj(hidden)  # [s, b, c + dr]
+    c_kv, k_rope = torch.split(kv, [c, dr], dim=-1)
+    emb, mscale = attn.rotary_pos_emb(start + s)  # [start + s, 1, 1, dr]
+    emb = emb[start:start + s]
+    q_rope = apply_rotary_pos_emb(q[..., dn:], emb, config=cfg, mscale=mscale)
+    k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), emb, config=cfg, mscale=mscale).squeeze(2)  # [s, b, dr]
+    c_kv = attn.kv_layernorm(c_kv)
+    return q[..., :dn], q_rope, c_kv.transpose(0, 1), k_rope.transpose(0, 1)
+
+
+def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int):
+    """hidden [s, b, hidden] -> attention output [s, b, hidden]; writes this layer's new latents to
+    ``cache`` (positions cache.length onwards). w_uk [h, dn, c], w_uv [h, dv, c]."""
+    s, b, _ = hidden.shape
+    start = cache.length
+    q_nope, q_rope, c_kv, k_rope = project(hidden, attn, start)
+    c_all, k_all = cache.write(layer, c_kv, k_rope)  # [b, t, c], [b, t, dr]
+    q_lat = torch.einsum("sbhd,hdc->bshc", q_nope, w_uk)
+    scores = torch.einsum("bshc,btc->bhst", q_lat, c_all) + torch.einsum("sbhd,btd->bhst", q_rope, k_all)
+    t = c_all.shape[1]
+    future = torch.arange(t, device=hidden.device)[None, :] > (start + torch.arange(s, device=hidden.device))[:, None]
+    scores = scores if scores.dtype == torch.float64 else scores.float()  # softmax in fp32 (fp64 kept)
+    scores = (scores * attn.softmax_scale).masked_fill(future, float("-inf"))  # [b, h, s, t]
+    probs = torch.softmax(scores, dim=-1).to(c_all.dtype)
+    o_lat = torch.einsum("bhst,btc->bshc", probs, c_all)
+    o = torch.einsum("bshc,hdc->sbhd", o_lat, w_uv).reshape(s, b, -1)  # [s, b, h * dv]
+    out, bias = attn.linear_proj(o)
+    return out if bias is None else out + bias

@@ -1,0 +1,71 @@
+"""``AbsorbedMLAEngine``: a Megatron-Core GPTModel (embedding, norms, dense MLP / MoE, output layer) whose
+MLA attention runs absorbed over a latent KV cache, loaded from our ``absorbed`` export.
+
+The decoder loop is written out (pre-norm residual blocks, as ``TransformerLayer`` computes them in
+inference: no dropout): Megatron's ``GPTModel.forward`` would call ``MLASelfAttention.forward``, which
+needs ``linear_kv_up_proj``; the absorbed checkpoint holds ``linear_k_up_proj`` / ``linear_v_up_proj``
+instead (megatron-core >= 0.17's layout)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from nemo_mla_lora.export.absorb import K_UP, V_UP
+from nemo_mla_lora.inference.attention import absorbed_attention
+from nemo_mla_lora.inference.cache import LatentKVCache
+from nemo_mla_lora.mla_spec import MLASpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class AbsorbedMLAEngine:
+    def __init__(self, model, spec: MLASpec, k_up: list, v_up: list):
+        self.model, self.spec = model.eval(), spec
+        h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+        self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
+        self.w_uv = [w.view(h, dv, c) for w in v_up]  # [h, dv, c] per layer
+
+    @classmethod
+    def load(cls, export_dir, dtype: str | None = None, device="cpu") -> "AbsorbedMLAEngine":
+        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights."""
+        from nemo_mla_lora.export.pipeline import read_export
+        from nemo_mla_lora.models.from_spec import config_from_spec
+        from nemo_mla_lora.models.tiny import build_model
+
+        export_dir = Path(export_dir)
+        manifest = json.loads((export_dir / "manifest.json").read_text())
+        if manifest.get("format") != "absorbed":
+            raise ValueError(f"{export_dir}: format {manifest.get('format')!r}; the engine reads 'absorbed' exports")
+        spec = MLASpec.from_dict(json.loads((export_dir / "mla_spec.json").read_text()))
+        dt = DTYPES[dtype or manifest["dtype"]]
+        state = {k: v.to(dt) for k, v in read_export(export_dir, "absorbed").items()}
+        prefix = "decoder.layers.{}.self_attention."
+        k_up = [state.pop(prefix.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
+        v_up = [state.pop(prefix.format(i) + V_UP).to(device) for i in range(spec.num_layers)]
+        model = build_model(config_from_spec(spec, dt)).to(device)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state") and not k.endswith("linear_kv_up_proj.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{export_dir}: does not fit its mla_spec: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return cls(model, spec, k_up, v_up)
+
+    def new_cache(self, batch: int, max_length: int) -> LatentKVCache:
+        p = next(self.model.parameters())
+        return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """Logits [b, s, vocab] for tokens [b, s] following the ``cache.length`` cached tokens (prefill when 0)."""
+        m = self.model
+        b, s = tokens.shape
+        positions = torch.arange(cache.length, cache.length + s, device=tokens.device).expand(b, s)
+        x = m.embedding(input_ids=tokens, position_ids=positions)  # [s, b, hidden]
+        for i, layer in enumerate(m.decoder.layers):
+            x = x + absorbed_attention(layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i],
+                                       cache, i)
+            mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
+            x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
+        cache.advance(s)
+        logits, _ = m.output_layer(m.decoder.final_layernorm(x))  # [s, b, vocab]
+        return logits.transpose(0, 1)

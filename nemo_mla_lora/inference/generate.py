@@ -1,0 +1,36 @@
+"""Generation on the absorbed engine: one prefill, then one token per step; greedy or sampled."""
+
+import torch
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """logits [b, vocab] -> token ids [b]: argmax at temperature 0, else a sample (top-k if given)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [b, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0, stop_token: int | None = None):
+    """prompt [b, s0] -> (tokens [b, s0 + n], step logits [b, n, vocab], cache). Stops early when every
+    row has produced ``stop_token``."""
+    b, s0 = prompt.shape
+    cache = engine.new_cache(b, s0 + max_new_tokens)
+    generator = torch.Generator(device=prompt.device).manual_seed(seed)
+    logits = engine.forward(prompt, cache)[:, -1]  # [b, vocab]
+    tokens, steps = [prompt], []
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        steps.append(logits)
+        token = next_token(logits, temperature, top_k, generator)  # [b]
+        tokens.append(token[:, None])
+        done |= token == stop_token if stop_token is not None else done
+        if bool(done.all()) or len(steps) == max_new_tokens:
+            break
+        logits = engine.forward(token[:, None], cache)[:, -1]
+    return torch.cat(tokens, dim=1), torch.stack(steps, dim=1), cache

@@ -1,0 +1,72 @@
+"""Generate from an absorbed export with the latent KV cache (greedy by default).
+
+    python -m nemo_mla_lora.recipes.generate checkpoint=runs/finetune/export "prompt='upper: abc ='" \\
+        [max_new_tokens=32] [temperature=0.7 top_k=50 seed=1] [prompt_file=prompts.txt] [dump_logits=out.pt]
+
+Prints each completion and the latent cache it allocated (bytes per token). ``dump_logits`` saves the
+prompt + generated tokens and every step's logits (``torch.save``) for comparison with another model.
+"""
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from nemo_mla_lora.config.schema import register
+
+register()
+log = logging.getLogger("nemo_mla_lora.generate")
+
+
+def prompts(cfg) -> list[str]:
+    if bool(cfg.prompt) == bool(cfg.prompt_file):
+        raise ValueError("give exactly one of prompt=... or prompt_file=...")
+    if cfg.prompt:
+        return [cfg.prompt]
+    lines = [x for x in Path(cfg.prompt_file).read_text().splitlines() if x.strip()]
+    if not lines:
+        raise ValueError(f"{cfg.prompt_file} holds no prompt")
+    return lines
+
+
+def tokenizer(name: str):
+    """(encode: str -> ids with BOS, decode: ids -> str, stop id)."""
+    if name == "byte":
+        from nemo_mla_lora.data import tokenizer as tok
+
+        return (lambda text: [tok.BOS] + tok.encode(text)), tok.decode, tok.EOS
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(name)
+    return (lambda text: hf(text)["input_ids"]), (lambda ids: hf.decode(ids, skip_special_tokens=True)), hf.eos_token_id
+
+
+@hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="generate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from nemo_mla_lora import parallel
+    from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+    from nemo_mla_lora.inference.generate import generate
+
+    texts = prompts(cfg)
+    encode, decode, stop = tokenizer(cfg.tokenizer)
+    parallel.init_megatron()
+    engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device)
+    dumps = []
+    for text in texts:  # one request at a time: rows of a batch must have equal lengths
+        prompt = torch.tensor([encode(text)], device=cfg.device)
+        tokens, logits, cache = generate(engine, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
+                                         stop_token=stop)
+        new = tokens[0, prompt.shape[1]:].tolist()
+        print(f"{text}{decode(new)}")
+        log.info("%d new tokens; latent cache %d bytes per token (%d layers)", len(new), cache.bytes_per_token(),
+                 engine.spec.num_layers)
+        dumps.append({"prompt": text, "tokens": tokens.cpu(), "logits": logits.cpu()})
+    if cfg.dump_logits:
+        torch.save(dumps, cfg.dump_logits)
+        print(f"logits: {cfg.dump_logits}")
+
+
+if __name__ == "__main__":
+    main()
