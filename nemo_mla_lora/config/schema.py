@@ -146,7 +146,7 @@ class FinetuneConfig:
 @dataclass
 class ExportJobConfig:
     base: str = MISSING
-    adapter: str = MISSING
+    adapter: Optional[str] = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
     output: str = MISSING
     format: str = "absorbed"
     fold: bool = False
@@ -197,6 +197,8 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: Optional[str] = None  # default: the export's
     dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
+    adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
+    adapter: Optional[str] = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
 
 
 def register() -> None:

@@ -39,9 +39,12 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, overwrite: bool = False,
            verify: bool = True, tolerance: float | None = None, progress: bool = True) -> dict:
-    """Run the export; returns the manifest (also written as ``manifest.json``)."""
+    """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
+    the base alone (e.g. an absorbed base for multi-adapter serving)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    if adapter is None and fmt == "hf_peft":
+        raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
     if fold and fmt != "absorbed":
         raise ValueError("fold=true applies to format=absorbed only")
     source = open_base(base)
@@ -61,7 +64,7 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
         else:
             info = _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress)
         info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},  # hashes the input files
-                          "adapter": {"path": str(adapter), "hash": file_hash(adapter)}}
+                          "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
 

@@ -202,7 +202,19 @@ class HFPeftAdapter:
         return out
 
 
+class NoAdapter:
+    """The base alone: an absorbed export of it serves many unmerged adapters (``inference/adapters.py``)."""
+
+    modules: list = []
+    scales: dict = {}
+
+    def factors(self, modules) -> dict:
+        return {}
+
+
 def open_adapter(directory, spec: MLASpec):
+    if directory is None:
+        return NoAdapter()
     directory = Path(directory)
     if (directory / ADAPTER_FILE).is_file():
         adapter = MegatronAdapter(directory)

@@ -13,20 +13,25 @@ Index legend: b batch, s new positions, t cached positions, h heads, d head dim,
 import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+from nemo_mla_lora.inference.adapters import NoCorrections
 
-def project(hidden, attn, start: int):
+NONE = NoCorrections()
+
+
+def project(hidden, attn, start: int, corr=NONE):
     """hidden [s, b, hidden] at positions start..start+s-1 -> q_nope [s, b, h, dn], q_rope [s, b, h, dr]
-    (roped), c_kv [b, s, c] (normed), k_rope [b, s, dr] (roped)."""
+    (roped), c_kv [b, s, c] (normed), k_rope [b, s, dr] (roped). ``corr``: per-request adapter deltas."""
     cfg = attn.config
     s, b, _ = hidden.shape
     dn, dr, c = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank is not None:
-        q_compressed, _ = attn.linear_q_down_proj(hidden)
-        q, _ = attn.linear_q_up_proj(attn.q_layernorm(q_compressed))
+        q_compressed = corr.linear("linear_q_down_proj", hidden, attn.linear_q_down_proj(hidden)[0])
+        q_normed = attn.q_layernorm(q_compressed)
+        q = corr.linear("linear_q_up_proj", q_normed, attn.linear_q_up_proj(q_normed)[0])
     else:
-        q, _ = attn.linear_q_proj(hidden)
+        q = corr.linear("linear_q_proj", hidden, attn.linear_q_proj(hidden)[0])
     q = q.view(s, b, -1, dn + dr)  # [s, b, h, dn + dr]
-    kv, _ = attn.linear_kv_down_proj(hidden)  # [s, b, c + dr]
+    kv = corr.linear("linear_kv_down_proj", hidden, attn.linear_kv_down_proj(hidden)[0])  # [s, b, c + dr]
     c_kv, k_rope = torch.split(kv, [c, dr], dim=-1)
     emb, mscale = attn.rotary_pos_emb(start + s)  # [start + s, 1, 1, dr]
     emb = emb[start:start + s]
@@ -36,14 +41,15 @@ def project(hidden, attn, start: int):
     return q[..., :dn], q_rope, c_kv.transpose(0, 1), k_rope.transpose(0, 1)
 
 
-def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int):
+def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE):
     """hidden [s, b, hidden] -> attention output [s, b, hidden]; writes this layer's new latents to
-    ``cache`` (positions cache.length onwards). w_uk [h, dn, c], w_uv [h, dv, c]."""
+    ``cache`` (positions cache.length onwards). w_uk [h, dn, c], w_uv [h, dv, c]; ``corr``: per-request
+    adapter deltas (inference/adapters.py)."""
     s, b, _ = hidden.shape
     start = cache.length
-    q_nope, q_rope, c_kv, k_rope = project(hidden, attn, start)
+    q_nope, q_rope, c_kv, k_rope = project(hidden, attn, start, corr)
     c_all, k_all = cache.write(layer, c_kv, k_rope)  # [b, t, c], [b, t, dr]
-    q_lat = torch.einsum("sbhd,hdc->bshc", q_nope, w_uk)
+    q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
     scores = torch.einsum("bshc,btc->bhst", q_lat, c_all) + torch.einsum("sbhd,btd->bhst", q_rope, k_all)
     t = c_all.shape[1]
     future = torch.arange(t, device=hidden.device)[None, :] > (start + torch.arange(s, device=hidden.device))[:, None]
@@ -51,6 +57,7 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int):
     scores = (scores * attn.softmax_scale).masked_fill(future, float("-inf"))  # [b, h, s, t]
     probs = torch.softmax(scores, dim=-1).to(c_all.dtype)
     o_lat = torch.einsum("bhst,btc->bshc", probs, c_all)
-    o = torch.einsum("bshc,hdc->sbhd", o_lat, w_uv).reshape(s, b, -1)  # [s, b, h * dv]
+    o = corr.o(o_lat, torch.einsum("bshc,hdc->sbhd", o_lat, w_uv)).reshape(s, b, -1)  # [s, b, h * dv]
     out, bias = attn.linear_proj(o)
+    out = corr.linear("linear_proj", o, out)
     return out if bias is None else out + bias

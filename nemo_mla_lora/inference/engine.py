@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora.export.absorb import K_UP, V_UP
-from nemo_mla_lora.inference.attention import absorbed_attention
+from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
 from nemo_mla_lora.mla_spec import MLASpec
 
@@ -47,7 +47,8 @@ class AbsorbedMLAEngine:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and not k.endswith("linear_kv_up_proj.weight")]
         if missing or unexpected:
-            raise ValueError(f"{export_dir}: does not fit its mla_spec: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{export_dir}: does not fit its mla_spec: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         return cls(model, spec, k_up, v_up)
 
     def new_cache(self, batch: int, max_length: int) -> LatentKVCache:
@@ -55,15 +56,17 @@ class AbsorbedMLAEngine:
         return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
-        """Logits [b, s, vocab] for tokens [b, s] following the ``cache.length`` cached tokens (prefill when 0)."""
+    def forward(self, tokens: torch.Tensor, cache: LatentKVCache, bank=None, adapter_ids=None) -> torch.Tensor:
+        """Logits [b, s, vocab] for tokens [b, s] following the ``cache.length`` cached tokens (prefill when 0).
+        With an ``AdapterBank``, row i runs with adapter ``adapter_ids[i]`` (0: none), unmerged."""
         m = self.model
         b, s = tokens.shape
         positions = torch.arange(cache.length, cache.length + s, device=tokens.device).expand(b, s)
         x = m.embedding(input_ids=tokens, position_ids=positions)  # [s, b, hidden]
         for i, layer in enumerate(m.decoder.layers):
+            corr = bank.for_layer(i, adapter_ids) if bank is not None else NONE
             x = x + absorbed_attention(layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i],
-                                       cache, i)
+                                       cache, i, corr)
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
         cache.advance(s)

@@ -16,13 +16,13 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, gene
 
 @torch.no_grad()
 def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             seed: int = 0, stop_token: int | None = None):
+             seed: int = 0, stop_token: int | None = None, bank=None, adapter_ids=None):
     """prompt [b, s0] -> (tokens [b, s0 + n], step logits [b, n, vocab], cache). Stops early when every
-    row has produced ``stop_token``."""
+    row has produced ``stop_token``. ``bank``/``adapter_ids``: one unmerged adapter per row."""
     b, s0 = prompt.shape
     cache = engine.new_cache(b, s0 + max_new_tokens)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    logits = engine.forward(prompt, cache)[:, -1]  # [b, vocab]
+    logits = engine.forward(prompt, cache, bank, adapter_ids)[:, -1]  # [b, vocab]
     tokens, steps = [prompt], []
     done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
@@ -32,5 +32,5 @@ def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: flo
         done |= token == stop_token if stop_token is not None else done
         if bool(done.all()) or len(steps) == max_new_tokens:
             break
-        logits = engine.forward(token[:, None], cache)[:, -1]
+        logits = engine.forward(token[:, None], cache, bank, adapter_ids)[:, -1]
     return torch.cat(tokens, dim=1), torch.stack(steps, dim=1), cache

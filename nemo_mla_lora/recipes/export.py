@@ -4,7 +4,8 @@
         output=runs/finetune/export_hf format=hf [verify=true] [fold=false] [overwrite=false]
 
 ``base``: our Megatron dist-ckpt (+ mla_spec.json) or an HF DeepSeek-V3 directory (bf16 or FP8);
-``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory.
+``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory; ``adapter=null`` exports the base alone
+(an absorbed base to serve several unmerged adapters with ``recipes.generate adapters=...``).
 """
 
 import json

@@ -2,6 +2,9 @@
 
     python -m nemo_mla_lora.recipes.generate checkpoint=runs/finetune/export "prompt='upper: abc ='" \\
         [max_new_tokens=32] [temperature=0.7 top_k=50 seed=1] [prompt_file=prompts.txt] [dump_logits=out.pt]
+    # an absorbed base (export adapter=null) serving unmerged adapters:
+    python -m nemo_mla_lora.recipes.generate checkpoint=runs/base_absorbed +adapters.upper=runs/finetune/adapter \
+        adapter=upper "prompt='upper: abc ='"
 
 Prints each completion and the latent cache it allocated (bytes per token). ``dump_logits`` saves the
 prompt + generated tokens and every step's logits (``torch.save``) for comparison with another model.
@@ -53,11 +56,18 @@ def main(cfg: DictConfig) -> None:
     encode, decode, stop = tokenizer(cfg.tokenizer)
     parallel.init_megatron()
     engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device)
+    bank, ids = None, None
+    if cfg.adapters or cfg.adapter:
+        from nemo_mla_lora.inference.adapters import AdapterBank
+
+        dtype = next(engine.model.parameters()).dtype
+        bank = AdapterBank(engine.spec, dict(cfg.adapters), cfg.device, dtype)
+        ids = bank.ids([cfg.adapter])
     dumps = []
     for text in texts:  # one request at a time: rows of a batch must have equal lengths
         prompt = torch.tensor([encode(text)], device=cfg.device)
         tokens, logits, cache = generate(engine, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                                         stop_token=stop)
+                                         stop_token=stop, bank=bank, adapter_ids=ids)
         new = tokens[0, prompt.shape[1]:].tolist()
         print(f"{text}{decode(new)}")
         log.info("%d new tokens; latent cache %d bytes per token (%d layers)", len(new), cache.bytes_per_token(),

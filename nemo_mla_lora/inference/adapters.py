@@ -1,0 +1,119 @@
+"""Many unmerged LoRA adapters in one batch on an absorbed base, with the cache still latent.
+
+Each request (batch row) names one adapter, or none (index 0). The adapters' deltas are applied as
+factored corrections next to the absorbed einsums, never by materializing per-head K or V:
+
+    q down/up, q_proj, kv down, proj:   y[i] += s_i (x[i] A_i^T) B_i^T                    per row i
+    kv up, K rows:                      q_lat[h] += s_i A_i^T (B_K,i[h]^T q_nope[h])      [b, s, h, c]
+    kv up, V rows:                      o[h]     += s_i B_V,i[h] (A_i o_lat[h])           [s, b, h, dv]
+
+with, for ``linear_kv_up_proj``, A [r, c] and B viewed [h, dn + dv, r] split into B_K [h, dn, r] and
+B_V [h, dv, r]. An adapter on ``linear_kv_down_proj`` changes each request's own c_kv and k_rope: the
+cache stays kv_lora_rank + qk_rope_head_dim values per token. Adapters of different ranks are zero-padded
+to the largest (exact); the scale is folded into B. Index legend: b batch, s positions, h heads, d head
+dim, c latent, r rank, n adapters (+1 for "none").
+"""
+
+import torch
+
+from nemo_mla_lora.mla_spec import MLASpec
+
+SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
+             "linear_kv_up_proj", "linear_proj")
+
+
+class AdapterBank:
+    def __init__(self, spec: MLASpec, adapters: dict, device="cpu", dtype=torch.float32):
+        """``adapters``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
+        from nemo_mla_lora.export.sources import open_adapter
+
+        self.spec, self.names = spec, ["none"] + list(adapters)
+        factors = [open_adapter(d, spec) for d in adapters.values()]
+        per_module = [f.factors(f.modules) for f in factors]  # [{module: (A, B, scale)}]
+        modules = sorted({m for f in per_module for m in f})
+        unsupported = [m for m in modules if m.rsplit(".", 1)[-1] not in SUPPORTED]
+        if unsupported:
+            raise ValueError(f"multi-adapter decode applies adapters on the MLA attention linears {SUPPORTED}; "
+                             f"merge the others into the base first. Found: {unsupported[:5]}")
+        self.a, self.b = {}, {}  # module -> [n + 1, r, in], [n + 1, out, r]
+        for m in modules:
+            have = [f[m] for f in per_module if m in f]
+            r = max(a.shape[0] for a, _, _ in have)
+            a_in, b_out = have[0][0].shape[1], have[0][1].shape[0]
+            a_stack = torch.zeros(len(self.names), r, a_in, dtype=torch.float64)
+            b_stack = torch.zeros(len(self.names), b_out, r, dtype=torch.float64)
+            for i, f in enumerate(per_module, start=1):
+                if m in f:
+                    a, b, scale = f[m]
+                    a_stack[i, :a.shape[0]] = a.double()
+                    b_stack[i, :, :b.shape[1]] = scale * b.double()
+            self.a[m], self.b[m] = a_stack.to(device, dtype), b_stack.to(device, dtype)
+
+    def ids(self, names) -> torch.Tensor:
+        """Row adapter names (None or "none" for the base) -> indices [b]."""
+        unknown = [n for n in names if n not in self.names and n is not None]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; loaded: {self.names[1:]}")
+        return torch.tensor([self.names.index(n or "none") for n in names])
+
+    def for_layer(self, layer: int, ids: torch.Tensor) -> "LayerCorrections":
+        return LayerCorrections(self, f"decoder.layers.{layer}.self_attention", ids.to(self._device()))
+
+    def _device(self):
+        return next(iter(self.a.values())).device if self.a else "cpu"
+
+
+class LayerCorrections:
+    """One layer's factored corrections for a batch whose row i uses adapter ``ids[i]``."""
+
+    def __init__(self, bank: AdapterBank, prefix: str, ids: torch.Tensor):
+        self.bank, self.prefix, self.ids = bank, prefix, ids
+
+    def _factors(self, leaf: str):
+        m = f"{self.prefix}.{leaf}"
+        if m not in self.bank.a:
+            return None
+        return self.bank.a[m][self.ids], self.bank.b[m][self.ids]  # [b, r, in], [b, out, r]
+
+    def linear(self, leaf: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [s, b, out] + the row-wise delta of ``leaf`` for x [s, b, in]."""
+        f = self._factors(leaf)
+        if f is None:
+            return y
+        a, b = f
+        return y + torch.einsum("sbr,bor->sbo", torch.einsum("sbi,bri->sbr", x, a), b)
+
+    def q_lat(self, q_nope: torch.Tensor, q_lat: torch.Tensor) -> torch.Tensor:
+        """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[b, h, d, r] A[b, r, c]."""
+        f = self._factors("linear_kv_up_proj")
+        if f is None:
+            return q_lat
+        a, b_k = f[0], self._kv_b(f[1])[0]
+        return q_lat + torch.einsum("bshr,brc->bshc", torch.einsum("sbhd,bhdr->bshr", q_nope, b_k), a)
+
+    def o(self, o_lat: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """o [s, b, h, dv] + B_V[b, h, dv, r] (A[b, r, c] o_lat[b, s, h, c])."""
+        f = self._factors("linear_kv_up_proj")
+        if f is None:
+            return o
+        a, b_v = f[0], self._kv_b(f[1])[1]
+        return o + torch.einsum("bshr,bhdr->sbhd", torch.einsum("bshc,brc->bshr", o_lat, a), b_v)
+
+    def _kv_b(self, b: torch.Tensor):
+        """B [b, h*(dn+dv), r] -> B_K [b, h, dn, r], B_V [b, h, dv, r]."""
+        s = self.bank.spec
+        view = b.view(b.shape[0], s.num_heads, s.qk_nope_head_dim + s.v_head_dim, -1)
+        return view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:]
+
+
+class NoCorrections:
+    """The merged or base-only case: every correction is the identity."""
+
+    def linear(self, leaf, x, y):
+        return y
+
+    def q_lat(self, q_nope, q_lat):
+        return q_lat
+
+    def o(self, o_lat, o):
+        return o
