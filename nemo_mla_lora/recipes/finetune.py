@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_mla_lora.checkpoint import rank as checkpoint_rank
