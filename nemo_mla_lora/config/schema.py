@@ -199,6 +199,7 @@ class GenerateConfig:
     dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
     adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
     adapter: Optional[str] = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
+    attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/triton_decode.py)
 
 
 def register() -> None:

@@ -41,23 +41,38 @@ def project(hidden, attn, start: int, corr=NONE):
     return q[..., :dn], q_rope, c_kv.transpose(0, 1), k_rope.transpose(0, 1)
 
 
-def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE):
+def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, backend: str = "torch"):
     """hidden [s, b, hidden] -> attention output [s, b, hidden]; writes this layer's new latents to
     ``cache`` (positions cache.length onwards). w_uk [h, dn, c], w_uv [h, dv, c]; ``corr``: per-request
-    adapter deltas (inference/adapters.py)."""
+    adapter deltas (inference/adapters.py); ``backend="triton"``: decode steps through
+    ``triton_decode.latent_decode_attention`` (prefill stays in einsums)."""
     s, b, _ = hidden.shape
     start = cache.length
     q_nope, q_rope, c_kv, k_rope = project(hidden, attn, start, corr)
     c_all, k_all = cache.write(layer, c_kv, k_rope)  # [b, t, c], [b, t, dr]
     q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
-    scores = torch.einsum("bshc,btc->bhst", q_lat, c_all) + torch.einsum("sbhd,btd->bhst", q_rope, k_all)
-    t = c_all.shape[1]
-    future = torch.arange(t, device=hidden.device)[None, :] > (start + torch.arange(s, device=hidden.device))[:, None]
-    scores = scores if scores.dtype == torch.float64 else scores.float()  # softmax in fp32 (fp64 kept)
-    scores = (scores * attn.softmax_scale).masked_fill(future, float("-inf"))  # [b, h, s, t]
-    probs = torch.softmax(scores, dim=-1).to(c_all.dtype)
-    o_lat = torch.einsum("bhst,btc->bshc", probs, c_all)
+    if backend == "triton" and s == 1:  # decode: one kernel over the cache, every head per tile load
+        from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+
+        lengths = torch.full((b,), c_all.shape[1], dtype=torch.int32, device=hidden.device)
+        o_lat = latent_decode_attention(q_lat[:, 0], q_rope[0], c_all, k_all, lengths, attn.softmax_scale)
+        o_lat = o_lat.to(c_all.dtype)[:, None]  # [b, 1, h, c]
+    else:
+        o_lat = _attend(q_lat, q_rope, c_all, k_all, start, attn.softmax_scale)
     o = corr.o(o_lat, torch.einsum("bshc,hdc->sbhd", o_lat, w_uv)).reshape(s, b, -1)  # [s, b, h * dv]
     out, bias = attn.linear_proj(o)
     out = corr.linear("linear_proj", o, out)
     return out if bias is None else out + bias
+
+
+def _attend(q_lat, q_rope, c_all, k_all, start: int, softmax_scale: float):
+    """The latent attention in einsums: q_lat [b, s, h, c], q_rope [s, b, h, dr] -> o_lat [b, s, h, c]."""
+    s = q_lat.shape[1]
+    scores = torch.einsum("bshc,btc->bhst", q_lat, c_all) + torch.einsum("sbhd,btd->bhst", q_rope, k_all)
+    t = c_all.shape[1]
+    device = q_lat.device
+    future = torch.arange(t, device=device)[None, :] > (start + torch.arange(s, device=device))[:, None]
+    scores = scores if scores.dtype == torch.float64 else scores.float()  # softmax in fp32 (fp64 kept)
+    scores = (scores * softmax_scale).masked_fill(future, float("-inf"))  # [b, h, s, t]
+    probs = torch.softmax(scores, dim=-1).to(c_all.dtype)
+    return torch.einsum("bhst,btc->bshc", probs, c_all)

@@ -20,15 +20,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 class AbsorbedMLAEngine:
-    def __init__(self, model, spec: MLASpec, k_up: list, v_up: list):
-        self.model, self.spec = model.eval(), spec
+    def __init__(self, model, spec: MLASpec, k_up: list, v_up: list, backend: str = "torch"):
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"attention backend {backend!r}; expected 'torch' or 'triton'")
+        self.model, self.spec, self.backend = model.eval(), spec, backend
         h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
         self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
         self.w_uv = [w.view(h, dv, c) for w in v_up]  # [h, dv, c] per layer
 
     @classmethod
-    def load(cls, export_dir, dtype: str | None = None, device="cpu") -> "AbsorbedMLAEngine":
-        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights."""
+    def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch") -> "AbsorbedMLAEngine":
+        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights. ``backend``:
+        decode attention in einsums (``torch``) or in the Triton kernel (``triton``)."""
         from nemo_mla_lora.export.pipeline import read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model
@@ -49,7 +52,7 @@ class AbsorbedMLAEngine:
         if missing or unexpected:
             raise ValueError(f"{export_dir}: does not fit its mla_spec: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return cls(model, spec, k_up, v_up)
+        return cls(model, spec, k_up, v_up, backend)
 
     def new_cache(self, batch: int, max_length: int) -> LatentKVCache:
         p = next(self.model.parameters())
@@ -66,7 +69,7 @@ class AbsorbedMLAEngine:
         for i, layer in enumerate(m.decoder.layers):
             corr = bank.for_layer(i, adapter_ids) if bank is not None else NONE
             x = x + absorbed_attention(layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i],
-                                       cache, i, corr)
+                                       cache, i, corr, self.backend)
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
         cache.advance(s)

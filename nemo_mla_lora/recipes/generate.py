@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     texts = prompts(cfg)
     encode, decode, stop = tokenizer(cfg.tokenizer)
     parallel.init_megatron()
-    engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device)
+    engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device, cfg.attention)
     bank, ids = None, None
     if cfg.adapters or cfg.adapter:
         from nemo_mla_lora.inference.adapters import AdapterBank

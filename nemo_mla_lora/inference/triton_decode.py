@@ -1,0 +1,109 @@
+"""Decode attention over the latent cache in Triton (split-KV "flash decoding" for MLA).
+
+For one new token per request, with the absorbed query already formed (q_lat = W_UK^T q_nope, plus any
+adapter corrections):
+
+    score[b, h, t] = scale * (q_lat[b, h, :] . c_kv[b, t, :] + q_rope[b, h, :] . k_rope[b, t, :])
+    o_lat[b, h, :] = sum_t softmax_t(score[b, h, :]) c_kv[b, t, :]                          [b, h, c]
+
+Every head attends to the same c_kv and k_rope (MLA is multi-query in the latent space), so a program
+loads a cache tile once for ``BLOCK_H`` heads. Stage 1: grid (b, head blocks, splits of the cached
+positions); each program keeps a running max, sum and [BLOCK_H, c] accumulator over its split. Stage 2:
+grid (b, h) merges the splits. Rows may hold different numbers of cached tokens (``lengths``).
+Index legend: b batch, h heads, t cached positions, c latent (kv_lora_rank), d rope dim.
+
+Runs on CUDA; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the CPU tests do).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, scale,
+                  H, C, D, chunk,
+                  s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ab, s_ah, s_as, s_mb, s_mh,
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    cs, ds = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D)
+    hmask = heads < H
+    q = tl.load(q_lat + b * s_qb + heads[:, None] * s_qh + cs[None, :],
+                mask=hmask[:, None] & (cs[None, :] < C), other=0.0)  # [BH, BC]
+    qr = tl.load(q_rope + b * s_rb + heads[:, None] * s_rh + ds[None, :],
+                 mask=hmask[:, None] & (ds[None, :] < D), other=0.0)  # [BH, BD]
+    length = tl.load(lengths + b)
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)  # [BT]
+        tmask = ts < end
+        kc = tl.load(c_kv + b * s_cb + ts[:, None] * s_ct + cs[None, :],
+                     mask=tmask[:, None] & (cs[None, :] < C), other=0.0)  # [BT, BC]
+        kr = tl.load(k_rope + b * s_kb + ts[:, None] * s_kt + ds[None, :],
+                     mask=tmask[:, None] & (ds[None, :] < D), other=0.0)  # [BT, BD]
+        scores = (tl.dot(q, tl.trans(kc)) + tl.dot(qr, tl.trans(kr))) * scale  # [BH, BT]
+        scores = tl.where(tmask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+        m = m_new
+    tl.store(acc_out + b * s_ab + heads[:, None] * s_ah + split * s_as + cs[None, :], acc,
+             mask=hmask[:, None] & (cs[None, :] < C))
+    tl.store(m_out + b * s_mb + heads * s_mh + split, m, mask=hmask)
+    tl.store(l_out + b * s_mb + heads * s_mh + split, l_sum, mask=hmask)
+
+
+@triton.jit
+def _merge_kernel(acc_in, m_in, l_in, out, C, S, s_ab, s_ah, s_as, s_mb, s_mh, s_ob, s_oh,
+                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    ss, cs = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
+    smask = ss < S
+    m = tl.load(m_in + b * s_mb + h * s_mh + ss, mask=smask, other=float("-inf"))  # [BS]
+    l_sum = tl.load(l_in + b * s_mb + h * s_mh + ss, mask=smask, other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(smask & (m > float("-inf")), tl.exp(m - m_all), 0.0)  # [BS]; empty splits weigh 0
+    acc = tl.load(acc_in + b * s_ab + h * s_ah + ss[:, None] * s_as + cs[None, :],
+                  mask=smask[:, None] & (cs[None, :] < C), other=0.0)  # [BS, BC]
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+    tl.store(out + b * s_ob + h * s_oh + cs, o, mask=cs < C)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(n))
+
+
+def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
+                            block_h: int = 16, block_t: int = 32) -> torch.Tensor:
+    """q_lat [b, h, c], q_rope [b, h, d], c_kv [b, T, c], k_rope [b, T, d] (T >= max length, any strides
+    with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in float32."""
+    b, h, c = q_lat.shape
+    d = q_rope.shape[-1]
+    q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
+    if c_kv.stride(-1) != 1 or k_rope.stride(-1) != 1:
+        raise ValueError("latent_decode_attention: the cache's last dim must be contiguous")
+    t_max = int(lengths.max())
+    if splits is None:  # enough programs to fill the card at small batch, few merges at large
+        splits = max(1, min(triton.cdiv(t_max, 256), triton.cdiv(256, b * triton.cdiv(h, block_h))))
+    chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
+    splits = triton.cdiv(t_max, chunk)
+    acc = torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
+    m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
+    l_sum = torch.empty_like(m)
+    block_c, block_d = _pow2(c), _pow2(d)
+    _split_kernel[(b, triton.cdiv(h, block_h), splits)](
+        q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, c, d, chunk,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c_kv.stride(0), c_kv.stride(1),
+        k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d)
+    out = torch.empty(b, h, c, dtype=torch.float32, device=q_lat.device)
+    _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
+                          m.stride(1), out.stride(0), out.stride(1), BLOCK_C=block_c, BLOCK_S=_pow2(splits, 2))
+    return out
