@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
 #   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
 #   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: the GPU-size grid, one shard per GPU
+#   bash bench/run_gpu.sh decode         # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -62,6 +63,11 @@ overhead() {
       --out "$OUT/lora_overhead_batch$b.json" 2>&1 | tail -6 | tee -a "$OUT/overhead.log"
   done
   return "$rc"
+}
+
+decode() {
+  python3 "$REPO/bench/decode_bench.py" --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 
 placement_study() {  # one process per GPU, each a shard of the grid; shard 0 pretrains the bases the others load

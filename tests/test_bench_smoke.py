@@ -21,3 +21,17 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert rows["base"]["trainable"] == 0 and len(result["base_runs_ms"]) == 2
     assert 0 < rows["linear_kv_up_proj"]["trainable"] < rows["all_linear"]["trainable"]
     assert "| all_linear | 2 |" in proc.stdout
+
+
+def test_decode_bench_runs_on_tiny_dims(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_bench.py"), "--dims", "tiny", "--batch", "2",
+                           "--context", "16", "--iters", "1", "--dtype", "fp32", "--no-triton", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # tiny dims: latent (40 + 8) x 4 B per token per layer vs materialized 4 heads x (32 + 28) x 4 B
+    assert result["attention"]["latent_bytes_per_token"] == 48 * 4
+    assert result["attention"]["materialized_bytes_per_token"] == 4 * 60 * 4
+    assert result["adapters"]["adapters"] == 8 and result["adapters"]["ms_multi_adapter"] > 0
+    assert result["fold"]["bytes_folded"] == 4 * result["fold"]["cost"]["folded"]["params_per_layer"]

@@ -54,7 +54,7 @@ def served(request, mcore, tmp_path_factory):
 def test_each_row_equals_the_unmerged_model_with_its_adapter(served):
     root, spec, live = served["root"], served["spec"], served["live"]
     engine = AbsorbedMLAEngine.load(root / "absorbed_base")
-    bank = AdapterBank(spec, {n: root / n for n in ADAPTERS})
+    bank = AdapterBank.load(spec, {n: root / n for n in ADAPTERS})
     rows = ["official_r4", "none", "kv_parts_r2", "proj_r6"]
     ids = bank.ids(rows)
     tokens, positions, mask = batch(seq=10, size=len(rows), seed=5)
@@ -72,7 +72,7 @@ def test_each_row_equals_the_unmerged_model_with_its_adapter(served):
 def test_adapters_change_the_logits_and_none_is_the_base(served):
     root, spec = served["root"], served["spec"]
     engine = AbsorbedMLAEngine.load(root / "absorbed_base")
-    bank = AdapterBank(spec, {n: root / n for n in ADAPTERS})
+    bank = AdapterBank.load(spec, {n: root / n for n in ADAPTERS})
     tokens = batch(seq=6, size=1)[0].expand(4, 6)
     names = ["none", *ADAPTERS]
     out = engine.forward(tokens, engine.new_cache(4, 6), bank, bank.ids(names))
@@ -85,7 +85,7 @@ def test_adapters_change_the_logits_and_none_is_the_base(served):
 def test_greedy_multi_adapter_generation_matches_one_adapter_at_a_time(served):
     root, spec = served["root"], served["spec"]
     engine = AbsorbedMLAEngine.load(root / "absorbed_base")
-    bank = AdapterBank(spec, {n: root / n for n in ADAPTERS})
+    bank = AdapterBank.load(spec, {n: root / n for n in ADAPTERS})
     names = ["proj_r6", "official_r4", "none"]
     prompt = batch(seq=5, size=3, seed=2)[0]
     together = generate(engine, prompt, 6, bank=bank, adapter_ids=bank.ids(names))[0]
@@ -100,9 +100,9 @@ def test_bank_refuses_mlp_adapters_and_unknown_names(served, tmp_path):
     model = peft(base_model(tiny_mla_config if spec.q_lora_rank else tiny_mla_noq_config))
     checkpoint.save_adapter(model, peft, spec, tmp_path / "mlp", base_dir=root / "base")
     with pytest.raises(ValueError, match="merge the others into the base first"):
-        AdapterBank(spec, {"mlp": tmp_path / "mlp"})
+        AdapterBank.load(spec, {"mlp": tmp_path / "mlp"})
     with pytest.raises(ValueError, match="unknown adapters"):
-        AdapterBank(spec, {"a": root / "official_r4"}).ids(["b"])
+        AdapterBank.load(spec, {"a": root / "official_r4"}).ids(["b"])
 
 
 def test_generate_cli_serves_an_adapter_on_the_absorbed_base(served, tmp_path):

@@ -64,7 +64,7 @@ export, adapter = sys.argv[1], sys.argv[2]
 diffs = []
 for backend in ("torch", "triton"):
     engine = AbsorbedMLAEngine.load(export, backend=backend)
-    bank = AdapterBank(engine.spec, {"a": adapter})
+    bank = AdapterBank.load(engine.spec, {"a": adapter})
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (2, 9))
     cache = engine.new_cache(2, 9)

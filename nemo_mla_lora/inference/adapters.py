@@ -23,13 +23,10 @@ SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_
 
 
 class AdapterBank:
-    def __init__(self, spec: MLASpec, adapters: dict, device="cpu", dtype=torch.float32):
-        """``adapters``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
-        from nemo_mla_lora.export.sources import open_adapter
-
-        self.spec, self.names = spec, ["none"] + list(adapters)
-        factors = [open_adapter(d, spec) for d in adapters.values()]
-        per_module = [f.factors(f.modules) for f in factors]  # [{module: (A, B, scale)}]
+    def __init__(self, spec: MLASpec, factors: dict, device="cpu", dtype=torch.float32):
+        """``factors``: name -> {module: (A [r, in], B [out, r] full height, scale)} (``open_adapter(...).factors``)."""
+        self.spec, self.names = spec, ["none"] + list(factors)
+        per_module = list(factors.values())
         modules = sorted({m for f in per_module for m in f})
         unsupported = [m for m in modules if m.rsplit(".", 1)[-1] not in SUPPORTED]
         if unsupported:
@@ -39,15 +36,22 @@ class AdapterBank:
         for m in modules:
             have = [f[m] for f in per_module if m in f]
             r = max(a.shape[0] for a, _, _ in have)
-            a_in, b_out = have[0][0].shape[1], have[0][1].shape[0]
-            a_stack = torch.zeros(len(self.names), r, a_in, dtype=torch.float64)
-            b_stack = torch.zeros(len(self.names), b_out, r, dtype=torch.float64)
+            a_stack = torch.zeros(len(self.names), r, have[0][0].shape[1], dtype=torch.float64)
+            b_stack = torch.zeros(len(self.names), have[0][1].shape[0], r, dtype=torch.float64)
             for i, f in enumerate(per_module, start=1):
                 if m in f:
                     a, b, scale = f[m]
                     a_stack[i, :a.shape[0]] = a.double()
                     b_stack[i, :, :b.shape[1]] = scale * b.double()
             self.a[m], self.b[m] = a_stack.to(device, dtype), b_stack.to(device, dtype)
+
+    @classmethod
+    def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32) -> "AdapterBank":
+        """``directories``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
+        from nemo_mla_lora.export.sources import open_adapter
+
+        adapters = {name: open_adapter(d, spec) for name, d in directories.items()}
+        return cls(spec, {name: a.factors(a.modules) for name, a in adapters.items()}, device, dtype)
 
     def ids(self, names) -> torch.Tensor:
         """Row adapter names (None or "none" for the base) -> indices [b]."""

@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> None:
         from nemo_mla_lora.inference.adapters import AdapterBank
 
         dtype = next(engine.model.parameters()).dtype
-        bank = AdapterBank(engine.spec, dict(cfg.adapters), cfg.device, dtype)
+        bank = AdapterBank.load(engine.spec, dict(cfg.adapters), cfg.device, dtype)
         ids = bank.ids([cfg.adapter])
     dumps = []
     for text in texts:  # one request at a time: rows of a batch must have equal lengths

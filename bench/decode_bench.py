@@ -1,0 +1,193 @@
+"""Issue 5's decode benchmarks for absorbed checkpoints (one MLA layer, V3 attention dims by default).
+
+    python bench/decode_bench.py --out decode.json                 # GPU: batch 64, context 4096, bf16
+    python bench/decode_bench.py --dims tiny --batch 2 --context 16 --iters 1 --dtype fp32   # CPU smoke
+
+1. KV-cache bytes per token actually allocated: the latent cache (c_kv + k_rope) vs materialized K and V.
+2. Decode attention time per step: absorbed (Triton kernel; einsums) vs materialized K/V through PyTorch
+   SDPA; achieved bandwidth (cache bytes read per step / time) as a share of the card's copy bandwidth
+   measured in the same run.
+3. One attention layer's decode step with eight distinct rank-16 adapters on every MLA target, one per
+   group of rows, vs the same batch with no adapter (what a merged checkpoint costs).
+4. Folded products (W_UQ^T W_UK, W_O W_UV per head) vs split weights: parameter bytes and step time.
+Every ratio compares numbers from the same run. Index legend: b batch, t context, h heads, c latent.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+V3 = dict(hidden=7168, heads=128, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128)
+TINY = dict(hidden=80, heads=4, q_lora_rank=56, kv_lora_rank=40, nope=24, rope=8, v=28)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def timed(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on GPU, wall clock on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device, iters: int) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (read + write counted), the card's practical ceiling."""
+    n = (1 << 30) // 2 if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), iters)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def spec_of(d: dict):
+    from nemo_mla_lora.mla_spec import MLASpec
+
+    return MLASpec(hidden_size=d["hidden"], num_layers=1, num_heads=d["heads"], q_lora_rank=d["q_lora_rank"],
+                   kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["nope"], qk_rope_head_dim=d["rope"],
+                   v_head_dim=d["v"], vocab_size=512, ffn_hidden_size=4 * d["hidden"], rope_factor=40.0,
+                   rope_original_max_positions=4096)
+
+
+def attention_section(d, b, t, dtype, device, iters, use_triton) -> dict:
+    """Cache bytes per token and decode attention time: absorbed (kernel, einsums) vs materialized SDPA."""
+    from nemo_mla_lora.inference.cache import LatentKVCache
+
+    h, c, dr, dn, dv = d["heads"], d["kv_lora_rank"], d["rope"], d["nope"], d["v"]
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    cache = LatentKVCache.allocate(spec_of(d), b, t, dtype, device)
+    latent_alloc = (torch.cuda.memory_allocated() - before) if device.type == "cuda" else \
+        cache.c_kv.nbytes + cache.k_rope.nbytes
+    k = torch.randn(b, h, t, dn + dr, dtype=dtype, device=device)  # materialized K and V: [b, h, t, d]
+    v = torch.randn(b, h, t, dv, dtype=dtype, device=device)
+    cache.c_kv.normal_()
+    cache.k_rope.normal_()
+    q_lat = torch.randn(b, h, c, dtype=dtype, device=device)
+    q_rope = torch.randn(b, h, dr, dtype=dtype, device=device)
+    q = torch.randn(b, h, 1, dn + dr, dtype=dtype, device=device)
+    scale = (dn + dr) ** -0.5
+    c_kv, k_rope = cache.c_kv[0], cache.k_rope[0]  # [b, t, c], [b, t, dr]
+
+    def einsums():
+        s = torch.einsum("bhc,btc->bht", q_lat, c_kv) + torch.einsum("bhd,btd->bht", q_rope, k_rope)
+        return torch.einsum("bht,btc->bhc", torch.softmax(s.float() * scale, -1).to(dtype), c_kv)
+
+    rows = {"materialized_sdpa": timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters),
+            "absorbed_einsum": timed(einsums, iters)}
+    if use_triton:
+        from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+
+        lengths = torch.full((b,), t, dtype=torch.int32, device=device)
+        rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
+                                        iters)
+    read = {"materialized_sdpa": k.nbytes + v.nbytes}
+    read["absorbed_einsum"] = read["absorbed_triton"] = c_kv.nbytes + k_rope.nbytes
+    return {"latent_bytes_per_token": latent_alloc / (b * t), "materialized_bytes_per_token": (k.nbytes + v.nbytes) / (b * t),
+            "ms": rows, "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}}
+
+
+def adapter_section(d, b, t, dtype, device, iters, n_adapters: int = 8, rank: int = 16) -> dict:
+    """One attention layer's decode step (projections, absorbed attention, output projection) with
+    ``n_adapters`` distinct adapters on every MLA target vs no adapter, same batch and cache."""
+    from nemo_mla_lora import parallel
+    from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
+    from nemo_mla_lora.inference.attention import absorbed_attention
+    from nemo_mla_lora.inference.cache import LatentKVCache
+    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.tiny import build_model
+
+    parallel.init_megatron()
+    spec = spec_of(d)
+    model = build_model(config_from_spec(spec, dtype)).to(device).eval()
+    attn = model.decoder.layers[0].self_attention
+    h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    w_uk = torch.randn(h, dn, c, dtype=dtype, device=device) * c ** -0.5
+    w_uv = torch.randn(h, dv, c, dtype=dtype, device=device) * c ** -0.5
+    shapes = {n: (m.weight.shape[1], m.weight.shape[0]) for n, m in attn.named_children() if n in SUPPORTED}
+    shapes["linear_kv_up_proj"] = (c, h * (dn + dv))
+    gen = torch.Generator().manual_seed(0)
+    factors = {f"a{i}": {f"decoder.layers.0.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
+                                                                torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
+                         for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
+    bank = AdapterBank(spec, factors, device, dtype)
+    ids = torch.arange(b, device=device) % n_adapters + 1  # rows spread over the adapters
+    x = torch.randn(1, b, spec.hidden_size, dtype=dtype, device=device)
+
+    def step(with_adapters):
+        cache = LatentKVCache(torch.zeros(1, b, t + 1, c, dtype=dtype, device=device),
+                              torch.zeros(1, b, t + 1, spec.qk_rope_head_dim, dtype=dtype, device=device), t)
+        corr = bank.for_layer(0, ids) if with_adapters else None
+        return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, *([corr] if corr else []))
+
+    with torch.no_grad():
+        base, multi = timed(step(False), iters), timed(step(True), iters)
+    return {"adapters": n_adapters, "rank": rank, "ms_no_adapter": base, "ms_multi_adapter": multi,
+            "ratio": multi / base}
+
+
+def fold_section(d, b, dtype, device, iters) -> dict:
+    """Decode-step projections around the attention, split weights vs folded per-head products."""
+    from nemo_mla_lora.export.absorb import fold_cost
+
+    h, c, dn, dv, rq, hid = d["heads"], d["kv_lora_rank"], d["nope"], d["v"], d["q_lora_rank"], d["hidden"]
+    w_uq = torch.randn(h, dn, rq, dtype=dtype, device=device)  # q_up's nope rows per head
+    w_uk, w_uv = (torch.randn(h, n, c, dtype=dtype, device=device) for n in (dn, dv))
+    w_o = torch.randn(hid, h, dv, dtype=dtype, device=device)
+    w_uqk = torch.einsum("hdq,hdc->hqc", w_uq, w_uk)  # [h, rq, c]
+    w_ov = torch.einsum("ohd,hdc->ohc", w_o, w_uv)  # [hidden, h, c]
+    c_q, o_lat = torch.randn(b, rq, dtype=dtype, device=device), torch.randn(b, h, c, dtype=dtype, device=device)
+
+    def split():
+        q_lat = torch.einsum("hdc,bhd->bhc", w_uk, torch.einsum("hdq,bq->bhd", w_uq, c_q))
+        return q_lat, torch.einsum("ohd,bhd->bo", w_o, torch.einsum("hdc,bhc->bhd", w_uv, o_lat))
+
+    def folded():
+        return torch.einsum("hqc,bq->bhc", w_uqk, c_q), torch.einsum("ohc,bhc->bo", w_ov, o_lat)
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    return {"cost": fold_cost(spec_of(d)), "ms_split": timed(split, iters), "ms_folded": timed(folded, iters),
+            "bytes_split": e * (w_uq.numel() + w_uk.numel() + w_uv.numel() + w_o.numel()),
+            "bytes_folded": e * (w_uqk.numel() + w_ov.numel())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dims", choices=["v3", "tiny"], default="v3")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (CPU without the interpreter)")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d, dtype = V3 if a.dims == "v3" else TINY, DTYPES[a.dtype]
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dims": a.dims,
+              "batch": a.batch, "context": a.context, "dtype": a.dtype,
+              "copy_gb_per_s": copy_bandwidth(device, a.iters)}
+    result["attention"] = attention_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton)
+    result["adapters"] = adapter_section(d, a.batch, a.context, dtype, device, a.iters)
+    result["fold"] = fold_section(d, a.batch, dtype, device, a.iters)
+    print(json.dumps(result, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
