@@ -89,25 +89,29 @@ class LayerCorrections:
 
     def q_lat(self, q_nope: torch.Tensor, q_lat: torch.Tensor) -> torch.Tensor:
         """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[b, h, d, r] A[b, r, c]."""
-        f = self._factors("linear_kv_up_proj")
+        f = self._kv_up()
         if f is None:
             return q_lat
-        a, b_k = f[0], self._kv_b(f[1])[0]
+        a, b_k, _ = f
         return q_lat + torch.einsum("bshr,brc->bshc", torch.einsum("sbhd,bhdr->bshr", q_nope, b_k), a)
 
     def o(self, o_lat: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """o [s, b, h, dv] + B_V[b, h, dv, r] (A[b, r, c] o_lat[b, s, h, c])."""
-        f = self._factors("linear_kv_up_proj")
+        f = self._kv_up()
         if f is None:
             return o
-        a, b_v = f[0], self._kv_b(f[1])[1]
+        a, _, b_v = f
         return o + torch.einsum("bshr,bhdr->sbhd", torch.einsum("bshc,brc->bshr", o_lat, a), b_v)
 
-    def _kv_b(self, b: torch.Tensor):
-        """B [b, h*(dn+dv), r] -> B_K [b, h, dn, r], B_V [b, h, dv, r]."""
+    def _kv_up(self):
+        """linear_kv_up_proj's A [b, r, c], B_K [b, h, dn, r], B_V [b, h, dv, r] (B viewed [b, h, dn+dv, r])."""
+        f = self._factors("linear_kv_up_proj")
+        if f is None:
+            return None
+        a, b = f
         s = self.bank.spec
         view = b.view(b.shape[0], s.num_heads, s.qk_nope_head_dim + s.v_head_dim, -1)
-        return view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:]
+        return a, view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:]
 
 
 class NoCorrections:
