@@ -70,13 +70,15 @@ decode() {
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 
-placement_study() {  # one process per GPU, each a shard of the grid; shard 0 pretrains the bases the others load
+placement_study() {  # the two bases pretrained side by side (GPUs 0 and 1), then one grid shard per GPU
   local n; n=$(nvidia-smi -L | wc -l); local bases=/tmp/ps_bases; rm -rf /tmp/ps_*
   local args=(model=mla_study_gpu study=gpu "study.base_dir=$bases" "$@")
+  CUDA_VISIBLE_DEVICES=0 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" study.pretrain_only=mla \
+    output_dir=/tmp/ps_base_mla > "$OUT/placement_base_mla.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
+    study.pretrain_only=twin output_dir=/tmp/ps_base_twin > "$OUT/placement_base_twin.log" 2>&1 &
+  wait
   for i in $(seq 0 $((n - 1))); do
-    if [ "$i" -gt 0 ]; then  # wait for shard 0's bases (written whole, then renamed)
-      for _ in $(seq 200); do [ -f "$bases/base_twin.pt" ] && [ -f "$bases/base_mla.pt" ] && break; sleep 2; done
-    fi
     CUDA_VISIBLE_DEVICES=$i timeout 570 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
       "study.shard=$i/$n" "output_dir=/tmp/ps_$i" > "$OUT/placement_shard$i.log" 2>&1 &
   done

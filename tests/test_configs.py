@@ -45,6 +45,7 @@ def test_placement_study_configs_compose_and_validate():
     (["data.base_pretrain_steps=0"], "to make a base"),
     (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
     (["study.shard=2/2"], "expected 'i/n'"),
+    (["study.pretrain_only=both"], "expected mla, twin or null"),
 ])
 def test_bad_study_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):

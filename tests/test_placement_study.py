@@ -146,8 +146,16 @@ def test_recipe_runs_a_small_grid_resumes_and_reports(tmp_path):
             "study.variants=[all_linear,safe,linear_kv_up_proj,linear_proj,linear_kv_down_proj,kv_up_k_only]",
             "study.twin_variants=[attention]", "study.lr_scales=[1.0,2.0]", "study.seeds=[1,2]", "study.steps=8",
             "study.eval_every=4", "optim.warmup_steps=2", "data.base_pretrain_steps=20"]
+    bases = tmp_path / "bases"  # made first, one process per base, as bench/run_gpu.sh does on two GPUs
+    for arch in ("mla", "twin"):
+        made = subprocess.run(args + [f"study.base_dir={bases}", f"study.pretrain_only={arch}"], capture_output=True,
+                              text=True, timeout=600)
+        assert made.returncode == 0 and (bases / f"base_{arch}.pt").is_file(), made.stderr[-3000:]
+    assert not (tmp_path / "runs.jsonl").exists()
+    args.append(f"study.base_dir={bases}")
     first = subprocess.run(args + ["study.time_budget_s=0.001"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "pretraining" not in first.stdout + first.stderr  # the shared bases were loaded
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 1  # the budget stops after the first run
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,8 +1,9 @@
 """Typed schemas for ``conf/`` (YAML holds values only; these hold the types and defaults).
 
-``register()`` stores ``finetune_schema`` / ``export_schema`` / ``placement_study_schema`` in Hydra's ConfigStore; the primary
-configs extend them, so an unknown key or a wrongly typed value fails at composition. ``validate()``
-adds the checks that span fields (parallel sizes against heads and experts), before any model is built.
+``register()`` stores ``finetune_schema`` / ``export_schema`` / ``placement_study_schema`` /
+``generate_schema`` in Hydra's ConfigStore; the primary configs extend them, so an unknown key or a wrongly
+typed value fails at composition. ``validate()`` / ``validate_study()`` add the checks that span fields
+(parallel sizes against heads and experts, the study grid), before any model is built.
 """
 
 from dataclasses import dataclass, field
@@ -171,6 +172,7 @@ class StudyConfig:
     plots: bool = True
     shard: str = "0/1"  # "i/n": this process runs every n-th run of the grid from the i-th (one per GPU)
     base_dir: Optional[str] = None  # where the pretrained bases are cached (default output_dir); shared by shards
+    pretrain_only: Optional[str] = None  # mla | twin: make and cache that base, then stop (one process per base)
 
 
 @dataclass
@@ -271,6 +273,8 @@ def validate_study(cfg) -> None:
         errors.append("study.seeds is empty")
     if s.steps <= cfg.optim.warmup_steps:
         errors.append(f"study.steps={s.steps} must exceed optim.warmup_steps={cfg.optim.warmup_steps}")
+    if s.pretrain_only not in (None, "mla", "twin"):
+        errors.append(f"study.pretrain_only={s.pretrain_only!r}; expected mla, twin or null")
     index, _, count = s.shard.partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         errors.append(f"study.shard={s.shard!r}; expected 'i/n' with 0 <= i < n")

@@ -120,6 +120,9 @@ def run_grid(cfg, out: Path, device) -> None:
     runs_path = out / "runs.jsonl"
     done = {(r["arch"], r["variant"], r["lr_scale"], r["seed"]) for r in read_runs(runs_path)}
     todo = [r for r in grid(cfg) if (r[0], r[1].name, r[2], r[3]) not in done]
+    if cfg.study.pretrain_only:
+        base(cfg.study.pretrain_only, cfg, out, device)
+        return
     log.info("%d runs to do (%d already in %s)", len(todo), len(done), runs_path)
     if not todo:
         return
@@ -175,6 +178,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.study.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     run_grid(cfg, out, torch.device(cfg.study.device))
+    if cfg.study.pretrain_only:
+        print(f"bases in {cfg.study.base_dir or out}")
+        return
     for c in report(cfg, out):
         print(f"claim {c['claim']}: {c['verdict']} - {c['text']}")
     print(f"results: {(out / 'summary.md').resolve()}")
