@@ -138,3 +138,15 @@ def test_cfg_job_prints_composed_config():
     assert proc.returncode == 0, proc.stderr
     assert "tensor_parallel: 8" in proc.stdout or "tensor_parallel: ${model.parallel.tensor}" in proc.stdout
     assert "kv_lora_rank: 512" in proc.stdout
+
+
+def test_generate_config_composes():
+    cfg = compose("generate", ["checkpoint=/exports/absorbed", "prompt=hi", "+adapters.a=/adapters/a", "adapter=a"])
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.attention, cfg.tokenizer) == (32, 0.0, "torch", "byte")
+    assert dict(cfg.adapters) == {"a": "/adapters/a"}
+    with pytest.raises(ConfigCompositionException, match="max_new_tokenz"):
+        compose("generate", ["checkpoint=x", "max_new_tokenz=3"])
+
+
+def test_export_config_takes_no_adapter():
+    assert compose("export", ["base=a", "adapter=null", "output=c"]).adapter is None
