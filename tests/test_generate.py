@@ -68,7 +68,7 @@ def test_sampling_is_seeded_and_the_cache_refuses_overflow(absorbed):
     assert torch.equal(one, generate(engine, prompt, 5, temperature=0.8, top_k=20, seed=7)[0])
     cache = engine.new_cache(batch=2, max_length=4)
     engine.forward(prompt, cache)
-    with pytest.raises(ValueError, match="latent cache holds 4 tokens; 4 \\+ 1 requested"):
+    with pytest.raises(ValueError, match="latent cache holds 4 tokens; position 4 requested"):
         engine.forward(prompt[:, :1], cache)
 
 
@@ -80,12 +80,20 @@ def test_engine_refuses_a_non_absorbed_export(trained):  # noqa: F811
         AbsorbedMLAEngine.load(out)
 
 
-def test_generate_cli(absorbed, tmp_path):
-    dump = tmp_path / "logits.pt"
+def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):
+    dump, prompts = tmp_path / "logits.pt", tmp_path / "prompts.txt"
+    prompts.write_text("copy: abc =\ncopy: abcdefg =\n")
     proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.generate", f"checkpoint={absorbed}",
-                           "prompt='copy: abc ='", "max_new_tokens=4", f"dump_logits={dump}"],
+                           f"prompt_file={prompts}", "max_new_tokens=4", f"dump_logits={dump}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "copy: abc =" in proc.stdout and "bytes per token" in proc.stdout + proc.stderr
-    (record,) = torch.load(dump)
-    assert record["logits"].shape[:2] == (1, 4) and record["tokens"].shape == (1, 12 + 4)
+    assert "copy: abc =" in proc.stdout and "copy: abcdefg =" in proc.stdout
+    assert "2 prompts in one batch" in proc.stdout + proc.stderr and "bytes per token" in proc.stdout + proc.stderr
+    records = torch.load(dump)
+    engine = AbsorbedMLAEngine.load(absorbed)
+    for record, prompt_len in zip(records, (12, 16)):  # BOS + the prompt's bytes
+        n = record["logits"].shape[0]
+        assert 1 <= n <= 4 and record["tokens"].shape == (prompt_len + n,)
+        alone = generate(engine, record["tokens"][None, :prompt_len], n)  # the same prompt, unbatched
+        assert torch.equal(alone[0][0], record["tokens"]), record["prompt"]
+        torch.testing.assert_close(alone[1][0], record["logits"], atol=2e-5, rtol=0)

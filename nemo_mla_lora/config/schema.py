@@ -190,7 +190,7 @@ class PlacementStudyConfig:
 class GenerateConfig:
     checkpoint: str = MISSING  # an absorbed export directory
     prompt: Optional[str] = None
-    prompt_file: Optional[str] = None  # one prompt per line (a batch: equal token lengths, or run them one by one)
+    prompt_file: Optional[str] = None  # one prompt per line, all run as one (right-padded) batch
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_k: Optional[int] = None

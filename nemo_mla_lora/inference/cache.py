@@ -2,7 +2,8 @@
 roped shared key k_rope (qk_rope_head_dim values), preallocated for ``max_length`` tokens.
 
 Shapes: c_kv [L, b, T, c], k_rope [L, b, T, dr] (L layers, b batch, T max length, c latent, dr rope dim).
-Every row of the batch holds the same number of tokens (``length``)."""
+Rows may hold different numbers of tokens (``lengths`` [b]): a right-padded prefill leaves row i valid up to
+its prompt length, and each decode step writes row i's new token at position ``lengths[i]``."""
 
 from dataclasses import dataclass
 
@@ -15,32 +16,42 @@ from nemo_mla_lora.mla_spec import MLASpec
 class LatentKVCache:
     c_kv: torch.Tensor
     k_rope: torch.Tensor
-    length: int = 0
+    lengths: torch.Tensor  # [b] valid tokens per row
 
     @classmethod
     def allocate(cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu") -> "LatentKVCache":
         shape = (spec.num_layers, batch, max_length)
         return cls(torch.zeros(*shape, spec.kv_lora_rank, dtype=dtype, device=device),
-                   torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device))
+                   torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
+    @property
+    def length(self) -> int:
+        """The longest row's number of cached tokens."""
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def positions(self, s: int) -> torch.Tensor:
+        """[b, s]: where each row's next ``s`` tokens go (and their rotary positions)."""
+        return self.lengths[:, None] + torch.arange(s, device=self.lengths.device)
 
     @property
     def max_length(self) -> int:
         return self.c_kv.shape[2]
 
-    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store c_kv [b, s, c] and k_rope [b, s, dr] at positions length..length+s-1 of ``layer``;
-        returns that layer's filled cache, [b, t, c] and [b, t, dr] with t = length + s."""
-        s = c_kv.shape[1]
-        end = self.length + s
+    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor):
+        """Store c_kv [b, s, c] and k_rope [b, s, dr] of ``layer`` at ``positions`` [b, s]; returns that layer's
+        cache up to the furthest position written, [b, t, c] and [b, t, dr]."""
+        end = int(positions.max()) + 1
         if end > self.max_length:
-            raise ValueError(f"latent cache holds {self.max_length} tokens; {self.length} + {s} requested")
-        self.c_kv[layer, :, self.length:end] = c_kv
-        self.k_rope[layer, :, self.length:end] = k_rope
+            raise ValueError(f"latent cache holds {self.max_length} tokens; position {end - 1} requested")
+        rows = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None]  # [b, 1]
+        self.c_kv[layer, rows, positions] = c_kv
+        self.k_rope[layer, rows, positions] = k_rope
         return self.c_kv[layer, :, :end], self.k_rope[layer, :, :end]
 
-    def advance(self, s: int) -> None:
-        """After every layer wrote its ``s`` new tokens."""
-        self.length += s
+    def advance(self, new_lengths: torch.Tensor) -> None:
+        """After every layer wrote: row i now holds ``new_lengths[i]`` valid tokens."""
+        self.lengths = new_lengths.to(self.lengths)
 
     def bytes_per_token(self) -> int:
         """Allocated bytes per cached token, all layers."""

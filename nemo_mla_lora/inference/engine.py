@@ -59,12 +59,14 @@ class AbsorbedMLAEngine:
         return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, cache: LatentKVCache, bank=None, adapter_ids=None) -> torch.Tensor:
-        """Logits [b, s, vocab] for tokens [b, s] following the ``cache.length`` cached tokens (prefill when 0).
-        With an ``AdapterBank``, row i runs with adapter ``adapter_ids[i]`` (0: none), unmerged."""
+    def forward(self, tokens: torch.Tensor, cache: LatentKVCache, bank=None, adapter_ids=None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [b, s, vocab] for tokens [b, s] placed after each row's cached tokens (prefill when empty).
+        ``valid`` [b]: how many of the s tokens are real per row (right padding; default all). With an
+        ``AdapterBank``, row i runs with adapter ``adapter_ids[i]`` (0: none), unmerged."""
         m = self.model
         b, s = tokens.shape
-        positions = torch.arange(cache.length, cache.length + s, device=tokens.device).expand(b, s)
+        positions = cache.positions(s)
         x = m.embedding(input_ids=tokens, position_ids=positions)  # [s, b, hidden]
         for i, layer in enumerate(m.decoder.layers):
             corr = bank.for_layer(i, adapter_ids) if bank is not None else NONE
@@ -72,6 +74,6 @@ class AbsorbedMLAEngine:
                                        cache, i, corr, self.backend)
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
-        cache.advance(s)
+        cache.advance(cache.lengths + (s if valid is None else valid.to(cache.lengths)))
         logits, _ = m.output_layer(m.decoder.final_layernorm(x))  # [s, b, vocab]
         return logits.transpose(0, 1)

@@ -6,8 +6,9 @@
     python -m nemo_mla_lora.recipes.generate checkpoint=runs/base_absorbed +adapters.upper=runs/finetune/adapter \
         adapter=upper "prompt='upper: abc ='"
 
-Prints each completion and the latent cache it allocated (bytes per token). ``dump_logits`` saves the
-prompt + generated tokens and every step's logits (``torch.save``) for comparison with another model.
+All prompts run as one batch (right-padded; each row decodes at its own positions). Prints each completion
+and the latent cache it allocated (bytes per token). ``dump_logits`` saves, per prompt, its tokens + the
+generated ones and every step's logits (``torch.save``) for comparison with another model.
 """
 
 import logging
@@ -35,15 +36,26 @@ def prompts(cfg) -> list[str]:
 
 
 def tokenizer(name: str):
-    """(encode: str -> ids with BOS, decode: ids -> str, stop id)."""
+    """(encode: str -> ids with BOS, decode: ids -> str, stop id, pad id)."""
     if name == "byte":
         from nemo_mla_lora.data import tokenizer as tok
 
-        return (lambda text: [tok.BOS] + tok.encode(text)), tok.decode, tok.EOS
+        return (lambda text: [tok.BOS] + tok.encode(text)), tok.decode, tok.EOS, tok.PAD
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(name)
-    return (lambda text: hf(text)["input_ids"]), (lambda ids: hf.decode(ids, skip_special_tokens=True)), hf.eos_token_id
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return (lambda text: hf(text)["input_ids"]), (lambda ids: hf.decode(ids, skip_special_tokens=True)), \
+        hf.eos_token_id, pad
+
+
+def right_padded(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> [b, max length] right-padded with ``pad``, and the lengths [b]."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    out = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out, lengths
 
 
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="generate", version_base=None)
@@ -53,7 +65,7 @@ def main(cfg: DictConfig) -> None:
     from nemo_mla_lora.inference.generate import generate
 
     texts = prompts(cfg)
-    encode, decode, stop = tokenizer(cfg.tokenizer)
+    encode, decode, stop, pad = tokenizer(cfg.tokenizer)
     parallel.init_megatron()
     engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device, cfg.attention)
     bank, ids = None, None
@@ -62,19 +74,20 @@ def main(cfg: DictConfig) -> None:
 
         dtype = next(engine.model.parameters()).dtype
         bank = AdapterBank.load(engine.spec, dict(cfg.adapters), cfg.device, dtype)
-        ids = bank.ids([cfg.adapter])
-    dumps = []
-    for text in texts:  # one request at a time: rows of a batch must have equal lengths
-        prompt = torch.tensor([encode(text)], device=cfg.device)
-        tokens, logits, cache = generate(engine, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                                         stop_token=stop, bank=bank, adapter_ids=ids)
-        new = tokens[0, prompt.shape[1]:].tolist()
-        print(f"{text}{decode(new)}")
-        log.info("%d new tokens; latent cache %d bytes per token (%d layers)", len(new), cache.bytes_per_token(),
-                 engine.spec.num_layers)
-        dumps.append({"prompt": text, "tokens": tokens.cpu(), "logits": logits.cpu()})
+        ids = bank.ids([cfg.adapter] * len(texts))
+    prompt, lengths = right_padded([encode(t) for t in texts], pad, cfg.device)  # one batch, ragged rows
+    tokens, logits, cache = generate(engine, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
+                                     stop_token=stop, bank=bank, adapter_ids=ids, prompt_lengths=lengths)
+    new = tokens[:, prompt.shape[1]:].tolist()
+    for i, text in enumerate(texts):
+        row = new[i][:new[i].index(stop) + 1] if stop in new[i] else new[i]  # up to this row's stop token
+        print(f"{text}{decode(row)}")
+        new[i] = row
+    log.info("%d prompts in one batch; latent cache %d bytes per token (%d layers)", len(texts),
+             cache.bytes_per_token(), engine.spec.num_layers)
     if cfg.dump_logits:
-        torch.save(dumps, cfg.dump_logits)
+        torch.save([{"prompt": t, "tokens": torch.tensor(encode(t) + new[i]), "logits": logits[i, :len(new[i])].cpu()}
+                    for i, t in enumerate(texts)], cfg.dump_logits)
         print(f"logits: {cfg.dump_logits}")
 
 
