@@ -97,7 +97,8 @@ def attention_section(d, b, t, dtype, device, iters, use_triton) -> dict:
     read = {"materialized_sdpa": k.nbytes + v.nbytes}
     read["absorbed_einsum"] = read["absorbed_triton"] = c_kv.nbytes + k_rope.nbytes
     return {"latent_bytes_per_token": latent_alloc / (b * t),
-            "materialized_bytes_per_token": (k.nbytes + v.nbytes) / (b * t), "ms": rows, "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}}
+            "materialized_bytes_per_token": (k.nbytes + v.nbytes) / (b * t), "ms": rows,
+            "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}}
 
 
 def adapter_section(d, b, t, dtype, device, iters, n_adapters: int = 8, rank: int = 16) -> dict:
