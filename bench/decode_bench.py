@@ -131,7 +131,7 @@ def adapter_section(d, b, t, dtype, device, iters, n_adapters: int = 8, rank: in
     def step(with_adapters):
         cache = LatentKVCache(torch.zeros(1, b, t + 1, c, dtype=dtype, device=device),
                               torch.zeros(1, b, t + 1, spec.qk_rope_head_dim, dtype=dtype, device=device),
-                              torch.full((b,), t, device=device))
+                              torch.full((b,), t, device=device), length=t)
         corr = bank.for_layer(0, ids) if with_adapters else None
         return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, *([corr] if corr else []))
 

@@ -171,6 +171,16 @@ class CheckpointReader:
         return out
 
 
+def load_weights(model, state: dict, source: str, absent_ok: tuple = ()):
+    """``model.load_state_dict(state)`` allowing only ``_extra_state`` entries (and keys ending in one of
+    ``absent_ok``) to be missing; anything else missing or unexpected raises. Returns ``model``."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("_extra_state", *absent_ok))]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
 def read_spec(directory) -> MLASpec:
     path = Path(directory) / SPEC_FILE
     if not path.is_file():

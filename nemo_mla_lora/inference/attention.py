@@ -18,9 +18,10 @@ from nemo_mla_lora.inference.adapters import NoCorrections
 NONE = NoCorrections()
 
 
-def project(hidden, attn, positions, corr=NONE):
-    """hidden [s, b, hidden] at ``positions`` [b, s] -> q_nope [s, b, h, dn], q_rope [s, b, h, dr] (roped),
-    c_kv [b, s, c] (normed), k_rope [b, s, dr] (roped). ``corr``: per-request adapter deltas."""
+def project(hidden, attn, positions, table_length: int, corr=NONE):
+    """hidden [s, b, hidden] at ``positions`` [b, s] (all below ``table_length``) -> q_nope [s, b, h, dn],
+    q_rope [s, b, h, dr] (roped), c_kv [b, s, c] (normed), k_rope [b, s, dr] (roped). ``corr``: per-request
+    adapter deltas."""
     cfg = attn.config
     s, b, _ = hidden.shape
     dn, dr, c = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.kv_lora_rank
@@ -33,7 +34,7 @@ def project(hidden, attn, positions, corr=NONE):
     q = q.view(s, b, -1, dn + dr)  # [s, b, h, dn + dr]
     kv = corr.linear("linear_kv_down_proj", hidden, attn.linear_kv_down_proj(hidden)[0])  # [s, b, c + dr]
     c_kv, k_rope = torch.split(kv, [c, dr], dim=-1)
-    emb, mscale = attn.rotary_pos_emb(int(positions.max()) + 1)  # [T, 1, 1, dr]
+    emb, mscale = attn.rotary_pos_emb(table_length)  # [T, 1, 1, dr]; one length: Megatron's lru_cache hits
     emb = emb[positions.T, 0]  # [s, b, 1, dr]: each row at its own positions
     q_rope = apply_rotary_pos_emb(q[..., dn:], emb, config=cfg, mscale=mscale)
     k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), emb, config=cfg, mscale=mscale).squeeze(2)  # [s, b, dr]
@@ -48,7 +49,7 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     ``triton_decode.latent_decode_attention`` (prefill stays in einsums)."""
     s, b, _ = hidden.shape
     positions = cache.positions(s)  # [b, s]
-    q_nope, q_rope, c_kv, k_rope = project(hidden, attn, positions, corr)
+    q_nope, q_rope, c_kv, k_rope = project(hidden, attn, positions, cache.max_length, corr)
     c_all, k_all = cache.write(layer, c_kv, k_rope, positions)  # [b, t, c], [b, t, dr]
     q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
     if backend == "triton" and s == 1:  # decode: one kernel over the cache, every head per tile load

@@ -17,6 +17,7 @@ class LatentKVCache:
     c_kv: torch.Tensor
     k_rope: torch.Tensor
     lengths: torch.Tensor  # [b] valid tokens per row
+    length: int = 0  # the longest row's count, kept on the host: no device sync per layer
 
     @classmethod
     def allocate(cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu") -> "LatentKVCache":
@@ -25,13 +26,10 @@ class LatentKVCache:
                    torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device),
                    torch.zeros(batch, dtype=torch.long, device=device))
 
-    @property
-    def length(self) -> int:
-        """The longest row's number of cached tokens."""
-        return int(self.lengths.max()) if self.lengths.numel() else 0
-
     def positions(self, s: int) -> torch.Tensor:
         """[b, s]: where each row's next ``s`` tokens go (and their rotary positions)."""
+        if self.length + s > self.max_length:
+            raise ValueError(f"latent cache holds {self.max_length} tokens; position {self.length + s - 1} requested")
         return self.lengths[:, None] + torch.arange(s, device=self.lengths.device)
 
     @property
@@ -39,11 +37,9 @@ class LatentKVCache:
         return self.c_kv.shape[2]
 
     def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor):
-        """Store c_kv [b, s, c] and k_rope [b, s, dr] of ``layer`` at ``positions`` [b, s]; returns that layer's
-        cache up to the furthest position written, [b, t, c] and [b, t, dr]."""
-        end = int(positions.max()) + 1
-        if end > self.max_length:
-            raise ValueError(f"latent cache holds {self.max_length} tokens; position {end - 1} requested")
+        """Store c_kv [b, s, c] and k_rope [b, s, dr] of ``layer`` at ``positions`` [b, s] (from ``positions``);
+        returns that layer's cache up to the furthest position written, [b, t, c] and [b, t, dr]."""
+        end = self.length + c_kv.shape[1]
         rows = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None]  # [b, 1]
         self.c_kv[layer, rows, positions] = c_kv
         self.k_rope[layer, rows, positions] = k_rope
@@ -52,6 +48,7 @@ class LatentKVCache:
     def advance(self, new_lengths: torch.Tensor) -> None:
         """After every layer wrote: row i now holds ``new_lengths[i]`` valid tokens."""
         self.lengths = new_lengths.to(self.lengths)
+        self.length = int(self.lengths.max())
 
     def bytes_per_token(self) -> int:
         """Allocated bytes per cached token, all layers."""

@@ -33,7 +33,8 @@ def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: flo
         steps.append(logits)
         token = next_token(logits, temperature, top_k, generator)  # [b]
         tokens.append(token[:, None])
-        done |= token == stop_token if stop_token is not None else done
+        if stop_token is not None:
+            done |= token == stop_token
         if bool(done.all()) or len(steps) == max_new_tokens:
             break
         logits = engine.forward(token[:, None], cache, bank, adapter_ids)[:, -1]

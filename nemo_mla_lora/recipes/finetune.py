@@ -61,11 +61,7 @@ def base_model(cfg, out: Path, spec):
         from nemo_mla_lora.export.sources import open_base
 
         base = open_base(source)
-        state = base.load(base.names)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
-            raise ValueError(f"base {source} does not fit model {cfg.model.name}: missing "
-                             f"{[k for k in missing if not k.endswith('_extra_state')][:5]}, unexpected {unexpected[:5]}")
+        checkpoint.load_weights(model, base.load(base.names), f"base {source} (model {cfg.model.name})")
         log.info("base restored from %s", source)
         return model, source
     if not cfg.data.base_pretrain:

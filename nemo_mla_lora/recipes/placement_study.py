@@ -22,7 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_mla_lora.checkpoint import load_weights
 from nemo_mla_lora.config.schema import register, validate_study
+from nemo_mla_lora.training.metrics import read as read_jsonl
 
 register()
 log = logging.getLogger("nemo_mla_lora.placement_study")
@@ -36,9 +38,8 @@ def pretrain(model, cfg, device) -> None:
     d = cfg.data
     loader = make_loader(d.base_pretrain, d.seq_length, d.packed, cfg.study.batch_size, True, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optim = OmegaConf.merge(cfg.optim, {"lr": d.base_pretrain_lr, "min_lr": d.base_pretrain_lr * cfg.optim.min_lr
-                                        / cfg.optim.lr})
-    losses, _ = train(model, params, loader, d.base_pretrain_lr, d.base_pretrain_steps, optim, device)
+    # train() ends at min_lr / lr of the peak, whatever the peak: the base's schedule has the LoRA one's shape
+    losses, _ = train(model, params, loader, d.base_pretrain_lr, d.base_pretrain_steps, cfg.optim, device)
     log.info("base pretraining: train loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
 
 
@@ -72,11 +73,7 @@ def base(arch: str, cfg, out: Path, device):
 
     def make_base():
         model = build_model(config).to(device)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("_extra_state")]:
-            raise ValueError(f"{arch} base does not fit model {cfg.model.name}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model.requires_grad_(False)
+        return load_weights(model, state, f"{arch} base (model {cfg.model.name})").requires_grad_(False)
 
     return make_base
 
@@ -108,9 +105,7 @@ def grid(cfg) -> list[tuple]:
 
 
 def read_runs(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.is_file() else []
 
 
 def run_grid(cfg, out: Path, device) -> None:
@@ -120,9 +115,6 @@ def run_grid(cfg, out: Path, device) -> None:
     runs_path = out / "runs.jsonl"
     done = {(r["arch"], r["variant"], r["lr_scale"], r["seed"]) for r in read_runs(runs_path)}
     todo = [r for r in grid(cfg) if (r[0], r[1].name, r[2], r[3]) not in done]
-    if cfg.study.pretrain_only:
-        base(cfg.study.pretrain_only, cfg, out, device)
-        return
     log.info("%d runs to do (%d already in %s)", len(todo), len(done), runs_path)
     if not todo:
         return
@@ -177,10 +169,12 @@ def main(cfg: DictConfig) -> None:
     parallel.init_megatron(seed=cfg.seed)
     if cfg.study.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    run_grid(cfg, out, torch.device(cfg.study.device))
+    device = torch.device(cfg.study.device)
     if cfg.study.pretrain_only:
+        base(cfg.study.pretrain_only, cfg, out, device)
         print(f"bases in {cfg.study.base_dir or out}")
         return
+    run_grid(cfg, out, device)
     for c in report(cfg, out):
         print(f"claim {c['claim']}: {c['verdict']} - {c['text']}")
     print(f"results: {(out / 'summary.md').resolve()}")

@@ -18,10 +18,8 @@ def train(model, params, loader, lr: float, steps: int, optim_cfg, device, on_ev
     """``steps`` optimizer steps on ``params``; returns (train losses, pre-clip grad norms). Stops at the
     first non-finite loss. ``on_eval(step)`` is called every ``eval_every`` steps and after the last."""
     o = optim_cfg
-    opt = torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                            weight_decay=o.weight_decay)
     # the schedule's shape does not depend on the LR scale: min_lr is the same fraction of every peak LR
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cpu.lr_lambda(o.warmup_steps, steps, o.min_lr / o.lr))
+    opt, sched = cpu.adamw(params, o, lr, steps, o.min_lr / o.lr)
     batches = itertools.cycle(loader)
     losses, norms = [], []
     model.train()

@@ -32,6 +32,15 @@ def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
     return factor
 
 
+def adamw(params, optim_cfg, lr: float, max_steps: int, min_ratio: float):
+    """AdamW with the config's betas/eps/weight decay, and its warm-up + cosine schedule down to
+    ``min_ratio`` x ``lr``: (optimizer, per-step LambdaLR)."""
+    o = optim_cfg
+    opt = torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                            weight_decay=o.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, max_steps, min_ratio))
+
+
 class MegatronLM(L.LightningModule):
     """A Megatron-Core GPTModel as a LightningModule (only parameters with requires_grad train)."""
 
@@ -49,12 +58,9 @@ class MegatronLM(L.LightningModule):
         self.log("val_loss", masked_loss(self.model, batch), prog_bar=True, on_epoch=True)
 
     def configure_optimizers(self):
-        o = self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                                weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(o.warmup_steps, self.max_steps, o.min_lr / self.lr if self.lr else 0.0))
+        opt, sched = adamw(params, self.optim_cfg, self.lr, self.max_steps,
+                           self.optim_cfg.min_lr / self.lr if self.lr else 0.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
