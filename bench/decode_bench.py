@@ -88,24 +88,46 @@ def attention_section(d, b, t, dtype, device, iters, use_triton) -> dict:
 
     rows = {"materialized_sdpa": timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters),
             "absorbed_einsum": timed(einsums, iters)}
+    sweep = []
     if use_triton:
         from nemo_mla_lora.inference.triton_decode import latent_decode_attention
 
         lengths = torch.full((b,), t, dtype=torch.int32, device=device)
         rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
                                         iters)
+        sweep = kernel_sweep(lambda **kw: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, **kw),
+                             max(5, iters // 2), SWEEP if device.type == "cuda" else [])
+        if sweep:
+            rows["absorbed_triton_best"] = sweep[0]["ms"]
     read = {"materialized_sdpa": k.nbytes + v.nbytes}
-    read["absorbed_einsum"] = read["absorbed_triton"] = c_kv.nbytes + k_rope.nbytes
+    read.update(dict.fromkeys(("absorbed_einsum", "absorbed_triton", "absorbed_triton_best"),
+                              c_kv.nbytes + k_rope.nbytes))
     return {"latent_bytes_per_token": latent_alloc / (b * t),
             "materialized_bytes_per_token": (k.nbytes + v.nbytes) / (b * t), "ms": rows,
-            "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}}
+            "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}, "kernel_sweep": sweep}
 
 
-def adapter_section(d, b, t, dtype, device, iters, n_adapters: int = 8, rank: int = 16) -> dict:
+def kernel_sweep(kernel, iters: int, configs) -> list[dict]:
+    """Time ``kernel(**config)`` for each launch config; fastest first (a config that fails is recorded)."""
+    results = []
+    for cfg in configs:
+        try:
+            results.append(dict(cfg, ms=timed(lambda: kernel(**cfg), iters)))
+        except Exception as e:  # e.g. out of shared memory for a large tile
+            results.append(dict(cfg, ms=float("inf"), error=f"{type(e).__name__}: {str(e)[:120]}"))
+    return sorted(results, key=lambda r: r["ms"])
+
+
+SWEEP = [dict(block_h=bh, block_t=bt, num_warps=w, num_stages=st, splits=sp)
+                 for bh in (16, 32, 64) for bt in (16, 32, 64) for w in (4, 8) for st in (1, 2)
+                 for sp in (None, 4)]
+
+
+def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int = 8, rank: int = 16) -> dict:
     """One attention layer's decode step (projections, absorbed attention, output projection) with
     ``n_adapters`` distinct adapters on every MLA target vs no adapter, same batch and cache."""
     from nemo_mla_lora import parallel
-    from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
+    from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank, NoCorrections
     from nemo_mla_lora.inference.attention import absorbed_attention
     from nemo_mla_lora.inference.cache import LatentKVCache
     from nemo_mla_lora.models.from_spec import config_from_spec
@@ -132,12 +154,14 @@ def adapter_section(d, b, t, dtype, device, iters, n_adapters: int = 8, rank: in
         cache = LatentKVCache(torch.zeros(1, b, t + 1, c, dtype=dtype, device=device),
                               torch.zeros(1, b, t + 1, spec.qk_rope_head_dim, dtype=dtype, device=device),
                               torch.full((b,), t, device=device), length=t)
-        corr = bank.for_layer(0, ids) if with_adapters else None
-        return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, *([corr] if corr else []))
+        corr = bank.for_layer(0, ids) if with_adapters else NoCorrections()
+        return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, corr, backend)
+
+    backend = "triton" if use_triton else "torch"
 
     with torch.no_grad():
         base, multi = timed(step(False), iters), timed(step(True), iters)
-    return {"adapters": n_adapters, "rank": rank, "ms_no_adapter": base, "ms_multi_adapter": multi,
+    return {"adapters": n_adapters, "rank": rank, "attention": backend, "ms_no_adapter": base, "ms_multi_adapter": multi,
             "ratio": multi / base}
 
 
@@ -181,9 +205,18 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dims": a.dims,
               "batch": a.batch, "context": a.context, "dtype": a.dtype,
               "copy_gb_per_s": copy_bandwidth(device, a.iters)}
-    result["attention"] = attention_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton)
-    result["adapters"] = adapter_section(d, a.batch, a.context, dtype, device, a.iters)
-    result["fold"] = fold_section(d, a.batch, dtype, device, a.iters)
+    sections = {"attention": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
+                "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
+                "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
+    for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers
+        try:
+            result[name] = section()
+        except Exception as e:
+            if device.type != "cuda":
+                raise
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps(result, indent=1))
     if a.out:
         with open(a.out, "w") as f:

@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 SITE=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
   || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 REPO=$PWD
 cd /tmp  # import the installed package, not the source tree
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -65,22 +65,35 @@ overhead() {
   return "$rc"
 }
 
-decode() {
+decode() {  # the kernel's GPU tests, then the benchmark
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
+  tail -n 3 "$OUT/decode_tests.log"
   python3 "$REPO/bench/decode_bench.py" --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 
-placement_study() {  # the two bases pretrained side by side (GPUs 0 and 1), then one grid shard per GPU
+placement_study() {  # the two bases pretrained side by side (GPUs 0 and 1), then PER_GPU grid shards per GPU
+  # (the 63 M model leaves an H100 mostly idle: several processes per card fill it). With DECODE_GPU=i,
+  # `decode` runs alone on GPU i while the bases train, and GPU i's shards start when it is done.
   local n; n=$(nvidia-smi -L | wc -l); local bases=/tmp/ps_bases; rm -rf /tmp/ps_*
+  local per=${PER_GPU:-3} deadline=${DEADLINE_S:-560} decode_pid=""
   local args=(model=mla_study_gpu study=gpu "study.base_dir=$bases" "$@")
+  if [ -n "${DECODE_GPU:-}" ]; then (export CUDA_VISIBLE_DEVICES=$DECODE_GPU; decode) & decode_pid=$!; fi
   CUDA_VISIBLE_DEVICES=0 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" study.pretrain_only=mla \
     output_dir=/tmp/ps_base_mla > "$OUT/placement_base_mla.log" 2>&1 &
+  local base_mla=$!
   CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
     study.pretrain_only=twin output_dir=/tmp/ps_base_twin > "$OUT/placement_base_twin.log" 2>&1 &
-  wait
-  for i in $(seq 0 $((n - 1))); do
-    CUDA_VISIBLE_DEVICES=$i timeout 570 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
-      "study.shard=$i/$n" "output_dir=/tmp/ps_$i" > "$OUT/placement_shard$i.log" 2>&1 &
+  wait "$base_mla" $!
+  grep -h "base pretraining" "$OUT"/placement_base_*.log
+  local shards=$((n * per)) budget=$((deadline - SECONDS - 90))  # 90 s: imports + the last run
+  echo "grid: $shards shards, time budget ${budget} s"
+  for i in $(seq 0 $((shards - 1))); do
+    local gpu=$((i % n))
+    ( [ -n "$decode_pid" ] && [ "$gpu" = "${DECODE_GPU:-}" ] && while kill -0 "$decode_pid" 2>/dev/null; do sleep 2; done
+      CUDA_VISIBLE_DEVICES=$gpu timeout $((deadline - SECONDS)) python3 -m nemo_mla_lora.recipes.placement_study \
+        "${args[@]}" "study.shard=$i/$shards" "study.time_budget_s=$budget" "output_dir=/tmp/ps_$i" \
+        > "$OUT/placement_shard$i.log" 2>&1 ) &
   done
   wait
   python3 - "$OUT/placement_runs.jsonl" /tmp/ps_*/runs.jsonl <<'PY'
@@ -93,7 +106,10 @@ for path in sys.argv[2:]:
 open(sys.argv[1], "w").writelines(seen.values())
 print(len(seen), "runs")
 PY
-  tail -n 3 "$OUT"/placement_shard*.log
+  tail -qn 1 "$OUT"/placement_shard*.log
 }
 
-"$@"
+"$@"; rc=$?
+# the device tool returns at most 8 files from $OUT: past that, the logs travel as one archive
+cd "$OUT" && [ "$(ls | wc -l)" -gt 8 ] && tar czf logs.tar.gz -- *.log && rm -f -- *.log
+exit "$rc"

@@ -98,7 +98,9 @@ def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernel_on_gpu_bf16_v3_dims():
+@pytest.mark.parametrize("launch", [{}, dict(block_h=32, num_warps=8), dict(block_h=64, block_t=16, num_warps=8),
+                                    dict(splits=1), dict(splits=3, num_stages=1)])
+def test_kernel_on_gpu_bf16_v3_dims(launch):
     from nemo_mla_lora.inference.triton_decode import latent_decode_attention
 
     b, h, c, d, t = 8, 128, 512, 64, 1000
@@ -106,5 +108,5 @@ def test_kernel_on_gpu_bf16_v3_dims():
     q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
     ck, kr = (torch.randn(b, t, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
     lengths = torch.randint(1, t + 1, (b,), device="cuda", dtype=torch.int32)
-    o = latent_decode_attention(q, qr, ck, kr, lengths, 0.05)
+    o = latent_decode_attention(q, qr, ck, kr, lengths, 0.05, **launch)
     torch.testing.assert_close(o.double(), reference(q, qr, ck, kr, lengths, 0.05), atol=2e-2, rtol=2e-2)

@@ -9,9 +9,15 @@ factored corrections next to the absorbed einsums, never by materializing per-he
 
 with, for ``linear_kv_up_proj``, A [r, c] and B viewed [h, dn + dv, r] split into B_K [h, dn, r] and
 B_V [h, dv, r]. An adapter on ``linear_kv_down_proj`` changes each request's own c_kv and k_rope: the
-cache stays kv_lora_rank + qk_rope_head_dim values per token. Adapters of different ranks are zero-padded
-to the largest (exact); the scale is folded into B. Index legend: b batch, s positions, h heads, d head
-dim, c latent, r rank, n adapters (+1 for "none").
+cache stays kv_lora_rank + qk_rope_head_dim values per token.
+
+Batched without per-row gathers: the n loaded adapters' factors are stacked along the rank, A [n, r, in]
+and B [n, out, r] (ranks zero-padded to the largest, scale folded into B: both exact). Every row is
+projected onto all n*r slots, x A^T -> [s, b, n, r], the slots of other adapters are zeroed by the row's
+one-hot [b, n], and one product with B adds the row's own delta. Each step reads every factor once
+(n*r*(in + out) values) instead of a per-row copy of its adapter's factors; the extra FLOPs, b*n*r*(in +
+out), are small while n*r is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank,
+n loaded adapters.
 """
 
 import torch
@@ -32,13 +38,13 @@ class AdapterBank:
         if unsupported:
             raise ValueError(f"multi-adapter decode applies adapters on the MLA attention linears {SUPPORTED}; "
                              f"merge the others into the base first. Found: {unsupported[:5]}")
-        self.a, self.b = {}, {}  # module -> [n + 1, r, in], [n + 1, out, r]
+        self.a, self.b = {}, {}  # module -> [n, r, in], [n, out, r]; adapter i (1-based id) at slot i - 1
         for m in modules:
             have = [f[m] for f in per_module if m in f]
             r = max(a.shape[0] for a, _, _ in have)
-            a_stack = torch.zeros(len(self.names), r, have[0][0].shape[1], dtype=torch.float64)
-            b_stack = torch.zeros(len(self.names), have[0][1].shape[0], r, dtype=torch.float64)
-            for i, f in enumerate(per_module, start=1):
+            a_stack = torch.zeros(len(per_module), r, have[0][0].shape[1], dtype=torch.float64)
+            b_stack = torch.zeros(len(per_module), have[0][1].shape[0], r, dtype=torch.float64)
+            for i, f in enumerate(per_module):
                 if m in f:
                     a, b, scale = f[m]
                     a_stack[i, :a.shape[0]] = a.double()
@@ -68,50 +74,57 @@ class AdapterBank:
 
 
 class LayerCorrections:
-    """One layer's factored corrections for a batch whose row i uses adapter ``ids[i]``."""
+    """One layer's factored corrections for a batch whose row i uses adapter ``ids[i]`` (0: none)."""
 
     def __init__(self, bank: AdapterBank, prefix: str, ids: torch.Tensor):
-        self.bank, self.prefix, self.ids = bank, prefix, ids
+        self.bank, self.prefix = bank, prefix
+        n = len(bank.names) - 1
+        self.onehot = torch.nn.functional.one_hot(ids.long(), n + 1)[:, 1:]  # [b, n]; the "none" row is all 0
 
     def _factors(self, leaf: str):
         m = f"{self.prefix}.{leaf}"
         if m not in self.bank.a:
             return None
-        return self.bank.a[m][self.ids], self.bank.b[m][self.ids]  # [b, r, in], [b, out, r]
+        a, b = self.bank.a[m], self.bank.b[m]  # [n, r, in], [n, out, r]
+        return a, b, self.onehot.to(a.dtype)
 
     def linear(self, leaf: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [s, b, out] + the row-wise delta of ``leaf`` for x [s, b, in]."""
         f = self._factors(leaf)
         if f is None:
             return y
-        a, b = f
-        return y + torch.einsum("sbr,bor->sbo", torch.einsum("sbi,bri->sbr", x, a), b)
+        a, b, onehot = f
+        z = torch.einsum("sbi,nri->sbnr", x, a) * onehot[None, :, :, None]  # [s, b, n, r]: own slots only
+        return y + torch.einsum("sbnr,nor->sbo", z, b)
 
     def q_lat(self, q_nope: torch.Tensor, q_lat: torch.Tensor) -> torch.Tensor:
-        """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[b, h, d, r] A[b, r, c]."""
+        """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[n, h, d, r] A[n, r, c] (the row's own n)."""
         f = self._kv_up()
         if f is None:
             return q_lat
-        a, b_k, _ = f
-        return q_lat + torch.einsum("bshr,brc->bshc", torch.einsum("sbhd,bhdr->bshr", q_nope, b_k), a)
+        a, b_k, _, onehot = f
+        z = torch.einsum("sbhd,nhdr->bshnr", q_nope, b_k) * onehot[:, None, None, :, None]  # [b, s, h, n, r]
+        return q_lat + torch.einsum("bshnr,nrc->bshc", z, a)
 
     def o(self, o_lat: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """o [s, b, h, dv] + B_V[b, h, dv, r] (A[b, r, c] o_lat[b, s, h, c])."""
+        """o [s, b, h, dv] + B_V[n, h, dv, r] (A[n, r, c] o_lat[b, s, h, c]) (the row's own n)."""
         f = self._kv_up()
         if f is None:
             return o
-        a, _, b_v = f
-        return o + torch.einsum("bshr,bhdr->sbhd", torch.einsum("bshc,brc->bshr", o_lat, a), b_v)
+        a, _, b_v, onehot = f
+        z = torch.einsum("bshc,nrc->bshnr", o_lat, a) * onehot[:, None, None, :, None]  # [b, s, h, n, r]
+        return o + torch.einsum("bshnr,nhdr->sbhd", z, b_v)
 
     def _kv_up(self):
-        """linear_kv_up_proj's A [b, r, c], B_K [b, h, dn, r], B_V [b, h, dv, r] (B viewed [b, h, dn+dv, r])."""
+        """linear_kv_up_proj's A [n, r, c], B_K [n, h, dn, r], B_V [n, h, dv, r] (B viewed [n, h, dn+dv, r])
+        and the one-hot [b, n]."""
         f = self._factors("linear_kv_up_proj")
         if f is None:
             return None
-        a, b = f
+        a, b, onehot = f
         s = self.bank.spec
         view = b.view(b.shape[0], s.num_heads, s.qk_nope_head_dim + s.v_head_dim, -1)
-        return a, view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:]
+        return a, view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:], onehot
 
 
 class NoCorrections:

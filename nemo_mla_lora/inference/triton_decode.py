@@ -7,9 +7,11 @@ adapter corrections):
     o_lat[b, h, :] = sum_t softmax_t(score[b, h, :]) c_kv[b, t, :]                          [b, h, c]
 
 Every head attends to the same c_kv and k_rope (MLA is multi-query in the latent space), so a program
-loads a cache tile once for ``BLOCK_H`` heads. Stage 1: grid (b, head blocks, splits of the cached
-positions); each program keeps a running max, sum and [BLOCK_H, c] accumulator over its split. Stage 2:
-grid (b, h) merges the splits. Rows may hold different numbers of cached tokens (``lengths``).
+loads a cache tile once for ``BLOCK_H`` heads. Stage 1: grid (head blocks, splits of the cached positions,
+b), head blocks varying fastest so that the programs reading one cache tile run side by side and all but
+the first find it in L2; each program keeps a running max, sum and [BLOCK_H, c] accumulator over its
+split. Stage 2: grid (b, h) merges the splits; with one split, stage 1 normalizes and writes the output
+itself. Rows may hold different numbers of cached tokens (``lengths``).
 Index legend: b batch, h heads, t cached positions, c latent (kv_lora_rank), d rope dim.
 
 Runs on CUDA; ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors (the CPU tests do).
@@ -24,8 +26,9 @@ import triton.language as tl
 def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, scale,
                   H, C, D, chunk,
                   s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ab, s_ah, s_as, s_mb, s_mh,
-                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ONE_SPLIT: tl.constexpr):
+    hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     cs, ds = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D)
     hmask = heads < H
@@ -54,8 +57,12 @@ def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, s
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
         m = m_new
+    if ONE_SPLIT:  # acc_out is the output [b, h, c] (s_as unused)
+        acc = acc / l_sum[:, None]
     tl.store(acc_out + b * s_ab + heads[:, None] * s_ah + split * s_as + cs[None, :], acc,
              mask=hmask[:, None] & (cs[None, :] < C))
+    if ONE_SPLIT:
+        return
     tl.store(m_out + b * s_mb + heads * s_mh + split, m, mask=hmask)
     tl.store(l_out + b * s_mb + heads * s_mh + split, l_sum, mask=hmask)
 
@@ -80,30 +87,41 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
+    """Enough programs for two per SM at small batch; one split (no merge pass) when the batch fills the card."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(t_max, 256), triton.cdiv(2 * sms, b * triton.cdiv(h, block_h))))
+
+
 def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
-                            block_h: int = 16, block_t: int = 32) -> torch.Tensor:
+                            block_h: int = 16, block_t: int = 32, num_warps: int = 4,
+                            num_stages: int = 2) -> torch.Tensor:
     """q_lat [b, h, c], q_rope [b, h, d], c_kv [b, T, c], k_rope [b, T, d] (T >= max length, any strides
-    with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in float32."""
+    with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in q_lat's dtype (accumulated in float32)."""
     b, h, c = q_lat.shape
     d = q_rope.shape[-1]
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     if c_kv.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent_decode_attention: the cache's last dim must be contiguous")
     t_max = int(lengths.max())
-    if splits is None:  # enough programs to fill the card at small batch, few merges at large
-        splits = max(1, min(triton.cdiv(t_max, 256), triton.cdiv(256, b * triton.cdiv(h, block_h))))
+    splits = splits or default_splits(b, h, t_max, block_h, q_lat.device)
     chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
     splits = triton.cdiv(t_max, chunk)
-    acc = torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
+    out = torch.empty(b, h, c, dtype=q_lat.dtype, device=q_lat.device)
+    one = splits == 1
+    acc = out if one else torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
     l_sum = torch.empty_like(m)
     block_c, block_d = _pow2(c), _pow2(d)
-    _split_kernel[(b, triton.cdiv(h, block_h), splits)](
+    s_as = 0 if one else acc.stride(2)
+    _split_kernel[(triton.cdiv(h, block_h), splits, b)](
         q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, c, d, chunk,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c_kv.stride(0), c_kv.stride(1),
-        k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d)
-    out = torch.empty(b, h, c, dtype=torch.float32, device=q_lat.device)
-    _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0),
-                          m.stride(1), out.stride(0), out.stride(1), BLOCK_C=block_c, BLOCK_S=_pow2(splits, 2))
+        k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), s_as, m.stride(0), m.stride(1),
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, ONE_SPLIT=one,
+        num_warps=num_warps, num_stages=num_stages)
+    if not one:
+        _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2),
+                              m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=block_c,
+                              BLOCK_S=_pow2(splits, 2))
     return out
