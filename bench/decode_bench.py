@@ -45,6 +45,21 @@ def timed(fn, iters: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graphed(fn):
+    """``fn`` captured once in a CUDA graph -> its replay (what a serving engine's decode step runs: no
+    Python or launch cost between kernels). Warm-up on a side stream first, as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(device, iters: int) -> float:
     """GB/s of a device-to-device copy of 1 GiB (read + write counted), the card's practical ceiling."""
     n = (1 << 30) // 2 if device.type == "cuda" else (1 << 24)
@@ -63,11 +78,13 @@ def spec_of(d: dict):
                    rope_original_max_positions=4096)
 
 
-def attention_section(d, b, t, dtype, device, iters, use_triton) -> dict:
-    """Cache bytes per token and decode attention time: absorbed (kernel, einsums) vs materialized SDPA."""
+def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | None = None) -> dict:
+    """Cache bytes per token and decode attention time: absorbed (kernel, einsums) vs materialized SDPA.
+    ``heads``: fewer heads than the model, as one tensor-parallel rank holds them (the latent cache is not
+    split by heads: every rank keeps all of it)."""
     from nemo_mla_lora.inference.cache import LatentKVCache
 
-    h, c, dr, dn, dv = d["heads"], d["kv_lora_rank"], d["rope"], d["nope"], d["v"]
+    h, c, dr, dn, dv = heads or d["heads"], d["kv_lora_rank"], d["rope"], d["nope"], d["v"]
     before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     cache = LatentKVCache.allocate(spec_of(d), b, t, dtype, device)
     latent_alloc = (torch.cuda.memory_allocated() - before) if device.type == "cuda" else \
@@ -96,15 +113,19 @@ def attention_section(d, b, t, dtype, device, iters, use_triton) -> dict:
         rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
                                         iters)
         sweep = kernel_sweep(lambda **kw: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, **kw),
-                             max(5, iters // 2), SWEEP if device.type == "cuda" else [])
+                             max(5, iters // 2), sweep_configs(h) if device.type == "cuda" else [])
         if sweep:
             rows["absorbed_triton_best"] = sweep[0]["ms"]
     read = {"materialized_sdpa": k.nbytes + v.nbytes}
     read.update(dict.fromkeys(("absorbed_einsum", "absorbed_triton", "absorbed_triton_best"),
                               c_kv.nbytes + k_rope.nbytes))
-    return {"latent_bytes_per_token": latent_alloc / (b * t),
+    flops = 2 * b * h * t * (2 * c + dr)  # absorbed: scores over c + dr, then p . c_kv over c
+    return {"heads": h, "latent_bytes_per_token": latent_alloc / (b * t),
             "materialized_bytes_per_token": (k.nbytes + v.nbytes) / (b * t), "ms": rows,
-            "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}, "kernel_sweep": sweep}
+            "gb_per_s": {n: read[n] / ms / 1e6 for n, ms in rows.items()}, "absorbed_flops": flops,
+            "absorbed_flop_per_byte": flops / read["absorbed_einsum"],
+            "absorbed_tflop_per_s": {n: flops / ms / 1e9 for n, ms in rows.items() if n.startswith("absorbed")},
+            "kernel_sweep": sweep}
 
 
 def kernel_sweep(kernel, iters: int, configs) -> list[dict]:
@@ -118,9 +139,12 @@ def kernel_sweep(kernel, iters: int, configs) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])
 
 
-SWEEP = [dict(block_h=bh, block_t=bt, num_warps=w, num_stages=st, splits=sp)
-                 for bh in (16, 32, 64) for bt in (16, 32, 64) for w in (4, 8) for st in (1, 2)
-                 for sp in (None, 4)]
+def sweep_configs(heads: int) -> list[dict]:
+    """Launch configs around the best of the first H200 sweep (bench/README.md); head blocks no wider than
+    the heads."""
+    block_hs = [bh for bh in (16, 32, 64) if bh <= max(16, heads)][-2:]
+    return [dict(block_h=bh, block_t=bt, num_warps=w, num_stages=st, splits=sp) for bh in block_hs
+            for bt in (32, 64, 128) for w in (4, 8) for st in (2, 3) for sp in (None, 8) if bh > 16 or bt < 128]
 
 
 def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int = 8, rank: int = 16) -> dict:
@@ -161,8 +185,12 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
 
     with torch.no_grad():
         base, multi = timed(step(False), iters), timed(step(True), iters)
-    return {"adapters": n_adapters, "rank": rank, "attention": backend, "ms_no_adapter": base, "ms_multi_adapter": multi,
-            "ratio": multi / base}
+        result = {"adapters": n_adapters, "rank": rank, "attention": backend, "ms_no_adapter": base,
+                  "ms_multi_adapter": multi, "ratio": multi / base}
+        if device.type == "cuda":  # the same steps replayed from CUDA graphs: GPU time without launch cost
+            g_base, g_multi = timed(graphed(step(False)), iters), timed(graphed(step(True)), iters)
+            result.update(graph_ms_no_adapter=g_base, graph_ms_multi_adapter=g_multi, graph_ratio=g_multi / g_base)
+    return result
 
 
 def fold_section(d, b, dtype, device, iters) -> dict:
@@ -206,6 +234,8 @@ def main(argv=None) -> int:
               "batch": a.batch, "context": a.context, "dtype": a.dtype,
               "copy_gb_per_s": copy_bandwidth(device, a.iters)}
     sections = {"attention": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
+                "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters,
+                                                           not a.no_triton, heads=max(1, d["heads"] // 8)),
                 "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers

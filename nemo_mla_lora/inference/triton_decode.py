@@ -88,22 +88,24 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
-    """Enough programs for two per SM at small batch; one split (no merge pass) when the batch fills the card."""
+    """About four programs per SM (splitting the cached positions when batch x head blocks is fewer), at
+    least 256 positions per split; one split (no merge pass) when the batch alone fills the card."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(t_max, 256), triton.cdiv(2 * sms, b * triton.cdiv(h, block_h))))
+    return max(1, min(triton.cdiv(t_max, 256), triton.cdiv(4 * sms, b * triton.cdiv(h, block_h))))
 
 
 def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
-                            block_h: int = 16, block_t: int = 32, num_warps: int = 4,
-                            num_stages: int = 2) -> torch.Tensor:
+                            block_h: int = 32, block_t: int = 64, num_warps: int = 4, num_stages: int = 2,
+                            max_length: int | None = None) -> torch.Tensor:
     """q_lat [b, h, c], q_rope [b, h, d], c_kv [b, T, c], k_rope [b, T, d] (T >= max length, any strides
-    with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in q_lat's dtype (accumulated in float32)."""
+    with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in q_lat's dtype (accumulated in float32).
+    ``max_length``: an upper bound of ``lengths`` known on the host (no device sync: CUDA-graph safe)."""
     b, h, c = q_lat.shape
     d = q_rope.shape[-1]
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     if c_kv.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent_decode_attention: the cache's last dim must be contiguous")
-    t_max = int(lengths.max())
+    t_max = max_length if max_length is not None else int(lengths.max())
     splits = splits or default_splits(b, h, t_max, block_h, q_lat.device)
     chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
     splits = triton.cdiv(t_max, chunk)

@@ -80,7 +80,7 @@ class MLALoRAAdapter(nn.Module):
             raise ValueError(f"part mask has {row_mask.numel()} rows, linear has {out_features} output rows")
         dtype = dtype or base.weight.dtype
         device = base.weight.device
-        self._init_rows(out_features, row_mask)
+        self._init_rows(out_features, row_mask, device)
         a_full = torch.empty(dim, in_features, dtype=torch.float32)
         init_a(a_full, a_init)
         if self.base_kind == "row":
@@ -88,8 +88,8 @@ class MLALoRAAdapter(nn.Module):
         self.lora_a = nn.Parameter(a_full.to(device=device, dtype=dtype).contiguous())
         self.lora_b = nn.Parameter(torch.zeros(self.b_rows, dim, device=device, dtype=dtype))
 
-    def _init_rows(self, out_features: int, row_mask: torch.Tensor | None) -> None:
-        """Decide how B's rows map to this rank's output rows; register the scatter index."""
+    def _init_rows(self, out_features: int, row_mask: torch.Tensor | None, device) -> None:
+        """Decide how B's rows map to this rank's output rows; register the scatter index (on ``device``)."""
         rows = torch.arange(out_features) if row_mask is None else row_mask.nonzero().flatten()
         self.part_selective = row_mask is not None
         self.out_local = out_features // self.tp_size if self.base_kind == "column" else out_features
@@ -100,14 +100,14 @@ class MLALoRAAdapter(nn.Module):
                         for r in range(self.tp_size)]
             if len(set(per_rank)) == 1:  # even split: B sharded like the base weight
                 local = rows[(rows >= lo) & (rows < lo + self.out_local)] - lo
-                self.register_buffer("scatter_index", local, persistent=False)
+                self.register_buffer("scatter_index", local.to(device), persistent=False)
                 self.b_rows = per_rank[0]
             else:  # uneven: B whole on every rank, output sliced
                 self.b_replicated = True
-                self.register_buffer("scatter_index", rows, persistent=False)
+                self.register_buffer("scatter_index", rows.to(device), persistent=False)
                 self.b_rows = rows.numel()
         else:
-            self.register_buffer("scatter_index", rows, persistent=False)
+            self.register_buffer("scatter_index", rows.to(device), persistent=False)
             self.b_rows = rows.numel()
 
     def _scatter(self, y_sel: torch.Tensor, out_features: int) -> torch.Tensor:
