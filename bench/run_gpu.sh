@@ -4,7 +4,8 @@
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
 #   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
-#   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: the GPU-size grid, one shard per GPU
+#   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
+#   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
 #   bash bench/run_gpu.sh decode         # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
@@ -72,30 +73,52 @@ decode() {  # the kernel's GPU tests, then the benchmark
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 
-placement_study() {  # the two bases pretrained side by side (GPUs 0 and 1), then PER_GPU grid shards per GPU
-  # (the 63 M model leaves an H100 mostly idle: several processes per card fill it). With DECODE_GPU=i,
-  # `decode` runs alone on GPU i while the bases train, and GPU i's shards start when it is done.
-  local n; n=$(nvidia-smi -L | wc -l); local bases=/tmp/ps_bases; rm -rf /tmp/ps_*
-  local per=${PER_GPU:-3} deadline=${DEADLINE_S:-560} decode_pid=""
-  local args=(model=mla_study_gpu study=gpu "study.base_dir=$bases" "$@")
-  if [ -n "${DECODE_GPU:-}" ]; then (export CUDA_VISIBLE_DEVICES=$DECODE_GPU; decode) & decode_pid=$!; fi
-  CUDA_VISIBLE_DEVICES=0 python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" study.pretrain_only=mla \
-    output_dir=/tmp/ps_base_mla > "$OUT/placement_base_mla.log" 2>&1 &
+PS_ARGS=(model=mla_study_gpu study=gpu study.base_dir=/tmp/ps_bases)
+
+ps_bases() {  # the two bases pretrained side by side (GPUs 0 and 1; cached in /tmp/ps_bases)
+  local n; n=$(nvidia-smi -L | wc -l)
+  CUDA_VISIBLE_DEVICES=0 python3 -m nemo_mla_lora.recipes.placement_study "${PS_ARGS[@]}" "$@" \
+    study.pretrain_only=mla output_dir=/tmp/ps_base_mla > "$OUT/placement_base_mla.log" 2>&1 &
   local base_mla=$!
-  CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) python3 -m nemo_mla_lora.recipes.placement_study "${args[@]}" \
+  CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) python3 -m nemo_mla_lora.recipes.placement_study "${PS_ARGS[@]}" "$@" \
     study.pretrain_only=twin output_dir=/tmp/ps_base_twin > "$OUT/placement_base_twin.log" 2>&1 &
   wait "$base_mla" $!
   grep -h "base pretraining" "$OUT"/placement_base_*.log
-  local shards=$((n * per)) budget=$((deadline - SECONDS - 90))  # 90 s: imports + the last run
-  echo "grid: $shards shards, time budget ${budget} s"
+}
+
+ps_grid() {  # SHARDS grid shards spread over the GPUs in GPUS (default: all), each resuming /tmp/ps_<i>,
+  # stopping new runs DEADLINE_S seconds into this script; a shard on GPU $DECODE_GPU waits for $DECODE_PID
+  local gpus; read -ra gpus <<< "${GPUS:-$(seq -s ' ' 0 $(($(nvidia-smi -L | wc -l) - 1)))}"
+  local shards=${SHARDS:-$((${#gpus[@]} * 3))} deadline=${DEADLINE_S:-560}
+  local budget=$((deadline - SECONDS - 90))  # 90 s: imports + the last run
+  echo "grid: $shards shards on GPUs ${gpus[*]}, time budget ${budget} s"
   for i in $(seq 0 $((shards - 1))); do
-    local gpu=$((i % n))
-    ( [ -n "$decode_pid" ] && [ "$gpu" = "${DECODE_GPU:-}" ] && while kill -0 "$decode_pid" 2>/dev/null; do sleep 2; done
+    local gpu=${gpus[$((i % ${#gpus[@]}))]}
+    ( [ -n "${DECODE_PID:-}" ] && [ "$gpu" = "${DECODE_GPU:-}" ] && while kill -0 "$DECODE_PID" 2>/dev/null; do sleep 2; done
       CUDA_VISIBLE_DEVICES=$gpu timeout $((deadline - SECONDS)) python3 -m nemo_mla_lora.recipes.placement_study \
-        "${args[@]}" "study.shard=$i/$shards" "study.time_budget_s=$budget" "output_dir=/tmp/ps_$i" \
-        > "$OUT/placement_shard$i.log" 2>&1 ) &
+        "${PS_ARGS[@]}" "$@" "study.shard=$i/$shards" "study.time_budget_s=$budget" "output_dir=/tmp/ps_$i" \
+        >> "$OUT/placement_shard$i.log" 2>&1 ) &
   done
   wait
+  ps_merge
+}
+
+placement_study() {  # [overrides]: bases, then the grid (with DECODE_GPU=i, `decode` runs alone on GPU i
+  # while the bases train, and GPU i's shards start when it is done)
+  rm -rf /tmp/ps_*
+  if [ -n "${DECODE_GPU:-}" ]; then (export CUDA_VISIBLE_DEVICES=$DECODE_GPU; decode) & DECODE_PID=$!; fi
+  ps_bases "$@"
+  ps_grid "$@"
+}
+
+placement_continue() {  # [overrides]: the same grid again on a warm machine (bases and finished runs kept);
+  # with DECODE_GPU=i, `decode` runs alone on GPU i meanwhile (keep i out of GPUS)
+  if [ -n "${DECODE_GPU:-}" ]; then (export CUDA_VISIBLE_DEVICES=$DECODE_GPU; decode) & fi
+  ps_grid "$@"
+  wait
+}
+
+ps_merge() {  # every shard's runs.jsonl -> $OUT/placement_runs.jsonl
   python3 - "$OUT/placement_runs.jsonl" /tmp/ps_*/runs.jsonl <<'PY'
 import json, sys
 seen = {}

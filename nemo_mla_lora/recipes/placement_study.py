@@ -88,18 +88,20 @@ def model_leaves(model_cfg, arch: str) -> set:
 
 
 def grid(cfg) -> list[tuple]:
-    """(arch, variant, lr_scale, seed) for every run of this shard ("i/n": every n-th run from the i-th);
-    variants a model lacks are logged and dropped."""
+    """(arch, variant, lr_scale, seed) for every run of this shard ("i/n": every n-th run from the i-th),
+    seed by seed: a grid cut short by its time budget has whole seeds of every variant. Variants a model
+    lacks are logged and dropped."""
     from nemo_mla_lora.study import variants
 
-    runs = []
+    per_arch = []
     for arch, names in ((variants.MLA, cfg.study.variants), (variants.TWIN, cfg.study.twin_variants)):
         if not names:
             continue
         keep, dropped = variants.available(variants.lookup(names, arch), model_leaves(cfg.model, arch))
         if dropped:
             log.info("%s model lacks what %s need: skipped", arch, [v.name for v in dropped])
-        runs += [(arch, v, s, seed) for v in keep for s in cfg.study.lr_scales for seed in cfg.study.seeds]
+        per_arch += [(arch, v) for v in keep]
+    runs = [(arch, v, s, seed) for seed in cfg.study.seeds for arch, v in per_arch for s in cfg.study.lr_scales]
     index, count = (int(x) for x in cfg.study.shard.split("/"))
     return runs[index::count]
 
