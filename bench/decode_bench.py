@@ -6,9 +6,11 @@
 1. KV-cache bytes per token actually allocated: the latent cache (c_kv + k_rope) vs materialized K and V.
 2. Decode attention time per step: absorbed (Triton kernel; einsums) vs materialized K/V through PyTorch
    SDPA; achieved bandwidth (cache bytes read per step / time) as a share of the card's copy bandwidth
-   measured in the same run.
-3. One attention layer's decode step with eight distinct rank-16 adapters on every MLA target, one per
-   group of rows, vs the same batch with no adapter (what a merged checkpoint costs).
+   measured in the same run; at V3's 128 heads and at one tensor-parallel rank's 16 (TP=8). Optionally a
+   sweep of the kernel's launch configs.
+3. A decode step with eight distinct rank-16 adapters on every MLA target, rows spread over them, vs the
+   same batch with no adapter (what a merged checkpoint costs): the attention alone and the whole decoder
+   layer (V3's dense MLP), eager and replayed from a CUDA graph.
 4. Folded products (W_UQ^T W_UK, W_O W_UV per head) vs split weights: parameter bytes and step time.
 Every ratio compares numbers from the same run. Index legend: b batch, t context, h heads, c latent.
 """
@@ -20,8 +22,8 @@ import time
 
 import torch
 
-V3 = dict(hidden=7168, heads=128, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128)
-TINY = dict(hidden=80, heads=4, q_lora_rank=56, kv_lora_rank=40, nope=24, rope=8, v=28)
+V3 = dict(hidden=7168, heads=128, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128, ffn=18432)
+TINY = dict(hidden=80, heads=4, q_lora_rank=56, kv_lora_rank=40, nope=24, rope=8, v=28, ffn=320)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -74,11 +76,12 @@ def spec_of(d: dict):
 
     return MLASpec(hidden_size=d["hidden"], num_layers=1, num_heads=d["heads"], q_lora_rank=d["q_lora_rank"],
                    kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["nope"], qk_rope_head_dim=d["rope"],
-                   v_head_dim=d["v"], vocab_size=512, ffn_hidden_size=4 * d["hidden"], rope_factor=40.0,
+                   v_head_dim=d["v"], vocab_size=512, ffn_hidden_size=d["ffn"], rope_factor=40.0,
                    rope_original_max_positions=4096)
 
 
-def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | None = None) -> dict:
+def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | None = None,
+                      sweep: bool = True) -> dict:
     """Cache bytes per token and decode attention time: absorbed (kernel, einsums) vs materialized SDPA.
     ``heads``: fewer heads than the model, as one tensor-parallel rank holds them (the latent cache is not
     split by heads: every rank keeps all of it)."""
@@ -113,7 +116,7 @@ def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | No
         rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
                                         iters)
         sweep = kernel_sweep(lambda **kw: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, **kw),
-                             max(5, iters // 2), sweep_configs(h) if device.type == "cuda" else [])
+                             max(5, iters // 2), sweep_configs(h) if sweep and device.type == "cuda" else [])
         if sweep:
             rows["absorbed_triton_best"] = sweep[0]["ms"]
     read = {"materialized_sdpa": k.nbytes + v.nbytes}
@@ -147,11 +150,26 @@ def sweep_configs(heads: int) -> list[dict]:
             for bt in (32, 64, 128) for w in (4, 8) for st in (2, 3) for sp in (None, 8) if bh > 16 or bt < 128]
 
 
+def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype):
+    """``n_adapters`` distinct rank-``rank`` adapters (B != 0) on every MLA target of layer 0."""
+    from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
+
+    c, width = spec.kv_lora_rank, spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim)
+    shapes = {n: (m.weight.shape[1], m.weight.shape[0]) for n, m in attn.named_children() if n in SUPPORTED}
+    shapes["linear_kv_up_proj"] = (c, width)
+    gen = torch.Generator().manual_seed(0)
+    factors = {f"a{i}": {f"decoder.layers.0.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
+                                                                torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
+                         for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
+    return AdapterBank(spec, factors, device, dtype)
+
+
 def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int = 8, rank: int = 16) -> dict:
-    """One attention layer's decode step (projections, absorbed attention, output projection) with
-    ``n_adapters`` distinct adapters on every MLA target vs no adapter, same batch and cache."""
+    """A decode step with ``n_adapters`` distinct adapters on every MLA target vs no adapter (what a merged
+    checkpoint costs), same batch and cache: the attention alone (projections, absorbed attention, output
+    projection), and the whole decoder layer (norms, attention, V3's dense MLP)."""
     from nemo_mla_lora import parallel
-    from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank, NoCorrections
+    from nemo_mla_lora.inference.adapters import NoCorrections
     from nemo_mla_lora.inference.attention import absorbed_attention
     from nemo_mla_lora.inference.cache import LatentKVCache
     from nemo_mla_lora.models.from_spec import config_from_spec
@@ -159,37 +177,37 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
 
     parallel.init_megatron()
     spec = spec_of(d)
-    model = build_model(config_from_spec(spec, dtype)).to(device).eval()
-    attn = model.decoder.layers[0].self_attention
-    h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
-    w_uk = torch.randn(h, dn, c, dtype=dtype, device=device) * c ** -0.5
-    w_uv = torch.randn(h, dv, c, dtype=dtype, device=device) * c ** -0.5
-    shapes = {n: (m.weight.shape[1], m.weight.shape[0]) for n, m in attn.named_children() if n in SUPPORTED}
-    shapes["linear_kv_up_proj"] = (c, h * (dn + dv))
-    gen = torch.Generator().manual_seed(0)
-    factors = {f"a{i}": {f"decoder.layers.0.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
-                                                                torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
-                         for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
-    bank = AdapterBank(spec, factors, device, dtype)
+    layer = build_model(config_from_spec(spec, dtype)).to(device).eval().decoder.layers[0]
+    attn, backend = layer.self_attention, "triton" if use_triton else "torch"
+    h, c = spec.num_heads, spec.kv_lora_rank
+    w_uk, w_uv = (torch.randn(h, n, c, dtype=dtype, device=device) * c ** -0.5
+                  for n in (spec.qk_nope_head_dim, spec.v_head_dim))
+    bank = random_bank(spec, attn, n_adapters, rank, device, dtype)
     ids = torch.arange(b, device=device) % n_adapters + 1  # rows spread over the adapters
     x = torch.randn(1, b, spec.hidden_size, dtype=dtype, device=device)
 
-    def step(with_adapters):
+    def step(with_adapters: bool, whole_layer: bool):
         cache = LatentKVCache(torch.zeros(1, b, t + 1, c, dtype=dtype, device=device),
                               torch.zeros(1, b, t + 1, spec.qk_rope_head_dim, dtype=dtype, device=device),
                               torch.full((b,), t, device=device), length=t)
         corr = bank.for_layer(0, ids) if with_adapters else NoCorrections()
-        return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, corr, backend)
+        if not whole_layer:
+            return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, corr, backend)
 
-    backend = "triton" if use_triton else "torch"
+        def run():
+            y = x + absorbed_attention(layer.input_layernorm(x), attn, w_uk, w_uv, cache, 0, corr, backend)
+            return y + layer.mlp(layer.pre_mlp_layernorm(y))[0]
+        return run
 
+    result = {"adapters": n_adapters, "rank": rank, "attention": backend, "mlp_width": spec.ffn_hidden_size}
     with torch.no_grad():
-        base, multi = timed(step(False), iters), timed(step(True), iters)
-        result = {"adapters": n_adapters, "rank": rank, "attention": backend, "ms_no_adapter": base,
-                  "ms_multi_adapter": multi, "ratio": multi / base}
-        if device.type == "cuda":  # the same steps replayed from CUDA graphs: GPU time without launch cost
-            g_base, g_multi = timed(graphed(step(False)), iters), timed(graphed(step(True)), iters)
-            result.update(graph_ms_no_adapter=g_base, graph_ms_multi_adapter=g_multi, graph_ratio=g_multi / g_base)
+        for name, whole in (("attention", False), ("layer", True)):
+            base, multi = timed(step(False, whole), iters), timed(step(True, whole), iters)
+            result[name] = {"ms_no_adapter": base, "ms_multi_adapter": multi, "ratio": multi / base}
+            if device.type == "cuda":  # the same steps replayed from CUDA graphs: GPU time, no launch cost
+                g_base, g_multi = timed(graphed(step(False, whole)), iters), timed(graphed(step(True, whole)), iters)
+                result[name].update(graph_ms_no_adapter=g_base, graph_ms_multi_adapter=g_multi,
+                                    graph_ratio=g_multi / g_base)
     return result
 
 
@@ -226,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (CPU without the interpreter)")
+    p.add_argument("--no-sweep", action="store_true", help="time the kernel's default launch only")
     p.add_argument("--out")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,10 +252,12 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dims": a.dims,
               "batch": a.batch, "context": a.context, "dtype": a.dtype,
               "copy_gb_per_s": copy_bandwidth(device, a.iters)}
-    sections = {"attention": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
-                "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters,
-                                                           not a.no_triton, heads=max(1, d["heads"] // 8)),
-                "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, not a.no_triton),
+    tri, sweep = not a.no_triton, not a.no_sweep
+    sections = {"attention": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, tri,
+                                                       sweep=sweep),
+                "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, tri,
+                                                           heads=max(1, d["heads"] // 8), sweep=sweep),
+                "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, tri),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers
         try:

@@ -6,7 +6,7 @@
 #   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
 #   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
 #   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
-#   bash bench/run_gpu.sh decode         # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
+#   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -69,7 +69,7 @@ overhead() {
 decode() {  # the kernel's GPU tests, then the benchmark
   python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
   tail -n 3 "$OUT/decode_tests.log"
-  python3 "$REPO/bench/decode_bench.py" --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  python3 "$REPO/bench/decode_bench.py" --out "$OUT/decode.json" "$@" > "$OUT/decode.log" 2>&1
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 

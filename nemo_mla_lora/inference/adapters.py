@@ -11,13 +11,14 @@ with, for ``linear_kv_up_proj``, A [r, c] and B viewed [h, dn + dv, r] split int
 B_V [h, dv, r]. An adapter on ``linear_kv_down_proj`` changes each request's own c_kv and k_rope: the
 cache stays kv_lora_rank + qk_rope_head_dim values per token.
 
-Batched without per-row gathers: the n loaded adapters' factors are stacked along the rank, A [n, r, in]
-and B [n, out, r] (ranks zero-padded to the largest, scale folded into B: both exact). Every row is
-projected onto all n*r slots, x A^T -> [s, b, n, r], the slots of other adapters are zeroed by the row's
-one-hot [b, n], and one product with B adds the row's own delta. Each step reads every factor once
-(n*r*(in + out) values) instead of a per-row copy of its adapter's factors; the extra FLOPs, b*n*r*(in +
-out), are small while n*r is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank,
-n loaded adapters.
+Batched without per-row gathers: the n loaded adapters' factors are stacked along the rank into m = n*r
+slots (ranks zero-padded to the largest, scale folded into B: both exact), laid out once at load for
+plain matrix products: A [m, in], B^T [m, out]; for kv-up B_K [h, dn, m] and B_V [h, m, dv]. Every row
+is projected onto all m slots, the slots of other adapters are zeroed by the row's mask [b, m], and one
+product with B adds the row's own delta: three kernels per target (mm, mask, addmm), every factor read
+once per step instead of a per-row copy of its adapter's factors. The extra FLOPs, b*m*(in + out), are
+small while m is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank, n loaded
+adapters, m = n*r slots.
 """
 
 import torch
@@ -38,18 +39,30 @@ class AdapterBank:
         if unsupported:
             raise ValueError(f"multi-adapter decode applies adapters on the MLA attention linears {SUPPORTED}; "
                              f"merge the others into the base first. Found: {unsupported[:5]}")
-        self.a, self.b = {}, {}  # module -> [n, r, in], [n, out, r]; adapter i (1-based id) at slot i - 1
+        self.rank = max((a.shape[0] for f in per_module for a, _, _ in f.values()), default=0)
+        self.a, self.b_t = {}, {}  # module -> A [m, in], B^T [m, out]; adapter i (1-based id) at slots (i-1)*r..
+        self.b_k, self.b_v = {}, {}  # linear_kv_up_proj modules -> B_K [h, dn, m], B_V [h, m, dv]
         for m in modules:
-            have = [f[m] for f in per_module if m in f]
-            r = max(a.shape[0] for a, _, _ in have)
-            a_stack = torch.zeros(len(per_module), r, have[0][0].shape[1], dtype=torch.float64)
-            b_stack = torch.zeros(len(per_module), have[0][1].shape[0], r, dtype=torch.float64)
-            for i, f in enumerate(per_module):
-                if m in f:
-                    a, b, scale = f[m]
-                    a_stack[i, :a.shape[0]] = a.double()
-                    b_stack[i, :, :b.shape[1]] = scale * b.double()
-            self.a[m], self.b[m] = a_stack.to(device, dtype), b_stack.to(device, dtype)
+            a_stack, b_stack = self._stack([f.get(m) for f in per_module])
+            self.a[m], self.b_t[m] = a_stack.to(device, dtype), b_stack.mT.contiguous().to(device, dtype)
+            if m.endswith("linear_kv_up_proj"):  # B^T [m, h*(dn+dv)] -> B_K [h, dn, m], B_V [h, m, dv]
+                dn = spec.qk_nope_head_dim
+                b_heads = self.b_t.pop(m).view(-1, spec.num_heads, dn + spec.v_head_dim)  # [m, h, dn + dv]
+                self.b_k[m] = b_heads[..., :dn].permute(1, 2, 0).contiguous()
+                self.b_v[m] = b_heads[..., dn:].permute(1, 0, 2).contiguous()
+
+    def _stack(self, factors: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """[(A [r_i, in], B [out, r_i], scale) or None per adapter] -> A [n*r, in], B [out, n*r] in float64."""
+        have = [f for f in factors if f is not None]
+        r, n = self.rank, len(factors)
+        a_stack = torch.zeros(n * r, have[0][0].shape[1], dtype=torch.float64)
+        b_stack = torch.zeros(have[0][1].shape[0], n * r, dtype=torch.float64)
+        for i, f in enumerate(factors):
+            if f is not None:
+                a, b, scale = f
+                a_stack[i * r:i * r + a.shape[0]] = a.double()
+                b_stack[:, i * r:i * r + b.shape[1]] = scale * b.double()
+        return a_stack, b_stack
 
     @classmethod
     def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32) -> "AdapterBank":
@@ -66,65 +79,57 @@ class AdapterBank:
             raise ValueError(f"unknown adapters {unknown}; loaded: {self.names[1:]}")
         return torch.tensor([self.names.index(n or "none") for n in names])
 
-    def for_layer(self, layer: int, ids: torch.Tensor) -> "LayerCorrections":
-        return LayerCorrections(self, f"decoder.layers.{layer}.self_attention", ids.to(self._device()))
+    def row_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [b] -> [b, n*r]: 1 on the slots of row i's adapter, 0 elsewhere (all 0 for "none")."""
+        onehot = torch.nn.functional.one_hot(ids.to(self._device()).long(), len(self.names))[:, 1:]  # [b, n]
+        return onehot.repeat_interleave(self.rank, dim=1).to(self._dtype())
+
+    def for_layer(self, layer: int, ids: torch.Tensor, mask: torch.Tensor | None = None) -> "LayerCorrections":
+        """``mask``: ``row_mask(ids)``, computed once per forward and shared by the layers."""
+        return LayerCorrections(self, f"decoder.layers.{layer}.self_attention",
+                                self.row_mask(ids) if mask is None else mask)
 
     def _device(self):
         return next(iter(self.a.values())).device if self.a else "cpu"
 
+    def _dtype(self):
+        return next(iter(self.a.values())).dtype if self.a else torch.float32
+
 
 class LayerCorrections:
-    """One layer's factored corrections for a batch whose row i uses adapter ``ids[i]`` (0: none)."""
+    """One layer's factored corrections for a batch whose row i uses the adapter that ``mask[i]`` selects."""
 
-    def __init__(self, bank: AdapterBank, prefix: str, ids: torch.Tensor):
-        self.bank, self.prefix = bank, prefix
-        n = len(bank.names) - 1
-        self.onehot = torch.nn.functional.one_hot(ids.long(), n + 1)[:, 1:]  # [b, n]; the "none" row is all 0
-
-    def _factors(self, leaf: str):
-        m = f"{self.prefix}.{leaf}"
-        if m not in self.bank.a:
-            return None
-        a, b = self.bank.a[m], self.bank.b[m]  # [n, r, in], [n, out, r]
-        return a, b, self.onehot.to(a.dtype)
+    def __init__(self, bank: AdapterBank, prefix: str, mask: torch.Tensor):
+        self.bank, self.prefix, self.mask = bank, prefix, mask  # mask [b, m]
 
     def linear(self, leaf: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [s, b, out] + the row-wise delta of ``leaf`` for x [s, b, in]."""
-        f = self._factors(leaf)
-        if f is None:
+        m = f"{self.prefix}.{leaf}"
+        if m not in self.bank.a:
             return y
-        a, b, onehot = f
-        z = torch.einsum("sbi,nri->sbnr", x, a) * onehot[None, :, :, None]  # [s, b, n, r]: own slots only
-        return y + torch.einsum("sbnr,nor->sbo", z, b)
+        s, b, _ = x.shape
+        z = (x.reshape(s * b, -1) @ self.bank.a[m].T).view(s, b, -1) * self.mask  # [s, b, m]: own slots only
+        return torch.addmm(y.reshape(s * b, -1), z.view(s * b, -1), self.bank.b_t[m]).view_as(y)
 
     def q_lat(self, q_nope: torch.Tensor, q_lat: torch.Tensor) -> torch.Tensor:
-        """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[n, h, d, r] A[n, r, c] (the row's own n)."""
-        f = self._kv_up()
-        if f is None:
+        """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[h, d, m] A[m, c] (the row's own slots)."""
+        m = self._kv_up()
+        if m is None:
             return q_lat
-        a, b_k, _, onehot = f
-        z = torch.einsum("sbhd,nhdr->bshnr", q_nope, b_k) * onehot[:, None, None, :, None]  # [b, s, h, n, r]
-        return q_lat + torch.einsum("bshnr,nrc->bshc", z, a)
+        z = torch.einsum("sbhd,hdm->bshm", q_nope, self.bank.b_k[m]) * self.mask[:, None, None, :]  # [b, s, h, m]
+        return q_lat + z @ self.bank.a[m]
 
     def o(self, o_lat: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """o [s, b, h, dv] + B_V[n, h, dv, r] (A[n, r, c] o_lat[b, s, h, c]) (the row's own n)."""
-        f = self._kv_up()
-        if f is None:
+        """o [s, b, h, dv] + B_V[h, m, dv] (A[m, c] o_lat[b, s, h, c]) (the row's own slots)."""
+        m = self._kv_up()
+        if m is None:
             return o
-        a, _, b_v, onehot = f
-        z = torch.einsum("bshc,nrc->bshnr", o_lat, a) * onehot[:, None, None, :, None]  # [b, s, h, n, r]
-        return o + torch.einsum("bshnr,nhdr->sbhd", z, b_v)
+        z = (o_lat @ self.bank.a[m].T) * self.mask[:, None, None, :]  # [b, s, h, m]
+        return o + torch.einsum("bshm,hmd->sbhd", z, self.bank.b_v[m])
 
-    def _kv_up(self):
-        """linear_kv_up_proj's A [n, r, c], B_K [n, h, dn, r], B_V [n, h, dv, r] (B viewed [n, h, dn+dv, r])
-        and the one-hot [b, n]."""
-        f = self._factors("linear_kv_up_proj")
-        if f is None:
-            return None
-        a, b, onehot = f
-        s = self.bank.spec
-        view = b.view(b.shape[0], s.num_heads, s.qk_nope_head_dim + s.v_head_dim, -1)
-        return a, view[:, :, :s.qk_nope_head_dim], view[:, :, s.qk_nope_head_dim:], onehot
+    def _kv_up(self) -> str | None:
+        m = f"{self.prefix}.linear_kv_up_proj"
+        return m if m in self.bank.a else None
 
 
 class NoCorrections:

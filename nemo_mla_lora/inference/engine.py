@@ -65,8 +65,9 @@ class AbsorbedMLAEngine:
         b, s = tokens.shape
         positions = cache.positions(s)
         x = m.embedding(input_ids=tokens, position_ids=positions)  # [s, b, hidden]
+        mask = bank.row_mask(adapter_ids) if bank is not None else None  # [b, n*r], one for every layer
         for i, layer in enumerate(m.decoder.layers):
-            corr = bank.for_layer(i, adapter_ids) if bank is not None else NONE
+            corr = bank.for_layer(i, adapter_ids, mask) if bank is not None else NONE
             x = x + absorbed_attention(layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i],
                                        cache, i, corr, self.backend)
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))

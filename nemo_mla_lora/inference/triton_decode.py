@@ -94,14 +94,25 @@ def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
     return max(1, min(triton.cdiv(t_max, 256), triton.cdiv(4 * sms, b * triton.cdiv(h, block_h))))
 
 
+def default_launch(h: int) -> dict:
+    """Fastest launch in the H200 sweeps (bench/README.md): V3's 128 heads are compute-bound, wide head
+    blocks feed the tensor cores; a tensor-parallel rank's 16 heads are bandwidth-bound, one 16-head block."""
+    if h >= 64:
+        return dict(block_h=64, block_t=64, num_warps=8, num_stages=2)
+    return dict(block_h=16, block_t=32, num_warps=4, num_stages=2)
+
+
 def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
-                            block_h: int = 32, block_t: int = 64, num_warps: int = 4, num_stages: int = 2,
-                            max_length: int | None = None) -> torch.Tensor:
+                            block_h: int | None = None, block_t: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None, max_length: int | None = None) -> torch.Tensor:
     """q_lat [b, h, c], q_rope [b, h, d], c_kv [b, T, c], k_rope [b, T, d] (T >= max length, any strides
     with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in q_lat's dtype (accumulated in float32).
     ``max_length``: an upper bound of ``lengths`` known on the host (no device sync: CUDA-graph safe)."""
     b, h, c = q_lat.shape
     d = q_rope.shape[-1]
+    launch = default_launch(h)
+    block_h, block_t = block_h or launch["block_h"], block_t or launch["block_t"]
+    num_warps, num_stages = num_warps or launch["num_warps"], num_stages or launch["num_stages"]
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     if c_kv.stride(-1) != 1 or k_rope.stride(-1) != 1:
         raise ValueError("latent_decode_attention: the cache's last dim must be contiguous")
