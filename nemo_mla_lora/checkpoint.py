@@ -69,7 +69,7 @@ def atomic_dir(path, overwrite: bool = False):
     barrier()
 
 
-def _sharded(flat: dict) -> dict:
+def sharded_tensors(flat: dict) -> dict:
     """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (experts stacked on a leading axis)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
@@ -86,13 +86,6 @@ def _sharded(flat: dict) -> dict:
         out[key] = ShardedTensor.from_rank_offsets(key, torch.stack([experts[e] for e in sorted(experts)]),
                                                    replica_id=0)
     return out
-
-
-def save_tensors(flat: dict, directory) -> None:
-    """Write flat tensors as a Megatron dist-checkpoint (loadable by ``model.sharded_state_dict()``)."""
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(_sharded(flat), str(directory))
 
 
 def write_json(path, obj) -> None:

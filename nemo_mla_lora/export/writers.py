@@ -3,8 +3,8 @@ order and writes into a directory it does not own (the pipeline renames it when 
 
 | format | what | streams? |
 |---|---|---|
-| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | no: one save at the end |
-| mcore | Megatron dist-ckpt, merged, standard layout | no: one save at the end |
+| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: one Megatron save per group |
+| mcore | Megatron dist-ckpt, merged, standard layout | yes: one Megatron save per group |
 | hf | HF DeepSeek-V3 safetensors, one shard per group + index + config.json | yes |
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import save_tensors, write_json
+from nemo_mla_lora.checkpoint import sharded_tensors, write_json
+from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
@@ -23,15 +24,16 @@ def tensor_checksum(t: torch.Tensor) -> str:
 
 class DistCkptWriter:
     def __init__(self, directory: Path, spec):
-        self.directory, self.spec, self.tensors, self.checksums = Path(directory), spec, {}, {}
+        self.directory, self.spec, self.checksums = Path(directory), spec, {}
+        self.stream = StreamingDistCkpt(directory)
 
     def add(self, group: dict) -> None:
         for name, t in group.items():
             self.checksums[name] = tensor_checksum(t)
-        self.tensors.update(group)
+        self.stream.add(sharded_tensors(group))
 
     def finish(self) -> None:
-        save_tensors(self.tensors, self.directory)
+        self.stream.finish()
         write_json(self.directory / "mla_spec.json", self.spec.to_dict())
 
 

@@ -1,0 +1,53 @@
+"""The group-by-group Megatron dist-checkpoint writer against one ``dist_checkpointing.save`` of every
+tensor: same keys, shapes and values through Megatron's own loader, experts stacked as in one call."""
+
+import pytest
+import torch
+
+from nemo_mla_lora.checkpoint import CheckpointError, sharded_tensors
+from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
+
+
+def groups():
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    return [{"embedding.word_embeddings.weight": r(11, 6)},
+            {"decoder.layers.0.self_attention.linear_proj.weight": r(6, 8),
+             "decoder.layers.0.mlp.linear_fc1.weight": r(16, 6)},
+            {"decoder.layers.1.self_attention.linear_proj.weight": r(6, 8),
+             **{f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight": r(4, 6) for e in range(3)}},
+            {"decoder.final_layernorm.weight": r(6), "output_layer.weight": r(11, 6)}]
+
+
+def load_all(directory) -> dict:
+    from megatron.core import dist_checkpointing
+
+    request = dist_checkpointing.load_tensors_metadata(str(directory))
+    return {k: v for k, v in dist_checkpointing.load(request, str(directory)).items()}
+
+
+def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    (tmp_path / "one").mkdir()
+    dist_checkpointing.save(sharded_tensors({k: v for g in groups() for k, v in g.items()}), str(tmp_path / "one"))
+    stream = StreamingDistCkpt(tmp_path / "streamed")
+    for group in groups():
+        stream.add(sharded_tensors(group))
+    stream.finish()
+    assert not list((tmp_path / "streamed").glob(".part*")), "part directories left behind"
+    one, streamed = load_all(tmp_path / "one"), load_all(tmp_path / "streamed")
+    assert sorted(one) == sorted(streamed) and len(one) == 7  # the layer-1 experts are one stacked tensor
+    for key in one:
+        assert torch.equal(one[key], streamed[key]), key
+    stacked = [k for k in streamed if "experts" in k]
+    assert len(stacked) == 1 and streamed[stacked[0]].shape == (3, 4, 6)
+
+
+def test_a_tensor_written_twice_or_nothing_written_fails(mcore, tmp_path):
+    stream = StreamingDistCkpt(tmp_path / "twice")
+    stream.add(sharded_tensors(groups()[0]))
+    with pytest.raises(CheckpointError, match="written twice.*embedding.word_embeddings.weight"):
+        stream.add(sharded_tensors(groups()[0]))
+    with pytest.raises(CheckpointError, match="no tensors"):
+        StreamingDistCkpt(tmp_path / "empty").finish()
