@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
+# The GPU steps of issues 5, 6 and 7 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
 #   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
