@@ -12,6 +12,20 @@ def yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1.0 or not mscale else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# MLASpec field -> Megatron MLATransformerConfig field, for the fields that map one to one. Both directions
+# read it: ``MLASpec.from_megatron`` and ``models/from_spec.config_from_spec``; the MoE fields, whose
+# absent values differ (0 here, None there), are mapped by each beside it.
+MEGATRON_FIELDS = {
+    "hidden_size": "hidden_size", "num_layers": "num_layers", "num_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_head_dim",
+    "qk_rope_head_dim": "qk_pos_emb_head_dim", "v_head_dim": "v_head_dim", "vocab_size": "vocab_size",
+    "ffn_hidden_size": "ffn_hidden_size", "norm_eps": "layernorm_epsilon", "rope_type": "rope_type",
+    "rope_base": "rotary_base", "rope_factor": "rotary_scaling_factor",
+    "rope_original_max_positions": "original_max_position_embeddings", "rope_beta_fast": "beta_fast",
+    "rope_beta_slow": "beta_slow", "rope_mscale": "mscale", "rope_mscale_all_dim": "mscale_all_dim",
+}
+
+
 @dataclass(frozen=True)
 class MLASpec:
     hidden_size: int
@@ -84,13 +98,7 @@ class MLASpec:
         else:
             pattern = tuple(int(x) for x in freq)
         return cls(
-            hidden_size=c.hidden_size, num_layers=c.num_layers, num_heads=c.num_attention_heads,
-            q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_head_dim,
-            qk_rope_head_dim=c.qk_pos_emb_head_dim, v_head_dim=c.v_head_dim, vocab_size=c.vocab_size,
-            ffn_hidden_size=c.ffn_hidden_size, norm_eps=c.layernorm_epsilon, rope_type=c.rope_type,
-            rope_base=c.rotary_base, rope_factor=c.rotary_scaling_factor,
-            rope_original_max_positions=c.original_max_position_embeddings, rope_beta_fast=c.beta_fast,
-            rope_beta_slow=c.beta_slow, rope_mscale=c.mscale, rope_mscale_all_dim=c.mscale_all_dim,
+            **{ours: getattr(c, theirs) for ours, theirs in MEGATRON_FIELDS.items()},
             num_experts=c.num_moe_experts or 0, moe_ffn_hidden_size=c.moe_ffn_hidden_size or 0,
             shared_expert_ffn_hidden_size=c.moe_shared_expert_intermediate_size or 0,
             moe_topk=c.moe_router_topk if c.num_moe_experts else 0,
