@@ -170,7 +170,7 @@ class StudyConfig:
     spike_factor: float = 5.0  # grad norm above factor x the median of the 20 steps before = a spike
     time_budget_s: Optional[float] = None  # stop starting runs after this; a rerun resumes from runs.jsonl
     plots: bool = True
-    shard: str = "0/1"  # "i/n": this process runs every n-th run of the grid from the i-th (one per GPU)
+    shard: str = "0/1"  # "i/n": this process runs every n-th run of the grid from the i-th (GPU shards)
     base_dir: Optional[str] = None  # where the pretrained bases are cached (default output_dir); shared by shards
     pretrain_only: Optional[str] = None  # mla | twin: make and cache that base, then stop (one process per base)
 

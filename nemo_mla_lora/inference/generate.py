@@ -33,9 +33,11 @@ def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: flo
         steps.append(logits)
         token = next_token(logits, temperature, top_k, generator)  # [b]
         tokens.append(token[:, None])
-        if stop_token is not None:
-            done |= token == stop_token
-        if bool(done.all()) or len(steps) == max_new_tokens:
+        if len(steps) == max_new_tokens:
             break
+        if stop_token is not None:  # the only per-step device sync, and only when there is a stop token
+            done |= token == stop_token
+            if bool(done.all()):
+                break
         logits = engine.forward(token[:, None], cache, bank, adapter_ids)[:, -1]
     return torch.cat(tokens, dim=1), torch.stack(steps, dim=1), cache
