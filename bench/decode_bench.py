@@ -187,9 +187,9 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
     x = torch.randn(1, b, spec.hidden_size, dtype=dtype, device=device)
 
     def step(with_adapters: bool, whole_layer: bool):
-        cache = LatentKVCache(torch.zeros(1, b, t + 1, c, dtype=dtype, device=device),
-                              torch.zeros(1, b, t + 1, spec.qk_rope_head_dim, dtype=dtype, device=device),
-                              torch.full((b,), t, device=device), length=t)
+        cache = LatentKVCache.allocate(spec, b, t + 1, dtype, device)  # t tokens cached, room for one more
+        cache.lengths.fill_(t)
+        cache.length = t
         corr = bank.for_layer(0, ids) if with_adapters else NoCorrections()
         if not whole_layer:
             return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, corr, backend)
