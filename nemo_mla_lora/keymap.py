@@ -118,36 +118,3 @@ def hf_to_megatron(state: dict) -> dict:
         out[key] = torch.cat([parts["gate"], parts["up"]], dim=0)
     return out
 
-
-def hf_config(spec, **extra):
-    """An HF ``DeepseekV3Config`` for an ``MLASpec`` (what vLLM / SGLang / transformers load)."""
-    from transformers import DeepseekV3Config
-
-    first_dense = 0
-    while first_dense < spec.num_layers and not spec.is_moe_layer(first_dense):
-        first_dense += 1
-    if spec.num_experts and any(spec.is_moe_layer(i) != (i >= first_dense) for i in range(spec.num_layers)):
-        raise ValueError(f"HF DeepSeek-V3 needs dense layers first, then MoE; got {spec.moe_layer_pattern}")
-    rope_scaling = None
-    if spec.rope_type == "yarn":
-        rope_scaling = {
-            "type": "yarn", "rope_type": "yarn", "factor": spec.rope_factor,
-            "original_max_position_embeddings": spec.rope_original_max_positions,
-            "beta_fast": spec.rope_beta_fast, "beta_slow": spec.rope_beta_slow,
-            "mscale": spec.rope_mscale, "mscale_all_dim": spec.rope_mscale_all_dim,
-        }
-    n_shared = spec.shared_expert_ffn_hidden_size // spec.moe_ffn_hidden_size if spec.num_experts else 0
-    return DeepseekV3Config(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.ffn_hidden_size,
-        moe_intermediate_size=spec.moe_ffn_hidden_size or 1, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-        n_shared_experts=n_shared, n_routed_experts=spec.num_experts or 1,
-        routed_scaling_factor=spec.moe_scaling_factor, kv_lora_rank=spec.kv_lora_rank,
-        q_lora_rank=spec.q_lora_rank, qk_rope_head_dim=spec.qk_rope_head_dim, v_head_dim=spec.v_head_dim,
-        qk_nope_head_dim=spec.qk_nope_head_dim, n_group=spec.moe_num_groups, topk_group=spec.moe_group_topk,
-        num_experts_per_tok=spec.moe_topk or 1, first_k_dense_replace=first_dense if spec.num_experts else spec.num_layers,
-        norm_topk_prob=True, rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_base, rope_scaling=rope_scaling,
-        rope_interleave=True, tie_word_embeddings=False,
-        max_position_embeddings=int(spec.rope_original_max_positions * max(spec.rope_factor, 1.0)),
-        **extra,
-    )

@@ -1,7 +1,14 @@
-"""The dimensions of an MLA (+MoE) model, in one place, read from a Megatron or an HF config.
+"""Everything that changes an MLA (+MoE) model's numbers, in one place: its dimensions, RoPE and routing.
 
+Read from the checkpoint's own config (HF ``config.json``: ``hf_config.spec_from_hf``; our
+``mla_spec.json``; a Megatron config: ``MLASpec.from_megatron``), never typed twice.
 Megatron's ``qk_head_dim`` is the nope part only; here it is written ``qk_nope_head_dim`` in full, and
 ``qk_rope_head_dim`` is Megatron's ``qk_pos_emb_head_dim``.
+
+Routing (DeepSeek's names): ``moe_score_function`` softmax (V2) | sigmoid (V3); ``moe_topk_method`` greedy
+(V2-Lite) | group_limited_greedy (V2: groups ranked by their best expert) | noaux_tc (V3: groups ranked by
+the sum of their two best biased scores, ``e_score_correction_bias`` used for the choice only);
+``moe_norm_topk_prob`` renormalises the chosen weights; ``moe_scaling_factor`` multiplies them.
 """
 
 import math
@@ -39,6 +46,7 @@ class MLASpec:
     vocab_size: int
     ffn_hidden_size: int
     norm_eps: float = 1e-6
+    latent_norm_eps: float = 1e-6  # q/kv latent norms: DeepSeek's code fixes 1e-6 whatever rms_norm_eps says
     rope_type: str = "yarn"
     rope_base: float = 10000.0
     rope_factor: float = 1.0
@@ -55,6 +63,28 @@ class MLASpec:
     moe_group_topk: int = 1
     moe_scaling_factor: float = 1.0
     moe_layer_pattern: tuple = field(default_factory=tuple)  # 1 = MoE layer, 0 = dense
+    moe_score_function: str = "sigmoid"  # softmax | sigmoid
+    moe_topk_method: str = "noaux_tc"  # greedy | group_limited_greedy | noaux_tc
+    moe_norm_topk_prob: bool = True
+    model_type: str = "deepseek_v3"  # the HF model_type the checkpoint came with (deepseek_v2 | deepseek_v3 | kimi_k2)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 0  # the checkpoint's; 0: rope_original_max_positions x rope_factor
+
+    @property
+    def moe_expert_bias(self) -> bool:
+        """V3's ``e_score_correction_bias`` (Megatron's ``router.expert_bias``) exists with noaux_tc only."""
+        return self.num_experts > 0 and self.moe_topk_method == "noaux_tc"
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or int(self.rope_original_max_positions * max(self.rope_factor, 1.0))
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """The cos/sin scale of YaRN (1 for plain RoPE): mscale(factor, mscale) / mscale(factor, mscale_all_dim)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        return yarn_mscale(self.rope_factor, self.rope_mscale) / yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
 
     @property
     def qk_head_dim(self) -> int:
@@ -64,7 +94,7 @@ class MLASpec:
     @property
     def softmax_scale(self) -> float:
         """mscale^2 / sqrt(nope + rope); mscale from the yarn factor and mscale_all_dim (Megatron and HF agree)."""
-        m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
+        m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim) if self.rope_type == "yarn" else 1.0
         return m * m / math.sqrt(self.qk_head_dim)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -83,7 +113,12 @@ class MLASpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MLASpec":
+        """From ``to_dict`` output. Fields added later (routing, model type) take the V3 defaults that every
+        earlier ``mla_spec.json`` had; an unknown field is an error."""
         d = dict(d)
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"mla_spec: unknown fields {unknown}")
         d["moe_layer_pattern"] = tuple(d.get("moe_layer_pattern", ()))
         return cls(**d)
 
@@ -104,31 +139,25 @@ class MLASpec:
             moe_topk=c.moe_router_topk if c.num_moe_experts else 0,
             moe_num_groups=c.moe_router_num_groups or 1, moe_group_topk=c.moe_router_group_topk or 1,
             moe_scaling_factor=c.moe_router_topk_scaling_factor or 1.0, moe_layer_pattern=pattern,
+            **_megatron_routing(c), tie_word_embeddings=bool(c.share_embeddings_and_output_weights),
+            max_position_embeddings=getattr(c, "max_position_embeddings", 0) or 0,
+            model_type="deepseek_v2" if c.moe_router_score_function == "softmax" else "deepseek_v3",
+            latent_norm_eps=getattr(c, "mla_latent_norm_eps", c.layernorm_epsilon),
         )
 
 
-def spec_from_hf(config) -> MLASpec:
-    """From an HF DeepSeek-V3/V2 ``config.json`` (dict or ``PretrainedConfig``)."""
-    c = config if isinstance(config, dict) else config.to_dict()
-    layers = c["num_hidden_layers"]
-    experts = c.get("n_routed_experts") or 0
-    first_dense = c.get("first_k_dense_replace", 0) if experts else layers
-    rope = c.get("rope_scaling") or {}
-    yarn = rope.get("type", rope.get("rope_type")) == "yarn"
-    return MLASpec(
-        hidden_size=c["hidden_size"], num_layers=layers, num_heads=c["num_attention_heads"],
-        q_lora_rank=c.get("q_lora_rank"), kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
-        qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"], vocab_size=c["vocab_size"],
-        ffn_hidden_size=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_type="yarn" if yarn else "rope", rope_base=c.get("rope_theta", 10000.0),
-        rope_factor=rope.get("factor", 1.0) if yarn else 1.0,
-        rope_original_max_positions=rope.get("original_max_position_embeddings", 4096),
-        rope_beta_fast=rope.get("beta_fast", 32.0), rope_beta_slow=rope.get("beta_slow", 1.0),
-        rope_mscale=rope.get("mscale", 1.0), rope_mscale_all_dim=rope.get("mscale_all_dim", 1.0),
-        num_experts=experts, moe_ffn_hidden_size=c.get("moe_intermediate_size", 0) if experts else 0,
-        shared_expert_ffn_hidden_size=(c.get("moe_intermediate_size", 0) * (c.get("n_shared_experts") or 0)
-                                       if experts else 0),
-        moe_topk=c.get("num_experts_per_tok", 0) if experts else 0, moe_num_groups=c.get("n_group") or 1,
-        moe_group_topk=c.get("topk_group") or 1, moe_scaling_factor=c.get("routed_scaling_factor", 1.0),
-        moe_layer_pattern=tuple(0 if i < first_dense else 1 for i in range(layers)),
-    )
+def _megatron_routing(c) -> dict:
+    """Routing fields of a Megatron config (see ``models/from_spec.megatron_routing`` for the inverse)."""
+    if not c.num_moe_experts:
+        return {}
+    if c.moe_router_score_function == "sigmoid":
+        return {"moe_score_function": "sigmoid", "moe_topk_method": "noaux_tc" if c.moe_router_enable_expert_bias
+                else "greedy", "moe_norm_topk_prob": True}
+    grouped = bool(c.moe_router_group_topk) and (c.moe_router_num_groups or 1) > 1
+    if grouped and getattr(c, "moe_router_group_score", "sum") != "max" and c.moe_router_topk // c.moe_router_group_topk != 1:
+        raise ValueError("Megatron's softmax group-limited routing (groups by their top k/topk_group sum) is not "
+                         "DeepSeek-V2's (groups by their best expert); build the config with models/from_spec")
+    if not c.moe_router_pre_softmax:  # softmax over the chosen logits = chosen scores renormalised
+        return {"moe_score_function": "softmax", "moe_topk_method": "greedy", "moe_norm_topk_prob": True}
+    method = "group_limited_greedy" if grouped else "greedy"
+    return {"moe_score_function": "softmax", "moe_topk_method": method, "moe_norm_topk_prob": False}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora import checkpoint
+from nemo_mla_lora import checkpoint, hf_config
 from nemo_mla_lora.export import absorb
 from nemo_mla_lora.export.merge import MergeError, merge_linear
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
@@ -107,7 +107,7 @@ def write_hf_base(state, spec, directory):
     from nemo_mla_lora import keymap
 
     directory.mkdir(parents=True, exist_ok=True)
-    keymap.hf_config(spec).to_json_file(str(directory / "config.json"))
+    hf_config.hf_model_config(spec).to_json_file(str(directory / "config.json"))
     save_file({k: v.contiguous() for k, v in keymap.megatron_to_hf(state).items()}, str(directory / "model.safetensors"))
 
 
@@ -140,7 +140,7 @@ def test_hf_transformers_and_peft_chain(mcore, tmp_path):
 
     spec = MLASpec.from_megatron(tiny_mla_config())
     torch.manual_seed(0)
-    config = keymap.hf_config(spec)
+    config = hf_config.hf_model_config(spec)
     config._attn_implementation = "eager"
     hf = DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():

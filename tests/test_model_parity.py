@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora import keymap
+from nemo_mla_lora import hf_config, keymap
 from nemo_mla_lora.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft.state import base_state_dict
@@ -16,7 +16,7 @@ CONFIGS = {"q_lora": tiny_mla_config, "no_q_lora": tiny_mla_noq_config}
 def hf_model(spec, state):
     from transformers import DeepseekV3ForCausalLM
 
-    config = keymap.hf_config(spec)
+    config = hf_config.hf_model_config(spec)
     config._attn_implementation = "eager"
     model = DeepseekV3ForCausalLM(config).to(next(iter(state.values())).dtype).eval()
     model.load_state_dict(keymap.megatron_to_hf(state), strict=True)

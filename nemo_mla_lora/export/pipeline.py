@@ -72,7 +72,8 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
 def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress) -> dict:
     grouped = groups(source.names)
     order = ["pre"] + list(range(spec.num_layers)) + ["post"]
-    writer = HFWriter(tmp, spec, len(order)) if fmt == "hf" else DistCkptWriter(tmp, spec)
+    writer = (HFWriter(tmp, spec, len(order), getattr(source, "config", None)) if fmt == "hf"
+              else DistCkptWriter(tmp, spec))
     dtype = None
     for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
         names = grouped.get(key, [])

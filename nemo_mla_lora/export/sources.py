@@ -13,7 +13,8 @@ import torch
 from nemo_mla_lora import keymap
 from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, read_spec
 from nemo_mla_lora.export.merge import expand_rows
-from nemo_mla_lora.mla_spec import MLASpec, spec_from_hf
+from nemo_mla_lora.hf_config import spec_from_hf
+from nemo_mla_lora.mla_spec import MLASpec
 from nemo_mla_lora.peft.parts import row_mask
 
 FP8_BLOCK = 128
@@ -66,7 +67,8 @@ class HFBase:
         config = self.directory / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{directory}: no config.json (not an HF checkpoint)")
-        self.spec = spec_from_hf(json.loads(config.read_text()))
+        self.config = json.loads(config.read_text())  # the source's own, kept by the hf export
+        self.spec = spec_from_hf(self.config, str(config))
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             self.files = json.loads(index.read_text())["weight_map"]

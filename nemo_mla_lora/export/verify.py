@@ -12,7 +12,7 @@ about the merge; the gate weights are still recomputed from each run's own score
 import torch
 
 from nemo_mla_lora.reference import latent
-from nemo_mla_lora.reference.model import decoder_layer, rms_norm, rope_cos_sin
+from nemo_mla_lora.reference.model import decoder_layer, output_weight, rms_norm, rope_cos_sin
 
 # Relative to the largest |logit| of the reference (at least 1): max |diff| <= tolerance * scale.
 # fp32: the merged weights' own rounding (~1e-8 per linear) reaches ~3e-5 x max|logit| on the trained tiny
@@ -38,8 +38,9 @@ def compare_streaming(load_export, load_base, load_factors, spec, absorbed: bool
     tokens = fixed_prompts(spec.vocab_size)
     s = tokens.shape[1]
     cos, sin = rope_cos_sin(spec, torch.arange(s), torch.float32)
-    x_ref = load_base("pre")["embedding.word_embeddings.weight"].float()[tokens]
-    x_exp = load_export("pre")["embedding.word_embeddings.weight"].float()[tokens]
+    pre_ref, pre_exp = _float(load_base("pre")), _float(load_export("pre"))
+    x_ref = pre_ref["embedding.word_embeddings.weight"][tokens]
+    x_exp = pre_exp["embedding.word_embeddings.weight"][tokens]
     cached = 0
     for layer in range(spec.num_layers):
         routing = {}
@@ -51,9 +52,9 @@ def compare_streaming(load_export, load_base, load_factors, spec, absorbed: bool
             cached += cache.values_per_token()
         else:
             x_exp = decoder_layer(x_exp, exported, None, layer, spec, cos, sin, routing=routing)
-    post_ref, post_exp = _float(load_base("post")), _float(load_export("post"))
-    reference = rms_norm(x_ref, post_ref["decoder.final_layernorm.weight"], spec.norm_eps) @ post_ref["output_layer.weight"].T
-    logits = rms_norm(x_exp, post_exp["decoder.final_layernorm.weight"], spec.norm_eps) @ post_exp["output_layer.weight"].T
+    post_ref, post_exp = {**pre_ref, **_float(load_base("post"))}, {**pre_exp, **_float(load_export("post"))}
+    reference = rms_norm(x_ref, post_ref["decoder.final_layernorm.weight"], spec.norm_eps) @ output_weight(post_ref, spec).T
+    logits = rms_norm(x_exp, post_exp["decoder.final_layernorm.weight"], spec.norm_eps) @ output_weight(post_exp, spec).T
     return _report(logits, reference, tokens, tolerance, dtype, cached if absorbed else None)
 
 

@@ -16,6 +16,7 @@ import torch
 from nemo_mla_lora import keymap
 from nemo_mla_lora.checkpoint import sharded_tensors, write_json
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
+from nemo_mla_lora.hf_config import hf_config_dict
 
 
 def tensor_checksum(t: torch.Tensor) -> str:
@@ -38,9 +39,12 @@ class DistCkptWriter:
 
 
 class HFWriter:
-    def __init__(self, directory: Path, spec, num_groups: int):
+    """``source_config``: the HF base's own config.json (kept, with the written dtype), None for our bases."""
+
+    def __init__(self, directory: Path, spec, num_groups: int, source_config: dict | None = None):
         self.directory, self.spec, self.num_groups = Path(directory), spec, num_groups
-        self.weight_map, self.checksums, self.index = {}, {}, 0
+        self.source_config = source_config
+        self.weight_map, self.checksums, self.index, self.dtype = {}, {}, 0, None
 
     def add(self, group: dict) -> None:
         from safetensors.torch import save_file
@@ -50,6 +54,7 @@ class HFWriter:
         hf = {k: v.contiguous() for k, v in keymap.megatron_to_hf(group).items()}
         save_file(hf, str(self.directory / shard), metadata={"format": "pt"})
         for name, t in hf.items():
+            self.dtype = self.dtype or str(t.dtype).removeprefix("torch.")
             self.weight_map[name] = shard
             self.checksums[name] = tensor_checksum(t)
 
@@ -57,7 +62,7 @@ class HFWriter:
         total = sum((self.directory / f).stat().st_size for f in set(self.weight_map.values()))
         write_json(self.directory / "model.safetensors.index.json",
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))})
-        keymap.hf_config(self.spec, torch_dtype="bfloat16").to_json_file(str(self.directory / "config.json"))
+        write_json(self.directory / "config.json", hf_config_dict(self.spec, self.dtype, self.source_config))
 
 
 def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, base_name: str | None = None) -> list:

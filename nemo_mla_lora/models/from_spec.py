@@ -1,22 +1,67 @@
-"""An ``MLASpec`` (what every checkpoint of ours carries in ``mla_spec.json``) -> NeMo's DeepSeek-V3 config
-with the TE-free layer spec, so that a Megatron-Core model can be built for any export without its YAML."""
+"""An ``MLASpec`` (read from the checkpoint) -> NeMo's DeepSeek config (a Megatron-Core ``MLATransformerConfig``).
+
+The one place the architecture becomes Megatron fields: dimensions, RoPE, routing, tied embeddings. Training
+(both trainers), the engine and the tests build their models through it, so a model is configured from its
+checkpoint and nothing else. Without Transformer Engine the TE-free layer spec and no fusions.
+"""
 
 import torch
 
 from nemo_mla_lora.mla_spec import MEGATRON_FIELDS, MLASpec
-from nemo_mla_lora.models.tiny import mla_config
 
 
-def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32):
-    moe = spec.num_experts > 0
-    return mla_config(
-        dtype, **{theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()},
-        seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.rope_original_max_positions,
-        num_moe_experts=spec.num_experts or None, moe_ffn_hidden_size=spec.moe_ffn_hidden_size if moe else None,
+def megatron_routing(spec: MLASpec) -> dict:
+    """Megatron router fields reproducing DeepSeek's routing exactly (see ``reference.model.route``).
+
+    softmax + greedy, no renormalisation = Megatron's pre-softmax top-k; sigmoid + noaux_tc = sigmoid with
+    expert bias (Megatron renormalises, as V3 does). V2's group_limited_greedy ranks groups by their best
+    expert, Megatron by the sum of the top k/topk_group: equal when that is 1, else ``GroupMaxRouter``
+    (``models/layer_spec.py``) replaces the router, flagged by ``moe_router_group_score='max'``."""
+    if not spec.num_experts:
+        return dict(num_moe_experts=None, moe_ffn_hidden_size=None, moe_shared_expert_intermediate_size=None,
+                    moe_router_num_groups=None, moe_router_group_topk=None, moe_router_topk_scaling_factor=None,
+                    moe_router_enable_expert_bias=False, moe_layer_freq=[0] * spec.num_layers)
+    grouped = spec.moe_topk_method != "greedy" and spec.moe_num_groups > 1
+    return dict(
+        num_moe_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size or None,
-        moe_router_topk=spec.moe_topk if moe else 2, moe_router_num_groups=spec.moe_num_groups if moe else None,
-        moe_router_group_topk=spec.moe_group_topk if moe else None,
-        moe_router_topk_scaling_factor=spec.moe_scaling_factor if moe else None,
-        moe_router_enable_expert_bias=moe,
-        moe_layer_freq=list(spec.moe_layer_pattern) if moe else [0] * spec.num_layers,
+        moe_router_topk=spec.moe_topk, moe_router_num_groups=spec.moe_num_groups if grouped else None,
+        moe_router_group_topk=spec.moe_group_topk if grouped else None,
+        moe_router_topk_scaling_factor=spec.moe_scaling_factor,
+        moe_router_score_function=spec.moe_score_function, moe_router_pre_softmax=spec.moe_score_function == "softmax",
+        moe_router_enable_expert_bias=spec.moe_expert_bias, moe_layer_freq=list(spec.moe_layer_pattern),
     )
+
+
+def group_score(spec: MLASpec) -> str:
+    """'max' where Megatron's group-limited top-k (sum of top k/topk_group) differs from V2's (best expert)."""
+    v2_grouped = spec.num_experts and spec.moe_topk_method == "group_limited_greedy" and spec.moe_num_groups > 1
+    return "max" if v2_grouped and spec.moe_topk // spec.moe_group_topk != 1 else "sum"
+
+
+def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overrides):
+    """NeMo ``DeepSeekV2Config`` / ``DeepSeekV3Config`` for ``spec`` (by its ``model_type``); ``overrides`` are
+    Megatron fields that win (parallel layout, sequence length, fusions; tests shrink models with them)."""
+    from nemo.collections.llm import DeepSeekV2Config, DeepSeekV3Config
+
+    from nemo_mla_lora import te_compat
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec
+    from nemo_mla_lora.models.tiny import CPU_SAFE
+
+    args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
+    args.update(megatron_routing(spec))
+    args.update(
+        seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.max_positions,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings, moe_aux_loss_coeff=0.0,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        init_method_std=0.02,
+    )
+    if te_compat.apply():  # Transformer Engine absent: its shims, the local spec, no fusions
+        args.update(CPU_SAFE, transformer_layer_spec=local_mla_block_spec,
+                    use_cpu_initialization=not torch.cuda.is_available())
+    args.update(overrides)
+    cls = DeepSeekV2Config if spec.model_type == "deepseek_v2" else DeepSeekV3Config
+    config = cls(**args)
+    config.moe_router_group_score = group_score(spec)  # read by layer_spec.DeepSeekMoELayer
+    config.mla_latent_norm_eps = spec.latent_norm_eps  # read by layer_spec.LatentNorm
+    return config

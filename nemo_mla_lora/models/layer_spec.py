@@ -10,6 +10,12 @@ Two substitutions in megatron-core's local spec:
    ``LocalMLASelfAttention`` makes that linear a ``KVDownProjection``, whose output is gathered over TP
    so that k_pe's gradient is all-reduced (or, under sequence parallelism, reduce-scattered by MLA's own
    sequence gather of k_pe), as with TE's duplicated down projection.
+4. DeepSeek-V2's group-limited routing ranks expert groups by their best expert; Megatron's group-limited
+   top-k by the sum of the top k/topk_group. ``DeepSeekMoELayer`` swaps in ``GroupMaxRouter`` where the
+   config says ``moe_router_group_score='max'`` (``models/from_spec.group_score``).
+5. DeepSeek's q/kv latent norms use eps 1e-6 whatever ``rms_norm_eps`` says (its modeling code, and
+   transformers', build them with the default); Megatron uses ``layernorm_epsilon``. ``LatentNorm`` takes
+   ``config.mla_latent_norm_eps`` (Moonlight: rms_norm_eps 1e-5, latent norms 1e-6).
 3. The local norm (``WrappedTorchNorm``) refuses sequence parallelism. ``SequenceParallelTorchNorm``
    builds the same ``torch.nn.RMSNorm``/``LayerNorm`` and, as apex's and TE's norms do, tags its weight
    ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient across TP.
@@ -22,6 +28,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 
@@ -105,6 +113,45 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+class GroupMaxRouter(TopKRouter):
+    """DeepSeek-V2's group_limited_greedy: softmax scores [n, E]; the topk_group groups with the best single
+    expert are kept; the top-k experts among them, weights = their scores x the scaling factor (V2 does not
+    renormalise). No load-balancing loss or token dropping: refused where configured."""
+
+    def routing(self, logits: torch.Tensor):
+        c = self.config
+        if self.is_aux_loss_enabled() or c.moe_expert_capacity_factor is not None:
+            raise ValueError("group_limited_greedy routing (DeepSeek-V2) runs without aux loss and token dropping; "
+                             "set moe_aux_loss_coeff=0 and moe_expert_capacity_factor=None")
+        logits = logits.view(-1, c.num_moe_experts)  # [n, E]
+        n, e, g = logits.shape[0], c.num_moe_experts, c.moe_router_num_groups
+        scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [n, E]
+        best = scores.view(n, g, e // g).amax(-1)  # [n, g]
+        keep = torch.zeros_like(best).scatter(1, best.topk(c.moe_router_group_topk, dim=-1)[1], 1).bool()
+        keep = keep[:, :, None].expand(n, g, e // g).reshape(n, e)  # [n, E]
+        probs, top = scores.masked_fill(~keep, 0.0).topk(self.topk, dim=-1)  # [n, k]
+        probs = (probs * (c.moe_router_topk_scaling_factor or 1.0)).type_as(logits)
+        routing_probs = torch.zeros_like(logits).scatter(1, top, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.int32).scatter(1, top, 1).bool()
+        return routing_probs, routing_map
+
+
+class DeepSeekMoELayer(MoELayer):
+    """Megatron's ``MoELayer`` with ``GroupMaxRouter`` where DeepSeek-V2's group routing needs it."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        if getattr(config, "moe_router_group_score", "sum") == "max":
+            self.router.__class__ = GroupMaxRouter
+
+
+class LatentNorm:
+    """The q/kv latent norm with DeepSeek's own eps (``config.mla_latent_norm_eps``; see the module docstring)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        return SequenceParallelTorchNorm(config, hidden_size, getattr(config, "mla_latent_norm_eps", eps))
+
+
 def _swap_norms(submodules) -> None:
     for name, value in vars(submodules).items():
         if value is WrappedTorchNorm:
@@ -118,7 +165,11 @@ def local_mla_block_spec(config, vp_stage=None):
         layer_spec.submodules.self_attention.module = LocalMLASelfAttention
         layer_spec.submodules.self_attention.submodules.core_attention = MLADotProductAttention
         _swap_norms(layer_spec.submodules)
+        if layer_spec.submodules.mlp.module is MoELayer:
+            layer_spec.submodules.mlp.module = DeepSeekMoELayer
         _swap_norms(layer_spec.submodules.self_attention.submodules)
+        attention = layer_spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.kv_layernorm = LatentNorm
     if spec.layer_norm is WrappedTorchNorm:
         spec.layer_norm = SequenceParallelTorchNorm
     return spec

@@ -1,39 +1,13 @@
-"""Tiny MLA + MoE models for tests and the default recipe, built through NeMo's ``DeepSeekV3Config``.
+"""Tiny MLA + MoE models for tests and the default recipe, built from the package's own HF configs.
 
-Every dimension is distinct where a transposed or mis-split tensor could hide:
-hidden 80, q_lora_rank 56, kv_lora_rank 40 (+ rope 8 = 48 rows of linear_kv_down_proj), 4 heads,
-qk_nope 24, qk_rope 8, v 28 (4*28 = 112 != hidden), dense FFN 120, expert FFN 36, two shared experts (72).
-Layer 0 is dense, the rest MoE (6 routed experts, top-2, 2 groups, sigmoid router with expert bias),
-as DeepSeek-V3 lays them out.
+``models/configs/tiny_mla.json`` is an HF DeepSeek-V3 ``config.json`` like any checkpoint's; every
+dimension is distinct where a transposed or mis-split tensor could hide: hidden 80, q_lora_rank 56,
+kv_lora_rank 40 (+ rope 8 = 48 rows of linear_kv_down_proj), 4 heads, qk_nope 24, qk_rope 8, v 28
+(4*28 = 112 != hidden), dense FFN 120, expert FFN 36, two shared experts (72). Layer 0 is dense, the rest
+MoE (6 routed experts, top-2, 2 groups, sigmoid router with expert bias), as DeepSeek-V3 lays them out.
 """
 
 import torch
-
-from nemo_mla_lora.models.layer_spec import local_mla_block_spec
-
-TINY_DIMS = dict(
-    num_layers=3,
-    hidden_size=80,
-    ffn_hidden_size=120,
-    num_attention_heads=4,
-    q_lora_rank=56,
-    kv_lora_rank=40,
-    qk_head_dim=24,
-    qk_pos_emb_head_dim=8,
-    v_head_dim=28,
-    num_moe_experts=6,
-    moe_ffn_hidden_size=36,
-    moe_shared_expert_intermediate_size=72,
-    moe_router_topk=2,
-    moe_router_num_groups=2,
-    moe_router_group_topk=1,
-    moe_router_topk_scaling_factor=2.5,
-    original_max_position_embeddings=64,
-    rotary_scaling_factor=4.0,
-    seq_length=64,
-    max_position_embeddings=64,
-    vocab_size=264,
-)
 
 # What the CPU (and any TE-free machine) needs: no fusions, local experts, fp32 unless asked.
 CPU_SAFE = dict(
@@ -55,24 +29,19 @@ CPU_SAFE = dict(
 )
 
 
-def mla_config(dtype: torch.dtype = torch.float32, **overrides):
-    """A NeMo ``DeepSeekV3Config`` with the local (TE-free) layer spec; ``overrides`` win."""
-    from nemo.collections.llm import DeepSeekV3Config
+def mla_config(dtype: torch.dtype = torch.float32, name: str = "tiny_mla", **overrides):
+    """NeMo's DeepSeek config for the built-in model ``name`` (``models/configs``), TE-free; ``overrides`` are
+    Megatron fields that win. With ``num_layers`` or ``num_moe_experts`` overridden, the dense/MoE layer
+    pattern keeps the first layer dense (all dense without experts)."""
+    from nemo_mla_lora.models.architecture import builtin_spec
+    from nemo_mla_lora.models.from_spec import config_from_spec
 
-    num_layers = overrides.get("num_layers", TINY_DIMS["num_layers"])
-    dense = "num_moe_experts" in overrides and not overrides["num_moe_experts"]
-    args = dict(TINY_DIMS, **CPU_SAFE)
-    args.update(
-        moe_layer_freq=[0] * num_layers if dense else [0] + [1] * (num_layers - 1),
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        transformer_layer_spec=local_mla_block_spec,
-        init_method_std=0.02,
-    )
-    args.update(overrides)
-    return DeepSeekV3Config(**args)
+    spec = builtin_spec(name)
+    if "num_layers" in overrides or "num_moe_experts" in overrides:
+        layers = overrides.get("num_layers", spec.num_layers)
+        dense = "num_moe_experts" in overrides and not overrides["num_moe_experts"]
+        overrides.setdefault("moe_layer_freq", [0] * layers if dense else [0] + [1] * (layers - 1))
+    return config_from_spec(spec, dtype, **overrides)
 
 
 def tiny_mla_config(dtype: torch.dtype = torch.float32, **overrides):
@@ -82,7 +51,7 @@ def tiny_mla_config(dtype: torch.dtype = torch.float32, **overrides):
 
 def tiny_mla_noq_config(dtype: torch.dtype = torch.float32, **overrides):
     """DeepSeek-V2-Lite / Moonlight style: ``q_lora_rank=None`` (linear_q_proj)."""
-    return mla_config(dtype, **dict(dict(q_lora_rank=None), **overrides))
+    return mla_config(dtype, "tiny_mla_noq", **overrides)
 
 
 def build_model(config, pre_process=None, post_process=None):

@@ -16,7 +16,7 @@ import torch
 
 from nemo_mla_lora.export.absorb import K_UP, V_UP
 from nemo_mla_lora.mla_spec import MLASpec
-from nemo_mla_lora.reference.model import decoder_layer, linear, mla_projections, rms_norm, rope_cos_sin
+from nemo_mla_lora.reference.model import decoder_layer, linear, mla_projections, output_weight, rms_norm, rope_cos_sin
 
 
 @dataclass
@@ -75,7 +75,7 @@ def forward(tokens, state, spec: MLASpec, cache: LatentCache | None = None, rout
             return latent_attention(x_, state_, p_, spec_, cos_, sin_, cache, layer, start)
         x = decoder_layer(x, state, None, layer, spec, cos, sin, attention, chunk)
     x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
-    return x @ state["output_layer.weight"].T, cache
+    return x @ output_weight(state, spec).T, cache
 
 
 def generate_logits(tokens, state, spec: MLASpec, prefill: int, routing: dict | None = None):

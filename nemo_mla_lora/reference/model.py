@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nemo_mla_lora.mla_spec import MLASpec, yarn_mscale
+from nemo_mla_lora.mla_spec import MLASpec
 
 
 def linear(x, state, adapters, name):
@@ -47,8 +47,7 @@ def rope_inv_freq(spec: MLASpec) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1.0 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
-    scale = yarn_mscale(factor, spec.rope_mscale) / yarn_mscale(factor, spec.rope_mscale_all_dim)
-    return inv_freq, scale
+    return inv_freq, spec.rope_attention_factor
 
 
 def rope_cos_sin(spec: MLASpec, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,12 +74,12 @@ def mla_projections(x, state, adapters, p, spec: MLASpec, cos, sin):
         q = linear(x, state, adapters, f"{p}.linear_q_proj")
     else:
         c_q = rms_norm(linear(x, state, adapters, f"{p}.linear_q_down_proj"), state[f"{p}.q_layernorm.weight"],
-                       spec.norm_eps)  # [b, s, rq]
+                       spec.latent_norm_eps)  # [b, s, rq]
         q = linear(c_q, state, adapters, f"{p}.linear_q_up_proj")
     q = q.view(b, s, h, dn + dr)
     q_nope, q_rope = q[..., :dn], q[..., dn:]
     kv = linear(x, state, adapters, f"{p}.linear_kv_down_proj")  # [b, s, c + dr]
-    c_kv = rms_norm(kv[..., :c], state[f"{p}.kv_layernorm.weight"], spec.norm_eps)
+    c_kv = rms_norm(kv[..., :c], state[f"{p}.kv_layernorm.weight"], spec.latent_norm_eps)
     k_rope = apply_rope(kv[..., c:], cos, sin)  # [b, s, dr]
     q_rope = apply_rope(q_rope, cos[:, None, :], sin[:, None, :])  # [b, s, h, dr]
     return q_nope, q_rope, c_kv, k_rope
@@ -106,37 +105,57 @@ def gated_mlp(x, state, adapters, p):
     return linear(F.silu(gate) * up, state, adapters, f"{p}.linear_fc2")
 
 
+def route(tokens, state, p, spec: MLASpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's routing of tokens [n, hidden] -> chosen experts [n, k] and their scores [n, E] (at least fp32).
+
+    V2: softmax scores; greedy top-k, or group_limited_greedy (groups ranked by their best expert).
+    V3: sigmoid scores plus ``expert_bias`` for the choice only; groups ranked by their two best biased scores."""
+    acc = torch.float64 if tokens.dtype == torch.float64 else torch.float32  # router in at least fp32
+    logits = tokens.to(acc) @ state[f"{p}.router.weight"].to(acc).T  # [n, E]
+    n, e, g = logits.shape[0], spec.num_experts, spec.moe_num_groups
+    if spec.moe_score_function == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+        choice = scores
+    else:
+        scores = torch.sigmoid(logits)
+        choice = scores + state[f"{p}.router.expert_bias"].to(acc) if spec.moe_expert_bias else scores
+    if spec.moe_topk_method == "greedy" or g == 1:
+        return choice.topk(spec.moe_topk, dim=-1)[1], scores
+    grouped = choice.view(n, g, e // g)  # [n, g, E/g]
+    group_scores = grouped.amax(-1) if spec.moe_topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+    keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.moe_group_topk, dim=-1)[1], 1)
+    keep = keep_groups[:, :, None].expand(n, g, e // g).reshape(n, e).bool()  # [n, E]
+    return choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1], scores
+
+
 def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
-    """DeepSeek-V3 MoE: sigmoid scores, expert bias for the choice only, group-limited top-k,
-    normalised weights times the scaling factor, plus the shared experts.
+    """DeepSeek MoE: ``route``, the chosen scores (renormalised if ``moe_norm_topk_prob``) times the scaling
+    factor weight each chosen expert, plus the shared experts.
 
     ``routing`` (optional) records the chosen experts per module (``routing[p]`` absent: [b, s, k] is
     stored) or replays them (present): comparisons of two weight sets then cannot differ by a top-k
     tie flipping, only by the weights themselves."""
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])  # [n, hidden]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # router in at least fp32
-    scores = torch.sigmoid(tokens.to(acc) @ state[f"{p}.router.weight"].to(acc).T)  # [n, E]
-    choice = scores + state[f"{p}.router.expert_bias"].to(scores.dtype)  # [n, E]
-    n, e, g = choice.shape[0], spec.num_experts, spec.moe_num_groups
-    group_scores = choice.view(n, g, e // g).topk(spec.moe_topk // spec.moe_group_topk, dim=-1)[0].sum(-1)
-    keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.moe_group_topk, dim=-1)[1], 1)
-    keep = keep_groups[:, :, None].expand(n, g, e // g).reshape(n, e).bool()
-    top = choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1]  # [n, k]
+    top, scores = route(tokens, state, p, spec)  # [n, k], [n, E]
+    n = tokens.shape[0]
     if routing is not None:
         if p in routing:
             top = routing[p].reshape(n, spec.moe_topk)
         else:
             routing[p] = top.view(*shape[:-1], spec.moe_topk)
-    weights = scores.gather(1, top)
-    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * spec.moe_scaling_factor
+    weights = scores.gather(1, top)  # [n, k]
+    if spec.moe_norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = weights * spec.moe_scaling_factor
     out = torch.zeros_like(tokens)
-    for expert in range(e):
+    for expert in range(spec.num_experts):
         rows, slot = torch.where(top == expert)
         if rows.numel():
             y = gated_mlp(tokens[rows], state, adapters, f"{p}.experts.local_experts.{expert}")
             out.index_add_(0, rows, y * weights[rows, slot, None].to(y.dtype))
-    out = out + gated_mlp(tokens, state, adapters, f"{p}.shared_experts")
+    if spec.shared_expert_ffn_hidden_size:
+        out = out + gated_mlp(tokens, state, adapters, f"{p}.shared_experts")
     return out.view(shape)
 
 
@@ -157,4 +176,9 @@ def forward(tokens, state, spec: MLASpec, adapters=None, attention=mla_attention
     for layer in range(spec.num_layers):
         x = decoder_layer(x, state, adapters, layer, spec, cos, sin, attention, routing)
     x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
-    return x @ state["output_layer.weight"].T
+    return x @ output_weight(state, spec).T
+
+
+def output_weight(state, spec: MLASpec) -> torch.Tensor:
+    """The output layer's weight [vocab, hidden]: the embedding's when the model ties them."""
+    return state["embedding.word_embeddings.weight" if spec.tie_word_embeddings else "output_layer.weight"]
