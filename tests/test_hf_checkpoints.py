@@ -122,3 +122,104 @@ def test_unrepresentable_config_refused(hf_checkpoints, field, value, message):
     config = json.loads((hf_checkpoints["v3_noaux_yarn_q"] / "config.json").read_text())
     with pytest.raises(hf_config.UnsupportedConfig, match=message):
         hf_config.spec_from_hf(dict(config, **{field: value}))
+
+
+def finetune_from_hf(directory, out):
+    """``recipes.finetune`` on the HF directory with no model overrides (a few steps, a learning rate that
+    moves B well away from 0), exporting the adapter as HF PEFT through the callback."""
+    from nemo_mla_lora.config.compose import compose
+    from nemo_mla_lora.recipes import finetune
+
+    cfg = compose("finetune", [f"model.checkpoint={directory}", f"output_dir={out}", "trainer.max_steps=4",
+                               "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "optim.lr=0.02",
+                               "optim.warmup_steps=0", "export=hf_peft"])
+    return finetune.run_cpu(cfg, Path(out))
+
+
+def megatron_logits(export_dir, tokens):
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.export.pipeline import read_export
+    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.tiny import build_model
+
+    model = build_model(config_from_spec(checkpoint.read_spec(export_dir)))
+    checkpoint.load_weights(model.eval(), read_export(export_dir, "mcore"), str(export_dir))
+    s = tokens.shape[1]
+    with torch.no_grad():
+        return model(tokens, torch.arange(s).expand_as(tokens), torch.ones(1, 1, s, s, dtype=torch.bool).triu(1))
+
+
+def engine_logits(engine, tokens, prefill: int, bank=None, ids=None):
+    """Prefill ``prefill`` tokens, then decode the rest one at a time: logits [b, s, vocab]."""
+    cache = engine.new_cache(tokens.shape[0], tokens.shape[1])
+    steps = [engine.forward(tokens[:, :prefill], cache, bank, ids)]
+    steps += [engine.forward(tokens[:, i:i + 1], cache, bank, ids) for i in range(prefill, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_finetune_export_and_serve_match_transformers_and_peft(mcore, hf_checkpoints, tmp_path, variant):
+    from nemo_mla_lora.export.pipeline import export
+    from nemo_mla_lora.inference.adapters import AdapterBank
+    from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+
+    directory = hf_checkpoints[variant]
+    summary = finetune_from_hf(directory, tmp_path / "run")
+    assert summary["verify"] is None  # hf_peft: nothing merged to verify
+    adapter, peft_dir = tmp_path / "run" / "adapter", tmp_path / "run" / "export"
+    tokens = prompt_tokens(json.loads((directory / "config.json").read_text())["vocab_size"])
+    with torch.no_grad():
+        base = hf_model(directory)(tokens).logits
+        adapted = hf_model(directory, adapter=peft_dir)(tokens).logits  # transformers + peft, unmerged
+    assert (adapted - base).abs().max() > 1e-2  # B moved: the comparisons below can tell adapter from base
+
+    for fmt in ("hf", "mcore", "absorbed"):
+        report = export(directory, adapter, tmp_path / fmt, fmt=fmt, progress=False)
+        assert report["verify"]["passed"], report["verify"]
+    hf_config_written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    source_config = json.loads((directory / "config.json").read_text())
+    assert hf_config_written["model_type"] == source_config["model_type"]
+    assert hf_config_written["torch_dtype"] == "float32"
+    assert hf_config_written["max_position_embeddings"] == source_config["max_position_embeddings"]
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    with torch.no_grad():
+        merged_hf = hf_model(tmp_path / "hf")(tokens).logits
+    torch.testing.assert_close(merged_hf, adapted, atol=1e-4, rtol=0)
+    torch.testing.assert_close(megatron_logits(tmp_path / "mcore", tokens), adapted, atol=1e-4, rtol=0)
+    engine = AbsorbedMLAEngine.load(tmp_path / "absorbed")
+    torch.testing.assert_close(engine_logits(engine, tokens, prefill=6), adapted, atol=1e-4, rtol=0)
+
+    # the base alone, absorbed, serving the adapter unmerged (AdapterBank) next to a row without it
+    export(directory, None, tmp_path / "absorbed_base", fmt="absorbed", progress=False)
+    engine = AbsorbedMLAEngine.load(tmp_path / "absorbed_base")
+    bank = AdapterBank.load(engine.spec, {"tuned": str(adapter)})
+    rows = engine_logits(engine, tokens, prefill=6, bank=bank, ids=bank.ids(["tuned", None]))
+    torch.testing.assert_close(rows[0], adapted[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(rows[1], base[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_generate_cli_on_plain_rope_matches_transformers(hf_checkpoints, tmp_path):
+    """The CLI (which crashed on plain RoPE): token ids in, every prompt position's logits and the greedy
+    tokens out, equal to transformers' on the same ids."""
+    import subprocess
+    import sys
+
+    directory = hf_checkpoints["v3_noaux_rope_noq"]
+    out = tmp_path / "absorbed"
+    for args in (["nemo_mla_lora.recipes.export", f"base={directory}", "adapter=null", f"output={out}"],
+                 ["nemo_mla_lora.recipes.generate", f"checkpoint={out}", f"prompt_ids_file={tmp_path / 'ids.json'}",
+                  "max_new_tokens=4", f"dump_logits={tmp_path / 'dump.pt'}"]):
+        (tmp_path / "ids.json").write_text(json.dumps([[256, 85, 80, 80, 70], [256, 99]]))
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = torch.load(tmp_path / "dump.pt")
+    model = hf_model(directory)
+    for row in dump:
+        prompt = row["tokens"][: row["prompt_logits"].shape[0]]
+        with torch.no_grad():
+            expected = model(prompt[None]).logits[0]
+            greedy = model.generate(prompt[None], max_new_tokens=4, do_sample=False, eos_token_id=None)[0]
+        torch.testing.assert_close(row["prompt_logits"], expected, atol=1e-4, rtol=0)
+        assert torch.equal(row["tokens"], greedy), (row["tokens"], greedy)

@@ -11,7 +11,7 @@ at the first tensor read). The barrier's wait is bounded by the process-group ti
 default); for longer exports set ``export.enabled=false`` and run ``python -m nemo_mla_lora.recipes.export``.
 
 The base is read from ``base_dir`` when that is one of our base checkpoints (dist-ckpt +
-``mla_spec.json``); otherwise (NeMo's trainer restoring a NeMo checkpoint, say) the frozen base weights
+``mla_spec.json``) or an HF directory; otherwise (NeMo's trainer restoring a NeMo checkpoint, say) the frozen base weights
 are saved once from the live model to ``<output_dir>/base``.
 """
 
@@ -57,8 +57,11 @@ class MLAExportCallback(L.Callback):
         self.result = None
 
     def _base(self, model) -> Path:
-        """Our base checkpoint: ``base_dir`` if it is one, else the live model's frozen weights, saved once."""
-        if self.base_dir is None or not (self.base_dir / checkpoint.SPEC_FILE).is_file():
+        """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
+        NeMo checkpoint, say) the live model's frozen weights, saved once."""
+        readable = self.base_dir is not None and any((self.base_dir / f).is_file()
+                                                     for f in (checkpoint.SPEC_FILE, "config.json"))
+        if not readable:
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
             self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True)
         return self.base_dir

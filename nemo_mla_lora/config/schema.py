@@ -7,7 +7,7 @@ typed value fails at composition. ``validate()`` / ``validate_study()`` add the 
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -29,32 +29,16 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
+    """Which model, not what it is: the architecture comes from ``checkpoint``'s own config (HF config.json,
+    our mla_spec.json, a NeMo checkpoint's context), or, with no checkpoint, from ``config`` (a built-in
+    models/configs/<name>.json or a config.json path). ``arch``: HF config.json fields to change (no
+    checkpoint) or to assert (with one: a contradiction is an error). See models/architecture.py."""
     name: str = MISSING
-    family: str = "deepseek_v3"  # NeMo config class: deepseek_v3 | deepseek_v2
-    num_layers: int = MISSING
-    hidden_size: int = MISSING
-    ffn_hidden_size: int = MISSING
-    num_attention_heads: int = MISSING
-    q_lora_rank: Optional[int] = None
-    kv_lora_rank: int = 512
-    qk_head_dim: int = 128  # Megatron's name: the nope part (qk_nope_head_dim)
-    qk_pos_emb_head_dim: int = 64  # qk_rope_head_dim
-    v_head_dim: int = 128
-    num_moe_experts: Optional[int] = None
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_router_topk: int = 2
-    moe_router_num_groups: Optional[int] = None
-    moe_router_group_topk: Optional[int] = None
-    moe_router_topk_scaling_factor: Optional[float] = None
-    moe_router_score_function: str = "sigmoid"
-    first_dense_layers: int = 1
-    vocab_size: Optional[int] = None
-    seq_length: int = 4096
-    rotary_scaling_factor: float = 40.0
-    original_max_position_embeddings: int = 4096
+    config: Optional[str] = None
+    checkpoint: Optional[str] = None  # HF dir | our dist-ckpt (+ mla_spec.json) | NeMo 2 checkpoint
+    arch: Dict[str, Any] = field(default_factory=dict)
     dtype: str = "bfloat16"
-    checkpoint: Optional[str] = None  # base: trainer=cpu: our dist-ckpt (+ mla_spec.json) or HF dir; megatron: NeMo ckpt
+    seq_length: int = 4096  # training sequence length (positions the rope tables cover)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
@@ -102,7 +86,7 @@ class DataConfig:
     validation: Optional[str] = None
     seq_length: int = 2048
     packed: bool = False
-    tokenizer: Optional[str] = None  # trainer=megatron: byte | HF id/path | unset = the base checkpoint's
+    tokenizer: Optional[str] = None  # byte | HF id/path | unset: the checkpoint's own files (HF dir), else byte
     base_pretrain: Optional[str] = None  # no model.checkpoint: the generic task that makes the base
     base_pretrain_steps: int = 0
     base_pretrain_lr: float = 3e-3
@@ -191,11 +175,12 @@ class GenerateConfig:
     checkpoint: str = MISSING  # an absorbed export directory
     prompt: Optional[str] = None
     prompt_file: Optional[str] = None  # one prompt per line, all run as one (right-padded) batch
+    prompt_ids_file: Optional[str] = None  # JSON list of token-id lists (made by another engine's tokenizer)
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
     top_k: Optional[int] = None
     seed: int = 0
-    tokenizer: str = "byte"  # byte (the embedded tiny models) | an HF tokenizer id/path
+    tokenizer: Optional[str] = None  # byte | an HF tokenizer id/path | unset: the export's own (hf), else byte
     device: str = "cpu"
     dtype: Optional[str] = None  # default: the export's
     dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
@@ -219,26 +204,33 @@ def validate(cfg) -> None:
     """Cross-field checks with expected-vs-actual messages. Raises ValueError."""
     m, t = cfg.model, cfg.trainer
     errors = []
+    from nemo_mla_lora.models.architecture import resolve
+
+    try:
+        spec = resolve(m)  # reads the checkpoint's config only
+    except (ValueError, OSError) as err:
+        raise ValueError(f"invalid config:\n  - model: {err}") from err
     if t.kind not in ("cpu", "megatron"):
         errors.append(f"trainer.kind={t.kind!r}; expected 'cpu' or 'megatron'")
     if t.kind == "cpu" and (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) != (1, 1, 1):
         errors.append("trainer=cpu runs one process: tensor/pipeline/expert parallel must be 1 "
                       f"(got {t.tensor_parallel}/{t.pipeline_parallel}/{t.expert_parallel})")
-    if m.num_attention_heads % t.tensor_parallel:
+    if spec.num_heads % t.tensor_parallel:
         errors.append(f"trainer.tensor_parallel={t.tensor_parallel} does not divide "
-                      f"model.num_attention_heads={m.num_attention_heads}")
-    if m.num_moe_experts and m.num_moe_experts % t.expert_parallel:
+                      f"the model's num_attention_heads={spec.num_heads}")
+    if spec.num_experts and spec.num_experts % t.expert_parallel:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} does not divide "
-                      f"model.num_moe_experts={m.num_moe_experts}")
-    if not m.num_moe_experts and t.expert_parallel > 1:
+                      f"the model's n_routed_experts={spec.num_experts}")
+    if not spec.num_experts and t.expert_parallel > 1:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
     if t.global_batch_size % t.micro_batch_size:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                       f"micro_batch_size={t.micro_batch_size}")
     if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
         errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
-    if cfg.data.tokenizer == "byte" and (m.vocab_size or 0) < 512:
-        errors.append(f"data.tokenizer=byte has 512 ids; model.vocab_size={m.vocab_size} is smaller")
+    byte_ids = 512 if t.kind == "megatron" else 259  # NeMo's ByteLevelTokenizer / ours
+    if cfg.data.tokenizer == "byte" and spec.vocab_size < byte_ids:
+        errors.append(f"data.tokenizer=byte has {byte_ids} ids; the model's vocab_size={spec.vocab_size} is smaller")
     if cfg.export.format not in FORMATS:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
     if cfg.peft.dim <= 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.data import tokenizer as tok
+from nemo_mla_lora.data.tokenizer import ByteTokenizer, prompt_ids
 
 
 def normalise(record: dict) -> tuple[str, str]:
@@ -25,25 +25,41 @@ def normalise(record: dict) -> tuple[str, str]:
     raise ValueError(f"record has neither prompt/answer, input/output nor SQuAD fields: {sorted(record)}")
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used, with the file and line."""
+
+
 def read_jsonl(path) -> list[tuple[str, str]]:
+    """(prompt, answer) per non-blank line; any bad record, or none at all, raises ``DataError`` naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found")
-    with open(path) as f:
-        return [normalise(json.loads(line)) for line in f if line.strip()]
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    out.append(normalise(json.loads(line)))
+            except (UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError, IndexError) as err:
+                raise DataError(f"{path}:{number}: {type(err).__name__}: {err}") from None
+    if not out:
+        raise DataError(f"{path}: no records (the file is empty or blank)")
+    return out
 
 
-def encode_example(prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def encode_example(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """tokens and loss mask (1 on answer tokens and EOS)."""
-    p, a = [tok.BOS] + tok.encode(prompt), tok.encode(answer) + [tok.EOS]
+    p, a = prompt_ids(tok, prompt), tok.encode(answer) + [tok.eos]
     return p + a, [0] * len(p) + [1] * len(a)
 
 
-def to_sequences(examples, seq_length: int, packed: bool = False) -> list[tuple[list[int], list[int]]]:
+def to_sequences(examples, seq_length: int, packed: bool = False, tok=None) -> list[tuple[list[int], list[int]]]:
     """Fixed-length (seq_length + 1) token/mask rows, padded; packed rows hold several examples."""
+    tok = tok or ByteTokenizer()
     rows, cur_t, cur_m = [], [], []
     for prompt, answer in examples:
-        t, m = encode_example(prompt, answer)
+        t, m = encode_example(tok, prompt, answer)
         t, m = t[: seq_length + 1], m[: seq_length + 1]
         if not packed or len(cur_t) + len(t) > seq_length + 1:
             if cur_t:
@@ -53,15 +69,15 @@ def to_sequences(examples, seq_length: int, packed: bool = False) -> list[tuple[
     if cur_t:
         rows.append((cur_t, cur_m))
     width = seq_length + 1
-    return [(t + [tok.PAD] * (width - len(t)), m + [0] * (width - len(m))) for t, m in rows]
+    return [(t + [tok.pad] * (width - len(t)), m + [0] * (width - len(m))) for t, m in rows]
 
 
 class PromptAnswerDataset(torch.utils.data.Dataset):
     """Items: tokens [s], labels [s] (next tokens), loss_mask [s]."""
 
-    def __init__(self, path, seq_length: int, packed: bool = False, limit: int | None = None):
+    def __init__(self, path, seq_length: int, packed: bool = False, limit: int | None = None, tok=None):
         examples = read_jsonl(path)[:limit]
-        self.rows = to_sequences(examples, seq_length, packed)
+        self.rows = to_sequences(examples, seq_length, packed, tok)
 
     def __len__(self):
         return len(self.rows)
@@ -72,10 +88,13 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
         return {"tokens": t[:-1], "labels": t[1:], "loss_mask": m[1:]}
 
 
-def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int):
-    """A DataLoader over ``path`` (``pkg://`` names resolved); shuffled training order fixed by ``seed``."""
+def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int, tok=None):
+    """A DataLoader over ``path`` (``pkg://`` names resolved) tokenized by ``tok`` (default: bytes); shuffled
+    training order fixed by ``seed``. A training set smaller than one batch is refused (nothing would train)."""
     from nemo_mla_lora.data import resolve
 
-    ds = PromptAnswerDataset(resolve(path), seq_length, packed)
+    ds = PromptAnswerDataset(resolve(path), seq_length, packed, tok=tok)
+    if shuffle and len(ds) < batch_size:
+        raise DataError(f"{path}: {len(ds)} sequences, fewer than one batch of {batch_size} (batches drop the rest)")
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
                                        generator=torch.Generator().manual_seed(seed), drop_last=shuffle)

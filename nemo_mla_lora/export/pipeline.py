@@ -63,6 +63,7 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
             info = _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress)
+            info["tokenizer_files"] = copy_tokenizer(base, tmp)
         info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},  # hashes the input files
                           "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -100,6 +101,22 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
                                     f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} x max |logit| "
                                     f"{report['max_abs_logit']:.3g}")
     return info
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def copy_tokenizer(base, directory) -> list[str]:
+    """The base's tokenizer (and generation config) files, copied beside the exported weights: serving
+    engines (vLLM, transformers, ``recipes.generate``) read them from the model directory."""
+    import shutil
+    from pathlib import Path
+
+    copied = [f for f in TOKENIZER_FILES if (Path(base) / f).is_file()]
+    for f in copied:
+        shutil.copyfile(Path(base) / f, Path(directory) / f)
+    return copied
 
 
 def _modules(names) -> list[str]:

@@ -34,7 +34,8 @@ def project(hidden, attn, positions, table_length: int, corr=NONE):
     q = q.view(s, b, -1, dn + dr)  # [s, b, h, dn + dr]
     kv = corr.linear("linear_kv_down_proj", hidden, attn.linear_kv_down_proj(hidden)[0])  # [s, b, c + dr]
     c_kv, k_rope = torch.split(kv, [c, dr], dim=-1)
-    emb, mscale = attn.rotary_pos_emb(table_length)  # [T, 1, 1, dr]; one length: Megatron's lru_cache hits
+    rope = attn.rotary_pos_emb(table_length)  # [T, 1, 1, dr]; one length: Megatron's lru_cache hits
+    emb, mscale = rope if isinstance(rope, tuple) else (rope, 1.0)  # YaRN returns its mscale, plain RoPE does not
     emb = emb[positions.T, 0]  # [s, b, 1, dr]: each row at its own positions
     q_rope = apply_rotary_pos_emb(q[..., dn:], emb, config=cfg, mscale=mscale)
     k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), emb, config=cfg, mscale=mscale).squeeze(2)  # [s, b, dr]

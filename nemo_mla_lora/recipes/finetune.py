@@ -41,21 +41,38 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
                              tolerance=e.tolerance, every_checkpoint=e.every_checkpoint)
 
 
-def loaders(cfg, path, shuffle):
+def run_tokenizer(cfg, spec):
+    """``data.tokenizer``, else the checkpoint's own tokenizer files, else bytes (the tiny models); must fit."""
+    from nemo_mla_lora.data import tokenizer
+
+    tok = tokenizer.load(tokenizer.for_run(cfg.data.tokenizer, cfg.model.checkpoint))
+    tokenizer.check_fits(tok, spec.vocab_size, f"model {cfg.model.name}")
+    return tok
+
+
+def loaders(cfg, tok) -> dict:
+    """Every DataLoader the run needs, built (and so checked: file:line errors, empty sets) before any model."""
     from nemo_mla_lora.data.prompt_answer import make_loader
 
     d = cfg.data
-    return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed)
+
+    def make(path, shuffle):
+        return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed, tok)
+
+    out = {"train": make(d.train, True), "validation": make(d.validation, False)}
+    if d.base_pretrain and not cfg.model.checkpoint:
+        out["base_train"], out["base_validation"] = make(d.base_pretrain, True), make(d.base_pretrain, False)
+    return out
 
 
-def base_model(cfg, out: Path, spec):
+def base_model(cfg, out: Path, spec, data: dict):
     """Restore the base, or (tiny default) train it on the generic task and save it."""
     from nemo_mla_lora import checkpoint
     from nemo_mla_lora.models.from_config import nemo_model_config
     from nemo_mla_lora.models.tiny import build_model
     from nemo_mla_lora.training import cpu
 
-    model = build_model(nemo_model_config(cfg.model))
+    model = build_model(nemo_model_config(cfg.model, spec=spec))
     source = cfg.model.checkpoint or (str(out / "base") if (out / "base").exists() else None)
     if source:
         from nemo_mla_lora.export.sources import open_base
@@ -70,21 +87,21 @@ def base_model(cfg, out: Path, spec):
     module = cpu.MegatronLM(model, cfg.optim, cfg.data.base_pretrain_steps, lr=cfg.data.base_pretrain_lr)
     trainer = cpu.make_trainer(cfg.trainer, out / "base_training", cfg.data.base_pretrain_steps,
                                cfg.optim.clip_grad, checkpoints=False)
-    trainer.fit(module, loaders(cfg, cfg.data.base_pretrain, True), loaders(cfg, cfg.data.base_pretrain, False))
+    trainer.fit(module, data["base_train"], data["base_validation"])
     checkpoint.save_base(model, spec, out / "base")
     return model, str(out / "base")
 
 
 def run_cpu(cfg, out: Path) -> dict:
-    from nemo_mla_lora.mla_spec import MLASpec
-    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.models.architecture import resolve
     from nemo_mla_lora.training import cpu
 
-    spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
-    model, base_dir = base_model(cfg, out, spec)
+    spec = resolve(cfg.model)  # the checkpoint's own config
+    data = loaders(cfg, run_tokenizer(cfg, spec))
+    model, base_dir = base_model(cfg, out, spec, data)
     peft = make_peft(cfg)
     model = peft(model)
-    val = loaders(cfg, cfg.data.validation, False)
+    val = data["validation"]
     before = cpu.evaluate(model, val)
     log.info("held-out loss before LoRA: %.4f (%s, %d trainable parameters)", before, peft.placement or "targets",
              sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -96,8 +113,7 @@ def run_cpu(cfg, out: Path) -> dict:
     trainer = cpu.make_trainer(cfg.trainer, out, cfg.trainer.max_steps, cfg.optim.clip_grad, callbacks)
     last = out / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.trainer.resume_if_exists and last.exists() else None
-    trainer.fit(cpu.MegatronLM(model, cfg.optim, cfg.trainer.max_steps, lr=lr), loaders(cfg, cfg.data.train, True),
-                val, ckpt_path=resume)
+    trainer.fit(cpu.MegatronLM(model, cfg.optim, cfg.trainer.max_steps, lr=lr), data["train"], val, ckpt_path=resume)
     after = cpu.evaluate(model, val)
     log.info("held-out loss after LoRA: %.4f", after)
     result = export_cb.result or {}
@@ -119,12 +135,11 @@ def run_cpu(cfg, out: Path) -> dict:
 
 def run_megatron(cfg, out: Path) -> dict:
     """NeMo's llm.finetune (base stage if no model.checkpoint, then LoRA) with the export callback."""
-    from nemo_mla_lora.mla_spec import MLASpec
-    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.models.architecture import resolve
     from nemo_mla_lora.training import metrics, nemo_finetune
 
     peft = make_peft(cfg)
-    spec = MLASpec.from_megatron(nemo_model_config(cfg.model))
+    spec = resolve(cfg.model)
     export_cb = export_callback(cfg, peft, spec, cfg.model.checkpoint, out)
     stages = nemo_finetune.run(cfg, peft, [export_cb] if cfg.export.enabled else [])
     lora = metrics.read(out / "lora_metrics.jsonl") if (out / "lora_metrics.jsonl").exists() else []
