@@ -43,30 +43,68 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def check_output(path, sources=()) -> Path:
+    """Refuse an output that a write could destroy: the current directory or one above it, a file, a source
+    (base, adapter), a directory holding a source, or a directory inside one. Returns the resolved path."""
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"output={path} is the current directory or one above it; name a new directory")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output={path} is a file, not a directory")
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if path == src or path in src.parents or src in path.parents:
+            raise ValueError(f"output={path} overlaps the source {src}; write the export elsewhere")
+    return path
+
+
 @contextmanager
-def atomic_dir(path, overwrite: bool = False):
-    """Yield a temp dir beside ``path``; rename it to ``path`` on success, remove it on failure.
-    Under torch.distributed every rank gets the same temp dir and rank 0 renames after a barrier."""
-    path = Path(path)
+def atomic_dir(path, overwrite: bool = False, sources=()):
+    """Yield a temp dir beside ``path`` (a sibling, never inside it); on success it replaces ``path`` by
+    renames (old aside, new in, old removed), on failure it and any parent directories this call created
+    are removed, and an existing ``path`` is untouched. Under torch.distributed every rank gets the same
+    temp dir and rank 0 renames after a barrier. ``sources``: inputs the output must not overlap."""
+    path = check_output(path, sources)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = path.parent / f".{path.name}.tmp"
+    created = [p for p in reversed(path.parents) if not p.exists()]
+    tmp, old = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.replaced"
     if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run's, named after this output
         tmp.mkdir(parents=True)
     barrier()
     try:
         yield tmp
+        barrier()
     except BaseException:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            for parent in reversed(created):  # innermost first; only if still empty
+                if parent.exists() and not any(parent.iterdir()):
+                    parent.rmdir()
         raise
-    barrier()
     if rank() == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        _swap_in(tmp, path, old)
     barrier()
+
+
+def _swap_in(tmp: Path, path: Path, old: Path) -> None:
+    """``tmp`` becomes ``path``; a previous ``path`` is renamed aside first and deleted only after."""
+    had_old = path.exists()
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        if had_old:
+            old.rename(path)
+        raise
+    if had_old:
+        shutil.rmtree(old)
 
 
 def sharded_tensors(flat: dict) -> dict:

@@ -98,6 +98,17 @@ def _moe_fields(c: dict, family: str, source: str) -> dict:
 def spec_from_hf(config, source: str = "config.json") -> MLASpec:
     """From an HF DeepSeek-V2/V3 ``config.json`` (dict or ``PretrainedConfig``); refuses what it cannot reproduce."""
     c = config if isinstance(config, dict) else config.to_dict()
+    try:
+        return _spec_from_hf(c, source)
+    except KeyError as err:
+        raise UnsupportedConfig(f"{source}: missing field {err}") from None
+    except (TypeError, ValueError) as err:
+        if isinstance(err, UnsupportedConfig):
+            raise
+        raise UnsupportedConfig(f"{source}: a field has the wrong type or value ({err})") from None
+
+
+def _spec_from_hf(c: dict, source: str) -> MLASpec:
     family = MODEL_TYPES.get(c.get("model_type"))
     if family is None:
         _refuse(source, "model_type", c.get("model_type"), f"expected one of {sorted(MODEL_TYPES)}")

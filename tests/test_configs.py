@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from nemo_mla_lora.config.compose import compose
+from nemo_mla_lora.models.architecture import resolve
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
@@ -20,7 +21,7 @@ def test_every_yaml_composes_and_validates(group, option):
     if group in ("data", "optim") and option in GROUPS["trainer"]:
         overrides.append(f"trainer={option}")  # these follow the trainer by default
     if option == "megatron" and group in ("trainer", "data", "optim"):
-        overrides += ["model=deepseek_v3", "model.checkpoint=/ckpt/deepseek_v3_nemo"]
+        overrides += ["model=deepseek_v3", "data.tokenizer=byte"]
     primary = "placement_study" if group == "study" else "finetune"
     cfg = compose(primary, overrides)
     assert cfg[group] is not None
@@ -33,7 +34,7 @@ def test_placement_study_configs_compose_and_validate():
     assert {"kv_up_k_only", "kv_down_latent_only", "linear_kv_up_proj"} <= set(cpu.study.variants)
     assert (cpu.peft.dim, cpu.peft.alpha) == (8, 16)
     gpu = compose("placement_study", ["model=mla_study_gpu", "study=gpu"])
-    assert gpu.study.device == "cuda" and gpu.model.hidden_size == 1024 and gpu.study.time_budget_s
+    assert gpu.study.device == "cuda" and resolve(gpu.model).hidden_size == 1024 and gpu.study.time_budget_s
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -66,7 +67,7 @@ def test_export_config_composes():
 
 def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     """NeMo 2 recipes/deepseek_v3.py finetune_recipe(peft_scheme='lora'), per ../shared/notes/MLA_LORA.md."""
-    cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron", "model.checkpoint=/ckpt/deepseek_v3_nemo"])
+    cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron", "data.tokenizer=byte"])
     t, o, p, d, m = cfg.trainer, cfg.optim, cfg.peft, cfg.data, cfg.model
     assert (t.num_nodes, t.devices) == (5, 8)
     assert (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) == (8, 5, 1)
@@ -84,9 +85,13 @@ def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     assert (t.global_batch_size, t.micro_batch_size) == (128, 1)
     assert (t.max_steps, t.val_check_interval, t.checkpoint_every_n_steps) == (1000, 30, 50)
     assert t.use_distributed_optimizer is False and t.cross_entropy_loss_fusion is False
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank) == (61, 7168, 128, 1536, 512)
-    assert (m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim, m.num_moe_experts, m.moe_router_topk) == (128, 64, 128, 256, 8)
-    assert (m.first_dense_layers, m.ffn_hidden_size, m.moe_ffn_hidden_size, m.vocab_size) == (3, 18432, 2048, 129280)
+    spec = resolve(m)  # DeepSeek-V3's own config.json (models/configs/deepseek_v3.json)
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank) == (61, 7168, 128, 1536, 512)
+    assert (spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.num_experts, spec.moe_topk) == (128, 64, 128, 256, 8)
+    assert spec.moe_layer_pattern == (0,) * 3 + (1,) * 58
+    assert (spec.ffn_hidden_size, spec.moe_ffn_hidden_size, spec.vocab_size) == (18432, 2048, 129280)
+    assert (spec.moe_score_function, spec.moe_topk_method, spec.moe_num_groups, spec.moe_group_topk) == ("sigmoid", "noaux_tc", 8, 4)
+    assert (spec.rope_type, spec.rope_factor, spec.rope_original_max_positions, spec.max_positions) == ("yarn", 40.0, 4096, 163840)
 
 
 @pytest.mark.parametrize("override,error,message", [
@@ -100,14 +105,17 @@ def test_bad_overrides_fail_at_composition(override, error, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=deepseek_v3", "trainer=megatron", "trainer.tensor_parallel=7"], "does not divide model.num_attention_heads=128"),
-    (["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"], "does not divide model.num_moe_experts=256"),
+    (["model=deepseek_v3", "trainer=megatron", "trainer.tensor_parallel=7"], "does not divide the model's num_attention_heads=128"),
+    (["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"], "does not divide the model's n_routed_experts=256"),
     (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
     (["export.format=onnx"], "export.format='onnx'"),
     (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
     (["peft.placement=everywhere"], "unknown placement"),
     (["model=deepseek_v3", "trainer=megatron"], "needs data.tokenizer"),
-    (["data.tokenizer=byte"], "model.vocab_size=264 is smaller"),
+    (["trainer=megatron", "data.tokenizer=byte"], "the model's vocab_size=264 is smaller"),
+    (["+model.arch.num_hidden_layers=two"], "wrong type"),
+    (["+model.arch.num_hiden_layers=2"], "not fields of"),
+    (["model.config=no_such_model"], "neither a built-in model"),
 ])
 def test_bad_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -118,7 +126,8 @@ def test_gpu_proof_config_validates():
     """What bench/run_gpu.sh runs: V3 attention dims, base made on the GPU, NeMo's byte tokenizer."""
     cfg = compose("finetune", ["model=deepseek_v3_small", "trainer=megatron", "data=cpu", "data.tokenizer=byte",
                                "data.seq_length=64", "trainer.global_batch_size=32", "trainer.micro_batch_size=8"])
-    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.kv_lora_rank) == (7168, 128, 512)
+    spec = resolve(cfg.model)
+    assert (spec.hidden_size, spec.num_heads, spec.kv_lora_rank) == (7168, 128, 512)
     assert cfg.trainer.devices == 1 and cfg.data.base_pretrain
 
 
@@ -128,7 +137,7 @@ def test_recipe_rejects_bad_override_before_building(tmp_path):
                            "trainer=megatron", "trainer.tensor_parallel=6", f"output_dir={tmp_path}/run"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "does not divide model.num_attention_heads=128" in proc.stderr + proc.stdout
+    assert "does not divide the model's num_attention_heads=128" in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "base").exists()
 
 
@@ -137,12 +146,12 @@ def test_cfg_job_prints_composed_config():
                            "model=deepseek_v3", "trainer=megatron"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "tensor_parallel: 8" in proc.stdout or "tensor_parallel: ${model.parallel.tensor}" in proc.stdout
-    assert "kv_lora_rank: 512" in proc.stdout
+    assert "config: deepseek_v3" in proc.stdout
 
 
 def test_generate_config_composes():
     cfg = compose("generate", ["checkpoint=/exports/absorbed", "prompt=hi", "+adapters.a=/adapters/a", "adapter=a"])
-    assert (cfg.max_new_tokens, cfg.temperature, cfg.attention, cfg.tokenizer) == (32, 0.0, "torch", "byte")
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.attention, cfg.tokenizer) == (32, 0.0, "torch", None)
     assert dict(cfg.adapters) == {"a": "/adapters/a"}
     with pytest.raises(ConfigCompositionException, match="max_new_tokenz"):
         compose("generate", ["checkpoint=x", "max_new_tokenz=3"])

@@ -204,7 +204,7 @@ def validate(cfg) -> None:
     """Cross-field checks with expected-vs-actual messages. Raises ValueError."""
     m, t = cfg.model, cfg.trainer
     errors = []
-    from nemo_mla_lora.models.architecture import resolve
+    from nemo_mla_lora.models.architecture import checkpoint_kind, resolve
 
     try:
         spec = resolve(m)  # reads the checkpoint's config only
@@ -226,6 +226,9 @@ def validate(cfg) -> None:
     if t.global_batch_size % t.micro_batch_size:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                       f"micro_batch_size={t.micro_batch_size}")
+    if t.kind == "megatron" and m.checkpoint and checkpoint_kind(m.checkpoint) != "nemo":
+        errors.append(f"trainer=megatron restores NeMo 2 checkpoints (RestoreConfig); model.checkpoint={m.checkpoint} "
+                      "is not one: import it with NeMo's llm.import_ckpt first, or use trainer=cpu")
     if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
         errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
     byte_ids = 512 if t.kind == "megatron" else 259  # NeMo's ByteLevelTokenizer / ours

@@ -18,10 +18,10 @@ import logging
 import torch
 from tqdm import tqdm
 
-from nemo_mla_lora.checkpoint import atomic_dir, file_hash
+from nemo_mla_lora.checkpoint import atomic_dir, check_output, file_hash
 from nemo_mla_lora.export import absorb, manifest
 from nemo_mla_lora.export.merge import MergeError, merge_state
-from nemo_mla_lora.export.sources import groups, open_adapter, open_base
+from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
 from nemo_mla_lora.export.verify import compare_streaming
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, write_hf_peft
 
@@ -47,8 +47,10 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
         raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
     if fold and fmt != "absorbed":
         raise ValueError("fold=true applies to format=absorbed only")
+    check_output(output, (base, adapter))  # before any reading: a bad output is refused at once
     source = open_base(base)
     spec = source.spec
+    check_complete(source, spec, base)  # every tensor the model needs, with its shape, before anything is written
     lora = open_adapter(adapter, spec)
     unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
     if unknown:
@@ -58,7 +60,7 @@ def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, ove
         log.warning("folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
                     cost["folded"]["params_per_layer"], cost["split"]["params_per_layer"],
                     cost["folded_over_split"], cost["folding_pays_when"])
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, sources=(base, adapter)) as tmp:
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:

@@ -47,6 +47,9 @@ class MegatronBase:
     def load(self, names) -> dict:
         return self.reader.load(names)
 
+    def shapes(self) -> dict:
+        return {n: tuple(self.reader.flat[n][2]) for n in self.names}
+
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)]."""
@@ -92,6 +95,23 @@ class HFBase:
         hf = {h: self._read(h) for h in wanted}
         out = keymap.hf_to_megatron(hf)
         return {n: out[n] for n in names}
+
+    def shapes(self) -> dict:
+        """Flat Megatron name -> shape, from the safetensors headers (no tensor read); gate/up rows summed."""
+        from safetensors import safe_open
+
+        by_file, out = {}, {}
+        for h in self.hf_names:
+            by_file.setdefault(self.files[h], []).append(h)
+        for file, names in by_file.items():
+            with safe_open(self.directory / file, "pt") as f:
+                for h in names:
+                    shape = list(f.get_slice(h).get_shape())
+                    m = _megatron_name(h)
+                    if m in out and keymap.to_megatron_module(h.rpartition(".")[0])[1] is not None:
+                        shape = [out[m][0] + shape[0], *shape[1:]]  # the second half of a fused linear_fc1
+                    out[m] = tuple(shape)
+        return out
 
     def _read(self, hf_name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -228,3 +248,56 @@ def open_adapter(directory, spec: MLASpec):
     if (directory / "adapter_config.json").is_file():
         return HFPeftAdapter(directory, spec)
     raise CheckpointError(f"{directory}: neither an MLALoRA adapter (adapter.json) nor an HF PEFT adapter")
+
+
+def expected_shapes(spec: MLASpec) -> dict:
+    """Every tensor a model of ``spec`` has (flat Megatron names, TP=1) -> its shape."""
+    h, heads, c = spec.hidden_size, spec.num_heads, spec.kv_lora_rank
+    dn, dr, dv, rq = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.q_lora_rank
+    out = {"embedding.word_embeddings.weight": (spec.vocab_size, h), "decoder.final_layernorm.weight": (h,)}
+    if not spec.tie_word_embeddings:
+        out["output_layer.weight"] = (spec.vocab_size, h)
+
+    def mlp(prefix, width):
+        out[f"{prefix}.linear_fc1.weight"], out[f"{prefix}.linear_fc2.weight"] = (2 * width, h), (h, width)
+
+    for layer in range(spec.num_layers):
+        p = f"decoder.layers.{layer}"
+        a = f"{p}.self_attention"
+        out.update({f"{p}.input_layernorm.weight": (h,), f"{p}.pre_mlp_layernorm.weight": (h,),
+                    f"{a}.linear_kv_down_proj.weight": (c + dr, h), f"{a}.kv_layernorm.weight": (c,),
+                    f"{a}.linear_kv_up_proj.weight": (heads * (dn + dv), c), f"{a}.linear_proj.weight": (h, heads * dv)})
+        if rq is None:
+            out[f"{a}.linear_q_proj.weight"] = (heads * (dn + dr), h)
+        else:
+            out.update({f"{a}.linear_q_down_proj.weight": (rq, h), f"{a}.q_layernorm.weight": (rq,),
+                        f"{a}.linear_q_up_proj.weight": (heads * (dn + dr), rq)})
+        if not spec.is_moe_layer(layer):
+            mlp(f"{p}.mlp", spec.ffn_hidden_size)
+            continue
+        out[f"{p}.mlp.router.weight"] = (spec.num_experts, h)
+        if spec.moe_expert_bias:
+            out[f"{p}.mlp.router.expert_bias"] = (spec.num_experts,)
+        for e in range(spec.num_experts):
+            mlp(f"{p}.mlp.experts.local_experts.{e}", spec.moe_ffn_hidden_size)
+        if spec.shared_expert_ffn_hidden_size:
+            mlp(f"{p}.mlp.shared_experts", spec.shared_expert_ffn_hidden_size)
+    return out
+
+
+def check_complete(source, spec: MLASpec, where) -> None:
+    """Every tensor the model needs is present with its shape, and nothing unknown: else a CheckpointError
+    naming the tensors (before anything is written, whatever ``verify`` says)."""
+    expected, found = expected_shapes(spec), source.shapes()
+    missing = sorted(set(expected) - set(found))
+    unknown = sorted(set(found) - set(expected))
+    wrong = {n: (expected[n], found[n]) for n in sorted(set(expected) & set(found)) if tuple(found[n]) != expected[n]}
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if unknown:
+        problems.append(f"{len(unknown)} the config has no place for: {unknown[:6]}{' ...' if len(unknown) > 6 else ''}")
+    if wrong:
+        problems.append("shapes (expected, found): " + ", ".join(f"{n} {e} vs {f}" for n, (e, f) in list(wrong.items())[:6]))
+    if problems:
+        raise CheckpointError(f"base {where} does not match its own config: " + "; ".join(problems))

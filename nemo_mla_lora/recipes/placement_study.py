@@ -83,7 +83,9 @@ def model_leaves(model_cfg, arch: str) -> set:
     mlp = {"linear_fc1", "linear_fc2", "linear_proj"}
     if arch == "twin":
         return mlp | {"linear_qkv"}
-    q = {"linear_q_down_proj", "linear_q_up_proj"} if model_cfg.q_lora_rank else {"linear_q_proj"}
+    from nemo_mla_lora.models.architecture import resolve
+
+    q = {"linear_q_down_proj", "linear_q_up_proj"} if resolve(model_cfg).q_lora_rank else {"linear_q_proj"}
     return mlp | q | {"linear_kv_down_proj", "linear_kv_up_proj"}
 
 

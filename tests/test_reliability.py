@@ -1,0 +1,127 @@
+"""Bad input and faults: nothing lost, nothing partial, a clear error naming the problem (CPU, fast).
+
+Each case is one a user hit: ``output=.`` deleting the working directory, an output that is a file or
+overlaps its sources, a failed overwrite, a base missing a tensor, broken data files, bad serving inputs.
+"""
+
+import shutil
+
+import pytest
+from test_hf_checkpoints import MAKER
+
+from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.export.pipeline import VerificationError, export
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    return MAKER.make("v3_noaux_rope_noq", tmp_path_factory.mktemp("base") / "v3")
+
+
+def listing(directory):
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_output_dot_is_refused_and_nothing_is_deleted(mcore, hf_base, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    for output in (".", "..", str(work)):
+        with pytest.raises(ValueError, match="current directory"):
+            export(hf_base, None, output, fmt="hf", overwrite=True, progress=False)
+    assert listing(work) == ["precious.txt"] and (work / "precious.txt").read_text() == "keep me"
+
+
+def test_output_that_is_a_file_or_overlaps_a_source_is_refused(mcore, hf_base, tmp_path):
+    target = tmp_path / "export"
+    target.write_text("a file")
+    with pytest.raises(ValueError, match="is a file"):
+        export(hf_base, None, target, fmt="hf", overwrite=True, progress=False)
+    assert target.read_text() == "a file" and listing(tmp_path) == ["export"]
+    before = listing(hf_base)
+    for output in (hf_base, hf_base / "inside", hf_base.parent):
+        with pytest.raises(ValueError, match="overlaps the source"):
+            export(hf_base, None, output, fmt="hf", overwrite=True, progress=False)
+    assert listing(hf_base) == before
+
+
+def test_failed_overwrite_keeps_the_old_export_and_leaves_nothing(mcore, hf_base, tmp_path):
+    out = tmp_path / "exports" / "hf"
+    export(hf_base, None, out, fmt="hf", progress=False)
+    old = {p: (out / p).read_bytes() for p in listing(out) if (out / p).is_file()}
+    with pytest.raises(VerificationError):  # a bound nothing meets: verification fails after writing
+        export(hf_base, None, out, fmt="hf", overwrite=True, tolerance=-1.0, progress=False)
+    assert {p: (out / p).read_bytes() for p in listing(out) if (out / p).is_file()} == old
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["hf"]  # no .partial / .replaced left
+    export(hf_base, None, out, fmt="hf", overwrite=True, progress=False)  # a good overwrite swaps it in
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["hf"]
+
+
+def test_failed_export_removes_the_parents_it_created(mcore, hf_base, tmp_path):
+    with pytest.raises(VerificationError):
+        export(hf_base, None, tmp_path / "a" / "b" / "out", fmt="mcore", tolerance=-1.0, progress=False)
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_base_missing_a_tensor_is_refused_before_writing(mcore, hf_base, tmp_path, verify):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_base, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.kv_b_proj.weight"]
+    tensors["model.layers.2.mlp.experts.0.up_proj.weight"] = tensors["model.layers.2.mlp.experts.0.up_proj.weight"][:-1]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing: \['decoder.layers.1.self_attention.linear_kv_up_proj.weight'\]"
+                       r".*linear_fc1.weight \(64, 64\) vs \(63, 64\)"):
+        export(broken, None, tmp_path / "out", fmt="mcore", verify=verify, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', r"bad.jsonl:2: JSONDecodeError"),
+    (b'{"prompt": "a", "answer": "b"}\n\n{"question": "q"}\n', r"bad.jsonl:3: ValueError: record has neither"),
+    (b'{"prompt": "a", "answer": "\xff"}\n', r"bad.jsonl:1: UnicodeDecodeError"),
+    (b"\n  \n", r"bad.jsonl: no records"),
+])
+def test_data_errors_name_file_and_line(tmp_path, content, message):
+    from nemo_mla_lora.data.prompt_answer import DataError, read_jsonl
+
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_data_is_checked_before_any_model_is_built(tmp_path):
+    """The finetune recipe with an empty validation file fails on the data, before the model exists."""
+    import subprocess
+    import sys
+
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={tmp_path}/run",
+                           f"data.validation={tmp_path}/empty.jsonl"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "empty.jsonl: no records" in proc.stderr
+    assert "training the base model" not in proc.stderr + proc.stdout
+
+
+def test_serving_inputs_are_validated():
+    from omegaconf import OmegaConf
+
+    from nemo_mla_lora.models.architecture import builtin_spec
+    from nemo_mla_lora.recipes.generate import check_request
+
+    spec = builtin_spec("tiny_mla")
+    base = dict(max_new_tokens=4, temperature=0.0, top_k=None, dtype=None)
+    check_request(OmegaConf.create(base), [[1, 2, 3]], spec)
+    for change, ids, message in ((dict(max_new_tokens=0), [[1]], "max_new_tokens=0"),
+                                 (dict(max_new_tokens=-3), [[1]], "max_new_tokens=-3"),
+                                 (dict(temperature=-1.0), [[1]], "temperature=-1.0"),
+                                 (dict(top_k=0), [[1]], "top_k=0"),
+                                 (dict(dtype="fp16"), [[1]], "dtype='fp16'"),
+                                 ({}, [[1] * 253], "exceeds the model's max_position_embeddings 256"),
+                                 ({}, [[1, 9999]], r"token ids \[9999\] outside")):
+        with pytest.raises(ValueError, match=message):
+            check_request(OmegaConf.create(dict(base, **change)), ids, spec)
+
