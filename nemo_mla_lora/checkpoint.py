@@ -126,6 +126,33 @@ def sharded_tensors(flat: dict) -> dict:
     return out
 
 
+_NO_EXTRA_STATE = re.compile(r"(layernorm|norm|router|word_embeddings|output_layer)\.[^.]+$|\.adapter\.")
+
+
+def extra_states(flat: dict) -> dict:
+    """The ``_extra_state`` entries Megatron's linears ask for at load (``None`` for local layers), for the
+    linear modules among ``flat``'s ``.weight`` tensors, under Megatron's keys (experts: one per expert on
+    a stacked key). Without them a default-strictness ``dist_checkpointing.load`` fails."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    out, experts = {}, {}
+    for name in flat:
+        if not name.endswith(".weight") or _NO_EXTRA_STATE.search(name):
+            continue
+        module = name[: -len(".weight")]
+        m = _FLAT_EXPERT.match(name)
+        if m:
+            experts.setdefault(f"{m.group(1)}.experts.{m.group(3).rsplit('.', 1)[0]}._extra_state", set()).add(int(m.group(2)))
+        else:
+            key = f"{module}._extra_state"
+            out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+    for key, indices in experts.items():
+        count = len(indices)
+        for e in sorted(indices):
+            out[f"{key}.{e}"] = ShardedObject(key, None, (count,), (e,), replica_id=0)
+    return out
+
+
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -220,10 +247,11 @@ def read_spec(directory) -> MLASpec:
 
 
 def _model_sharded(model, adapters: bool) -> dict:
-    """The model's own sharded state dict (TP/EP/PP aware), adapters only or base only."""
+    """The model's own sharded state dict (TP/EP/PP aware), adapters only or base only (with the base's
+    ``_extra_state`` entries: Megatron's default-strictness load asks for them)."""
     sharded = model.sharded_state_dict()
-    return {k: v for k, v in sharded.items()
-            if not k.endswith("_extra_state") and (".adapter." in k) == adapters}
+    return {k: v for k, v in sharded.items() if (".adapter." in k) == adapters
+            and not (adapters and k.endswith("_extra_state"))}
 
 
 def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:

@@ -304,3 +304,25 @@ def test_merge_tp_shards_equals_merging_the_whole(kind, factor_sharded):
     torch.testing.assert_close(merged, whole)
     with pytest.raises(MergeError, match="weight shards"):
         merge_tp_shards(kind, shards_w, shards_a[:1], shards_b, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["mcore_export", "base_checkpoint"])
+def test_megatron_default_strictness_load(trained, tmp_path, kind):
+    """Megatron's own ``dist_checkpointing.load(model.sharded_state_dict(), dir)`` with its default strictness
+    (every key the model asks for, ``_extra_state`` included) reads the mcore export and our base checkpoint
+    into a model built from their ``mla_spec.json``; the export then equals the unmerged fine-tuned model."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_mla_lora.models.from_spec import config_from_spec
+
+    directory = trained["root"] / "base"
+    if kind == "mcore_export":
+        directory = tmp_path / "mcore"
+        export(trained["root"] / "base", trained["root"] / "adapter", directory, fmt="mcore", progress=False)
+    model = build_model(config_from_spec(checkpoint.read_spec(directory))).eval()
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
+    if kind == "mcore_export":
+        tokens, positions, mask = batch()
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens, positions, mask), trained["model"](tokens, positions, mask),
+                                       atol=2e-5, rtol=0)

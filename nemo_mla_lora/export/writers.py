@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import sharded_tensors, write_json
+from nemo_mla_lora.checkpoint import extra_states, sharded_tensors, write_json
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
 
@@ -31,7 +31,7 @@ class DistCkptWriter:
     def add(self, group: dict) -> None:
         for name, t in group.items():
             self.checksums[name] = tensor_checksum(t)
-        self.stream.add(sharded_tensors(group))
+        self.stream.add({**sharded_tensors(group), **extra_states(group)})
 
     def finish(self) -> None:
         self.stream.finish()
