@@ -29,8 +29,9 @@ def test_non_editable_install_composes_configs_elsewhere(tmp_path):
     assert (target / "nemo_mla_lora" / "data" / "upper_train.jsonl").is_file()
     assert (target / "nemo_mla_lora" / "conf" / "study" / "gpu.yaml").is_file()
     assert (target / "nemo_mla_lora" / "data" / "reverse_validation.jsonl").is_file()
+    assert (target / "nemo_mla_lora" / "models" / "configs" / "deepseek_v3.json").is_file()
     code = ("import nemo_mla_lora.config.compose as c, nemo_mla_lora.data as d;"
-            "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'model.checkpoint=/ckpt']);"
+            "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'data.tokenizer=byte']);"
             "print(c.__file__, cfg.trainer.tensor_parallel, d.DATA_DIR)")
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -78,14 +78,12 @@ def base(arch: str, cfg, out: Path, device):
     return make_base
 
 
-def model_leaves(model_cfg, arch: str) -> set:
-    """The adaptable leaves a study model has, from its config (no model built)."""
+def model_leaves(model, arch: str) -> set:
+    """The adaptable leaves a study model has, from its ``MLASpec`` or Megatron config (no model built)."""
     mlp = {"linear_fc1", "linear_fc2", "linear_proj"}
     if arch == "twin":
         return mlp | {"linear_qkv"}
-    from nemo_mla_lora.models.architecture import resolve
-
-    q = {"linear_q_down_proj", "linear_q_up_proj"} if resolve(model_cfg).q_lora_rank else {"linear_q_proj"}
+    q = {"linear_q_down_proj", "linear_q_up_proj"} if model.q_lora_rank else {"linear_q_proj"}
     return mlp | q | {"linear_kv_down_proj", "linear_kv_up_proj"}
 
 
@@ -93,13 +91,14 @@ def grid(cfg) -> list[tuple]:
     """(arch, variant, lr_scale, seed) for every run of this shard ("i/n": every n-th run from the i-th),
     seed by seed: a grid cut short by its time budget has whole seeds of every variant. Variants a model
     lacks are logged and dropped."""
+    from nemo_mla_lora.models.architecture import resolve
     from nemo_mla_lora.study import variants
 
     per_arch = []
     for arch, names in ((variants.MLA, cfg.study.variants), (variants.TWIN, cfg.study.twin_variants)):
         if not names:
             continue
-        keep, dropped = variants.available(variants.lookup(names, arch), model_leaves(cfg.model, arch))
+        keep, dropped = variants.available(variants.lookup(names, arch), model_leaves(resolve(cfg.model), arch))
         if dropped:
             log.info("%s model lacks what %s need: skipped", arch, [v.name for v in dropped])
         per_arch += [(arch, v) for v in keep]
