@@ -153,6 +153,27 @@ def extra_states(flat: dict) -> dict:
     return out
 
 
+def tensor_checksum(t: torch.Tensor) -> str:
+    """What the manifest records per tensor: sha256 of its bytes (as stored), 16 hex digits."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+class ChecksumError(CheckpointError):
+    pass
+
+
+def check_checksums(tensors: dict, checksums: dict | None, where) -> None:
+    """Each of ``tensors`` against the manifest's checksum (names the manifest lacks are an error too)."""
+    if checksums is None:
+        return
+    for name, t in tensors.items():
+        if name not in checksums:
+            raise ChecksumError(f"{where}: {name} is not in manifest.json (a tensor the export did not write)")
+        if tensor_checksum(t) != checksums[name]:
+            raise ChecksumError(f"{where}: {name} does not match its checksum in manifest.json (corrupted or "
+                                f"changed since export); `python -m nemo_mla_lora.recipes.verify_export` checks all")
+
+
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -183,12 +204,13 @@ def _content_hash(directory, files) -> str:
 
 
 class CheckpointReader:
-    """Reads tensors of a dist-checkpoint by flat name, a few at a time."""
+    """Reads tensors of a dist-checkpoint by flat name, a few at a time; with ``checksums`` (an export's
+    manifest) every tensor read is checked against them."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, checksums: dict | None = None):
         from megatron.core import dist_checkpointing
 
-        self.directory = Path(directory)
+        self.directory, self.checksums = Path(directory), checksums
         if not (self.directory / ".metadata").is_file():
             raise CheckpointError(f"{self.directory} is not a Megatron dist-checkpoint (no .metadata)")
         try:
@@ -226,6 +248,7 @@ class CheckpointReader:
         for n in names:
             key, expert, _ = self.flat[n]
             out[n] = loaded[key] if expert is None else loaded[key][expert].clone()
+        check_checksums(out, self.checksums, self.directory)
         return out
 
 

@@ -125,3 +125,28 @@ def test_serving_inputs_are_validated():
         with pytest.raises(ValueError, match=message):
             check_request(OmegaConf.create(dict(base, **change)), ids, spec)
 
+
+
+@pytest.mark.parametrize("fmt", ["absorbed", "hf"])
+def test_corrupted_export_is_refused_on_read(mcore, hf_base, tmp_path, fmt):
+    """8 flipped bytes in one data file: the engine / export readers and verify_export name the tensor."""
+    import subprocess
+    import sys
+
+    from nemo_mla_lora.checkpoint import ChecksumError
+    from nemo_mla_lora.export.pipeline import read_export, verify_checksums
+
+    out = tmp_path / fmt
+    export(hf_base, None, out, fmt=fmt, progress=False)
+    assert verify_checksums(out, progress=False)["tensors"] > 20
+    data = sorted(out.glob("*.distcp" if fmt != "hf" else "*.safetensors"), key=lambda p: p.stat().st_size)[-1]
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 8] = bytes(b ^ 0xFF for b in raw[middle:middle + 8])
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="does not match its checksum"):
+        read_export(out, fmt)
+    read_export(out, fmt, verify_checksums=False)  # the explicit opt-out still reads
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.verify_export", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "does not match its checksum" in proc.stderr, proc.stderr[-2000:]

@@ -187,6 +187,7 @@ class GenerateConfig:
     adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
     adapter: Optional[str] = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
     attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/triton_decode.py)
+    verify_checksums: bool = True  # every tensor read is checked against manifest.json (false: skip, faster)
 
 
 def register() -> None:

@@ -14,11 +14,12 @@ still hold the whole merged model while writing.
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nemo_mla_lora.checkpoint import atomic_dir, check_output, file_hash
+from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_output, file_hash
 from nemo_mla_lora.export import absorb, manifest
 from nemo_mla_lora.export.merge import MergeError, merge_state
 from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
@@ -92,7 +93,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
     info = manifest.build(fmt, spec, dtype, lora.scales, writer.checksums,
                           absorb.fold_cost(spec) if fold else None)
     if verify:  # read the written export back, group by group, against base + adapter re-read from disk
-        export_reader = _group_reader(tmp, fmt)
+        export_reader = _group_reader(tmp, fmt, writer.checksums)  # the files as written, checksummed
         report = compare_streaming(
             export_reader, lambda g: source.load(grouped.get(g, [])),
             lambda layer: lora.factors(_modules(grouped.get(layer, []))),
@@ -126,29 +127,65 @@ def _modules(names) -> list[str]:
     return [n[: -len(".weight")] for n in names if n.endswith(".weight")]
 
 
-def _open_export(directory, fmt: str):
-    """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``hf`` export."""
+def _open_export(directory, fmt: str, checksums: dict | None = None):
+    """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``hf`` export; every tensor read is
+    checked against ``checksums`` when given."""
     from nemo_mla_lora.checkpoint import CheckpointReader
     from nemo_mla_lora.export.sources import HFBase
 
     if fmt == "hf":
-        reader = HFBase(directory, dtype=torch.float32)
+        reader = HFBase(directory, dtype=torch.float32, checksums=checksums)
         return reader, reader.names
-    reader = CheckpointReader(directory)
+    reader = CheckpointReader(directory, checksums)
     return reader, reader.names()
 
 
-def _group_reader(directory, fmt: str):
+def manifest_checksums(directory) -> dict:
+    """The per-tensor checksums of an export's ``manifest.json`` (refused if it has none)."""
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no manifest.json; pass verify_checksums=false to read it unchecked")
+    checksums = json.loads(path.read_text()).get("tensor_checksums")
+    if not checksums:
+        raise CheckpointError(f"{path}: no tensor_checksums")
+    return checksums
+
+
+def _group_reader(directory, fmt: str, checksums: dict | None = None):
     """group -> that group's tensors of a written export (flat Megatron names)."""
-    reader, names = _open_export(directory, fmt)
+    reader, names = _open_export(directory, fmt, checksums)
     grouped = groups(names)
     return lambda g: reader.load(grouped.get(g, []))
 
 
-def read_export(directory, fmt: str) -> dict:
-    """All tensors of a written ``absorbed``/``mcore``/``hf`` export, under flat Megatron names."""
-    reader, names = _open_export(directory, fmt)
+def read_export(directory, fmt: str, verify_checksums: bool = True) -> dict:
+    """All tensors of a written ``absorbed``/``mcore``/``hf`` export, under flat Megatron names, each checked
+    against the manifest's checksum while it is read (unless ``verify_checksums=False``)."""
+    reader, names = _open_export(directory, fmt, manifest_checksums(directory) if verify_checksums else None)
     return reader.load(names)
+
+
+def verify_checksums(directory, progress: bool = True) -> dict:
+    """Every tensor of an export against its manifest, group by group (memory: one group); raises on the first
+    mismatch, naming the tensor and file. Returns {format, tensors checked}."""
+    fmt = json.loads((Path(directory) / "manifest.json").read_text())["format"]
+    checksums = manifest_checksums(directory)
+    if fmt == "hf_peft":
+        from safetensors.torch import load_file
+
+        from nemo_mla_lora.checkpoint import check_checksums
+
+        check_checksums(load_file(Path(directory) / "adapter_model.safetensors"), checksums, directory)
+        return {"format": fmt, "tensors": len(checksums)}
+    reader, names = _open_export(directory, fmt, checksums)
+    grouped = groups(names)
+    for key in tqdm(list(grouped), desc="checksums", unit="group", disable=not progress):
+        reader.load(grouped[key])
+    read = set(reader.hf_names) if fmt == "hf" else set(names)
+    missing = sorted(set(checksums) - read)
+    if missing:
+        raise CheckpointError(f"{directory}: tensors in manifest.json but not in the files: {missing[:5]}")
+    return {"format": fmt, "tensors": len(read)}
 
 
 def _export_hf_peft(source, lora, spec, tmp) -> dict:
@@ -161,6 +198,11 @@ def _export_hf_peft(source, lora, spec, tmp) -> dict:
     warnings = write_hf_peft(factors, r, scale * r, tmp, base_name=str(getattr(source, "directory", "")))
     for w in warnings:
         log.warning(w)
-    info = manifest.build("hf_peft", spec, "float32", lora.scales, {})
+    from safetensors.torch import load_file
+
+    from nemo_mla_lora.checkpoint import tensor_checksum
+
+    written = load_file(tmp / "adapter_model.safetensors")
+    info = manifest.build("hf_peft", spec, "float32", lora.scales, {k: tensor_checksum(t) for k, t in written.items()})
     info["warnings"] = warnings
     return info

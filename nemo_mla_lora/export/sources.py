@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, read_spec
+from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, check_checksums, read_spec
 from nemo_mla_lora.export.merge import expand_rows
 from nemo_mla_lora.hf_config import spec_from_hf
 from nemo_mla_lora.mla_spec import MLASpec
@@ -63,10 +63,10 @@ class HFBase:
     bf16/fp32 tensors are read as stored; FP8 e4m3 weights with ``weight_scale_inv`` 128x128 block scales
     are dequantized to ``dtype`` on read."""
 
-    def __init__(self, directory, dtype=torch.bfloat16):
+    def __init__(self, directory, dtype=torch.bfloat16, checksums: dict | None = None):
         from safetensors import safe_open
 
-        self.directory, self.dtype = Path(directory), dtype
+        self.directory, self.dtype, self.checksums = Path(directory), dtype, checksums
         config = self.directory / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{directory}: no config.json (not an HF checkpoint)")
@@ -118,6 +118,7 @@ class HFBase:
 
         with safe_open(self.directory / self.files[hf_name], "pt") as f:
             t = f.get_tensor(hf_name)
+            check_checksums({hf_name: t}, self.checksums, self.directory / self.files[hf_name])
             if t.dtype == torch.float8_e4m3fn:
                 scale_name = hf_name.replace(".weight", ".weight_scale_inv")
                 if scale_name not in self.files:

@@ -8,19 +8,14 @@ order and writes into a directory it does not own (the pipeline renames it when 
 | hf | HF DeepSeek-V3 safetensors, one shard per group + index + config.json | yes |
 """
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import extra_states, sharded_tensors, write_json
+from nemo_mla_lora.checkpoint import extra_states, sharded_tensors, tensor_checksum, write_json
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 class DistCkptWriter:

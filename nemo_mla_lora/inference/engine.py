@@ -30,9 +30,11 @@ class AbsorbedMLAEngine:
         self.w_uv = [w.view(h, dv, c) for w in v_up]  # [h, dv, c] per layer
 
     @classmethod
-    def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch") -> "AbsorbedMLAEngine":
-        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights. ``backend``:
-        decode attention in einsums (``torch``) or in the Triton kernel (``triton``)."""
+    def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch",
+             verify_checksums: bool = True) -> "AbsorbedMLAEngine":
+        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights, each checked
+        against the manifest's checksum as it is read. ``backend``: decode attention in einsums (``torch``)
+        or in the Triton kernel (``triton``)."""
         from nemo_mla_lora.export.pipeline import read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model
@@ -43,7 +45,7 @@ class AbsorbedMLAEngine:
             raise ValueError(f"{export_dir}: format {manifest.get('format')!r}; the engine reads 'absorbed' exports")
         spec = read_spec(export_dir)
         dt = DTYPES[dtype or manifest["dtype"]]
-        state = {k: v.to(dt) for k, v in read_export(export_dir, "absorbed").items()}
+        state = {k: v.to(dt) for k, v in read_export(export_dir, "absorbed", verify_checksums).items()}
         prefix = "decoder.layers.{}.self_attention."
         k_up = [state.pop(prefix.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
         v_up = [state.pop(prefix.format(i) + V_UP).to(device) for i in range(spec.num_layers)]

@@ -91,7 +91,7 @@ def main(cfg: DictConfig) -> None:
     check_request(cfg, ids, read_spec(cfg.checkpoint))
     stop, pad = tok.eos, tok.pad
     parallel.init_megatron()
-    engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device, cfg.attention)
+    engine = AbsorbedMLAEngine.load(cfg.checkpoint, cfg.dtype, cfg.device, cfg.attention, cfg.verify_checksums)
     bank, adapter_ids = None, None
     if cfg.adapters or cfg.adapter:
         from nemo_mla_lora.inference.adapters import AdapterBank
