@@ -213,6 +213,9 @@ class CheckpointReader:
         self.directory, self.checksums = Path(directory), checksums
         if not (self.directory / ".metadata").is_file():
             raise CheckpointError(f"{self.directory} is not a Megatron dist-checkpoint (no .metadata)")
+        from nemo_mla_lora.safe_load import check_dist_checkpoint
+
+        check_dist_checkpoint(self.directory)  # before Megatron's unrestricted unpickling
         try:
             self.metadata = dist_checkpointing.load_tensors_metadata(str(self.directory))
         except Exception as err:  # unreadable metadata: truncated or foreign

@@ -150,3 +150,44 @@ def test_corrupted_export_is_refused_on_read(mcore, hf_base, tmp_path, fmt):
     proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.verify_export", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "does not match its checksum" in proc.stderr, proc.stderr[-2000:]
+
+
+class _Payload:
+    """Unpickling this runs ``touch <path>``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("target", [".metadata", "common.pt"])
+def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, target):
+    import pickle
+    import subprocess
+    import sys
+
+    import torch
+
+    from nemo_mla_lora.export.pipeline import read_export
+    from nemo_mla_lora.safe_load import UnsafeCheckpoint
+
+    out = tmp_path / "absorbed"
+    export(hf_base, None, out, fmt="absorbed", progress=False)
+    marker = tmp_path / "pwned"
+    if target == ".metadata":
+        (out / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        torch.save({"x": _Payload(marker)}, out / "common.pt")
+    with pytest.raises(UnsafeCheckpoint, match="refus"):
+        read_export(out, "absorbed", verify_checksums=False)
+    (tmp_path / "ids.json").write_text("[[256, 1, 2]]")
+    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.generate", f"checkpoint={out}",
+                           f"prompt_ids_file={tmp_path / 'ids.json'}", "verify_checksums=false"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and ("refusing to unpickle" in proc.stderr or "weights_only" in proc.stderr), \
+        proc.stderr[-2000:]
+    assert not marker.exists()

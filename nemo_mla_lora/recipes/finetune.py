@@ -113,6 +113,10 @@ def run_cpu(cfg, out: Path) -> dict:
     trainer = cpu.make_trainer(cfg.trainer, out, cfg.trainer.max_steps, cfg.optim.clip_grad, callbacks)
     last = out / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.trainer.resume_if_exists and last.exists() else None
+    if resume:  # Lightning unpickles it without restrictions: torch's restricted unpickler reads it first
+        from nemo_mla_lora.safe_load import check_torch_file
+
+        check_torch_file(resume)
     trainer.fit(cpu.MegatronLM(model, cfg.optim, cfg.trainer.max_steps, lr=lr), data["train"], val, ckpt_path=resume)
     after = cpu.evaluate(model, val)
     log.info("held-out loss after LoRA: %.4f", after)

@@ -59,7 +59,7 @@ def base(arch: str, cfg, out: Path, device):
         source = open_base(cfg.model.checkpoint)
         state = source.load(source.names)
     elif cached.is_file():
-        state = torch.load(cached, map_location=device)
+        state = torch.load(cached, map_location=device, weights_only=True)
     else:
         log.info("pretraining the %s base on %s for %d steps", arch, cfg.data.base_pretrain,
                  cfg.data.base_pretrain_steps)
