@@ -42,6 +42,9 @@ def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
         expert_tensor_parallel_size=etp,
     )
     cpu_compat.seed(seed)
+    from nemo_mla_lora.processes import install_checkpoint_queue
+
+    install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
 
 
 def free_port() -> int:

@@ -191,3 +191,32 @@ def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, targ
     assert proc.returncode != 0 and ("refusing to unpickle" in proc.stderr or "weights_only" in proc.stderr), \
         proc.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
+    """SIGKILL while Megatron's checkpoint writer has its helper process up: nothing of it survives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={hf_base}", "adapter=null",
+                             f"output={tmp_path / 'out'}", "format=mcore"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"))
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 240
+    while not parent.children(recursive=True) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    children = parent.children(recursive=True)
+    assert children, (proc.poll(), (tmp_path / "stderr.txt").read_text()[-2000:])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for c in alive:
+        c.kill()
+    assert not alive, [c.cmdline()[:4] for c in alive]
+    assert not (tmp_path / "out").exists()

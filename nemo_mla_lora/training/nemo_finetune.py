@@ -102,6 +102,9 @@ def run(cfg, peft, callbacks=()) -> dict:
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from nemo.collections import llm
 
+    from nemo_mla_lora.processes import install_checkpoint_queue
+
+    install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
     out, restore = Path(cfg.output_dir), None
     if not cfg.model.checkpoint:
         if not cfg.data.base_pretrain:
