@@ -8,6 +8,7 @@ Checkpoint keys are Megatron's sharded keys (routed experts stacked: ``...mlp.ex
 module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
 """
 
+import errno
 import hashlib
 import json
 import re
@@ -61,6 +62,9 @@ def check_output(path, sources=()) -> Path:
     return path
 
 
+LOW_SPACE = 64 << 20  # a write that failed with less than this free failed for lack of space
+
+
 @contextmanager
 def atomic_dir(path, overwrite: bool = False, sources=()):
     """Yield a temp dir beside ``path`` (a sibling, never inside it); on success it replaces ``path`` by
@@ -79,12 +83,16 @@ def atomic_dir(path, overwrite: bool = False, sources=()):
     try:
         yield tmp
         barrier()
-    except BaseException:
+    except BaseException as err:
         if rank() == 0:
+            free = shutil.disk_usage(tmp if tmp.exists() else path.parent).free  # before the partial goes
             shutil.rmtree(tmp, ignore_errors=True)
             for parent in reversed(created):  # innermost first; only if still empty
                 if parent.exists() and not any(parent.iterdir()):
                     parent.rmdir()
+            if free < LOW_SPACE and not isinstance(err, KeyboardInterrupt):
+                raise OSError(errno.ENOSPC, f"no space left on the device of {path} while writing it ({free} bytes "
+                                            f"free); the partial output was removed") from err
         raise
     if rank() == 0:
         _swap_in(tmp, path, old)

@@ -116,6 +116,7 @@ def test_bad_overrides_fail_at_composition(override, error, message):
     (["+model.arch.num_hidden_layers=two"], "wrong type"),
     (["+model.arch.num_hiden_layers=2"], "not fields of"),
     (["model.config=no_such_model"], "neither a built-in model"),
+    (["+foo=1", "+trainer.max_stepz=3"], r"unknown keys \['trainer.max_stepz', 'foo'\]"),
 ])
 def test_bad_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -138,7 +139,7 @@ def test_recipe_rejects_bad_override_before_building(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "does not divide the model's num_attention_heads=128" in proc.stderr + proc.stdout
-    assert not (tmp_path / "run" / "base").exists()
+    assert not (tmp_path / "run").exists()  # a rejected config leaves nothing behind
 
 
 def test_cfg_job_prints_composed_config():

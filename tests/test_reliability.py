@@ -220,3 +220,23 @@ def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
         c.kill()
     assert not alive, [c.cmdline()[:4] for c in alive]
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_says_so(mcore, hf_base, tmp_path, monkeypatch):
+    """Megatron/PyTorch report a full disk as 'unexpected pos ...'; the export says what happened."""
+    import errno
+    import shutil as sh
+
+    from nemo_mla_lora.export import writers
+
+    def full_disk_save(self, sharded):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed; unexpected pos 704 vs 598")
+
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(writers.StreamingDistCkpt, "add", full_disk_save)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1 << 20))
+    with pytest.raises(OSError, match="no space left") as raised:
+        export(hf_base, None, tmp_path / "out", fmt="mcore", progress=False)
+    assert raised.value.errno == errno.ENOSPC and "unexpected pos" in str(raised.value.__cause__)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()

@@ -6,6 +6,7 @@ typed value fails at composition. ``validate()`` / ``validate_study()`` add the 
 (parallel sizes against heads and experts, the study grid), before any model is built.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -201,8 +202,36 @@ def register() -> None:
 FORMATS = ("absorbed", "mcore", "hf", "hf_peft")
 
 
+def unknown_keys(node, path: str = "") -> list[str]:
+    """Keys that no schema declares (Hydra's ``+key=value`` adds them even to typed nodes, where they would be
+    silently ignored). Free-form dict fields (peft.parts, model.arch, adapters) are not checked inside."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return []
+    declared = {f.name for f in dataclasses.fields(kind)}
+    found = []
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        name = f"{path}{key}"
+        if key not in declared:
+            found.append(name)
+        elif isinstance(node._get_node(key), DictConfig):
+            found += unknown_keys(node[key], name + ".")
+    return found
+
+
+def check_known_keys(cfg) -> None:
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"invalid config:\n  - unknown keys {unknown} (no such setting; see --cfg job for the names)")
+
+
 def validate(cfg) -> None:
     """Cross-field checks with expected-vs-actual messages. Raises ValueError."""
+    check_known_keys(cfg)
     m, t = cfg.model, cfg.trainer
     errors = []
     from nemo_mla_lora.models.architecture import checkpoint_kind, resolve
@@ -255,6 +284,7 @@ def validate_study(cfg) -> None:
     """The placement study's cross-field checks. Raises ValueError."""
     from nemo_mla_lora.study import variants
 
+    check_known_keys(cfg)
     s, errors = cfg.study, []
     for names, arch in ((s.variants, variants.MLA), (s.twin_variants, variants.TWIN)):
         try:

@@ -14,7 +14,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from nemo_mla_lora.config.schema import FORMATS, register
+from nemo_mla_lora.config.schema import FORMATS, check_known_keys, register
 
 register()
 log = logging.getLogger("nemo_mla_lora.export")
@@ -22,6 +22,7 @@ log = logging.getLogger("nemo_mla_lora.export")
 
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
+    check_known_keys(cfg)
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
     from nemo_mla_lora import parallel

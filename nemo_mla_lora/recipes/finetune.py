@@ -163,10 +163,15 @@ def run_megatron(cfg, out: Path) -> dict:
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    validate(cfg)  # before any model is built
+    validate(cfg)  # before any model is built or anything is written
     start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if checkpoint_rank() == 0:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    handler = logging.FileHandler(out / "finetune.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
     from nemo_mla_lora import parallel
 
     if cfg.trainer.kind == "megatron":

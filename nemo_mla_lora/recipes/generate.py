@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from nemo_mla_lora.checkpoint import read_spec
-from nemo_mla_lora.config.schema import register
+from nemo_mla_lora.config.schema import check_known_keys, register
 from nemo_mla_lora.data import tokenizer
 from nemo_mla_lora.data.tokenizer import prompt_ids
 from nemo_mla_lora.inference.engine import DTYPES
@@ -86,6 +86,7 @@ def main(cfg: DictConfig) -> None:
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
     from nemo_mla_lora.inference.generate import generate
 
+    check_known_keys(cfg)
     tok = tokenizer.load(tokenizer.for_run(cfg.tokenizer, cfg.checkpoint))
     texts, ids = prompts(cfg, tok)
     check_request(cfg, ids, read_spec(cfg.checkpoint))
