@@ -62,7 +62,7 @@ def test_parts_and_targets_from_the_command_line():
 
 def test_export_config_composes():
     cfg = compose("export", ["base=a", "adapter=b", "output=c"])
-    assert (cfg.format, cfg.verify, cfg.fold) == ("absorbed", True, False)
+    assert (cfg.format, cfg.verify, cfg.fold) == ("mcore", True, False)
 
 
 def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():

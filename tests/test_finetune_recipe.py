@@ -30,7 +30,7 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
         assert (out.parent / summary[key]).exists() or (tmp_path / summary[key]).exists() or \
             Path(summary[key]).exists(), key
     manifest = json.loads((out / "export" / "manifest.json").read_text())
-    assert manifest["format"] == "absorbed" and manifest["latent_cache"]
+    assert manifest["format"] == "mcore" and manifest["latent_cache"] and "Megatron" in manifest["loaded_by"]
     from nemo_mla_lora.training.metrics import read
     logged = read(out / "lora_metrics.jsonl")
     assert [r["step"] for r in logged if "val_loss" in r] == [12, 24]

@@ -72,12 +72,26 @@ def test_sampling_is_seeded_and_the_cache_refuses_overflow(absorbed):
         engine.forward(prompt[:, :1], cache)
 
 
-def test_engine_refuses_a_non_absorbed_export(trained):  # noqa: F811
-    out = trained["root"] / "export_mcore_for_engine"
+@pytest.mark.parametrize("fmt", ["mcore", "hf"])
+def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):  # noqa: F811
+    """mcore / hf exports (standard linear_kv_up_proj) are absorbed at load: the same latent-cache logits as
+    the absorbed export, the same cache size; an adapter-only export is refused."""
+    out = trained["root"] / f"export_{fmt}_for_engine"
     if not out.exists():
-        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="mcore", progress=False, verify=False)
-    with pytest.raises(ValueError, match="format 'mcore'; the engine reads 'absorbed'"):
-        AbsorbedMLAEngine.load(out)
+        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt=fmt, progress=False)
+    tokens = batch(seq=9)[0]
+    logits = {}
+    for name, directory in (("absorbed", absorbed), (fmt, out)):
+        engine = AbsorbedMLAEngine.load(directory)
+        cache = engine.new_cache(batch=2, max_length=9)
+        logits[name] = torch.cat([engine.forward(tokens[:, :4], cache)] +
+                                 [engine.forward(tokens[:, i:i + 1], cache) for i in range(4, 9)], dim=1)
+    torch.testing.assert_close(logits[fmt], logits["absorbed"], atol=1e-5, rtol=0)
+    peft_out = trained["root"] / "export_hf_peft_for_engine"
+    if not peft_out.exists():
+        export(trained["root"] / "base", trained["root"] / "adapter", peft_out, fmt="hf_peft", progress=False)
+    with pytest.raises(ValueError, match="the engine serves merged exports"):
+        AbsorbedMLAEngine.load(peft_out)
 
 
 def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):

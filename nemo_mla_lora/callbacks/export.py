@@ -47,7 +47,7 @@ def find_megatron_model(pl_module):
 
 
 class MLAExportCallback(L.Callback):
-    def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "absorbed", fold: bool = False,
+    def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "mcore", fold: bool = False,
                  verify: bool = True, tolerance: float | None = None, every_checkpoint: bool = False):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None

@@ -110,7 +110,7 @@ class OptimConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    format: str = "absorbed"  # absorbed | mcore | hf | hf_peft
+    format: str = "mcore"  # mcore | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
     fold: bool = False
     verify: bool = True
     tolerance: Optional[float] = None
@@ -134,7 +134,7 @@ class ExportJobConfig:
     base: str = MISSING
     adapter: Optional[str] = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
     output: str = MISSING
-    format: str = "absorbed"
+    format: str = "mcore"
     fold: bool = False
     verify: bool = True
     tolerance: Optional[float] = None
@@ -173,7 +173,7 @@ class PlacementStudyConfig:
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = MISSING  # an absorbed export directory
+    checkpoint: str = MISSING  # a merged export directory (mcore, absorbed or hf)
     prompt: Optional[str] = None
     prompt_file: Optional[str] = None  # one prompt per line, all run as one (right-padded) batch
     prompt_ids_file: Optional[str] = None  # JSON list of token-id lists (made by another engine's tokenizer)

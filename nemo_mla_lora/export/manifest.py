@@ -17,16 +17,33 @@ def kv_cache_report(spec, dtype: str) -> dict:
     }
 
 
+# Who reads each format, and how (checked: tests/test_export.py, tests/test_hf_checkpoints.py, bench/README.md).
+CONSUMERS = {
+    "mcore": "Megatron-Core's GPTModel with MLASelfAttention (local layer-spec names): "
+             "dist_checkpointing.load(model.sharded_state_dict(), dir) with default strictness (0.15.3 tested here, "
+             "0.19.x see bench/README.md); Megatron's dynamic inference engine absorbs it at load with "
+             "cache_mla_latents=True (needs Transformer Engine and FlashMLA); nemo_mla_lora.recipes.generate "
+             "absorbs it at load (latent cache)",
+    "absorbed": "Megatron-Core 0.17-0.18 AbsorbedMLASelfAttention (split linear_k_up_proj / linear_v_up_proj); "
+                "not megatron-core >= 0.19, whose module holds one linear_kv_up_proj again; "
+                "nemo_mla_lora.recipes.generate (latent cache)",
+    "hf": "transformers AutoModelForCausalLM, vLLM, SGLang: the source's config.json with torch_dtype = the "
+          "written dtype; nemo_mla_lora.recipes.generate absorbs it at load",
+    "hf_peft": "peft PeftModel.from_pretrained over the HF base (vLLM drops a kv_b_proj LoRA in its absorbed path)",
+}
+
+
 def build(fmt: str, spec, dtype: str, scales: dict, checksums: dict, fold: dict | None = None) -> dict:
     """The manifest without its ``source`` (added by the pipeline) and ``verify`` (added after verifying)."""
     return {
         "format": fmt,
         "format_version": FORMAT_VERSION,
         "mla": spec.to_dict(),
-        "latent_cache": fmt == "absorbed",
+        "latent_cache": fmt != "hf_peft",  # served with a c_kv + k_rope cache by the consumers in loaded_by
         "kv_cache": kv_cache_report(spec, dtype),
         "merge_scales": scales,
         "dtype": dtype,
         "folded": fold,
         "tensor_checksums": checksums,
+        "loaded_by": CONSUMERS[fmt],
     }

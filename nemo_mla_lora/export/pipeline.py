@@ -1,15 +1,16 @@
-"""The export step: read base + adapter group by group, merge, absorb, write, verify, rename.
+"""The export step: read base + adapter group by group, merge, (absorb,) write, verify, rename.
 
-    export(base="runs/x/base", adapter="runs/x/adapter", output="runs/x/export", fmt="absorbed")
+    export(base="runs/x/base", adapter="runs/x/adapter", output="runs/x/export", fmt="mcore")
 
-Formats: ``absorbed`` (Megatron dist-ckpt, split K/V up projections, latent cache), ``mcore`` (merged
-standard Megatron dist-ckpt), ``hf`` (merged HF DeepSeek-V3 safetensors), ``hf_peft`` (the unmerged
-adapters as HF PEFT files). Output appears only when everything, verification included, passed.
+Formats, named by what loads them (manifest.json's ``loaded_by``): ``mcore`` (default: merged standard
+Megatron dist-ckpt, which Megatron's latent-cache engine and ``recipes.generate`` absorb at load),
+``absorbed`` (split K/V up projections: megatron-core 0.17-0.18's absorbed module), ``hf`` (merged HF
+safetensors with the source's config.json), ``hf_peft`` (the unmerged adapters as HF PEFT files). Output
+appears only when everything, verification included, passed.
 
-Memory: tensors are read one group (embedding, one decoder layer, final) at a time; ``hf`` writes a shard
-per group and ``verify`` runs layer by layer (``compare_streaming``), so ``format=hf`` holds about one
-layer. The dist-ckpt formats (``absorbed``, ``mcore``) write with one Megatron save at the end and so
-still hold the whole merged model while writing.
+Memory: tensors are read one group (embedding, one decoder layer, final) at a time; every writer writes a
+group as it comes (``hf`` a shard, the dist-ckpt formats one Megatron save: ``dist_stream.py``) and
+``verify`` runs layer by layer, with a latent cache (c_kv + k_rope only) for ``mcore`` and ``absorbed``.
 """
 
 import json
@@ -38,7 +39,7 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def export(base, adapter, output, fmt: str = "absorbed", fold: bool = False, overwrite: bool = False,
+def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwrite: bool = False,
            verify: bool = True, tolerance: float | None = None, progress: bool = True) -> dict:
     """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
     the base alone (e.g. an absorbed base for multi-adapter serving)."""
@@ -97,7 +98,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
         report = compare_streaming(
             export_reader, lambda g: source.load(grouped.get(g, [])),
             lambda layer: lora.factors(_modules(grouped.get(layer, []))),
-            spec, absorbed=fmt == "absorbed", tolerance=tolerance, dtype=dtype)
+            spec, absorbed=fmt in ("absorbed", "mcore"), tolerance=tolerance, dtype=dtype)
         info["verify"] = report
         if not report["passed"]:
             raise VerificationError(f"export differs from the unmerged model: max |logit diff| "

@@ -11,6 +11,7 @@ about the merge; the gate weights are still recomputed from each run's own score
 
 import torch
 
+from nemo_mla_lora.export.absorb import K_UP, absorb_layer
 from nemo_mla_lora.reference import latent
 from nemo_mla_lora.reference.model import decoder_layer, output_weight, rms_norm, rope_cos_sin
 
@@ -18,6 +19,10 @@ from nemo_mla_lora.reference.model import decoder_layer, output_weight, rms_norm
 # fp32: the merged weights' own rounding (~1e-8 per linear) reaches ~3e-5 x max|logit| on the trained tiny
 # model (measured 1.6e-4 at max|logit| 3.8), so 1e-4 leaves ~3x room; a wrong merge misses by orders.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
+
+
+def prefix(layer: int) -> str:
+    return f"decoder.layers.{layer}.self_attention"
 
 
 def fixed_prompts(vocab_size: int, count: int = 2, length: int = 16) -> torch.Tensor:
@@ -47,6 +52,8 @@ def compare_streaming(load_export, load_base, load_factors, spec, absorbed: bool
         factors = {m: (a.float(), b.float(), sc) for m, (a, b, sc) in load_factors(layer).items()}
         x_ref = decoder_layer(x_ref, _float(load_base(layer)), factors, layer, spec, cos, sin, routing=routing)
         exported = _float(load_export(layer))
+        if absorbed and f"{prefix(layer)}.{K_UP}" not in exported:  # standard layout: absorbed as engines load it
+            exported = absorb_layer(exported, prefix(layer), spec)
         if absorbed:
             x_exp, cache = latent.layer_prefill_decode(x_exp, exported, layer, spec, s // 2, routing)
             cached += cache.values_per_token()

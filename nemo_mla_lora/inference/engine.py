@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora.checkpoint import load_weights, read_spec
-from nemo_mla_lora.export.absorb import K_UP, KV_UP, V_UP
+from nemo_mla_lora.export.absorb import K_UP, KV_UP, V_UP, absorb_layer
 from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
 from nemo_mla_lora.mla_spec import MLASpec
 
+PREFIX = "decoder.layers.{}.self_attention."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -32,23 +33,28 @@ class AbsorbedMLAEngine:
     @classmethod
     def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch",
              verify_checksums: bool = True) -> "AbsorbedMLAEngine":
-        """Build the model from the export's ``mla_spec.json`` and load its absorbed weights, each checked
-        against the manifest's checksum as it is read. ``backend``: decode attention in einsums (``torch``)
-        or in the Triton kernel (``triton``)."""
+        """Build the model from the export's ``mla_spec.json`` and load its weights, each checked against the
+        manifest's checksum as it is read: ``absorbed`` as written, ``mcore`` / ``hf`` (merged standard layout)
+        absorbed at load (``linear_kv_up_proj`` split per head into W_UK / W_UV, as Megatron's
+        ``prepare_for_absorption`` does). ``backend``: decode attention in einsums (``torch``) or in the
+        Triton kernel (``triton``)."""
         from nemo_mla_lora.export.pipeline import read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model
 
         export_dir = Path(export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
-        if manifest.get("format") != "absorbed":
-            raise ValueError(f"{export_dir}: format {manifest.get('format')!r}; the engine reads 'absorbed' exports")
-        spec = read_spec(export_dir)
+        fmt = manifest.get("format")
+        if fmt not in ("absorbed", "mcore", "hf"):
+            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports (absorbed, mcore, hf)")
+        spec = MLASpec.from_dict(manifest["mla"])
         dt = DTYPES[dtype or manifest["dtype"]]
-        state = {k: v.to(dt) for k, v in read_export(export_dir, "absorbed", verify_checksums).items()}
-        prefix = "decoder.layers.{}.self_attention."
-        k_up = [state.pop(prefix.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
-        v_up = [state.pop(prefix.format(i) + V_UP).to(device) for i in range(spec.num_layers)]
+        state = {k: v.to(dt) for k, v in read_export(export_dir, fmt, verify_checksums).items()}
+        if fmt != "absorbed":
+            for i in range(spec.num_layers):
+                state = absorb_layer(state, PREFIX.format(i).rstrip("."), spec)
+        k_up = [state.pop(PREFIX.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
+        v_up = [state.pop(PREFIX.format(i) + V_UP).to(device) for i in range(spec.num_layers)]
         model = build_model(config_from_spec(spec, dt)).to(device)
         load_weights(model, state, f"{export_dir} (built from its mla_spec.json)", absent_ok=(KV_UP,))
         return cls(model, spec, k_up, v_up, backend)
