@@ -1,4 +1,4 @@
-"""Compare two absorbed exports tensor by tensor (issue 6: the export the callback wrote under TP=2 or EP=2
+"""Compare two dist-checkpoint exports (mcore or absorbed) tensor by tensor (issue 6: the export the callback wrote under TP=2 or EP=2
 against a one-process export of the same saved base and adapter).
 
     python bench/compare_exports.py DIR_A DIR_B --out result.json
@@ -9,6 +9,7 @@ exits 1 unless the two hold the same tensor names and every tensor is identical.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,8 @@ from nemo_mla_lora import parallel
 from nemo_mla_lora.export.pipeline import read_export
 
 
-def compare(dir_a, dir_b, fmt: str = "absorbed") -> dict:
+def compare(dir_a, dir_b, fmt: str | None = None) -> dict:
+    fmt = fmt or json.loads((Path(dir_a) / "manifest.json").read_text())["format"]
     a, b = read_export(dir_a, fmt), read_export(dir_b, fmt)
     only = sorted(set(a) ^ set(b))
     diffs = {n: (a[n].double() - b[n].double()).abs().max().item() for n in sorted(set(a) & set(b))}

@@ -7,12 +7,15 @@
 #   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
 #   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
 #   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
+#   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 SITE=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+if [ "${1:-}" != mcore019 ]; then  # every step but mcore019 runs NeMo 2.7.3 + megatron-core 0.15.3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 REPO=$PWD
 cd /tmp  # import the installed package, not the source tree
@@ -130,6 +133,16 @@ open(sys.argv[1], "w").writelines(seen.values())
 print(len(seen), "runs")
 PY
   tail -qn 1 "$OUT"/placement_shard*.log
+}
+
+mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) takes the default export as it is.
+  # Inputs made here by: make run; bash bench/prepare_mcore019.sh  (carry .gpu_wheels019 runs/gpu_proof)
+  local site=/tmp/site019
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || { echo "megatron-core 0.19.2 install failed"; return 1; }
+  PYTHONPATH="$site" timeout 300 python3 "$REPO/bench/mcore019_check.py" "$REPO/runs/gpu_proof/export" \
+    "$REPO/runs/gpu_proof/expected.pt" "$OUT/mcore019.json" 2>&1 | tee "$OUT/mcore019.log"
+  return "${PIPESTATUS[0]}"
 }
 
 "$@"; rc=$?

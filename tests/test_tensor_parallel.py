@@ -60,7 +60,7 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
                                            msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
 
 
-    # the export callback under TP=2+SP and under EP=2 wrote the same absorbed checkpoint as a one-process export
+    # the export callback under TP=2+SP and under EP=2 wrote the same (default: mcore) checkpoint as a one-process export
     from nemo_mla_lora import checkpoint
     from nemo_mla_lora.export.pipeline import export, read_export
     from nemo_mla_lora.mla_spec import MLASpec
@@ -69,12 +69,12 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
     checkpoint.save_base(model, spec, tmp_path / "base_tp1")
     checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
     export(tmp_path / "base_tp1", tmp_path / "adapter_tp1", tmp_path / "export_tp1", verify=False, progress=False)
-    one = read_export(tmp_path / "export_tp1", "absorbed")
+    one = read_export(tmp_path / "export_tp1", "mcore")
     for layout in ("tp2_sp", "ep2"):
         out = tmp_path / f"callback_{layout}"
         manifest = json.loads((out / "export" / "manifest.json").read_text())
         assert manifest["verify"]["passed"], (layout, manifest["verify"])
-        two = read_export(out / "export", "absorbed")
+        two = read_export(out / "export", "mcore")
         assert set(one) == set(two), layout
         for name in one:
             torch.testing.assert_close(two[name], one[name], atol=0, rtol=0,
