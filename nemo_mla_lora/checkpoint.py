@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from nemo_mla_lora import keymap
 from nemo_mla_lora.mla_spec import MLASpec
 
 SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
@@ -234,8 +235,8 @@ class CheckpointReader:
             if m:
                 for e in range(meta.global_shape[0]):
                     self.flat[f"{m.group(1)}.local_experts.{e}.{m.group(2)}"] = (key, e, meta.global_shape[1:])
-            else:
-                self.flat[key] = (key, None, tuple(meta.global_shape))
+            else:  # TE-spec names (fused norms) read under the local spec's names
+                self.flat[keymap.from_te_name(key)] = (key, None, tuple(meta.global_shape))
 
     def names(self) -> list[str]:
         return sorted(self.flat)

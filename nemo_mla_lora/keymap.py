@@ -75,6 +75,39 @@ def to_megatron_module(hf_name: str) -> tuple[str, str | None]:
     raise KeyError(f"no Megatron name for HF module {hf_name!r}")
 
 
+# Transformer Engine layer spec (how NeMo's DeepSeek recipes build the model) fuses three norms into the linear
+# after them; the local spec (ours) keeps them as modules. Same tensors, other names.
+_TE_FUSED_NORMS = [
+    (re.compile(r"^(.*\.self_attention)\.linear_q_up_proj\.layer_norm_weight$"), r"\1.q_layernorm.weight"),
+    (re.compile(r"^(.*\.self_attention)\.linear_kv_up_proj\.layer_norm_weight$"), r"\1.kv_layernorm.weight"),
+    (re.compile(r"^(.*\.layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$"), r"\1.pre_mlp_layernorm.weight"),
+]
+_LOCAL_NORMS = [
+    (re.compile(r"^(.*\.self_attention)\.q_layernorm\.weight$"), r"\1.linear_q_up_proj.layer_norm_weight"),
+    (re.compile(r"^(.*\.self_attention)\.kv_layernorm\.weight$"), r"\1.linear_kv_up_proj.layer_norm_weight"),
+]
+
+
+def from_te_name(name: str) -> str:
+    """A Transformer-Engine-spec tensor name -> the local spec's (unchanged when nothing is fused)."""
+    for pattern, local in _TE_FUSED_NORMS:
+        if pattern.match(name):
+            return pattern.sub(local, name)
+    return name
+
+
+def to_te_name(name: str, dense_layers: set) -> str:
+    """The local spec's name -> the TE spec's (``pre_mlp_layernorm`` fuses into ``linear_fc1`` in ``dense_layers``
+    only: an MoE layer keeps its norm)."""
+    for pattern, te in _LOCAL_NORMS:
+        if pattern.match(name):
+            return pattern.sub(te, name)
+    m = re.match(r"^(.*\.layers\.(\d+))\.pre_mlp_layernorm\.weight$", name)
+    if m and int(m.group(2)) in dense_layers:
+        return f"{m.group(1)}.mlp.linear_fc1.layer_norm_weight"
+    return name
+
+
 def _split_param(key: str) -> tuple[str, str]:
     module, _, param = key.rpartition(".")
     return module, param

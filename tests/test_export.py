@@ -326,3 +326,33 @@ def test_megatron_default_strictness_load(trained, tmp_path, kind):
         with torch.no_grad():
             torch.testing.assert_close(model(tokens, positions, mask), trained["model"](tokens, positions, mask),
                                        atol=2e-5, rtol=0)
+
+
+def test_te_named_base_reads_as_local(trained, tmp_path):
+    """A base saved by a Transformer-Engine-spec model (NeMo's DeepSeek recipes) names the q/kv and dense
+    pre-MLP norms after the linear they are fused into; it reads, and exports, as the local-spec base does."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_mla_lora import keymap
+    from nemo_mla_lora.export.sources import open_base
+
+    spec = trained["spec"]
+    local = open_base(trained["root"] / "base")
+    state = local.load(local.names)
+    dense = {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
+    te_state = {keymap.to_te_name(n, dense): t for n, t in state.items()}
+    renamed = {n for n in te_state if n not in state}
+    assert {"decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+            "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight"} <= renamed
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" in te_state  # an MoE layer keeps its norm
+    assert {keymap.from_te_name(n) for n in te_state} == set(state)
+    te_dir = tmp_path / "te_base"
+    te_dir.mkdir()
+    dist_checkpointing.save(checkpoint.sharded_tensors(te_state), str(te_dir))
+    (te_dir / checkpoint.SPEC_FILE).write_text((trained["root"] / "base" / checkpoint.SPEC_FILE).read_text())
+    te = open_base(te_dir)
+    assert sorted(te.names) == sorted(local.names)
+    assert all(torch.equal(t, state[n]) for n, t in te.load(te.names).items())
+    a = export(te_dir, trained["root"] / "adapter", tmp_path / "from_te", fmt="mcore", progress=False)
+    b = export(trained["root"] / "base", trained["root"] / "adapter", tmp_path / "from_local", fmt="mcore", progress=False)
+    assert a["tensor_checksums"] == b["tensor_checksums"]
