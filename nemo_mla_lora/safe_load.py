@@ -59,10 +59,10 @@ def check_pickle(path) -> None:
             raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
 
 
-def check_torch_file(path) -> None:
-    """A ``torch.save`` file must load with ``weights_only=True`` (torch's own restricted unpickler)."""
+def check_torch_file(path):
+    """A ``torch.save`` file must load with ``weights_only=True`` (torch's own restricted unpickler); returns it."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UnsafeCheckpoint(f"{path}: refused by torch.load(weights_only=True): {err}") from None
 

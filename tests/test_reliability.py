@@ -121,7 +121,8 @@ def test_serving_inputs_are_validated():
                                  (dict(top_k=0), [[1]], "top_k=0"),
                                  (dict(dtype="fp16"), [[1]], "dtype='fp16'"),
                                  ({}, [[1] * 253], "exceeds the model's max_position_embeddings 256"),
-                                 ({}, [[1, 9999]], r"token ids \[9999\] outside")):
+                                 ({}, [[1, 9999]], r"token ids \[9999\] outside"),
+                                 ({}, [[1], []], r"prompts \[1\] have no tokens")):
         with pytest.raises(ValueError, match=message):
             check_request(OmegaConf.create(dict(base, **change)), ids, spec)
 
@@ -240,3 +241,44 @@ def test_disk_full_says_so(mcore, hf_base, tmp_path, monkeypatch):
         export(hf_base, None, tmp_path / "out", fmt="mcore", progress=False)
     assert raised.value.errno == errno.ENOSPC and "unexpected pos" in str(raised.value.__cause__)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """SIGKILL after the step-20 checkpoint of a 30-step run, rerun the same command: the same validation
+    points and the same final held-out loss as a run never interrupted."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["data.base_pretrain_steps=30", "trainer.max_steps=30", "trainer.val_check_interval=10",
+            "trainer.checkpoint_every_n_steps=10", "trainer.limit_val_batches=2", "export.enabled=false"]
+
+    def run(out, kill_after_step=None):
+        cmd = [sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={out}", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kill_after_step is not None:
+            deadline = time.time() + 300
+            while not list((out / "checkpoints").glob(f"*step={kill_after_step}.ckpt")) and time.time() < deadline:
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return None
+        assert proc.wait() == 0, proc.stderr.read()[-2000:]
+        return json.loads((out / "summary.json").read_text())
+
+    def validations(out):
+        from nemo_mla_lora.training.metrics import read
+
+        return [(r["step"], round(r["val_loss"], 6)) for r in read(out / "lora_metrics.jsonl") if "val_loss" in r]
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "killed", kill_after_step=20)  # last.ckpt may still say step 10: either resumes exactly
+    resumed = run(tmp_path / "killed")
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    assert resumed["heldout_loss_after"] == pytest.approx(straight["heldout_loss_after"], abs=1e-5)
+    assert [s for s, _ in validations(tmp_path / "straight")] == [10, 20, 30]
+    assert validations(tmp_path / "killed")[-1] == validations(tmp_path / "straight")[-1]

@@ -88,13 +88,39 @@ class PromptAnswerDataset(torch.utils.data.Dataset):
         return {"tokens": t[:-1], "labels": t[1:], "loss_mask": m[1:]}
 
 
-def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int, tok=None):
+class StepSampler(torch.utils.data.Sampler):
+    """Indices for training steps ``start_step`` .. ``steps - 1`` (``batch_size`` each): pass p through the
+    data is the permutation seeded by (seed, p), so step k's batch is the same whether or not the run was
+    interrupted before it (a resumed run starts where its checkpoint stopped, not at the data's beginning)."""
+
+    def __init__(self, size: int, batch_size: int, steps: int, seed: int, start_step: int = 0):
+        self.size, self.batch_size, self.steps, self.seed, self.start = size, batch_size, steps, seed, start_step
+        self.per_pass = size // batch_size  # batches per pass (drop_last)
+
+    def __len__(self):
+        # The whole run's length, also when resuming: Lightning restores the batch index within the epoch
+        # (start_step) and ends the epoch at len(loader) batches; iteration itself begins at start_step.
+        return self.steps * self.batch_size
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            p, b = divmod(step, self.per_pass)
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + p))
+            yield from order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int, tok=None,
+                steps: int | None = None, start_step: int = 0):
     """A DataLoader over ``path`` (``pkg://`` names resolved) tokenized by ``tok`` (default: bytes); shuffled
-    training order fixed by ``seed``. A training set smaller than one batch is refused (nothing would train)."""
+    training order fixed by ``seed``; with ``steps``, exactly the batches of steps ``start_step``..``steps-1``
+    (``StepSampler``). A training set smaller than one batch is refused (nothing would train)."""
     from nemo_mla_lora.data import resolve
 
     ds = PromptAnswerDataset(resolve(path), seq_length, packed, tok=tok)
     if shuffle and len(ds) < batch_size:
         raise DataError(f"{path}: {len(ds)} sequences, fewer than one batch of {batch_size} (batches drop the rest)")
+    if shuffle and steps:
+        return torch.utils.data.DataLoader(ds, batch_size=batch_size, drop_last=True,
+                                           sampler=StepSampler(len(ds), batch_size, steps, seed, start_step))
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
                                        generator=torch.Generator().manual_seed(seed), drop_last=shuffle)

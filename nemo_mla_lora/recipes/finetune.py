@@ -50,19 +50,33 @@ def run_tokenizer(cfg, spec):
     return tok
 
 
-def loaders(cfg, tok) -> dict:
-    """Every DataLoader the run needs, built (and so checked: file:line errors, empty sets) before any model."""
+def loaders(cfg, tok, start_step: int = 0) -> dict:
+    """Every DataLoader the run needs, built (and so checked: file:line errors, empty sets) before any model.
+    Training loaders hold exactly the run's steps; a resumed run's starts at its checkpoint's step."""
     from nemo_mla_lora.data.prompt_answer import make_loader
 
     d = cfg.data
 
-    def make(path, shuffle):
-        return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed, tok)
+    def make(path, shuffle, steps=None, start=0):
+        return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed, tok,
+                           steps=steps, start_step=start)
 
-    out = {"train": make(d.train, True), "validation": make(d.validation, False)}
+    out = {"train": make(d.train, True, cfg.trainer.max_steps, start_step), "validation": make(d.validation, False)}
     if d.base_pretrain and not cfg.model.checkpoint:
-        out["base_train"], out["base_validation"] = make(d.base_pretrain, True), make(d.base_pretrain, False)
+        out["base_train"] = make(d.base_pretrain, True, d.base_pretrain_steps)
+        out["base_validation"] = make(d.base_pretrain, False)
     return out
+
+
+def resume_point(cfg, out: Path) -> tuple[str | None, int]:
+    """(``checkpoints/last.ckpt`` to resume from, its global step), or (None, 0). The file is read with
+    torch's restricted unpickler first: Lightning unpickles it without restrictions."""
+    last = out / "checkpoints" / "last.ckpt"
+    if not (cfg.trainer.resume_if_exists and last.exists()):
+        return None, 0
+    from nemo_mla_lora.safe_load import check_torch_file
+
+    return str(last), int(check_torch_file(last)["global_step"])
 
 
 def base_model(cfg, out: Path, spec, data: dict):
@@ -97,7 +111,8 @@ def run_cpu(cfg, out: Path) -> dict:
     from nemo_mla_lora.training import cpu
 
     spec = resolve(cfg.model)  # the checkpoint's own config
-    data = loaders(cfg, run_tokenizer(cfg, spec))
+    resume, start_step = resume_point(cfg, out)
+    data = loaders(cfg, run_tokenizer(cfg, spec), start_step)
     model, base_dir = base_model(cfg, out, spec, data)
     peft = make_peft(cfg)
     model = peft(model)
@@ -111,12 +126,6 @@ def run_cpu(cfg, out: Path) -> dict:
 
     callbacks = [MetricsLog(out / "lora_metrics.jsonl")] + ([export_cb] if cfg.export.enabled else [])
     trainer = cpu.make_trainer(cfg.trainer, out, cfg.trainer.max_steps, cfg.optim.clip_grad, callbacks)
-    last = out / "checkpoints" / "last.ckpt"
-    resume = str(last) if cfg.trainer.resume_if_exists and last.exists() else None
-    if resume:  # Lightning unpickles it without restrictions: torch's restricted unpickler reads it first
-        from nemo_mla_lora.safe_load import check_torch_file
-
-        check_torch_file(resume)
     trainer.fit(cpu.MegatronLM(model, cfg.optim, cfg.trainer.max_steps, lr=lr), data["train"], val, ckpt_path=resume)
     after = cpu.evaluate(model, val)
     log.info("held-out loss after LoRA: %.4f", after)

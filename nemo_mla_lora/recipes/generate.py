@@ -34,7 +34,7 @@ log = logging.getLogger("nemo_mla_lora.generate")
 def prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
     """(texts to print, token ids per prompt) from exactly one of prompt, prompt_file (a line each) or
     prompt_ids_file (JSON: a list of id lists, as another engine's tokenizer made them)."""
-    given = [k for k in ("prompt", "prompt_file", "prompt_ids_file") if cfg.get(k)]
+    given = [k for k in ("prompt", "prompt_file", "prompt_ids_file") if cfg.get(k) is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of prompt=..., prompt_file=... or prompt_ids_file=...; got {given or 'none'}")
     if cfg.prompt_ids_file:
@@ -43,7 +43,8 @@ def prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
                                                       for r in ids)):
             raise ValueError(f"{cfg.prompt_ids_file}: expected a JSON list of non-empty lists of token ids")
         return [tok.decode(r) for r in ids], ids
-    texts = [cfg.prompt] if cfg.prompt else [x for x in Path(cfg.prompt_file).read_text().splitlines() if x.strip()]
+    texts = [cfg.prompt] if cfg.prompt is not None else [x for x in Path(cfg.prompt_file).read_text().splitlines()
+                                                         if x.strip()]
     if not texts:
         raise ValueError(f"{cfg.prompt_file} holds no prompt")
     return texts, [prompt_ids(tok, t) for t in texts]
@@ -60,6 +61,9 @@ def check_request(cfg, ids: list[list[int]], spec) -> None:
         errors.append(f"top_k={cfg.top_k}; expected >= 1 or null")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         errors.append(f"dtype={cfg.dtype!r}; expected one of {sorted(DTYPES)} or null (the export's)")
+    empty = [i for i, r in enumerate(ids) if not r]
+    if empty:
+        errors.append(f"prompts {empty} have no tokens (an empty prompt and a tokenizer without BOS)")
     longest = max(len(r) for r in ids)
     if longest + cfg.max_new_tokens > spec.max_positions:
         errors.append(f"longest prompt {longest} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "

@@ -96,6 +96,7 @@ def make_trainer(trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, 
                                    save_last=True, save_top_k=-1))
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=trainer_cfg.val_check_interval,
+        check_val_every_n_epoch=None,  # validation every val_check_interval global steps, resumed runs included
         limit_val_batches=trainer_cfg.limit_val_batches, log_every_n_steps=trainer_cfg.log_every_n_steps,
         gradient_clip_val=clip_grad or None, enable_checkpointing=checkpoints, callbacks=cbs, default_root_dir=str(root_dir),
         logger=CSVLogger(str(root_dir), name="logs") if logger else False, enable_model_summary=False,
