@@ -223,3 +223,30 @@ def test_generate_cli_on_plain_rope_matches_transformers(hf_checkpoints, tmp_pat
             greedy = model.generate(prompt[None], max_new_tokens=4, do_sample=False, eos_token_id=None)[0]
         torch.testing.assert_close(row["prompt_logits"], expected, atol=1e-4, rtol=0)
         assert torch.equal(row["tokens"], greedy), (row["tokens"], greedy)
+
+
+@pytest.mark.parametrize("variant", ["v2_lite_greedy_yarn_noq", "v3_noaux_yarn_q"])
+def test_nemo_checkpoint_context_is_read_as_data(tmp_path, variant):
+    """A NeMo 2 checkpoint's context (written by NeMo's own TrainerContext.io_dump) gives the same architecture;
+    it is read as YAML data, so a ``_target_`` planted in it is never called."""
+    from nemo import lightning as nl
+    from nemo.collections import llm
+    from nemo.lightning import io
+
+    from nemo_mla_lora.models.architecture import checkpoint_kind, checkpoint_spec
+    from nemo_mla_lora.models.from_spec import config_from_spec
+
+    spec = hf_config.spec_from_hf(MAKER.hf_config(variant))
+    ckpt = tmp_path / "nemo_ckpt"
+    (ckpt / "weights").mkdir(parents=True)
+    trainer = nl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    io.TrainerContext(model=llm.GPTModel(config_from_spec(spec)), trainer=trainer, extra={}).io_dump(
+        ckpt / "context", yaml_attrs=["model"])
+    assert checkpoint_kind(ckpt) == "nemo" and checkpoint_spec(ckpt) == spec
+    yaml_file = ckpt / "context" / "model.yaml"
+    marker = tmp_path / "pwned"
+    text = yaml_file.read_text()
+    assert "\n  init_method: null\n" in text
+    yaml_file.write_text(text.replace("\n  init_method: null\n",
+                                      f"\n  init_method:\n    _target_: os.system\n    _args_: ['touch {marker}']\n"))
+    assert checkpoint_spec(ckpt) == spec and not marker.exists()

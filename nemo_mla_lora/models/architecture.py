@@ -10,6 +10,7 @@
 error naming both, so nothing is typed twice and nothing typed can silently differ from the weights.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,10 +68,32 @@ def checkpoint_spec(path) -> MLASpec:
         return spec_from_hf(checkpoint_config(path), f"{path}/config.json")
     if kind == "ours":
         return read_spec(path)
-    from nemo.lightning import io
+    return MLASpec.from_megatron(nemo_context_config(path))
 
-    config = io.load_context(Path(path) / "context", subpath="model.config")
-    return MLASpec.from_megatron(config)
+
+NEMO_CONFIG_CLASSES = ("DeepSeekV3Config", "DeepSeekV2Config", "DeepSeekV2LiteConfig")
+
+
+def nemo_context_config(path):
+    """The model config of a NeMo 2 checkpoint, read from ``context/model.yaml`` as data: only plain values,
+    into one of NeMo's DeepSeek config classes. NeMo's own ``io.load_context`` would instantiate every
+    ``_target_`` the file names (any importable callable: code a checkpoint author chooses)."""
+    import yaml
+    from nemo.collections import llm
+
+    file = Path(path) / "context" / "model.yaml"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: a NeMo 2 checkpoint without context/model.yaml")
+    config = (yaml.safe_load(file.read_text()) or {}).get("config") or {}
+    target = str(config.get("_target_", "")).rsplit(".", 1)[-1]
+    if target not in NEMO_CONFIG_CLASSES:
+        raise CheckpointError(f"{file}: model config {config.get('_target_')!r} is not one of NeMo's DeepSeek "
+                              f"configs {NEMO_CONFIG_CLASSES}")
+    cls = getattr(llm, target)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    plain = {k: v for k, v in config.items() if k in fields and not isinstance(v, dict)
+             and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))}
+    return cls(**plain)
 
 
 def _apply(config: dict, arch: dict, source: str) -> dict:
