@@ -7,9 +7,6 @@ own ``config.json`` (model_type, positions, tokens ids, quantization dropped) an
 export changed (dtype).
 """
 
-import json
-from pathlib import Path
-
 from nemo_mla_lora.mla_spec import MLASpec
 
 MODEL_TYPES = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3"}
@@ -22,13 +19,6 @@ class UnsupportedConfig(ValueError):
 
 def _refuse(source: str, field: str, value, why: str):
     raise UnsupportedConfig(f"{source}: {field}={value!r} is not supported: {why}")
-
-
-def read_config(directory) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json")
-    return json.loads(path.read_text())
 
 
 def _rope_fields(c: dict, source: str) -> dict:

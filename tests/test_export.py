@@ -136,8 +136,6 @@ def test_hf_transformers_and_peft_chain(mcore, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import DeepseekV3ForCausalLM
 
-    from nemo_mla_lora import keymap
-
     spec = MLASpec.from_megatron(tiny_mla_config())
     torch.manual_seed(0)
     config = hf_config.hf_model_config(spec)

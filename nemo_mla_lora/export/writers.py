@@ -10,8 +10,6 @@ order and writes into a directory it does not own (the pipeline renames it when 
 
 from pathlib import Path
 
-import torch
-
 from nemo_mla_lora import keymap
 from nemo_mla_lora.checkpoint import extra_states, sharded_tensors, tensor_checksum, write_json
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt

@@ -1,17 +1,17 @@
 """``AbsorbedMLAEngine``: a Megatron-Core GPTModel (embedding, norms, dense MLP / MoE, output layer) whose
-MLA attention runs absorbed over a latent KV cache, loaded from our ``absorbed`` export.
+MLA attention runs absorbed over a latent KV cache, loaded from any merged export (``absorbed`` as written;
+``mcore`` / ``hf`` absorbed at load).
 
 The decoder loop is written out (pre-norm residual blocks, as ``TransformerLayer`` computes them in
 inference: no dropout): Megatron's ``GPTModel.forward`` would call ``MLASelfAttention.forward``, which
-needs ``linear_kv_up_proj``; the absorbed checkpoint holds ``linear_k_up_proj`` / ``linear_v_up_proj``
-instead (megatron-core >= 0.17's layout)."""
+materializes per-head K and V from ``linear_kv_up_proj``; here the split W_UK / W_UV act on the latents."""
 
 import json
 from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.checkpoint import load_weights, read_spec
+from nemo_mla_lora.checkpoint import load_weights
 from nemo_mla_lora.export.absorb import K_UP, KV_UP, V_UP, absorb_layer
 from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
