@@ -21,7 +21,7 @@ YARN = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_positi
         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 # name -> (model_type, config fields beyond COMMON). Covers V2 softmax greedy and group-limited, V3 noaux_tc,
-# plain RoPE and YaRN (mscale = and != mscale_all_dim), with and without q compression.
+# plain RoPE and YaRN (mscale = and != mscale_all_dim), with and without q compression, tied embeddings.
 VARIANTS = {
     "v2_lite_greedy_yarn_noq": ("deepseek_v2", dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
                                 num_experts_per_tok=2, topk_method="greedy", n_group=1, topk_group=1,
@@ -36,6 +36,9 @@ VARIANTS = {
     "v3_noaux_rope_noq": ("deepseek_v3", dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
                           num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
                           routed_scaling_factor=2.446, rope_scaling=None, rope_theta=50000.0, rms_norm_eps=1e-5)),
+    "v3_tied_yarn_q": ("deepseek_v3", dict(q_lora_rank=40, n_routed_experts=4, n_shared_experts=1,
+                       num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
+                       routed_scaling_factor=1.0, rope_scaling=YARN, tie_word_embeddings=True)),
 }
 
 

@@ -81,5 +81,6 @@ class AbsorbedMLAEngine:
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
         cache.advance(cache.lengths + (s if valid is None else valid.to(cache.lengths)))
-        logits, _ = m.output_layer(m.decoder.final_layernorm(x))  # [s, b, vocab]
+        tied = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+        logits, _ = m.output_layer(m.decoder.final_layernorm(x), weight=tied)  # [s, b, vocab]
         return logits.transpose(0, 1)
