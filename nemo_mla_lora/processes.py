@@ -4,7 +4,8 @@ Megatron's dist-checkpoint writer (``filesystem_async``) collects write results 
 ``multiprocessing`` Manager: a spawned process that re-imports the main module (~1 GB resident) and lives
 for the rest of the run, with a resource tracker beside it. If the run is killed (SIGKILL, OOM killer, a
 scheduler's preemption), both stayed alive. ``install_checkpoint_queue`` hands Megatron a queue from a
-forked Manager started with ``PR_SET_PDEATHSIG``: the kernel ends it the moment its parent dies.
+forked Manager started with ``PR_SET_PDEATHSIG``: the kernel ends it the moment its parent dies. The write
+workers Megatron forks for each save get the same signal (killed mid-write, one was seen sleeping forever).
 """
 
 import ctypes
@@ -25,11 +26,20 @@ def die_with_parent(parent: int) -> None:
 
 
 def install_checkpoint_queue() -> None:
-    """Give Megatron's async writer a results queue whose Manager dies with this process (once per process)."""
+    """Give Megatron's async writer a results queue whose Manager dies with this process, and its forked
+    write workers the same death signal (once per process)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None:
         return
+    writer = filesystem_async.FileSystemWriterAsync
+    write, parent = writer.write_preloaded_data, os.getpid()
+
+    def write_preloaded_data(*args, **kwargs):  # runs in a worker forked from this process
+        die_with_parent(parent)
+        return write(*args, **kwargs)
+
+    writer.write_preloaded_data = staticmethod(write_preloaded_data)
     from multiprocessing.managers import SyncManager
 
     # Forked, not spawned: the server only relays results, and a fork starts at once without re-importing the
