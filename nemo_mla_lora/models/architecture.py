@@ -2,7 +2,7 @@
 
     model.checkpoint=<HF dir>           config.json (+ the tokenizer files beside it)
     model.checkpoint=<our base dir>     mla_spec.json
-    model.checkpoint=<NeMo 2 checkpoint> context/ (NeMo's own ``io.load_context``)
+    model.checkpoint=<NeMo 2 checkpoint> context/model.yaml, read as data (``nemo_context_config``)
     model.config=tiny_mla | <path to config.json>   no checkpoint: the package's configs/<name>.json or a file
 
 ``model.arch`` holds HF ``config.json`` fields to change. Without a checkpoint they edit the built-in config
