@@ -8,6 +8,7 @@
 #   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
 #   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
+#   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -143,6 +144,24 @@ mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) tak
   PYTHONPATH="$site" timeout 300 python3 "$REPO/bench/mcore019_check.py" "$REPO/runs/gpu_proof/export" \
     "$REPO/runs/gpu_proof/expected.pt" "$OUT/mcore019.json" 2>&1 | tee "$OUT/mcore019.log"
   return "${PIPESTATUS[0]}"
+}
+
+nemo_engines() {  # issue 14: NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec load take our exports as they are
+  # Inputs made here by: make run; bash bench/prepare_nemo_proof.sh. Needs TE in /tmp/te_site: the bring-up call of
+  # that script's header ran on this warm machine just before (carry .gpu_wheels runs/gpu_proof).
+  [ -d /tmp/te_site/transformer_engine ] || { echo "no Transformer Engine in /tmp/te_site: run the bring-up call first"; return 1; }
+  local sp p=$REPO/runs/gpu_proof/nemo
+  sp=$(python3 -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
+  export PYTHONPATH="$SITE:/tmp/te_site" NVTE_FRAMEWORK=pytorch CUDNN_HOME="$sp/nvidia/cudnn" \
+    LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  MASTER_PORT=29511 timeout 540 python3 "$REPO/bench/nemo_engines_check.py" nemo "$p/nemo_te" "$OUT/nemo_te.json" \
+    --mcore "$p/mcore_te" > "$OUT/nemo_te.log" 2>&1 &
+  local te_pid=$!
+  MASTER_PORT=29512 timeout 540 python3 "$REPO/bench/nemo_engines_check.py" nemo "$p/nemo_local" \
+    "$OUT/nemo_local.json" > "$OUT/nemo_local.log" 2>&1
+  local rc_local=$?; wait "$te_pid"; local rc_te=$?
+  tail -n 25 "$OUT/nemo_te.log"; tail -n 12 "$OUT/nemo_local.log"
+  echo "rc te=$rc_te local=$rc_local"; [ "$rc_te" = 0 ] && [ "$rc_local" = 0 ]
 }
 
 "$@"; rc=$?

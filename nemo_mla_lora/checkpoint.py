@@ -216,7 +216,9 @@ class CheckpointReader:
     """Reads tensors of a dist-checkpoint by flat name, a few at a time; with ``checksums`` (an export's
     manifest) every tensor read is checked against them."""
 
-    def __init__(self, directory, checksums: dict | None = None):
+    def __init__(self, directory, checksums: dict | None = None, prefix: str = ""):
+        """``prefix``: the part of every key before Megatron's names (NeMo 2's ``module.``); keys without it
+        (a NeMo training checkpoint's optimizer states) are not model tensors and are skipped."""
         from megatron.core import dist_checkpointing
 
         self.directory, self.checksums = Path(directory), checksums
@@ -231,12 +233,17 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory}: cannot read checkpoint metadata: {err}") from err
         self.flat = {}  # flat name -> (key, expert index or None, shape)
         for key, meta in self.metadata.items():
-            m = _STACKED.match(key)
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix):]
+            m = _STACKED.match(name)
             if m:
                 for e in range(meta.global_shape[0]):
                     self.flat[f"{m.group(1)}.local_experts.{e}.{m.group(2)}"] = (key, e, meta.global_shape[1:])
             else:  # TE-spec names (fused norms) read under the local spec's names
-                self.flat[keymap.from_te_name(key)] = (key, None, tuple(meta.global_shape))
+                self.flat[keymap.from_te_name(name)] = (key, None, tuple(meta.global_shape))
+        if not self.flat:
+            raise CheckpointError(f"{self.directory}: no tensors under the key prefix {prefix!r}")
 
     def names(self) -> list[str]:
         return sorted(self.flat)

@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning as L
 
 from nemo_mla_lora import checkpoint
+from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.peft.mla_lora import MLALoRALinear
 
@@ -48,19 +49,22 @@ def find_megatron_model(pl_module):
 
 class MLAExportCallback(L.Callback):
     def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "mcore", fold: bool = False,
-                 verify: bool = True, tolerance: float | None = None, every_checkpoint: bool = False):
+                 verify: bool = True, tolerance: float | None = None, every_checkpoint: bool = False,
+                 names: str | None = None, tokenizer: str | None = None):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
         self.output_dir = Path(output_dir)
         self.fmt, self.fold, self.verify, self.tolerance = fmt, fold, verify, tolerance
+        self.options = {"names": names, "tokenizer": tokenizer}  # format=nemo's names and context tokenizer
         self.every_checkpoint = every_checkpoint
         self.result = None
 
     def _base(self, model) -> Path:
         """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
         NeMo checkpoint, say) the live model's frozen weights, saved once."""
-        readable = self.base_dir is not None and any((self.base_dir / f).is_file()
-                                                     for f in (checkpoint.SPEC_FILE, "config.json"))
+        readable = self.base_dir is not None and (any((self.base_dir / f).is_file()
+                                                      for f in (checkpoint.SPEC_FILE, "config.json"))
+                                                  or nemo_format.is_nemo_checkpoint(self.base_dir))
         if not readable:
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
             self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True)
@@ -82,9 +86,9 @@ class MLAExportCallback(L.Callback):
     def _export(self, adapter_dir: Path, output: Path) -> dict:
         if checkpoint.world_size() == 1:
             return export(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold, overwrite=True,
-                          verify=self.verify, tolerance=self.tolerance)
+                          verify=self.verify, tolerance=self.tolerance, **self.options)
         return export_in_child(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold,
-                               verify=self.verify, tolerance=self.tolerance)
+                               verify=self.verify, tolerance=self.tolerance, **self.options)
 
     def on_train_end(self, trainer, pl_module):
         self.result = self.run(pl_module, "")
@@ -98,12 +102,15 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  "MASTER_PORT", "NODE_RANK")
 
 
-def export_in_child(base, adapter, output, fmt: str, fold: bool, verify: bool, tolerance) -> dict:
+def export_in_child(base, adapter, output, fmt: str, fold: bool, verify: bool, tolerance, names=None,
+                    tokenizer=None) -> dict:
     """``python -m nemo_mla_lora.recipes.export`` in a fresh single process on the CPU; returns the manifest."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    null = lambda v: "null" if v is None else v  # noqa: E731
     args = [f"base={base}", f"adapter={adapter}", f"output={output}", f"format={fmt}", f"fold={str(fold).lower()}",
-            f"verify={str(verify).lower()}", "overwrite=true", f"tolerance={'null' if tolerance is None else tolerance}"]
+            f"verify={str(verify).lower()}", "overwrite=true", f"tolerance={null(tolerance)}", f"names={null(names)}",
+            f"tokenizer={null(tokenizer)}"]
     proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:

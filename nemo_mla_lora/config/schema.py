@@ -110,7 +110,8 @@ class OptimConfig:
 @dataclass
 class ExportConfig:
     enabled: bool = True
-    format: str = "mcore"  # mcore | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
+    format: str = "mcore"  # mcore | nemo | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
+    names: Optional[str] = None  # mcore/nemo: te | local layer-spec names (default: local for mcore, te for nemo)
     fold: bool = False
     verify: bool = True
     tolerance: Optional[float] = None
@@ -135,6 +136,8 @@ class ExportJobConfig:
     adapter: Optional[str] = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
     output: str = MISSING
     format: str = "mcore"
+    names: Optional[str] = None  # mcore/nemo: te | local layer-spec names (default: local for mcore, te for nemo)
+    tokenizer: Optional[str] = None  # nemo: the context's tokenizer (default: the base's own files, else byte)
     fold: bool = False
     verify: bool = True
     tolerance: Optional[float] = None
@@ -199,7 +202,8 @@ def register() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
 
 
-FORMATS = ("absorbed", "mcore", "hf", "hf_peft")
+FORMATS = ("absorbed", "mcore", "nemo", "hf", "hf_peft")
+NAMES = ("te", "local")
 
 
 def unknown_keys(node, path: str = "") -> list[str]:
@@ -266,6 +270,8 @@ def validate(cfg) -> None:
         errors.append(f"data.tokenizer=byte has {byte_ids} ids; the model's vocab_size={spec.vocab_size} is smaller")
     if cfg.export.format not in FORMATS:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
+    if cfg.export.get("names") not in (None, *NAMES):
+        errors.append(f"export.names={cfg.export.names!r}; expected one of {NAMES} (or null: the format's default)")
     if cfg.peft.dim <= 0:
         errors.append(f"peft.dim must be positive, got {cfg.peft.dim}")
     from nemo_mla_lora.peft import parts, placements

@@ -24,6 +24,11 @@ CONSUMERS = {
              "0.19.x see bench/README.md); Megatron's dynamic inference engine absorbs it at load with "
              "cache_mla_latents=True (needs Transformer Engine and FlashMLA); nemo_mla_lora.recipes.generate "
              "absorbs it at load (latent cache)",
+    "nemo": "NeMo 2 (2.7.3 tested): llm.generate / llm.deploy (io.load_context + MegatronStrategy restore, "
+            "default strictness), llm.export_ckpt(path, target='hf') (HFDeepSeekExporter), llm.finetune "
+            "restore=RestoreConfig(path=...); names=te: the TE layer spec NeMo's DeepSeek configs build where Transformer "
+            "Engine is installed (NeMo's containers); names=local: nemo_mla_lora's TE-free layer spec named in the "
+            "context; nemo_mla_lora.recipes.generate absorbs it at load (latent cache)",
     "absorbed": "Megatron-Core 0.17-0.18 AbsorbedMLASelfAttention (split linear_k_up_proj / linear_v_up_proj); "
                 "not megatron-core >= 0.19, whose module holds one linear_kv_up_proj again; "
                 "nemo_mla_lora.recipes.generate (latent cache)",

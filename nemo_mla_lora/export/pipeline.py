@@ -21,14 +21,15 @@ import torch
 from tqdm import tqdm
 
 from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_output, file_hash
-from nemo_mla_lora.export import absorb, manifest
+from nemo_mla_lora.export import absorb, manifest, nemo_format
 from nemo_mla_lora.export.merge import MergeError, merge_state
 from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
 from nemo_mla_lora.export.verify import compare_streaming
-from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, write_hf_peft
+from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, write_hf_peft
 
 log = logging.getLogger(__name__)
-FORMATS = ("absorbed", "mcore", "hf", "hf_peft")
+FORMATS = ("absorbed", "mcore", "nemo", "hf", "hf_peft")
+DEFAULT_NAMES = {"mcore": "local", "nemo": "te"}  # the layer spec whose names a dist-ckpt export has
 
 
 class VerificationError(RuntimeError):
@@ -40,11 +41,18 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwrite: bool = False,
-           verify: bool = True, tolerance: float | None = None, progress: bool = True) -> dict:
+           verify: bool = True, tolerance: float | None = None, progress: bool = True, names: str | None = None,
+           tokenizer: str | None = None) -> dict:
     """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
-    the base alone (e.g. an absorbed base for multi-adapter serving)."""
+    the base alone (e.g. an absorbed base for multi-adapter serving). ``names``: ``te`` | ``local`` layer-spec
+    names of the ``mcore``/``nemo`` formats (default ``DEFAULT_NAMES``); ``tokenizer``: the ``nemo`` context's
+    (default: the base's own files, else the byte tokenizer of the tiny models)."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    names = names or DEFAULT_NAMES.get(fmt, "local")
+    nemo_format.check_names(names)
+    if names != "local" and fmt not in DEFAULT_NAMES:
+        raise ValueError(f"names={names} applies to formats {sorted(DEFAULT_NAMES)}; {fmt} has its own names")
     if adapter is None and fmt == "hf_peft":
         raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
     if fold and fmt != "absorbed":
@@ -53,6 +61,12 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
     source = open_base(base)
     spec = source.spec
     check_complete(source, spec, base)  # every tensor the model needs, with its shape, before anything is written
+    if fmt == "nemo":
+        tokenizer = nemo_format.export_tokenizer(base, tokenizer, spec)
+        differs = nemo_format.stock_differences(spec) if names == "te" else []
+        for d in differs:
+            log.warning("NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
+                        "nemo_mla_lora's exact layer spec into the context", d)
     lora = open_adapter(adapter, spec)
     unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
     if unknown:
@@ -66,19 +80,30 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
-            info = _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress)
+            writer = _writer(fmt, tmp, spec, source, names, tokenizer)
+            info = _export_merged(source, lora, spec, fmt, fold, writer, tmp, verify, tolerance, progress)
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
+            if fmt in DEFAULT_NAMES:
+                info["names"] = names
+            if fmt == "nemo":
+                info["nemo"] = {"tokenizer": tokenizer, "differs_from_deepseek": differs}
         info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},  # hashes the input files
                           "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
 
 
-def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progress) -> dict:
+def _writer(fmt, tmp, spec, source, names, tokenizer):
+    if fmt == "hf":
+        return HFWriter(tmp, spec, spec.num_layers + 2, getattr(source, "config", None))
+    if fmt == "nemo":
+        return NemoWriter(tmp, spec, names, tokenizer)
+    return DistCkptWriter(tmp, spec, names)
+
+
+def _export_merged(source, lora, spec, fmt, fold, writer, tmp, verify, tolerance, progress) -> dict:
     grouped = groups(source.names)
     order = ["pre"] + list(range(spec.num_layers)) + ["post"]
-    writer = (HFWriter(tmp, spec, len(order), getattr(source, "config", None)) if fmt == "hf"
-              else DistCkptWriter(tmp, spec))
     dtype = None
     for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
         names = grouped.get(key, [])
@@ -98,7 +123,7 @@ def _export_merged(source, lora, spec, fmt, fold, tmp, verify, tolerance, progre
         report = compare_streaming(
             export_reader, lambda g: source.load(grouped.get(g, [])),
             lambda layer: lora.factors(_modules(grouped.get(layer, []))),
-            spec, absorbed=fmt in ("absorbed", "mcore"), tolerance=tolerance, dtype=dtype)
+            spec, absorbed=fmt in ("absorbed", "mcore", "nemo"), tolerance=tolerance, dtype=dtype)
         info["verify"] = report
         if not report["passed"]:
             raise VerificationError(f"export differs from the unmerged model: max |logit diff| "
@@ -137,6 +162,9 @@ def _open_export(directory, fmt: str, checksums: dict | None = None):
     if fmt == "hf":
         reader = HFBase(directory, dtype=torch.float32, checksums=checksums)
         return reader, reader.names
+    if fmt == "nemo":
+        reader = CheckpointReader(Path(directory) / nemo_format.WEIGHTS, checksums, prefix=nemo_format.PREFIX)
+        return reader, reader.names()
     reader = CheckpointReader(directory, checksums)
     return reader, reader.names()
 

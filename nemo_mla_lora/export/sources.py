@@ -36,12 +36,21 @@ def groups(names) -> dict:
 
 
 class MegatronBase:
-    """Our base checkpoint (dist-ckpt + mla_spec.json)."""
+    """Our base checkpoint (dist-ckpt + mla_spec.json), or a NeMo 2 checkpoint (``nemo=True``: the dist-ckpt in
+    ``weights/`` under ``module.`` keys, local or TE-spec names; the architecture from ``context/model.yaml``,
+    read as data)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, nemo: bool = False):
+        from nemo_mla_lora.export import nemo_format
+        from nemo_mla_lora.models.architecture import checkpoint_spec
+
         self.directory = Path(directory)
-        self.reader = CheckpointReader(directory)
-        self.spec = read_spec(directory)
+        if nemo:
+            self.reader = CheckpointReader(self.directory / nemo_format.WEIGHTS, prefix=nemo_format.PREFIX)
+            self.spec = checkpoint_spec(directory)
+        else:
+            self.reader = CheckpointReader(directory)
+            self.spec = read_spec(directory)
         self.names = [n for n in self.reader.names() if ".adapter." not in n]
 
     def load(self, names) -> dict:
@@ -140,13 +149,13 @@ def _megatron_name(hf_name: str) -> str:
 
 
 def open_base(directory, dtype=torch.bfloat16):
-    directory = Path(directory)
-    if (directory / "config.json").is_file():
+    """An HF checkpoint, one of ours or a NeMo 2 checkpoint (``models.architecture.checkpoint_kind``)."""
+    from nemo_mla_lora.models.architecture import checkpoint_kind
+
+    kind = checkpoint_kind(directory)
+    if kind == "hf":
         return HFBase(directory, dtype)
-    if (directory / ".metadata").is_file():
-        return MegatronBase(directory)
-    raise CheckpointError(f"{directory}: neither a Megatron dist-checkpoint (.metadata + mla_spec.json) "
-                          f"nor an HF checkpoint (config.json + safetensors)")
+    return MegatronBase(directory, nemo=kind == "nemo")
 
 
 class MegatronAdapter:

@@ -4,31 +4,61 @@ order and writes into a directory it does not own (the pipeline renames it when 
 | format | what | streams? |
 |---|---|---|
 | absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: one Megatron save per group |
-| mcore | Megatron dist-ckpt, merged, standard layout | yes: one Megatron save per group |
+| mcore | Megatron dist-ckpt, merged, standard layout (local or TE-spec names) | yes: one Megatron save per group |
+| nemo | NeMo 2 checkpoint: the mcore layout under weights/ (``module.`` keys) + context/ | yes |
 | hf | HF DeepSeek-V3 safetensors, one shard per group + index + config.json | yes |
 """
 
 from pathlib import Path
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import extra_states, sharded_tensors, tensor_checksum, write_json
+from nemo_mla_lora.checkpoint import tensor_checksum, write_json
+from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
 
 
 class DistCkptWriter:
-    def __init__(self, directory: Path, spec):
-        self.directory, self.spec, self.checksums = Path(directory), spec, {}
-        self.stream = StreamingDistCkpt(directory)
+    """``names``: the layer spec whose names (and ``_extra_state`` entries) the checkpoint has: ``local`` (the
+    TE-free spec) or ``te`` (Megatron's Transformer Engine spec)."""
+
+    def __init__(self, directory: Path, spec, names: str = "local"):
+        self.directory, self.spec, self.names, self.checksums, self.dtype = Path(directory), spec, names, {}, None
+        self.stream = StreamingDistCkpt(self.weights_dir())
+
+    def weights_dir(self) -> Path:
+        return self.directory
+
+    def sharded(self, group: dict) -> dict:
+        return nemo_format.consumer_sharded(group, self.spec, self.names, prefix="")
 
     def add(self, group: dict) -> None:
-        for name, t in group.items():
+        self.dtype = self.dtype or next(iter(group.values())).dtype
+        for name, t in group.items():  # under the flat local names, whatever the stored names
             self.checksums[name] = tensor_checksum(t)
-        self.stream.add({**sharded_tensors(group), **extra_states(group)})
+        self.stream.add(self.sharded(group))
 
     def finish(self) -> None:
         self.stream.finish()
         write_json(self.directory / "mla_spec.json", self.spec.to_dict())
+
+
+class NemoWriter(DistCkptWriter):
+    """A NeMo 2 checkpoint (``nemo_format.py``): weights/ under NeMo's ``module.`` keys, then context/."""
+
+    def __init__(self, directory: Path, spec, names: str, tokenizer: str):
+        self.tokenizer = tokenizer
+        super().__init__(directory, spec, names)
+
+    def weights_dir(self) -> Path:
+        return self.directory / nemo_format.WEIGHTS
+
+    def sharded(self, group: dict) -> dict:
+        return nemo_format.consumer_sharded(group, self.spec, self.names)
+
+    def finish(self) -> None:
+        super().finish()
+        nemo_format.write_context(self.directory, self.spec, self.dtype, self.names, self.tokenizer)
 
 
 class HFWriter:

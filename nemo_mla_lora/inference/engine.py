@@ -45,8 +45,9 @@ class AbsorbedMLAEngine:
         export_dir = Path(export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
         fmt = manifest.get("format")
-        if fmt not in ("absorbed", "mcore", "hf"):
-            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports (absorbed, mcore, hf)")
+        if fmt not in ("absorbed", "mcore", "nemo", "hf"):
+            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports (absorbed, mcore, "
+                             f"nemo, hf)")
         spec = MLASpec.from_dict(manifest["mla"])
         dt = DTYPES[dtype or manifest["dtype"]]
         state = {k: v.to(dt) for k, v in read_export(export_dir, fmt, verify_checksums).items()}

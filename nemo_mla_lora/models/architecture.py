@@ -46,10 +46,10 @@ def checkpoint_kind(path) -> str:
     path = Path(path)
     if (path / "config.json").is_file():
         return "hf"
+    if (path / "context").is_dir() and (path / "weights").is_dir():  # ours in format=nemo too
+        return "nemo"
     if (path / SPEC_FILE).is_file():
         return "ours"
-    if (path / "context").is_dir() and (path / "weights").is_dir():
-        return "nemo"
     if not path.exists():
         raise CheckpointError(f"model.checkpoint={path}: no such directory")
     raise CheckpointError(f"model.checkpoint={path}: not an HF checkpoint (config.json), one of ours "
@@ -66,7 +66,7 @@ def checkpoint_spec(path) -> MLASpec:
     kind = checkpoint_kind(path)
     if kind == "hf":
         return spec_from_hf(checkpoint_config(path), f"{path}/config.json")
-    if kind == "ours":
+    if kind == "ours" or (Path(path) / SPEC_FILE).is_file():  # a nemo export of ours: its exact spec beside
         return read_spec(path)
     return MLASpec.from_megatron(nemo_context_config(path))
 

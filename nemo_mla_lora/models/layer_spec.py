@@ -158,8 +158,14 @@ def _swap_norms(submodules) -> None:
             setattr(submodules, name, SequenceParallelTorchNorm)
 
 
-def local_mla_block_spec(config, vp_stage=None):
-    """Decoder block spec (dense and MoE layers per ``moe_layer_freq``) without Transformer Engine."""
+def local_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_eps=None):
+    """Decoder block spec (dense and MoE layers per ``moe_layer_freq``) without Transformer Engine.
+    ``group_score`` / ``latent_norm_eps`` set the two DeepSeek settings a Megatron config has no field for (a NeMo
+    checkpoint's context passes them here: its config class cannot hold them)."""
+    if group_score is not None:
+        config.moe_router_group_score = group_score
+    if latent_norm_eps is not None:
+        config.mla_latent_norm_eps = latent_norm_eps
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage)
     for layer_spec in spec.layer_specs:
         layer_spec.submodules.self_attention.module = LocalMLASelfAttention

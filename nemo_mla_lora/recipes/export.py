@@ -1,9 +1,10 @@
-"""Merge an adapter into its base and write an export (absorbed by default), then verify it.
+"""Merge an adapter into its base and write an export (``mcore`` by default), then verify it.
 
     python -m nemo_mla_lora.recipes.export base=runs/finetune/base adapter=runs/finetune/adapter \\
         output=runs/finetune/export_hf format=hf [verify=true] [fold=false] [overwrite=false]
+    ... format=nemo [names=te|local] [tokenizer=DIR]   # a NeMo 2 checkpoint for llm.generate / export_ckpt
 
-``base``: our Megatron dist-ckpt (+ mla_spec.json) or an HF DeepSeek-V3 directory (bf16 or FP8);
+``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
 ``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory; ``adapter=null`` exports the base alone
 (an absorbed base to serve several unmerged adapters with ``recipes.generate adapters=...``).
 """
@@ -30,7 +31,7 @@ def main(cfg: DictConfig) -> None:
 
     parallel.init_megatron()
     info = export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
-                  verify=cfg.verify, tolerance=cfg.tolerance)
+                  verify=cfg.verify, tolerance=cfg.tolerance, names=cfg.names, tokenizer=cfg.tokenizer)
     report = {k: info[k] for k in ("format", "kv_cache", "verify", "warnings") if k in info}
     print(json.dumps(report, indent=2))
     print(f"wrote {cfg.output}")

@@ -36,9 +36,15 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
     """The ``export`` config group as an ``MLAExportCallback`` (both trainers)."""
     from nemo_mla_lora.callbacks.export import MLAExportCallback
 
+    from nemo_mla_lora.data.tokenizer import for_run
+
     e = cfg.export
+    tokenizer = for_run(cfg.data.tokenizer, cfg.model.checkpoint)  # the run's, named in a nemo export's context
+    if tokenizer == "byte" and cfg.trainer.kind == "megatron":
+        tokenizer = "nemo_byte"  # NeMo's trainer trains on NeMo's own ByteLevelTokenizer (nemo_data.py)
     return MLAExportCallback(peft, spec, base_dir, out, fmt=e.format, fold=e.fold, verify=e.verify,
-                             tolerance=e.tolerance, every_checkpoint=e.every_checkpoint)
+                             tolerance=e.tolerance, every_checkpoint=e.every_checkpoint, names=e.names,
+                             tokenizer=tokenizer if e.format == "nemo" else None)
 
 
 def run_tokenizer(cfg, spec):

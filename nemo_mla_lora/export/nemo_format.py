@@ -1,0 +1,168 @@
+"""The ``nemo`` export: a NeMo 2 checkpoint that NeMo's own tools take as they are.
+
+    out/weights/   Megatron dist-checkpoint; keys are NeMo's: ``module.`` (its MegatronParallel wrapper) + Megatron's
+                   names, in the Transformer Engine layer spec's naming (``names="te"``: the fused
+                   ``linear_q_up_proj.layer_norm_weight``, ...) or the TE-free local spec's (``names="local"``),
+                   with the ``_extra_state`` entries that spec's modules ask for at a default-strictness load
+    out/context/   ``io.json`` + ``model.yaml``: NeMo's own ``io_dump`` of a ``DeepSeekModel`` holding its
+                   ``DeepSeekV2Config``/``DeepSeekV3Config`` and tokenizer (files copied in by NeMo)
+    out/manifest.json, mla_spec.json   ours (NeMo ignores them)
+
+Read by ``llm.generate`` / ``llm.deploy`` (``io.load_context`` + ``MegatronStrategy`` restore),
+``llm.export_ckpt(target="hf")`` (``HFDeepSeekExporter``: ``model.yaml`` + ``weights/``) and ``llm.finetune``'s
+``RestoreConfig(path=...)``. Names: NeMo's DeepSeek configs build ``get_gpt_decoder_block_spec(config,
+use_transformer_engine=HAVE_TE)``, and NeMo's containers always have TE, so ``te`` is the default; NeMo's own
+TE-free spec cannot build MLA (its local core attention refuses ``k_channels``), so ``local`` writes our layer spec
+into the context (``nemo_mla_lora`` must be importable where it is loaded).
+"""
+
+import functools
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from nemo_mla_lora import keymap
+from nemo_mla_lora.checkpoint import extra_states, sharded_tensors
+from nemo_mla_lora.mla_spec import MEGATRON_FIELDS, MLASpec
+
+log = logging.getLogger(__name__)
+WEIGHTS, CONTEXT, PREFIX = "weights", "context", "module."
+NAMES = ("te", "local")
+
+# In the TE spec the norms that stay modules (TE's RMSNorm) and the core attention (TEDotProductAttention) carry
+# ``_extra_state`` (FP8 metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it.
+_TE_NORM = re.compile(r"^(.*\.(input_layernorm|pre_mlp_layernorm|final_layernorm))\.weight$")
+_ATTENTION = re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_proj\.weight$")  # one per layer
+
+
+def _te_extra_modules(te_names) -> list[str]:
+    out = []
+    for name in te_names:
+        norm, attention = _TE_NORM.match(name), _ATTENTION.match(name)
+        if norm:
+            out.append(norm.group(1))
+        if attention:
+            out.append(f"{attention.group(1)}.core_attention")
+    return out
+
+
+def is_nemo_checkpoint(path) -> bool:
+    path = Path(path)
+    return (path / CONTEXT).is_dir() and (path / WEIGHTS / ".metadata").is_file()
+
+
+def check_names(names: str) -> None:
+    if names not in NAMES:
+        raise ValueError(f"names={names!r}; expected one of {NAMES}")
+
+
+def dense_layers(spec: MLASpec) -> set:
+    return {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
+
+
+def consumer_sharded(group: dict, spec: MLASpec, names: str, prefix: str = PREFIX) -> dict:
+    """One group of flat (local-spec) tensors -> the ShardedTensors and ``_extra_state`` ShardedObjects a model of
+    the ``names`` spec asks for, under ``prefix`` + its keys."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    dense = dense_layers(spec)
+    rename = (lambda k: keymap.to_te_name(k, dense)) if names == "te" else (lambda k: k)
+    out = {}
+    for key, item in {**sharded_tensors(group), **extra_states(group)}.items():  # key: unique; item.key: stored
+        item.key = prefix + rename(item.key)
+        out[prefix + rename(key)] = item
+    if names == "te":
+        for module in _te_extra_modules(rename(n) for n in group):
+            key = f"{prefix}{module}._extra_state"
+            out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+    return out
+
+
+def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
+    """NeMo's stock ``DeepSeekV2Config``/``DeepSeekV3Config`` for ``spec`` as the consumer builds it: TE spec (the
+    config's own default layer spec, with TE) or our local spec with DeepSeek's exact routing and latent eps."""
+    from nemo.collections import llm
+
+    from nemo_mla_lora.models.from_spec import group_score, megatron_routing
+
+    args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
+    args.update(megatron_routing(spec))
+    args.update(seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.max_positions,
+                share_embeddings_and_output_weights=spec.tie_word_embeddings, params_dtype=dtype,
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, moe_aux_loss_coeff=0.0)
+    if names == "te":  # the config's default, with TE decided by the consumer's machine, not this one
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        args["transformer_layer_spec"] = functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=True)
+    else:
+        from nemo_mla_lora.models.layer_spec import local_mla_block_spec
+
+        args["transformer_layer_spec"] = functools.partial(
+            local_mla_block_spec, group_score=group_score(spec), latent_norm_eps=spec.latent_norm_eps)
+    cls = llm.DeepSeekV2Config if spec.model_type == "deepseek_v2" else llm.DeepSeekV3Config
+    return cls(**args)
+
+
+def stock_differences(spec: MLASpec) -> list[str]:
+    """Where NeMo's stock DeepSeek model (TE spec) computes something other than DeepSeek's own model."""
+    from nemo_mla_lora.models.from_spec import group_score
+
+    out = []
+    if group_score(spec) == "max":
+        out.append(f"routing: DeepSeek-V2 ranks expert groups by their best expert, Megatron by the sum of the top "
+                   f"{spec.moe_topk // spec.moe_group_topk} (topk {spec.moe_topk}, topk_group {spec.moe_group_topk})")
+    if spec.latent_norm_eps != spec.norm_eps:
+        out.append(f"q/kv latent norms: DeepSeek uses eps {spec.latent_norm_eps}, Megatron layernorm_epsilon "
+                   f"{spec.norm_eps}")
+    return out
+
+
+def nemo_tokenizer(tokenizer_name: str):
+    """NeMo's tokenizer for ours: ``byte`` -> ``ByteLevelTokenizer`` with our ids (bytes 0..255, BOS 256, EOS 257,
+    PAD 258); a directory or hub id -> NeMo's ``AutoTokenizer`` over the same HF files."""
+    if tokenizer_name == "nemo_byte":  # what NeMo's trainer trained on (training/nemo_data.py)
+        from nemo.collections.common.tokenizers.bytelevel_tokenizers import ByteLevelTokenizer
+
+        return ByteLevelTokenizer()
+    if tokenizer_name == "byte":
+        from nemo.collections.common.tokenizers.bytelevel_tokenizers import ByteLevelTokenizer
+
+        from nemo_mla_lora.data.tokenizer import BOS, EOS, PAD
+
+        # special tokens take the ids below vocab_size + 3 in reverse order: <pad> 258, <eos> 257, <bos> 256
+        return ByteLevelTokenizer(special_tokens=["<pad>", "<eos>", "<bos>"], vocab_size=256, _eos_id=EOS,
+                                  _pad_id=PAD, _bos_id=BOS)
+    from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+
+    return AutoTokenizer(pretrained_model_name=str(tokenizer_name), use_fast=True)
+
+
+def write_context(directory, spec: MLASpec, dtype: torch.dtype, names: str, tokenizer_name: str) -> None:
+    """``directory/context`` as NeMo writes it (``TrainerContext.io_dump``), for a single-device trainer."""
+    from nemo import lightning as nl
+    from nemo.collections import llm
+    from nemo.lightning.io.pl import TrainerContext
+
+    config = model_config(spec, dtype, names)
+    model = llm.DeepSeekModel(config, tokenizer=nemo_tokenizer(tokenizer_name))
+    trainer = nl.Trainer(accelerator="cpu", devices=1, strategy=nl.MegatronStrategy())  # as NeMo's import writes
+    TrainerContext(model=model, trainer=trainer, extra={}).io_dump(Path(directory) / CONTEXT, yaml_attrs=["model"])
+
+
+def export_tokenizer(base, tokenizer: str | None, spec: MLASpec) -> str:
+    """The tokenizer the context names: ``tokenizer`` if given, else the base's own HF files (an HF base's, a
+    NeMo base's ``context/nemo_tokenizer``), else the byte tokenizer (our tiny models' bases)."""
+    from nemo_mla_lora.data.tokenizer import VOCAB_SIZE, has_hf_tokenizer
+
+    base = Path(base)
+    if tokenizer:
+        return str(tokenizer)
+    for candidate in (base, base / CONTEXT / "nemo_tokenizer"):
+        if has_hf_tokenizer(candidate):
+            return str(candidate)
+    if (base / "config.json").is_file() or is_nemo_checkpoint(base) or spec.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"format=nemo: {base} has no tokenizer files for the NeMo context; pass tokenizer=<HF "
+                         f"tokenizer directory or id>")
+    return "byte"
