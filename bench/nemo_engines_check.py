@@ -6,7 +6,7 @@
 
 ``nemo DIR``: NeMo's ``llm.generate`` on the ``nemo`` export (``io.load_context`` builds the model its context names:
 the TE layer spec for ``names=te``; ``MegatronStrategy`` restores the weights with NeMo's default strictness), greedy,
-prompts with BOS; its tokens and their log-probs against ``ROOT/expected.pt`` (``recipes.generate`` on the same
+prompts without BOS (2.7.3's add_BOS adds none); its tokens and their log-probs against ``ROOT/expected.pt`` (``recipes.generate`` on the same
 export, CPU). ``--mcore DIR``: Megatron's ``dist_checkpointing.load(model.sharded_state_dict(), DIR)`` with default
 strictness into the TE-spec ``GPTModel`` the context configures, then its prompt logits against the expected ones;
 the TE model's sharded keys are recorded (what a TE consumer asks for). None of nemo_mla_lora is imported for the
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+EOS = 257  # the tiny models' byte tokenizer (NeMo's ByteLevelTokenizer as the nemo export's context maps it)
+
 
 def nemo_generate(export_dir: Path, expected: list, new_tokens: int) -> dict:
     from megatron.core.inference.common_inference_params import CommonInferenceParams
@@ -31,12 +33,14 @@ def nemo_generate(export_dir: Path, expected: list, new_tokens: int) -> dict:
     trainer = nl.Trainer(accelerator="gpu", devices=1, strategy=strategy)
     params = CommonInferenceParams(top_k=1, num_tokens_to_generate=new_tokens, return_log_probs=True)
     results = llm.generate(path=str(export_dir), trainer=trainer, prompts=[e["prompt"] for e in expected],
-                           params_dtype=torch.float32, add_BOS=True, inference_params=params,
+                           params_dtype=torch.float32, add_BOS=False, inference_params=params,
                            enable_flash_decode=False)
     rows = []
     for e, r in zip(expected, results):
         prompt_len = e["prompt_logits"].shape[0]
         ours = e["tokens"][prompt_len:].tolist()
+        if ours and ours[-1] == EOS:  # Megatron's engine stops at the tokenizer's EOS and does not return it
+            ours = ours[:-1]
         theirs = [int(t) for t in r.generated_tokens.tolist()][: len(ours)]
         logp = torch.log_softmax(e["logits"].double(), -1)
         ours_logp = [float(logp[i, t]) for i, t in enumerate(ours)]

@@ -8,7 +8,7 @@
 #   carry [".gpu_wheels", "runs/gpu_proof"]     bash bench/run_gpu.sh nemo_engines
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash bench/prepare_gpu.sh  # NeMo's wheels + this tree's wheel (the names=local context imports our layer spec)
+[ "${SKIP_WHEELS:-}" ] || bash bench/prepare_gpu.sh  # NeMo's wheels + this tree's wheel (the names=local context imports our layer spec)
 if [ ! -f .te_carry/slim/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl ]; then
   [ -d .te ] || bash ../shared/scripts/te/fetch_te.sh .te
   mkdir -p .te_carry/slim && cp -r .te/whl .te/bring_up_te.sh .te/smoke.py .te/transformer_engine_torch-2.20.2.tar.gz .te_carry/
@@ -24,7 +24,7 @@ done
 .venv/bin/python - "$P/prompt_ids.json" <<'PY'
 import json, sys
 prompts = ["upper: abc =", "upper: csi =", "upper: nwnfqjd ="]
-json.dump([[256] + list(p.encode()) for p in prompts], open(sys.argv[1], "w"))
+json.dump([list(p.encode()) for p in prompts], open(sys.argv[1], "w"))  # no BOS: llm.generate 2.7.3 adds none
 PY
 .venv/bin/python -m nemo_mla_lora.recipes.generate "checkpoint=$P/nemo_te" "prompt_ids_file=$P/prompt_ids.json" \
   max_new_tokens=8 "dump_logits=$P/expected_ids.pt" 2>&1 | grep -vi warn | tail -4
@@ -32,7 +32,7 @@ PY
 import sys, torch
 rows = torch.load(f"{sys.argv[1]}/expected_ids.pt")
 for r in rows:
-    r["prompt"] = bytes(t for t in r["tokens"][1: r["prompt_logits"].shape[0]].tolist()).decode()
+    r["prompt"] = bytes(t for t in r["tokens"][: r["prompt_logits"].shape[0]].tolist()).decode()
 torch.save(rows, f"{sys.argv[1]}/expected.pt")
 PY
 du -sh .gpu_wheels .te_carry "$P"

@@ -132,7 +132,7 @@ def test_te_checkpoint_layout_and_context(tuned, tmp_path):
         assert name in stored, name
     assert not any("q_layernorm" in k or "kv_layernorm" in k for k in stored)
     objects = _sharded_objects(out / "weights")
-    for module in ("decoder.layers.1.self_attention.core_attention", "decoder.layers.1.input_layernorm",
+    for module in ("decoder.layers.1.input_layernorm",
                    "decoder.layers.1.pre_mlp_layernorm", "decoder.final_layernorm",
                    "decoder.layers.1.self_attention.linear_kv_up_proj",
                    "decoder.layers.1.mlp.experts.experts.linear_fc1"):
@@ -197,3 +197,21 @@ def test_names_option_checked(tuned, tmp_path):
     with pytest.raises(ValueError, match="applies to formats"):
         export(case["hf"], None, tmp_path / "x", fmt="hf", names="te")
     assert not (tmp_path / "x").exists()
+
+
+def test_mcore_te_and_local_names_hold_the_same_tensors(tuned, tmp_path):
+    """The default mcore export has the TE spec's names (as Megatron's and NeMo's TE models ask for them; the
+    TE-spec load itself runs on the GPU machine); ``names=local`` the TE-free spec's. Same tensors either way."""
+    from megatron.core import dist_checkpointing
+
+    case = tuned["v3_noaux_yarn_q"]
+    te = export(case["hf"], case["peft"], tmp_path / "te", fmt="mcore", progress=False)
+    local = export(case["hf"], case["peft"], tmp_path / "local", fmt="mcore", names="local", progress=False)
+    assert (te["names"], local["names"]) == ("te", "local")
+    assert te["tensor_checksums"] == local["tensor_checksums"]
+    te_keys = set(dist_checkpointing.load_tensors_metadata(str(tmp_path / "te")))
+    local_keys = set(dist_checkpointing.load_tensors_metadata(str(tmp_path / "local")))
+    assert "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight" in te_keys - local_keys
+    assert "decoder.layers.1.self_attention.kv_layernorm.weight" in local_keys - te_keys
+    assert "decoder.layers.1.input_layernorm._extra_state" in _sharded_objects(tmp_path / "te")
+    assert "decoder.layers.1.input_layernorm._extra_state" not in _sharded_objects(tmp_path / "local")

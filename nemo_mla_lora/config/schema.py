@@ -111,7 +111,7 @@ class OptimConfig:
 class ExportConfig:
     enabled: bool = True
     format: str = "mcore"  # mcore | nemo | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
-    names: Optional[str] = None  # mcore/nemo: te | local layer-spec names (default: local for mcore, te for nemo)
+    names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
     fold: bool = False
     verify: bool = True
     tolerance: Optional[float] = None
@@ -136,7 +136,7 @@ class ExportJobConfig:
     adapter: Optional[str] = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
     output: str = MISSING
     format: str = "mcore"
-    names: Optional[str] = None  # mcore/nemo: te | local layer-spec names (default: local for mcore, te for nemo)
+    names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
     tokenizer: Optional[str] = None  # nemo: the context's tokenizer (default: the base's own files, else byte)
     fold: bool = False
     verify: bool = True

@@ -31,21 +31,10 @@ log = logging.getLogger(__name__)
 WEIGHTS, CONTEXT, PREFIX = "weights", "context", "module."
 NAMES = ("te", "local")
 
-# In the TE spec the norms that stay modules (TE's RMSNorm) and the core attention (TEDotProductAttention) carry
-# ``_extra_state`` (FP8 metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it.
+# In the TE spec the norms that stay modules (TE's RMSNorm: input, MoE pre-MLP, final) carry ``_extra_state`` (FP8
+# metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it at load. (Its
+# TEDotProductAttention does not: bench/results/h200_nemo/nemo_te.json lists every key that model asks for.)
 _TE_NORM = re.compile(r"^(.*\.(input_layernorm|pre_mlp_layernorm|final_layernorm))\.weight$")
-_ATTENTION = re.compile(r"^(decoder\.layers\.\d+\.self_attention)\.linear_proj\.weight$")  # one per layer
-
-
-def _te_extra_modules(te_names) -> list[str]:
-    out = []
-    for name in te_names:
-        norm, attention = _TE_NORM.match(name), _ATTENTION.match(name)
-        if norm:
-            out.append(norm.group(1))
-        if attention:
-            out.append(f"{attention.group(1)}.core_attention")
-    return out
 
 
 def is_nemo_checkpoint(path) -> bool:
@@ -74,9 +63,11 @@ def consumer_sharded(group: dict, spec: MLASpec, names: str, prefix: str = PREFI
         item.key = prefix + rename(item.key)
         out[prefix + rename(key)] = item
     if names == "te":
-        for module in _te_extra_modules(rename(n) for n in group):
-            key = f"{prefix}{module}._extra_state"
-            out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+        for name in group:
+            norm = _TE_NORM.match(rename(name))
+            if norm:
+                key = f"{prefix}{norm.group(1)}._extra_state"
+                out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
     return out
 
 
@@ -91,13 +82,17 @@ def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
     args.update(megatron_routing(spec))
     args.update(seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.max_positions,
                 share_embeddings_and_output_weights=spec.tie_word_embeddings, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, moe_aux_loss_coeff=0.0)
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, moe_aux_loss_coeff=0.0,
+                gradient_accumulation_fusion=False)  # a training fusion needing APEX: generate/export do without
     if names == "te":  # the config's default, with TE decided by the consumer's machine, not this one
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         args["transformer_layer_spec"] = functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=True)
-    else:
+    else:  # without TE: the settings our local spec runs with (no grouped GEMM package, no fused kernels)
         from nemo_mla_lora.models.layer_spec import local_mla_block_spec
+        from nemo_mla_lora.models.tiny import CPU_SAFE
+
+        args.update(CPU_SAFE)
 
         args["transformer_layer_spec"] = functools.partial(
             local_mla_block_spec, group_score=group_score(spec), latent_norm_eps=spec.latent_norm_eps)

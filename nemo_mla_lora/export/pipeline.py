@@ -29,7 +29,7 @@ from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, w
 
 log = logging.getLogger(__name__)
 FORMATS = ("absorbed", "mcore", "nemo", "hf", "hf_peft")
-DEFAULT_NAMES = {"mcore": "local", "nemo": "te"}  # the layer spec whose names a dist-ckpt export has
+DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
 
 
 class VerificationError(RuntimeError):
