@@ -225,7 +225,7 @@ def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     with pytest.raises(CheckpointError, match="truncated or incomplete"):
         export(broken, trained["root"] / "adapter", tmp_path / "out", fmt="mcore", progress=False)
     (broken / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match="neither a Megatron dist-checkpoint"):
+    with pytest.raises(CheckpointError, match="not a Megatron dist-checkpoint \\(no .metadata\\)"):
         export(broken, trained["root"] / "adapter", tmp_path / "out", fmt="mcore", progress=False)
     assert not (tmp_path / "out").exists()
 

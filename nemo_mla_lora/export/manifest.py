@@ -19,15 +19,15 @@ def kv_cache_report(spec, dtype: str) -> dict:
 
 # Who reads each format, and how (checked: tests/test_export.py, tests/test_hf_checkpoints.py, bench/README.md).
 CONSUMERS = {
-    "mcore": "Megatron-Core's GPTModel with MLASelfAttention (local layer-spec names): "
-             "dist_checkpointing.load(model.sharded_state_dict(), dir) with default strictness (0.15.3 tested here, "
-             "0.19.x see bench/README.md); Megatron's dynamic inference engine absorbs it at load with "
-             "cache_mla_latents=True (needs Transformer Engine and FlashMLA); nemo_mla_lora.recipes.generate "
-             "absorbs it at load (latent cache)",
-    "nemo": "NeMo 2 (2.7.3 tested): llm.generate / llm.deploy (io.load_context + MegatronStrategy restore, "
-            "default strictness), llm.export_ckpt(path, target='hf') (HFDeepSeekExporter), llm.finetune "
-            "restore=RestoreConfig(path=...); names=te: the TE layer spec NeMo's DeepSeek configs build where Transformer "
-            "Engine is installed (NeMo's containers); names=local: nemo_mla_lora's TE-free layer spec named in the "
+    "mcore": "Megatron-Core's GPTModel with MLASelfAttention: dist_checkpointing.load(model.sharded_state_dict(), "
+             "dir) with default strictness; names=te: the Transformer Engine layer spec (0.15.3 on an H200), "
+             "names=local: the TE-free spec (0.15.3 on CPU, 0.19.2 on an H200), see bench/README.md; Megatron's "
+             "dynamic inference engine absorbs it at load with cache_mla_latents=True (needs Transformer Engine "
+             "and FlashMLA); nemo_mla_lora.recipes.generate absorbs it at load (latent cache)",
+    "nemo": "NeMo 2 (2.7.3 tested): llm.generate (io.load_context + MegatronStrategy restore, "
+            "default strictness; H200), llm.export_ckpt(path, target='hf') (HFDeepSeekExporter), llm.finetune "
+            "resume=AutoResume(restore_config=RestoreConfig(path=...)) (the same restore); names=te: the TE layer "
+            "spec NeMo's DeepSeek configs build where Transformer Engine is installed (NeMo's containers); names=local: nemo_mla_lora's TE-free layer spec named in the "
             "context; nemo_mla_lora.recipes.generate absorbs it at load (latent cache)",
     "absorbed": "Megatron-Core 0.17-0.18 AbsorbedMLASelfAttention (split linear_k_up_proj / linear_v_up_proj); "
                 "not megatron-core >= 0.19, whose module holds one linear_kv_up_proj again; "
