@@ -162,6 +162,45 @@ def extra_states(flat: dict) -> dict:
     return out
 
 
+# Layer-spec names a dist-checkpoint can have.
+NAMES = ("te", "local")
+
+# In the TE spec the norms that stay modules (TE's RMSNorm: input, MoE pre-MLP, final) carry ``_extra_state`` (FP8
+# metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it at load. (Its
+# TEDotProductAttention does not: bench/results/h200_nemo/nemo_te.json lists every key that model asks for.)
+_TE_NORM = re.compile(r"^(.*\.(input_layernorm|pre_mlp_layernorm|final_layernorm))\.weight$")
+
+
+def check_names(names: str) -> None:
+    if names not in NAMES:
+        raise ValueError(f"names={names!r}; expected one of {NAMES}")
+
+
+def dense_layers(spec: MLASpec) -> set:
+    return {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
+
+
+def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "") -> dict:
+    """One group of flat (local-spec) tensors -> the ShardedTensors and ``_extra_state`` ShardedObjects a model of
+    the ``names`` layer spec (``te``: Megatron's Transformer Engine spec; ``local``: the TE-free one) asks for at a
+    default-strictness load, under ``prefix`` + its keys (NeMo 2 checkpoints: ``module.``)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    dense = dense_layers(spec)
+    rename = (lambda k: keymap.to_te_name(k, dense)) if names == "te" else (lambda k: k)
+    out = {}
+    for key, item in {**sharded_tensors(group), **extra_states(group)}.items():  # key: unique; item.key: stored
+        item.key = prefix + rename(item.key)
+        out[prefix + rename(key)] = item
+    if names == "te":
+        for name in group:
+            norm = _TE_NORM.match(rename(name))
+            if norm:
+                key = f"{prefix}{norm.group(1)}._extra_state"
+                out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+    return out
+
+
 def tensor_checksum(t: torch.Tensor) -> str:
     """What the manifest records per tensor: sha256 of its bytes (as stored), 16 hex digits."""
     return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

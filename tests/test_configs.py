@@ -160,3 +160,13 @@ def test_generate_config_composes():
 
 def test_export_config_takes_no_adapter():
     assert compose("export", ["base=a", "adapter=null", "output=c"]).adapter is None
+
+
+def test_light_schema_lists_match_the_export_code():
+    """schema.py keeps its own lists so that validating a config imports no torch; they must not drift."""
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.config import schema
+    from nemo_mla_lora.export import pipeline
+
+    assert schema.FORMATS == pipeline.FORMATS
+    assert schema.NAMES == checkpoint.NAMES

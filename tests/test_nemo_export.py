@@ -149,6 +149,11 @@ def test_te_checkpoint_layout_and_context(tuned, tmp_path):
 
     source = AutoTokenizer.from_pretrained(case["hf"])
     assert model.tokenizer.text_to_ids("abc =") == source("abc =", add_special_tokens=False)["input_ids"]
+    # the context holds the tokenizer's files only, where NeMo's import puts them (NeMo copies a tokenizer's
+    # directory whole: the source HF directory would have brought its weights along)
+    assert (out / "context" / "nemo_tokenizer" / "tokenizer.json").is_file()
+    assert not [f for f in (out / "context").rglob("*") if f.suffix in (".safetensors", ".bin", ".pt")]
+    assert not (out / ".tokenizer_stage").exists()
 
 
 def _sharded_objects(weights_dir) -> set:
@@ -215,3 +220,32 @@ def test_mcore_te_and_local_names_hold_the_same_tensors(tuned, tmp_path):
     assert "decoder.layers.1.self_attention.kv_layernorm.weight" in local_keys - te_keys
     assert "decoder.layers.1.input_layernorm._extra_state" in _sharded_objects(tmp_path / "te")
     assert "decoder.layers.1.input_layernorm._extra_state" not in _sharded_objects(tmp_path / "local")
+
+
+def test_context_tokenizer_is_the_one_the_run_trained_with(tuned, tmp_path):
+    from omegaconf import OmegaConf
+
+    from nemo_mla_lora.recipes.finetune import nemo_context_tokenizer
+
+    case = tuned["v3_noaux_yarn_q"]
+    export(case["hf"], None, tmp_path / "nemo", fmt="nemo", progress=False)
+    spec = json.loads((tmp_path / "nemo" / "mla_spec.json").read_text())
+    from nemo_mla_lora.mla_spec import MLASpec
+
+    spec = MLASpec.from_dict(spec)
+
+    def cfg(kind, tokenizer, checkpoint):
+        return OmegaConf.create({"trainer": {"kind": kind}, "data": {"tokenizer": tokenizer},
+                                 "model": {"checkpoint": checkpoint}})
+
+    assert nemo_context_tokenizer(cfg("cpu", None, None), spec) == "byte"
+    assert nemo_context_tokenizer(cfg("cpu", None, str(case["hf"])), spec) == str(case["hf"])
+    assert nemo_context_tokenizer(cfg("megatron", "byte", None), spec) == "nemo_byte"  # NeMo's own, 512 ids
+    restored = nemo_context_tokenizer(cfg("megatron", None, str(tmp_path / "nemo")), spec)
+    assert (Path(restored) / "tokenizer.json").read_bytes() == (case["hf"] / "tokenizer.json").read_bytes()
+    for f in (tmp_path / "nemo").glob("tokenizer*"):  # as NeMo writes them: the context's files only
+        f.unlink()
+    restored = nemo_context_tokenizer(cfg("megatron", None, str(tmp_path / "nemo")), spec)
+    assert restored == str(tmp_path / "nemo" / "context" / "nemo_tokenizer")
+    with pytest.raises(ValueError, match="set data.tokenizer"):
+        nemo_context_tokenizer(cfg("megatron", None, None), spec)

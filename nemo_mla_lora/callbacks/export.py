@@ -25,7 +25,6 @@ from pathlib import Path
 import lightning as L
 
 from nemo_mla_lora import checkpoint
-from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.peft.mla_lora import MLALoRALinear
 
@@ -61,10 +60,11 @@ class MLAExportCallback(L.Callback):
 
     def _base(self, model) -> Path:
         """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
-        NeMo checkpoint, say) the live model's frozen weights, saved once."""
-        readable = self.base_dir is not None and (any((self.base_dir / f).is_file()
-                                                      for f in (checkpoint.SPEC_FILE, "config.json"))
-                                                  or nemo_format.is_nemo_checkpoint(self.base_dir))
+        NeMo checkpoint, say) the live model's frozen weights, saved once: exactly what was trained against,
+        whatever layout the NeMo checkpoint has (the export reads our own nemo exports as bases, NeMo-written
+        training checkpoints are not tested as bases)."""
+        readable = self.base_dir is not None and any((self.base_dir / f).is_file()
+                                                     for f in (checkpoint.SPEC_FILE, "config.json"))
         if not readable:
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
             self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True)

@@ -55,6 +55,22 @@ def load(name: str):
     return ByteTokenizer() if name == "byte" else HFTokenizer(name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def copy_tokenizer(source, directory) -> list[str]:
+    """``source``'s tokenizer (and generation config) files, copied into ``directory``: beside exported weights
+    (serving engines - vLLM, transformers, ``recipes.generate`` - read them from the model directory), or alone
+    into a NeMo context's tokenizer folder. Returns the names copied."""
+    import shutil
+
+    copied = [f for f in TOKENIZER_FILES if (Path(source) / f).is_file()]
+    for f in copied:
+        shutil.copyfile(Path(source) / f, Path(directory) / f)
+    return copied
+
+
 def has_hf_tokenizer(directory) -> bool:
     d = Path(directory)
     return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

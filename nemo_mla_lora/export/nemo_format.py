@@ -18,57 +18,18 @@ into the context (``nemo_mla_lora`` must be importable where it is loaded).
 
 import functools
 import logging
-import re
 from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import extra_states, sharded_tensors
 from nemo_mla_lora.mla_spec import MEGATRON_FIELDS, MLASpec
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONTEXT, PREFIX = "weights", "context", "module."
-NAMES = ("te", "local")
-
-# In the TE spec the norms that stay modules (TE's RMSNorm: input, MoE pre-MLP, final) carry ``_extra_state`` (FP8
-# metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it at load. (Its
-# TEDotProductAttention does not: bench/results/h200_nemo/nemo_te.json lists every key that model asks for.)
-_TE_NORM = re.compile(r"^(.*\.(input_layernorm|pre_mlp_layernorm|final_layernorm))\.weight$")
-
-
+TOKENIZER_DIR = "nemo_tokenizer"  # a context's HF tokenizer files (NeMo's import names it so)
 def is_nemo_checkpoint(path) -> bool:
     path = Path(path)
     return (path / CONTEXT).is_dir() and (path / WEIGHTS / ".metadata").is_file()
-
-
-def check_names(names: str) -> None:
-    if names not in NAMES:
-        raise ValueError(f"names={names!r}; expected one of {NAMES}")
-
-
-def dense_layers(spec: MLASpec) -> set:
-    return {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
-
-
-def consumer_sharded(group: dict, spec: MLASpec, names: str, prefix: str = PREFIX) -> dict:
-    """One group of flat (local-spec) tensors -> the ShardedTensors and ``_extra_state`` ShardedObjects a model of
-    the ``names`` spec asks for, under ``prefix`` + its keys."""
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    dense = dense_layers(spec)
-    rename = (lambda k: keymap.to_te_name(k, dense)) if names == "te" else (lambda k: k)
-    out = {}
-    for key, item in {**sharded_tensors(group), **extra_states(group)}.items():  # key: unique; item.key: stored
-        item.key = prefix + rename(item.key)
-        out[prefix + rename(key)] = item
-    if names == "te":
-        for name in group:
-            norm = _TE_NORM.match(rename(name))
-            if norm:
-                key = f"{prefix}{norm.group(1)}._extra_state"
-                out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
-    return out
 
 
 def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
@@ -135,15 +96,28 @@ def nemo_tokenizer(tokenizer_name: str):
 
 
 def write_context(directory, spec: MLASpec, dtype: torch.dtype, names: str, tokenizer_name: str) -> None:
-    """``directory/context`` as NeMo writes it (``TrainerContext.io_dump``), for a single-device trainer."""
+    """``directory/context`` as NeMo writes it (``TrainerContext.io_dump``), for a single-device trainer. NeMo copies
+    a tokenizer's local directory into the context whole, so a directory is first reduced to its tokenizer files
+    (an HF checkpoint directory also holds the model's weights): they land in ``context/nemo_tokenizer``, where
+    NeMo's own import puts them."""
+    import shutil
+
     from nemo import lightning as nl
     from nemo.collections import llm
     from nemo.lightning.io.pl import TrainerContext
 
+    from nemo_mla_lora.data.tokenizer import copy_tokenizer
+
+    stage = Path(directory) / ".tokenizer_stage" / TOKENIZER_DIR
+    if tokenizer_name not in ("byte", "nemo_byte") and Path(tokenizer_name).is_dir():
+        stage.mkdir(parents=True)
+        copy_tokenizer(tokenizer_name, stage)
+        tokenizer_name = str(stage)
     config = model_config(spec, dtype, names)
     model = llm.DeepSeekModel(config, tokenizer=nemo_tokenizer(tokenizer_name))
     trainer = nl.Trainer(accelerator="cpu", devices=1, strategy=nl.MegatronStrategy())  # as NeMo's import writes
     TrainerContext(model=model, trainer=trainer, extra={}).io_dump(Path(directory) / CONTEXT, yaml_attrs=["model"])
+    shutil.rmtree(stage.parent, ignore_errors=True)
 
 
 def export_tokenizer(base, tokenizer: str | None, spec: MLASpec) -> str:
@@ -154,7 +128,7 @@ def export_tokenizer(base, tokenizer: str | None, spec: MLASpec) -> str:
     base = Path(base)
     if tokenizer:
         return str(tokenizer)
-    for candidate in (base, base / CONTEXT / "nemo_tokenizer"):
+    for candidate in (base, base / CONTEXT / TOKENIZER_DIR):
         if has_hf_tokenizer(candidate):
             return str(candidate)
     if (base / "config.json").is_file() or is_nemo_checkpoint(base) or spec.vocab_size < VOCAB_SIZE:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_output, file_hash
+from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_names, check_output, file_hash
+from nemo_mla_lora.data.tokenizer import copy_tokenizer
 from nemo_mla_lora.export import absorb, manifest, nemo_format
 from nemo_mla_lora.export.merge import MergeError, merge_state
 from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
@@ -28,7 +29,8 @@ from nemo_mla_lora.export.verify import compare_streaming
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, write_hf_peft
 
 log = logging.getLogger(__name__)
-FORMATS = ("absorbed", "mcore", "nemo", "hf", "hf_peft")
+MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate
+FORMATS = (*MERGED_FORMATS, "hf_peft")
 DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
 
 
@@ -50,7 +52,7 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
     names = names or DEFAULT_NAMES.get(fmt, "local")
-    nemo_format.check_names(names)
+    check_names(names)
     if names != "local" and fmt not in DEFAULT_NAMES:
         raise ValueError(f"names={names} applies to formats {sorted(DEFAULT_NAMES)}; {fmt} has its own names")
     if adapter is None and fmt == "hf_peft":
@@ -130,22 +132,6 @@ def _export_merged(source, lora, spec, fmt, fold, writer, tmp, verify, tolerance
                                     f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} x max |logit| "
                                     f"{report['max_abs_logit']:.3g}")
     return info
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json")
-
-
-def copy_tokenizer(base, directory) -> list[str]:
-    """The base's tokenizer (and generation config) files, copied beside the exported weights: serving
-    engines (vLLM, transformers, ``recipes.generate``) read them from the model directory."""
-    import shutil
-    from pathlib import Path
-
-    copied = [f for f in TOKENIZER_FILES if (Path(base) / f).is_file()]
-    for f in copied:
-        shutil.copyfile(Path(base) / f, Path(directory) / f)
-    return copied
 
 
 def _modules(names) -> list[str]:

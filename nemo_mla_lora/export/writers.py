@@ -12,7 +12,7 @@ order and writes into a directory it does not own (the pipeline renames it when 
 from pathlib import Path
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import tensor_checksum, write_json
+from nemo_mla_lora.checkpoint import named_sharded, tensor_checksum, write_json
 from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
@@ -30,7 +30,7 @@ class DistCkptWriter:
         return self.directory
 
     def sharded(self, group: dict) -> dict:
-        return nemo_format.consumer_sharded(group, self.spec, self.names, prefix="")
+        return named_sharded(group, self.spec, self.names)
 
     def add(self, group: dict) -> None:
         self.dtype = self.dtype or next(iter(group.values())).dtype
@@ -54,7 +54,7 @@ class NemoWriter(DistCkptWriter):
         return self.directory / nemo_format.WEIGHTS
 
     def sharded(self, group: dict) -> dict:
-        return nemo_format.consumer_sharded(group, self.spec, self.names)
+        return named_sharded(group, self.spec, self.names, prefix=nemo_format.PREFIX)
 
     def finish(self) -> None:
         super().finish()

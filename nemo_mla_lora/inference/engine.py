@@ -38,16 +38,15 @@ class AbsorbedMLAEngine:
         absorbed at load (``linear_kv_up_proj`` split per head into W_UK / W_UV, as Megatron's
         ``prepare_for_absorption`` does). ``backend``: decode attention in einsums (``torch``) or in the
         Triton kernel (``triton``)."""
-        from nemo_mla_lora.export.pipeline import read_export
+        from nemo_mla_lora.export.pipeline import MERGED_FORMATS, read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model
 
         export_dir = Path(export_dir)
         manifest = json.loads((export_dir / "manifest.json").read_text())
         fmt = manifest.get("format")
-        if fmt not in ("absorbed", "mcore", "nemo", "hf"):
-            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports (absorbed, mcore, "
-                             f"nemo, hf)")
+        if fmt not in MERGED_FORMATS:
+            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports {MERGED_FORMATS}")
         spec = MLASpec.from_dict(manifest["mla"])
         dt = DTYPES[dtype or manifest["dtype"]]
         state = {k: v.to(dt) for k, v in read_export(export_dir, fmt, verify_checksums).items()}

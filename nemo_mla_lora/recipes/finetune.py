@@ -36,15 +36,28 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
     """The ``export`` config group as an ``MLAExportCallback`` (both trainers)."""
     from nemo_mla_lora.callbacks.export import MLAExportCallback
 
-    from nemo_mla_lora.data.tokenizer import for_run
-
     e = cfg.export
-    tokenizer = for_run(cfg.data.tokenizer, cfg.model.checkpoint)  # the run's, named in a nemo export's context
-    if tokenizer == "byte" and cfg.trainer.kind == "megatron":
-        tokenizer = "nemo_byte"  # NeMo's trainer trains on NeMo's own ByteLevelTokenizer (nemo_data.py)
     return MLAExportCallback(peft, spec, base_dir, out, fmt=e.format, fold=e.fold, verify=e.verify,
                              tolerance=e.tolerance, every_checkpoint=e.every_checkpoint, names=e.names,
-                             tokenizer=tokenizer if e.format == "nemo" else None)
+                             tokenizer=nemo_context_tokenizer(cfg, spec) if e.format == "nemo" else None)
+
+
+def nemo_context_tokenizer(cfg, spec) -> str:
+    """The tokenizer a ``nemo`` export's context names: the one the run trained with. The CPU trainer's is
+    ``data.tokenizer`` / the checkpoint's files / bytes (``run_tokenizer``); NeMo's trainer's is ``data.tokenizer``
+    (``byte``: NeMo's own ByteLevelTokenizer, nemo_data.py) or the restored checkpoint's own (its context's
+    tokenizer files; refused now, not after training, when it has none)."""
+    from nemo_mla_lora.data.tokenizer import for_run
+    from nemo_mla_lora.export.nemo_format import export_tokenizer
+
+    t = cfg.data.tokenizer
+    if cfg.trainer.kind != "megatron":
+        return for_run(t, cfg.model.checkpoint)
+    if t:
+        return "nemo_byte" if t == "byte" else t
+    if not cfg.model.checkpoint:
+        raise ValueError("export=nemo with trainer=megatron: set data.tokenizer (no checkpoint to take it from)")
+    return export_tokenizer(cfg.model.checkpoint, None, spec)
 
 
 def run_tokenizer(cfg, spec):
