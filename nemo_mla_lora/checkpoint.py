@@ -116,8 +116,25 @@ def _swap_in(tmp: Path, path: Path, old: Path) -> None:
         shutil.rmtree(old)
 
 
-def sharded_tensors(flat: dict) -> dict:
-    """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (experts stacked on a leading axis)."""
+EXPERT_CHUNK = re.compile(r"^(.*)@experts(\d+)of(\d+)$")  # a chunk of a stacked tensor: stored key, first, count
+
+
+def _expert_indices(key: str, indices, num_experts: int | None) -> int:
+    """The stacked tensor's expert count: ``num_experts``, or (None) the experts given, which must be 0..n-1."""
+    if num_experts is None:
+        if sorted(indices) != list(range(len(indices))):
+            raise CheckpointError(f"{key}: experts {sorted(indices)} are not 0..{len(indices) - 1}")
+        return len(indices)
+    if max(indices) >= num_experts:
+        raise CheckpointError(f"{key}: expert {max(indices)} of a layer with {num_experts} experts")
+    return num_experts
+
+
+def sharded_tensors(flat: dict, num_experts: int | None = None) -> dict:
+    """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (routed experts stacked on a leading axis).
+    A group holding consecutive experts first..first+n-1 of a layer's ``num_experts`` (None: all of them)
+    gets the chunk [n, out, in] under ``{key}@experts{first}of{E}``, which ``dist_stream`` places at its
+    offset of the stacked key when it merges the parts' metadata."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     stacked, out = {}, {}
@@ -128,20 +145,23 @@ def sharded_tensors(flat: dict) -> dict:
         else:
             out[name] = ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0)
     for key, experts in stacked.items():
-        if sorted(experts) != list(range(len(experts))):
-            raise CheckpointError(f"{key}: experts {sorted(experts)} are not 0..{len(experts) - 1}")
-        out[key] = ShardedTensor.from_rank_offsets(key, torch.stack([experts[e] for e in sorted(experts)]),
-                                                   replica_id=0)
+        count, first = _expert_indices(key, experts, num_experts), min(experts)
+        if sorted(experts) != list(range(first, first + len(experts))):
+            raise CheckpointError(f"{key}: experts {sorted(experts)} are not consecutive")
+        stored = key if len(experts) == count else f"{key}@experts{first}of{count}"
+        out[stored] = ShardedTensor.from_rank_offsets(stored, torch.stack([experts[e] for e in sorted(experts)]),
+                                                      replica_id=0)
     return out
 
 
 _NO_EXTRA_STATE = re.compile(r"(layernorm|norm|router|word_embeddings|output_layer)\.[^.]+$|\.adapter\.")
 
 
-def extra_states(flat: dict) -> dict:
+def extra_states(flat: dict, num_experts: int | None = None) -> dict:
     """The ``_extra_state`` entries Megatron's linears ask for at load (``None`` for local layers), for the
     linear modules among ``flat``'s ``.weight`` tensors, under Megatron's keys (experts: one per expert on
-    a stacked key). Without them a default-strictness ``dist_checkpointing.load`` fails."""
+    a stacked key, ``num_experts`` as in ``sharded_tensors``). Without them a default-strictness
+    ``dist_checkpointing.load`` fails."""
     from megatron.core.dist_checkpointing import ShardedObject
 
     out, experts = {}, {}
@@ -156,7 +176,7 @@ def extra_states(flat: dict) -> dict:
             key = f"{module}._extra_state"
             out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
     for key, indices in experts.items():
-        count = len(indices)
+        count = _expert_indices(key, indices, num_experts)
         for e in sorted(indices):
             out[f"{key}.{e}"] = ShardedObject(key, None, (count,), (e,), replica_id=0)
     return out
@@ -189,7 +209,8 @@ def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "") -> d
     dense = dense_layers(spec)
     rename = (lambda k: keymap.to_te_name(k, dense)) if names == "te" else (lambda k: k)
     out = {}
-    for key, item in {**sharded_tensors(group), **extra_states(group)}.items():  # key: unique; item.key: stored
+    experts = spec.num_experts or None
+    for key, item in {**sharded_tensors(group, experts), **extra_states(group, experts)}.items():  # key: unique
         item.key = prefix + rename(item.key)
         out[prefix + rename(key)] = item
     if names == "te":
@@ -201,9 +222,23 @@ def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "") -> d
     return out
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """What the manifest records per tensor: sha256 of its bytes (as stored), 16 hex digits."""
-    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+CHECKSUM = "xxh3_128"  # manifest format 2; format 1 wrote 16 hex digits of sha256, without a prefix
+
+
+def tensor_checksum(t: torch.Tensor, algorithm: str = CHECKSUM) -> str:
+    """What the manifest records per tensor: ``xxh3_128:<32 hex digits>`` of its bytes as stored (xxh3 hashes
+    ~8 GB/s here, sha256 ~1.2 GB/s: at checkpoint size the checksum is a pass over every byte written; it
+    guards against corruption, it is not a signature). ``algorithm="sha256"``: format 1's value."""
+    data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()[:16]
+    import xxhash
+
+    return f"{CHECKSUM}:{xxhash.xxh3_128(data).hexdigest()}"
+
+
+def _algorithm(recorded: str) -> str:
+    return recorded.split(":", 1)[0] if ":" in recorded else "sha256"
 
 
 class ChecksumError(CheckpointError):
@@ -217,7 +252,7 @@ def check_checksums(tensors: dict, checksums: dict | None, where) -> None:
     for name, t in tensors.items():
         if name not in checksums:
             raise ChecksumError(f"{where}: {name} is not in manifest.json (a tensor the export did not write)")
-        if tensor_checksum(t) != checksums[name]:
+        if tensor_checksum(t, _algorithm(checksums[name])) != checksums[name]:
             raise ChecksumError(f"{where}: {name} does not match its checksum in manifest.json (corrupted or "
                                 f"changed since export); `python -m nemo_mla_lora.recipes.verify_export` checks all")
 
@@ -227,28 +262,21 @@ def write_json(path, obj) -> None:
 
 
 def file_hash(directory) -> str:
-    """Content hash of a checkpoint directory (every file, sorted by name). Memoised on the files' names,
-    sizes and modification times: the export callback hashes the base once for ``adapter.json`` and
-    once more for the manifest, and a base can be terabytes."""
+    """Content hash of a checkpoint directory (``export.safetensors_io.directory_hash``: every file by path;
+    a safetensors file by its header and tensor digests, so an export hashes its HF base while reading
+    it). Memoised on the files' names, sizes and modification times: the export callback hashes the base
+    once for ``adapter.json`` and once more for the manifest, and a base can be terabytes."""
+    from nemo_mla_lora.export.safetensors_io import directory_hash
+
     files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
     signature = (str(Path(directory).resolve()),
                  tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if signature not in _HASHES:
-        _HASHES[signature] = _content_hash(directory, files)
+        _HASHES[signature] = directory_hash(directory)
     return _HASHES[signature]
 
 
 _HASHES: dict = {}
-
-
-def _content_hash(directory, files) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(directory).as_posix().encode())
-        with open(f, "rb") as handle:  # in chunks: a shard can be many GB
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 class CheckpointReader:
@@ -287,25 +315,34 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return sorted(self.flat)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self.metadata[self.flat[name][0]].dtype
+
     def load(self, names) -> dict:
+        """Tensors by flat name; a routed expert is requested as its own slice of the stacked tensor (as
+        Megatron's expert layers ask for it), so memory holds the experts asked for, not the layer's."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
 
         missing = [n for n in names if n not in self.flat]
         if missing:
             raise CheckpointError(f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        keys = sorted({self.flat[n][0] for n in names})
-        request = {k: ShardedTensor.from_rank_offsets(
-            k, torch.empty(self.metadata[k].global_shape, dtype=self.metadata[k].dtype), replica_id=0) for k in keys}
-        try:
-            loaded = dist_checkpointing.load(request, str(self.directory))
-        except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
-            raise CheckpointError(f"{self.directory}: failed to read {keys[:3]}...: {err} "
-                                  f"(truncated or incomplete checkpoint?)") from err
-        out = {}
+        request = {}
         for n in names:
-            key, expert, _ = self.flat[n]
-            out[n] = loaded[key] if expert is None else loaded[key][expert].clone()
+            key, expert, shape = self.flat[n]
+            meta = self.metadata[key]
+            if expert is None:
+                request[n] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
+            else:  # [out, in] at index ``expert`` of the stacked [E, out, in]
+                request[n] = ShardedTensor.from_rank_offsets(
+                    key, torch.empty(shape, dtype=meta.dtype), (0, expert, meta.global_shape[0]),
+                    replica_id=0, prepend_axis_num=1)
+        try:
+            # a request for some experts of a stacked tensor does not cover it: no whole-tensor access check
+            out = dict(dist_checkpointing.load(request, str(self.directory), validate_access_integrity=False))
+        except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
+            raise CheckpointError(f"{self.directory}: failed to read {names[:3]}...: {err} "
+                                  f"(truncated or incomplete checkpoint?)") from err
         check_checksums(out, self.checksums, self.directory)
         return out
 

@@ -38,14 +38,21 @@ def apply() -> bool:
         return False
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.multi_latent_attention as mla
-    from nemo.collections.llm.peft import lora, utils
+
+    import nemo_mla_lora
 
     mla.HAVE_TE = False
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    nemo_mla_lora.when_nemo_peft_imported(_patch_nemo_peft)  # not importing NeMo (0.6 GB) for it
+    _APPLIED = True
+    return True
+
+
+def _patch_nemo_peft(nemo_peft) -> None:
+    from nemo.collections.llm.peft import lora, utils
+
     utils.HAVE_TE = False
     lora.HAVE_TE = lora.HAVE_TE_FUSED_LORA = False
     if not isinstance(lora.te, types.ModuleType):
         lora.te = types.SimpleNamespace(Linear=_AbsentTEModule, LayerNormLinear=_AbsentTEModule)
-    _APPLIED = True
-    return True

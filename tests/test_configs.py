@@ -62,7 +62,17 @@ def test_parts_and_targets_from_the_command_line():
 
 def test_export_config_composes():
     cfg = compose("export", ["base=a", "adapter=b", "output=c"])
-    assert (cfg.format, cfg.verify, cfg.fold) == ("mcore", True, False)
+    assert (cfg.format, cfg.verify, cfg.fold) == ("mcore", "full", False)
+
+
+@pytest.mark.parametrize("given, mode", [("true", "full"), ("false", "none"), ("sample", "sample"), ("full", "full")])
+def test_export_verify_modes_compose(given, mode):
+    from nemo_mla_lora.export.verify import check_mode
+
+    cfg = compose("export", ["base=a", "adapter=b", "output=c", f"verify={given}", "verify_layers=[0,3]"])
+    assert check_mode(cfg.verify) == mode and list(cfg.verify_layers) == [0, 3]
+    with pytest.raises(ValueError, match="verify='most'"):
+        check_mode("most")
 
 
 def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():

@@ -47,7 +47,32 @@ def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):
 def test_a_tensor_written_twice_or_nothing_written_fails(mcore, tmp_path):
     stream = StreamingDistCkpt(tmp_path / "twice")
     stream.add(sharded_tensors(groups()[0]))
-    with pytest.raises(CheckpointError, match="written twice.*embedding.word_embeddings.weight"):
+    with pytest.raises(CheckpointError, match="embedding.word_embeddings.weight chunk at .* written twice"):
         stream.add(sharded_tensors(groups()[0]))
     with pytest.raises(CheckpointError, match="no tensors"):
         StreamingDistCkpt(tmp_path / "empty").finish()
+
+
+def test_experts_split_over_parts_equal_one_save_and_a_missing_expert_fails(mcore, tmp_path):
+    """A layer's experts written in chunks (one part each, as the export's units do) load as the stacked
+    tensor one save writes, each part read back as it is written; a chunk never written fails finish()."""
+    from megatron.core import dist_checkpointing
+
+    layer = groups()[2]
+    experts = {k: v for k, v in layer.items() if "local_experts" in k}
+    (tmp_path / "one").mkdir()
+    dist_checkpointing.save(sharded_tensors(layer), str(tmp_path / "one"))
+    stream = StreamingDistCkpt(tmp_path / "chunks")
+    stream.add(sharded_tensors({k: v for k, v in layer.items() if k not in experts}, 3), check=True)
+    for e in (2, 0, 1):  # in any order
+        name = f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight"
+        stream.add(sharded_tensors({name: experts[name]}, num_experts=3), check=True)
+    stream.finish()
+    one, chunks = load_all(tmp_path / "one"), load_all(tmp_path / "chunks")
+    assert sorted(one) == sorted(chunks)
+    for key in one:
+        assert torch.equal(one[key], chunks[key]), key
+    partial = StreamingDistCkpt(tmp_path / "partial")
+    partial.add(sharded_tensors({k: experts[k] for k in list(experts)[:2]}, num_experts=3))
+    with pytest.raises(CheckpointError, match=r"chunks hold 48 of 72 elements"):
+        partial.finish()

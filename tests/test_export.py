@@ -251,35 +251,48 @@ def test_merge_refuses_bad_shapes_and_nan():
     torch.testing.assert_close(merge_linear(w, a, b, 0.5), 0.5 * b @ a)
 
 
-def test_streaming_verify_catches_a_wrong_split(trained):
-    """The layer-by-layer verify is not vacuous: K/V halves swapped inside one head fail it."""
+def _verify_absorbed_export(trained, corrupt: bool, mode: str = "full", layers=None) -> dict:
+    """StreamingVerify over the written absorbed export, unit by unit, as the pipeline runs it."""
+    import math
+
     from nemo_mla_lora.checkpoint import CheckpointReader
-    from nemo_mla_lora.export.sources import groups, open_adapter, open_base
-    from nemo_mla_lora.export.verify import compare_streaming
+    from nemo_mla_lora.export.sources import open_adapter, open_base
+    from nemo_mla_lora.export.units import plan
+    from nemo_mla_lora.export.verify import StreamingVerify
 
     spec = trained["spec"]
-    reader = CheckpointReader(trained["root"] / "export_absorbed")
-    names = groups(reader.names())
-    base = open_base(trained["root"] / "base")
-    base_groups = groups(base.names)
+    base, reader = open_base(trained["root"] / "base"), CheckpointReader(trained["root"] / "export_absorbed")
     lora = open_adapter(trained["root"] / "adapter", spec)
 
-    def load_base(g):
-        return base.load(base_groups.get(g, []))
+    def units(source_names, shape_of):
+        return plan(source_names, {n: 4 * math.prod(shape_of(n)) for n in source_names}, budget=1 << 30)
 
-    def load_factors(layer):
-        return lora.factors([n[:-7] for n in base_groups.get(layer, []) if n.endswith(".weight")])
-
-    def load_export(g, corrupt=False):
-        tensors = reader.load(names.get(g, []))
+    verifier = StreamingVerify(spec, latent=True, mode=mode, layers=layers)
+    pairs = zip(units(base.names, lambda n: base.shapes()[n]), units(reader.names(), lambda n: reader.flat[n][2]))
+    for u_base, u_exp in pairs:
+        assert (u_base.group, u_base.kind) == (u_exp.group, u_exp.kind)
+        verifier.reference(u_base, base.load(u_base.names),
+                           lora.factors([n[:-7] for n in u_base.names if n.endswith(".weight")]))
+        tensors = reader.load(u_exp.names)
         key = "decoder.layers.1.self_attention.linear_k_up_proj.weight"
         if corrupt and key in tensors:
             tensors[key] = tensors[key].view(spec.num_heads, -1, spec.kv_lora_rank).flip(0).reshape(-1, spec.kv_lora_rank)
-        return tensors
+        verifier.export(u_exp, tensors)
+    return verifier.report()
 
-    good = compare_streaming(load_export, load_base, load_factors, spec, absorbed=True)
-    bad = compare_streaming(lambda g: load_export(g, True), load_base, load_factors, spec, absorbed=True)
+
+def test_streaming_verify_catches_a_wrong_split(trained):
+    """The streaming verify is not vacuous: K/V halves swapped inside one head fail it, in full mode and in
+    sample mode when the layer is sampled; sample mode skips what it was not asked to check."""
+    good = _verify_absorbed_export(trained, corrupt=False)
+    bad = _verify_absorbed_export(trained, corrupt=True)
     assert good["passed"] and not bad["passed"] and bad["max_abs_logit_diff"] > 100 * good["max_abs_logit_diff"]
+    sampled = _verify_absorbed_export(trained, corrupt=True, mode="sample", layers=[1])
+    assert not sampled["passed"] and not sampled["layers"]["1"]["passed"]
+    good_sampled = _verify_absorbed_export(trained, corrupt=False, mode="sample", layers=[1])
+    assert good_sampled["passed"] and set(good_sampled["layers"]) == {"1"}
+    skipped = _verify_absorbed_export(trained, corrupt=True, mode="sample", layers=[0])
+    assert set(skipped["layers"]) == {"0"} and skipped["layers"]["0"]["passed"]
 
 
 @pytest.mark.parametrize("kind", ["column", "row"])

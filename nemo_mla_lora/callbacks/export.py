@@ -48,13 +48,14 @@ def find_megatron_model(pl_module):
 
 class MLAExportCallback(L.Callback):
     def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "mcore", fold: bool = False,
-                 verify: bool = True, tolerance: float | None = None, every_checkpoint: bool = False,
-                 names: str | None = None, tokenizer: str | None = None):
+                 verify="full", tolerance: float | None = None, every_checkpoint: bool = False,
+                 names: str | None = None, tokenizer: str | None = None, verify_layers=None):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
         self.output_dir = Path(output_dir)
         self.fmt, self.fold, self.verify, self.tolerance = fmt, fold, verify, tolerance
-        self.options = {"names": names, "tokenizer": tokenizer}  # format=nemo's names and context tokenizer
+        self.options = {"names": names, "tokenizer": tokenizer,  # format=nemo's names and context tokenizer
+                        "verify_layers": list(verify_layers) if verify_layers else None}
         self.every_checkpoint = every_checkpoint
         self.result = None
 
@@ -78,7 +79,7 @@ class MLAExportCallback(L.Callback):
         info = None
         if checkpoint.rank() == 0:
             info = self._export(adapter_dir, self.output_dir / f"export{tag}")
-            if "verify" in info:
+            if "max_abs_logit_diff" in info.get("verify", {}):
                 log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
         checkpoint.barrier()
         return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
@@ -102,15 +103,15 @@ _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  "MASTER_PORT", "NODE_RANK")
 
 
-def export_in_child(base, adapter, output, fmt: str, fold: bool, verify: bool, tolerance, names=None,
-                    tokenizer=None) -> dict:
+def export_in_child(base, adapter, output, fmt: str, fold: bool, verify, tolerance, names=None,
+                    tokenizer=None, verify_layers=None) -> dict:
     """``python -m nemo_mla_lora.recipes.export`` in a fresh single process on the CPU; returns the manifest."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
     null = lambda v: "null" if v is None else v  # noqa: E731
     args = [f"base={base}", f"adapter={adapter}", f"output={output}", f"format={fmt}", f"fold={str(fold).lower()}",
             f"verify={str(verify).lower()}", "overwrite=true", f"tolerance={null(tolerance)}", f"names={null(names)}",
-            f"tokenizer={null(tokenizer)}"]
+            f"tokenizer={null(tokenizer)}", f"verify_layers={null(verify_layers)}".replace(" ", "")]
     proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:

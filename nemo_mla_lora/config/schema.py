@@ -113,7 +113,8 @@ class ExportConfig:
     format: str = "mcore"  # mcore | nemo | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
     names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
     fold: bool = False
-    verify: bool = True
+    verify: str = "full"  # full | sample (verify_layers) | none (true/false accepted): export/verify.py
+    verify_layers: Optional[List[int]] = None  # sample: default first, first MoE, last
     tolerance: Optional[float] = None
     every_checkpoint: bool = False
 
@@ -139,9 +140,11 @@ class ExportJobConfig:
     names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
     tokenizer: Optional[str] = None  # nemo: the context's tokenizer (default: the base's own files, else byte)
     fold: bool = False
-    verify: bool = True
+    verify: str = "full"  # full | sample (verify_layers) | none (true/false accepted): export/verify.py
+    verify_layers: Optional[List[int]] = None  # sample: default first, first MoE, last
     tolerance: Optional[float] = None
     overwrite: bool = False
+    budget_mb: int = 128  # experts read, merged and written as one unit (export/units.py)
 
 
 @dataclass

@@ -1,35 +1,51 @@
 """A Megatron dist-checkpoint (``torch_dist``) written group by group: peak memory is one group's tensors.
 
 Megatron's ``dist_checkpointing.save`` plans and stages every tensor of one call together, so one call for
-a whole merged model holds the model (and a staged copy). Here each group (the embedding, one decoder
-layer, the final norm and output layer) goes through that same call into a part directory of its own; its
-data files then move into the checkpoint under names unique to the group, and its PyTorch DCP metadata
-(``.metadata``: Megatron's ``MCoreMetadata``, with each tensor's shape, chunks and storage location) is
-merged into the one written at the end, beside Megatron's ``metadata.json`` and ``common.pt``. Loading is
-Megatron's own; ``tests/test_dist_stream.py`` checks the result equals a one-call save of every tensor.
+a whole merged model holds the model (and a staged copy). Here each group (a unit of ``units.py``: the
+embedding, a layer's attention, its MLP head, a chunk of its experts, ...) goes through that same call into
+a part directory of its own; its data files then move into the checkpoint under names unique to the part,
+and its PyTorch DCP metadata (``.metadata``: Megatron's ``MCoreMetadata``, with each tensor's shape, chunks
+and storage location) is merged into the one written at the end, beside Megatron's ``metadata.json`` and
+``common.pt``. A stacked expert tensor gets its chunks (one per expert, as Megatron's expert layers save
+them) from several parts; ``finish`` checks every tensor's chunks cover it exactly once. With ``check``,
+each part is loaded back by Megatron right after it is written (from the page cache) and compared with
+what was saved. Loading is Megatron's own; ``tests/test_dist_stream.py`` checks the result equals a
+one-call save of every tensor.
 """
 
 import os
 import pickle
 import shutil
+import time
 from pathlib import Path
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoint import EXPERT_CHUNK, CheckpointError
 
 
 class StreamingDistCkpt:
     def __init__(self, directory):
         self.directory, self.metadata, self.parts = Path(directory), None, 0
+        self.seconds = {"save": 0.0, "read_back": 0.0}
 
-    def add(self, sharded: dict) -> None:
-        """Save ``sharded`` (key -> Megatron ShardedTensor, keys not used by an earlier group) now."""
+    def add(self, sharded: dict, check: bool = False) -> None:
+        """Save ``sharded`` (key -> Megatron ShardedTensor/ShardedObject; a tensor chunk not saved by an earlier
+        part) now; with ``check``, read the part back through Megatron's loader and compare."""
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
 
         part = self.directory / f".part{self.parts:05d}"
         part.mkdir(parents=True)
-        dist_checkpointing.save(sharded, str(part))
+        saved = {k: (v.key, v.data) for k, v in sharded.items() if hasattr(v, "local_shape")}  # save may rewrap
+        # a part may hold some chunks of a tensor (experts): whole-tensor coverage is checked in finish()
+        start = time.perf_counter()
+        dist_checkpointing.save(sharded, str(part), validate_access_integrity=False)
+        saved_at = time.perf_counter()
+        self.seconds["save"] += saved_at - start
+        if check:
+            _check_part(sharded, saved, part)
+            self.seconds["read_back"] += time.perf_counter() - saved_at
         metadata = FileSystemReader(str(part)).read_metadata()
+        _place_expert_chunks(metadata)
         renamed = {}
         for data_file in sorted(part.glob("*.distcp")):
             renamed[data_file.name] = f"g{self.parts:05d}{data_file.name}"
@@ -46,10 +62,22 @@ class StreamingDistCkpt:
         self.parts += 1
 
     def _merge(self, metadata) -> None:
-        again = sorted(set(metadata.state_dict_metadata) & set(self.metadata.state_dict_metadata))
-        if again:
-            raise CheckpointError(f"{self.directory}: tensors written twice: {again[:5]}")
-        self.metadata.state_dict_metadata.update(metadata.state_dict_metadata)
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        mine = self.metadata.state_dict_metadata
+        for key, meta in metadata.state_dict_metadata.items():
+            if key not in mine:
+                mine[key] = meta
+                continue
+            old = mine[key]
+            if not (isinstance(old, TensorStorageMetadata) and isinstance(meta, TensorStorageMetadata)
+                    and old.size == meta.size and old.properties.dtype == meta.properties.dtype):
+                raise CheckpointError(f"{self.directory}: {key} written twice")
+            seen = {tuple(c.offsets) for c in old.chunks}
+            again = [tuple(c.offsets) for c in meta.chunks if tuple(c.offsets) in seen]
+            if again:
+                raise CheckpointError(f"{self.directory}: {key} chunk at {again[0]} written twice")
+            old.chunks.extend(meta.chunks)
         self.metadata.storage_data.update(metadata.storage_data)
         for field in ("planner_data", "mcore_data"):  # optional maps (None when a save had nothing for them)
             merged = {**(getattr(self.metadata, field, None) or {}), **(getattr(metadata, field, None) or {})}
@@ -59,8 +87,64 @@ class StreamingDistCkpt:
         """Write the merged metadata; until then the directory is not a loadable checkpoint."""
         if self.metadata is None:
             raise CheckpointError(f"{self.directory}: no tensors were written")
+        _check_coverage(self.metadata, self.directory)
         self.metadata.storage_meta = None  # the reader fills in its own
         tmp = self.directory / ".metadata.tmp"
         with open(tmp, "wb") as f:
             pickle.dump(self.metadata, f)
         os.replace(tmp, self.directory / ".metadata")
+
+
+def _place_expert_chunks(metadata) -> None:
+    """Chunks saved as ``{key}@experts{first}of{E}`` (``checkpoint.sharded_tensors``) become chunks of ``key``
+    [E, out, in] at offset ``first`` (PyTorch DCP reads each chunk's bytes from its storage entry and places
+    it by its offsets: the stacked tensor the one-call save writes)."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    for stored in [k for k in metadata.state_dict_metadata if EXPERT_CHUNK.match(k)]:
+        key, first, count = EXPERT_CHUNK.match(stored).groups()
+        meta = metadata.state_dict_metadata.pop(stored)
+        shift = lambda offsets: torch.Size([offsets[0] + int(first), *offsets[1:]])  # noqa: E731
+        meta.size = torch.Size([int(count), *meta.size[1:]])
+        meta.chunks = [ChunkStorageMetadata(shift(c.offsets), c.sizes) for c in meta.chunks]
+        metadata.state_dict_metadata[key] = meta
+        for index in [i for i in metadata.storage_data if i.fqn == stored]:
+            info = metadata.storage_data.pop(index)
+            metadata.storage_data[MetadataIndex(key, shift(index.offset), index.index)] = info
+
+
+def _check_coverage(metadata, where) -> None:
+    """Every tensor's chunks hold exactly its elements (chunks are disjoint: ``_merge`` refuses repeats)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        total, held = 1, 0
+        for d in meta.size:
+            total *= d
+        for c in meta.chunks:
+            n = 1
+            for d in c.sizes:
+                n *= d
+            held += n
+        if held != total:
+            raise CheckpointError(f"{where}: {key} {tuple(meta.size)}: chunks hold {held} of {total} elements "
+                                  f"(a part of it was never written)")
+
+
+def _check_part(sharded: dict, saved: dict, part) -> None:
+    """Load a just-written part back through Megatron and compare every tensor with ``saved`` (key ->
+    (stored key, the data given to save))."""
+    import dataclasses
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    request = {k: dataclasses.replace(sharded[k], data=torch.empty(sharded[k].local_shape, dtype=data.dtype))
+               for k, (_, data) in saved.items()}
+    loaded = dist_checkpointing.load(request, str(part), validate_access_integrity=False)
+    for k, (key, data) in saved.items():
+        if not torch.equal(loaded[k].reshape(data.shape), data):
+            raise CheckpointError(f"{part}: {key} reads back different from what was written")

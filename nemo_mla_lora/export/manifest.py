@@ -1,6 +1,8 @@
 """The JSON manifest of an export: what it is, where it came from, and what its KV cache costs."""
 
-FORMAT_VERSION = 1
+from nemo_mla_lora.checkpoint import CHECKSUM
+
+FORMAT_VERSION = 2  # 2: tensor_checksums are xxh3_128 (checkpoint.tensor_checksum); 1: sha256
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 
@@ -50,5 +52,6 @@ def build(fmt: str, spec, dtype: str, scales: dict, checksums: dict, fold: dict 
         "dtype": dtype,
         "folded": fold,
         "tensor_checksums": checksums,
+        "checksum": CHECKSUM,
         "loaded_by": CONSUMERS[fmt],
     }

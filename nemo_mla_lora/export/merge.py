@@ -12,22 +12,34 @@ class MergeError(ValueError):
     pass
 
 
+BLOCK_ELEMENTS = 1 << 24  # fp32 accumulation in row blocks of at most this many elements (64 MB)
+
+
 def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  name: str = "weight") -> torch.Tensor:
-    """weight [out, in], A [r, in], B [out, r] (full height; zeros outside a part) -> merged [out, in]."""
+    """weight [out, in], A [r, in], B [out, r] (full height; zeros outside a part) -> merged [out, in], a new
+    tensor of weight's dtype, computed in row blocks (memory: the result plus one fp32 block)."""
     out_features, in_features = weight.shape
     if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
         raise MergeError(f"{name}: LoRA shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit "
                          f"weight {tuple(weight.shape)} (expected A [r, {in_features}], B [{out_features}, r])")
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # at least fp32
-    merged = weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))
-    if not torch.isfinite(merged).all():
-        raise MergeError(f"{name}: merged weight has NaN/Inf ({(~torch.isfinite(merged)).sum().item()} values)")
-    return merged.to(weight.dtype)
+    a, b = lora_a.to(acc), lora_b.to(acc)
+    merged = torch.empty_like(weight)
+    rows = max(1, BLOCK_ELEMENTS // max(1, in_features))
+    for i in range(0, out_features, rows):
+        block = torch.addmm(weight[i:i + rows].to(acc), b[i:i + rows], a, alpha=scale)  # [rows, in]
+        if not torch.isfinite(block.sum()):  # one reduction (isfinite() per value costs 4x the merge)
+            bad = int((~torch.isfinite(block)).sum())
+            if bad:  # (else only the sum overflowed)
+                raise MergeError(f"{name}: merged weight has NaN/Inf ({bad} values in rows {i}..{i + block.shape[0] - 1})")
+        merged[i:i + rows] = block
+    return merged
 
 
 def merge_state(base: dict, adapters: dict) -> dict:
-    """A new state dict with every adapter merged; ``adapters``: module -> (A, B, scale)."""
+    """A new state dict with every adapter merged; ``adapters``: module -> (A, B, scale). Tensors without an
+    adapter are the base's own objects (not copies)."""
     missing = [m for m in adapters if f"{m}.weight" not in base]
     if missing:
         raise MergeError(f"adapters for modules the base checkpoint lacks: {missing[:5]}"

@@ -8,13 +8,18 @@ Megatron dist-ckpt, which Megatron's latent-cache engine and ``recipes.generate`
 safetensors with the source's config.json), ``hf_peft`` (the unmerged adapters as HF PEFT files). Output
 appears only when everything, verification included, passed.
 
-Memory: tensors are read one group (embedding, one decoder layer, final) at a time; every writer writes a
-group as it comes (``hf`` a shard, the dist-ckpt formats one Megatron save: ``dist_stream.py``) and
-``verify`` runs layer by layer, with a latent cache (c_kv + k_rope only) for ``mcore`` and ``absorbed``.
+Memory and reads: the checkpoint is cut into units (``units.py``: the embedding, a layer's attention, its
+MLP head, chunks of its experts of at most ``budget`` bytes, the final norm and output layer). A reader
+thread reads the next unit (each HF tensor hashed while in memory: the manifest's source hash needs no
+second read), this thread merges and verifies the current one (``verify.py``: the unmerged model before
+the merge, the export after, both on the tensors in memory), and a writer thread writes the previous one
+and reads it back for a bit-for-bit comparison (``stages.py``). Each byte of an HF base is read once.
 """
 
 import json
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -22,35 +27,36 @@ from tqdm import tqdm
 
 from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_names, check_output, file_hash
 from nemo_mla_lora.data.tokenizer import copy_tokenizer
-from nemo_mla_lora.export import absorb, manifest, nemo_format
-from nemo_mla_lora.export.merge import MergeError, merge_state
+from nemo_mla_lora.export import absorb, manifest, nemo_format, stages
+from nemo_mla_lora.export.merge import MergeError, merge_linear
 from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
-from nemo_mla_lora.export.verify import compare_streaming
+from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
+from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, write_hf_peft
 
 log = logging.getLogger(__name__)
 MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate
 FORMATS = (*MERGED_FORMATS, "hf_peft")
-DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
+DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}
+LATENT_FORMATS = ("absorbed", "mcore", "nemo")  # verified through the latent-cache forward  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
 
 
 class VerificationError(RuntimeError):
     pass
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
 def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwrite: bool = False,
-           verify: bool = True, tolerance: float | None = None, progress: bool = True, names: str | None = None,
-           tokenizer: str | None = None) -> dict:
+           verify="full", tolerance: float | None = None, progress: bool = True, names: str | None = None,
+           tokenizer: str | None = None, verify_layers=None, budget: int = DEFAULT_BUDGET) -> dict:
     """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
     the base alone (e.g. an absorbed base for multi-adapter serving). ``names``: ``te`` | ``local`` layer-spec
     names of the ``mcore``/``nemo`` formats (default ``DEFAULT_NAMES``); ``tokenizer``: the ``nemo`` context's
-    (default: the base's own files, else the byte tokenizer of the tiny models)."""
+    (default: the base's own files, else the byte tokenizer of the tiny models). ``verify``: ``full`` |
+    ``sample`` (the ``verify_layers``, default first, first MoE, last) | ``none`` (``verify.py``);
+    ``budget``: bytes of experts read as one unit."""
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    verify = check_mode(verify)
     names = names or DEFAULT_NAMES.get(fmt, "local")
     check_names(names)
     if names != "local" and fmt not in DEFAULT_NAMES:
@@ -82,55 +88,73 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
-            writer = _writer(fmt, tmp, spec, source, names, tokenizer)
-            info = _export_merged(source, lora, spec, fmt, fold, writer, tmp, verify, tolerance, progress)
+            writer = _writer(fmt, tmp, spec, source, names, tokenizer, check=verify != "none")
+            verifier = StreamingVerify(spec, fmt in LATENT_FORMATS, verify, verify_layers, tolerance,
+                                       _dtype_name(source.layout()))
+            info = _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget)
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
             if fmt in DEFAULT_NAMES:
                 info["names"] = names
             if fmt == "nemo":
                 info["nemo"] = {"tokenizer": tokenizer, "differs_from_deepseek": differs}
-        info["source"] = {"base": {"path": str(base), "hash": file_hash(base)},  # hashes the input files
+        start = time.perf_counter()
+        info["source"] = {"base": {"path": str(base), "hash": source.content_hash()},  # HF: digests taken while reading
                           "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
+        if "timing" in info:
+            info["timing"]["source_hash"] = round(time.perf_counter() - start, 2)
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
 
 
-def _writer(fmt, tmp, spec, source, names, tokenizer):
+def _dtype_name(layout: dict) -> str:
+    """The dtype of the export's weights: the embedding's as read (FP8 bases are dequantized)."""
+    return str(layout["embedding.word_embeddings.weight"][0]).removeprefix("torch.")
+
+
+def _writer(fmt, tmp, spec, source, names, tokenizer, check):
     if fmt == "hf":
-        return HFWriter(tmp, spec, spec.num_layers + 2, getattr(source, "config", None))
+        return HFWriter(tmp, spec, getattr(source, "config", None), check)
     if fmt == "nemo":
-        return NemoWriter(tmp, spec, names, tokenizer)
-    return DistCkptWriter(tmp, spec, names)
+        return NemoWriter(tmp, spec, names, tokenizer, check)
+    return DistCkptWriter(tmp, spec, names, check)
 
 
-def _export_merged(source, lora, spec, fmt, fold, writer, tmp, verify, tolerance, progress) -> dict:
-    grouped = groups(source.names)
-    order = ["pre"] + list(range(spec.num_layers)) + ["post"]
-    dtype = None
-    for key in tqdm(order, desc=f"export {fmt}", unit="group", disable=not progress):
-        names = grouped.get(key, [])
-        tensors = source.load(names)
-        factors = lora.factors(_modules(names))
-        merged = merge_state(tensors, factors)
-        if fmt == "absorbed" and isinstance(key, int):
-            merged = absorb.absorb_layer(merged, f"decoder.layers.{key}.self_attention", spec, fold=fold)
-        dtype = dtype or _dtype_name(next(iter(tensors.values())))
-        writer.add(merged)
-        del tensors, merged, factors
+def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget) -> dict:
+    layout = source.layout()
+    units = plan(source.names, {n: d.itemsize * math.prod(shape) for n, (d, shape) in layout.items()}, budget)
+    writer.begin(units, layout)
+    bar = tqdm(total=sum(u.nbytes for u in units), desc=f"export {fmt}", unit="B", unit_scale=True,
+               disable=not progress)
+    merge_seconds = [0.0]
+
+    def process(unit, tensors):
+        factors = lora.factors(_modules(unit.names))
+        verifier.reference(unit, tensors, factors)
+        start = time.perf_counter()
+        for module, (a, b, scale) in factors.items():  # replaced one by one: memory holds one extra tensor
+            tensors[f"{module}.weight"] = merge_linear(tensors[f"{module}.weight"], a, b, scale, name=module)
+        if fmt == "absorbed" and unit.kind == "attention":
+            tensors = absorb.absorb_layer(tensors, f"decoder.layers.{unit.group}.self_attention", spec, fold=fold)
+        merge_seconds[0] += time.perf_counter() - start
+        verifier.export(unit, tensors)
+        return tensors
+
+    timing = stages.run(units, lambda u: source.load(u.names), process, writer.add,
+                        on_done=lambda u: bar.update(u.nbytes))
+    bar.close()
     writer.finish()
-    info = manifest.build(fmt, spec, dtype, lora.scales, writer.checksums,
+    timing.update(merge=round(merge_seconds[0], 2), verify=round(verifier.seconds, 2), units=len(units),
+                  largest_unit_bytes=max(u.nbytes for u in units))
+    if hasattr(writer, "stream"):  # the dist-ckpt writers: Megatron's save and the read-back, apart
+        timing.update({f"write_{k}": round(v, 2) for k, v in writer.stream.seconds.items()})
+    info = manifest.build(fmt, spec, verifier.dtype, lora.scales, writer.checksums,
                           absorb.fold_cost(spec) if fold else None)
-    if verify:  # read the written export back, group by group, against base + adapter re-read from disk
-        export_reader = _group_reader(tmp, fmt, writer.checksums)  # the files as written, checksummed
-        report = compare_streaming(
-            export_reader, lambda g: source.load(grouped.get(g, [])),
-            lambda layer: lora.factors(_modules(grouped.get(layer, []))),
-            spec, absorbed=fmt in ("absorbed", "mcore", "nemo"), tolerance=tolerance, dtype=dtype)
-        info["verify"] = report
-        if not report["passed"]:
-            raise VerificationError(f"export differs from the unmerged model: max |logit diff| "
-                                    f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']:.3g} x max |logit| "
-                                    f"{report['max_abs_logit']:.3g}")
+    info["timing"] = timing
+    report = verifier.report()
+    info["verify"] = report
+    if not report["passed"]:
+        raise VerificationError(f"export differs from the unmerged model ({report['mode']} verify): "
+                                + json.dumps({k: v for k, v in report.items() if k != "compared"}))
     return info
 
 
@@ -164,13 +188,6 @@ def manifest_checksums(directory) -> dict:
     if not checksums:
         raise CheckpointError(f"{path}: no tensor_checksums")
     return checksums
-
-
-def _group_reader(directory, fmt: str, checksums: dict | None = None):
-    """group -> that group's tensors of a written export (flat Megatron names)."""
-    reader, names = _open_export(directory, fmt, checksums)
-    grouped = groups(names)
-    return lambda g: reader.load(grouped.get(g, []))
 
 
 def read_export(directory, fmt: str, verify_checksums: bool = True) -> dict:

@@ -56,24 +56,44 @@ class MegatronBase:
     def load(self, names) -> dict:
         return self.reader.load(names)
 
+    def layout(self) -> dict:
+        return {n: (self.reader.dtype(n), tuple(self.reader.flat[n][2])) for n in self.names}
+
     def shapes(self) -> dict:
         return {n: tuple(self.reader.flat[n][2]) for n in self.names}
 
+    def content_hash(self) -> str:
+        """A second read of the base: a dist-checkpoint is read through Megatron's loader, not hashed on the way."""
+        from nemo_mla_lora.checkpoint import file_hash
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)]."""
+        return file_hash(self.directory)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16,
+                   out: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+    """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)], one block row
+    at a time (memory: the result plus one [128, in] fp32 block)."""
     out_f, in_f = weight.shape
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out_f].repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
-    return (weight.float() * scale).to(dtype)
+    blocks = (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK))
+    if tuple(scale_inv.shape) != blocks:
+        raise CheckpointError(f"{name}: weight_scale_inv is {tuple(scale_inv.shape)}, expected {blocks} for "
+                              f"{FP8_BLOCK}x{FP8_BLOCK} blocks of a {tuple(weight.shape)} weight")
+    out = torch.empty(out_f, in_f, dtype=dtype) if out is None else out
+    for i in range(blocks[0]):
+        rows = slice(i * FP8_BLOCK, (i + 1) * FP8_BLOCK)
+        col_scale = scale_inv[i].float().repeat_interleave(FP8_BLOCK)[:in_f]  # [in]
+        out[rows] = (weight[rows].float() * col_scale).to(dtype)
+    return out
 
 
 class HFBase:
     """An HF DeepSeek-V3-format directory: config.json + safetensors (sharded with an index, or one file);
     bf16/fp32 tensors are read as stored; FP8 e4m3 weights with ``weight_scale_inv`` 128x128 block scales
-    are dequantized to ``dtype`` on read."""
+    are dequantized to ``dtype`` on read. Tensors are read with positioned I/O (``safetensors_io``), each
+    hashed while in memory: ``content_hash`` then needs no second read of what was loaded."""
 
     def __init__(self, directory, dtype=torch.bfloat16, checksums: dict | None = None):
-        from safetensors import safe_open
+        from nemo_mla_lora.export.safetensors_io import SafetensorsFile
 
         self.directory, self.dtype, self.checksums = Path(directory), dtype, checksums
         config = self.directory / "config.json"
@@ -83,58 +103,82 @@ class HFBase:
         self.spec = spec_from_hf(self.config, str(config))
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            self.files = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / "model.safetensors").is_file():
+            weight_map = None
         else:
-            single = self.directory / "model.safetensors"
-            if not single.is_file():
-                raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-            with safe_open(single, "pt") as f:
-                self.files = {k: single.name for k in f.keys()}
-        missing = sorted({f for f in self.files.values() if not (self.directory / f).is_file()})
+            raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        shards = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        missing = [f for f in shards if not (self.directory / f).is_file()]
         if missing:
             raise CheckpointError(f"{directory}: index names missing shard files {missing}")
+        self.opened = {f: SafetensorsFile(self.directory / f) for f in shards}  # headers only
+        self.files = {k: f for f, st in self.opened.items() for k in st.keys()}
+        if weight_map:
+            wrong = sorted(k for k, f in weight_map.items() if self.files.get(k) != f)
+            if wrong:
+                raise CheckpointError(f"{index}: {len(wrong)} tensors are not in the shard the index names: {wrong[:3]}")
         # MTP layers (DeepSeek-V3's layer 61) are beyond num_hidden_layers and not part of the model.
         self.hf_names = sorted(k for k in self.files if not k.endswith("weight_scale_inv")
                                and "rotary_emb" not in k and (_hf_layer(k) or 0) < self.spec.num_layers)
-        self.names = sorted({_megatron_name(h) for h in self.hf_names})
+        self.parts = {}  # flat Megatron name -> its HF tensors ([gate, up] for a fused linear_fc1)
+        for h in self.hf_names:
+            self.parts.setdefault(_megatron_name(h), []).append(h)
+        for n, hs in self.parts.items():
+            if len(hs) == 2:
+                hs.sort(key=lambda h: 0 if ".gate_proj." in h else 1)
+        self.names = sorted(self.parts)
 
-    def load(self, names) -> dict:
-        names_set = set(names)
-        wanted = [h for h in self.hf_names if _megatron_name(h) in names_set]
-        hf = {h: self._read(h) for h in wanted}
-        out = keymap.hf_to_megatron(hf)
-        return {n: out[n] for n in names}
+    def _dtype_read(self, hf_name: str) -> torch.dtype:
+        dtype = self.opened[self.files[hf_name]].dtype(hf_name)
+        return self.dtype if dtype == torch.float8_e4m3fn else dtype
+
+    def layout(self) -> dict:
+        """Flat Megatron name -> (dtype as read, shape), from the headers (no tensor read)."""
+        return {n: self.layout_of(n) for n in self.parts}
 
     def shapes(self) -> dict:
-        """Flat Megatron name -> shape, from the safetensors headers (no tensor read); gate/up rows summed."""
-        from safetensors import safe_open
+        """Flat Megatron name -> shape (gate/up rows summed)."""
+        return {n: shape for n, (_, shape) in self.layout().items()}
 
-        by_file, out = {}, {}
-        for h in self.hf_names:
-            by_file.setdefault(self.files[h], []).append(h)
-        for file, names in by_file.items():
-            with safe_open(self.directory / file, "pt") as f:
-                for h in names:
-                    shape = list(f.get_slice(h).get_shape())
-                    m = _megatron_name(h)
-                    if m in out and keymap.to_megatron_module(h.rpartition(".")[0])[1] is not None:
-                        shape = [out[m][0] + shape[0], *shape[1:]]  # the second half of a fused linear_fc1
-                    out[m] = tuple(shape)
+    def load(self, names) -> dict:
+        out = {}
+        for n in names:
+            hs = self.parts[n]
+            if len(hs) == 1:
+                out[n] = self._read(hs[0])
+                continue
+            dtype, shape = self.layout_of(n)
+            fused, row = torch.empty(shape, dtype=dtype), 0  # gate and up read into its two halves
+            for h in hs:
+                rows = self.opened[self.files[h]].shape(h)[0]
+                self._read(h, fused[row:row + rows])
+                row += rows
+            out[n] = fused
         return out
 
-    def _read(self, hf_name: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def layout_of(self, name: str) -> tuple:
+        hs = self.parts[name]
+        shapes = [self.opened[self.files[h]].shape(h) for h in hs]
+        return self._dtype_read(hs[0]), (sum(s[0] for s in shapes), *shapes[0][1:])
 
-        with safe_open(self.directory / self.files[hf_name], "pt") as f:
-            t = f.get_tensor(hf_name)
-            check_checksums({hf_name: t}, self.checksums, self.directory / self.files[hf_name])
-            if t.dtype == torch.float8_e4m3fn:
-                scale_name = hf_name.replace(".weight", ".weight_scale_inv")
-                if scale_name not in self.files:
-                    raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
-                with safe_open(self.directory / self.files[scale_name], "pt") as g:
-                    return dequantize_fp8(t, g.get_tensor(scale_name), self.dtype)
-        return t
+    def _read(self, hf_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        st = self.opened[self.files[hf_name]]
+        if st.dtype(hf_name) != torch.float8_e4m3fn:
+            t = st.read(hf_name, out)
+            check_checksums({hf_name: t}, self.checksums, st.path)
+            return t
+        scale_name = hf_name.replace(".weight", ".weight_scale_inv")
+        if scale_name not in self.files:
+            raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
+        scale = self.opened[self.files[scale_name]].read(scale_name)
+        return dequantize_fp8(st.read(hf_name), scale, self.dtype, out, hf_name)
+
+    def content_hash(self) -> str:
+        """``checkpoint.file_hash`` of the directory, from the digests taken while reading."""
+        from nemo_mla_lora.export.safetensors_io import directory_hash
+
+        return directory_hash(self.directory, self.opened)
 
 
 def _hf_layer(name: str):
@@ -195,10 +239,11 @@ class MegatronAdapter:
 class HFPeftAdapter:
     """An HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) on a DeepSeek
     model. gate_proj/up_proj adapters (separate A each) become one fused ``linear_fc1`` factor pair of
-    rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up) — the same delta, exactly."""
+    rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up) — the same delta, exactly. Factors are read
+    when asked for (a rank-16 adapter on every expert of DeepSeek-V3 is ~5 B parameters)."""
 
     def __init__(self, directory, spec: MLASpec):
-        from safetensors.torch import load_file
+        from nemo_mla_lora.export.safetensors_io import SafetensorsFile
 
         self.directory, self.spec = Path(directory), spec
         config = self.directory / "adapter_config.json"
@@ -208,28 +253,28 @@ class HFPeftAdapter:
         self.info = json.loads(config.read_text())
         r, alpha = self.info["r"], self.info["lora_alpha"]
         self.scale = alpha / (r ** 0.5 if self.info.get("use_rslora") else r)
-        self.tensors = load_file(weights)  # adapters are small
-        self.pairs = {}  # Megatron module -> {part: (A, B)}
-        for key, t in self.tensors.items():
+        self.file = SafetensorsFile(weights)  # its header; tensors read by ``factors``
+        self.pairs = {}  # Megatron module -> {part: {"A": key, "B": key}}
+        for key in self.file.keys():
             m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
             if not m:
                 continue
             module, part = keymap.to_megatron_module(m.group(1))
-            self.pairs.setdefault(module, {}).setdefault(part, {})[m.group(2)] = t
+            self.pairs.setdefault(module, {}).setdefault(part, {})[m.group(2)] = key
         self.modules = sorted(self.pairs)
         self.scales = {mod: self.scale for mod in self.modules}
 
     def factors(self, modules) -> dict:
         out = {}
         for mod in [m for m in modules if m in self.pairs]:
-            parts = self.pairs[mod]
+            parts = {p: {ab: self.file.read(k).float() for ab, k in keys.items()} for p, keys in self.pairs[mod].items()}
             if None in parts:
-                out[mod] = (parts[None]["A"].float(), parts[None]["B"].float(), self.scale)
+                out[mod] = (parts[None]["A"], parts[None]["B"], self.scale)
                 continue
             if set(parts) != {"gate", "up"}:
                 raise CheckpointError(f"{mod}: HF adapter has {sorted(parts)} of gate_proj/up_proj; need both")
-            a = torch.cat([parts["gate"]["A"], parts["up"]["A"]]).float()
-            b = torch.block_diag(parts["gate"]["B"], parts["up"]["B"]).float()
+            a = torch.cat([parts["gate"]["A"], parts["up"]["A"]])
+            b = torch.block_diag(parts["gate"]["B"], parts["up"]["B"])
             out[mod] = (a, b, self.scale)
         return out
 

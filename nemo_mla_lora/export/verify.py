@@ -1,24 +1,42 @@
-"""``verify``: the export's outputs against the unmerged fine-tuned model, on fixed prompts.
+"""``verify``: the export's outputs against the unmerged fine-tuned model, computed while the export streams.
 
-Absorbed exports run through the reference latent-cache forward (prefill half the prompt, then decode
-token by token, caching only c_kv + k_rope); ``mcore``/``hf`` exports through the reference forward.
-Layer by layer: one layer of each model is in memory at a time.
-The unmerged model is the base weights plus the LoRA factors applied as x A^T B^T (reference forward).
-Both runs use the unmerged run's expert choices: with saturated router scores a 1e-16 change can flip a
-top-k tie (measured: 1.3e-5 logit difference in float64 on a trained tiny model), which says nothing
-about the merge; the gate weights are still recomputed from each run's own scores.
+What it compares: two fixed prompts of 16 tokens (``fixed_prompts``, seeded) through two models at once,
+unit by unit as the export passes them (``units.py``), so neither the base nor the export is read again:
+
+- the unmerged fine-tuned model: the base's tensors as read, LoRA applied as x A^T B^T (reference forward,
+  ``reference/model.py``), before the merge;
+- the export: the merged (and, for ``absorbed``, split) tensors exactly as written (every unit is read
+  back from the file and compared bit for bit by the writer), through the latent-cache forward for the
+  latent formats (``absorbed``/``mcore``/``nemo``: prefill 8 tokens, then decode the rest one by one, caching
+  only c_kv + k_rope) and the reference forward for ``hf``.
+
+Computation is fp32 (fp64 for fp64 checkpoints); each weight is converted when used, so memory holds one
+unit and one weight in fp32. Both runs use the unmerged run's expert choices: with saturated router scores
+a 1e-16 change can flip a top-k tie (measured: 1.3e-5 logit difference in float64 on a trained tiny
+model), which says nothing about the merge; the gate weights are recomputed from each run's own scores.
+
+Modes: ``full`` (default) runs the prompts through every layer and compares the logits; ``sample`` checks
+the chosen ``layers`` each on its own (fixed random hidden states into that layer of both models, its
+output compared relative to the layer's own contribution) plus the final norm and output layer, and skips
+the rest (their bytes are still read back and compared); ``none`` checks nothing.
 """
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from nemo_mla_lora.export.absorb import K_UP, absorb_layer
-from nemo_mla_lora.reference import latent
-from nemo_mla_lora.reference.model import decoder_layer, output_weight, rms_norm, rope_cos_sin
+from nemo_mla_lora.reference.latent import latent_attention_steps
+from nemo_mla_lora.reference.model import gated_mlp, mla_attention, moe_experts, moe_routing, rms_norm, rope_cos_sin
 
 # Relative to the largest |logit| of the reference (at least 1): max |diff| <= tolerance * scale.
 # fp32: the merged weights' own rounding (~1e-8 per linear) reaches ~3e-5 x max|logit| on the trained tiny
 # model (measured 1.6e-4 at max|logit| 3.8), so 1e-4 leaves ~3x room; a wrong merge misses by orders.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
+MODES = ("full", "sample", "none")
+VOCAB_CHUNK = 16384  # output-layer rows converted to fp32 at a time
 
 
 def prefix(layer: int) -> str:
@@ -30,46 +48,171 @@ def fixed_prompts(vocab_size: int, count: int = 2, length: int = 16) -> torch.Te
     return torch.randint(0, vocab_size, (count, length), generator=gen)
 
 
-def _float(tensors: dict) -> dict:
-    return {k: v.float() for k, v in tensors.items()}
+def check_mode(mode) -> str:
+    """``verify`` as given (also true/false) -> one of ``MODES``."""
+    if isinstance(mode, str):
+        mode = mode.lower()  # Hydra hands a YAML true to a str field as "True"
+    mode = {True: "full", False: "none", "true": "full", "false": "none"}.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"verify={mode!r}; expected one of {MODES} (or true/false)")
+    return mode
 
 
-@torch.no_grad()
-def compare_streaming(load_export, load_base, load_factors, spec, absorbed: bool,
-                      tolerance: float | None = None, dtype: str = "float32") -> dict:
-    """Max/mean abs logit difference (fp32 compute) and whether it is within tolerance (relative to the
-    reference's largest |logit|). ``load_*(group)`` return one group's tensors ('pre', 0..L-1, 'post'),
-    so memory holds one layer of each model (plus the prompts' activations), never the whole model."""
-    tokens = fixed_prompts(spec.vocab_size)
-    s = tokens.shape[1]
-    cos, sin = rope_cos_sin(spec, torch.arange(s), torch.float32)
-    pre_ref, pre_exp = _float(load_base("pre")), _float(load_export("pre"))
-    x_ref = pre_ref["embedding.word_embeddings.weight"][tokens]
-    x_exp = pre_exp["embedding.word_embeddings.weight"][tokens]
-    cached = 0
-    for layer in range(spec.num_layers):
-        routing = {}
-        factors = {m: (a.float(), b.float(), sc) for m, (a, b, sc) in load_factors(layer).items()}
-        x_ref = decoder_layer(x_ref, _float(load_base(layer)), factors, layer, spec, cos, sin, routing=routing)
-        exported = _float(load_export(layer))
-        if absorbed and f"{prefix(layer)}.{K_UP}" not in exported:  # standard layout: absorbed as engines load it
-            exported = absorb_layer(exported, prefix(layer), spec)
-        if absorbed:
-            x_exp, cache = latent.layer_prefill_decode(x_exp, exported, layer, spec, s // 2, routing)
-            cached += cache.values_per_token()
+class Compute(Mapping):
+    """A state dict seen in the compute dtype, each tensor converted when read (``memo``: kept after)."""
+
+    def __init__(self, state: dict, dtype, memo: bool = False):
+        self.state, self.dtype, self.memo = state, dtype, {} if memo else None
+
+    def __getitem__(self, key):
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]
+        t = self.state[key].to(self.dtype)
+        if self.memo is not None:
+            self.memo[key] = t
+        return t
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+
+@dataclass
+class _Side:
+    """One model's activations: x [b, s, hidden] and, inside an MoE layer, its tokens, choice and sum."""
+
+    latent: bool
+    x: torch.Tensor = None
+    layer_in: torch.Tensor = None
+    tokens: torch.Tensor = None
+    top: torch.Tensor = None
+    weights: torch.Tensor = None
+    acc: torch.Tensor = None
+    embedding: dict = None  # tied models: the output layer is the embedding
+    logits: torch.Tensor = None
+
+
+class StreamingVerify:
+    """Call ``reference(unit, base, factors)`` before a unit is merged and ``export(unit, written)`` after,
+    in plan order; then ``report()``."""
+
+    def __init__(self, spec, latent: bool, mode: str = "full", layers=None, tolerance: float | None = None,
+                 dtype: str = "float32"):
+        self.spec, self.mode, self.dtype = spec, check_mode(mode), dtype
+        self.layers = set(range(spec.num_layers)) if self.mode == "full" else set(layers or default_layers(spec))
+        bad = sorted(i for i in self.layers if not 0 <= i < spec.num_layers)
+        if bad:
+            raise ValueError(f"verify layers {bad} are not layers of this {spec.num_layers}-layer model")
+        self.compute = torch.float64 if dtype == "float64" else torch.float32
+        self.tolerance = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
+        self.tokens = fixed_prompts(spec.vocab_size)
+        self.ref, self.exp = _Side(latent=False), _Side(latent=latent)
+        self.routing, self.layer_reports, self.seconds, self.cached = {}, {}, 0.0, 0
+
+    def reference(self, unit, base: dict, factors: dict) -> None:
+        self._run(self.ref, unit, base, factors)
+
+    def export(self, unit, written: dict) -> None:
+        self._run(self.exp, unit, written, None)
+        if unit.closes_group and isinstance(unit.group, int) and self.mode == "sample" and unit.group in self.layers:
+            self._layer_report(unit.group)
+
+    @torch.no_grad()
+    def _run(self, side: _Side, unit, state: dict, adapters) -> None:
+        if self.mode == "none" or (isinstance(unit.group, int) and unit.group not in self.layers):
+            return
+        start = time.perf_counter()
+        adapters = {m: (a.to(self.compute), b.to(self.compute), s) for m, (a, b, s) in (adapters or {}).items()}
+        getattr(self, f"_{unit.kind}")(side, unit, state, adapters)
+        if unit.closes_group and unit.kind == "experts":
+            side.x = side.x + side.acc.view(side.x.shape)
+            side.tokens = side.top = side.weights = side.acc = None
+        self.seconds += time.perf_counter() - start
+
+    def _pre(self, side, unit, state, adapters):
+        emb = state["embedding.word_embeddings.weight"]
+        side.x = emb[self.tokens].to(self.compute)  # the prompts' rows only
+        if self.spec.tie_word_embeddings:
+            side.embedding = {"embedding.word_embeddings.weight": emb}
+
+    def _attention(self, side, unit, state, adapters):
+        layer, spec = unit.group, self.spec
+        if self.mode == "sample":  # this layer alone, on fixed hidden states
+            gen = torch.Generator().manual_seed(1000 + layer)
+            side.x = torch.randn(*self.tokens.shape, spec.hidden_size, generator=gen, dtype=self.compute)
+        side.layer_in = side.x
+        p = f"decoder.layers.{layer}"
+        h = rms_norm(side.x, state[f"{p}.input_layernorm.weight"].to(self.compute), spec.norm_eps)
+        if side.latent:
+            if f"{prefix(layer)}.{K_UP}" not in state:  # standard layout: absorbed as engines load it
+                state = absorb_layer(state, prefix(layer), spec)
+            out, cache = latent_attention_steps(h, Compute(state, self.compute, memo=True), prefix(layer), spec,
+                                            h.shape[1] // 2)
+            self.cached += cache.values_per_token()
         else:
-            x_exp = decoder_layer(x_exp, exported, None, layer, spec, cos, sin, routing=routing)
-    post_ref, post_exp = {**pre_ref, **_float(load_base("post"))}, {**pre_exp, **_float(load_export("post"))}
-    reference = rms_norm(x_ref, post_ref["decoder.final_layernorm.weight"], spec.norm_eps) @ output_weight(post_ref, spec).T
-    logits = rms_norm(x_exp, post_exp["decoder.final_layernorm.weight"], spec.norm_eps) @ output_weight(post_exp, spec).T
-    return _report(logits, reference, tokens, tolerance, dtype, cached if absorbed else None)
+            cos, sin = rope_cos_sin(spec, torch.arange(h.shape[1]), self.compute)
+            out = mla_attention(h, Compute(state, self.compute), adapters, prefix(layer), spec, cos, sin)
+        side.x = side.x + out
+
+    def _mlp(self, side, unit, state, adapters):
+        layer, spec = unit.group, self.spec
+        p, weights = f"decoder.layers.{layer}", Compute(state, self.compute)
+        hidden = rms_norm(side.x, weights[f"{p}.pre_mlp_layernorm.weight"], spec.norm_eps)
+        if not spec.is_moe_layer(layer):
+            side.x = side.x + gated_mlp(hidden, weights, adapters, f"{p}.mlp")
+            return
+        side.tokens = hidden.reshape(-1, spec.hidden_size)  # [n, hidden]
+        replay = self.routing.get(layer)  # the reference's choice (it runs first)
+        side.top, side.weights = moe_routing(side.tokens, weights, f"{p}.mlp", spec, replay)
+        self.routing.setdefault(layer, side.top)
+        side.acc = torch.zeros_like(side.tokens)
+        if spec.shared_expert_ffn_hidden_size:
+            side.acc += gated_mlp(side.tokens, weights, adapters, f"{p}.mlp.shared_experts")
+
+    def _experts(self, side, unit, state, adapters):
+        moe_experts(side.tokens, side.top, side.weights, Compute(state, self.compute), adapters,
+                    f"decoder.layers.{unit.group}.mlp", unit.experts, side.acc)
+
+    def _post(self, side, unit, state, adapters):
+        spec = self.spec
+        x = rms_norm(side.x, state["decoder.final_layernorm.weight"].to(self.compute), spec.norm_eps)
+        source = side.embedding if spec.tie_word_embeddings else state
+        w = source["embedding.word_embeddings.weight" if spec.tie_word_embeddings else "output_layer.weight"]
+        side.logits = torch.cat([x @ w[i:i + VOCAB_CHUNK].to(self.compute).T
+                                 for i in range(0, w.shape[0], VOCAB_CHUNK)], dim=-1)  # [b, s, vocab]
+
+    def _layer_report(self, layer: int) -> None:
+        own = (self.ref.x - self.ref.layer_in).abs().max().item()  # the layer's own contribution
+        diff = (self.exp.x - self.ref.x).abs().max().item()
+        scale = max(own, 1e-6)
+        self.layer_reports[layer] = {"max_abs_diff": diff, "max_abs_contribution": own,
+                                     "bound": self.tolerance * scale, "passed": diff <= self.tolerance * scale}
+
+    def report(self) -> dict:
+        if self.mode == "none":
+            return {"mode": "none", "passed": True}
+        out = _report(self.exp.logits, self.ref.logits, self.tokens, self.tolerance)
+        out.update(mode=self.mode, seconds=round(self.seconds, 2),
+                   compared="logits of the unmerged model (base + LoRA) vs the export as written, "
+                            + ("latent-cache prefill + decode" if self.exp.latent else "full forward"),
+                   cached_values_per_token=self.cached if self.exp.latent else None)
+        if self.mode == "sample":
+            out["layers"] = {str(k): v for k, v in sorted(self.layer_reports.items())}
+            out["passed"] = out["passed"] and all(v["passed"] for v in self.layer_reports.values())
+        return out
 
 
-def _report(logits, reference, tokens, tolerance, dtype, cached) -> dict:
+def default_layers(spec) -> list[int]:
+    """``sample``'s layers when none are named: the first, the first MoE layer, the last."""
+    moe = [i for i in range(spec.num_layers) if spec.is_moe_layer(i)]
+    return sorted({0, spec.num_layers - 1, *moe[:1]})
+
+
+def _report(logits, reference, tokens, tol) -> dict:
     diff = (logits - reference).abs()
-    tol = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
     scale = max(1.0, reference.abs().max().item())
     return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
             "max_abs_logit": scale, "tolerance": tol, "bound": tol * scale,
-            "passed": bool(diff.max().item() <= tol * scale), "prompts": list(tokens.shape),
-            "cached_values_per_token": cached}
+            "passed": bool(diff.max().item() <= tol * scale), "prompts": list(tokens.shape)}

@@ -1,18 +1,21 @@
-"""Writers of the export formats. Each gets tensor groups (embedding, each decoder layer, final) in
-order and writes into a directory it does not own (the pipeline renames it when everything passed).
+"""Writers of the export formats. Each gets the plan's units (``units.py``) in order, ``add(unit, tensors)``,
+and writes into a directory it does not own (the pipeline renames it when everything passed). With
+``check``, every unit is read back from what was just written (the page cache) and compared bit for bit.
 
 | format | what | streams? |
 |---|---|---|
-| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: one Megatron save per group |
-| mcore | Megatron dist-ckpt, merged, standard layout (local or TE-spec names) | yes: one Megatron save per group |
+| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: one Megatron save per unit |
+| mcore | Megatron dist-ckpt, merged, standard layout (local or TE-spec names) | yes: one Megatron save per unit |
 | nemo | NeMo 2 checkpoint: the mcore layout under weights/ (``module.`` keys) + context/ | yes |
-| hf | HF DeepSeek-V3 safetensors, one shard per group + index + config.json | yes |
+| hf | HF DeepSeek-V3 safetensors, one shard per group (layout known up front) + index + config.json | yes: tensor by tensor |
 """
 
 from pathlib import Path
 
+import torch
+
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import named_sharded, tensor_checksum, write_json
+from nemo_mla_lora.checkpoint import CheckpointError, named_sharded, tensor_checksum, write_json
 from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
@@ -22,9 +25,13 @@ class DistCkptWriter:
     """``names``: the layer spec whose names (and ``_extra_state`` entries) the checkpoint has: ``local`` (the
     TE-free spec) or ``te`` (Megatron's Transformer Engine spec)."""
 
-    def __init__(self, directory: Path, spec, names: str = "local"):
+    def __init__(self, directory: Path, spec, names: str = "local", check: bool = True):
         self.directory, self.spec, self.names, self.checksums, self.dtype = Path(directory), spec, names, {}, None
+        self.check = check
         self.stream = StreamingDistCkpt(self.weights_dir())
+
+    def begin(self, units, layout: dict) -> None:
+        pass
 
     def weights_dir(self) -> Path:
         return self.directory
@@ -32,11 +39,11 @@ class DistCkptWriter:
     def sharded(self, group: dict) -> dict:
         return named_sharded(group, self.spec, self.names)
 
-    def add(self, group: dict) -> None:
+    def add(self, unit, group: dict) -> None:
         self.dtype = self.dtype or next(iter(group.values())).dtype
         for name, t in group.items():  # under the flat local names, whatever the stored names
             self.checksums[name] = tensor_checksum(t)
-        self.stream.add(self.sharded(group))
+        self.stream.add(self.sharded(group), check=self.check)
 
     def finish(self) -> None:
         self.stream.finish()
@@ -46,9 +53,9 @@ class DistCkptWriter:
 class NemoWriter(DistCkptWriter):
     """A NeMo 2 checkpoint (``nemo_format.py``): weights/ under NeMo's ``module.`` keys, then context/."""
 
-    def __init__(self, directory: Path, spec, names: str, tokenizer: str):
+    def __init__(self, directory: Path, spec, names: str, tokenizer: str, check: bool = True):
         self.tokenizer = tokenizer
-        super().__init__(directory, spec, names)
+        super().__init__(directory, spec, names, check)
 
     def weights_dir(self) -> Path:
         return self.directory / nemo_format.WEIGHTS
@@ -62,24 +69,41 @@ class NemoWriter(DistCkptWriter):
 
 
 class HFWriter:
-    """``source_config``: the HF base's own config.json (kept, with the written dtype), None for our bases."""
+    """One safetensors shard per group (embedding, each decoder layer, final), its header written first
+    from the layout (``begin``) and its tensors as their units come. ``source_config``: the HF base's own
+    config.json (kept, with the written dtype), None for our bases."""
 
-    def __init__(self, directory: Path, spec, num_groups: int, source_config: dict | None = None):
-        self.directory, self.spec, self.num_groups = Path(directory), spec, num_groups
-        self.source_config = source_config
-        self.weight_map, self.checksums, self.index, self.dtype = {}, {}, 0, None
+    def __init__(self, directory: Path, spec, source_config: dict | None = None, check: bool = True):
+        self.directory, self.spec, self.source_config, self.check = Path(directory), spec, source_config, check
+        self.weight_map, self.checksums, self.dtype, self.shards, self.open = {}, {}, None, {}, {}
 
-    def add(self, group: dict) -> None:
-        from safetensors.torch import save_file
+    def begin(self, units, layout: dict) -> None:
+        """``layout``: flat name -> (dtype, shape) of the tensors to be written."""
+        order = list(dict.fromkeys(u.group for u in units))
+        by_group = {}
+        for u in units:
+            meta = {n: torch.empty(layout[n][1], dtype=layout[n][0], device="meta") for n in u.names}
+            by_group.setdefault(u.group, {}).update(keymap.megatron_to_hf(meta))
+        for i, group in enumerate(order):
+            self.shards[group] = (f"model-{i + 1:05d}-of-{len(order):05d}.safetensors",
+                                  {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()})
 
-        self.index += 1
-        shard = f"model-{self.index:05d}-of-{self.num_groups:05d}.safetensors"
-        hf = {k: v.contiguous() for k, v in keymap.megatron_to_hf(group).items()}
-        save_file(hf, str(self.directory / shard), metadata={"format": "pt"})
-        for name, t in hf.items():
+    def add(self, unit, group: dict) -> None:
+        from nemo_mla_lora.export.safetensors_io import SafetensorsWriter
+
+        shard, shard_layout = self.shards[unit.group]
+        if unit.group not in self.open:
+            self.open[unit.group] = SafetensorsWriter(self.directory / shard, shard_layout, {"format": "pt"})
+        out = self.open[unit.group]
+        for name, t in keymap.megatron_to_hf(group).items():
+            out.write(name, t)
+            if self.check and not out.matches(name, t):
+                raise CheckpointError(f"{out.path}: {name} reads back different from what was written")
             self.dtype = self.dtype or str(t.dtype).removeprefix("torch.")
             self.weight_map[name] = shard
             self.checksums[name] = tensor_checksum(t)
+        if unit.closes_group:
+            self.open.pop(unit.group).close()
 
     def finish(self) -> None:
         total = sum((self.directory / f).stat().st_size for f in set(self.weight_map.values()))

@@ -191,3 +191,13 @@ def _pipeline_group():
             and parallel_state.get_pipeline_model_parallel_world_size() > 1):
         return parallel_state.get_pipeline_model_parallel_group()
     return None
+
+
+def _register_with_nemo() -> None:
+    import nemo_mla_lora
+    from nemo.collections.llm import peft as nemo_peft
+
+    nemo_mla_lora._register(nemo_peft)
+
+
+_register_with_nemo()

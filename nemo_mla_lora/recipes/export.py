@@ -1,7 +1,7 @@
 """Merge an adapter into its base and write an export (``mcore`` by default), then verify it.
 
     python -m nemo_mla_lora.recipes.export base=runs/finetune/base adapter=runs/finetune/adapter \\
-        output=runs/finetune/export_hf format=hf [verify=true] [fold=false] [overwrite=false]
+        output=runs/finetune/export_hf format=hf [verify=full|sample|none] [verify_layers=[0,26]] [fold=false] [overwrite=false]
     ... format=nemo [names=te|local] [tokenizer=DIR]   # a NeMo 2 checkpoint for llm.generate / export_ckpt
 
 ``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
@@ -31,8 +31,9 @@ def main(cfg: DictConfig) -> None:
 
     parallel.init_megatron()
     info = export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
-                  verify=cfg.verify, tolerance=cfg.tolerance, names=cfg.names, tokenizer=cfg.tokenizer)
-    report = {k: info[k] for k in ("format", "kv_cache", "verify", "warnings") if k in info}
+                  verify=cfg.verify, tolerance=cfg.tolerance, names=cfg.names, tokenizer=cfg.tokenizer,
+                  verify_layers=cfg.verify_layers, budget=cfg.budget_mb << 20)
+    report = {k: info[k] for k in ("format", "kv_cache", "verify", "timing", "warnings") if k in info}
     print(json.dumps(report, indent=2))
     print(f"wrote {cfg.output}")
 

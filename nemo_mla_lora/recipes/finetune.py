@@ -38,6 +38,7 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
 
     e = cfg.export
     return MLAExportCallback(peft, spec, base_dir, out, fmt=e.format, fold=e.fold, verify=e.verify,
+                             verify_layers=e.verify_layers,
                              tolerance=e.tolerance, every_checkpoint=e.every_checkpoint, names=e.names,
                              tokenizer=nemo_context_tokenizer(cfg, spec) if e.format == "nemo" else None)
 

@@ -88,17 +88,12 @@ def generate_logits(tokens, state, spec: MLASpec, prefill: int, routing: dict | 
     return torch.cat(steps, dim=1), cache
 
 
-def layer_prefill_decode(x, state, layer: int, spec: MLASpec, prefill: int, routing: dict | None = None):
-    """One decoder layer, layer-major: prefill x[:, :prefill] then each later position one at a time,
-    with this layer's latent cache. x: [b, s, hidden] (the previous layer's outputs) -> [b, s, hidden].
-    Equal to ``generate_logits``'s token-major order, with one layer's weights in memory at a time."""
+def latent_attention_steps(h, state, p: str, spec: MLASpec, prefill: int):
+    """One layer's attention on its normalised input h [b, s, hidden] as a server runs it: prefill
+    h[:, :prefill], then each later position one at a time, with this layer's latent cache.
+    Returns (attention output [b, s, hidden], cache)."""
     cache, outputs = LatentCache(), []
-    s = x.shape[1]
-    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, s)]:
-        cos, sin = rope_cos_sin(spec, torch.arange(start, end), x.dtype)
-        chunk = None if routing is None else {p: r[:, start:end] for p, r in routing.items()}
-
-        def attention(x_, state_, adapters_, p_, spec_, cos_, sin_, start=start):
-            return latent_attention(x_, state_, p_, spec_, cos_, sin_, cache, 0, start)
-        outputs.append(decoder_layer(x[:, start:end], state, None, layer, spec, cos, sin, attention, chunk))
+    for start, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, h.shape[1])]:
+        cos, sin = rope_cos_sin(spec, torch.arange(start, end), h.dtype)
+        outputs.append(latent_attention(h[:, start:end], state, p, spec, cos, sin, cache, 0, start))
     return torch.cat(outputs, dim=1), cache

@@ -128,32 +128,41 @@ def route(tokens, state, p, spec: MLASpec) -> tuple[torch.Tensor, torch.Tensor]:
     return choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1], scores
 
 
-def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
-    """DeepSeek MoE: ``route``, the chosen scores (renormalised if ``moe_norm_topk_prob``) times the scaling
-    factor weight each chosen expert, plus the shared experts.
-
-    ``routing`` (optional) records the chosen experts per module (``routing[p]`` absent: [b, s, k] is
-    stored) or replays them (present): comparisons of two weight sets then cannot differ by a top-k
-    tie flipping, only by the weights themselves."""
-    shape = x.shape
-    tokens = x.reshape(-1, shape[-1])  # [n, hidden]
-    top, scores = route(tokens, state, p, spec)  # [n, k], [n, E]
-    n = tokens.shape[0]
-    if routing is not None:
-        if p in routing:
-            top = routing[p].reshape(n, spec.moe_topk)
-        else:
-            routing[p] = top.view(*shape[:-1], spec.moe_topk)
+def moe_routing(tokens, state, p, spec: MLASpec, top: torch.Tensor | None = None):
+    """Chosen experts [n, k] and their weights [n, k] for tokens [n, hidden]: ``route``'s choice (or ``top``,
+    replayed), its scores renormalised if ``moe_norm_topk_prob``, times the scaling factor."""
+    chosen, scores = route(tokens, state, p, spec)  # [n, k], [n, E]
+    top = chosen if top is None else top
     weights = scores.gather(1, top)  # [n, k]
     if spec.moe_norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    weights = weights * spec.moe_scaling_factor
-    out = torch.zeros_like(tokens)
-    for expert in range(spec.num_experts):
+    return top, weights * spec.moe_scaling_factor
+
+
+def moe_experts(tokens, top, weights, state, adapters, p, experts, out):
+    """Adds each of ``experts``' gated MLP on the tokens [n, hidden] that chose it, times its weight, into
+    ``out`` [n, hidden] (in place); the experts' tensors are the only ones read."""
+    for expert in experts:
         rows, slot = torch.where(top == expert)
         if rows.numel():
             y = gated_mlp(tokens[rows], state, adapters, f"{p}.experts.local_experts.{expert}")
             out.index_add_(0, rows, y * weights[rows, slot, None].to(y.dtype))
+    return out
+
+
+def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
+    """DeepSeek MoE: ``moe_routing``, each chosen expert weighted (``moe_experts``), plus the shared experts.
+
+    ``routing`` (optional) records the chosen experts per module (``routing[p]`` absent: [n, k] is
+    stored) or replays them (present): comparisons of two weight sets then cannot differ by a top-k
+    tie flipping, only by the weights themselves."""
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])  # [n, hidden]
+    replay = routing.get(p) if routing is not None else None
+    top, weights = moe_routing(tokens, state, p, spec, None if replay is None else replay.reshape(-1, spec.moe_topk))
+    if routing is not None and replay is None:
+        routing[p] = top.view(*shape[:-1], spec.moe_topk)
+    out = moe_experts(tokens, top, weights, state, adapters, p, range(spec.num_experts), torch.zeros_like(tokens))
     if spec.shared_expert_ffn_hidden_size:
         out = out + gated_mlp(tokens, state, adapters, f"{p}.shared_experts")
     return out.view(shape)
