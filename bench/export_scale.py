@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -88,21 +89,24 @@ def _random(name: str, shape: tuple, fp8: bool) -> dict:
 
 
 def make(args) -> None:
+    config = _config(args.shape, args.layers, args.dense)
+    print(json.dumps(write_checkpoint(Path(args.out), config, args.fp8, args.rank)))
+
+
+def write_checkpoint(out: Path, config, fp8: bool = False, rank: int = 16, shard_bytes: int = SHARD_BYTES) -> dict:
+    """An HF checkpoint of ``config`` (random values, see the module docstring) and its LoRA in ``out/adapter``."""
     from safetensors.torch import save_file
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
-    config = _config(args.shape, args.layers, args.dense)
-    if args.fp8:
+    if fp8:
         config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [BLOCK, BLOCK]}
     config.to_json_file(out / "config.json")
     tensors = _meta_tensors(config)
     count, current = 0, {}
     for name, shape in tensors.items():  # transformers' order: embedding, layer by layer, norm, lm_head
-        current.update(_random(name, shape, args.fp8))
-        size = sum(t.numel() * t.element_size() for t in current.values())
-        if size >= SHARD_BYTES:
+        current.update(_random(name, shape, fp8))
+        if sum(t.numel() * t.element_size() for t in current.values()) >= shard_bytes:
             count += 1
             _write_shard(out, count, current, save_file)
             current = {}
@@ -111,14 +115,13 @@ def make(args) -> None:
         _write_shard(out, count, current, save_file)
     weight_map = {}
     for i in range(1, count + 1):  # rename to the -of-N convention once N is known
-        src = out / f"part-{i:05d}.safetensors"
         dst = f"model-{i:05d}-of-{count:05d}.safetensors"
-        src.rename(out / dst)
+        (out / f"part-{i:05d}.safetensors").rename(out / dst)
         weight_map.update({k: dst for k in _keys(out / dst)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    _make_adapter(out / "adapter", tensors, args.rank)
-    print(json.dumps({"dir": str(out), "shards": count, "bytes": _size(out, "*.safetensors"),
-                      "adapter_bytes": _size(out / "adapter", "*")}))
+    _make_adapter(out / "adapter", tensors, rank)
+    return {"dir": str(out), "shards": count, "bytes": _size(out, "model-*.safetensors"),
+            "adapter_bytes": _size(out / "adapter", "*")}
 
 
 def _write_shard(out: Path, index: int, tensors: dict, save_file) -> None:
@@ -196,8 +199,9 @@ def disk(args) -> None:
 class Sampler(threading.Thread):
     """RSS, high-water mark and I/O bytes of one process, every ``period`` seconds, until it exits."""
 
-    def __init__(self, pid: int, period: float = 0.2):
+    def __init__(self, pid: int, period: float = 0.2, kill_above_gib: float | None = None):
         super().__init__(daemon=True)
+        self.kill_above_gib, self.killed = kill_above_gib, False
         self.pid, self.period, self.samples, self.hwm, self.io, self.cpu = pid, period, [], 0, {}, 0.0
 
     def run(self):
@@ -214,29 +218,51 @@ class Sampler(threading.Thread):
                 return
             self.samples.append((time.perf_counter() - start, int(fields["VmRSS"]) / 2**20))  # GiB
             self.hwm = max(self.hwm, int(fields.get("VmHWM", 0)) / 2**20)
+            if self.kill_above_gib and self.samples[-1][1] > self.kill_above_gib:  # before the machine runs out
+                os.kill(self.pid, 9)
+                self.killed = True
             self.cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
             self.io = {k: int(v) for k, _, v in (line.partition(":") for line in io.splitlines()) if v.strip()}
             time.sleep(self.period)
 
 
-def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: str, extra: list) -> dict:
+# An older checkout's export (--code DIR: its package first on the path), called without its Hydra config.
+OLD_EXPORT = """
+import sys
+from nemo_mla_lora import parallel
+from nemo_mla_lora.export.pipeline import export
+if __name__ == "__main__":
+    parallel.init_megatron()
+    export(sys.argv[1], sys.argv[2], sys.argv[3], fmt=sys.argv[4], overwrite=True)
+"""
+
+
+def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: str, extra: list,
+            code: str | None = None, kill_above_gib: float | None = None) -> dict:
     drop_cache(base)
     if adapter:
         drop_cache(adapter)
     cmd = [sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={base}",
            f"adapter={adapter if adapter else 'null'}", f"output={output}", f"format={fmt}", f"verify={verify}",
            "overwrite=true", *extra]
+    env = dict(os.environ)
+    if code:
+        cmd = [sys.executable, "-c", OLD_EXPORT, str(base), str(adapter), str(output), fmt]
+        env["PYTHONPATH"] = code
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = Sampler(proc.pid)
+    proc = subprocess.Popen(cmd, cwd=code or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = Sampler(proc.pid, kill_above_gib=kill_above_gib)
     sampler.start()
     log = proc.communicate()[0]
     wall = time.perf_counter() - start
     sampler.join()
+    if sampler.killed:
+        return {"format": fmt, "killed": f"RSS passed {kill_above_gib} GiB after {wall:.0f} s", "wall_s": round(wall, 1),
+                "peak_rss_GiB": round(sampler.hwm, 3), "samples": sampler.samples, "code": code}
     if proc.returncode != 0:
         raise SystemExit(f"export {fmt} failed (exit {proc.returncode}):\n{log[-4000:]}")
     manifest = json.loads((output / "manifest.json").read_text())
-    return {"format": fmt, "wall_s": round(wall, 1), "cpu_s": round(sampler.cpu, 1), "peak_rss_GiB": round(sampler.hwm, 3),
+    return {"format": fmt, "code": code, "wall_s": round(wall, 1), "cpu_s": round(sampler.cpu, 1), "peak_rss_GiB": round(sampler.hwm, 3),
             "read_GB": round(sampler.io.get("read_bytes", 0) / 1e9, 2),
             "written_GB": round(sampler.io.get("write_bytes", 0) / 1e9, 2),
             "base_GB": round(_size(base, "*") / 1e9, 2), "export_GB": round(_size(output, "*") / 1e9, 2),
@@ -252,17 +278,27 @@ def run(args) -> None:
     base_files = [f for f in base.iterdir() if f.is_file()]
     for fmt in args.formats:
         output = Path(args.work) / f"export_{fmt}"
-        row = run_one(base, adapter, fmt, output, args.verify, args.extra)
+        row = run_one(base, adapter, fmt, output, args.verify, args.extra, args.code, args.kill_above_gib)
+        if "killed" in row:
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
+            subprocess.run(["rm", "-rf", str(output), str(output.parent / f".{output.name}.partial")], check=True)
+            continue
         read_s = sum(f.stat().st_size for f in base_files) / (disk_speed["read_cold_MBps"] * 1e6)
         write_s = row["export_GB"] * 1e9 / (disk_speed["write_MBps"] * 1e6)
         row.update(disk_bound_s=round(read_s + write_s, 1), share_of_disk_speed=round((read_s + write_s) / row["wall_s"], 3))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
+        _save(results_dir, disk_speed, base, rows)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(output)], check=True)
+    _save(results_dir, disk_speed, base, rows)
+    plot(rows, results_dir / "rss.png", args.title or base.name)
+
+
+def _save(results_dir: Path, disk_speed: dict, base: Path, rows: list) -> None:
     (results_dir / "results.json").write_text(json.dumps(
         {"disk": disk_speed, "base": str(base), "command": " ".join(sys.argv), "rows": rows}, indent=1))
-    plot(rows, results_dir / "rss.png", args.title or base.name)
 
 
 def plot(rows: list, path: Path, title: str) -> None:
@@ -274,11 +310,12 @@ def plot(rows: list, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     for row in rows:
         t, rss = zip(*row["samples"]) if row["samples"] else ((), ())
-        ax.plot(t, rss, label=f"{row['format']} (peak {row['peak_rss_GiB']:.2f} GiB, {row['wall_s']:.0f} s)")
+        what = "before, killed" if "killed" in row else ("before" if row.get("code") else "")
+        ax.plot(t, rss, label=f"{row['format']} {what} (peak {row['peak_rss_GiB']:.2f} GiB, {row['wall_s']:.0f} s)")
     ax.axhline(2.0, color="grey", linestyle="--", linewidth=1, label="2 GiB")
     ax.set_xlabel("seconds")
     ax.set_ylabel("RSS (GiB)")
-    ax.set_title(f"export of {title}: resident memory over time")
+    ax.set_title(textwrap.fill(f"export of {title}: resident memory over time", 90), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,6 +345,8 @@ def main():
     r.add_argument("--keep", action="store_true")
     r.add_argument("--title", default=None)
     r.add_argument("--extra", nargs="*", default=[], help="more recipes.export overrides")
+    r.add_argument("--code", default=None, help="an older checkout to run instead (its export(), defaults)")
+    r.add_argument("--kill-above-gib", type=float, default=None, help="stop an export whose RSS passes this")
     args = ap.parse_args()
     if args.cmd == "run" and args.work is None:
         args.work = str(Path(args.base).parent)

@@ -116,7 +116,8 @@ def _swap_in(tmp: Path, path: Path, old: Path) -> None:
         shutil.rmtree(old)
 
 
-EXPERT_CHUNK = re.compile(r"^(.*)@experts(\d+)of(\d+)$")  # a chunk of a stacked tensor: stored key, first, count
+# A chunk of a tensor along its first axis (experts of a stacked tensor, rows of a large one): stored key, first, count
+AXIS0_CHUNK = re.compile(r"^(.*)@axis0from(\d+)of(\d+)$")
 
 
 def _expert_indices(key: str, indices, num_experts: int | None) -> int:
@@ -130,27 +131,39 @@ def _expert_indices(key: str, indices, num_experts: int | None) -> int:
     return num_experts
 
 
-def sharded_tensors(flat: dict, num_experts: int | None = None) -> dict:
+def sharded_tensors(flat: dict, num_experts: int | None = None, consume: bool = False,
+                    max_bytes: int | None = None) -> dict:
     """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (routed experts stacked on a leading axis).
     A group holding consecutive experts first..first+n-1 of a layer's ``num_experts`` (None: all of them)
-    gets the chunk [n, out, in] under ``{key}@experts{first}of{E}``, which ``dist_stream`` places at its
-    offset of the stacked key when it merges the parts' metadata."""
+    gets the chunk [n, out, in] under ``{key}@axis0from{first}of{E}``, which ``dist_stream`` places at its
+    offset of the stacked key when it merges the parts' metadata; with ``max_bytes``, a larger tensor is cut
+    the same way into row chunks (as tensor parallelism shards a vocabulary), so that each can be saved and
+    read back on its own. ``consume``: each expert is popped from ``flat`` as it is copied into the stacked
+    tensor (memory: the chunk plus one expert, not twice the chunk)."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     stacked, out = {}, {}
     for name, t in flat.items():
         m = _FLAT_EXPERT.match(name)
         if m:
-            stacked.setdefault(f"{m.group(1)}.experts.{m.group(3)}", {})[int(m.group(2))] = t
+            stacked.setdefault(f"{m.group(1)}.experts.{m.group(3)}", {})[int(m.group(2))] = name
+        elif max_bytes and t.dim() >= 1 and t.numel() * t.element_size() > max_bytes:
+            rows = max(1, max_bytes // (t[0].numel() * t.element_size()))
+            for first in range(0, t.shape[0], rows):
+                stored = f"{name}@axis0from{first}of{t.shape[0]}"
+                out[stored] = ShardedTensor.from_rank_offsets(stored, t[first:first + rows].contiguous(), replica_id=0)
         else:
             out[name] = ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0)
     for key, experts in stacked.items():
         count, first = _expert_indices(key, experts, num_experts), min(experts)
         if sorted(experts) != list(range(first, first + len(experts))):
             raise CheckpointError(f"{key}: experts {sorted(experts)} are not consecutive")
-        stored = key if len(experts) == count else f"{key}@experts{first}of{count}"
-        out[stored] = ShardedTensor.from_rank_offsets(stored, torch.stack([experts[e] for e in sorted(experts)]),
-                                                      replica_id=0)
+        stored = key if len(experts) == count else f"{key}@axis0from{first}of{count}"
+        one = flat[experts[first]]
+        chunk = torch.empty(len(experts), *one.shape, dtype=one.dtype)  # [n, out, in]
+        for i, e in enumerate(sorted(experts)):
+            chunk[i] = flat.pop(experts[e]) if consume else flat[experts[e]]
+        out[stored] = ShardedTensor.from_rank_offsets(stored, chunk, replica_id=0)
     return out
 
 
@@ -200,17 +213,20 @@ def dense_layers(spec: MLASpec) -> set:
     return {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
 
 
-def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "") -> dict:
+def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "", consume: bool = False,
+                  max_bytes: int | None = None) -> dict:
     """One group of flat (local-spec) tensors -> the ShardedTensors and ``_extra_state`` ShardedObjects a model of
     the ``names`` layer spec (``te``: Megatron's Transformer Engine spec; ``local``: the TE-free one) asks for at a
-    default-strictness load, under ``prefix`` + its keys (NeMo 2 checkpoints: ``module.``)."""
+    default-strictness load, under ``prefix`` + its keys (NeMo 2 checkpoints: ``module.``). ``consume``,
+    ``max_bytes``: see ``sharded_tensors``."""
     from megatron.core.dist_checkpointing import ShardedObject
 
     dense = dense_layers(spec)
     rename = (lambda k: keymap.to_te_name(k, dense)) if names == "te" else (lambda k: k)
     out = {}
     experts = spec.num_experts or None
-    for key, item in {**sharded_tensors(group, experts), **extra_states(group, experts)}.items():  # key: unique
+    extras = extra_states(group, experts)
+    for key, item in {**sharded_tensors(group, experts, consume, max_bytes), **extras}.items():  # key: unique
         item.key = prefix + rename(item.key)
         out[prefix + rename(key)] = item
     if names == "te":

@@ -76,3 +76,27 @@ def test_experts_split_over_parts_equal_one_save_and_a_missing_expert_fails(mcor
     partial.add(sharded_tensors({k: experts[k] for k in list(experts)[:2]}, num_experts=3))
     with pytest.raises(CheckpointError, match=r"chunks hold 48 of 72 elements"):
         partial.finish()
+
+
+def test_a_large_tensor_is_saved_in_row_chunks_and_loads_whole(mcore, tmp_path):
+    """Above ``max_bytes`` a tensor is cut into row chunks, one part each (as tensor parallelism shards a
+    vocabulary), each read back as written; Megatron loads the whole tensor, equal to a one-call save."""
+    from megatron.core import dist_checkpointing
+
+    group = groups()[3]
+    (tmp_path / "one").mkdir()
+    dist_checkpointing.save(sharded_tensors(group), str(tmp_path / "one"))
+    stream = StreamingDistCkpt(tmp_path / "rows")
+    stream.add(sharded_tensors(dict(group), max_bytes=3 * 6 * 4), check=True, max_bytes=3 * 6 * 4)
+    stream.finish()
+    assert stream.parts == 1 + 4  # the norm; the 11 rows of the output layer in chunks of 3 rows
+    packed = StreamingDistCkpt(tmp_path / "packed")  # row chunks packed several to a part
+    packed.add(sharded_tensors(dict(group), max_bytes=3 * 6 * 4), check=True, max_bytes=1 << 20)
+    packed.finish()
+    assert packed.parts == 1
+    one = load_all(tmp_path / "one")
+    for directory in ("rows", "packed"):
+        rows = load_all(tmp_path / directory)
+        assert sorted(one) == sorted(rows)
+        for key in one:
+            assert torch.equal(one[key], rows[key]), (directory, key)

@@ -368,3 +368,19 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     a = export(te_dir, trained["root"] / "adapter", tmp_path / "from_te", fmt="mcore", progress=False)
     b = export(trained["root"] / "base", trained["root"] / "adapter", tmp_path / "from_local", fmt="mcore", progress=False)
     assert a["tensor_checksums"] == b["tensor_checksums"]
+
+
+def test_export_verify_modes(trained, tmp_path):
+    """verify=sample checks the named layers on their own (and the head); verify=none checks nothing; a layer
+    the model lacks is refused before anything is written."""
+    root = trained["root"]
+    sample = export(root / "base", root / "adapter", tmp_path / "sample", fmt="hf", verify="sample",
+                    verify_layers=[1], progress=False)["verify"]
+    assert sample["mode"] == "sample" and sample["passed"] and set(sample["layers"]) == {"1"}
+    assert sample["layers"]["1"]["max_abs_diff"] <= sample["layers"]["1"]["bound"]
+    none = export(root / "base", root / "adapter", tmp_path / "none", fmt="hf", verify=False, progress=False)
+    assert none["verify"] == {"mode": "none", "passed": True} and "timing" in none
+    with pytest.raises(ValueError, match=r"verify layers \[7\]"):
+        export(root / "base", root / "adapter", tmp_path / "bad", fmt="hf", verify="sample", verify_layers=[7],
+               progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -236,7 +236,7 @@ def test_disk_full_says_so(mcore, hf_base, tmp_path, monkeypatch):
 
     from nemo_mla_lora.export import writers
 
-    def full_disk_save(self, sharded, check=False):
+    def full_disk_save(self, sharded, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
                            "data/0: file write failed; unexpected pos 704 vs 598")
 

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nemo_mla_lora.checkpoint import EXPERT_CHUNK, CheckpointError
+from nemo_mla_lora.checkpoint import AXIS0_CHUNK, CheckpointError
 
 
 class StreamingDistCkpt:
@@ -27,16 +27,28 @@ class StreamingDistCkpt:
         self.directory, self.metadata, self.parts = Path(directory), None, 0
         self.seconds = {"save": 0.0, "read_back": 0.0}
 
-    def add(self, sharded: dict, check: bool = False) -> None:
+    def add(self, sharded: dict, check: bool = False, max_bytes: int | None = None) -> None:
         """Save ``sharded`` (key -> Megatron ShardedTensor/ShardedObject; a tensor chunk not saved by an earlier
-        part) now; with ``check``, read the part back through Megatron's loader and compare."""
+        part) now, in parts of at most ``max_bytes`` of tensors (one Megatron save each; a larger tensor is a
+        part of its own); with ``check``, read each part back through Megatron's loader and compare."""
+        batch, size = {}, 0
+        for key, item in sorted(sharded.items(), key=lambda kv: not hasattr(kv[1], "local_shape")):
+            nbytes = item.data.numel() * item.data.element_size() if hasattr(item, "local_shape") else 0
+            if batch and max_bytes and size + nbytes > max_bytes:
+                self._save_part(batch, check)
+                batch, size = {}, 0
+            batch[key], size = item, size + nbytes
+        if batch:
+            self._save_part(batch, check)
+
+    def _save_part(self, sharded: dict, check: bool) -> None:
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint import FileSystemReader
 
         part = self.directory / f".part{self.parts:05d}"
         part.mkdir(parents=True)
         saved = {k: (v.key, v.data) for k, v in sharded.items() if hasattr(v, "local_shape")}  # save may rewrap
-        # a part may hold some chunks of a tensor (experts): whole-tensor coverage is checked in finish()
+        # a part may hold some chunks of a tensor (experts, rows): whole-tensor coverage is checked in finish()
         start = time.perf_counter()
         dist_checkpointing.save(sharded, str(part), validate_access_integrity=False)
         saved_at = time.perf_counter()
@@ -45,7 +57,7 @@ class StreamingDistCkpt:
             _check_part(sharded, saved, part)
             self.seconds["read_back"] += time.perf_counter() - saved_at
         metadata = FileSystemReader(str(part)).read_metadata()
-        _place_expert_chunks(metadata)
+        _place_chunks(metadata)
         renamed = {}
         for data_file in sorted(part.glob("*.distcp")):
             renamed[data_file.name] = f"g{self.parts:05d}{data_file.name}"
@@ -95,20 +107,24 @@ class StreamingDistCkpt:
         os.replace(tmp, self.directory / ".metadata")
 
 
-def _place_expert_chunks(metadata) -> None:
-    """Chunks saved as ``{key}@experts{first}of{E}`` (``checkpoint.sharded_tensors``) become chunks of ``key``
-    [E, out, in] at offset ``first`` (PyTorch DCP reads each chunk's bytes from its storage entry and places
-    it by its offsets: the stacked tensor the one-call save writes)."""
+def _place_chunks(metadata) -> None:
+    """Chunks saved as ``{key}@axis0from{first}of{n}`` (``checkpoint.sharded_tensors``: experts of a stacked
+    tensor, rows of a large one) become chunks of ``key`` [n, ...] at offset ``first`` of its first axis
+    (PyTorch DCP reads each chunk's bytes from its storage entry and places it by its offsets: the tensor a
+    one-call save writes, read back whole or resharded)."""
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
-    for stored in [k for k in metadata.state_dict_metadata if EXPERT_CHUNK.match(k)]:
-        key, first, count = EXPERT_CHUNK.match(stored).groups()
+    for stored in [k for k in metadata.state_dict_metadata if AXIS0_CHUNK.match(k)]:
+        key, first, count = AXIS0_CHUNK.match(stored).groups()
         meta = metadata.state_dict_metadata.pop(stored)
         shift = lambda offsets: torch.Size([offsets[0] + int(first), *offsets[1:]])  # noqa: E731
         meta.size = torch.Size([int(count), *meta.size[1:]])
         meta.chunks = [ChunkStorageMetadata(shift(c.offsets), c.sizes) for c in meta.chunks]
-        metadata.state_dict_metadata[key] = meta
+        if key in metadata.state_dict_metadata:  # another chunk of it in the same part
+            metadata.state_dict_metadata[key].chunks.extend(meta.chunks)
+        else:
+            metadata.state_dict_metadata[key] = meta
         for index in [i for i in metadata.storage_data if i.fqn == stored]:
             info = metadata.storage_data.pop(index)
             metadata.storage_data[MetadataIndex(key, shift(index.offset), index.index)] = info

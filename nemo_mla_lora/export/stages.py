@@ -1,9 +1,10 @@
 """Three stages over the export's units: a reader thread, the calling thread (merge, verify) and a writer thread.
 
 Reading the next unit and writing the previous one overlap the work on the current one (file I/O, hashing
-and torch's kernels release the GIL). Each queue holds at most ``depth`` units, so memory holds about
-``2 * depth + 1`` units. The first error in any stage stops the others and is raised in the caller; so is
-Ctrl-C. ``run`` returns each stage's busy seconds and the wall time.
+and torch's kernels release the GIL). A unit is handed over, not queued: a stage starts on its next unit
+only once the one after it has taken the last, so memory holds three units (reading, working, writing),
+not five. The first error in any stage stops the others and is raised in the caller; so is Ctrl-C.
+``run`` returns each stage's busy seconds and the wall time.
 """
 
 import ctypes
@@ -15,19 +16,25 @@ _DONE = object()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Hand ``item`` over: returns once the consumer has taken it (False if stopped first)."""
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
-            return True
+            break
         except queue.Full:
             continue
-    return False
+    with q.all_tasks_done:
+        while q.unfinished_tasks and not stop.is_set():
+            q.all_tasks_done.wait(0.1)
+    return not stop.is_set()
 
 
 def _get(q: queue.Queue, stop: threading.Event):
     while not stop.is_set():
         try:
-            return q.get(timeout=0.1)
+            item = q.get(timeout=0.1)
+            q.task_done()  # taken: the producer may go on
+            return item
         except queue.Empty:
             continue
     return _DONE
@@ -44,10 +51,10 @@ def return_freed_memory() -> None:
         pass
 
 
-def run(units, read, process, write, on_done=None, depth: int = 1) -> dict:
+def run(units, read, process, write, on_done=None) -> dict:
     """``read(unit) -> tensors`` (reader thread), ``process(unit, tensors) -> tensors`` (here),
     ``write(unit, tensors)`` (writer thread), ``on_done(unit)`` after each write."""
-    to_process, to_write = queue.Queue(depth), queue.Queue(depth)
+    to_process, to_write = queue.Queue(1), queue.Queue(1)
     stop, errors = threading.Event(), []
     busy = {"read": 0.0, "process": 0.0, "write": 0.0}
 

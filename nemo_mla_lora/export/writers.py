@@ -21,6 +21,13 @@ from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.hf_config import hf_config_dict
 
 
+# Tensors per Megatron save of the dist-ckpt writers (one unit of units.py: each save costs a fork and a
+# DCP plan), and the largest tensor saved whole: a larger one (an embedding) goes in row chunks, so that
+# reading a part back holds one chunk (PyTorch DCP's loader keeps a serialized and a loaded copy of each
+# item besides the target).
+PART_BYTES, ROW_CHUNK_BYTES = 128 << 20, 64 << 20
+
+
 class DistCkptWriter:
     """``names``: the layer spec whose names (and ``_extra_state`` entries) the checkpoint has: ``local`` (the
     TE-free spec) or ``te`` (Megatron's Transformer Engine spec)."""
@@ -37,13 +44,13 @@ class DistCkptWriter:
         return self.directory
 
     def sharded(self, group: dict) -> dict:
-        return named_sharded(group, self.spec, self.names)
+        return named_sharded(group, self.spec, self.names, consume=True, max_bytes=ROW_CHUNK_BYTES)  # ours now
 
     def add(self, unit, group: dict) -> None:
         self.dtype = self.dtype or next(iter(group.values())).dtype
         for name, t in group.items():  # under the flat local names, whatever the stored names
             self.checksums[name] = tensor_checksum(t)
-        self.stream.add(self.sharded(group), check=self.check)
+        self.stream.add(self.sharded(group), check=self.check, max_bytes=PART_BYTES)
 
     def finish(self) -> None:
         self.stream.finish()
@@ -61,7 +68,8 @@ class NemoWriter(DistCkptWriter):
         return self.directory / nemo_format.WEIGHTS
 
     def sharded(self, group: dict) -> dict:
-        return named_sharded(group, self.spec, self.names, prefix=nemo_format.PREFIX)
+        return named_sharded(group, self.spec, self.names, prefix=nemo_format.PREFIX, consume=True,
+                             max_bytes=ROW_CHUNK_BYTES)
 
     def finish(self) -> None:
         super().finish()
