@@ -37,19 +37,6 @@ def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     return merged
 
 
-def merge_state(base: dict, adapters: dict) -> dict:
-    """A new state dict with every adapter merged; ``adapters``: module -> (A, B, scale). Tensors without an
-    adapter are the base's own objects (not copies)."""
-    missing = [m for m in adapters if f"{m}.weight" not in base]
-    if missing:
-        raise MergeError(f"adapters for modules the base checkpoint lacks: {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} (is the adapter for another model?)")
-    merged = dict(base)
-    for module, (a, b, scale) in adapters.items():
-        merged[f"{module}.weight"] = merge_linear(base[f"{module}.weight"], a, b, scale, name=module)
-    return merged
-
-
 def expand_rows(b_rows: torch.Tensor, row_index: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """A part-selective B [rows_sel, r] to full height [out, r] (zeros outside the part)."""
     if row_index is None:
