@@ -6,13 +6,15 @@ embedding, a layer's attention, its MLP head, a chunk of its experts, ...) goes 
 a part directory of its own; its data files then move into the checkpoint under names unique to the part,
 and its PyTorch DCP metadata (``.metadata``: Megatron's ``MCoreMetadata``, with each tensor's shape, chunks
 and storage location) is merged into the one written at the end, beside Megatron's ``metadata.json`` and
-``common.pt``. A stacked expert tensor gets its chunks (one per expert, as Megatron's expert layers save
-them) from several parts; ``finish`` checks every tensor's chunks cover it exactly once. With ``check``,
+``common.pt``. A stacked expert tensor gets its chunks (a unit's consecutive experts each) from several
+parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every tensor's chunks
+cover it exactly once. With ``check``,
 each part is loaded back by Megatron right after it is written (from the page cache) and compared with
 what was saved. Loading is Megatron's own; ``tests/test_dist_stream.py`` checks the result equals a
 one-call save of every tensor.
 """
 
+import math
 import os
 import pickle
 import shutil
@@ -137,14 +139,7 @@ def _check_coverage(metadata, where) -> None:
     for key, meta in metadata.state_dict_metadata.items():
         if not isinstance(meta, TensorStorageMetadata):
             continue
-        total, held = 1, 0
-        for d in meta.size:
-            total *= d
-        for c in meta.chunks:
-            n = 1
-            for d in c.sizes:
-                n *= d
-            held += n
+        total, held = math.prod(meta.size), sum(math.prod(c.sizes) for c in meta.chunks)
         if held != total:
             raise CheckpointError(f"{where}: {key} {tuple(meta.size)}: chunks hold {held} of {total} elements "
                                   f"(a part of it was never written)")

@@ -37,8 +37,8 @@ from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, w
 log = logging.getLogger(__name__)
 MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate
 FORMATS = (*MERGED_FORMATS, "hf_peft")
-DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}
-LATENT_FORMATS = ("absorbed", "mcore", "nemo")  # verified through the latent-cache forward  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
+DEFAULT_NAMES = {"mcore": "te", "nemo": "te"}  # layer-spec names of a dist-ckpt export: TE, as Megatron and NeMo build
+LATENT_FORMATS = ("absorbed", "mcore", "nemo")  # verified through the latent-cache forward
 
 
 class VerificationError(RuntimeError):

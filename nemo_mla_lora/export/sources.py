@@ -164,15 +164,16 @@ class HFBase:
 
     def _read(self, hf_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         st = self.opened[self.files[hf_name]]
-        if st.dtype(hf_name) != torch.float8_e4m3fn:
-            t = st.read(hf_name, out)
-            check_checksums({hf_name: t}, self.checksums, st.path)
+        fp8 = st.dtype(hf_name) == torch.float8_e4m3fn
+        t = st.read(hf_name, None if fp8 else out)
+        check_checksums({hf_name: t}, self.checksums, st.path)
+        if not fp8:
             return t
         scale_name = hf_name.replace(".weight", ".weight_scale_inv")
         if scale_name not in self.files:
             raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
         scale = self.opened[self.files[scale_name]].read(scale_name)
-        return dequantize_fp8(st.read(hf_name), scale, self.dtype, out, hf_name)
+        return dequantize_fp8(t, scale, self.dtype, out, hf_name)
 
     def content_hash(self) -> str:
         """``checkpoint.file_hash`` of the directory, from the digests taken while reading."""

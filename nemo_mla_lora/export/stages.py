@@ -7,7 +7,6 @@ not five. The first error in any stage stops the others and is raised in the cal
 ``run`` returns each stage's busy seconds and the wall time.
 """
 
-import ctypes
 import queue
 import threading
 import time
@@ -38,17 +37,6 @@ def _get(q: queue.Queue, stop: threading.Event):
         except queue.Empty:
             continue
     return _DONE
-
-
-def return_freed_memory() -> None:
-    """glibc only: serve every allocation of 1 MB or more by its own mapping, returned to the system when freed.
-    By default glibc raises that threshold up to 32 MB as large blocks are freed, after which tensors of a few
-    MB (one expert's weight) come from per-thread heaps that keep the memory: measured here, it added
-    about 1 GB of resident memory over a 28 GB export."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
-    except (OSError, AttributeError):
-        pass
 
 
 def run(units, read, process, write, on_done=None) -> dict:
