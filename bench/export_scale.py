@@ -233,18 +233,19 @@ from nemo_mla_lora import parallel
 from nemo_mla_lora.export.pipeline import export
 if __name__ == "__main__":
     parallel.init_megatron()
-    export(sys.argv[1], sys.argv[2], sys.argv[3], fmt=sys.argv[4], overwrite=True)
+    export(sys.argv[1], sys.argv[2], sys.argv[3], fmt=sys.argv[4])
 """
 
 
 def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: str, extra: list,
             code: str | None = None, kill_above_gib: float | None = None) -> dict:
+    if output.exists():  # the run deletes what it wrote: never something that was there before
+        raise SystemExit(f"{output} exists; remove it or choose another --work")
     drop_cache(base)
     if adapter:
         drop_cache(adapter)
     cmd = [sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={base}",
-           f"adapter={adapter if adapter else 'null'}", f"output={output}", f"format={fmt}", f"verify={verify}",
-           "overwrite=true", *extra]
+           f"adapter={adapter if adapter else 'null'}", f"output={output}", f"format={fmt}", f"verify={verify}", *extra]
     env = dict(os.environ)
     if code:
         cmd = [sys.executable, "-c", OLD_EXPORT, str(base), str(adapter), str(output), fmt]
