@@ -11,7 +11,8 @@ tensor names and shapes come from transformers' own DeepseekV2/V3 model built on
 values are random (linears std 0.02, norms around 1; ``--fp8``: e4m3 weights with 128x128 block scales as
 DeepSeek-V3 ships them), plus an HF PEFT LoRA (rank 16, alpha 32, B != 0) on every linear, experts included,
 in ``<out>/adapter``. ``disk`` measures this disk: a file written and fsynced, then read back with its
-pages dropped from the cache. ``run`` drops the base's pages, runs ``recipes.export`` in a child process
+pages dropped from the cache. ``run`` refuses an output that exists (it deletes each export it wrote, unless
+``--keep``), drops the base's pages, runs ``recipes.export`` in a child process
 (verify=full unless ``--verify``) while sampling its RSS every 0.2 s, and writes per format: wall, peak RSS
 (the kernel's high-water mark), bytes read/written by the process, the disk-bound time (base bytes at the
 read rate + export bytes at the write rate) and its share of the wall, the export's own phase times
