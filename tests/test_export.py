@@ -251,6 +251,27 @@ def test_merge_refuses_bad_shapes_and_nan():
     torch.testing.assert_close(merge_linear(w, a, b, 0.5), 0.5 * b @ a)
 
 
+def test_merge_in_row_blocks_and_in_place_equals_the_equation(monkeypatch):
+    """bf16 weight merged through the reused fp32 block (several blocks, a short last one) == round(W + s B A)
+    computed whole in float64 then rounded; in place (out=weight) gives the same bits; NaN names its rows."""
+    import nemo_mla_lora.export.merge as merge
+
+    monkeypatch.setattr(merge, "BLOCK_ELEMENTS", 3 * 8)  # 3 rows of 8 per block: 11 rows -> 3, 3, 3, 2
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(11, 8, generator=gen).to(torch.bfloat16)
+    a, b = torch.randn(4, 8, generator=gen), torch.randn(11, 4, generator=gen)
+    expected = (w.double() + 0.25 * b.double() @ a.double()).to(torch.bfloat16)
+    merged = merge_linear(w, a, b, 0.25)
+    assert torch.equal(merged, expected) and not torch.equal(merged, w)
+    in_place = w.clone()
+    assert merge_linear(in_place, a, b, 0.25, out=in_place) is in_place and torch.equal(in_place, expected)
+    b[9, 0] = float("inf")
+    with pytest.raises(MergeError, match=r"rows 9\.\.10"):
+        merge_linear(w, a, b, 0.25)
+    with pytest.raises(MergeError, match="out is"):
+        merge_linear(w, a, b, 0.25, out=torch.empty(11, 8))
+
+
 def _verify_absorbed_export(trained, corrupt: bool, mode: str = "full", layers=None) -> dict:
     """StreamingVerify over the written absorbed export, unit by unit, as the pipeline runs it."""
     import math

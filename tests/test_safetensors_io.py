@@ -1,13 +1,14 @@
 """Positioned safetensors I/O against the safetensors library itself (the files HF, vLLM and transformers read)."""
 
 import json
+import os
 import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoint import CheckpointError, tensor_checksum
 from nemo_mla_lora.export.safetensors_io import SafetensorsFile, SafetensorsWriter, directory_hash
 
 
@@ -28,7 +29,12 @@ def test_reads_what_safetensors_wrote_and_writes_what_it_reads(tmp_path):
     writer = SafetensorsWriter(tmp_path / "ours.safetensors", layout, {"format": "pt"})
     for name, t in reversed(list(tensors().items())):  # any order
         writer.write(name, t)
-        assert writer.matches(name, t) and not writer.matches(name, torch.zeros_like(t))
+        assert writer.checksum(name) == tensor_checksum(t) != tensor_checksum(torch.zeros_like(t))
+        assert writer.checksum(name, chunk=5) == tensor_checksum(t)  # read back across chunk boundaries
+    start = writer.data_start + writer.offsets["a.weight"]["data_offsets"][0]
+    os.pwrite(writer.fd, b"\x7f", start + 11)  # one byte of the file changes under the writer
+    assert writer.checksum("a.weight", chunk=4) != tensor_checksum(tensors()["a.weight"])
+    os.pwrite(writer.fd, tensors()["a.weight"].view(torch.uint8).reshape(-1)[11:12].numpy().tobytes(), start + 11)
     writer.close()
     back = load_file(str(tmp_path / "ours.safetensors"))
     assert sorted(back) == sorted(tensors())

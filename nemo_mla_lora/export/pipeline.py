@@ -131,8 +131,9 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         factors = lora.factors(_modules(unit.names))
         verifier.reference(unit, tensors, factors)
         start = time.perf_counter()
-        for module, (a, b, scale) in factors.items():  # replaced one by one: memory holds one extra tensor
-            tensors[f"{module}.weight"] = merge_linear(tensors[f"{module}.weight"], a, b, scale, name=module)
+        for module, (a, b, scale) in factors.items():  # in place: the base tensors as read are ours alone
+            weight = tensors[f"{module}.weight"]
+            merge_linear(weight, a, b, scale, name=module, out=weight)
         if fmt == "absorbed" and unit.kind == "attention":
             tensors = absorb.absorb_layer(tensors, f"decoder.layers.{unit.group}.self_attention", spec, fold=fold)
         merge_seconds[0] += time.perf_counter() - start

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoint import CHECKSUM, CheckpointError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -147,7 +147,7 @@ class SafetensorsWriter:
             header["__metadata__"] = metadata
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # data aligned to 8 bytes, as safetensors pads
-        self.data_start, self.offsets, self.written = 8 + len(text), header, set()
+        self.data_start, self.offsets, self.written, self._buffer = 8 + len(text), header, set(), None
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, struct.pack("<Q", len(text)) + text, 0)
         os.ftruncate(self.fd, self.data_start + position)
@@ -164,19 +164,18 @@ class SafetensorsWriter:
             done += os.pwrite(self.fd, view[done:], offset + done)
         self.written.add(name)
 
-    def matches(self, name: str, t: torch.Tensor, chunk: int = 64 << 20) -> bool:
-        """Whether the file holds ``t``'s bytes for ``name`` now (read back from the page cache right after
-        writing, ``chunk`` bytes at a time)."""
-        expected = _bytes_of(t.contiguous())
-        buffer = bytearray(min(chunk, len(expected)))
-        offset = self.data_start + self.offsets[name]["data_offsets"][0]
-        for start in range(0, len(expected), chunk):
-            view = memoryview(buffer)[: min(chunk, len(expected) - start)]
-            _pread_into(self.fd, view, offset + start, str(self.path))
-            if not torch.equal(torch.frombuffer(view, dtype=torch.uint8),
-                               torch.frombuffer(expected[start:start + len(view)], dtype=torch.uint8)):
-                return False
-        return True
+    def checksum(self, name: str, chunk: int = 8 << 20) -> str:
+        """``tensor_checksum`` of the bytes the file holds for ``name`` now (read back from the page cache
+        right after writing, ``chunk`` bytes at a time into one reused buffer, each hashed while in cache)."""
+        start, end = self.offsets[name]["data_offsets"]
+        if self._buffer is None or len(self._buffer) != chunk:
+            self._buffer = bytearray(chunk)
+        digest = xxhash.xxh3_128()
+        for position in range(start, end, len(self._buffer)):
+            view = memoryview(self._buffer)[: min(len(self._buffer), end - position)]
+            _pread_into(self.fd, view, self.data_start + position, str(self.path))
+            digest.update(view)
+        return f"{CHECKSUM}:{digest.hexdigest()}"
 
     def close(self) -> None:
         missing = sorted(set(self.layout) - self.written)

@@ -105,11 +105,11 @@ class HFWriter:
         out = self.open[unit.group]
         for name, t in keymap.megatron_to_hf(group).items():
             out.write(name, t)
-            if self.check and not out.matches(name, t):
+            self.checksums[name] = tensor_checksum(t)
+            if self.check and out.checksum(name) != self.checksums[name]:
                 raise CheckpointError(f"{out.path}: {name} reads back different from what was written")
             self.dtype = self.dtype or str(t.dtype).removeprefix("torch.")
             self.weight_map[name] = shard
-            self.checksums[name] = tensor_checksum(t)
         if unit.closes_group:
             self.open.pop(unit.group).close()
 
