@@ -11,6 +11,7 @@ module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
 import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -100,8 +101,28 @@ def atomic_dir(path, overwrite: bool = False, sources=()):
     barrier()
 
 
+def _sync_tree(root: Path) -> None:
+    """Every file under ``root`` on disk (the writers leave fsync to this one pass), then the directories."""
+    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _swap_in(tmp: Path, path: Path, old: Path) -> None:
-    """``tmp`` becomes ``path``; a previous ``path`` is renamed aside first and deleted only after."""
+    """``tmp`` (synced to disk first) becomes ``path``; a previous ``path`` is renamed aside first and deleted
+    only after."""
+    _sync_tree(tmp)
     had_old = path.exists()
     if had_old:
         shutil.rmtree(old, ignore_errors=True)

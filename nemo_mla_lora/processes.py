@@ -9,6 +9,7 @@ workers Megatron forks for each save get the same signal (killed mid-write, one 
 """
 
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -35,6 +36,7 @@ def install_checkpoint_queue() -> None:
     writer = filesystem_async.FileSystemWriterAsync
     write, parent = writer.write_preloaded_data, os.getpid()
 
+    @functools.wraps(write)
     def write_preloaded_data(*args, **kwargs):  # runs in a worker forked from this process
         die_with_parent(parent)
         return write(*args, **kwargs)

@@ -44,6 +44,29 @@ def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):
     assert len(stacked) == 1 and streamed[stacked[0]].shape == (3, 4, 6)
 
 
+def test_parts_are_written_in_this_process_and_a_failed_write_is_raised(mcore, tmp_path, monkeypatch):
+    """Megatron's plan and per-file writer, run here: no process is forked per part (a fork makes every page
+    this process writes afterwards a copy), and a write that fails is raised naming its file."""
+    import os
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    stream = StreamingDistCkpt(tmp_path / "here")
+    stream.add(sharded_tensors(groups()[0]), check=True)  # the first save sets up Megatron's results queue
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("a process was forked to write a part"))
+    for group in groups()[1:]:
+        stream.add(sharded_tensors(group), check=True)
+    stream.finish()
+    assert torch.equal(load_all(tmp_path / "here")["output_layer.weight"], groups()[3]["output_layer.weight"])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    with pytest.raises(CheckpointError, match=r"writing .*\.distcp failed: .*No space left"):
+        StreamingDistCkpt(tmp_path / "full").add(sharded_tensors(groups()[1]))
+
+
 def test_a_tensor_written_twice_or_nothing_written_fails(mcore, tmp_path):
     stream = StreamingDistCkpt(tmp_path / "twice")
     stream.add(sharded_tensors(groups()[0]))

@@ -58,6 +58,23 @@ def test_failed_overwrite_keeps_the_old_export_and_leaves_nothing(mcore, hf_base
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["hf"]
 
 
+def test_output_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The writers leave fsync to atomic_dir: every file and directory of the output is synced, then renamed."""
+    import os
+
+    from nemo_mla_lora.checkpoint import atomic_dir
+
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "weights").mkdir()
+        (tmp / "weights" / "a.distcp").write_bytes(b"a")
+        (tmp / "manifest.json").write_text("{}")
+    partial = str(tmp_path / ".out.partial")
+    assert set(synced) == {partial, f"{partial}/weights", f"{partial}/weights/a.distcp", f"{partial}/manifest.json"}
+    assert (tmp_path / "out" / "weights" / "a.distcp").read_bytes() == b"a"
+
+
 def test_failed_export_removes_the_parents_it_created(mcore, hf_base, tmp_path):
     with pytest.raises(VerificationError):
         export(hf_base, None, tmp_path / "a" / "b" / "out", fmt="mcore", tolerance=-1.0, progress=False)
