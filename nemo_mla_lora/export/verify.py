@@ -6,7 +6,7 @@ unit by unit as the export passes them (``units.py``), so neither the base nor t
 - the unmerged fine-tuned model: the base's tensors as read, LoRA applied as x A^T B^T (reference forward,
   ``reference/model.py``), before the merge;
 - the export: the merged (and, for ``absorbed``, split) tensors exactly as written (every unit is read
-  back from the file and compared bit for bit by the writer), through the latent-cache forward for the
+  back from the file and checked by the writer), through the latent-cache forward for the
   latent formats (``absorbed``/``mcore``/``nemo``: prefill 8 tokens, then decode the rest one by one, caching
   only c_kv + k_rope) and the reference forward for ``hf``.
 

@@ -1,6 +1,8 @@
 """Writers of the export formats. Each gets the plan's units (``units.py``) in order, ``add(unit, tensors)``,
 and writes into a directory it does not own (the pipeline renames it when everything passed). With
-``check``, every unit is read back from what was just written (the page cache) and compared bit for bit.
+``check``, every unit is read back from what was just written (the page cache) and checked: ``hf`` by the
+xxh3-128 digest of the stored bytes against the manifest checksum of the tensor, the dist-ckpt formats through
+Megatron's own loader, bit for bit.
 
 | format | what | streams? |
 |---|---|---|
