@@ -102,17 +102,11 @@ def atomic_dir(path, overwrite: bool = False, sources=()):
 
 
 def _sync_tree(root: Path) -> None:
-    """Every file under ``root`` on disk (the writers leave fsync to this one pass), then the directories."""
-    dirs = [root, *(p for p in root.rglob("*") if p.is_dir())]
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in reversed(dirs):
-        fd = os.open(d, os.O_RDONLY)
+    """Every file under ``root`` on disk (the writers leave fsync to this one pass), then the directories,
+    innermost first."""
+    paths = list(root.rglob("*"))
+    for p in [*(p for p in paths if p.is_file()), *reversed([root, *(p for p in paths if p.is_dir())])]:
+        fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:

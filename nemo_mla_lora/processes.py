@@ -9,7 +9,6 @@ workers Megatron forks for each save get the same signal (killed mid-write, one 
 """
 
 import ctypes
-import functools
 import multiprocessing as mp
 import os
 import signal
@@ -36,9 +35,9 @@ def install_checkpoint_queue() -> None:
     writer = filesystem_async.FileSystemWriterAsync
     write, parent = writer.write_preloaded_data, os.getpid()
 
-    @functools.wraps(write)
-    def write_preloaded_data(*args, **kwargs):  # runs in a worker forked from this process
-        die_with_parent(parent)
+    def write_preloaded_data(*args, **kwargs):  # in a worker forked from this process (or, unforked, here)
+        if os.getpid() != parent:  # only a forked worker: here it would set our own death signal and exit
+            die_with_parent(parent)
         return write(*args, **kwargs)
 
     writer.write_preloaded_data = staticmethod(write_preloaded_data)

@@ -120,8 +120,7 @@ def _write_here(request) -> None:
 
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    write = FileSystemWriterAsync.write_preloaded_data
-    write = getattr(write, "__wrapped__", write)  # processes.py wraps it for forked workers; this is no worker
+    write = FileSystemWriterAsync.write_preloaded_data  # (processes.py's death signal applies to forked workers only)
     if request.async_fn is not None:  # None: nothing to write
         transform_list, use_msc = request.async_fn.args
         _, buckets, results_queue = request.async_fn_args
