@@ -30,9 +30,13 @@ TINY_LAYER = dict(moe_router_num_groups=None, moe_router_group_topk=None)
 TARGETS = ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj",
            "linear_fc1", "linear_fc2")
 PLACEMENTS = ("nemo_official", "all_linear", "safe", "kv_up", "down_only")
+# Two frozen baselines: Megatron's SequentialMLP, and the same experts through LoRASequentialMLP's path
+# (base GEMMs into one output, one activation over all tokens), so a LoRA ratio cannot flatter itself
+# with what that restructuring saves on the base.
+BASES = ("base", "base_grouped")
 
 
-def build_layer(dims: str, seq: int, dtype, seed: int):
+def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = None):
     """One MoE decoder layer (layer_number 1) wrapped so module names read ``layer.self_attention...``."""
     from megatron.core.transformer.spec_utils import build_module
 
@@ -40,7 +44,9 @@ def build_layer(dims: str, seq: int, dtype, seed: int):
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec
     from nemo_mla_lora.models.tiny import mla_config
 
-    shape = V3_LAYER if dims == "v3" else TINY_LAYER
+    shape = dict(V3_LAYER if dims == "v3" else TINY_LAYER)
+    if experts:
+        shape["num_moe_experts"] = experts
     config = mla_config(dtype, **shape, num_layers=1, moe_layer_freq=[1], seq_length=seq,
                         max_position_embeddings=seq, use_cpu_initialization=cpu_compat.cuda_absent())
     cpu_compat.seed(seed)
@@ -55,10 +61,13 @@ def device():
 
 def with_lora(holder, variant: str, rank: int):
     from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.grouped_experts import group_experts
 
-    if variant == "base":
+    if variant in BASES:
         for p in holder.parameters():
             p.requires_grad_(False)
+        if variant == "base_grouped":  # the frozen experts through the adapters' grouped path
+            group_experts(holder, frozen_too=True)
         return holder
     kwargs = dict(placement=variant) if variant in PLACEMENTS else dict(placement=None, target_modules=[variant])
     model = MLALoRA(dim=rank, alpha=rank, **kwargs)(holder)
@@ -99,7 +108,7 @@ def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
 def prepare(args, variant: str, rank: int):
     """(model with ``variant`` adapters, input x [s, b, hidden] requiring grad, output gradient), seeded."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    holder, config = build_layer(args.dims, args.seq, dtype, args.seed)
+    holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts)
     model = with_lora(holder, variant, rank)
     gen = torch.Generator(device=device()).manual_seed(args.seed)
     x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
@@ -116,7 +125,7 @@ def measure(args, variant: str, rank: int) -> dict:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     times = timed_steps(model, x, grad, args.warmup, args.iters)
-    row = {"variant": variant, "rank": None if variant == "base" else rank, "trainable": trainable,
+    row = {"variant": variant, "rank": None if variant in BASES else rank, "trainable": trainable,
            "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
     if x.is_cuda:
         row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
@@ -127,28 +136,34 @@ def measure(args, variant: str, rank: int) -> dict:
     return row
 
 
-def profile(args, variant: str, rank: int, top: int = 12) -> str:
-    """The top CUDA (or CPU) ops of one LoRA step, for explaining a missed goal."""
+def profile(args, variant: str, rank: int, top: int = 12, steps: int = 2) -> dict:
+    """One step's CPU time, GPU kernel time and kernel launches, and the top ops (what a ratio is made of)."""
     model, x, grad = prepare(args, variant, rank)
     timed_steps(model, x, grad, 2, 1)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
-        timed_steps(model, x, grad, 0, 2)
+        timed_steps(model, x, grad, 0, steps)
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key or "LaunchCooperativeKernel" in e.key)
     key = "cuda_time_total" if x.is_cuda else "cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=top)
+    return {"cpu_ms_per_step": cpu_us / 1e3 / steps, "gpu_kernel_ms_per_step": device_us / 1e3 / steps,
+            "launches_per_step": launches / steps, "table": events.table(sort_by=key, row_limit=top)}
 
 
-def table(rows: list[dict], base_ms: float) -> str:
-    """Ratios against ``base_ms`` (the median of the interleaved base runs)."""
-    base = next(r for r in rows if r["variant"] == "base")
-    lines = ["| variant | rank | trainable | step ms (median) | x base | step peak MiB | x base |",
-             "|---|---|---|---|---|---|---|"]
+def table(rows: list[dict], base_ms: dict) -> str:
+    """Ratios against the median of each baseline's interleaved runs (``base_ms``: variant -> ms)."""
+    base_mib = {r["variant"]: r.get("step_peak_mib") for r in rows if r["variant"] in BASES}
+    lines = ["| variant | rank | trainable | step ms (median) | x base | x base_grouped | step peak MiB | x base |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r.get("step_peak_mib")
         mib = "-" if mem is None else f"{mem:,.0f}"
-        mem_ratio = "-" if mem is None else f"{mem / base['step_peak_mib']:.3f}"
+        mem_ratio = "-" if mem is None else f"{mem / base_mib['base']:.3f}"
         lines.append(f"| {r['variant']} | {r['rank'] or '-'} | {r['trainable']:,} | {r['median_ms']:.2f} | "
-                     f"{r['median_ms'] / base_ms:.3f} | {mib} | {mem_ratio} |")
+                     f"{r['median_ms'] / base_ms['base']:.3f} | {r['median_ms'] / base_ms['base_grouped']:.3f} | "
+                     f"{mib} | {mem_ratio} |")
     return "\n".join(lines)
 
 
@@ -158,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1, help="micro-batch: tokens per step = seq * batch")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--experts", type=int, default=None, help="routed experts (default: 16 for v3 dims)")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     p.add_argument("--variants", nargs="+", default=list(TARGETS + PLACEMENTS))
     p.add_argument("--warmup", type=int, default=3)
@@ -170,26 +186,32 @@ def main(argv=None) -> int:
     from nemo_mla_lora import parallel
 
     parallel.init_megatron(seed=args.seed)
-    rows = [measure(args, "base", 0)]
-    bases = [rows[0]["median_ms"]]  # the base again between ranks and at the end: its spread is the noise
+    rows = [measure(args, b, 0) for b in BASES]
+    bases = {b: [r["median_ms"]] for b, r in zip(BASES, rows)}  # again between ranks and at the end: the noise
     for rank in args.ranks:
         for variant in args.variants:
             rows.append(measure(args, variant, rank))
             print(f"{variant} r={rank}: {rows[-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
-        bases.append(measure(args, "base", 0)["median_ms"])
-    base_ms = statistics.median(bases)
+        for b in BASES:
+            bases[b].append(measure(args, b, 0)["median_ms"])
+    base_ms = {b: statistics.median(v) for b, v in bases.items()}
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+              "experts": args.experts,
               "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
-    result["profiles"] = {spec: profile(args, *spec.split(":")[:1], int(spec.split(":")[1])) for spec in args.profile}
+    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1])) for spec in args.profile}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
-    print(f"card: {card}; dims {args.dims}, seq {args.seq} x batch {args.batch}, {args.dtype}; base runs (ms): "
-          f"{', '.join(f'{b:.2f}' for b in bases)}; ratios against their median {base_ms:.2f}")
+    runs = "; ".join(f"{b} {', '.join(f'{t:.2f}' for t in v)}" for b, v in bases.items())
+    print(f"card: {card}; dims {args.dims}, experts {args.experts or 'default'}, seq {args.seq} x batch {args.batch}, "
+          f"{args.dtype}; baseline runs (ms): "
+          f"{runs}; ratios against their medians")
     print(table(rows, base_ms))
-    for spec, text in result["profiles"].items():
-        print(f"\nprofile {spec}\n{text}")
+    for spec, prof in result["profiles"].items():
+        print(f"\nprofile {spec}: CPU {prof['cpu_ms_per_step']:.1f} ms, GPU kernels "
+              f"{prof['gpu_kernel_ms_per_step']:.1f} ms, {prof['launches_per_step']:.0f} launches per step\n"
+              f"{prof['table']}")
     return 0
 
 

@@ -3,7 +3,8 @@
 #   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
-#   bash bench/run_gpu.sh overhead       # bench/lora_overhead.py: one V3-shaped layer, bf16, seq 4096 (+ batch sweep)
+#   bash bench/run_gpu.sh overhead       # issue 17: grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16,
+#                                        # seq 4096; + batch sweep, + 64 experts)
 #   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
 #   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
 #   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
@@ -58,15 +59,20 @@ two_gpus() {  # tag, parallel overrides: train on two GPUs (torchrun), then expo
 finetune_tp2() { two_gpus finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
 finetune_ep2() { two_gpus finetune_ep2 trainer.expert_parallel=2; }
 
-overhead() {
+overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the profiles, more tokens, 64 experts
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_grouped_lora.py" -k gpu > "$OUT/grouped_tests.log" 2>&1
+  tail -n 3 "$OUT/grouped_tests.log"
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
-    --profile all_linear:64 2>&1 | tee "$OUT/overhead.log"
-  local rc=${PIPESTATUS[0]}
+    --profile base:0 base_grouped:0 nemo_official:64 all_linear:64 > "$OUT/overhead.log" 2>&1
+  local rc=$?; grep -v "^\s*$" "$OUT/overhead.log" | grep -E "^\||^card|^profile" | head -60
   # Is the remaining overhead per-launch (CPU) cost? More tokens per step: GPU time grows, launches do not.
   for b in 2 4; do
     python3 "$REPO/bench/lora_overhead.py" --batch "$b" --iters 10 --ranks 64 --variants nemo_official all_linear \
-      --out "$OUT/lora_overhead_batch$b.json" 2>&1 | tail -6 | tee -a "$OUT/overhead.log"
+      --out "$OUT/lora_overhead_batch$b.json" 2>&1 | grep -E "^\||^card" | tee -a "$OUT/overhead_more.log"
   done
+  python3 "$REPO/bench/lora_overhead.py" --experts 64 --iters 10 --ranks 16 64 --variants nemo_official all_linear \
+    --profile all_linear:64 --out "$OUT/lora_overhead_e64.json" 2>&1 | grep -E "^\||^card|^profile" \
+    | tee -a "$OUT/overhead_more.log"
   return "$rc"
 }
 

@@ -30,6 +30,8 @@ from torch import nn
 from nemo_mla_lora.peft import parts as mla_parts
 from nemo_mla_lora.peft import placements
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
+from nemo_mla_lora.peft.grouped_experts import fusable, group_experts
+from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
 
 
 class MLALoRALinear(LoRALinear):
@@ -43,6 +45,11 @@ class MLALoRALinear(LoRALinear):
         self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
 
     def forward(self, x, *args, **kwargs):
+        base = self.to_wrap
+        if not args and not kwargs and type(base) in (ColumnParallelLinear, RowParallelLinear) \
+                and fusable(base, self.adapter):  # one autograd function: base + adapter (lora_fn)
+            a = self.adapter
+            return frozen_lora_linear(x, a.lora_a, a.lora_b, a.scale, (base.weight,)), None
         if hasattr(self.to_wrap, "finish_output"):  # e.g. KVDownProjection: the delta goes on the shard
             out_local, bias = self.to_wrap.local_forward(x)
             return self.to_wrap.finish_output(self.adapter.add_to(out_local, x)), bias
@@ -161,6 +168,7 @@ class MLALoRA(PEFT, ModuleMatcher):
             model.requires_grad_(False)
             model = fn.walk(model, self.transform)
         self._check_matches(model, targets)
+        group_experts(model)
         return model
 
     def _check_matches(self, model: nn.Module, targets: tuple) -> None:

@@ -1,0 +1,145 @@
+"""LoRA on frozen linears as one autograd function, for one linear or for all local experts of one linear.
+
+    y = x W^T + scale * (x A^T) B^T        (per group e of rows: x_e W_e^T + scale * (x_e A_e^T) B_e^T)
+
+Index legend: t tokens (rows of x; for experts, grouped by expert as the token dispatcher permutes them),
+i in_features, o out_features, r LoRA rank, e group (expert).
+
+Why one function: as three autograd ops (frozen base, x A^T, addmm) the backward writes a second
+input gradient [t, i] for the adapter and autograd then adds it to the base's. Here the adapter's part
+of the input gradient is written first and the base's GEMM accumulates onto it (``addmm_``, beta = 1),
+A's gradient reuses the saved input, and the saved state is x (which the adapter needed anyway) plus
+scale * x A^T [t, r]. For experts the adapter GEMMs of all groups are grouped GEMMs
+(``torch._grouped_mm``: one launch per factor instead of one chain per expert), while the frozen
+base's GEMMs stay one per expert, as Megatron's ``SequentialMLP`` runs them.
+"""
+
+import functools
+
+import torch
+
+
+def spans(counts: list[int]) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of the groups, in order."""
+    out, lo = [], 0
+    for n in counts:
+        out.append((lo, lo + n))
+        lo += n
+    return out
+
+
+def group_offsets(counts: list[int], device) -> torch.Tensor:
+    """torch._grouped_mm's ``offs``: the end row of each group, int32."""
+    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def _native(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs these operands: CPU fp32/bf16/fp16, CUDA bf16 on sm90+; each operand
+    row- or column-major in its last two dims with 16-byte aligned strides and start (otherwise one mm per
+    group computes the same product)."""
+    if a.dtype != b.dtype:
+        return False
+    if a.is_cuda:
+        if a.dtype != torch.bfloat16 or _capability(a.device) < (9, 0):
+            return False
+    elif a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    size = a.element_size()
+    for t in (a, b):
+        if 1 not in t.stride()[-2:] or t.data_ptr() % 16:
+            return False
+        if any((s * size) % 16 for s in t.stride() if s != 1):
+            return False
+    return True
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per group e, a_e @ b_e, in the two forms of torch._grouped_mm:
+
+    a [t, k] (rows grouped), b [e, k, n]               -> [t, n]
+    a [m, t] (columns grouped), b [t, n] (rows grouped) -> [e, m, n]   (an empty group gives zeros)
+    """
+    if len(counts) == 1:
+        return a @ b[0] if b.dim() == 3 else (a @ b).unsqueeze(0)
+    if _native(a, b):
+        return torch._grouped_mm(a, b, offs)
+    if b.dim() == 3:
+        out = a.new_empty(a.shape[0], b.shape[2])
+        for g, (lo, hi) in enumerate(spans(counts)):
+            torch.mm(a[lo:hi], b[g], out=out[lo:hi])
+        return out
+    out = a.new_empty(len(counts), a.shape[0], b.shape[1])
+    for g, (lo, hi) in enumerate(spans(counts)):
+        torch.mm(a[:, lo:hi], b[lo:hi], out=out[g])
+    return out
+
+
+class FrozenLoRALinear(torch.autograd.Function):
+    """x [t, i], a [e, r, i], b [e, o, r] (or both None: the frozen base alone) -> y [t, o].
+    ``weights``: e frozen [o, i] tensors; ``counts``: rows of x per group (sums to t)."""
+
+    @staticmethod
+    def forward(ctx, x, a, b, scale: float, weights: tuple, counts: list[int], offs: torch.Tensor | None):
+        if offs is None and len(counts) > 1:
+            offs = group_offsets(counts, x.device)
+        hs = None
+        if a is None:
+            y = x.new_empty(x.shape[0], weights[0].shape[0])  # [t, o]
+            for (lo, hi), w in zip(spans(counts), weights):
+                torch.mm(x[lo:hi], w.T, out=y[lo:hi])
+        else:
+            hs = grouped_mm(x, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
+            y = grouped_mm(hs, b.transpose(1, 2), offs, counts)  # [t, o]
+            for (lo, hi), w in zip(spans(counts), weights):
+                y[lo:hi].addmm_(x[lo:hi], w.T)  # + x_e W_e^T
+        ctx.save_for_backward(x, a, b, hs)
+        ctx.scale, ctx.weights, ctx.counts, ctx.offs = scale, weights, counts, offs
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, a, b, hs = ctx.saved_tensors
+        counts, offs = ctx.counts, ctx.offs
+        gy = gy.contiguous()  # [t, o]
+        gx = ga = gb = None
+        if a is not None:
+            gh = grouped_mm(gy, b, offs, counts)  # d/d(hs): [t, r]
+            if ctx.needs_input_grad[2]:
+                gb = grouped_mm(gy.T, hs, offs, counts)  # [e, o, r]
+            gh.mul_(ctx.scale)  # d/d(x A^T): [t, r]
+            if ctx.needs_input_grad[1]:
+                ga = grouped_mm(gh.T, x, offs, counts)  # [e, r, i]
+            if ctx.needs_input_grad[0]:
+                gx = grouped_mm(gh, a, offs, counts)  # adapter's part of the input gradient: [t, i]
+        if ctx.needs_input_grad[0]:
+            if gx is None:
+                gx = x.new_empty(x.shape)  # [t, i]
+                for (lo, hi), w in zip(spans(counts), ctx.weights):
+                    torch.mm(gy[lo:hi], w, out=gx[lo:hi])
+            else:
+                for (lo, hi), w in zip(spans(counts), ctx.weights):
+                    gx[lo:hi].addmm_(gy[lo:hi], w)  # + gy_e W_e, onto the same buffer
+        return gx, ga, gb, None, None, None, None
+
+
+def frozen_lora_linear(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scale: float,
+                       weights: tuple, counts: list[int] | None = None,
+                       offs: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + scale (x A^T) B^T for x [..., i]; one linear: a [r, i], b [o, r], ``weights`` (W,);
+    experts: a [e, r, i], b [e, o, r], e weights, ``counts`` rows of x [t, i] per expert (``offs``: their
+    int32 end rows on x's device, if already there)."""
+    if any(w.requires_grad for w in weights):
+        raise ValueError("frozen_lora_linear: the base weight must be frozen (requires_grad=False)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # [t, i]
+    if counts is None:
+        counts = [x2.shape[0]]
+    if a is not None and a.dim() == 2:
+        a, b = a.unsqueeze(0), b.unsqueeze(0)  # [1, r, i], [1, o, r]
+    y = FrozenLoRALinear.apply(x2, a, b, scale, tuple(weights), list(counts), offs)
+    return y.view(*lead, y.shape[-1])
