@@ -180,8 +180,15 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", nargs="*", default=[], help="variant:rank pairs to profile after the table")
+    p.add_argument("--legacy", action="store_true",
+                   help="the adapters as before issue 17: three autograd ops per linear, one chain per expert")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.legacy:
+        from nemo_mla_lora.peft import mla_lora
+
+        mla_lora.fusable = lambda base, adapter: False
+        mla_lora.group_experts = lambda model, frozen_too=False: 0
 
     from nemo_mla_lora import parallel
 
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
     base_ms = {b: statistics.median(v) for b, v in bases.items()}
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
-              "experts": args.experts,
+              "experts": args.experts, "legacy": args.legacy,
               "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
     result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1])) for spec in args.profile}
     if args.out:

@@ -65,6 +65,9 @@ overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the 
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
     --profile base:0 base_grouped:0 nemo_official:64 all_linear:64 > "$OUT/overhead.log" 2>&1
   local rc=$?; grep -v "^\s*$" "$OUT/overhead.log" | grep -E "^\||^card|^profile" | head -60
+  python3 "$REPO/bench/lora_overhead.py" --legacy --iters 20 --ranks 16 64 --variants nemo_official all_linear \
+    --profile all_linear:64 --out "$OUT/lora_overhead_legacy.json" 2>&1 | grep -E "^\||^card|^profile" \
+    | tee "$OUT/overhead_more.log"
   # Is the remaining overhead per-launch (CPU) cost? More tokens per step: GPU time grows, launches do not.
   for b in 2 4; do
     python3 "$REPO/bench/lora_overhead.py" --batch "$b" --iters 10 --ranks 64 --variants nemo_official all_linear \
