@@ -144,7 +144,9 @@ def profile(args, variant: str, rank: int, top: int = 12, steps: int = 2) -> dic
     with torch.profiler.profile(activities=acts) as prof:
         timed_steps(model, x, grad, 0, steps)
     events = prof.key_averages()
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    from torch.autograd import DeviceType
+
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels
     cpu_us = sum(e.self_cpu_time_total for e in events)
     launches = sum(e.count for e in events if "LaunchKernel" in e.key or "LaunchCooperativeKernel" in e.key)
     key = "cuda_time_total" if x.is_cuda else "cpu_time_total"

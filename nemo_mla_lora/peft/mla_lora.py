@@ -14,6 +14,11 @@ shell-style wildcard on the full module name (``*.layers.1.*`` does not match ``
 (attention linears, ``linear_fc1``/``linear_fc2`` of dense MLPs, shared and routed experts, and standard
 attention's ``linear_qkv`` for the placement study's twin) are wrapped.
 Under pipeline parallelism layer indices in module names are local to the stage.
+
+Speed (bench/README.md): a wrapped linear at TP size 1 runs base + adapter as one autograd function
+(``lora_fn``), and Megatron's ``SequentialMLP`` experts become ``grouped_experts.LoRASequentialMLP``:
+every expert's A and B in grouped GEMMs, frozen experts through the same path; same parameters, same
+state dict, same numbers. Elsewhere (TP > 1, dropout, part-selective rows) the per-linear path runs.
 """
 
 from dataclasses import dataclass, field
@@ -168,7 +173,7 @@ class MLALoRA(PEFT, ModuleMatcher):
             model.requires_grad_(False)
             model = fn.walk(model, self.transform)
         self._check_matches(model, targets)
-        group_experts(model)
+        group_experts(model, frozen_too=True)
         return model
 
     def _check_matches(self, model: nn.Module, targets: tuple) -> None:
