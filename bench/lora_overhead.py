@@ -188,8 +188,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.legacy:
         from nemo_mla_lora.peft import mla_lora
+        from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 
-        mla_lora.fusable = lambda base, adapter: False
+        MLALoRAAdapter.fused = lambda self, base: False
         mla_lora.group_experts = lambda model, frozen_too=False: 0
 
     from nemo_mla_lora import parallel

@@ -7,7 +7,8 @@ from conftest import batch, perturb_norms_and_bias
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
-from nemo_mla_lora.peft import MLALoRA, grouped_experts, lora_fn, mla_lora
+from nemo_mla_lora.peft import MLALoRA, grouped_experts, lora_fn
+from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 from nemo_mla_lora.peft.state import randomize_b
 
 COUNTS = [5, 0, 9, 2]  # rows per expert, one expert without tokens
@@ -106,7 +107,7 @@ def per_expert_path(model, monkeypatch):
     for m in model.modules():
         if isinstance(m, grouped_experts.LoRASequentialMLP):
             m.__class__ = SequentialMLP
-    monkeypatch.setattr(mla_lora, "fusable", lambda base, adapter: False)
+    monkeypatch.setattr(MLALoRAAdapter, "fused", lambda self, base: False)
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float64, 1e-12)])

@@ -46,6 +46,14 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
                                    msg=lambda m, lay=layout: f"{lay}: logits\n{m}")
         torch.testing.assert_close(got["loss"], loss, atol=5e-6, rtol=0, msg=lambda m, lay=layout: f"{lay}: loss\n{m}")
         assert set(got["grads"]) == set(grads), layout
+        paths = got["fused"]  # which forward each adapted linear took there (tp_worker.fused_paths)
+        if layout.startswith("tp2"):  # column-parallel fused, row-parallel and part-selective not, experts per expert
+            assert paths["decoder.layers.0.mlp.linear_fc1"] == "fused", paths
+            assert paths["decoder.layers.0.mlp.linear_fc2"] == "adapter", paths
+            assert paths["decoder.layers.0.self_attention.linear_kv_up_proj"] == "adapter", paths
+            assert not any(v == "grouped" for v in paths.values()), paths
+        else:  # EP=2: routed experts grouped (expert TP size 1)
+            assert any(v == "grouped" for v in paths.values()) and paths["decoder.layers.0.mlp.linear_fc2"] == "fused"
         for name, (da, db) in grads.items():
             if "local_experts" not in name:  # a routed expert may get no token in this batch
                 assert da.abs().sum() > 0 and db.abs().sum() > 0, name

@@ -97,10 +97,27 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
         for part in _all_gather_objects(global_grads(model)):
             grads.update(part)
         if rank == 0:
-            torch.save({"logits": logits, "loss": loss, "grads": grads}, f"{out_dir}/{layout}.pt")
+            torch.save({"logits": logits, "loss": loss, "grads": grads, "fused": fused_paths(model)},
+                       f"{out_dir}/{layout}.pt")
         if layout in ("tp2_sp", "ep2"):
             export_through_callback(model, f"{out_dir}/callback_{layout}")
     parallel.destroy()
+
+
+def fused_paths(model):
+    """{module name: which forward ran} for every adapted linear: 'fused' (lora_fn), 'grouped' (an expert
+    of a LoRASequentialMLP that groups), or 'adapter' (MLALoRAAdapter's own TP path)."""
+    from nemo_mla_lora.peft.grouped_experts import LoRASequentialMLP
+    from nemo_mla_lora.peft.state import adapter_modules
+
+    grouped = {n for n, m in model.named_modules() if isinstance(m, LoRASequentialMLP) and m.grouped_plan()}
+    out = {}
+    for name, module in adapter_modules(model).items():
+        if any(name.startswith(g + ".") for g in grouped):
+            out[name] = "grouped"
+        else:
+            out[name] = "fused" if module.adapter.fused(module.to_wrap) else "adapter"
+    return out
 
 
 def export_through_callback(model, out_dir):

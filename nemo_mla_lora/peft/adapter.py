@@ -24,6 +24,8 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
+
 
 def init_a(weight: torch.Tensor, method: str) -> None:
     """LoRA A initialisation, named as in NeMo's LoRA (xavier, kaiming, normal)."""
@@ -162,6 +164,37 @@ class MLALoRAAdapter(nn.Module):
         h, b = self._factors(self.dropout(x))  # h: [s, b, r] -> [t, r] below (t = s*b)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T,
                            alpha=self.scale).view(out.shape)
+
+    def fused(self, base: nn.Module) -> bool:
+        """Whether ``fused_forward`` computes base(x) + delta(x) as the adapter's own path does: Megatron's
+        own Column/Row linear, frozen, without bias or FP8, a full-row adapter without dropout; at TP > 1
+        only a column-parallel base in its usual layout (no expert TP, output not gathered). A row-parallel
+        base at TP > 1 keeps the adapter's path (x_shard A_shard^T all-reduced, then B): fused, the
+        base's reduction would sum the adapter's partial outputs instead, rounding differently."""
+        if type(base) not in (ColumnParallelLinear, RowParallelLinear) or self.part_selective:
+            return False
+        if not isinstance(self.dropout, nn.Identity) or base.weight.requires_grad or base.bias is not None:
+            return False
+        if getattr(base.config, "fp8", None):
+            return False
+        if self.tp_size == 1:
+            return True
+        return (self.base_kind == "column" and not self.explicit and not self.b_replicated
+                and not base.gather_output and not base.disable_grad_reduce)
+
+    def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + delta(x) as one autograd function (``lora_fn``) after Megatron's own TP mapping of the
+        input: at TP > 1 (column-parallel) x gathered from the sequence shards (or copied), then
+        x W_local^T + s (x A^T) B_local^T, with A's gradient all-reduced.
+        x: [s, b, in] -> [s', b, out_local]."""
+        g, a, b = self.tp_group, self.lora_a, self.lora_b
+        if self.tp_size > 1:
+            if self.sequence_parallel:
+                x = mappings.gather_from_sequence_parallel_region(x, group=g)
+            else:
+                x = mappings.copy_to_tensor_model_parallel_region(x, group=g)
+            a = mappings.copy_to_tensor_model_parallel_region(a, group=g)
+        return frozen_lora_linear(x, a, b, self.scale, (base.weight,))
 
     def full_b(self) -> torch.Tensor:
         """This rank's B expanded to its full output rows (zeros outside the part): [out_local or out, r]."""

@@ -27,16 +27,14 @@ def _base_and_adapter(linear: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 
 def fusable(base: nn.Module, adapter: nn.Module | None) -> bool:
-    """Whether ``frozen_lora_linear`` computes exactly what base(x) (+ adapter(x)) does: TP size 1, frozen
-    weight without bias, no FP8, and (if adapted) a full-row adapter without dropout."""
+    """Whether ``frozen_lora_linear`` computes exactly what this expert's base(x) (+ adapter(x)) does:
+    TP size 1, and frozen without bias or FP8 (with an adapter: ``MLALoRAAdapter.fused``)."""
     group = getattr(base, "tp_group", None)
-    if (group is not None and group.size() > 1) or base.weight.requires_grad or base.bias is not None:
+    if group is not None and group.size() > 1:
         return False
-    if getattr(base.config, "fp8", None):
-        return False
-    if adapter is None:
-        return True
-    return adapter.tp_size == 1 and not adapter.part_selective and isinstance(adapter.dropout, nn.Identity)
+    if adapter is not None:
+        return adapter.fused(base)
+    return not (base.weight.requires_grad or base.bias is not None or getattr(base.config, "fp8", None))
 
 
 def _linear_plan(linears: list[nn.Module]):

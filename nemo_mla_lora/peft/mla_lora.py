@@ -15,10 +15,11 @@ shell-style wildcard on the full module name (``*.layers.1.*`` does not match ``
 attention's ``linear_qkv`` for the placement study's twin) are wrapped.
 Under pipeline parallelism layer indices in module names are local to the stage.
 
-Speed (bench/README.md): a wrapped linear at TP size 1 runs base + adapter as one autograd function
-(``lora_fn``), and Megatron's ``SequentialMLP`` experts become ``grouped_experts.LoRASequentialMLP``:
+Speed (bench/README.md): a wrapped linear runs base + adapter as one autograd function (``lora_fn``)
+between Megatron's TP mappings, and Megatron's ``SequentialMLP`` experts become ``grouped_experts.LoRASequentialMLP``:
 every expert's A and B in grouped GEMMs, frozen experts through the same path; same parameters, same
-state dict, same numbers. Elsewhere (TP > 1, dropout, part-selective rows) the per-linear path runs.
+state dict, same numbers. Elsewhere (dropout, part-selective rows, expert TP, a row-parallel linear at
+TP > 1) the adapter's own path runs.
 """
 
 from dataclasses import dataclass, field
@@ -35,8 +36,7 @@ from torch import nn
 from nemo_mla_lora.peft import parts as mla_parts
 from nemo_mla_lora.peft import placements
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
-from nemo_mla_lora.peft.grouped_experts import fusable, group_experts
-from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
+from nemo_mla_lora.peft.grouped_experts import group_experts
 
 
 class MLALoRALinear(LoRALinear):
@@ -50,11 +50,8 @@ class MLALoRALinear(LoRALinear):
         self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
 
     def forward(self, x, *args, **kwargs):
-        base = self.to_wrap
-        if not args and not kwargs and type(base) in (ColumnParallelLinear, RowParallelLinear) \
-                and fusable(base, self.adapter):  # one autograd function: base + adapter (lora_fn)
-            a = self.adapter
-            return frozen_lora_linear(x, a.lora_a, a.lora_b, a.scale, (base.weight,)), None
+        if not args and not kwargs and self.adapter.fused(self.to_wrap):  # base + adapter: one autograd fn
+            return self.adapter.fused_forward(self.to_wrap, x), None
         if hasattr(self.to_wrap, "finish_output"):  # e.g. KVDownProjection: the delta goes on the shard
             out_local, bias = self.to_wrap.local_forward(x)
             return self.to_wrap.finish_output(self.adapter.add_to(out_local, x)), bias
