@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU steps of issues 5, 6 and 7 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
 #   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
+#   bash bench/run_gpu.sh finetune_grouped  # 1 GPU: the same with peft=all_linear (grouped expert adapters), shorter
 #   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
 #   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
 #   bash bench/run_gpu.sh overhead       # issue 17: grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16,
@@ -41,6 +42,14 @@ finetune() {
     data.base_pretrain_lr=5e-4 trainer.max_steps=80 trainer.checkpoint_every_n_steps=300 "output_dir=$run" \
     2>&1 | tee "$OUT/finetune.log"
   local rc=${PIPESTATUS[0]}; collect "$run" finetune; return "$rc"
+}
+
+finetune_grouped() {  # issue 17: all_linear (grouped expert adapters, torch._grouped_mm) through NeMo's llm.finetune
+  local run=/tmp/run_grouped; rm -rf "$run"
+  timeout 420 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" peft=all_linear peft.dim=16 peft.alpha=16 \
+    data.base_pretrain_steps=60 data.base_pretrain_lr=5e-4 trainer.max_steps=40 trainer.checkpoint_every_n_steps=60 \
+    "output_dir=$run" 2>&1 | tee "$OUT/finetune_grouped.log" | grep -E "grouped|loss|verif|Error|error" | tail -20
+  local rc=${PIPESTATUS[0]}; collect "$run" finetune_grouped; return "$rc"
 }
 
 two_gpus() {  # tag, parallel overrides: train on two GPUs (torchrun), then export the saved base + adapter
