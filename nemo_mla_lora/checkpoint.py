@@ -350,27 +350,31 @@ class CheckpointReader:
         return self.metadata[self.flat[name][0]].dtype
 
     def load(self, names) -> dict:
-        """Tensors by flat name; a routed expert is requested as its own slice of the stacked tensor (as
-        Megatron's expert layers ask for it), so memory holds the experts asked for, not the layer's."""
+        """Tensors by flat name; a routed expert is read as its own row of the stacked tensor (as Megatron's
+        expert layers ask for it), so memory holds the experts asked for, not the layer's. Whole tensors go
+        through Megatron's loader; expert rows through torch DCP's (``dcp_slices``: Megatron's cannot read
+        some fragments of a tensor in a one-process world)."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
+
+        from nemo_mla_lora.dcp_slices import load_rows
 
         missing = [n for n in names if n not in self.flat]
         if missing:
             raise CheckpointError(f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        request = {}
+        request, rows, out = {}, {}, {}
         for n in names:
             key, expert, shape = self.flat[n]
             meta = self.metadata[key]
             if expert is None:
                 request[n] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
             else:  # [out, in] at index ``expert`` of the stacked [E, out, in]
-                request[n] = ShardedTensor.from_rank_offsets(
-                    key, torch.empty(shape, dtype=meta.dtype), (0, expert, meta.global_shape[0]),
-                    replica_id=0, prepend_axis_num=1)
+                out[n] = rows.setdefault(key, {})[expert] = torch.empty(shape, dtype=meta.dtype)
         try:
-            # a request for some experts of a stacked tensor does not cover it: no whole-tensor access check
-            out = dict(dist_checkpointing.load(request, str(self.directory), validate_access_integrity=False))
+            if request:
+                out.update(dist_checkpointing.load(request, str(self.directory)))
+            if rows:
+                load_rows(self.directory, rows)
         except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
             raise CheckpointError(f"{self.directory}: failed to read {names[:3]}...: {err} "
                                   f"(truncated or incomplete checkpoint?)") from err

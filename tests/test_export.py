@@ -405,3 +405,20 @@ def test_export_verify_modes(trained, tmp_path):
         export(root / "base", root / "adapter", tmp_path / "bad", fmt="hf", verify="sample", verify_layers=[7],
                progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_expert_units_smaller_than_a_layer_read_from_a_dist_checkpoint(trained, tmp_path):
+    """A Megatron base whose experts are read one at a time (a V3-sized expert is over the unit budget):
+    Megatron's loader cannot read some fragments of a stacked tensor in a one-process world (it failed on
+    the GPU with deepseek_v3_small); the rows come through torch DCP and the export equals the one-unit one."""
+    base = trained["root"] / "base"
+    reader = checkpoint.CheckpointReader(base)
+    name = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    live = trained["model"].state_dict()[name]
+    assert torch.equal(reader.load([name])[name], live)
+    one = export(base, trained["root"] / "adapter", tmp_path / "one", fmt="mcore", progress=False, verify=False,
+                 budget=1)  # every expert its own unit
+    whole = export(base, trained["root"] / "adapter", tmp_path / "whole", fmt="mcore", progress=False, verify=False)
+    assert one["timing"]["units"] > whole["timing"]["units"]
+    a, b = read_export(tmp_path / "one", "mcore"), read_export(tmp_path / "whole", "mcore")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
