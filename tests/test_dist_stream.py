@@ -123,3 +123,32 @@ def test_a_large_tensor_is_saved_in_row_chunks_and_loads_whole(mcore, tmp_path):
         assert sorted(one) == sorted(rows)
         for key in one:
             assert torch.equal(one[key], rows[key]), (directory, key)
+
+
+@pytest.mark.parametrize("part", [0, 1], ids=["megatron_loader", "stored_bytes"])
+def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch, part):
+    """The read-back of each part: part 0 (every 16th) through Megatron's loader, the others by comparing
+    each tensor's stored bytes; a byte changed on disk between the write and the check fails either way."""
+    from nemo_mla_lora.export import dist_stream
+
+    written = dist_stream._write_here
+    stream = StreamingDistCkpt(tmp_path / "out")
+
+    def write_then_corrupt(request):
+        written(request)
+        if stream.parts == part:  # one byte inside the first tensor's stored bytes
+            from torch.distributed.checkpoint import FileSystemReader
+
+            where = tmp_path / "out" / f".part{part:05d}"
+            info = next(iter(FileSystemReader(str(where)).read_metadata().storage_data.values()))
+            with open(where / info.relative_path, "r+b") as f:
+                at, size = dist_stream._raw_bytes_span(f, info.offset, info.length)
+                f.seek(at + size // 2)
+                byte = f.read(1)
+                f.seek(at + size // 2)
+                f.write(bytes([byte[0] ^ 0x10]))
+
+    monkeypatch.setattr(dist_stream, "_write_here", write_then_corrupt)
+    with pytest.raises(CheckpointError, match="reads back different"):
+        for group in groups()[:2]:
+            stream.add(sharded_tensors(group), check=True)
