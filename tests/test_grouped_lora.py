@@ -178,3 +178,21 @@ def test_frozen_experts_on_the_grouped_path_equal_megatrons(mcore, monkeypatch):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad["embedding.word_embeddings.weight"],
                                ref_grad["embedding.word_embeddings.weight"], rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_path_with_megatrons_fused_swiglu(mcore, monkeypatch):
+    """bias_activation_fusion (Megatron's weighted_bias_swiglu_impl, as NeMo's GPU configs set it): the
+    grouped path's one activation over all tokens equals SequentialMLP's per expert."""
+    config = tiny_mla_config(dtype=torch.float32, bias_activation_fusion=True)
+    torch.manual_seed(0)
+    model = MLALoRA(placement="all_linear", dim=4, alpha=6)(build_model(config))
+    randomize_b(model)
+    experts = [m for m in model.modules() if isinstance(m, grouped_experts.LoRASequentialMLP)]
+    assert experts and all(m.grouped_plan() is not None for m in experts)
+    logits, grad = step(model)
+    per_expert_path(model, monkeypatch)
+    ref_logits, ref_grad = step(model)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5 * ref_logits.abs().max().item())
+    for name in ref_grad:
+        scale = max(1.0, ref_grad[name].abs().max().item())
+        torch.testing.assert_close(grad[name], ref_grad[name], rtol=0, atol=2e-5 * scale, msg=name)

@@ -97,7 +97,7 @@ class FrozenLoRALinear(torch.autograd.Function):
             y = grouped_mm(hs, b.transpose(1, 2), offs, counts)  # [t, o]
             for (lo, hi), w in zip(spans(counts), weights):
                 y[lo:hi].addmm_(x[lo:hi], w.T)  # + x_e W_e^T
-        ctx.save_for_backward(x, a, b, hs)
+        ctx.save_for_backward(x if a is not None else None, a, b, hs)  # the frozen base alone needs no input
         ctx.scale, ctx.weights, ctx.counts, ctx.offs = scale, weights, counts, offs
         return y
 
@@ -118,7 +118,7 @@ class FrozenLoRALinear(torch.autograd.Function):
                 gx = grouped_mm(gh, a, offs, counts)  # adapter's part of the input gradient: [t, i]
         if ctx.needs_input_grad[0]:
             if gx is None:
-                gx = x.new_empty(x.shape)  # [t, i]
+                gx = gy.new_empty(gy.shape[0], ctx.weights[0].shape[1])  # [t, i]
                 for (lo, hi), w in zip(spans(counts), ctx.weights):
                     torch.mm(gy[lo:hi], w, out=gx[lo:hi])
             else:
