@@ -18,13 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_mla_lora import keymap
 from nemo_mla_lora.mla_spec import MLASpec
 
 SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
-_STACKED = re.compile(r"^(.*\.mlp\.experts)\.experts\.(linear_fc[12]\..+)$")
 _FLAT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\..+)$")
 
 
@@ -308,78 +306,6 @@ def file_hash(directory) -> str:
 
 
 _HASHES: dict = {}
-
-
-class CheckpointReader:
-    """Reads tensors of a dist-checkpoint by flat name, a few at a time; with ``checksums`` (an export's
-    manifest) every tensor read is checked against them."""
-
-    def __init__(self, directory, checksums: dict | None = None, prefix: str = ""):
-        """``prefix``: the part of every key before Megatron's names (NeMo 2's ``module.``); keys without it
-        (a NeMo training checkpoint's optimizer states) are not model tensors and are skipped."""
-        from megatron.core import dist_checkpointing
-
-        self.directory, self.checksums = Path(directory), checksums
-        if not (self.directory / ".metadata").is_file():
-            raise CheckpointError(f"{self.directory} is not a Megatron dist-checkpoint (no .metadata)")
-        from nemo_mla_lora.safe_load import check_dist_checkpoint
-
-        check_dist_checkpoint(self.directory)  # before Megatron's unrestricted unpickling
-        try:
-            self.metadata = dist_checkpointing.load_tensors_metadata(str(self.directory))
-        except Exception as err:  # unreadable metadata: truncated or foreign
-            raise CheckpointError(f"{self.directory}: cannot read checkpoint metadata: {err}") from err
-        self.flat = {}  # flat name -> (key, expert index or None, shape)
-        for key, meta in self.metadata.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix):]
-            m = _STACKED.match(name)
-            if m:
-                for e in range(meta.global_shape[0]):
-                    self.flat[f"{m.group(1)}.local_experts.{e}.{m.group(2)}"] = (key, e, meta.global_shape[1:])
-            else:  # TE-spec names (fused norms) read under the local spec's names
-                self.flat[keymap.from_te_name(name)] = (key, None, tuple(meta.global_shape))
-        if not self.flat:
-            raise CheckpointError(f"{self.directory}: no tensors under the key prefix {prefix!r}")
-
-    def names(self) -> list[str]:
-        return sorted(self.flat)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.metadata[self.flat[name][0]].dtype
-
-    def load(self, names) -> dict:
-        """Tensors by flat name; a routed expert is read as its own row of the stacked tensor (as Megatron's
-        expert layers ask for it), so memory holds the experts asked for, not the layer's. Whole tensors go
-        through Megatron's loader; expert rows through torch DCP's (``dcp_slices``: Megatron's cannot read
-        some fragments of a tensor in a one-process world)."""
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing import ShardedTensor
-
-        from nemo_mla_lora.dcp_slices import load_rows
-
-        missing = [n for n in names if n not in self.flat]
-        if missing:
-            raise CheckpointError(f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        request, rows, out = {}, {}, {}
-        for n in names:
-            key, expert, shape = self.flat[n]
-            meta = self.metadata[key]
-            if expert is None:
-                request[n] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
-            else:  # [out, in] at index ``expert`` of the stacked [E, out, in]
-                out[n] = rows.setdefault(key, {})[expert] = torch.empty(shape, dtype=meta.dtype)
-        try:
-            if request:
-                out.update(dist_checkpointing.load(request, str(self.directory)))
-            if rows:
-                load_rows(self.directory, rows)
-        except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
-            raise CheckpointError(f"{self.directory}: failed to read {names[:3]}...: {err} "
-                                  f"(truncated or incomplete checkpoint?)") from err
-        check_checksums(out, self.checksums, self.directory)
-        return out
 
 
 def load_weights(model, state: dict, source: str, absent_ok: tuple = ()):

@@ -8,6 +8,7 @@ import torch
 from conftest import batch, perturb_norms_and_bias
 
 from nemo_mla_lora import checkpoint, hf_config
+from nemo_mla_lora.dist_reader import CheckpointReader
 from nemo_mla_lora.export import absorb
 from nemo_mla_lora.export.merge import MergeError, merge_linear
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
@@ -276,7 +277,6 @@ def _verify_absorbed_export(trained, corrupt: bool, mode: str = "full", layers=N
     """StreamingVerify over the written absorbed export, unit by unit, as the pipeline runs it."""
     import math
 
-    from nemo_mla_lora.checkpoint import CheckpointReader
     from nemo_mla_lora.export.sources import open_adapter, open_base
     from nemo_mla_lora.export.units import plan
     from nemo_mla_lora.export.verify import StreamingVerify
@@ -412,7 +412,7 @@ def test_expert_units_smaller_than_a_layer_read_from_a_dist_checkpoint(trained, 
     Megatron's loader cannot read some fragments of a stacked tensor in a one-process world (it failed on
     the GPU with deepseek_v3_small); the rows come through torch DCP and the export equals the one-unit one."""
     base = trained["root"] / "base"
-    reader = checkpoint.CheckpointReader(base)
+    reader = CheckpointReader(base)
     name = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
     live = trained["model"].state_dict()[name]
     assert torch.equal(reader.load([name])[name], live)

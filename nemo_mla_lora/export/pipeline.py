@@ -167,7 +167,7 @@ def _modules(names) -> list[str]:
 def _open_export(directory, fmt: str, checksums: dict | None = None):
     """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``hf`` export; every tensor read is
     checked against ``checksums`` when given."""
-    from nemo_mla_lora.checkpoint import CheckpointReader
+    from nemo_mla_lora.dist_reader import CheckpointReader
     from nemo_mla_lora.export.sources import HFBase
 
     if fmt == "hf":

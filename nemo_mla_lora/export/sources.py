@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, CheckpointReader, check_checksums, read_spec
+from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, check_checksums, read_spec
+from nemo_mla_lora.dist_reader import CheckpointReader
 from nemo_mla_lora.export.merge import expand_rows
 from nemo_mla_lora.hf_config import spec_from_hf
 from nemo_mla_lora.mla_spec import MLASpec
