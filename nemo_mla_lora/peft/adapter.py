@@ -53,6 +53,11 @@ def tp_layout(base: nn.Module) -> tuple[str, object, int, int]:
     raise TypeError(f"{type(base).__name__} is not a Megatron Column/RowParallelLinear")
 
 
+def frozen_plain(base: nn.Module) -> bool:
+    """A frozen weight without bias or FP8: what ``lora_fn.frozen_lora_linear`` computes the base as."""
+    return not (base.weight.requires_grad or base.bias is not None or getattr(base.config, "fp8", None))
+
+
 def base_shape(base: nn.Module) -> tuple[int, int]:
     """Global (out_features, in_features) of a Megatron linear."""
     return base.output_size, base.input_size
@@ -173,9 +178,7 @@ class MLALoRAAdapter(nn.Module):
         base's reduction would sum the adapter's partial outputs instead, rounding differently."""
         if type(base) not in (ColumnParallelLinear, RowParallelLinear) or self.part_selective:
             return False
-        if not isinstance(self.dropout, nn.Identity) or base.weight.requires_grad or base.bias is not None:
-            return False
-        if getattr(base.config, "fp8", None):
+        if not isinstance(self.dropout, nn.Identity) or not frozen_plain(base):
             return False
         if self.tp_size == 1:
             return True

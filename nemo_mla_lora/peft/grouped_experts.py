@@ -18,7 +18,8 @@ from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 from torch import nn
 
-from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
+from nemo_mla_lora.peft.adapter import frozen_plain
+from nemo_mla_lora.peft.lora_fn import frozen_lora_linear, group_offsets
 
 
 def _base_and_adapter(linear: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -32,9 +33,7 @@ def fusable(base: nn.Module, adapter: nn.Module | None) -> bool:
     group = getattr(base, "tp_group", None)
     if group is not None and group.size() > 1:
         return False
-    if adapter is not None:
-        return adapter.fused(base)
-    return not (base.weight.requires_grad or base.bias is not None or getattr(base.config, "fp8", None))
+    return adapter.fused(base) if adapter is not None else frozen_plain(base)
 
 
 def _linear_plan(linears: list[nn.Module]):
@@ -85,7 +84,7 @@ class LoRASequentialMLP(SequentialMLP):
         return self._lora_plan
 
     def _make_plan(self):
-        if self.num_local_experts < 1 or not _activation_ok(self.config):
+        if not _activation_ok(self.config):
             return None
         fc1 = _linear_plan([e.linear_fc1 for e in self.local_experts])
         fc2 = _linear_plan([e.linear_fc2 for e in self.local_experts])
@@ -101,7 +100,7 @@ class LoRASequentialMLP(SequentialMLP):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x = permuted_local_hidden_states  # [t, hidden]
         counts = tokens_per_expert.tolist()
-        offs = tokens_per_expert.to(x.device, non_blocking=True).cumsum(0).to(torch.int32)  # end rows
+        offs = group_offsets(counts, x.device)  # end rows, shared by both linears
         y = _grouped(x, plan[0], counts, offs)  # [t, o1]
         y = expert_activation(self.local_experts[0], y, permuted_probs)  # [t, o1 / 2]
         return _grouped(y, plan[1], counts, offs), None  # [t, hidden]
