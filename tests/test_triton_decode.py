@@ -48,6 +48,43 @@ def _interpreted(code: str, *args) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+TMA_CHECK = """
+import json, sys, torch
+from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+sys.path.insert(0, sys.argv[1])
+from test_triton_decode import reference
+out = []
+torch.manual_seed(0)
+for b, h, c, d, t, lens in [(2, 4, 32, 16, 40, [40, 5]), (3, 20, 512, 64, 300, [300, 1, 77])]:
+    q, qr, ck, kr = torch.randn(b, h, c), torch.randn(b, h, d), torch.randn(b, t, c), torch.randn(b, t, d)
+    ck[1, lens[1]:] = float("nan")  # memory past a row's length is never read
+    kr[1, lens[1]:] = float("inf")
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    ref = reference(q, qr, ck.nan_to_num(0, 0, 0), kr.nan_to_num(0, 0, 0), lengths, 0.1)
+    for rows in ("heads", "positions"):
+        for splits in (None, 1, 3):
+            o = latent_decode_attention_tma(q, qr, ck, kr, lengths, 0.1, splits=splits, block_t=16, rows=rows)
+            out.append((o.double() - ref).abs().max().item())
+print(json.dumps(out))
+"""
+
+
+def test_tma_kernels_match_the_equations_in_the_interpreter():
+    """Both Hopper kernels (heads or positions as the MMA's rows): variable lengths, NaN/Inf past a row's
+    length (the descriptor's zero fill keeps them out), several split counts."""
+    diffs = json.loads(_interpreted(TMA_CHECK, str(ROOT / "tests")))
+    assert len(diffs) == 12 and max(diffs) < 1e-5, diffs
+
+
+def test_tma_kernel_refuses_what_tma_cannot_load():
+    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma, supported
+
+    ck, kr = torch.randn(2, 8, 40), torch.randn(2, 8, 8)  # c / 2 = 20: not a power of two
+    assert not supported(ck, kr) and supported(torch.randn(2, 8, 64), torch.randn(2, 8, 16))
+    with pytest.raises(ValueError, match="unsupported cache c_kv \\(2, 8, 40\\)"):
+        latent_decode_attention_tma(torch.randn(2, 4, 40), torch.randn(2, 4, 8), ck, kr, torch.tensor([8, 8]), 0.1)
+
+
 def test_kernel_matches_the_equations_in_the_interpreter():
     """Variable lengths per row (a row with one cached token), several split counts, tiny and V3 latent dims."""
     diffs = json.loads(_interpreted(KERNEL_CHECK, str(ROOT / "tests")))
@@ -110,3 +147,23 @@ def test_kernel_on_gpu_bf16_v3_dims(launch):
     lengths = torch.randint(1, t + 1, (b,), device="cuda", dtype=torch.int32)
     o = latent_decode_attention(q, qr, ck, kr, lengths, 0.05, **launch)
     torch.testing.assert_close(o.double(), reference(q, qr, ck, kr, lengths, 0.05), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.parametrize("h", [16, 128])
+@pytest.mark.parametrize("launch", [dict(rows="heads"), dict(rows="positions"), dict(rows="positions", splits=1),
+                                    dict(rows="heads", block_t=32, splits=3)])
+def test_tma_kernels_on_gpu_bf16_v3_dims(h, launch):
+    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+
+    b, c, d, t = 8, 512, 64, 1000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
+    ck, kr = (torch.randn(b, t, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
+    lengths = torch.randint(1, t + 1, (b,), device="cuda", dtype=torch.int32)
+    ck[0, int(lengths[0]):] = float("nan")
+    ref = reference(q, qr, ck.nan_to_num(0), kr, lengths, 0.05)
+    o = latent_decode_attention_tma(q, qr, ck, kr, lengths, 0.05, **launch)
+    torch.testing.assert_close(o.double(), ref, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,205 @@
+"""Issue 16: the latent decode kernels on one Hopper card against its two roofs, shape by shape.
+
+    python bench/decode_roofline.py --out DIR            # GPU: the sweep below, decode_roofline.json + roofline.png
+    python bench/decode_roofline.py --out DIR --quick    # GPU: one shape per head count
+    ncu ... python bench/decode_roofline.py --out DIR --one tma_t 16 64 4096   # one kernel, one shape, for ncu
+
+Roofs measured in the same run: copy bandwidth (1 GiB device-to-device, read + write counted) and the bf16
+matmul peak (8192^3, mean of 10 after warm-up). For each shape (heads x batch x context, bf16, V3's latent
+c = 512, d = 64, every row at full length) each kernel runs each of its launch configs, every call replayed
+from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps excluded), median of the
+replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
+(``hopper_decode``: heads as the MMA's rows, positions as its rows), ``einsum`` (cuBLAS batched GEMMs). Each
+kernel's numerics are checked against the fp64 equations first. Bytes = the cache read (b x t x (c + d) x 2);
+FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+C, D = 512, 64
+HEADS, BATCHES, CONTEXTS = (16, 64, 128), (1, 8, 32, 128), (1024, 4096, 32768)
+REPS = 10
+
+
+def graphed_ms(fn, replays: int = 15) -> float:
+    """Milliseconds per call of ``fn`` captured ``REPS`` times in one CUDA graph, median of ``replays``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / REPS)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def roofs() -> dict:
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = graphed_ms(lambda: dst.copy_(src))
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    tflops = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
+    return {"copy_GBps": 2 * (1 << 30) / copy_ms / 1e6, "matmul_bf16_TFLOPs": tflops}
+
+
+def kernels():
+    from functools import partial
+
+    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+    from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+
+    return {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
+            "tma_t": partial(latent_decode_attention_tma, rows="positions")}
+
+
+def launches(kind: str, h: int) -> list[dict]:
+    if kind == "portable":
+        return [{}]
+    if kind == "tma":
+        shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)] if h >= 64 else [(16, 64, 4, 2), (16, 32, 4, 3)]
+    else:
+        shapes = [(bh, 64, w, 2) for bh, w in ((16, 4), (16, 8), (32, 8), (64, 8)) if bh <= h]
+    out = [dict(block_h=bh, block_t=bt, num_warps=w, num_stages=st) for bh, bt, w, st in shapes]
+    return out + [dict(cfg, splits="2x") for cfg in out]
+
+
+def reference(q_lat, q_rope, c_kv, k_rope, lengths, scale):
+    t = c_kv.shape[1]
+    s = (torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
+         + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())) * scale
+    s = s.masked_fill(torch.arange(t, device=s.device)[None, None, :] >= lengths[:, None, None], float("-inf"))
+    return torch.einsum("bht,btc->bhc", torch.softmax(s, -1), c_kv.double())
+
+
+def check(fn, h: int) -> float:
+    """max |fn - fp64 equations| on 4 rows of lengths 1000, 1, 777, 64 (bf16 inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, qr = (torch.randn(4, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    ck, kr = (torch.randn(4, 1000, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    lengths = torch.tensor([1000, 1, 777, 64], device="cuda", dtype=torch.int32)
+    return (fn(q, qr, ck, kr, lengths, 0.05).double() - reference(q, qr, ck, kr, lengths, 0.05)).abs().max().item()
+
+
+def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
+    from nemo_mla_lora.inference.triton_decode import default_splits
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    ck, kr = (torch.randn(b, t, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
+    scale = 0.05
+    nbytes, flops = (ck.nbytes + kr.nbytes), 2 * b * h * t * (2 * C + D)
+
+    def einsum():
+        s = torch.einsum("bhc,btc->bht", q, ck) + torch.einsum("bhd,btd->bht", qr, kr)
+        return torch.einsum("bht,btc->bhc", torch.softmax(s.float() * scale, -1).to(q.dtype), ck)
+
+    runs = [{"kernel": "einsum", "ms": graphed_ms(einsum)}]
+    for kind, fn in fns.items():
+        for cfg in launches(kind, h):
+            kw = dict(cfg, max_length=t)
+            if kw.get("splits") == "2x":
+                kw["splits"] = 2 * default_splits(b, h, t, kw.get("block_h") or 64, q.device)
+            try:
+                runs.append(dict(kernel=kind, **cfg, ms=graphed_ms(lambda: fn(q, qr, ck, kr, lengths, scale, **kw))))
+            except Exception as err:  # e.g. shared memory over the limit
+                runs.append(dict(kernel=kind, **cfg, ms=float("inf"), error=f"{type(err).__name__}: {str(err)[:160]}"))
+    for r in runs:
+        r["GBps"] = nbytes / r["ms"] / 1e6
+        r["share_copy"] = r["GBps"] / roof["copy_GBps"]
+        r["TFLOPs"] = flops / r["ms"] / 1e9
+        r["share_matmul"] = r["TFLOPs"] / roof["matmul_bf16_TFLOPs"]
+    best = {k: min((r for r in runs if r["kernel"] == k), key=lambda r: r["ms"]) for k in ["einsum", *fns]}
+    return {"heads": h, "batch": b, "context": t, "bytes": nbytes, "flops": flops, "flop_per_byte": flops / nbytes,
+            "best": best, "runs": runs}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roof = results["roofs"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [2 ** (i / 4) for i in range(8, 40)]
+    ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
+    for kind, marker in (("portable", "o"), ("tma", "s"), ("tma_t", "^"), ("einsum", "x")):
+        pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
+               if kind in s["best"]]
+        for h, color in zip(HEADS, ("C0", "C1", "C2")):
+            sel = [(x, y) for x, y, hh in pts if hh == h]
+            if sel:
+                ax.scatter(*zip(*sel), marker=marker, color=color, alpha=0.7,
+                           label=f"{kind}, {h} heads" if kind != "einsum" or h == HEADS[0] else None)
+    ax.set(xscale="log", yscale="log", xlabel="FLOP per cached byte", ylabel="TFLOP/s",
+           title=f"Latent decode on {results['device']} (best launch per kernel and shape)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--one", nargs=4, metavar=("KERNEL", "H", "B", "T"), help="run one kernel's default launch "
+                   "5 times on one shape and exit (for ncu)")
+    args = p.parse_args(argv)
+    if args.one:
+        kind, (h, b, t) = args.one[0], map(int, args.one[1:])
+        q, qr = (torch.randn(b, h, n, device="cuda", dtype=torch.bfloat16) for n in (C, D))
+        ck, kr = (torch.randn(b, t, n, device="cuda", dtype=torch.bfloat16) for n in (C, D))
+        lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
+        for _ in range(5):
+            kernels()[kind](q, qr, ck, kr, lengths, 0.05, max_length=t)
+        torch.cuda.synchronize()
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fns = kernels()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "roofs": roofs(),
+               "checks": {f"{k}_{h}": check(fn, h) for k, fn in fns.items() for h in HEADS}, "shapes": []}
+    print(json.dumps({k: results[k] for k in ("device", "roofs", "checks")}), flush=True)
+    shapes = [(64, h, 4096) for h in HEADS] if args.quick else \
+        [(b, h, t) for h in HEADS for b in BATCHES for t in CONTEXTS]
+    for b, h, t in shapes:
+        row = shape_rows(b, h, t, fns, results["roofs"])
+        results["shapes"].append(row)
+        print(json.dumps({"h": h, "b": b, "t": t, **{k: round(r["share_copy"], 3) for k, r in row["best"].items()},
+                          "tflops": {k: round(r["TFLOPs"]) for k, r in row["best"].items()}}), flush=True)
+        (out / "decode_roofline.json").write_text(json.dumps(results, indent=1))
+        torch.cuda.empty_cache()
+    plot(results, out / "roofline.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
