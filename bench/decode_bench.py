@@ -8,7 +8,8 @@
    SDPA; achieved bandwidth (cache bytes read per step / time) as a share of the card's copy bandwidth
    measured in the same run; at V3's 128 heads and at one tensor-parallel rank's 16 (TP=8). Optionally a
    sweep of the kernel's launch configs.
-3. A decode step with eight distinct rank-16 adapters on every MLA target, rows spread over them, vs the
+3. (and ``engine``: end-to-end decode tokens/s of a 4-layer V3-shaped model through the engine.)
+   A decode step with eight distinct rank-16 adapters on every MLA target, rows spread over them, vs the
    same batch with no adapter (what a merged checkpoint costs): the attention alone and the whole decoder
    layer (V3's dense MLP), eager and replayed from a CUDA graph.
 4. Folded products (W_UQ^T W_UK, W_O W_UV per head) vs split weights: parameter bytes and step time.
@@ -115,12 +116,21 @@ def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | No
         lengths = torch.full((b,), t, dtype=torch.int32, device=device)
         rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
                                         iters)
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
+            from nemo_mla_lora.inference.hopper_decode import decode_attention  # the TMA kernels on Hopper
+
+            rows["absorbed_tma"] = timed(lambda: decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale), iters)
+            rows["absorbed_tma_graph"] = timed(graphed(
+                lambda: decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=t)), iters)
+            rows["absorbed_triton_graph"] = timed(graphed(
+                lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=t)), iters)
         sweep = kernel_sweep(lambda **kw: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, **kw),
                              max(5, iters // 2), sweep_configs(h) if sweep and device.type == "cuda" else [])
         if sweep:
             rows["absorbed_triton_best"] = sweep[0]["ms"]
     read = {"materialized_sdpa": k.nbytes + v.nbytes}
-    read.update(dict.fromkeys(("absorbed_einsum", "absorbed_triton", "absorbed_triton_best"),
+    read.update(dict.fromkeys(("absorbed_einsum", "absorbed_triton", "absorbed_triton_best", "absorbed_tma",
+                               "absorbed_tma_graph", "absorbed_triton_graph"),
                               c_kv.nbytes + k_rope.nbytes))
     flops = 2 * b * h * t * (2 * c + dr)  # absorbed: scores over c + dr, then p . c_kv over c
     return {"heads": h, "latent_bytes_per_token": latent_alloc / (b * t),
@@ -150,17 +160,17 @@ def sweep_configs(heads: int) -> list[dict]:
             for bt in (32, 64, 128) for w in (4, 8) for st in (2, 3) for sp in (None, 8) if bh > 16 or bt < 128]
 
 
-def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype):
-    """``n_adapters`` distinct rank-``rank`` adapters (B != 0) on every MLA target of layer 0."""
+def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype, layers: int = 1):
+    """``n_adapters`` distinct rank-``rank`` adapters (B != 0) on every MLA target of the first ``layers``."""
     from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
 
     c, width = spec.kv_lora_rank, spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim)
     shapes = {n: (m.weight.shape[1], m.weight.shape[0]) for n, m in attn.named_children() if n in SUPPORTED}
     shapes["linear_kv_up_proj"] = (c, width)
     gen = torch.Generator().manual_seed(0)
-    factors = {f"a{i}": {f"decoder.layers.0.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
-                                                                torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
-                         for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
+    factors = {f"a{i}": {f"decoder.layers.{k}.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
+                                                                  torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
+                         for k in range(layers) for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
     return AdapterBank(spec, factors, device, dtype)
 
 
@@ -211,6 +221,45 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
     return result
 
 
+def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, layers: int = 4,
+                   n_adapters: int = 8, rank: int = 16) -> dict:
+    """End-to-end greedy decode through ``AbsorbedMLAEngine`` (eager, as the engine runs): ``layers`` layers of
+    V3's attention and dense MLP, V3's vocabulary; batch ``b``, a ``prompt``-token prefill, then ``steps`` decode
+    steps timed. No adapter (a merged checkpoint runs exactly this) vs ``n_adapters`` distinct unmerged adapters
+    on every MLA target of every layer, rows spread over them."""
+    from dataclasses import replace
+
+    from nemo_mla_lora import parallel
+    from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.tiny import build_model
+
+    parallel.init_megatron()
+    spec = replace(spec_of(d), num_layers=layers, vocab_size=129280)
+    model = build_model(config_from_spec(spec, dtype)).to(device)
+    h, c = spec.num_heads, spec.kv_lora_rank
+    k_up, v_up = ([torch.randn(h * n, c, dtype=dtype, device=device) * c ** -0.5 for _ in range(layers)]
+                  for n in (spec.qk_nope_head_dim, spec.v_head_dim))
+    engine = AbsorbedMLAEngine(model, spec, k_up, v_up, "triton" if use_triton else "torch")
+    bank = random_bank(spec, model.decoder.layers[0].self_attention, n_adapters, rank, device, dtype, layers)
+    tokens = torch.randint(0, 1000, (b, prompt), device=device)
+    out = {"layers": layers, "batch": b, "prompt": prompt, "steps": steps, "adapters": n_adapters, "rank": rank}
+    for name, adapters in (("no_adapter", False), ("multi_adapter", True)):
+        cache = engine.new_cache(b, prompt + steps + 4)
+        ids = (torch.arange(b, device=device) % n_adapters + 1) if adapters else None
+        nxt = engine.forward(tokens, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+        for _ in range(3):  # warm-up: the decode kernels compile on the first step
+            nxt = engine.forward(nxt, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = engine.forward(nxt, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        out[name] = {"tokens_per_s": b * steps / (time.perf_counter() - t0)}
+    out["ratio"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter"]["tokens_per_s"]
+    return out
+
+
 def fold_section(d, b, dtype, device, iters) -> dict:
     """Decode-step projections around the attention, split weights vs folded per-head products."""
     from nemo_mla_lora.export.absorb import fold_cost
@@ -245,6 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernel (CPU without the interpreter)")
     p.add_argument("--no-sweep", action="store_true", help="time the kernel's default launch only")
+    p.add_argument("--prompt", type=int, default=512, help="engine section: prefill tokens")
+    p.add_argument("--steps", type=int, default=32, help="engine section: decode steps timed")
+    p.add_argument("--sections", nargs="*", help="run only these sections")
     p.add_argument("--out")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,7 +310,9 @@ def main(argv=None) -> int:
                 "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, tri,
                                                            heads=max(1, d["heads"] // 8), sweep=sweep),
                 "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, tri),
+                "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, tri),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
+    sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers
         try:
             result[name] = section()

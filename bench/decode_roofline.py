@@ -9,7 +9,8 @@ matmul peak (8192^3, mean of 10 after warm-up). For each shape (heads x batch x 
 c = 512, d = 64, every row at full length) each kernel runs each of its launch configs, every call replayed
 from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps excluded), median of the
 replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
-(``hopper_decode``: heads as the MMA's rows, positions as its rows), ``einsum`` (cuBLAS batched GEMMs). Each
+(``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (``decode_attention``: what
+the engine runs, the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs). Each
 kernel's numerics are checked against the fp64 equations first. Bytes = the cache read (b x t x (c + d) x 2);
 FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
 """
@@ -52,10 +53,26 @@ def graphed_ms(fn, replays: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def eager_ms(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 def roofs() -> dict:
+    """Copy: 1 GiB, eager ``copy_`` (an SM copy kernel; inside a CUDA graph the same copy becomes a memcpy
+    node on the copy engines, recorded too, slower); matmul: 8192^3 bf16."""
     src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms = graphed_ms(lambda: dst.copy_(src))
+    copy_ms, graph_copy_ms = eager_ms(lambda: dst.copy_(src)), graphed_ms(lambda: dst.copy_(src))
     del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     for _ in range(3):
@@ -66,21 +83,22 @@ def roofs() -> dict:
         a @ a
     torch.cuda.synchronize()
     tflops = 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0) / 1e12
-    return {"copy_GBps": 2 * (1 << 30) / copy_ms / 1e6, "matmul_bf16_TFLOPs": tflops}
+    return {"copy_GBps": 2 * (1 << 30) / copy_ms / 1e6, "copy_in_graph_GBps": 2 * (1 << 30) / graph_copy_ms / 1e6,
+            "matmul_bf16_TFLOPs": tflops}
 
 
 def kernels():
     from functools import partial
 
-    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+    from nemo_mla_lora.inference.hopper_decode import decode_attention, latent_decode_attention_tma
     from nemo_mla_lora.inference.triton_decode import latent_decode_attention
 
     return {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
-            "tma_t": partial(latent_decode_attention_tma, rows="positions")}
+            "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
 
 
 def launches(kind: str, h: int) -> list[dict]:
-    if kind == "portable":
+    if kind in ("portable", "default"):
         return [{}]
     if kind == "tma":
         shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)] if h >= 64 else [(16, 64, 4, 2), (16, 32, 4, 3)]
@@ -125,8 +143,8 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
     for kind, fn in fns.items():
         for cfg in launches(kind, h):
             kw = dict(cfg, max_length=t)
-            if kw.get("splits") == "2x":
-                kw["splits"] = 2 * default_splits(b, h, t, kw.get("block_h") or 64, q.device)
+            if kind.startswith("tma"):  # 1x or 2x the portable kernel's split count for this block
+                kw["splits"] = (2 if kw.get("splits") == "2x" else 1) * default_splits(b, h, t, kw["block_h"], q.device)
             try:
                 runs.append(dict(kernel=kind, **cfg, ms=graphed_ms(lambda: fn(q, qr, ck, kr, lengths, scale, **kw))))
             except Exception as err:  # e.g. shared memory over the limit
@@ -151,7 +169,9 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [2 ** (i / 4) for i in range(8, 40)]
     ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
-    for kind, marker in (("portable", "o"), ("tma", "s"), ("tma_t", "^"), ("einsum", "x")):
+    ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
+            label="goals: 70% copy, 50% matmul")
+    for kind, marker in (("portable", "o"), ("default", "s"), ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):
@@ -170,9 +190,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--plot", metavar="JSON", help="redraw roofline.png in --out from a results file and exit")
     p.add_argument("--one", nargs=4, metavar=("KERNEL", "H", "B", "T"), help="run one kernel's default launch "
                    "5 times on one shape and exit (for ncu)")
     args = p.parse_args(argv)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.out) / "roofline.png")
+        return 0
     if args.one:
         kind, (h, b, t) = args.one[0], map(int, args.one[1:])
         q, qr = (torch.randn(b, h, n, device="cuda", dtype=torch.bfloat16) for n in (C, D))

@@ -9,14 +9,15 @@
 #   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
 #   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
 #   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
-#   bash bench/run_gpu.sh decode_hopper [--quick]  # issue 16: kernel GPU tests, bench/decode_roofline.py, ncu
+#   bash bench/run_gpu.sh decode_hopper [--quick]  # issue 16: kernel GPU tests, bench/decode_roofline.py,
+#                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 SITE=/tmp/site
-if [ "${1:-}" != mcore019 ] && [ "${1:-}" != decode_hopper ]; then  # every step but mcore019 runs NeMo 2.7.3 + megatron-core 0.15.3
+if [ "${1:-}" != mcore019 ]; then  # every step but mcore019 runs NeMo 2.7.3 + megatron-core 0.15.3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
     || { echo "wheel install failed"; exit 1; }
 fi
@@ -69,13 +70,18 @@ two_gpus() {  # tag, parallel overrides: train on two GPUs (torchrun), then expo
 finetune_tp2() { two_gpus finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
 finetune_ep2() { two_gpus finetune_ep2 trainer.expert_parallel=2; }
 
-decode_hopper() {  # issue 16: runs from the source tree (torch + triton only); tests, roofline sweep, ncu profiles
-  export PYTHONPATH="$REPO"
+decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
   python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
   tail -n 3 "$OUT/decode_tests.log"
   timeout 400 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 45
   local rc=${PIPESTATUS[0]}
-  for one in "tma_t 16 64 4096" "portable 16 64 4096" "tma 128 64 4096" "portable 128 64 4096"; do
+  timeout 150 python3 "$REPO/bench/decode_bench.py" --no-sweep --out "$OUT/decode.json" \
+    --sections attention attention_tp8 adapters > "$OUT/decode.log" 2>&1 || rc=1
+  timeout 200 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine.json" --sections engine \
+    > "$OUT/engine.log" 2>&1 || rc=1
+  python3 -c "import json; print(json.load(open('$OUT/decode.json'))['adapters']); print(json.load(open('$OUT/engine.json'))['engine'])"
+  [ "${NCU:-1}" = 0 ] && return "$rc"
+  for one in "default 16 64 4096" "default 128 64 4096"; do
     timeout 60 ncu --clock-control none --kernel-name regex:split --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 "$REPO/bench/decode_roofline.py" --out "$OUT" --one $one \

@@ -138,11 +138,21 @@ def _tma_split_kernel_t(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_
 KERNELS = {"heads": _tma_split_kernel, "positions": _tma_split_kernel_t}  # what fills the MMA's rows
 
 
-def default_tma_launch(h: int) -> dict:
-    """Launch per head count; ``bench/decode_roofline.py`` sweeps the alternatives (bench/README.md)."""
-    if h >= 64:
-        return dict(rows="heads", block_h=64, block_t=64, num_warps=8, num_stages=2)
-    return dict(rows="positions", block_h=16, block_t=64, num_warps=4, num_stages=2)
+def default_tma_launch(h: int, b: int, t: int) -> dict:
+    """The fastest launch of the H200 sweep per kind of shape (bench/README.md, ``bench/decode_roofline.py``).
+    Little work (b x t < 32K cached positions, or one row) wants many small programs: 16 heads per program,
+    positions as the MMA's rows, twice the splits when b x t x h <= 256K; V3's 128 heads at b > 1 keep 64 x 64
+    tiles on two warp groups; a tensor-parallel rank's few heads stream the cache in 16 x 32 tiles three stages
+    deep; 64 heads take 64 x 64 tiles."""
+    heads64 = dict(rows="heads", block_h=64, block_t=64, num_warps=8, num_stages=2)
+    if h >= 128 and b > 1:
+        return dict(heads64, split_factor=2 if b * t <= 8192 else 1)
+    if b * t < 32768 or b == 1:
+        return dict(rows="positions", block_h=16, block_t=64, num_warps=4, num_stages=2,
+                    split_factor=2 if b * t * h <= 262144 else 1)
+    if h <= 32:
+        return dict(rows="heads", block_h=16, block_t=32, num_warps=4, num_stages=3, split_factor=1)
+    return dict(heads64, split_factor=1)
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -178,13 +188,13 @@ def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: flo
                          f"{c_kv.stride()}, k_rope {tuple(k_rope.shape)} strides {k_rope.stride()} on {c_kv.device}")
     b, h, c = q_lat.shape
     d = q_rope.shape[-1]
-    launch = default_tma_launch(h)
+    t_max = max_length if max_length is not None else int(lengths.max())
+    launch = default_tma_launch(h, b, t_max)
     block_h, block_t = block_h or launch["block_h"], block_t or launch["block_t"]
     num_warps, num_stages = num_warps or launch["num_warps"], num_stages or launch["num_stages"]
     kernel = KERNELS[rows or launch["rows"]]
     q_lat, q_rope, lengths = q_lat.contiguous(), q_rope.contiguous(), lengths.to(torch.int32)
-    t_max = max_length if max_length is not None else int(lengths.max())
-    splits = splits or default_splits(b, h, t_max, block_h, q_lat.device)
+    splits = splits or launch["split_factor"] * default_splits(b, h, t_max, block_h, q_lat.device)
     chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
     splits = triton.cdiv(t_max, chunk)
     out = torch.empty(b, h, c, dtype=q_lat.dtype, device=q_lat.device)
@@ -205,3 +215,13 @@ def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: flo
                               m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=_pow2(c),
                               BLOCK_S=_pow2(splits, 2))
     return out
+
+
+def decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
+    """The decode kernel for this cache: the TMA kernels where ``supported`` (Hopper and newer), else the
+    portable Triton kernel (``triton_decode``). Same arguments and result as either."""
+    if c_kv.device.type == "cuda" and supported(c_kv, k_rope):
+        return latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
+    from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+
+    return latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
