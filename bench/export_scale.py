@@ -239,7 +239,7 @@ if __name__ == "__main__":
 
 
 def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: str, extra: list,
-            code: str | None = None, kill_above_gib: float | None = None) -> dict:
+            code: str | None = None, kill_above_gib: float | None = None, cpus: set | None = None) -> dict:
     if output.exists():  # the run deletes what it wrote: never something that was there before
         raise SystemExit(f"{output} exists; remove it or choose another --work")
     drop_cache(base)
@@ -252,7 +252,10 @@ def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: st
         cmd = [sys.executable, "-c", OLD_EXPORT, str(base), str(adapter), str(output), fmt]
         env["PYTHONPATH"] = code
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=code or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if cpus:  # the export on these cores only (its torch threads follow the affinity)
+        env["OMP_NUM_THREADS"] = str(len(cpus))
+    proc = subprocess.Popen(cmd, cwd=code or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     sampler = Sampler(proc.pid, kill_above_gib=kill_above_gib)
     sampler.start()
     log = proc.communicate()[0]
@@ -264,7 +267,7 @@ def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: st
     if proc.returncode != 0:
         raise SystemExit(f"export {fmt} failed (exit {proc.returncode}):\n{log[-4000:]}")
     manifest = json.loads((output / "manifest.json").read_text())
-    return {"format": fmt, "code": code, "wall_s": round(wall, 1), "cpu_s": round(sampler.cpu, 1), "peak_rss_GiB": round(sampler.hwm, 3),
+    return {"format": fmt, "code": code, "cores": len(cpus or os.sched_getaffinity(0)), "wall_s": round(wall, 1), "cpu_s": round(sampler.cpu, 1), "peak_rss_GiB": round(sampler.hwm, 3),
             "read_GB": round(sampler.io.get("read_bytes", 0) / 1e9, 2),
             "written_GB": round(sampler.io.get("write_bytes", 0) / 1e9, 2),
             "base_GB": round(_size(base, "*") / 1e9, 2), "export_GB": round(_size(output, "*") / 1e9, 2),
@@ -280,7 +283,8 @@ def run(args) -> None:
     base_files = [f for f in base.iterdir() if f.is_file()]
     for fmt in args.formats:
         output = Path(args.work) / f"export_{fmt}"
-        row = run_one(base, adapter, fmt, output, args.verify, args.extra, args.code, args.kill_above_gib)
+        cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
+        row = run_one(base, adapter, fmt, output, args.verify, args.extra, args.code, args.kill_above_gib, cpus)
         if "killed" in row:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
@@ -349,6 +353,7 @@ def main():
     r.add_argument("--extra", nargs="*", default=[], help="more recipes.export overrides")
     r.add_argument("--code", default=None, help="an older checkout to run instead (its export(), defaults)")
     r.add_argument("--kill-above-gib", type=float, default=None, help="stop an export whose RSS passes this")
+    r.add_argument("--cpus", default=None, help="comma-separated cores to run the export on (default: all)")
     args = ap.parse_args()
     if args.cmd == "run" and args.work is None:
         args.work = str(Path(args.base).parent)
