@@ -254,7 +254,7 @@ def run_one(base: Path, adapter: Path | None, fmt: str, output: Path, verify: st
     start = time.perf_counter()
     if cpus:  # the export on these cores only (its torch threads follow the affinity)
         env["OMP_NUM_THREADS"] = str(len(cpus))
-    proc = subprocess.Popen(cmd, cwd=code or ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     sampler = Sampler(proc.pid, kill_above_gib=kill_above_gib)
     sampler.start()

@@ -11,7 +11,7 @@
 #   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
 #   bash bench/run_gpu.sh decode_hopper [--quick]  # issue 16: kernel GPU tests, bench/decode_roofline.py,
 #                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
-#   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 12 layers) on 16 and 2 cores
+#   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
@@ -75,13 +75,14 @@ export_cores() {  # issue 15: the export at scale on this machine's 16 cores and
   local w=/tmp/xs; rm -rf "$w"; mkdir -p "$w"; unset OMP_NUM_THREADS
   export CUDA_VISIBLE_DEVICES=""
   nproc | tee "$OUT/cores.txt"; df -h /tmp | tail -1 | tee -a "$OUT/cores.txt"
-  timeout 200 python3 "$REPO/bench/export_scale.py" make --shape v2-lite --layers "${LAYERS:-12}" --out "$w/base" \
-    2>&1 | tail -2
+  local t0=$SECONDS
+  timeout 300 python3 "$REPO/bench/export_scale.py" make --shape v2-lite --layers "${LAYERS:-6}" --out "$w/base" \
+    2>&1 | tail -2; echo "make: $((SECONDS - t0)) s"
   python3 "$REPO/bench/export_scale.py" disk --dir "$w" --gb 8 | tee -a "$OUT/cores.txt"
   for run in "hf all" "hf 0,1" "mcore all" "mcore 0,1"; do
     set -- $run; local cpus=(); [ "$2" = all ] || cpus=(--cpus "$2")
     timeout 150 python3 "$REPO/bench/export_scale.py" run --base "$w/base" --formats "$1" --disk "$w/disk.json" \
-      --work "$w" --results "$OUT/${1}_${2//,/_}" "${cpus[@]}" 2>&1 | grep '^{' | cut -c1-600
+      --work "$w" --results "$OUT/${1}_${2//,/_}" "${cpus[@]}" 2>&1 | grep -E '^\{|Error|error' | cut -c1-600 | tail -4
   done
 }
 
