@@ -74,11 +74,13 @@ def test_bad_parts_fail_early(parts, message):
 def test_part_selective_adapter_lives_on_the_base_weight_device():
     """The scatter index of a part-selective adapter follows the base weight (the GPU study once found it
     left on the CPU beside a CUDA base); ``meta`` stands in for the other device here."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
     from torch import nn
 
     from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 
-    base = nn.Module()
+    base = ColumnParallelLinear.__new__(ColumnParallelLinear)  # its attributes only: no process groups here
+    nn.Module.__init__(base)
     base.weight = nn.Parameter(torch.empty(6, 4, device="meta"))
     base.output_size, base.input_size = 6, 4
     adapter = MLALoRAAdapter(base, dim=2, alpha=4.0, row_mask=torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool))

@@ -8,6 +8,8 @@ Tensor parallelism follows the base linear (``to_wrap``), through Megatron-Core'
 | RowParallelLinear (input sharded) | local input columns | full, replicated | r-sized all-reduce (or reduce-scatter) |
 | TP size 1 / duplicated | full | full | none |
 
+Transformer Engine's linears map onto these rows (``linear_layout.py``).
+
 Routed-expert linears with explicit expert communication (EP or expert-TP > 1) leave input gather and
 output reduction to the token dispatcher, as their base linears do; the adapter does the same and only
 all-reduces the gradient of its replicated factor. A part-selective B whose chosen rows do not split
@@ -24,6 +26,7 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from nemo_mla_lora.peft.linear_layout import layout
 from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
 
 
@@ -39,28 +42,9 @@ def init_a(weight: torch.Tensor, method: str) -> None:
         raise ValueError(f"lora_A_init_method={method!r}; expected xavier, kaiming or normal")
 
 
-def tp_layout(base: nn.Module) -> tuple[str, object, int, int]:
-    """(mode, tp_group, tp_rank, tp_size) of a Megatron linear."""
-    group = getattr(base, "tp_group", None)
-    size = group.size() if group is not None else 1
-    rank = group.rank() if group is not None else 0
-    if size == 1 and not getattr(base, "explicit_expert_comm", False):
-        return "plain", group, 0, 1
-    if isinstance(base, ColumnParallelLinear):
-        return "column", group, rank, size
-    if isinstance(base, RowParallelLinear):
-        return "row", group, rank, size
-    raise TypeError(f"{type(base).__name__} is not a Megatron Column/RowParallelLinear")
-
-
 def frozen_plain(base: nn.Module) -> bool:
     """A frozen weight without bias or FP8: what ``lora_fn.frozen_lora_linear`` computes the base as."""
     return not (base.weight.requires_grad or base.bias is not None or getattr(base.config, "fp8", None))
-
-
-def base_shape(base: nn.Module) -> tuple[int, int]:
-    """Global (out_features, in_features) of a Megatron linear."""
-    return base.output_size, base.input_size
 
 
 class MLALoRAAdapter(nn.Module):
@@ -74,15 +58,15 @@ class MLALoRAAdapter(nn.Module):
             raise ValueError(f"lora_B_init_method={b_init!r}; only 'zero' keeps the model unchanged at start")
         if dropout_position not in ("pre", "post"):
             raise ValueError(f"dropout_position={dropout_position!r}; expected 'pre' or 'post'")
-        self.mode, self.tp_group, self.tp_rank, self.tp_size = tp_layout(base)
-        self.base_kind = "row" if isinstance(base, RowParallelLinear) else "column"
-        self.explicit = bool(getattr(base, "explicit_expert_comm", False))
-        self.sequence_parallel = bool(getattr(base, "sequence_parallel", False)) and not self.explicit
+        self.layout = lay = layout(base)
+        self.mode, self.tp_group, self.tp_rank, self.tp_size = lay.mode, lay.tp_group, lay.tp_rank, lay.tp_size
+        self.base_kind, self.explicit = lay.kind, lay.explicit_expert_comm
+        self.sequence_parallel = lay.sequence_parallel
         self.dim, self.alpha, self.scale = dim, alpha, alpha / dim
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_position = dropout_position
         self.glu_fc1 = glu_fc1
-        out_features, in_features = base_shape(base)
+        out_features, in_features = lay.out_features, lay.in_features
         if row_mask is not None and row_mask.numel() != out_features:
             raise ValueError(f"part mask has {row_mask.numel()} rows, linear has {out_features} output rows")
         dtype = dtype or base.weight.dtype

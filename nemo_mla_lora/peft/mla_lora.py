@@ -27,7 +27,6 @@ from fnmatch import fnmatchcase
 from typing import Literal, Optional
 
 import torch
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from nemo.collections.llm.peft.lora import LoRALinear
 from nemo.collections.llm.peft.module_matcher import ModuleMatcher
 from nemo.lightning.pytorch.callbacks.peft import PEFT
@@ -37,6 +36,7 @@ from nemo_mla_lora.peft import parts as mla_parts
 from nemo_mla_lora.peft import placements
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 from nemo_mla_lora.peft.grouped_experts import group_experts
+from nemo_mla_lora.peft.linear_layout import is_linear
 
 
 class MLALoRALinear(LoRALinear):
@@ -48,8 +48,16 @@ class MLALoRALinear(LoRALinear):
     def __init__(self, to_wrap: nn.Module, adapter: nn.Module):
         super().__init__(to_wrap, adapter)
         self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
+        if adapter.layout.fused_norm:  # TE LayerNormLinear: the adapter takes the normalised input
+            if adapter.tp_size > 1:  # where TE reduces the returned norm output's gradient: not yet shown
+                raise NotImplementedError(f"{type(to_wrap).__name__} at TP size {adapter.tp_size}: an adapter on a "
+                                          "TE linear with a fused norm is supported at TP size 1 for now")
+            to_wrap.return_layernorm_output = True
 
     def forward(self, x, *args, **kwargs):
+        if self.adapter.layout.fused_norm:  # TE returns ((output, normalised input), bias)
+            (out, normed), bias = self.to_wrap(x, *args, **kwargs)
+            return self.adapter.add_to(out, normed), bias
         if not args and not kwargs and self.adapter.fused(self.to_wrap):  # base + adapter: one autograd fn
             return self.adapter.fused_forward(self.to_wrap, x), None
         if hasattr(self.to_wrap, "finish_output"):  # e.g. KVDownProjection: the delta goes on the shard
@@ -68,7 +76,7 @@ def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
 
 
 def is_adaptable(module: nn.Module, name: str) -> bool:
-    return name in placements.ADAPTABLE and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+    return name in placements.ADAPTABLE and is_linear(module)
 
 
 def pattern_matches(pattern: str, name: str, full_name: str) -> bool:

@@ -1,0 +1,62 @@
+"""``peft/linear_layout.py``: how an adapter sees Megatron's and Transformer Engine's linears.
+
+TE cannot be imported here (no CUDA): its modules' shape and mode logic is tested on the values TE keeps
+(per-partition ``out_features`` for column linears, ``in_features`` for row linears, ``parallel_mode`` None
+for duplicated ones, as TE's ``Linear.__init__`` sets them); the modules themselves are covered by the GPU
+run (bench/run_gpu.sh). Megatron's own linears are read from a real tiny model."""
+
+import pytest
+import torch
+
+from nemo_mla_lora.peft.linear_layout import LinearLayout, is_linear, layout, te_layout
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_te_column_linears_hold_per_partition_outputs(tp):
+    for name in ("TEColumnParallelLinear", "TELayerNormColumnParallelLinear"):
+        lay = te_layout(name, "column", out_features=3072 // tp, in_features=1536, tp_size=tp, tp_rank=tp - 1,
+                        sequence_parallel=True)
+        assert (lay.out_features, lay.in_features) == (3072, 1536)
+        assert lay.kind == "column" and lay.mode == ("column" if tp > 1 else "plain")
+        assert lay.tp_size == tp and lay.tp_rank == tp - 1 and lay.sequence_parallel == (tp > 1)
+        assert lay.fused_norm == (name == "TELayerNormColumnParallelLinear") and lay.te
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_te_row_linear_holds_per_partition_inputs(tp):
+    lay = te_layout("TERowParallelLinear", "row", out_features=7168, in_features=16384 // tp, tp_size=tp, tp_rank=0)
+    assert (lay.out_features, lay.in_features) == (7168, 16384)
+    assert lay.kind == "row" and lay.mode == ("row" if tp > 1 else "plain") and not lay.fused_norm
+
+
+def test_duplicated_te_linear_is_plain_whatever_the_tp_size():
+    """q/kv down projections (TELinear, parallel_mode "duplicated" -> TE's None): full weight on every rank."""
+    lay = te_layout("TELinear", None, out_features=576, in_features=7168, tp_size=8, tp_rank=5, sequence_parallel=True)
+    assert lay == LinearLayout(kind="column", mode="plain", out_features=576, in_features=7168, te=True)
+
+
+def test_te_layout_refuses_what_it_does_not_know():
+    with pytest.raises(TypeError, match="TEGroupedLinear is not a TE linear MLALoRA wraps"):
+        te_layout("TEGroupedLinear", "column", 8, 8, 1)
+    with pytest.raises(ValueError, match="TERowParallelLinear with parallel_mode='column'; expected 'row'"):
+        te_layout("TERowParallelLinear", "column", 8, 8, 2)
+    with pytest.raises(ValueError, match="parallel_mode='duplicated'"):
+        te_layout("TELinear", "duplicated", 8, 8, 1)
+
+
+def test_megatron_linears_of_a_real_model(mcore):
+    """Global shapes straight from Megatron's linears (TP size 1 here: every mode plain)."""
+    from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
+
+    model = build_model(tiny_mla_config())
+    attn = model.decoder.layers[0].self_attention
+    for name, module in attn.named_children():
+        if not is_linear(module):
+            continue
+        lay = layout(module)
+        assert (lay.out_features, lay.in_features) == tuple(module.weight.shape), name
+        assert lay.mode == "plain" and lay.tp_size == 1 and not lay.te and not lay.fused_norm
+    assert layout(attn.linear_proj).kind == "row" and layout(attn.linear_kv_up_proj).kind == "column"
+    assert not is_linear(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="Linear is not a Megatron Column/RowParallelLinear or a TE linear"):
+        layout(torch.nn.Linear(4, 4))
