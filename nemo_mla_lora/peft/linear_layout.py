@@ -78,6 +78,18 @@ def _te_class_name(module: nn.Module) -> str | None:
     return None
 
 
+def is_te_grouped(module: nn.Module) -> bool:
+    """Whether ``module`` is TE's grouped expert linear (``TEGroupedMLP``'s fc1/fc2; False without TE)."""
+    from nemo_mla_lora.te_compat import transformer_engine_absent
+
+    if transformer_engine_absent():
+        return False
+    from megatron.core.extensions import transformer_engine as mte
+
+    grouped = getattr(mte, "TEGroupedLinear", None)
+    return grouped is not None and isinstance(module, grouped)
+
+
 def is_linear(module: nn.Module) -> bool:
     """Whether MLALoRA can wrap ``module``: a Megatron or TE linear of the table above."""
     return isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or _te_class_name(module) is not None

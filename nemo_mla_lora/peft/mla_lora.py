@@ -36,7 +36,7 @@ from nemo_mla_lora.peft import parts as mla_parts
 from nemo_mla_lora.peft import placements
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 from nemo_mla_lora.peft.grouped_experts import group_experts
-from nemo_mla_lora.peft.linear_layout import is_linear
+from nemo_mla_lora.peft.linear_layout import is_linear, is_te_grouped
 
 
 class MLALoRALinear(LoRALinear):
@@ -145,6 +145,12 @@ class MLALoRA(PEFT, ModuleMatcher):
 
     def match(self, m: nn.Module, name=None, prefix=None):
         full_name = f"{prefix}.{name}" if prefix else name
+        if name in placements.ADAPTABLE and is_te_grouped(m) and any(
+                pattern_matches(p, name, full_name) for p in self._resolved_targets or self.requested_targets):
+            raise NotImplementedError(
+                f"{full_name}: routed experts as TE grouped GEMMs (TEGroupedMLP, moe_grouped_gemm=True) take no "
+                "MLALoRA adapters yet; build the experts as SequentialMLP (moe_grouped_gemm=False) or leave them "
+                "out of the targets")
         if not is_adaptable(m, name):
             return None
         if any(pattern_matches(p, name, full_name) for p in self.exclude_modules):
