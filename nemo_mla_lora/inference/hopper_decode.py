@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nemo_mla_lora.inference.triton_decode import _merge_kernel, _pow2, default_splits
+from nemo_mla_lora.inference.triton_decode import default_splits, merge_splits, split_buffers
 
 
 @triton.jit
@@ -195,13 +195,8 @@ def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: flo
     kernel = KERNELS[rows or launch["rows"]]
     q_lat, q_rope, lengths = q_lat.contiguous(), q_rope.contiguous(), lengths.to(torch.int32)
     splits = splits or launch["split_factor"] * default_splits(b, h, t_max, block_h, q_lat.device)
-    chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
-    splits = triton.cdiv(t_max, chunk)
-    out = torch.empty(b, h, c, dtype=q_lat.dtype, device=q_lat.device)
+    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, block_t)
     one = splits == 1
-    acc = out if one else torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
-    m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
-    l_sum = torch.empty_like(m)
     if q_lat.device.type == "cuda":
         triton.set_allocator(_scratch)
     kernel[(triton.cdiv(h, block_h), splits, b)](
@@ -210,10 +205,7 @@ def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: flo
         k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), 0 if one else acc.stride(2),
         m.stride(0), m.stride(1), C=c, D=d, BLOCK_H=block_h, BLOCK_T=block_t, ONE_SPLIT=one,
         num_warps=num_warps, num_stages=num_stages)
-    if not one:
-        _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2),
-                              m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=_pow2(c),
-                              BLOCK_S=_pow2(splits, 2))
+    merge_splits(acc, m, l_sum, out)
     return out
 
 

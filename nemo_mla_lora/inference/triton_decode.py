@@ -87,6 +87,29 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+def split_buffers(q_lat: torch.Tensor, t_max: int, splits: int, block_t: int):
+    """(chunk, splits, out [b, h, c], acc, m, l_sum) for ``splits`` about-equal chunks of ``t_max`` positions, each
+    a multiple of ``block_t``: acc [b, h, splits, c] and m, l_sum [b, h, splits] in float32; with one split,
+    acc is the output itself (the split pass normalizes and writes it)."""
+    b, h, c = q_lat.shape
+    chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
+    splits = triton.cdiv(t_max, chunk)
+    out = torch.empty(b, h, c, dtype=q_lat.dtype, device=q_lat.device)
+    acc = out if splits == 1 else torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
+    m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
+    return chunk, splits, out, acc, m, torch.empty_like(m)
+
+
+def merge_splits(acc, m, l_sum, out) -> None:
+    """Stage 2: the splits' partial sums into ``out`` [b, h, c] (nothing to do with one split)."""
+    b, h, splits, c = acc.shape if acc.dim() == 4 else (*acc.shape[:2], 1, acc.shape[2])
+    if splits == 1:
+        return
+    _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2),
+                          m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=_pow2(c),
+                          BLOCK_S=_pow2(splits, 2))
+
+
 def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
     """About four programs per SM (splitting the cached positions when batch x head blocks is fewer), at
     least 256 positions per split; one split (no merge pass) when the batch alone fills the card."""
@@ -118,13 +141,8 @@ def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, 
         raise ValueError("latent_decode_attention: the cache's last dim must be contiguous")
     t_max = max_length if max_length is not None else int(lengths.max())
     splits = splits or default_splits(b, h, t_max, block_h, q_lat.device)
-    chunk = triton.cdiv(triton.cdiv(t_max, splits), block_t) * block_t
-    splits = triton.cdiv(t_max, chunk)
-    out = torch.empty(b, h, c, dtype=q_lat.dtype, device=q_lat.device)
+    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, block_t)
     one = splits == 1
-    acc = out if one else torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
-    m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
-    l_sum = torch.empty_like(m)
     block_c, block_d = _pow2(c), _pow2(d)
     s_as = 0 if one else acc.stride(2)
     _split_kernel[(triton.cdiv(h, block_h), splits, b)](
@@ -133,8 +151,5 @@ def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, 
         k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), s_as, m.stride(0), m.stride(1),
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, ONE_SPLIT=one,
         num_warps=num_warps, num_stages=num_stages)
-    if not one:
-        _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2),
-                              m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=block_c,
-                              BLOCK_S=_pow2(splits, 2))
+    merge_splits(acc, m, l_sum, out)
     return out
