@@ -1,0 +1,93 @@
+"""LoRA on Transformer Engine's grouped expert linears: ``TEGroupedMLP``'s ``linear_fc1`` / ``linear_fc2``.
+
+A ``TEGroupedLinear`` holds every local expert's weight (``weight0`` .. ``weight{E-1}``) and is called as
+``linear(x, m_splits)`` on the tokens grouped by expert. ``TEGroupedLoRALinear`` wraps one:
+
+    y = base(x, m_splits) + scale * (x_e A_e^T) B_e^T          for the rows x_e of each expert e
+
+the base in TE's own grouped GEMM, the adapters as grouped GEMMs (``lora_fn.frozen_lora_linear`` with no
+base weight: the delta alone, same autograd function as ``LoRASequentialMLP``'s). A [E, r, in],
+B [E, out, r]. Its sharded checkpoint is interchangeable with ``SequentialMLP`` experts' adapters, as TE's
+grouped weights are with ``SequentialMLP``'s: each local expert's A and B become
+``<experts>.linear_fc1.adapter.lora_a`` / ``lora_b`` at their global expert index (fc1's B through
+Megatron's SwiGLU factory when the MLP is gated), so adapter files, merge and export read the same keys
+whichever expert module trained them. Expert tensor parallelism > 1 is refused (the TE experts' TP
+communication is the token dispatcher's; their adapters would need its groups).
+Index legend: t permuted tokens (grouped by local expert), i in_features, o out_features, r rank, e expert.
+"""
+
+import torch
+from torch import nn
+
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from nemo_mla_lora.peft.adapter import init_a
+from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
+
+
+class GroupedLoRAAdapter(nn.Module):
+    """A [E, r, in], B [E, out, r] (B zero at start): one rank-r adapter per local expert."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, dim: int, alpha: float,
+                 kind: str = "column", a_init: str = "xavier", glu_fc1: bool = False, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        a = torch.empty(num_experts, dim, in_features, dtype=torch.float32)
+        for e in range(num_experts):
+            init_a(a[e], a_init)
+        self.lora_a = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(num_experts, out_features, dim, device=device, dtype=dtype))
+        self.dim, self.alpha, self.scale, self.glu_fc1, self.kind = dim, alpha, alpha / dim, glu_fc1, kind
+
+    def delta(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
+        """x [t, in] grouped by expert (``m_splits`` rows each) -> scale * (x_e A_e^T) B_e^T [t, out]."""
+        return frozen_lora_linear(x, self.lora_a, self.lora_b, self.scale, (), counts=list(m_splits))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0,
+                           ep_size: int = 1, edp_rank: int = 0):
+        """Per local expert e: A_e, B_e as ShardedTensors ``prefix + lora_a`` / ``lora_b`` at global expert
+        ``ep_rank * E + e`` of ``ep_size * E`` (the axis after ``sharded_offsets``), replicated along the
+        expert-data-parallel group as TE's grouped weights are."""
+        experts = self.lora_a.shape[0]
+        out, singleton = {}, (metadata or {}).get("singleton_local_shards", False)
+        axis = "lora_a" if self.kind == "row" else "lora_b"  # split like the base weight (MLALoRAAdapter's map)
+        axis_map = {axis: 1 if self.kind == "row" else 0}
+        for e in range(experts):
+            global_e = ep_rank * experts + e
+            offsets = sharded_offsets if singleton else (*sharded_offsets, (len(sharded_offsets), global_e,
+                                                                             ep_size * experts))
+            key_prefix = f"{global_e}.{prefix}" if singleton else prefix
+            state = {f"{key_prefix}lora_a": self.lora_a[e], f"{key_prefix}lora_b": self.lora_b[e]}
+            sub = make_sharded_tensors_for_checkpoint(state, "", {f"{key_prefix}{k}": v for k, v in axis_map.items()},
+                                                      offsets)
+            for value in sub.values():
+                value.replica_id = (*value.replica_id[:2], edp_rank)
+            if self.glu_fc1:
+                sub[f"{key_prefix}lora_b"] = apply_swiglu_sharded_factory(sub[f"{key_prefix}lora_b"], offsets,
+                                                                          singleton)
+            for name, value in sub.items():
+                out[f"{prefix}{name.rsplit('.', 1)[-1]}{e}"] = value
+        return out
+
+
+class TEGroupedLoRALinear(nn.Module):
+    """A TE grouped expert linear with a ``GroupedLoRAAdapter``: ``(base(x, m_splits) + delta, bias)``."""
+
+    def __init__(self, to_wrap: nn.Module, adapter: GroupedLoRAAdapter):
+        super().__init__()
+        self.to_wrap, self.adapter = to_wrap, adapter
+
+    def forward(self, x: torch.Tensor, m_splits):
+        out, bias = self.to_wrap(x, m_splits)
+        return out + self.adapter.delta(x, m_splits).to(out.dtype), bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base's grouped weights as TE writes them, plus the adapters under ``prefix + 'adapter.'``."""
+        from megatron.core import parallel_state as ps
+
+        out = self.to_wrap.sharded_state_dict(prefix, sharded_offsets, metadata)
+        out.update(self.adapter.sharded_state_dict(
+            f"{prefix}adapter.", sharded_offsets, metadata, ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(), edp_rank=ps.get_expert_data_parallel_rank()))
+        return out

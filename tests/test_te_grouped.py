@@ -1,0 +1,105 @@
+"""``peft/te_grouped.py``: LoRA on TE's grouped expert linears, checked without TE.
+
+- Numerics: the wrapper's output and every gradient against the per-expert equations in float64, around a
+  plain-torch grouped base with TE's call signature (``base(x, m_splits) -> (y, None)``), one expert empty.
+- Checkpoint: Megatron's own ``TEGroupedMLP.sharded_state_dict`` over the wrapped linears gives the same
+  adapter ShardedTensors (keys, global shapes and offsets, replica ids, values; fc1's B through the SwiGLU
+  factory) as Megatron's ``SequentialMLP`` gives for MLALoRA's per-expert adapters on the same model.
+The TE module itself is covered by the GPU run (bench/run_gpu.sh)."""
+
+import pytest
+import torch
+from torch import nn
+
+from nemo_mla_lora.peft.te_grouped import GroupedLoRAAdapter, TEGroupedLoRALinear
+
+
+class _GroupedBase(nn.Module):
+    """Frozen per-expert weights called as TE's grouped linear is: (x [t, in], m_splits) -> (y [t, out], None)."""
+
+    def __init__(self, weights: torch.Tensor):
+        super().__init__()
+        self.weights = nn.Parameter(weights, requires_grad=False)  # [E, out, in]
+
+    def forward(self, x, m_splits):
+        return torch.cat([xe @ w.T for xe, w in zip(x.split(list(m_splits)), self.weights)]), None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return {}
+
+
+def test_grouped_lora_matches_the_equations_in_float64():
+    torch.manual_seed(0)
+    experts, din, dout, r, splits = 4, 12, 10, 3, [5, 0, 7, 2]
+    base = _GroupedBase(torch.randn(experts, dout, din, dtype=torch.float64))
+    adapter = GroupedLoRAAdapter(experts, din, dout, dim=r, alpha=6.0, dtype=torch.float64)
+    with torch.no_grad():
+        adapter.lora_b.normal_()
+    x = torch.randn(sum(splits), din, dtype=torch.float64, requires_grad=True)
+    y, bias = TEGroupedLoRALinear(base, adapter)(x, splits)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    xr = x.detach().clone().requires_grad_(True)
+    a = adapter.lora_a.detach().clone().requires_grad_(True)
+    b = adapter.lora_b.detach().clone().requires_grad_(True)
+    ref = torch.cat([xe @ w.T + 2.0 * (xe @ a[e].T) @ b[e].T  # scale = alpha / r = 2
+                     for e, (xe, w) in enumerate(zip(xr.split(splits), base.weights))])
+    ref.backward(gy)
+    assert bias is None
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adapter.lora_a.grad, a.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adapter.lora_b.grad, b.grad, rtol=0, atol=1e-12)
+    assert adapter.lora_a.grad[1].abs().sum() == 0 and adapter.lora_b.grad[1].abs().sum() == 0  # no tokens
+
+
+def _flat(sharded: dict) -> dict:
+    """Adapter entries, factories built: (key, global offset) -> (global shape, replica id, data)."""
+    out = {}
+    for value in sharded.values():
+        if ".adapter." not in value.key:
+            continue
+        built = value.build() if hasattr(value, "build") else {"": value}
+        for t in (built.values() if isinstance(built, dict) else built):
+            out[(t.key, t.global_offset)] = (t.global_shape, t.replica_id, t.data.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("singleton", [False, True])
+def test_sharded_adapters_match_sequential_experts(mcore, singleton):
+    from megatron.core.transformer.moe.experts import TEGroupedMLP
+
+    from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import randomize_b
+
+    config = tiny_mla_config()
+    model = MLALoRA(placement="all_linear", dim=4, alpha=8)(build_model(config))
+    randomize_b(model)
+    layer = next(i for i, l in enumerate(model.decoder.layers) if hasattr(l.mlp, "experts"))
+    experts = model.decoder.layers[layer].mlp.experts
+    prefix, metadata = f"decoder.layers.{layer}.mlp.experts.", {"singleton_local_shards": singleton}
+    sequential = _flat(experts.sharded_state_dict(prefix, (), metadata))
+
+    grouped = TEGroupedMLP.__new__(TEGroupedMLP)  # Megatron's own sharded_state_dict over our wrappers
+    nn.Module.__init__(grouped)
+    grouped.config, grouped.num_local_experts = config, len(experts.local_experts)
+    grouped.ep_group = type("Group", (), {"size": lambda self: 1, "rank": lambda self: 0})()
+    for name in ("linear_fc1", "linear_fc2"):
+        linears = [getattr(e.mlp if hasattr(e, "mlp") else e, name) for e in experts.local_experts]
+        a = torch.stack([m.adapter.lora_a.detach() for m in linears])
+        b = torch.stack([m.adapter.lora_b.detach() for m in linears])
+        adapter = GroupedLoRAAdapter(len(linears), a.shape[2], b.shape[1], dim=4, alpha=8,
+                                     kind="row" if name == "linear_fc2" else "column",
+                                     glu_fc1=name == "linear_fc1" and config.gated_linear_unit)
+        with torch.no_grad():
+            adapter.lora_a.copy_(a)
+            adapter.lora_b.copy_(b)
+        setattr(grouped, name, TEGroupedLoRALinear(_GroupedBase(torch.zeros(1, 1, 1)), adapter))
+    te = _flat(TEGroupedMLP.sharded_state_dict(grouped, prefix, (), metadata))
+
+    assert sequential and set(te) == set(sequential), sorted(set(te) ^ set(sequential))[:6]
+    for k, (shape, replica, data) in sequential.items():
+        assert te[k][0] == shape and te[k][1] == replica, k
+        torch.testing.assert_close(te[k][2], data, rtol=0, atol=0)
