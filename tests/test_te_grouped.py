@@ -98,8 +98,27 @@ def test_sharded_adapters_match_sequential_experts(mcore, singleton):
             adapter.lora_b.copy_(b)
         setattr(grouped, name, TEGroupedLoRALinear(_GroupedBase(torch.zeros(1, 1, 1)), adapter))
     te = _flat(TEGroupedMLP.sharded_state_dict(grouped, prefix, (), metadata))
+    _check_factors(model, layer, grouped)
 
     assert sequential and set(te) == set(sequential), sorted(set(te) ^ set(sequential))[:6]
     for k, (shape, replica, data) in sequential.items():
         assert te[k][0] == shape and te[k][1] == replica, k
         torch.testing.assert_close(te[k][2], data, rtol=0, atol=0)
+
+
+def _check_factors(model, layer: int, grouped) -> None:
+    """``state.adapter_factors`` names TE grouped adapters per expert exactly as it names SequentialMLP's."""
+    from nemo_mla_lora.peft.state import adapter_factors
+
+    root = nn.Module()  # decoder.layers.<layer>.mlp.experts holding the grouped wrappers
+    root.decoder = nn.Module()
+    root.decoder.layers = nn.ModuleList([nn.Module() for _ in range(layer + 1)])
+    root.decoder.layers[layer].mlp = nn.Module()
+    root.decoder.layers[layer].mlp.experts = grouped
+    ours = adapter_factors(root)
+    theirs = {k: v for k, v in adapter_factors(model).items() if f"layers.{layer}.mlp.experts." in k}
+    assert ours and set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))[:4]
+    for k, (a, b, scale) in theirs.items():
+        torch.testing.assert_close(ours[k][0], a, rtol=0, atol=0)
+        torch.testing.assert_close(ours[k][1], b, rtol=0, atol=0)
+        assert ours[k][2] == scale

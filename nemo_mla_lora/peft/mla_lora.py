@@ -33,7 +33,7 @@ from nemo.lightning.pytorch.callbacks.peft import PEFT
 from torch import nn
 
 from nemo_mla_lora.peft import parts as mla_parts
-from nemo_mla_lora.peft import placements
+from nemo_mla_lora.peft import placements, te_grouped
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 from nemo_mla_lora.peft.grouped_experts import group_experts
 from nemo_mla_lora.peft.linear_layout import is_linear, is_te_grouped
@@ -76,7 +76,8 @@ def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
 
 
 def is_adaptable(module: nn.Module, name: str) -> bool:
-    return name in placements.ADAPTABLE and is_linear(module)
+    """A target leaf on a Megatron or TE linear, or on TE's grouped expert linear (``te_grouped``)."""
+    return name in placements.ADAPTABLE and (is_linear(module) or is_te_grouped(module))
 
 
 def pattern_matches(pattern: str, name: str, full_name: str) -> bool:
@@ -90,7 +91,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for full_name, module in model.named_modules():
         leaf = full_name.rsplit(".", 1)[-1]
-        if isinstance(module, MLALoRALinear):
+        if isinstance(module, (MLALoRALinear, te_grouped.TEGroupedLoRALinear)):
             out[full_name] = module.to_wrap
         elif is_adaptable(module, leaf) and not full_name.endswith(".to_wrap"):
             out[full_name] = module
@@ -145,12 +146,6 @@ class MLALoRA(PEFT, ModuleMatcher):
 
     def match(self, m: nn.Module, name=None, prefix=None):
         full_name = f"{prefix}.{name}" if prefix else name
-        if name in placements.ADAPTABLE and is_te_grouped(m) and any(
-                pattern_matches(p, name, full_name) for p in self._resolved_targets or self.requested_targets):
-            raise NotImplementedError(
-                f"{full_name}: routed experts as TE grouped GEMMs (TEGroupedMLP, moe_grouped_gemm=True) take no "
-                "MLALoRA adapters yet; build the experts as SequentialMLP (moe_grouped_gemm=False) or leave them "
-                "out of the targets")
         if not is_adaptable(m, name):
             return None
         if any(pattern_matches(p, name, full_name) for p in self.exclude_modules):
@@ -164,6 +159,9 @@ class MLALoRA(PEFT, ModuleMatcher):
     def transform(self, m: nn.Module, name=None, prefix=None):
         if self.match(m, name, prefix) is None:
             return m
+        if is_te_grouped(m):  # TEGroupedMLP's fc1/fc2: every local expert's adapter in one module
+            return te_grouped.wrap(m, name, self.dim, self.alpha, self.lora_A_init_method, self.dropout,
+                                   self.lora_dtype)
         adapter = MLALoRAAdapter(
             m, dim=self.dim, alpha=self.alpha, dropout=self.dropout, dropout_position=self.dropout_position,
             a_init=self.lora_A_init_method, b_init=self.lora_B_init_method,
@@ -205,7 +203,8 @@ class MLALoRA(PEFT, ModuleMatcher):
 
 
 def _wrapped(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MLALoRALinear)]
+    wrappers = (MLALoRALinear, te_grouped.TEGroupedLoRALinear)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, wrappers)]
 
 
 def _pipeline_group():

@@ -8,10 +8,24 @@ import torch
 from torch import nn
 
 from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+from nemo_mla_lora.peft.te_grouped import TEGroupedLoRALinear
 
 
 def _clean(name: str) -> str:
     return name.replace(".to_wrap", "").removeprefix("module.")
+
+
+def _per_expert(name: str, module: TEGroupedLoRALinear) -> dict:
+    """``...mlp.experts.linear_fc1`` (TE grouped) -> {``...mlp.experts.local_experts.{e}.linear_fc1``: (A_e, B_e,
+    scale)} at global expert indices, the names ``SequentialMLP`` experts and the checkpoint readers use."""
+    from megatron.core import parallel_state as ps
+
+    experts, leaf = name.rsplit(".", 1)
+    a, b, first = module.adapter.lora_a.detach(), module.adapter.lora_b.detach(), 0
+    if ps.model_parallel_is_initialized():
+        first = ps.get_expert_model_parallel_rank() * a.shape[0]
+    scale = module.adapter.scale
+    return {f"{experts}.local_experts.{first + e}.{leaf}": (a[e], b[e], scale) for e in range(a.shape[0])}
 
 
 def base_state_dict(model: nn.Module) -> dict:
@@ -21,13 +35,21 @@ def base_state_dict(model: nn.Module) -> dict:
 
 
 def adapter_factors(model: nn.Module) -> dict:
-    """module name -> (A [r, in], B [out, r] with zero rows outside the part, scale)."""
-    return {_clean(n): (m.adapter.lora_a.detach(), m.adapter.full_b(), m.adapter.scale)
-            for n, m in model.named_modules() if isinstance(m, MLALoRALinear)}
+    """module name -> (A [r, in], B [out, r] with zero rows outside the part, scale); TE grouped experts
+    per expert (``_per_expert``)."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, MLALoRALinear):
+            out[_clean(n)] = (m.adapter.lora_a.detach(), m.adapter.full_b(), m.adapter.scale)
+        elif isinstance(m, TEGroupedLoRALinear):
+            out.update(_per_expert(_clean(n), m))
+    return out
 
 
 def adapter_modules(model: nn.Module) -> dict:
-    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, MLALoRALinear)}
+    """Wrapped module name -> wrapper (a TE grouped wrapper once, under its own name)."""
+    wrappers = (MLALoRALinear, TEGroupedLoRALinear)
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, wrappers)}
 
 
 @torch.no_grad()

@@ -91,3 +91,21 @@ class TEGroupedLoRALinear(nn.Module):
             f"{prefix}adapter.", sharded_offsets, metadata, ep_rank=ps.get_expert_model_parallel_rank(),
             ep_size=ps.get_expert_model_parallel_world_size(), edp_rank=ps.get_expert_data_parallel_rank()))
         return out
+
+
+def wrap(base: nn.Module, name: str, dim: int, alpha: float, a_init: str = "xavier", dropout: float = 0.0,
+         dtype=None) -> TEGroupedLoRALinear:
+    """``base``: a Megatron ``TEGroupedLinear`` (``linear_fc1`` or ``linear_fc2`` of a ``TEGroupedMLP``)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_tensor_parallel_world_size() > 1:
+        raise NotImplementedError(f"{name}: adapters on TE grouped experts at expert tensor parallel size "
+                                  f"{ps.get_expert_tensor_parallel_world_size()}; supported at 1 (EP any)")
+    if dropout > 0:
+        raise NotImplementedError(f"{name}: adapter dropout on TE grouped experts; use dropout=0")
+    w = base.weight0
+    adapter = GroupedLoRAAdapter(base.num_gemms, base.in_features, base.out_features, dim, alpha,
+                                 kind="row" if name == "linear_fc2" else "column", a_init=a_init,
+                                 glu_fc1=name == "linear_fc1" and base.config.gated_linear_unit,
+                                 dtype=dtype or w.dtype, device=w.device)
+    return TEGroupedLoRALinear(base, adapter)
