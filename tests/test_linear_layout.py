@@ -5,6 +5,8 @@ TE cannot be imported here (no CUDA): its modules' shape and mode logic is teste
 for duplicated ones, as TE's ``Linear.__init__`` sets them); the modules themselves are covered by the GPU
 run (bench/run_gpu.sh). Megatron's own linears are read from a real tiny model."""
 
+import logging
+
 import pytest
 import torch
 
@@ -60,3 +62,31 @@ def test_megatron_linears_of_a_real_model(mcore):
     assert not is_linear(torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="Linear is not a Megatron Column/RowParallelLinear or a TE linear"):
         layout(torch.nn.Linear(4, 4))
+
+
+def test_te_block_spec_keeps_deepseek_v2_group_router(mcore, monkeypatch):
+    """``te_mla_block_spec`` over Megatron's block spec (its TE variant cannot be built without TE; the
+    layer list and MoE module slot are the same): the MoE layers get ``DeepSeekMoELayer``, and a latent-norm
+    eps the fused TE norms cannot keep is reported."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from nemo_mla_lora.models import layer_spec
+    from nemo_mla_lora.models.tiny import tiny_mla_config
+
+    real = gpt_layer_specs.get_gpt_decoder_block_spec
+    asked = []
+
+    def stand_in(config, use_transformer_engine, vp_stage=None):
+        asked.append(use_transformer_engine)
+        return real(config, use_transformer_engine=False, vp_stage=vp_stage)
+
+    monkeypatch.setattr(layer_spec, "get_gpt_decoder_block_spec", stand_in)
+    warned = []
+    monkeypatch.setattr(logging.getLogger(layer_spec.__name__), "warning", lambda msg, *a: warned.append(msg % a))
+    config = tiny_mla_config()
+    spec = layer_spec.te_mla_block_spec(config, group_score="max", latent_norm_eps=config.layernorm_epsilon / 10)
+    mlps = [s.submodules.mlp.module for s in spec.layer_specs]
+    assert asked == [True] and layer_spec.DeepSeekMoELayer in mlps and MoELayer not in mlps
+    assert config.moe_router_group_score == "max"
+    assert len(warned) == 1 and "latent norms run with eps" in warned[0], warned

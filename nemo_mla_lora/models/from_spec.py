@@ -2,7 +2,8 @@
 
 The one place the architecture becomes Megatron fields: dimensions, RoPE, routing, tied embeddings. Training
 (both trainers), the engine and the tests build their models through it, so a model is configured from its
-checkpoint and nothing else. Without Transformer Engine the TE-free layer spec and no fusions.
+checkpoint and nothing else. Without Transformer Engine the TE-free layer spec and no fusions; with it Megatron's TE
+spec as NeMo builds it, plus DeepSeek-V2's group router (``layer_spec.te_mla_block_spec``).
 """
 
 import torch
@@ -45,7 +46,7 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
     from nemo.collections.llm import DeepSeekV2Config, DeepSeekV3Config
 
     from nemo_mla_lora import te_compat
-    from nemo_mla_lora.models.layer_spec import local_mla_block_spec
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
     from nemo_mla_lora.models.tiny import CPU_SAFE
 
     args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
@@ -59,6 +60,8 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
     if te_compat.apply():  # Transformer Engine absent: its shims, the local spec, no fusions
         args.update(CPU_SAFE, transformer_layer_spec=local_mla_block_spec,
                     use_cpu_initialization=not torch.cuda.is_available())
+    else:  # NeMo's TE spec, with DeepSeek-V2's group router where needed
+        args.update(transformer_layer_spec=te_mla_block_spec)
     args.update(overrides)
     cls = DeepSeekV2Config if spec.model_type == "deepseek_v2" else DeepSeekV3Config
     config = cls(**args)

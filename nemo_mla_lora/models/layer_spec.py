@@ -1,4 +1,4 @@
-"""The Transformer-Engine-free MLA layer spec (CPU, and GPU machines without TE).
+"""The Transformer-Engine-free MLA layer spec (CPU, and GPU machines without TE), and the TE spec's DeepSeek fix.
 
 Two substitutions in megatron-core's local spec:
 1. ``MLASelfAttention`` passes ``k_channels`` / ``v_channels`` (q head dim nope+rope, v head dim) to its
@@ -178,4 +178,27 @@ def local_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_ep
         attention.q_layernorm = attention.kv_layernorm = LatentNorm
     if spec.layer_norm is WrappedTorchNorm:
         spec.layer_norm = SequenceParallelTorchNorm
+    return spec
+
+
+def te_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_eps=None):
+    """Megatron's Transformer Engine decoder block spec (what NeMo builds for DeepSeek) with DeepSeek-V2's group
+    router where its routing needs it (``DeepSeekMoELayer``). TE fuses the q/kv latent norms into
+    ``linear_q_up_proj`` / ``linear_kv_up_proj`` with ``layernorm_epsilon``; a checkpoint whose latent norms use
+    another eps (Moonlight: 1e-6 against 1e-5) gets a warning: only the local spec keeps them apart."""
+    import logging
+
+    if group_score is not None:
+        config.moe_router_group_score = group_score
+    if latent_norm_eps is not None:
+        config.mla_latent_norm_eps = latent_norm_eps
+    latent = getattr(config, "mla_latent_norm_eps", config.layernorm_epsilon)
+    if latent != config.layernorm_epsilon:
+        logging.getLogger(__name__).warning(
+            "TE spec: the q/kv latent norms run with eps %g (layernorm_epsilon) where this checkpoint's use %g",
+            config.layernorm_epsilon, latent)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+    for layer_spec in spec.layer_specs:
+        if layer_spec.submodules.mlp.module is MoELayer:
+            layer_spec.submodules.mlp.module = DeepSeekMoELayer
     return spec
