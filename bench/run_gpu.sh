@@ -13,6 +13,7 @@
 #                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
 #   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
+#   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
@@ -204,14 +205,34 @@ mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) tak
   return "${PIPESTATUS[0]}"
 }
 
+te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just before, on this warm machine) beside NeMo
+  [ -d /tmp/te_site/transformer_engine ] || { echo "no Transformer Engine in /tmp/te_site: run the bring-up call first"; return 1; }
+  local sp; sp=$(python3 -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
+  export PYTHONPATH="$SITE:/tmp/te_site" NVTE_FRAMEWORK=pytorch CUDNN_HOME="$sp/nvidia/cudnn" \
+    LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through llm.finetune and exports;
+  # then the saved base + adapter in the TE model vs the TE-free one (bench/te_check.py), and the callback's
+  # export vs a one-process export of the same files. Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
+  # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels).
+  te_env || return 1
+  local run=/tmp/run_te; rm -rf "$run"
+  timeout 300 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" peft=all_linear peft.dim=16 peft.alpha=16 \
+    data.base_pretrain_steps=40 data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 \
+    "output_dir=$run" 2>&1 | tee "$OUT/te_finetune.log" | grep -E "TE|Grouped|loss|verif|Error|error" | tail -20
+  local rc=${PIPESTATUS[0]}; collect "$run" te_finetune; [ "$rc" = 0 ] || return "$rc"
+  timeout 150 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/te_logits.json" 2>&1 | grep '^{' | cut -c1-400
+  CUDA_VISIBLE_DEVICES="" timeout 120 python3 -m nemo_mla_lora.recipes.export "base=$run/base" \
+    "adapter=$run/adapter" output=/tmp/te_one_process verify=false 2>&1 | tail -2
+  python3 "$REPO/bench/compare_exports.py" "$run/export" /tmp/te_one_process --out "$OUT/te_vs_one_process.json"
+}
+
 nemo_engines() {  # issue 14: NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec load take our exports as they are
   # Inputs made here by: make run; bash bench/prepare_nemo_proof.sh. Needs TE in /tmp/te_site: the bring-up call of
   # that script's header ran on this warm machine just before (carry .gpu_wheels runs/gpu_proof).
-  [ -d /tmp/te_site/transformer_engine ] || { echo "no Transformer Engine in /tmp/te_site: run the bring-up call first"; return 1; }
-  local sp p=$REPO/runs/gpu_proof/nemo
-  sp=$(python3 -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
-  export PYTHONPATH="$SITE:/tmp/te_site" NVTE_FRAMEWORK=pytorch CUDNN_HOME="$sp/nvidia/cudnn" \
-    LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  te_env || return 1
+  local p=$REPO/runs/gpu_proof/nemo
   MASTER_PORT=29511 timeout 540 python3 "$REPO/bench/nemo_engines_check.py" nemo "$p/nemo_te" "$OUT/nemo_te.json" \
     --mcore "$p/mcore_te" > "$OUT/nemo_te.log" 2>&1 &
   local te_pid=$!

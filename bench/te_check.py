@@ -1,0 +1,90 @@
+"""Issue 18 on the GPU machine: one saved base + MLALoRA adapter in a Transformer Engine model and in the TE-free one.
+
+    python3 bench/te_check.py RUN_DIR --out te_logits.json [--specs te local]
+
+``RUN_DIR`` holds ``base/`` and ``adapter/`` as a finetune run saves them (here: the run trained on the TE spec,
+routed experts as TE grouped GEMMs). For each layer spec it builds the model from the base's ``mla_spec.json``
+(``te``: Megatron's TE spec with grouped-GEMM experts, as NeMo builds it; ``local``: nemo_mla_lora's TE-free
+spec with ``SequentialMLP`` experts), wraps it with the adapter's own MLALoRA settings, loads the base and the
+adapter with Megatron's ``dist_checkpointing.load`` at default strictness, and runs the same tokens. Writes
+the logits' max abs difference against the first spec and whether it is within the bf16 bound (2e-2 of the
+largest |logit|). Without TE, ``--specs local local`` runs the same code path on CPU in float32.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def build(spec, kind: str, dtype):
+    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
+    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model
+
+    if kind == "te":
+        config = config_from_spec(spec, dtype, transformer_layer_spec=te_mla_block_spec, moe_grouped_gemm=True)
+    else:
+        config = config_from_spec(spec, dtype, **CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
+    return build_model(config)
+
+
+def load(model, run: Path) -> None:
+    """Base tensors from ``run/base``, adapter tensors from ``run/adapter``, each at default strictness."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model.sharded_state_dict()
+    adapter = {k: v for k, v in sharded.items() if ".adapter." in getattr(v, "key", k)}
+    base = {k: v for k, v in sharded.items() if k not in adapter}
+    state = dist_checkpointing.load(base, str(run / "base"))
+    state.update(dist_checkpointing.load(adapter, str(run / "adapter")))
+    model.load_state_dict(state, strict=False)
+
+
+@torch.no_grad()
+def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[torch.Tensor, dict]:
+    from nemo_mla_lora.checkpoint import read_spec
+    from nemo_mla_lora.peft import MLALoRA
+
+    info = json.loads((run / "adapter" / "adapter.json").read_text())
+    peft = MLALoRA(placement=info["placement"], target_modules=info["target_modules"] or [], dim=info["dim"],
+                   alpha=info["alpha"], parts=info["parts"])
+    model = peft(build(read_spec(run / "base"), kind, dtype).to(device)).eval()
+    load(model, run)
+    kinds = sorted({type(m).__name__ for m in model.modules() if any(w in type(m).__name__ for w in ("Linear", "MLP"))})
+    b_norm = sum(p.float().abs().sum().item() for n, p in model.named_parameters() if n.endswith("lora_b"))
+    b, s = tokens.shape
+    positions = torch.arange(s, device=device).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
+    return model(tokens, positions, mask).float().cpu(), {"modules": kinds, "adapter_b_abs_sum": b_norm}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--specs", nargs="+", default=["te", "local"])
+    args = ap.parse_args(argv)
+    from nemo_mla_lora import parallel
+
+    parallel.init_megatron()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    run = Path(args.run)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    result, first = {"dtype": str(dtype), "specs": {}}, None
+    for kind in args.specs:
+        out, info = logits(run, kind, tokens, device, dtype)
+        first = out if first is None else first
+        diff, scale = (out - first).abs().max().item(), max(1.0, first.abs().max().item())
+        result["specs"][kind] = dict(info, max_abs_logit_diff_vs_first=diff, bound=2e-2 * scale,
+                                     within=diff <= 2e-2 * scale)
+        print(json.dumps({kind: result["specs"][kind]}), flush=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0 if all(v["within"] for v in result["specs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
