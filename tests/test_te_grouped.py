@@ -101,6 +101,7 @@ def test_sharded_adapters_match_sequential_experts(mcore, singleton):
     _check_factors(model, layer, grouped)
 
     assert sequential and set(te) == set(sequential), sorted(set(te) ^ set(sequential))[:6]
+    _check_reload(grouped.linear_fc2.adapter)
     for k, (shape, replica, data) in sequential.items():
         assert te[k][0] == shape and te[k][1] == replica, k
         torch.testing.assert_close(te[k][2], data, rtol=0, atol=0)
@@ -122,3 +123,16 @@ def _check_factors(model, layer: int, grouped) -> None:
         torch.testing.assert_close(ours[k][0], a, rtol=0, atol=0)
         torch.testing.assert_close(ours[k][1], b, rtol=0, atol=0)
         assert ours[k][2] == scale
+
+
+def _check_reload(adapter: GroupedLoRAAdapter) -> None:
+    """Per-expert keys, as a sharded load returns them, load back into the stacked factors."""
+    state = {f"adapter.{n}{e}": getattr(adapter, n)[e].detach().clone() for n in ("lora_a", "lora_b")
+             for e in range(adapter.lora_a.shape[0])}
+    fresh = GroupedLoRAAdapter(adapter.lora_a.shape[0], adapter.lora_a.shape[2], adapter.lora_b.shape[1], dim=4,
+                               alpha=8, kind="row")
+    wrapper = nn.Module()
+    wrapper.adapter = fresh
+    wrapper.load_state_dict(state)
+    torch.testing.assert_close(fresh.lora_a, adapter.lora_a, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.lora_b, adapter.lora_b, rtol=0, atol=0)

@@ -39,6 +39,7 @@ class GroupedLoRAAdapter(nn.Module):
         self.lora_a = nn.Parameter(a.to(device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.zeros(num_experts, out_features, dim, device=device, dtype=dtype))
         self.dim, self.alpha, self.scale, self.glu_fc1, self.kind = dim, alpha, alpha / dim, glu_fc1, kind
+        self._register_load_state_dict_pre_hook(_stack_per_expert_keys)
 
     def delta(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
         """x [t, in] grouped by expert (``m_splits`` rows each) -> scale * (x_e A_e^T) B_e^T [t, out]."""
@@ -69,6 +70,15 @@ class GroupedLoRAAdapter(nn.Module):
             for name, value in sub.items():
                 out[f"{prefix}{name.rsplit('.', 1)[-1]}{e}"] = value
         return out
+
+
+def _stack_per_expert_keys(state_dict, prefix, *args, **kwargs):
+    """``prefix + lora_a{e}`` / ``lora_b{e}`` (what a sharded load hands back) -> the stacked ``lora_a`` / ``lora_b``."""
+    for name in ("lora_a", "lora_b"):
+        keys = sorted((k for k in state_dict if k.startswith(prefix + name) and k[len(prefix + name):].isdigit()),
+                      key=lambda k: int(k[len(prefix + name):]))
+        if keys:
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
 
 class TEGroupedLoRALinear(nn.Module):
