@@ -54,6 +54,9 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
             assert not any(v == "grouped" for v in paths.values()), paths
         else:  # EP=2: routed experts grouped (expert TP size 1)
             assert any(v == "grouped" for v in paths.values()) and paths["decoder.layers.0.mlp.linear_fc2"] == "fused"
+        for name, (base_flag, a_flag, b_flag) in got["allreduce"].items():  # the DDP group each is reduced over:
+            assert a_flag == b_flag == base_flag, (layout, name)  # an expert's adapter goes where its weight goes
+            assert base_flag == (layout != "ep2" or "local_experts" not in name), (layout, name)
         for name, (da, db) in grads.items():
             if "local_experts" not in name:  # a routed expert may get no token in this batch
                 assert da.abs().sum() > 0 and db.abs().sum() > 0, name

@@ -97,8 +97,8 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
         for part in _all_gather_objects(global_grads(model)):
             grads.update(part)
         if rank == 0:
-            torch.save({"logits": logits, "loss": loss, "grads": grads, "fused": fused_paths(model)},
-                       f"{out_dir}/{layout}.pt")
+            torch.save({"logits": logits, "loss": loss, "grads": grads, "fused": fused_paths(model),
+                        "allreduce": allreduce_flags(model)}, f"{out_dir}/{layout}.pt")
         if layout in ("tp2_sp", "ep2"):
             export_through_callback(model, f"{out_dir}/callback_{layout}")
     parallel.destroy()
@@ -118,6 +118,14 @@ def fused_paths(model):
         else:
             out[name] = "fused" if module.adapter.fused(module.to_wrap) else "adapter"
     return out
+
+
+def allreduce_flags(model):
+    """{module name: (Megatron's ``allreduce`` flag on the base weight, on A, on B)}: which DDP group reduces them."""
+    from nemo_mla_lora.peft.state import adapter_modules
+
+    return {n: tuple(getattr(p, "allreduce", True) for p in (m.to_wrap.weight, m.adapter.lora_a, m.adapter.lora_b))
+            for n, m in adapter_modules(model).items()}
 
 
 def export_through_callback(model, out_dir):
