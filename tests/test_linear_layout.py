@@ -90,3 +90,22 @@ def test_te_block_spec_keeps_deepseek_v2_group_router(mcore, monkeypatch):
     assert asked == [True] and layer_spec.DeepSeekMoELayer in mlps and MoELayer not in mlps
     assert config.moe_router_group_score == "max"
     assert len(warned) == 1 and "latent norms run with eps" in warned[0], warned
+
+
+def test_adapter_parameters_take_the_base_weights_reduction_flags():
+    """Megatron reduces a parameter's gradient by the flags on it: TE's duplicated linears carry
+    ``sequence_parallel`` (all-reduced over TP under SP), routed experts under EP ``allreduce=False``."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    from nemo_mla_lora.peft.adapter import MLALoRAAdapter
+
+    for flags in ({}, {"sequence_parallel": True}, {"allreduce": False}, {"allreduce": True, "sequence_parallel": False}):
+        base = ColumnParallelLinear.__new__(ColumnParallelLinear)  # its attributes only: no process groups here
+        torch.nn.Module.__init__(base)
+        base.weight = torch.nn.Parameter(torch.empty(6, 4), requires_grad=False)
+        base.output_size, base.input_size = 6, 4
+        for k, v in flags.items():
+            setattr(base.weight, k, v)
+        adapter = MLALoRAAdapter(base, dim=2, alpha=4.0)
+        for p in (adapter.lora_a, adapter.lora_b):
+            assert {k: getattr(p, k) for k in ("allreduce", "sequence_parallel") if hasattr(p, k)} == flags

@@ -42,13 +42,16 @@ def init_a(weight: torch.Tensor, method: str) -> None:
         raise ValueError(f"lora_A_init_method={method!r}; expected xavier, kaiming or normal")
 
 
-def expert_grads(adapter: nn.Module, base_weight: torch.Tensor) -> None:
-    """The adapter's parameters take the base weight's ``allreduce`` flag: Megatron's DDP reduces a routed
-    expert's parameters (``allreduce=False`` under expert parallelism) over the expert-data-parallel group only;
-    with the default every rank's local experts would be averaged with other ranks' different experts."""
-    flag = getattr(base_weight, "allreduce", True)
-    for p in adapter.parameters(recurse=False):
-        p.allreduce = flag
+def grad_flags(adapter: nn.Module, base_weight: torch.Tensor) -> None:
+    """The adapter's parameters take the base weight's gradient-reduction flags, so Megatron reduces them where
+    it reduces the weight: ``allreduce=False`` (a routed expert under expert parallelism: DDP reduces it over
+    the expert-data-parallel group only; by default every rank's local experts would be averaged with other
+    ranks' different experts) and ``sequence_parallel`` (a TE linear duplicated over TP ranks that each see a
+    sequence shard: ``finalize_model_grads`` all-reduces it over TP)."""
+    for name in ("allreduce", "sequence_parallel"):
+        if hasattr(base_weight, name):
+            for p in adapter.parameters(recurse=False):
+                setattr(p, name, getattr(base_weight, name))
 
 
 def frozen_plain(base: nn.Module) -> bool:
@@ -87,7 +90,7 @@ class MLALoRAAdapter(nn.Module):
             a_full = a_full.chunk(self.tp_size, dim=1)[self.tp_rank]
         self.lora_a = nn.Parameter(a_full.to(device=device, dtype=dtype).contiguous())
         self.lora_b = nn.Parameter(torch.zeros(self.b_rows, dim, device=device, dtype=dtype))
-        expert_grads(self, base.weight)
+        grad_flags(self, base.weight)
 
     def _init_rows(self, out_features: int, row_mask: torch.Tensor | None, device) -> None:
         """Decide how B's rows map to this rank's output rows; register the scatter index (on ``device``)."""

@@ -22,7 +22,7 @@ from torch import nn
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from nemo_mla_lora.peft.adapter import expert_grads, init_a
+from nemo_mla_lora.peft.adapter import grad_flags, init_a
 from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
 
 
@@ -118,5 +118,5 @@ def wrap(base: nn.Module, name: str, dim: int, alpha: float, a_init: str = "xavi
                                  kind="row" if name == "linear_fc2" else "column", a_init=a_init,
                                  glu_fc1=name == "linear_fc1" and base.config.gated_linear_unit,
                                  dtype=dtype or w.dtype, device=w.device)
-    expert_grads(adapter, w)
+    grad_flags(adapter, w)
     return TEGroupedLoRALinear(base, adapter)
