@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from decode_bench import graphed, timed  # bench/ is this script's directory
+
 C, D = 512, 64
 HEADS, BATCHES, CONTEXTS = (16, 64, 128), (1, 8, 32, 128), (1024, 4096, 32768)
 REPS = 10
@@ -30,41 +32,7 @@ REPS = 10
 
 def graphed_ms(fn, replays: int = 15) -> float:
     """Milliseconds per call of ``fn`` captured ``REPS`` times in one CUDA graph, median of ``replays``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPS):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / REPS)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
-def eager_ms(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return timed(graphed(lambda: [fn() for _ in range(REPS)]), replays) / REPS
 
 
 def roofs() -> dict:
@@ -72,7 +40,7 @@ def roofs() -> dict:
     node on the copy engines, recorded too, slower); matmul: 8192^3 bf16."""
     src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
-    copy_ms, graph_copy_ms = eager_ms(lambda: dst.copy_(src)), graphed_ms(lambda: dst.copy_(src))
+    copy_ms, graph_copy_ms = timed(lambda: dst.copy_(src), 20), graphed_ms(lambda: dst.copy_(src))
     del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     for _ in range(3):
@@ -195,6 +163,7 @@ def main(argv=None) -> int:
                    "5 times on one shape and exit (for ncu)")
     args = p.parse_args(argv)
     if args.plot:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         plot(json.loads(Path(args.plot).read_text()), Path(args.out) / "roofline.png")
         return 0
     if args.one:
