@@ -48,10 +48,12 @@ class MLALoRALinear(LoRALinear):
     def __init__(self, to_wrap: nn.Module, adapter: nn.Module):
         super().__init__(to_wrap, adapter)
         self._register_load_state_dict_pre_hook(_route_base_keys_to_wrapped)
-        if adapter.layout.fused_norm:  # TE LayerNormLinear: the adapter takes the normalised input
-            if adapter.tp_size > 1:  # where TE reduces the returned norm output's gradient: not yet shown
-                raise NotImplementedError(f"{type(to_wrap).__name__} at TP size {adapter.tp_size}: an adapter on a "
-                                          "TE linear with a fused norm is supported at TP size 1 for now")
+        if adapter.layout.fused_norm:
+            # TE LayerNormLinear: the adapter takes the normalised input TE returns, not gathered over the
+            # sequence (``return_layernorm_output_gathered`` stays False). TE adds that output's gradient to its
+            # input gradient after its own TP reduction (its backward's "residual gradient"), so the adapter's
+            # usual column-parallel mappings (copy, or sequence gather) reduce the adapter's part, as for
+            # Megatron's ColumnParallelLinear behind a separate norm.
             to_wrap.return_layernorm_output = True
 
     def forward(self, x, *args, **kwargs):
