@@ -36,22 +36,27 @@ PLACEMENTS = ("nemo_official", "all_linear", "safe", "kv_up", "down_only")
 BASES = ("base", "base_grouped")
 
 
-def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = None):
-    """One MoE decoder layer (layer_number 1) wrapped so module names read ``layer.self_attention...``."""
+def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = None, spec: str = "local"):
+    """One MoE decoder layer (layer_number 1) wrapped so module names read ``layer.self_attention...``.
+    ``spec``: ``local`` (TE-free, SequentialMLP experts) or ``te`` (Megatron's TE spec as NeMo builds it,
+    routed experts as TE grouped GEMMs; needs Transformer Engine)."""
     from megatron.core.transformer.spec_utils import build_module
 
     from nemo_mla_lora import cpu_compat
-    from nemo_mla_lora.models.layer_spec import local_mla_block_spec
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
     from nemo_mla_lora.models.tiny import mla_config
 
     shape = dict(V3_LAYER if dims == "v3" else TINY_LAYER)
     if experts:
         shape["num_moe_experts"] = experts
+    if spec == "te":
+        shape["moe_grouped_gemm"] = True
     config = mla_config(dtype, **shape, num_layers=1, moe_layer_freq=[1], seq_length=seq,
                         max_position_embeddings=seq, use_cpu_initialization=cpu_compat.cuda_absent())
     cpu_compat.seed(seed)
     holder = torch.nn.Module()
-    holder.layer = build_module(local_mla_block_spec(config).layer_specs[0], config=config, layer_number=1)
+    block = (te_mla_block_spec if spec == "te" else local_mla_block_spec)(config)
+    holder.layer = build_module(block.layer_specs[0], config=config, layer_number=1)
     return holder.to(device()), config
 
 
@@ -108,7 +113,7 @@ def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
 def prepare(args, variant: str, rank: int):
     """(model with ``variant`` adapters, input x [s, b, hidden] requiring grad, output gradient), seeded."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts)
+    holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts, args.spec)
     model = with_lora(holder, variant, rank)
     gen = torch.Generator(device=device()).manual_seed(args.seed)
     x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
@@ -177,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default: 16 for v3 dims)")
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--spec", choices=("local", "te"), default="local",
+                   help="te: Megatron's TE layer spec, routed experts as TE grouped GEMMs (needs Transformer Engine)")
     p.add_argument("--variants", nargs="+", default=list(TARGETS + PLACEMENTS))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)

@@ -14,6 +14,7 @@
 #   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
+#   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
@@ -226,6 +227,14 @@ te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoR
   CUDA_VISIBLE_DEVICES="" timeout 120 python3 -m nemo_mla_lora.recipes.export "base=$run/base" \
     "adapter=$run/adapter" output=/tmp/te_one_process verify=false 2>&1 | tail -2
   python3 "$REPO/bench/compare_exports.py" "$run/export" /tmp/te_one_process --out "$OUT/te_vs_one_process.json"
+}
+
+te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
+  te_env || return 1
+  for spec in te local; do
+    timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 20 --ranks 16 64 \
+      --variants nemo_official all_linear --out "$OUT/lora_overhead_$spec.json" 2>&1 | grep -E "^\||^card|Error"
+  done
 }
 
 nemo_engines() {  # issue 14: NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec load take our exports as they are
