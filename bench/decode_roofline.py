@@ -76,16 +76,10 @@ def launches(kind: str, h: int) -> list[dict]:
     return out + [dict(cfg, splits="2x") for cfg in out]
 
 
-def reference(q_lat, q_rope, c_kv, k_rope, lengths, scale):
-    t = c_kv.shape[1]
-    s = (torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
-         + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())) * scale
-    s = s.masked_fill(torch.arange(t, device=s.device)[None, None, :] >= lengths[:, None, None], float("-inf"))
-    return torch.einsum("bht,btc->bhc", torch.softmax(s, -1), c_kv.double())
-
-
 def check(fn, h: int) -> float:
     """max |fn - fp64 equations| on 4 rows of lengths 1000, 1, 777, 64 (bf16 inputs)."""
+    from nemo_mla_lora.reference.latent import decode_step as reference
+
     g = torch.Generator(device="cuda").manual_seed(0)
     q, qr = (torch.randn(4, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
     ck, kr = (torch.randn(4, 1000, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))

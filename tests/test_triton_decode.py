@@ -7,19 +7,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from nemo_mla_lora.reference.latent import decode_step as reference  # the fp64 equations
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-ROOT = Path(__file__).resolve().parents[1]
 
 KERNEL_CHECK = """
-import json, sys, torch
+import json, torch
 from nemo_mla_lora.inference.triton_decode import latent_decode_attention
-sys.path.insert(0, sys.argv[1])
-from test_triton_decode import reference
+from nemo_mla_lora.reference.latent import decode_step as reference
 out = []
 torch.manual_seed(0)
 for b, h, c, d, t, lens in [(2, 4, 40, 8, 12, [12, 5]), (3, 20, 512, 64, 300, [300, 1, 77])]:
@@ -32,15 +31,6 @@ print(json.dumps(out))
 """
 
 
-def reference(q_lat, q_rope, c_kv, k_rope, lengths, scale):
-    """o_lat [b, h, c] in float64 from the equations."""
-    t = c_kv.shape[1]
-    s = (torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
-         + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())) * scale
-    s = s.masked_fill(torch.arange(t, device=s.device)[None, None, :] >= lengths[:, None, None], float("-inf"))
-    return torch.einsum("bht,btc->bhc", torch.softmax(s, -1), c_kv.double())
-
-
 def _interpreted(code: str, *args) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
@@ -49,10 +39,9 @@ def _interpreted(code: str, *args) -> str:
 
 
 TMA_CHECK = """
-import json, sys, torch
+import json, torch
 from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
-sys.path.insert(0, sys.argv[1])
-from test_triton_decode import reference
+from nemo_mla_lora.reference.latent import decode_step as reference
 out = []
 torch.manual_seed(0)
 for b, h, c, d, t, lens in [(2, 4, 32, 16, 40, [40, 5]), (3, 20, 512, 64, 300, [300, 1, 77])]:
@@ -72,7 +61,7 @@ print(json.dumps(out))
 def test_tma_kernels_match_the_equations_in_the_interpreter():
     """Both Hopper kernels (heads or positions as the MMA's rows): variable lengths, NaN/Inf past a row's
     length (the descriptor's zero fill keeps them out), several split counts."""
-    diffs = json.loads(_interpreted(TMA_CHECK, str(ROOT / "tests")))
+    diffs = json.loads(_interpreted(TMA_CHECK))
     assert len(diffs) == 12 and max(diffs) < 1e-5, diffs
 
 
@@ -87,7 +76,7 @@ def test_tma_kernel_refuses_what_tma_cannot_load():
 
 def test_kernel_matches_the_equations_in_the_interpreter():
     """Variable lengths per row (a row with one cached token), several split counts, tiny and V3 latent dims."""
-    diffs = json.loads(_interpreted(KERNEL_CHECK, str(ROOT / "tests")))
+    diffs = json.loads(_interpreted(KERNEL_CHECK))
     assert len(diffs) == 6 and max(diffs) < 1e-5, diffs
 
 

@@ -97,3 +97,14 @@ def latent_attention_steps(h, state, p: str, spec: MLASpec, prefill: int):
         cos, sin = rope_cos_sin(spec, torch.arange(start, end), h.dtype)
         outputs.append(latent_attention(h[:, start:end], state, p, spec, cos, sin, cache, 0, start))
     return torch.cat(outputs, dim=1), cache
+
+
+def decode_step(q_lat, q_rope, c_kv, k_rope, lengths, scale: float) -> torch.Tensor:
+    """One decode step's latent attention in float64, the oracle of the decode kernels: q_lat [b, h, c],
+    q_rope [b, h, d], c_kv [b, t, c], k_rope [b, t, d], row i attending to its first ``lengths[i]`` positions
+    -> o_lat [b, h, c]."""
+    t = c_kv.shape[1]
+    s = (torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
+         + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())) * scale  # [b, h, t]
+    s = s.masked_fill(torch.arange(t, device=s.device)[None, None, :] >= lengths[:, None, None], float("-inf"))
+    return torch.einsum("bht,btc->bhc", torch.softmax(s, -1), c_kv.double())
