@@ -99,7 +99,8 @@ def test_adapter_parameters_take_the_base_weights_reduction_flags():
 
     from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 
-    for flags in ({}, {"sequence_parallel": True}, {"allreduce": False}, {"allreduce": True, "sequence_parallel": False}):
+    cases = ({}, {"sequence_parallel": True}, {"allreduce": False}, {"allreduce": True, "sequence_parallel": False})
+    for flags in cases:
         base = ColumnParallelLinear.__new__(ColumnParallelLinear)  # its attributes only: no process groups here
         torch.nn.Module.__init__(base)
         base.weight = torch.nn.Parameter(torch.empty(6, 4), requires_grad=False)

@@ -73,7 +73,8 @@ class GroupedLoRAAdapter(nn.Module):
 
 
 def _stack_per_expert_keys(state_dict, prefix, *args, **kwargs):
-    """``prefix + lora_a{e}`` / ``lora_b{e}`` (what a sharded load hands back) -> the stacked ``lora_a`` / ``lora_b``."""
+    """``prefix + lora_a{e}`` / ``lora_b{e}`` (what a sharded load hands back) -> the stacked ``lora_a`` /
+    ``lora_b``."""
     for name in ("lora_a", "lora_b"):
         keys = sorted((k for k in state_dict if k.startswith(prefix + name) and k[len(prefix + name):].isdigit()),
                       key=lambda k: int(k[len(prefix + name):]))
