@@ -26,13 +26,13 @@ import lightning as L
 
 from nemo_mla_lora import checkpoint
 from nemo_mla_lora.export.pipeline import export
-from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+from nemo_mla_lora.peft.mla_lora import WRAPPERS
 
 log = logging.getLogger(__name__)
 
 
 def _has_adapters(module) -> bool:
-    return module is not None and any(isinstance(m, MLALoRALinear) for m in module.modules())
+    return module is not None and any(isinstance(m, WRAPPERS) for m in module.modules())
 
 
 def find_megatron_model(pl_module):

@@ -69,6 +69,9 @@ class MLALoRALinear(LoRALinear):
         return self.adapter.add_to(out, x), bias
 
 
+WRAPPERS = (MLALoRALinear, te_grouped.TEGroupedLoRALinear)  # what MLALoRA puts around an adapted linear
+
+
 def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
     """``prefix + 'weight'`` -> ``prefix + 'to_wrap.weight'`` (the inverse of AdapterWrapper.state_dict)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -93,7 +96,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for full_name, module in model.named_modules():
         leaf = full_name.rsplit(".", 1)[-1]
-        if isinstance(module, (MLALoRALinear, te_grouped.TEGroupedLoRALinear)):
+        if isinstance(module, WRAPPERS):
             out[full_name] = module.to_wrap
         elif is_adaptable(module, leaf) and not full_name.endswith(".to_wrap"):
             out[full_name] = module
@@ -205,8 +208,7 @@ class MLALoRA(PEFT, ModuleMatcher):
 
 
 def _wrapped(model):
-    wrappers = (MLALoRALinear, te_grouped.TEGroupedLoRALinear)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, wrappers)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, WRAPPERS)]
 
 
 def _pipeline_group():

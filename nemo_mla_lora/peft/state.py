@@ -7,7 +7,7 @@ base checkpoint, the reference forward and the merge/export functions.
 import torch
 from torch import nn
 
-from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+from nemo_mla_lora.peft.mla_lora import WRAPPERS, MLALoRALinear
 from nemo_mla_lora.peft.te_grouped import TEGroupedLoRALinear
 
 
@@ -17,15 +17,10 @@ def _clean(name: str) -> str:
 
 def _per_expert(name: str, module: TEGroupedLoRALinear) -> dict:
     """``...mlp.experts.linear_fc1`` (TE grouped) -> {``...mlp.experts.local_experts.{e}.linear_fc1``: (A_e, B_e,
-    scale)} at global expert indices, the names ``SequentialMLP`` experts and the checkpoint readers use."""
-    from megatron.core import parallel_state as ps
-
+    scale)} for its local experts e: the module names ``SequentialMLP`` experts have on this rank."""
     experts, leaf = name.rsplit(".", 1)
-    a, b, first = module.adapter.lora_a.detach(), module.adapter.lora_b.detach(), 0
-    if ps.model_parallel_is_initialized():
-        first = ps.get_expert_model_parallel_rank() * a.shape[0]
-    scale = module.adapter.scale
-    return {f"{experts}.local_experts.{first + e}.{leaf}": (a[e], b[e], scale) for e in range(a.shape[0])}
+    a, b, scale = module.adapter.lora_a.detach(), module.adapter.lora_b.detach(), module.adapter.scale
+    return {f"{experts}.local_experts.{e}.{leaf}": (a[e], b[e], scale) for e in range(a.shape[0])}
 
 
 def base_state_dict(model: nn.Module) -> dict:
@@ -48,8 +43,7 @@ def adapter_factors(model: nn.Module) -> dict:
 
 def adapter_modules(model: nn.Module) -> dict:
     """Wrapped module name -> wrapper (a TE grouped wrapper once, under its own name)."""
-    wrappers = (MLALoRALinear, TEGroupedLoRALinear)
-    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, wrappers)}
+    return {_clean(n): m for n, m in model.named_modules() if isinstance(m, WRAPPERS)}
 
 
 @torch.no_grad()
