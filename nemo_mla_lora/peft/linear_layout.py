@@ -19,6 +19,7 @@ without CUDA: ``te_layout`` is the shape and mode logic on plain values (tested 
 module (TE modules are recognised only where TE imports).
 """
 
+import functools
 from dataclasses import dataclass
 
 from torch import nn
@@ -64,14 +65,25 @@ def te_layout(class_name: str, parallel_mode, out_features: int, in_features: in
                         fused_norm=class_name == "TELayerNormColumnParallelLinear", te=True)
 
 
-def _te_class_name(module: nn.Module) -> str | None:
-    """The Megatron TE wrapper ``module`` is an instance of, or None (always None without TE)."""
+@functools.cache
+def _megatron_te():
+    """Megatron's TE wrappers (``megatron.core.extensions.transformer_engine``), or None where Transformer Engine
+    does not import; asked once per process (a failed import is not cached by Python, and every module of a
+    model is asked about)."""
     from nemo_mla_lora.te_compat import transformer_engine_absent
 
     if transformer_engine_absent():
         return None
     from megatron.core.extensions import transformer_engine as mte
 
+    return mte
+
+
+def _te_class_name(module: nn.Module) -> str | None:
+    """The Megatron TE wrapper ``module`` is an instance of, or None (always None without TE)."""
+    mte = _megatron_te()
+    if mte is None:
+        return None
     for name in TE_KINDS:  # subclasses first: TELayerNorm..., TEColumn/TERow (TELinear subclasses), TELinear
         if isinstance(module, getattr(mte, name)):
             return name
@@ -80,13 +92,7 @@ def _te_class_name(module: nn.Module) -> str | None:
 
 def is_te_grouped(module: nn.Module) -> bool:
     """Whether ``module`` is TE's grouped expert linear (``TEGroupedMLP``'s fc1/fc2; False without TE)."""
-    from nemo_mla_lora.te_compat import transformer_engine_absent
-
-    if transformer_engine_absent():
-        return False
-    from megatron.core.extensions import transformer_engine as mte
-
-    grouped = getattr(mte, "TEGroupedLinear", None)
+    grouped = getattr(_megatron_te(), "TEGroupedLinear", None)
     return grouped is not None and isinstance(module, grouped)
 
 
