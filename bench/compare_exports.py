@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dir_a")
     p.add_argument("dir_b")
-    p.add_argument("--format", default="absorbed")
+    p.add_argument("--format", default=None, help="absorbed | mcore | hf (default: dir_a's manifest)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     with parallel.megatron_session():  # dist-checkpoint reads need a (one-process) group

@@ -218,15 +218,21 @@ te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoR
   # export vs a one-process export of the same files. Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
   # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels).
   te_env || return 1
+  NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    "$REPO/tests/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
+  local rc_tests=$?
+  grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
   local run=/tmp/run_te; rm -rf "$run"
   timeout 300 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" peft=all_linear peft.dim=16 peft.alpha=16 \
     data.base_pretrain_steps=40 data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 \
     "output_dir=$run" 2>&1 | tee "$OUT/te_finetune.log" | grep -E "TE|Grouped|loss|verif|Error|error" | tail -20
   local rc=${PIPESTATUS[0]}; collect "$run" te_finetune; [ "$rc" = 0 ] || return "$rc"
-  timeout 150 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/te_logits.json" 2>&1 | grep '^{' | cut -c1-400
+  timeout 200 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/te_logits.json" --export-local /tmp/te_local \
+    2>&1 | grep -E '^\{|Error' | cut -c1-600
   CUDA_VISIBLE_DEVICES="" timeout 120 python3 -m nemo_mla_lora.recipes.export "base=$run/base" \
     "adapter=$run/adapter" output=/tmp/te_one_process verify=false 2>&1 | tail -2
-  python3 "$REPO/bench/compare_exports.py" "$run/export" /tmp/te_one_process --out "$OUT/te_vs_one_process.json"
+  python3 "$REPO/bench/compare_exports.py" "$run/export" /tmp/te_one_process --out "$OUT/te_vs_one_process.json" \
+    && [ "$rc_tests" = 0 ]
 }
 
 te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one

@@ -31,34 +31,63 @@ def build(spec, kind: str, dtype):
     return build_model(config)
 
 
-def load(model, run: Path) -> None:
-    """Base tensors from ``run/base``, adapter tensors from ``run/adapter``, each at default strictness."""
+def load(model, run: Path, spec) -> None:
+    """Base tensors from ``run/base``, adapter tensors from ``run/adapter``, each at default strictness. A base
+    saved from a TE model has TE names (``linear_q_up_proj.layer_norm_weight``, ...): a local-spec model asks for
+    its norms under those names (``keymap.to_te_name``), as a user loading it would."""
     from megatron.core import dist_checkpointing
+
+    from nemo_mla_lora import keymap
+    from nemo_mla_lora.checkpoint import dense_layers
 
     sharded = model.sharded_state_dict()
     adapter = {k: v for k, v in sharded.items() if ".adapter." in getattr(v, "key", k)}
     base = {k: v for k, v in sharded.items() if k not in adapter}
+    saved = dist_checkpointing.load_tensors_metadata(str(run / "base"))
+    if any(k.endswith("layer_norm_weight") for k in saved):
+        dense = dense_layers(spec)
+        for v in base.values():
+            if hasattr(v, "key") and v.key not in saved:
+                v.key = keymap.to_te_name(v.key, dense)
     state = dist_checkpointing.load(base, str(run / "base"))
     state.update(dist_checkpointing.load(adapter, str(run / "adapter")))
     model.load_state_dict(state, strict=False)
 
 
 @torch.no_grad()
-def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[torch.Tensor, dict]:
+def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[torch.Tensor, dict, tuple]:
     from nemo_mla_lora.checkpoint import read_spec
     from nemo_mla_lora.peft import MLALoRA
 
     info = json.loads((run / "adapter" / "adapter.json").read_text())
     peft = MLALoRA(placement=info["placement"], target_modules=info["target_modules"] or [], dim=info["dim"],
                    alpha=info["alpha"], parts=info["parts"])
-    model = peft(build(read_spec(run / "base"), kind, dtype).to(device)).eval()
-    load(model, run)
+    spec = read_spec(run / "base")
+    model = peft(build(spec, kind, dtype).to(device)).eval()
+    load(model, run, spec)
     kinds = sorted({type(m).__name__ for m in model.modules() if any(w in type(m).__name__ for w in ("Linear", "MLP"))})
     b_norm = sum(p.float().abs().sum().item() for n, p in model.named_parameters() if n.endswith("lora_b"))
     b, s = tokens.shape
     positions = torch.arange(s, device=device).expand(b, s)
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
-    return model(tokens, positions, mask).float().cpu(), {"modules": kinds, "adapter_b_abs_sum": b_norm}
+    return model(tokens, positions, mask).float().cpu(), {"modules": kinds, "adapter_b_abs_sum": b_norm}, (model, peft, spec)
+
+
+def export_again(loaded, run: Path, work: Path) -> dict:
+    """The local-spec model's base and adapters saved as a local-spec run saves them (local names), exported
+    (``format=mcore``), against the export the TE run's callback wrote: tensor for tensor."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compare_exports import compare
+
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.export.pipeline import export
+
+    model, peft, spec = loaded
+    checkpoint.save_base(model, spec, work / "base", overwrite=True)
+    checkpoint.save_adapter(model, peft, spec, work / "adapter", base_dir=work / "base", overwrite=True)
+    fmt = json.loads((run / "export" / "manifest.json").read_text())["format"]
+    export(work / "base", work / "adapter", work / "export", fmt=fmt, overwrite=True, verify="none", progress=False)
+    return compare(run / "export", work / "export", fmt)
 
 
 def main(argv=None) -> int:
@@ -66,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("run")
     ap.add_argument("--out", required=True)
     ap.add_argument("--specs", nargs="+", default=["te", "local"])
+    ap.add_argument("--export-local", help="a work folder: save the local-spec model, export it, compare with "
+                    "RUN_DIR/export (the TE run's callback export)")
     args = ap.parse_args(argv)
     from nemo_mla_lora import parallel
 
@@ -76,14 +107,19 @@ def main(argv=None) -> int:
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
     result, first = {"dtype": str(dtype), "specs": {}}, None
     for kind in args.specs:
-        out, info = logits(run, kind, tokens, device, dtype)
+        out, info, loaded = logits(run, kind, tokens, device, dtype)
+        if kind == "local" and args.export_local:
+            result["local_export_vs_callback_export"] = export_again(loaded, run, Path(args.export_local))
+            print(json.dumps({"local_export_vs_callback_export": result["local_export_vs_callback_export"]}), flush=True)
         first = out if first is None else first
         diff, scale = (out - first).abs().max().item(), max(1.0, first.abs().max().item())
         result["specs"][kind] = dict(info, max_abs_logit_diff_vs_first=diff, bound=2e-2 * scale,
                                      within=diff <= 2e-2 * scale)
         print(json.dumps({kind: result["specs"][kind]}), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0 if all(v["within"] for v in result["specs"].values()) else 1
+    same = result.get("local_export_vs_callback_export")
+    identical = same is None or (not same["names_in_one_only"] and same["identical"] == same["tensors"] > 0)
+    return 0 if identical and all(v["within"] for v in result["specs"].values()) else 1
 
 
 if __name__ == "__main__":

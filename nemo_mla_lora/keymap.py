@@ -96,6 +96,21 @@ def from_te_name(name: str) -> str:
     return name
 
 
+_TE_GROUPED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
+def from_te_state_name(name: str) -> str | None:
+    """A TE-spec model's ``state_dict`` name -> the local spec's flat name; None for ``_extra_state``. Besides the
+    fused norms (``from_te_name``), ``TEGroupedMLP`` keeps expert e's weight as ``...mlp.experts.linear_fc1.weight{e}``
+    where ``SequentialMLP`` has ``...mlp.experts.local_experts.{e}.linear_fc1.weight``."""
+    if name.endswith("_extra_state"):
+        return None
+    m = _TE_GROUPED_EXPERT.match(name)
+    if m:
+        return f"{m.group(1)}.local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"
+    return from_te_name(name)
+
+
 def to_te_name(name: str, dense_layers: set) -> str:
     """The local spec's name -> the TE spec's (``pre_mlp_layernorm`` fuses into ``linear_fc1`` in ``dense_layers``
     only: an MoE layer keeps its norm)."""

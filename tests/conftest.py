@@ -36,7 +36,7 @@ def perturb_norms_and_bias(model, seed: int = 1):
         for name, t in model.state_dict(keep_vars=True).items():
             if not isinstance(t, torch.Tensor):
                 continue
-            if "layernorm.weight" in name:
+            if "layernorm.weight" in name or name.endswith("layer_norm_weight"):  # local or TE-fused norms
                 t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
             elif name.endswith("expert_bias"):
                 t.copy_(0.1 * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))

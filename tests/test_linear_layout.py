@@ -110,3 +110,35 @@ def test_adapter_parameters_take_the_base_weights_reduction_flags():
         adapter = MLALoRAAdapter(base, dim=2, alpha=4.0)
         for p in (adapter.lora_a, adapter.lora_b):
             assert {k: getattr(p, k) for k in ("allreduce", "sequence_parallel") if hasattr(p, k)} == flags
+
+
+def test_te_state_names_map_to_the_local_specs_flat_names():
+    """A TE-spec model's state dict names (fused norms, TEGroupedMLP's ``weight{e}``) -> the names the local spec's
+    model, the reference forward and ``adapter_factors`` use; the rest unchanged, ``_extra_state`` dropped."""
+    from nemo_mla_lora import keymap
+
+    layer = "decoder.layers.3"
+    cases = {
+        f"{layer}.mlp.experts.linear_fc1.weight0": f"{layer}.mlp.experts.local_experts.0.linear_fc1.weight",
+        f"{layer}.mlp.experts.linear_fc2.weight11": f"{layer}.mlp.experts.local_experts.11.linear_fc2.weight",
+        f"{layer}.self_attention.linear_q_up_proj.layer_norm_weight": f"{layer}.self_attention.q_layernorm.weight",
+        f"{layer}.self_attention.linear_kv_up_proj.layer_norm_weight": f"{layer}.self_attention.kv_layernorm.weight",
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": "decoder.layers.0.pre_mlp_layernorm.weight",
+        f"{layer}.mlp.shared_experts.linear_fc1.weight": f"{layer}.mlp.shared_experts.linear_fc1.weight",
+        f"{layer}.mlp.router.expert_bias": f"{layer}.mlp.router.expert_bias",
+        f"{layer}.self_attention.linear_q_up_proj._extra_state": None,
+        f"{layer}.mlp.experts.linear_fc1._extra_state": None,
+    }
+    assert {name: keymap.from_te_state_name(name) for name in cases} == cases
+
+
+def test_te_norm_linear_outputs_with_and_without_te_returning_the_bias():
+    """Megatron's TELayerNormColumnParallelLinear with ``return_layernorm_output``: ((out, normed), None), or TE's
+    (out, bias, normed) when the wrapper returns TE's bias as it is (TE's LayerNormLinear.forward return order)."""
+    from nemo_mla_lora.peft.mla_lora import te_norm_linear_outputs
+
+    out, normed, bias = torch.ones(2), torch.zeros(2), torch.full((2,), 3.0)
+    plain, with_bias = torch.nn.Module(), torch.nn.Module()
+    plain.te_return_bias, with_bias.te_return_bias = False, True
+    assert te_norm_linear_outputs(plain, ((out, normed), None)) == (out, normed, None)
+    assert te_norm_linear_outputs(with_bias, (out, bias, normed)) == (out, normed, bias)

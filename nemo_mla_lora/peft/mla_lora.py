@@ -57,8 +57,8 @@ class MLALoRALinear(LoRALinear):
             to_wrap.return_layernorm_output = True
 
     def forward(self, x, *args, **kwargs):
-        if self.adapter.layout.fused_norm:  # TE returns ((output, normalised input), bias)
-            (out, normed), bias = self.to_wrap(x, *args, **kwargs)
+        if self.adapter.layout.fused_norm:
+            out, normed, bias = te_norm_linear_outputs(self.to_wrap, self.to_wrap(x, *args, **kwargs))
             return self.adapter.add_to(out, normed), bias
         if not args and not kwargs and self.adapter.fused(self.to_wrap):  # base + adapter: one autograd fn
             return self.adapter.fused_forward(self.to_wrap, x), None
@@ -67,6 +67,17 @@ class MLALoRALinear(LoRALinear):
             return self.to_wrap.finish_output(self.adapter.add_to(out_local, x)), bias
         out, bias = self.to_wrap(x, *args, **kwargs)  # Megatron linears return (output, bias)
         return self.adapter.add_to(out, x), bias
+
+
+def te_norm_linear_outputs(to_wrap: nn.Module, result) -> tuple:
+    """What Megatron's ``TELayerNormColumnParallelLinear`` returns with ``return_layernorm_output`` -> (output,
+    normalised input, bias): ``((output, normed), None)``, or TE's own ``(output, bias, normed)`` where the
+    wrapper hands TE's bias back as it is (``te_return_bias``: a bias with ``skip_bias_add``)."""
+    if getattr(to_wrap, "te_return_bias", False):
+        out, bias, normed = result
+    else:
+        (out, normed), bias = result
+    return out, normed, bias
 
 
 WRAPPERS = (MLALoRALinear, te_grouped.TEGroupedLoRALinear)  # what MLALoRA puts around an adapted linear

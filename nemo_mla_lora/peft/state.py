@@ -7,6 +7,7 @@ base checkpoint, the reference forward and the merge/export functions.
 import torch
 from torch import nn
 
+from nemo_mla_lora import keymap
 from nemo_mla_lora.peft.mla_lora import WRAPPERS, MLALoRALinear
 from nemo_mla_lora.peft.te_grouped import TEGroupedLoRALinear
 
@@ -24,9 +25,15 @@ def _per_expert(name: str, module: TEGroupedLoRALinear) -> dict:
 
 
 def base_state_dict(model: nn.Module) -> dict:
-    """The base model's tensors (adapters and ``_extra_state`` dropped), detached."""
-    return {_clean(k): v.detach() for k, v in model.state_dict().items()
-            if ".adapter." not in k and not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+    """The base model's tensors (adapters and ``_extra_state`` dropped), detached, under the local spec's flat
+    names (a TE-spec model's fused norms and grouped experts renamed: ``keymap.from_te_state_name``), the names
+    ``adapter_factors`` uses."""
+    out = {}
+    for k, v in model.state_dict().items():
+        name = keymap.from_te_state_name(_clean(k))
+        if ".adapter." not in k and name is not None and isinstance(v, torch.Tensor):
+            out[name] = v.detach()
+    return out
 
 
 def adapter_factors(model: nn.Module) -> dict:

@@ -1,0 +1,221 @@
+"""Issue 18 on a GPU with Transformer Engine: MLALoRA on Megatron's TE layer spec (as NeMo builds DeepSeek-V3:
+TELinear q/kv down, TELayerNormColumnParallelLinear q/kv up and dense fc1 with their norms fused, TEColumn/
+TERowParallelLinear, TEGroupedMLP experts with grouped GEMM). Skipped where CUDA or TE is missing (every CPU
+machine; the GPU image until TE is brought up: bench/run_gpu.sh te_finetune says how).
+
+Against what we did not write: the plain-torch equations (``reference.model.forward``, float64 on the CPU), the
+TE-free local spec's gradients (itself tested against the equations on CPU), Megatron's ``dist_checkpointing.load``
+at default strictness. Every adapter has B != 0; fp32 throughout, so the bounds are fp32's (TF32 off where the
+run sets ``NVIDIA_TF32_OVERRIDE=0``)."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import batch, perturb_norms_and_bias
+
+
+def _te_and_cuda() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from nemo_mla_lora.te_compat import transformer_engine_absent
+
+    return not transformer_engine_absent()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _te_and_cuda(), reason="needs CUDA and Transformer Engine")]
+
+VARIANTS = {"q_lora": "tiny_mla", "no_q_lora": "tiny_mla_noq"}
+REL = 2e-5 if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else 5e-3  # of the largest |logit| / |grad|
+
+
+def record(test: str, **values) -> None:
+    """Measured differences, one JSON line each, to ``$TE_GPU_RECORD`` (bench/README.md quotes them)."""
+    if os.environ.get("TE_GPU_RECORD"):
+        with open(os.environ["TE_GPU_RECORD"], "a") as f:
+            f.write(json.dumps({"test": test, **values}) + "\n")
+
+
+def build(name: str, te: bool, seed: int = 0):
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
+    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model, mla_config
+
+    if te:  # NeMo's DeepSeek defaults (alltoall dispatcher, TE permute fusion, grouped GEMM), TE spec
+        config = mla_config(torch.float32, name, transformer_layer_spec=te_mla_block_spec, moe_grouped_gemm=True)
+    else:
+        config = mla_config(torch.float32, name, **CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
+    torch.manual_seed(seed)
+    return build_model(config).cuda().eval(), config
+
+
+def adapted_te(name: str, targets="all_linear", seed: int = 0):
+    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import randomize_b
+
+    model, config = build(name, te=True, seed=seed)
+    perturb_norms_and_bias(model)
+    peft = MLALoRA(placement=targets, dim=4, alpha=8)
+    model = peft(model)
+    randomize_b(model, seed=seed)
+    return model, MLASpec.from_megatron(config), peft
+
+
+def logits(model, seq: int = 12):
+    tokens, positions, mask = (t.cuda() for t in batch(seq))
+    return model(tokens, positions, mask)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_te_linear_kind_is_wrapped(mcore, variant):
+    from nemo_mla_lora.peft.state import adapter_modules
+
+    model, _, _ = adapted_te(VARIANTS[variant])
+    kinds = {n.rsplit(".", 1)[-1]: type(m.to_wrap).__name__ for n, m in adapter_modules(model).items()}
+    expected = {"linear_q_down_proj": "TELinear", "linear_q_up_proj": "TELayerNormColumnParallelLinear",
+                "linear_kv_down_proj": "TELinear", "linear_kv_up_proj": "TELayerNormColumnParallelLinear",
+                "linear_proj": "TERowParallelLinear"}
+    if variant == "no_q_lora":
+        expected = {k: v for k, v in expected.items() if "_q_" not in k} | {"linear_q_proj": "TEColumnParallelLinear"}
+    assert {k: kinds[k] for k in expected} == expected
+    found = {(n.split(".mlp.")[-1], type(m.to_wrap).__name__) for n, m in adapter_modules(model).items() if ".mlp." in n}
+    assert found == {("linear_fc1", "TELayerNormColumnParallelLinear"), ("linear_fc2", "TERowParallelLinear"),
+                     ("shared_experts.linear_fc1", "TEColumnParallelLinear"),
+                     ("shared_experts.linear_fc2", "TERowParallelLinear"),
+                     ("experts.linear_fc1", "TEColumnParallelGroupedLinear"),
+                     ("experts.linear_fc2", "TERowParallelGroupedLinear")}
+    fused = {n.split(".", 3)[-1] for n, m in adapter_modules(model).items()
+             if getattr(getattr(m, "adapter", None), "layout", None) is not None and m.adapter.layout.fused_norm}
+    assert fused == {k for k in ("self_attention.linear_q_up_proj", "self_attention.linear_kv_up_proj", "mlp.linear_fc1")
+                     if variant == "q_lora" or "_q_" not in k}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_te_lora_matches_the_reference_equations(mcore, variant):
+    from nemo_mla_lora.peft.state import adapter_factors, base_state_dict
+    from nemo_mla_lora.reference.model import forward
+
+    model, spec, _ = adapted_te(VARIANTS[variant])
+    state = {k: v.double().cpu() for k, v in base_state_dict(model).items()}
+    adapters = {k: (a.double().cpu(), b.double().cpu(), s) for k, (a, b, s) in adapter_factors(model).items()}
+    tokens = batch()[0]
+    with torch.no_grad():
+        out = logits(model).double().cpu()
+        reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
+    diff, changed, scale = (out - reference).abs().max().item(), (reference - base).abs().max().item(), reference.abs().max().item()
+    record("reference", variant=variant, max_abs_diff=diff, adapters_changed_logits_by=changed, max_abs_logit=scale)
+    assert changed > 100 * REL * scale, "adapters changed nothing"
+    assert diff <= REL * scale, f"TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
+
+
+def _grads(model) -> dict:
+    """Adapter name (local flat, per expert) -> (grad A, grad B)."""
+    from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+    from nemo_mla_lora.peft.state import _clean, adapter_modules
+
+    out = {}
+    for n, m in adapter_modules(model).items():
+        a, b = m.adapter.lora_a.grad, m.adapter.lora_b.grad
+        if isinstance(m, MLALoRALinear):
+            out[n] = (a, b)
+        else:  # TE grouped: per local expert, named as SequentialMLP's
+            experts, leaf = _clean(n).rsplit(".", 1)
+            out.update({f"{experts}.local_experts.{e}.{leaf}": (a[e], b[e]) for e in range(a.shape[0])})
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_te_lora_gradients_match_the_local_spec(mcore, variant):
+    """Same weights, same adapters: the TE model's adapter gradients (the fused norm's returned output, TE's
+    grouped GEMM experts) equal the local spec's."""
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import adapter_factors, adapter_modules, base_state_dict
+
+    te_model, _, _ = adapted_te(VARIANTS[variant])
+    local, _ = build(VARIANTS[variant], te=False)
+    checkpoint.load_weights(local, base_state_dict(te_model), "the TE model's weights")
+    local = MLALoRA(placement="all_linear", dim=4, alpha=8)(local)
+    factors = adapter_factors(te_model)
+    assert set(factors) == set(adapter_factors(local))
+    with torch.no_grad():
+        for n, m in adapter_modules(local).items():
+            m.adapter.lora_a.copy_(factors[n][0])
+            m.adapter.lora_b.copy_(factors[n][1])
+    outs = {}
+    for kind, model in (("te", te_model), ("local", local)):
+        out = logits(model)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out))
+        outs[kind] = (out.detach(), _grads(model))
+    (te_out, te_grads), (local_out, local_grads) = outs["te"], outs["local"]
+    worst = 0.0
+    for n, (ga, gb) in local_grads.items():
+        for g_te, g_local in zip(te_grads[n], (ga, gb)):
+            assert g_local.abs().max() > 0, f"{n}: no gradient"
+            worst = max(worst, ((g_te - g_local).abs().max() / g_local.abs().max()).item())
+    logit_diff = (te_out - local_out).abs().max().item()
+    record("gradients", variant=variant, worst_relative_grad_diff=worst, max_abs_logit_diff=logit_diff,
+           adapters=len(local_grads))
+    assert logit_diff <= REL * local_out.abs().max().item()
+    assert worst <= 10 * REL, f"worst adapter gradient differs by {worst:.3g} of its largest value"
+
+
+def test_te_merged_equals_unmerged(mcore):
+    """W + s B A written into the TE modules' own weights (``weight``, grouped ``weight{e}``), B zeroed: the
+    same logits as the adapters running beside the frozen TE GEMMs."""
+    from nemo_mla_lora.export.merge import merge_linear
+    from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+    from nemo_mla_lora.peft.state import adapter_modules
+
+    model, _, _ = adapted_te("tiny_mla")
+    with torch.no_grad():
+        unmerged = logits(model)
+        for m in adapter_modules(model).values():
+            ad = m.adapter
+            if isinstance(m, MLALoRALinear):
+                merge_linear(m.to_wrap.weight, ad.lora_a, ad.full_b(), ad.scale, out=m.to_wrap.weight)
+            else:
+                for e in range(ad.lora_a.shape[0]):
+                    w = getattr(m.to_wrap, f"weight{e}")
+                    merge_linear(w, ad.lora_a[e], ad.lora_b[e], ad.scale, out=w)
+            ad.lora_b.zero_()
+        merged = logits(model)
+    diff = (merged - unmerged).abs().max().item()
+    record("merge", max_abs_diff=diff, max_abs_logit=unmerged.abs().max().item())
+    assert diff <= REL * unmerged.abs().max().item()
+
+
+def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
+    """The TE model's base (TE names, ``_extra_state``) and adapters, saved as the callback saves them, export
+    (``format=mcore names=te``, verified); Megatron's ``dist_checkpointing.load`` at default strictness puts the
+    export into a fresh TE model, which gives the adapted model's logits. The adapter directory loads into the
+    local spec's experts too (same keys)."""
+    from megatron.core import dist_checkpointing
+
+    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.export.pipeline import export
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import adapter_factors
+
+    model, spec, peft = adapted_te("tiny_mla")
+    checkpoint.save_base(model, spec, tmp_path / "base")
+    checkpoint.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
+    manifest = export(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", names="te",
+                      progress=False)
+    fresh, _ = build("tiny_mla", te=True, seed=1)
+    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path / "out")))
+    with torch.no_grad():
+        want, got = logits(model), logits(fresh)
+    diff = (got - want).abs().max().item()
+    record("export", max_abs_diff=diff, verify=manifest.get("verify"))
+    assert diff <= REL * want.abs().max().item()
+
+    local, _ = build("tiny_mla", te=False, seed=2)
+    local = MLALoRA(placement="all_linear", dim=4, alpha=8)(local)
+    sharded = {k: v for k, v in local.sharded_state_dict().items() if ".adapter." in k}
+    local.load_state_dict(dist_checkpointing.load(sharded, str(tmp_path / "adapter")), strict=False)
+    theirs, ours = adapter_factors(local), adapter_factors(model)
+    assert set(theirs) == set(ours)
+    for n, (a, b, s) in ours.items():
+        assert torch.equal(theirs[n][0], a) and torch.equal(theirs[n][1], b), n
