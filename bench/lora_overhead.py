@@ -78,7 +78,7 @@ def with_lora(holder, variant: str, rank: int):
     model = MLALoRA(dim=rank, alpha=rank, **kwargs)(holder)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
+            if name.rsplit(".", 1)[-1].startswith("lora_b"):  # lora_b, TE grouped experts' lora_b{e}
                 p.normal_(std=1e-3)
     return model
 

@@ -13,6 +13,7 @@ largest |logit|). Without TE, ``--specs local local`` runs the same code path on
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[t
     model = peft(build(spec, kind, dtype).to(device)).eval()
     load(model, run, spec)
     kinds = sorted({type(m).__name__ for m in model.modules() if any(w in type(m).__name__ for w in ("Linear", "MLP"))})
-    b_norm = sum(p.float().abs().sum().item() for n, p in model.named_parameters() if n.endswith("lora_b"))
+    b_norm = sum(p.float().abs().sum().item() for n, p in model.named_parameters() if re.search(r"lora_b\d*$", n))
     b, s = tokens.shape
     positions = torch.arange(s, device=device).expand(b, s)
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)

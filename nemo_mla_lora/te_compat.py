@@ -25,6 +25,15 @@ def transformer_engine_absent() -> bool:
         return True
 
 
+def apex_wgrad_fusion_available() -> bool:
+    """Whether Apex's ``fused_weight_gradient_mlp_cuda`` imports: NeMo's DeepSeek configs default to
+    ``gradient_accumulation_fusion=True``, and Megatron's own ``ColumnParallelLinear`` (the output layer, also in
+    the TE spec) raises at its first forward without that kernel (measured on the GPU machine, TE without Apex)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
 class _AbsentTEModule:
     """Stands for TE's module classes: nothing is an instance of it."""
 

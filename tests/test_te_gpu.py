@@ -116,12 +116,12 @@ def _grads(model) -> dict:
 
     out = {}
     for n, m in adapter_modules(model).items():
-        a, b = m.adapter.lora_a.grad, m.adapter.lora_b.grad
         if isinstance(m, MLALoRALinear):
-            out[n] = (a, b)
+            out[n] = (m.adapter.lora_a.grad, m.adapter.lora_b.grad)
         else:  # TE grouped: per local expert, named as SequentialMLP's
             experts, leaf = _clean(n).rsplit(".", 1)
-            out.update({f"{experts}.local_experts.{e}.{leaf}": (a[e], b[e]) for e in range(a.shape[0])})
+            out.update({f"{experts}.local_experts.{e}.{leaf}": tuple(p.grad for p in m.adapter.expert(e))
+                        for e in range(m.adapter.num_experts)})
     return out
 
 
@@ -145,18 +145,22 @@ def test_te_lora_gradients_match_the_local_spec(mcore, variant):
             m.adapter.lora_b.copy_(factors[n][1])
     outs = {}
     for kind, model in (("te", te_model), ("local", local)):
-        out = logits(model)
+        out = logits(model, seq=48)  # 96 tokens, top-2 of 6 experts
         out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out))
         outs[kind] = (out.detach(), _grads(model))
     (te_out, te_grads), (local_out, local_grads) = outs["te"], outs["local"]
-    worst = 0.0
+    worst, idle = 0.0, set()
     for n, (ga, gb) in local_grads.items():
         for g_te, g_local in zip(te_grads[n], (ga, gb)):
-            assert g_local.abs().max() > 0, f"{n}: no gradient"
+            if g_local.abs().max() == 0:  # a routed expert that got no token: no gradient on either side
+                assert ".local_experts." in n and g_te.abs().max() == 0, f"{n}: no gradient"
+                idle.add(n)
+                continue
             worst = max(worst, ((g_te - g_local).abs().max() / g_local.abs().max()).item())
+    assert len(idle) <= len(local_grads) // 4, f"too few experts saw tokens: {sorted(idle)}"
     logit_diff = (te_out - local_out).abs().max().item()
     record("gradients", variant=variant, worst_relative_grad_diff=worst, max_abs_logit_diff=logit_diff,
-           adapters=len(local_grads))
+           adapters=len(local_grads), experts_without_tokens=len(idle))
     assert logit_diff <= REL * local_out.abs().max().item()
     assert worst <= 10 * REL, f"worst adapter gradient differs by {worst:.3g} of its largest value"
 
@@ -173,13 +177,15 @@ def test_te_merged_equals_unmerged(mcore):
         unmerged = logits(model)
         for m in adapter_modules(model).values():
             ad = m.adapter
-            if isinstance(m, MLALoRALinear):
-                merge_linear(m.to_wrap.weight, ad.lora_a, ad.full_b(), ad.scale, out=m.to_wrap.weight)
+            if isinstance(m, MLALoRALinear):  # merge_linear works on the CPU
+                pairs = [(m.to_wrap.weight, ad.lora_a, ad.full_b())]
             else:
-                for e in range(ad.lora_a.shape[0]):
-                    w = getattr(m.to_wrap, f"weight{e}")
-                    merge_linear(w, ad.lora_a[e], ad.lora_b[e], ad.scale, out=w)
-            ad.lora_b.zero_()
+                pairs = [(getattr(m.to_wrap, f"weight{e}"), *ad.expert(e)) for e in range(ad.num_experts)]
+            for w, a, b in pairs:
+                w.copy_(merge_linear(w.cpu(), a.cpu(), b.cpu(), ad.scale))
+            for name, b in ad.named_parameters(recurse=False):
+                if name.startswith("lora_b"):
+                    b.zero_()
         merged = logits(model)
     diff = (merged - unmerged).abs().max().item()
     record("merge", max_abs_diff=diff, max_abs_logit=unmerged.abs().max().item())

@@ -34,24 +34,26 @@ def test_grouped_lora_matches_the_equations_in_float64():
     base = _GroupedBase(torch.randn(experts, dout, din, dtype=torch.float64))
     adapter = GroupedLoRAAdapter(experts, din, dout, dim=r, alpha=6.0, dtype=torch.float64)
     with torch.no_grad():
-        adapter.lora_b.normal_()
+        for e in range(experts):
+            adapter.expert(e)[1].normal_()
     x = torch.randn(sum(splits), din, dtype=torch.float64, requires_grad=True)
     y, bias = TEGroupedLoRALinear(base, adapter)(x, splits)
     gy = torch.randn_like(y)
     y.backward(gy)
 
     xr = x.detach().clone().requires_grad_(True)
-    a = adapter.lora_a.detach().clone().requires_grad_(True)
-    b = adapter.lora_b.detach().clone().requires_grad_(True)
+    a, b = (t.detach().clone().requires_grad_(True) for t in adapter.stacked())
     ref = torch.cat([xe @ w.T + 2.0 * (xe @ a[e].T) @ b[e].T  # scale = alpha / r = 2
                      for e, (xe, w) in enumerate(zip(xr.split(splits), base.weights))])
     ref.backward(gy)
     assert bias is None
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(adapter.lora_a.grad, a.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(adapter.lora_b.grad, b.grad, rtol=0, atol=1e-12)
-    assert adapter.lora_a.grad[1].abs().sum() == 0 and adapter.lora_b.grad[1].abs().sum() == 0  # no tokens
+    for e in range(experts):
+        ga, gb = (p.grad for p in adapter.expert(e))
+        torch.testing.assert_close(ga, a.grad[e], rtol=0, atol=1e-12)
+        torch.testing.assert_close(gb, b.grad[e], rtol=0, atol=1e-12)
+    assert sum(p.grad.abs().sum() for p in adapter.expert(1)) == 0  # no tokens
 
 
 def _flat(sharded: dict) -> dict:
@@ -94,14 +96,16 @@ def test_sharded_adapters_match_sequential_experts(mcore, singleton):
                                      kind="row" if name == "linear_fc2" else "column",
                                      glu_fc1=name == "linear_fc1" and config.gated_linear_unit)
         with torch.no_grad():
-            adapter.lora_a.copy_(a)
-            adapter.lora_b.copy_(b)
+            for e in range(len(linears)):
+                adapter.expert(e)[0].copy_(a[e])
+                adapter.expert(e)[1].copy_(b[e])
         setattr(grouped, name, TEGroupedLoRALinear(_GroupedBase(torch.zeros(1, 1, 1)), adapter))
     te = _flat(TEGroupedMLP.sharded_state_dict(grouped, prefix, (), metadata))
     _check_factors(model, layer, grouped)
 
     assert sequential and set(te) == set(sequential), sorted(set(te) ^ set(sequential))[:6]
     _check_reload(grouped.linear_fc2.adapter)
+    _check_optimizer_map(TEGroupedMLP.sharded_state_dict(grouped, prefix, (), metadata), grouped)
     for k, (shape, replica, data) in sequential.items():
         assert te[k][0] == shape and te[k][1] == replica, k
         torch.testing.assert_close(te[k][2], data, rtol=0, atol=0)
@@ -129,13 +133,24 @@ def _check_factors(model, layer: int, grouped) -> None:
 
 
 def _check_reload(adapter: GroupedLoRAAdapter) -> None:
-    """Per-expert keys, as a sharded load returns them, load back into the stacked factors."""
-    state = {f"adapter.{n}{e}": getattr(adapter, n)[e].detach().clone() for n in ("lora_a", "lora_b")
-             for e in range(adapter.lora_a.shape[0])}
-    fresh = GroupedLoRAAdapter(adapter.lora_a.shape[0], adapter.lora_a.shape[2], adapter.lora_b.shape[1], dim=4,
-                               alpha=8, kind="row")
+    """The state-dict keys a sharded load hands back (``adapter.lora_a{e}``) load into a fresh adapter."""
+    state = {f"adapter.{n}": p.detach().clone() for n, p in adapter.named_parameters()}
+    assert sorted(state) == sorted(f"adapter.lora_{f}{e}" for f in "ab" for e in range(adapter.num_experts))
+    a, b = adapter.expert(0)
+    fresh = GroupedLoRAAdapter(adapter.num_experts, a.shape[1], b.shape[0], dim=4, alpha=8, kind="row")
     wrapper = nn.Module()
     wrapper.adapter = fresh
     wrapper.load_state_dict(state)
-    torch.testing.assert_close(fresh.lora_a, adapter.lora_a, rtol=0, atol=0)
-    torch.testing.assert_close(fresh.lora_b, adapter.lora_b, rtol=0, atol=0)
+    for got, want in zip(fresh.stacked(), adapter.stacked()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _check_optimizer_map(sharded: dict, grouped) -> None:
+    """Megatron's distributed optimizer finds each trainable parameter's checkpoint entry by the parameter itself
+    (``get_param_id_to_sharded_param_map``): every grouped adapter parameter has one (a stacked parameter
+    handed out as per-expert slices had none: KeyError at NeMo's first checkpoint save on the GPU)."""
+    from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+
+    params = [p for n, p in grouped.named_parameters() if ".adapter." in f".{n}"]
+    mapped = get_param_id_to_sharded_param_map(sharded, iter(params))
+    assert len(params) == 2 * 2 * grouped.num_local_experts and sorted(mapped) == list(range(len(params)))

@@ -62,6 +62,8 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
                     use_cpu_initialization=not torch.cuda.is_available())
     else:  # NeMo's TE spec, with DeepSeek-V2's group router where needed
         args.update(transformer_layer_spec=te_mla_block_spec)
+        if not te_compat.apex_wgrad_fusion_available():  # NeMo's default needs Apex's kernel (every NeMo container)
+            args.update(gradient_accumulation_fusion=False)
     args.update(overrides)
     cls = DeepSeekV2Config if spec.model_type == "deepseek_v2" else DeepSeekV3Config
     config = cls(**args)

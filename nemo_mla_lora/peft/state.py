@@ -20,8 +20,9 @@ def _per_expert(name: str, module: TEGroupedLoRALinear) -> dict:
     """``...mlp.experts.linear_fc1`` (TE grouped) -> {``...mlp.experts.local_experts.{e}.linear_fc1``: (A_e, B_e,
     scale)} for its local experts e: the module names ``SequentialMLP`` experts have on this rank."""
     experts, leaf = name.rsplit(".", 1)
-    a, b, scale = module.adapter.lora_a.detach(), module.adapter.lora_b.detach(), module.adapter.scale
-    return {f"{experts}.local_experts.{e}.{leaf}": (a[e], b[e], scale) for e in range(a.shape[0])}
+    ad = module.adapter
+    return {f"{experts}.local_experts.{e}.{leaf}": (*(t.detach() for t in ad.expert(e)), ad.scale)
+            for e in range(ad.num_experts)}
 
 
 def base_state_dict(model: nn.Module) -> dict:
@@ -58,5 +59,6 @@ def randomize_b(model: nn.Module, std: float = 0.2, seed: int = 0) -> None:
     """Give every adapter a non-zero B (tests, and checks that a merge really does something)."""
     gen = torch.Generator().manual_seed(seed)
     for m in adapter_modules(model).values():
-        b = m.adapter.lora_b
-        b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * std)
+        for name, b in m.adapter.named_parameters(recurse=False):
+            if name.startswith("lora_b"):  # lora_b, or a TE grouped adapter's lora_b{e}
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * std)

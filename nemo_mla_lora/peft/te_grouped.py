@@ -7,7 +7,7 @@ A ``TEGroupedLinear`` holds every local expert's weight (``weight0`` .. ``weight
 
 the base in TE's own grouped GEMM, the adapters as grouped GEMMs (``lora_fn.frozen_lora_linear`` with no
 base weight: the delta alone, same autograd function as ``LoRASequentialMLP``'s). A [E, r, in],
-B [E, out, r]. Its sharded checkpoint is interchangeable with ``SequentialMLP`` experts' adapters, as TE's
+B [E, out, r] (stacked each step from one parameter per expert). Its sharded checkpoint is interchangeable with ``SequentialMLP`` experts' adapters, as TE's
 grouped weights are with ``SequentialMLP``'s: each local expert's A and B become
 ``<experts>.linear_fc1.adapter.lora_a`` / ``lora_b`` at their global expert index (fc1's B through
 Megatron's SwiGLU factory when the MLP is gated), so adapter files, merge and export read the same keys
@@ -27,40 +27,53 @@ from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
 
 
 class GroupedLoRAAdapter(nn.Module):
-    """A [E, r, in], B [E, out, r] (B zero at start): one rank-r adapter per local expert."""
+    """One rank-r adapter per local expert e: parameters ``lora_a{e}`` [r, in] and ``lora_b{e}`` [out, r] (B zero at
+    start), each its own Parameter as TE keeps ``weight{e}``: Megatron's distributed optimizer finds a parameter's
+    checkpoint entry by the parameter itself (``get_param_id_to_sharded_param_map``), so a per-expert slice of one
+    stacked parameter has none (measured: ``KeyError`` at NeMo's first checkpoint save). ``stacked()`` gives the
+    grouped GEMMs' [E, r, in] / [E, out, r] operands each step (two small copies; gradients flow to each expert)."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, dim: int, alpha: float,
                  kind: str = "column", a_init: str = "xavier", glu_fc1: bool = False, dtype=torch.float32,
                  device=None):
         super().__init__()
-        a = torch.empty(num_experts, dim, in_features, dtype=torch.float32)
         for e in range(num_experts):
-            init_a(a[e], a_init)
-        self.lora_a = nn.Parameter(a.to(device=device, dtype=dtype))
-        self.lora_b = nn.Parameter(torch.zeros(num_experts, out_features, dim, device=device, dtype=dtype))
-        self.dim, self.alpha, self.scale, self.glu_fc1, self.kind = dim, alpha, alpha / dim, glu_fc1, kind
-        self._register_load_state_dict_pre_hook(_stack_per_expert_keys)
+            a = torch.empty(dim, in_features, dtype=torch.float32)
+            init_a(a, a_init)
+            setattr(self, f"lora_a{e}", nn.Parameter(a.to(device=device, dtype=dtype)))
+            setattr(self, f"lora_b{e}", nn.Parameter(torch.zeros(out_features, dim, device=device, dtype=dtype)))
+        self.num_experts, self.dim, self.alpha, self.scale = num_experts, dim, alpha, alpha / dim
+        self.glu_fc1, self.kind = glu_fc1, kind
+
+    def expert(self, e: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """Expert e's (A [r, in], B [out, r])."""
+        return getattr(self, f"lora_a{e}"), getattr(self, f"lora_b{e}")
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r]) of every local expert."""
+        a, b = zip(*(self.expert(e) for e in range(self.num_experts)))
+        return torch.stack(a), torch.stack(b)
 
     def delta(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
         """x [t, in] grouped by expert (``m_splits`` rows each) -> scale * (x_e A_e^T) B_e^T [t, out]."""
-        return frozen_lora_linear(x, self.lora_a, self.lora_b, self.scale, (), counts=list(m_splits))
+        a, b = self.stacked()
+        return frozen_lora_linear(x, a, b, self.scale, (), counts=[int(n) for n in m_splits])
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0,
                            ep_size: int = 1, edp_rank: int = 0):
         """Per local expert e: A_e, B_e as ShardedTensors ``prefix + lora_a`` / ``lora_b`` at global expert
         ``ep_rank * E + e`` of ``ep_size * E`` (the axis after ``sharded_offsets``), replicated along the
-        expert-data-parallel group as TE's grouped weights are."""
-        experts = self.lora_a.shape[0]
+        expert-data-parallel group as TE's grouped weights are; state-dict keys ``prefix + lora_a{e}``."""
         out, singleton = {}, (metadata or {}).get("singleton_local_shards", False)
         axis = "lora_a" if self.kind == "row" else "lora_b"  # split like the base weight (MLALoRAAdapter's map)
-        axis_map = {axis: 1 if self.kind == "row" else 0}
-        for e in range(experts):
-            global_e = ep_rank * experts + e
-            offsets = sharded_offsets if singleton else (*sharded_offsets, (len(sharded_offsets), global_e,
-                                                                             ep_size * experts))
+        for e in range(self.num_experts):
+            global_e = ep_rank * self.num_experts + e
+            offsets = sharded_offsets if singleton else (
+                *sharded_offsets, (len(sharded_offsets), global_e, ep_size * self.num_experts))
             key_prefix = f"{global_e}.{prefix}" if singleton else prefix
-            state = {f"{key_prefix}lora_a": self.lora_a[e], f"{key_prefix}lora_b": self.lora_b[e]}
-            sub = make_sharded_tensors_for_checkpoint(state, "", {f"{key_prefix}{k}": v for k, v in axis_map.items()},
+            a, b = self.expert(e)
+            sub = make_sharded_tensors_for_checkpoint({f"{key_prefix}lora_a": a, f"{key_prefix}lora_b": b}, "",
+                                                      {f"{key_prefix}{axis}": 1 if self.kind == "row" else 0},
                                                       offsets)
             for value in sub.values():
                 value.replica_id = (*value.replica_id[:2], edp_rank)
@@ -70,16 +83,6 @@ class GroupedLoRAAdapter(nn.Module):
             for name, value in sub.items():
                 out[f"{prefix}{name.rsplit('.', 1)[-1]}{e}"] = value
         return out
-
-
-def _stack_per_expert_keys(state_dict, prefix, *args, **kwargs):
-    """``prefix + lora_a{e}`` / ``lora_b{e}`` (what a sharded load hands back) -> the stacked ``lora_a`` /
-    ``lora_b``."""
-    for name in ("lora_a", "lora_b"):
-        keys = sorted((k for k in state_dict if k.startswith(prefix + name) and k[len(prefix + name):].isdigit()),
-                      key=lambda k: int(k[len(prefix + name):]))
-        if keys:
-            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
 
 class TEGroupedLoRALinear(nn.Module):
