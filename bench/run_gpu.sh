@@ -227,12 +227,13 @@ te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoR
     data.base_pretrain_steps=40 data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 \
     "output_dir=$run" 2>&1 | tee "$OUT/te_finetune.log" | grep -E "TE|Grouped|loss|verif|Error|error" | tail -20
   local rc=${PIPESTATUS[0]}; collect "$run" te_finetune; [ "$rc" = 0 ] || return "$rc"
+  # the saved base + adapter in the TE and the local-spec model (logits), then the local-spec model saved and
+  # exported vs the callback's export, tensor for tensor (measured 2026-12-01: tests 75 s, finetune 200 s, this 60 s;
+  # a one-process CPU export + compare_exports after it ran past the call's 600 s, so it is left out)
   timeout 200 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/te_logits.json" --export-local /tmp/te_local \
     2>&1 | grep -E '^\{|Error' | cut -c1-600
-  CUDA_VISIBLE_DEVICES="" timeout 120 python3 -m nemo_mla_lora.recipes.export "base=$run/base" \
-    "adapter=$run/adapter" output=/tmp/te_one_process verify=false 2>&1 | tail -2
-  python3 "$REPO/bench/compare_exports.py" "$run/export" /tmp/te_one_process --out "$OUT/te_vs_one_process.json" \
-    && [ "$rc_tests" = 0 ]
+  local rc_check=${PIPESTATUS[0]}
+  [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]
 }
 
 te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
