@@ -216,7 +216,9 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
 te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through llm.finetune and exports;
   # then the saved base + adapter in the TE model vs the TE-free one (bench/te_check.py), and the callback's
   # export vs a one-process export of the same files. Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
-  # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels).
+  # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels). The bring-up skips its 100 s build
+  # when the torch extension's wheel it built once (returned under $OUT) is put in /tmp/te/dist first:
+  #   mkdir -p /tmp/te/dist && cp .te_carry/ext/*.whl /tmp/te/dist/; TE=.te_carry bash .te_carry/bring_up_te.sh ...
   te_env || return 1
   NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
     "$REPO/tests/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
