@@ -160,7 +160,7 @@ def sweep_configs(heads: int) -> list[dict]:
             for bt in (32, 64, 128) for w in (4, 8) for st in (2, 3) for sp in (None, 8) if bh > 16 or bt < 128]
 
 
-def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype, layers: int = 1):
+def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype, layers: int = 1, kernels=None):
     """``n_adapters`` distinct rank-``rank`` adapters (B != 0) on every MLA target of the first ``layers``."""
     from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
 
@@ -171,7 +171,7 @@ def random_bank(spec, attn, n_adapters: int, rank: int, device, dtype, layers: i
     factors = {f"a{i}": {f"decoder.layers.{k}.self_attention.{n}": (torch.randn(rank, i_, generator=gen) * 0.01,
                                                                   torch.randn(o_, rank, generator=gen) * 0.01, 1.0)
                          for k in range(layers) for n, (i_, o_) in shapes.items()} for i in range(n_adapters)}
-    return AdapterBank(spec, factors, device, dtype)
+    return AdapterBank(spec, factors, device, dtype, kernels)
 
 
 def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int = 8, rank: int = 16) -> dict:
@@ -192,15 +192,16 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
     h, c = spec.num_heads, spec.kv_lora_rank
     w_uk, w_uv = (torch.randn(h, n, c, dtype=dtype, device=device) * c ** -0.5
                   for n in (spec.qk_nope_head_dim, spec.v_head_dim))
-    bank = random_bank(spec, attn, n_adapters, rank, device, dtype)
+    banks = {"kernels": random_bank(spec, attn, n_adapters, rank, device, dtype),  # lora_kernels on CUDA
+             "torch": random_bank(spec, attn, n_adapters, rank, device, dtype, kernels=False)}
     ids = torch.arange(b, device=device) % n_adapters + 1  # rows spread over the adapters
     x = torch.randn(1, b, spec.hidden_size, dtype=dtype, device=device)
 
-    def step(with_adapters: bool, whole_layer: bool):
+    def step(corrections: str | None, whole_layer: bool):
         cache = LatentKVCache.allocate(spec, b, t + 1, dtype, device)  # t tokens cached, room for one more
         cache.lengths.fill_(t)
         cache.length = t
-        corr = bank.for_layer(0, ids) if with_adapters else NoCorrections()
+        corr = banks[corrections].for_layer(0, ids) if corrections else NoCorrections()
         if not whole_layer:
             return lambda: absorbed_attention(x, attn, w_uk, w_uv, cache, 0, corr, backend)
 
@@ -210,14 +211,18 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
         return run
 
     result = {"adapters": n_adapters, "rank": rank, "attention": backend, "mlp_width": spec.ffn_hidden_size}
-    with torch.no_grad():
+    with torch.no_grad():  # multi_adapter: corrections through lora_kernels; multi_adapter_torch: in torch ops
         for name, whole in (("attention", False), ("layer", True)):
-            base, multi = timed(step(False, whole), iters), timed(step(True, whole), iters)
-            result[name] = {"ms_no_adapter": base, "ms_multi_adapter": multi, "ratio": multi / base}
+            base = timed(step(None, whole), iters)
+            multi, multi_torch = (timed(step(k, whole), iters) for k in ("kernels", "torch"))
+            result[name] = {"ms_no_adapter": base, "ms_multi_adapter": multi, "ratio": multi / base,
+                            "ms_multi_adapter_torch": multi_torch, "ratio_torch": multi_torch / base}
             if device.type == "cuda":  # the same steps replayed from CUDA graphs: GPU time, no launch cost
-                g_base, g_multi = timed(graphed(step(False, whole)), iters), timed(graphed(step(True, whole)), iters)
+                g_base = timed(graphed(step(None, whole)), iters)
+                g_multi, g_torch = (timed(graphed(step(k, whole)), iters) for k in ("kernels", "torch"))
                 result[name].update(graph_ms_no_adapter=g_base, graph_ms_multi_adapter=g_multi,
-                                    graph_ratio=g_multi / g_base)
+                                    graph_ratio=g_multi / g_base, graph_ms_multi_adapter_torch=g_torch,
+                                    graph_ratio_torch=g_torch / g_base)
     return result
 
 
@@ -241,22 +246,25 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
     k_up, v_up = ([torch.randn(h * n, c, dtype=dtype, device=device) * c ** -0.5 for _ in range(layers)]
                   for n in (spec.qk_nope_head_dim, spec.v_head_dim))
     engine = AbsorbedMLAEngine(model, spec, k_up, v_up, "triton" if use_triton else "torch")
-    bank = random_bank(spec, model.decoder.layers[0].self_attention, n_adapters, rank, device, dtype, layers)
+    attn = model.decoder.layers[0].self_attention
+    banks = {"multi_adapter": random_bank(spec, attn, n_adapters, rank, device, dtype, layers),  # lora_kernels on CUDA
+             "multi_adapter_torch": random_bank(spec, attn, n_adapters, rank, device, dtype, layers, kernels=False)}
     tokens = torch.randint(0, 1000, (b, prompt), device=device)
     out = {"layers": layers, "batch": b, "prompt": prompt, "steps": steps, "adapters": n_adapters, "rank": rank}
-    for name, adapters in (("no_adapter", False), ("multi_adapter", True)):
-        cache = engine.new_cache(b, prompt + steps + 4)
-        ids = (torch.arange(b, device=device) % n_adapters + 1) if adapters else None
-        nxt = engine.forward(tokens, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+    for name in ("no_adapter", "multi_adapter", "multi_adapter_torch"):
+        cache, bank = engine.new_cache(b, prompt + steps + 4), banks.get(name)
+        ids = (torch.arange(b, device=device) % n_adapters + 1) if bank else None
+        nxt = engine.forward(tokens, cache, bank, ids)[:, -1:].argmax(-1)
         for _ in range(3):  # warm-up: the decode kernels compile on the first step
-            nxt = engine.forward(nxt, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+            nxt = engine.forward(nxt, cache, bank, ids)[:, -1:].argmax(-1)
         torch.cuda.synchronize() if device.type == "cuda" else None
         t0 = time.perf_counter()
         for _ in range(steps):
-            nxt = engine.forward(nxt, cache, bank if adapters else None, ids)[:, -1:].argmax(-1)
+            nxt = engine.forward(nxt, cache, bank, ids)[:, -1:].argmax(-1)
         torch.cuda.synchronize() if device.type == "cuda" else None
         out[name] = {"tokens_per_s": b * steps / (time.perf_counter() - t0)}
     out["ratio"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter"]["tokens_per_s"]
+    out["ratio_torch"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter_torch"]["tokens_per_s"]
     return out
 
 

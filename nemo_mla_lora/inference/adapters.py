@@ -16,7 +16,8 @@ slots (ranks zero-padded to the largest, scale folded into B: both exact), laid 
 plain matrix products: A [m, in], B^T [m, out]; for kv-up B_K [h, dn, m] and B_V [h, m, dv]. Every row
 is projected onto all m slots, the slots of other adapters are zeroed by the row's mask [b, m], and one
 product with B adds the row's own delta: three kernels per target (mm, mask, addmm), every factor read
-once per step instead of a per-row copy of its adapter's factors. The extra FLOPs, b*m*(in + out), are
+once per step instead of a per-row copy of its adapter's factors. On CUDA, ``lora_kernels`` fuses the mask,
+the second product and the add (two launches per linear target, one per kv-up correction). The extra FLOPs, b*m*(in + out), are
 small while m is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank, n loaded
 adapters, m = n*r slots.
 """
@@ -30,8 +31,10 @@ SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_
 
 
 class AdapterBank:
-    def __init__(self, spec: MLASpec, factors: dict, device="cpu", dtype=torch.float32):
-        """``factors``: name -> {module: (A [r, in], B [out, r] full height, scale)} (``open_adapter(...).factors``)."""
+    def __init__(self, spec: MLASpec, factors: dict, device="cpu", dtype=torch.float32, kernels: bool | None = None):
+        """``factors``: name -> {module: (A [r, in], B [out, r] full height, scale)} (``open_adapter(...).factors``).
+        ``kernels``: the corrections through ``lora_kernels`` (one or two launches each instead of three to
+        five); None: on CUDA where Triton imports and the slots fit ``lora_kernels.MAX_SLOTS``."""
         self.spec, self.names = spec, ["none"] + list(factors)
         per_module = list(factors.values())
         modules = sorted({m for f in per_module for m in f})
@@ -50,6 +53,7 @@ class AdapterBank:
                 b_heads = self.b_t.pop(m).view(-1, spec.num_heads, dn + spec.v_head_dim)  # [m, h, dn + dv]
                 self.b_k[m] = b_heads[..., :dn].permute(1, 2, 0).contiguous()
                 self.b_v[m] = b_heads[..., dn:].permute(1, 0, 2).contiguous()
+        self.kernels = _use_kernels(kernels, torch.device(device), self.rank * len(factors))
 
     def _stack(self, factors: list) -> tuple[torch.Tensor, torch.Tensor]:
         """[(A [r_i, in], B [out, r_i], scale) or None per adapter] -> A [n*r, in], B [out, n*r] in float64."""
@@ -65,12 +69,13 @@ class AdapterBank:
         return a_stack, b_stack
 
     @classmethod
-    def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32) -> "AdapterBank":
+    def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32,
+             kernels: bool | None = None) -> "AdapterBank":
         """``directories``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
         from nemo_mla_lora.export.sources import open_adapter
 
         adapters = {name: open_adapter(d, spec) for name, d in directories.items()}
-        return cls(spec, {name: a.factors(a.modules) for name, a in adapters.items()}, device, dtype)
+        return cls(spec, {name: a.factors(a.modules) for name, a in adapters.items()}, device, dtype, kernels)
 
     def ids(self, names) -> torch.Tensor:
         """Row adapter names (None or "none" for the base) -> indices [b]."""
@@ -108,14 +113,18 @@ class LayerCorrections:
         if m not in self.bank.a:
             return y
         s, b, _ = x.shape
-        z = (x.reshape(s * b, -1) @ self.bank.a[m].T).view(s, b, -1) * self.mask  # [s, b, m]: own slots only
-        return torch.addmm(y.reshape(s * b, -1), z.view(s * b, -1), self.bank.b_t[m]).view_as(y)
+        z = (x.reshape(s * b, -1) @ self.bank.a[m].T).view(s, b, -1)  # [s, b, m]: every slot
+        if self.bank.kernels and y.is_contiguous():
+            return lora_kernels().expand_add(y, z, self.mask, self.bank.b_t[m], b)  # mask, product, add: one launch
+        return torch.addmm(y.reshape(s * b, -1), (z * self.mask).view(s * b, -1), self.bank.b_t[m]).view_as(y)
 
     def q_lat(self, q_nope: torch.Tensor, q_lat: torch.Tensor) -> torch.Tensor:
         """q_lat [b, s, h, c] + sum_d q_nope[s, b, h, d] B_K[h, d, m] A[m, c] (the row's own slots)."""
         m = self._kv_up()
         if m is None:
             return q_lat
+        if self.bank.kernels and q_lat.stride(-1) == 1 and q_nope.stride(-1) == 1:
+            return lora_kernels().q_lat_add(q_lat, q_nope, self.bank.b_k[m], self.bank.a[m], self.mask)
         z = torch.einsum("sbhd,hdm->bshm", q_nope, self.bank.b_k[m]) * self.mask[:, None, None, :]  # [b, s, h, m]
         return q_lat + z @ self.bank.a[m]
 
@@ -124,12 +133,29 @@ class LayerCorrections:
         m = self._kv_up()
         if m is None:
             return o
+        if self.bank.kernels and o.stride(-1) == 1 and o_lat.stride(-1) == 1:
+            return lora_kernels().o_add(o, o_lat, self.bank.a[m], self.bank.b_v[m], self.mask)
         z = (o_lat @ self.bank.a[m].T) * self.mask[:, None, None, :]  # [b, s, h, m]
         return o + torch.einsum("bshm,hmd->sbhd", z, self.bank.b_v[m])
 
     def _kv_up(self) -> str | None:
         m = f"{self.prefix}.linear_kv_up_proj"
         return m if m in self.bank.a else None
+
+
+def lora_kernels():
+    from nemo_mla_lora.inference import lora_kernels as kernels  # Triton: imported only where it runs
+
+    return kernels
+
+
+def _use_kernels(asked: bool | None, device: torch.device, slots: int) -> bool:
+    import importlib.util
+
+    if asked is not None:
+        return asked
+    triton = importlib.util.find_spec("triton") is not None
+    return triton and device.type == "cuda" and 0 < slots <= 256  # lora_kernels.MAX_SLOTS (no Triton import here)
 
 
 class NoCorrections:
