@@ -13,6 +13,7 @@
 #                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
 #   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
+#   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
 #   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
@@ -204,6 +205,15 @@ mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) tak
   PYTHONPATH="$site" timeout 300 python3 "$REPO/bench/mcore019_check.py" "$REPO/runs/gpu_proof/export" \
     "$REPO/runs/gpu_proof/expected.pt" "$OUT/mcore019.json" 2>&1 | tee "$OUT/mcore019.log"
   return "${PIPESTATUS[0]}"
+}
+
+decode_adapters() {  # issue 16 point 3: lora_kernels' GPU test, then decode_bench's adapter and engine sections
+  # (the multi-adapter corrections with the kernels and in torch ops, same run)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_lora_kernels.py" 2>&1 | tail -n 2
+  timeout 200 python3 "$REPO/bench/decode_bench.py" --no-sweep --out "$OUT/decode_adapters.json" \
+    --sections adapters engine > "$OUT/decode_adapters.log" 2>&1; local rc=$?
+  python3 -c "import json; d = json.load(open('$OUT/decode_adapters.json')); print(d.get('adapters')); print(d.get('engine'))"
+  return "$rc"
 }
 
 te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just before, on this warm machine) beside NeMo
