@@ -49,14 +49,14 @@ def build(name: str, te: bool, seed: int = 0):
     return build_model(config).cuda().eval(), config
 
 
-def adapted_te(name: str, targets="all_linear", seed: int = 0):
+def adapted_te(name: str, targets="all_linear", seed: int = 0, parts=None):
     from nemo_mla_lora.mla_spec import MLASpec
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
     model, config = build(name, te=True, seed=seed)
     perturb_norms_and_bias(model)
-    peft = MLALoRA(placement=targets, dim=4, alpha=8)
+    peft = MLALoRA(placement=targets, dim=4, alpha=8, parts=parts or {})
     model = peft(model)
     randomize_b(model, seed=seed)
     return model, MLASpec.from_megatron(config), peft
@@ -91,12 +91,18 @@ def test_every_te_linear_kind_is_wrapped(mcore, variant):
                      if variant == "q_lora" or "_q_" not in k}
 
 
+PARTS = {"q_lora": {"linear_q_up_proj": "rope", "linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
+         "no_q_lora": {"linear_q_proj": "nope", "linear_kv_up_proj": "v", "linear_kv_down_proj": "rope"}}
+
+
+@pytest.mark.parametrize("parts", [False, True], ids=["whole", "parts"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_te_lora_matches_the_reference_equations(mcore, variant):
+def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
+    """Every linear adapted; ``parts``: the MLA linears part-selective (B on some rows only), fused norms too."""
     from nemo_mla_lora.peft.state import adapter_factors, base_state_dict
     from nemo_mla_lora.reference.model import forward
 
-    model, spec, _ = adapted_te(VARIANTS[variant])
+    model, spec, _ = adapted_te(VARIANTS[variant], parts=PARTS[variant] if parts else None)
     state = {k: v.double().cpu() for k, v in base_state_dict(model).items()}
     adapters = {k: (a.double().cpu(), b.double().cpu(), s) for k, (a, b, s) in adapter_factors(model).items()}
     tokens = batch()[0]
@@ -104,7 +110,7 @@ def test_te_lora_matches_the_reference_equations(mcore, variant):
         out = logits(model).double().cpu()
         reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
     diff, changed, scale = (out - reference).abs().max().item(), (reference - base).abs().max().item(), reference.abs().max().item()
-    record("reference", variant=variant, max_abs_diff=diff, adapters_changed_logits_by=changed, max_abs_logit=scale)
+    record("reference", variant=variant, parts=parts, max_abs_diff=diff, adapters_changed_logits_by=changed, max_abs_logit=scale)
     assert changed > 100 * REL * scale, "adapters changed nothing"
     assert diff <= REL * scale, f"TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
 
