@@ -44,13 +44,15 @@ def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = Non
 
     from nemo_mla_lora import cpu_compat
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import mla_config
+    from nemo_mla_lora.models.tiny import CPU_SAFE, mla_config
 
     shape = dict(V3_LAYER if dims == "v3" else TINY_LAYER)
     if experts:
         shape["num_moe_experts"] = experts
     if spec == "te":
         shape["moe_grouped_gemm"] = True
+    else:  # the TE-free model as it is built where TE is absent, also where TE imports (same table either way)
+        shape.update({k: v for k, v in CPU_SAFE.items() if k != "use_cpu_initialization"})
     config = mla_config(dtype, **shape, num_layers=1, moe_layer_freq=[1], seq_length=seq,
                         max_position_embeddings=seq, use_cpu_initialization=cpu_compat.cuda_absent())
     cpu_compat.seed(seed)
