@@ -14,6 +14,7 @@
 #   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 #   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
+#   bash bench/run_gpu.sh te_tests       # issue 18: tests/test_te_gpu.py alone (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
 #   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
@@ -227,6 +228,15 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
     LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
+te_tests() {  # issue 18: tests/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
+  te_env || return 1
+  NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    "$REPO/tests/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
+  local rc=$?
+  grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
+  return "$rc"
+}
+
 te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through llm.finetune and exports;
   # then the saved base + adapter in the TE model vs the TE-free one (bench/te_check.py), and the callback's
   # export vs a one-process export of the same files. Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
@@ -234,10 +244,7 @@ te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoR
   # when the torch extension's wheel it built once (returned under $OUT) is put in /tmp/te/dist first:
   #   mkdir -p /tmp/te/dist && cp .te_carry/ext/*.whl /tmp/te/dist/; TE=.te_carry bash .te_carry/bring_up_te.sh ...
   te_env || return 1
-  NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    "$REPO/tests/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
-  local rc_tests=$?
-  grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
+  te_tests; local rc_tests=$?
   local run=/tmp/run_te; rm -rf "$run"
   timeout 300 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" peft=all_linear peft.dim=16 peft.alpha=16 \
     data.base_pretrain_steps=40 data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 \
