@@ -16,6 +16,7 @@
 #   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
 #   bash bench/run_gpu.sh te_tests       # issue 18: tests/test_te_gpu.py alone (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
+#   bash bench/run_gpu.sh te_finetune_tp2|te_finetune_ep2  # issue 18 on 2 GPUs: TE spec at TP=2+SP / EP=2 (bring-up first)
 #   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
@@ -258,6 +259,24 @@ te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoR
   local rc_check=${PIPESTATUS[0]}
   [ "$rc_tests" = 0 ] && [ "$rc_check" = 0 ]
 }
+
+te_two_gpus() {  # tag, overrides: the TE spec trained on two GPUs (torchrun), then bench/te_check.py on the saved
+  # files in one process: the TE and local-spec models' logits, and the callback's export (written from TP/EP
+  # shards) vs the local-spec model's re-export, tensor for tensor. TE bring-up first, as for te_finetune.
+  te_env || return 1
+  local tag=$1; shift; local run=/tmp/run_$tag; rm -rf "$run"
+  timeout 420 python3 -m torch.distributed.run --nproc-per-node 2 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" \
+    trainer.devices=2 peft=all_linear peft.dim=16 peft.alpha=16 "$@" data.base_pretrain_steps=40 \
+    data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 "output_dir=$run" 2>&1 \
+    | tee "$OUT/$tag.log" | grep -E "loss|verif|Error|error" | tail -20
+  local rc=${PIPESTATUS[0]}; collect "$run" "$tag"; [ "$rc" = 0 ] || return "$rc"
+  timeout 200 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/${tag}_logits.json" --export-local "/tmp/${tag}_local" \
+    2>&1 | grep -E '^\{|Error' | cut -c1-600
+  return "${PIPESTATUS[0]}"
+}
+
+te_finetune_tp2() { te_two_gpus te_finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
+te_finetune_ep2() { te_two_gpus te_finetune_ep2 trainer.expert_parallel=2; }
 
 te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
   te_env || return 1
