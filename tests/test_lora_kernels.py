@@ -55,7 +55,7 @@ def test_kernels_match_the_equations_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernels_match_the_equations_on_the_gpu():
     errors = json.loads(_on_gpu(KERNEL_CHECK, "cuda"))
-    assert len(errors) == 6 and max(errors.values()) < 5e-3, errors  # fp32 inputs through TF32 tensor cores
+    assert len(errors) == 6 and max(errors.values()) < 1e-5, errors  # fp32 dots in fp32 (not TF32)
 
 
 def _on_gpu(code: str, *args) -> str:
@@ -116,7 +116,7 @@ def test_engine_logits_with_kernels_equal_the_torch_corrections():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_engine_logits_with_kernels_on_the_gpu():
-    _check_engine(json.loads(_on_gpu(ENGINE_CHECK, "cuda")), 1e-2)  # the kernels' fp32 dots run as TF32
+    _check_engine(json.loads(_on_gpu(ENGINE_CHECK, "cuda")), 1e-4)
 
 
 def _check_engine(result: dict, bound: float) -> None:

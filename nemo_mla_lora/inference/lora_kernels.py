@@ -9,8 +9,9 @@ einsums). Here each is one or two, the mask applied while a tile is loaded and t
     kv up, V rows:  o[s, b, h, e]     += sum_j (sum_c o_lat[b, s, h, c] A[j, c]) M[b, j] B_V[h, j, e]
 
 M [b, m] is the row mask (1 on the slots of the row's adapter), the scale is folded into B (``AdapterBank``).
-The per-head kernels keep z [rows, m] in registers between their two products. Products accumulate in fp32;
-z is rounded to the inputs' dtype between the two, as the torch path rounds it.
+The per-head kernels keep z [rows, m] in registers between their two products. Products accumulate in fp32
+(fp32 operands in full precision, not TF32); z is rounded to the inputs' dtype between the two, as the torch
+path rounds it.
 Index legend: t rows (s*b or b*s), b batch, s positions, h heads, d qk_nope_head_dim, c latent, e v_head_dim,
 j slots (m = loaded adapters x rank), o output features. Runs on CUDA; ``TRITON_INTERPRET=1`` runs the same
 kernels on CPU tensors (the CPU tests do).
@@ -24,8 +25,18 @@ MAX_SLOTS = 256  # the per-head kernels hold z [rows, m] in registers; more slot
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 operands in full fp32 (``IEEE``) as torch's matmul takes them by default,
+    not rounded to TF32 as ``tl.dot`` does by default on tensor cores."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _expand_kernel(z, mask, bt, y, T, O, J, mask_div, mask_mod, s_zt, s_mb, s_bj, s_yt,
-                   BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, IEEE: tl.constexpr):
     """y[t, o] += sum_j z[t, j] mask[(t // mask_div) % mask_mod, j] bt[j, o]."""
     tb, ob = tl.program_id(0), tl.program_id(1)
     ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -39,7 +50,7 @@ def _expand_kernel(z, mask, bt, y, T, O, J, mask_div, mask_mod, s_zt, s_mb, s_bj
         zt = tl.load(z + ts[:, None] * s_zt + js[None, :], mask=tmask[:, None] & jmask[None, :], other=0.0)
         mt = tl.load(mask + rows[:, None] * s_mb + js[None, :], mask=tmask[:, None] & jmask[None, :], other=0.0)
         b = tl.load(bt + js[:, None] * s_bj + os_[None, :], mask=jmask[:, None] & omask[None, :], other=0.0)
-        acc += tl.dot((zt * mt).to(b.dtype), b)  # [BT, BJ] @ [BJ, BO]
+        acc += _dot((zt * mt).to(b.dtype), b, IEEE)  # [BT, BJ] @ [BJ, BO]
     out = y + ts[:, None] * s_yt + os_[None, :]
     keep = tmask[:, None] & omask[None, :]
     tl.store(out, (tl.load(out, mask=keep, other=0.0).to(tl.float32) + acc).to(y.dtype.element_ty), mask=keep)
@@ -48,7 +59,8 @@ def _expand_kernel(z, mask, bt, y, T, O, J, mask_div, mask_mod, s_zt, s_mb, s_bj
 @triton.jit
 def _q_lat_kernel(q, b_k, a, mask, q_lat, R, S, D, J, C,
                   s_qs, s_qb, s_qh, s_kh, s_kd, s_aj, s_mb, s_lb, s_ls, s_lh,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                  IEEE: tl.constexpr):
     """Head h, rows r = (b, s): z = q[s, b, h, :] B_K[h] [r, j], masked; q_lat[b, s, h, c-block] += z A[:, c-block]."""
     h, rb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -61,18 +73,19 @@ def _q_lat_kernel(q, b_k, a, mask, q_lat, R, S, D, J, C,
     kt = tl.load(b_k + h * s_kh + ds[:, None] * s_kd + js[None, :],
                  mask=(ds[:, None] < D) & jmask[None, :], other=0.0)  # [BD, BJ]
     mt = tl.load(mask + bs[:, None] * s_mb + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
-    z = (tl.dot(qt, kt) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
+    z = (_dot(qt, kt, IEEE) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
     at = tl.load(a + js[:, None] * s_aj + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)  # [BJ, BC]
     out = q_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :]
     keep = rmask[:, None] & cmask[None, :]
-    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + tl.dot(z, at)
+    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + _dot(z, at, IEEE)
     tl.store(out, acc.to(q_lat.dtype.element_ty), mask=keep)
 
 
 @triton.jit
 def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
               s_lb, s_ls, s_lh, s_aj, s_vh, s_vj, s_mb, s_os, s_ob, s_oh,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr):
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+              IEEE: tl.constexpr):
     """Head h, rows r = (b, s): z = o_lat[b, s, h, :] A^T [r, j], masked; o[s, b, h, e-block] += z B_V[h, :, e-block]."""
     h, rb, eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -86,12 +99,12 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
         lt = tl.load(o_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :],
                      mask=rmask[:, None] & (cs[None, :] < C), other=0.0)  # [BR, BC]
         at = tl.load(a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C), other=0.0)  # [BC, BJ]
-        z += tl.dot(lt, at)
+        z += _dot(lt, at, IEEE)
     mt = tl.load(mask + bs[:, None] * s_mb + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
     vt = tl.load(b_v + h * s_vh + js[:, None] * s_vj + es[None, :], mask=jmask[:, None] & emask[None, :], other=0.0)
     out = o + ss[:, None] * s_os + bs[:, None] * s_ob + h * s_oh + es[None, :]
     keep = rmask[:, None] & emask[None, :]
-    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + tl.dot((z * mt).to(vt.dtype), vt)
+    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + _dot((z * mt).to(vt.dtype), vt, IEEE)
     tl.store(out, acc.to(o.dtype.element_ty), mask=keep)
 
 
@@ -115,7 +128,8 @@ def expand_add(y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, b_t: torch.
     block_o = 128 if o >= 128 else _pow2(o)
     grid = (triton.cdiv(s * b, block_t), triton.cdiv(o, block_o))
     _expand_kernel[grid](z2, mask, b_t, y2, s * b, o, m, 1, batch, z2.stride(0), mask.stride(0), b_t.stride(0),
-                         y2.stride(0), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_J=min(_pow2(m), 64))
+                         y2.stride(0), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_J=min(_pow2(m), 64),
+                         IEEE=y.dtype == torch.float32)
     return y
 
 
@@ -130,7 +144,8 @@ def q_lat_add(q_lat: torch.Tensor, q_nope: torch.Tensor, b_k: torch.Tensor, a: t
     _q_lat_kernel[grid](q_nope, b_k, a, mask, q_lat, b * s, s, d, m, c,
                         q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), b_k.stride(0), b_k.stride(1),
                         a.stride(0), mask.stride(0), q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
-                        BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_J=_pow2(m), BLOCK_C=block_c)
+                        BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_J=_pow2(m), BLOCK_C=block_c,
+                        IEEE=q_lat.dtype == torch.float32)
     return q_lat
 
 
@@ -144,5 +159,6 @@ def o_add(o: torch.Tensor, o_lat: torch.Tensor, a: torch.Tensor, b_v: torch.Tens
     _o_kernel[grid](o_lat, a, b_v, mask, o, b * s, s, c, m, e,
                     o_lat.stride(0), o_lat.stride(1), o_lat.stride(2), a.stride(0), b_v.stride(0), b_v.stride(1),
                     mask.stride(0), o.stride(0), o.stride(1), o.stride(2),
-                    BLOCK_R=block_r, BLOCK_C=min(_pow2(c), 128), BLOCK_J=_pow2(m), BLOCK_E=block_e)
+                    BLOCK_R=block_r, BLOCK_C=min(_pow2(c), 128), BLOCK_J=_pow2(m), BLOCK_E=block_e,
+                    IEEE=o.dtype == torch.float32)
     return o
