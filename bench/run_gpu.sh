@@ -13,6 +13,7 @@
 #                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
 #   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
+#   bash bench/run_gpu.sh decode_ncu "default 64 64 4096"  # issue 16: ncu profile of one decode shape
 #   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
 #   bash bench/run_gpu.sh te_tests       # issue 18: tests/test_te_gpu.py alone (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
@@ -102,7 +103,13 @@ decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (table
     > "$OUT/engine.log" 2>&1 || rc=1
   python3 -c "import json; print(json.load(open('$OUT/decode.json'))['adapters']); print(json.load(open('$OUT/engine.json'))['engine'])"
   [ "${NCU:-1}" = 0 ] && return "$rc"
-  for one in "default 16 64 4096" "default 128 64 4096"; do
+  decode_ncu "default 16 64 4096" "default 128 64 4096"
+  return "$rc"
+}
+
+decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
+  # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": issue 16's 64-head limit)
+  for one in "$@"; do
     timeout 60 ncu --clock-control none --kernel-name regex:split --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 "$REPO/bench/decode_roofline.py" --out "$OUT" --one $one \
@@ -110,7 +117,6 @@ decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (table
     grep -E "Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Shared Memory Config|Duration" \
       "$OUT/ncu_${one// /_}.txt" | head -8 | sed "s/^/[$one] /"
   done
-  return "$rc"
 }
 
 overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the profiles, more tokens, 64 experts
