@@ -16,7 +16,7 @@ slots (ranks zero-padded to the largest, scale folded into B: both exact), laid 
 plain matrix products: A [m, in], B^T [m, out]; for kv-up B_K [h, dn, m] and B_V [h, m, dv]. Every row
 is projected onto all m slots, the slots of other adapters are zeroed by the row's mask [b, m], and one
 product with B adds the row's own delta: three kernels per target (mm, mask, addmm), every factor read
-once per step instead of a per-row copy of its adapter's factors. On CUDA, ``lora_kernels`` fuses the mask,
+once per step instead of a per-row copy of its adapter's factors. On CUDA in 16 bits, ``lora_kernels`` fuses the mask,
 the second product and the add (two launches per linear target, one per kv-up correction). The extra FLOPs, b*m*(in + out), are
 small while m is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank, n loaded
 adapters, m = n*r slots.
@@ -34,7 +34,7 @@ class AdapterBank:
     def __init__(self, spec: MLASpec, factors: dict, device="cpu", dtype=torch.float32, kernels: bool | None = None):
         """``factors``: name -> {module: (A [r, in], B [out, r] full height, scale)} (``open_adapter(...).factors``).
         ``kernels``: the corrections through ``lora_kernels`` (one or two launches each instead of three to
-        five); None: on CUDA where Triton imports and the slots fit ``lora_kernels.MAX_SLOTS``."""
+        five); None: ``_use_kernels``' choice (CUDA, bf16/fp16)."""
         self.spec, self.names = spec, ["none"] + list(factors)
         per_module = list(factors.values())
         modules = sorted({m for f in per_module for m in f})
@@ -53,7 +53,7 @@ class AdapterBank:
                 b_heads = self.b_t.pop(m).view(-1, spec.num_heads, dn + spec.v_head_dim)  # [m, h, dn + dv]
                 self.b_k[m] = b_heads[..., :dn].permute(1, 2, 0).contiguous()
                 self.b_v[m] = b_heads[..., dn:].permute(1, 0, 2).contiguous()
-        self.kernels = _use_kernels(kernels, torch.device(device), self.rank * len(factors))
+        self.kernels = _use_kernels(kernels, torch.device(device), dtype, self.rank * len(factors))
 
     def _stack(self, factors: list) -> tuple[torch.Tensor, torch.Tensor]:
         """[(A [r_i, in], B [out, r_i], scale) or None per adapter] -> A [n*r, in], B [out, n*r] in float64."""
@@ -149,13 +149,15 @@ def lora_kernels():
     return kernels
 
 
-def _use_kernels(asked: bool | None, device: torch.device, slots: int) -> bool:
+def _use_kernels(asked: bool | None, device: torch.device, dtype: torch.dtype, slots: int) -> bool:
+    """Auto: CUDA, 16-bit (the kernels' fp32 form is exact but spills registers at V3's dims: cuBLAS is the
+    faster fp32 path), Triton importable, slots within ``lora_kernels.MAX_SLOTS`` (256; no Triton import here)."""
     import importlib.util
 
     if asked is not None:
         return asked
     triton = importlib.util.find_spec("triton") is not None
-    return triton and device.type == "cuda" and 0 < slots <= 256  # lora_kernels.MAX_SLOTS (no Triton import here)
+    return triton and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and 0 < slots <= 256
 
 
 class NoCorrections:

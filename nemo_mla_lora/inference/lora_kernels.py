@@ -57,22 +57,32 @@ def _expand_kernel(z, mask, bt, y, T, O, J, mask_div, mask_mod, s_zt, s_mb, s_bj
 
 
 @triton.jit
+def _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Rows rb * BLOCK_R .. in (b, s) order -> their b, their s, which exist, the slots, which exist, and the
+    rows' mask tile [BR, BJ] (1 on each row's own adapter's slots)."""
+    rs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    bs, ss, rmask = rs // S, rs % S, rs < R
+    js = tl.arange(0, BLOCK_J)
+    jmask = js < J
+    mt = tl.load(mask + bs[:, None] * s_mb + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+    return bs, ss, rmask, js, jmask, mt
+
+
+@triton.jit
 def _q_lat_kernel(q, b_k, a, mask, q_lat, R, S, D, J, C,
                   s_qs, s_qb, s_qh, s_kh, s_kd, s_aj, s_mb, s_lb, s_ls, s_lh,
                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
                   IEEE: tl.constexpr):
     """Head h, rows r = (b, s): z = q[s, b, h, :] B_K[h] [r, j], masked; q_lat[b, s, h, c-block] += z A[:, c-block]."""
     h, rb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    bs, ss = rs // S, rs % S
-    ds, js = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_J)
+    bs, ss, rmask, js, jmask, mt = _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R, BLOCK_J)
+    ds = tl.arange(0, BLOCK_D)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask, jmask, cmask = rs < R, js < J, cs < C
+    cmask = cs < C
     qt = tl.load(q + ss[:, None] * s_qs + bs[:, None] * s_qb + h * s_qh + ds[None, :],
                  mask=rmask[:, None] & (ds[None, :] < D), other=0.0)  # [BR, BD]
     kt = tl.load(b_k + h * s_kh + ds[:, None] * s_kd + js[None, :],
                  mask=(ds[:, None] < D) & jmask[None, :], other=0.0)  # [BD, BJ]
-    mt = tl.load(mask + bs[:, None] * s_mb + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
     z = (_dot(qt, kt, IEEE) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
     at = tl.load(a + js[:, None] * s_aj + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)  # [BJ, BC]
     out = q_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :]
@@ -88,11 +98,9 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
               IEEE: tl.constexpr):
     """Head h, rows r = (b, s): z = o_lat[b, s, h, :] A^T [r, j], masked; o[s, b, h, e-block] += z B_V[h, :, e-block]."""
     h, rb, eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rs = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    bs, ss = rs // S, rs % S
-    js = tl.arange(0, BLOCK_J)
+    bs, ss, rmask, js, jmask, mt = _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R, BLOCK_J)
     es = eb * BLOCK_E + tl.arange(0, BLOCK_E)
-    rmask, jmask, emask = rs < R, js < J, es < E
+    emask = es < E
     z = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
@@ -100,7 +108,6 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
                      mask=rmask[:, None] & (cs[None, :] < C), other=0.0)  # [BR, BC]
         at = tl.load(a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C), other=0.0)  # [BC, BJ]
         z += _dot(lt, at, IEEE)
-    mt = tl.load(mask + bs[:, None] * s_mb + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
     vt = tl.load(b_v + h * s_vh + js[:, None] * s_vj + es[None, :], mask=jmask[:, None] & emask[None, :], other=0.0)
     out = o + ss[:, None] * s_os + bs[:, None] * s_ob + h * s_oh + es[None, :]
     keep = rmask[:, None] & emask[None, :]
