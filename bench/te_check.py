@@ -71,7 +71,8 @@ def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[t
     b, s = tokens.shape
     positions = torch.arange(s, device=device).expand(b, s)
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
-    return model(tokens, positions, mask).float().cpu(), {"modules": kinds, "adapter_b_abs_sum": b_norm}, (model, peft, spec)
+    info = {"modules": kinds, "adapter_b_abs_sum": b_norm}
+    return model(tokens, positions, mask).float().cpu(), info, (model, peft, spec)
 
 
 def export_again(loaded, run: Path, work: Path) -> dict:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         out, info, loaded = logits(run, kind, tokens, device, dtype)
         if kind == "local" and args.export_local:
             result["local_export_vs_callback_export"] = export_again(loaded, run, Path(args.export_local))
-            print(json.dumps({"local_export_vs_callback_export": result["local_export_vs_callback_export"]}), flush=True)
+            print(json.dumps({k: result[k] for k in ("local_export_vs_callback_export",)}), flush=True)
         first = out if first is None else first
         diff, scale = (out - first).abs().max().item(), max(1.0, first.abs().max().item())
         result["specs"][kind] = dict(info, max_abs_logit_diff_vs_first=diff, bound=2e-2 * scale,

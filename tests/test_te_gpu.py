@@ -79,7 +79,8 @@ def test_every_te_linear_kind_is_wrapped(mcore, variant):
     if variant == "no_q_lora":
         expected = {k: v for k, v in expected.items() if "_q_" not in k} | {"linear_q_proj": "TEColumnParallelLinear"}
     assert {k: kinds[k] for k in expected} == expected
-    found = {(n.split(".mlp.")[-1], type(m.to_wrap).__name__) for n, m in adapter_modules(model).items() if ".mlp." in n}
+    found = {(n.split(".mlp.")[-1], type(m.to_wrap).__name__)
+             for n, m in adapter_modules(model).items() if ".mlp." in n}
     assert found == {("linear_fc1", "TELayerNormColumnParallelLinear"), ("linear_fc2", "TERowParallelLinear"),
                      ("shared_experts.linear_fc1", "TEColumnParallelLinear"),
                      ("shared_experts.linear_fc2", "TERowParallelLinear"),
@@ -87,8 +88,8 @@ def test_every_te_linear_kind_is_wrapped(mcore, variant):
                      ("experts.linear_fc2", "TERowParallelGroupedLinear")}
     fused = {n.split(".", 3)[-1] for n, m in adapter_modules(model).items()
              if getattr(getattr(m, "adapter", None), "layout", None) is not None and m.adapter.layout.fused_norm}
-    assert fused == {k for k in ("self_attention.linear_q_up_proj", "self_attention.linear_kv_up_proj", "mlp.linear_fc1")
-                     if variant == "q_lora" or "_q_" not in k}
+    fusable = ("self_attention.linear_q_up_proj", "self_attention.linear_kv_up_proj", "mlp.linear_fc1")
+    assert fused == {k for k in fusable if variant == "q_lora" or "_q_" not in k}
 
 
 PARTS = {"q_lora": {"linear_q_up_proj": "rope", "linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
@@ -109,8 +110,10 @@ def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
     with torch.no_grad():
         out = logits(model).double().cpu()
         reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
-    diff, changed, scale = (out - reference).abs().max().item(), (reference - base).abs().max().item(), reference.abs().max().item()
-    record("reference", variant=variant, parts=parts, max_abs_diff=diff, adapters_changed_logits_by=changed, max_abs_logit=scale)
+    diff, changed = (out - reference).abs().max().item(), (reference - base).abs().max().item()
+    scale = reference.abs().max().item()
+    record("reference", variant=variant, parts=parts, max_abs_diff=diff, adapters_changed_logits_by=changed,
+           max_abs_logit=scale)
     assert changed > 100 * REL * scale, "adapters changed nothing"
     assert diff <= REL * scale, f"TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
 

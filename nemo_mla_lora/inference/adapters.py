@@ -16,8 +16,9 @@ slots (ranks zero-padded to the largest, scale folded into B: both exact), laid 
 plain matrix products: A [m, in], B^T [m, out]; for kv-up B_K [h, dn, m] and B_V [h, m, dv]. Every row
 is projected onto all m slots, the slots of other adapters are zeroed by the row's mask [b, m], and one
 product with B adds the row's own delta: three kernels per target (mm, mask, addmm), every factor read
-once per step instead of a per-row copy of its adapter's factors. On CUDA in 16 bits, ``lora_kernels`` fuses the mask,
-the second product and the add (two launches per linear target, one per kv-up correction). The extra FLOPs, b*m*(in + out), are
+once per step instead of a per-row copy of its adapter's factors. On CUDA in 16 bits, ``lora_kernels`` fuses
+the mask, the second product and the add (two launches per linear target, one per kv-up correction). The extra
+FLOPs, b*m*(in + out), are
 small while m is. Index legend: b batch, s positions, h heads, d head dim, c latent, r rank, n loaded
 adapters, m = n*r slots.
 """

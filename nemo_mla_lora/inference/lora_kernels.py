@@ -96,7 +96,8 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
               s_lb, s_ls, s_lh, s_aj, s_vh, s_vj, s_mb, s_os, s_ob, s_oh,
               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
               IEEE: tl.constexpr):
-    """Head h, rows r = (b, s): z = o_lat[b, s, h, :] A^T [r, j], masked; o[s, b, h, e-block] += z B_V[h, :, e-block]."""
+    """Head h, rows r = (b, s): z = o_lat[b, s, h, :] A^T [r, j], masked;
+    o[s, b, h, e-block] += z B_V[h, :, e-block]."""
     h, rb, eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bs, ss, rmask, js, jmask, mt = _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R, BLOCK_J)
     es = eb * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -106,7 +107,8 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
         cs = c0 + tl.arange(0, BLOCK_C)
         lt = tl.load(o_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :],
                      mask=rmask[:, None] & (cs[None, :] < C), other=0.0)  # [BR, BC]
-        at = tl.load(a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C), other=0.0)  # [BC, BJ]
+        at = tl.load(a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C),
+                     other=0.0)  # [BC, BJ]
         z += _dot(lt, at, IEEE)
     vt = tl.load(b_v + h * s_vh + js[:, None] * s_vj + es[None, :], mask=jmask[:, None] & emask[None, :], other=0.0)
     out = o + ss[:, None] * s_os + bs[:, None] * s_ob + h * s_oh + es[None, :]

@@ -7,8 +7,9 @@ A ``TEGroupedLinear`` holds every local expert's weight (``weight0`` .. ``weight
 
 the base in TE's own grouped GEMM, the adapters as grouped GEMMs (``lora_fn.frozen_lora_linear`` with no
 base weight: the delta alone, same autograd function as ``LoRASequentialMLP``'s). A [E, r, in],
-B [E, out, r] (stacked each step from one parameter per expert). Its sharded checkpoint is interchangeable with ``SequentialMLP`` experts' adapters, as TE's
-grouped weights are with ``SequentialMLP``'s: each local expert's A and B become
+B [E, out, r] (stacked each step from one parameter per expert). Its sharded checkpoint is interchangeable
+with ``SequentialMLP`` experts' adapters, as TE's grouped weights are with ``SequentialMLP``'s: each local
+expert's A and B become
 ``<experts>.linear_fc1.adapter.lora_a`` / ``lora_b`` at their global expert index (fc1's B through
 Megatron's SwiGLU factory when the MLP is gated), so adapter files, merge and export read the same keys
 whichever expert module trained them. Expert tensor parallelism > 1 is refused (the TE experts' TP
