@@ -244,9 +244,8 @@ te_tests() {  # issue 18: tests/test_te_gpu.py (Transformer Engine from the brin
   return "$rc"
 }
 
-te_finetune() {  # issue 18: NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through llm.finetune and exports;
-  # then the saved base + adapter in the TE model vs the TE-free one (bench/te_check.py), and the callback's
-  # export vs a one-process export of the same files. Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
+te_finetune() {  # issue 18: the TE GPU tests; NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through
+  # llm.finetune and exports; then bench/te_check.py (below). Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
   # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels). The bring-up skips its 100 s build
   # when the torch extension's wheel it built once (returned under $OUT) is put in /tmp/te/dist first:
   #   mkdir -p /tmp/te/dist && cp .te_carry/ext/*.whl /tmp/te/dist/; TE=.te_carry bash .te_carry/bring_up_te.sh ...

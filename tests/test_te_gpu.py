@@ -121,16 +121,14 @@ def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
 def _grads(model) -> dict:
     """Adapter name (local flat, per expert) -> (grad A, grad B)."""
     from nemo_mla_lora.peft.mla_lora import MLALoRALinear
-    from nemo_mla_lora.peft.state import _clean, adapter_modules
+    from nemo_mla_lora.peft.state import adapter_modules, expert_adapters
 
     out = {}
     for n, m in adapter_modules(model).items():
         if isinstance(m, MLALoRALinear):
             out[n] = (m.adapter.lora_a.grad, m.adapter.lora_b.grad)
         else:  # TE grouped: per local expert, named as SequentialMLP's
-            experts, leaf = _clean(n).rsplit(".", 1)
-            out.update({f"{experts}.local_experts.{e}.{leaf}": tuple(p.grad for p in m.adapter.expert(e))
-                        for e in range(m.adapter.num_experts)})
+            out.update({e: (a.grad, b.grad) for e, a, b in expert_adapters(n, m)})
     return out
 
 
@@ -179,7 +177,7 @@ def test_te_merged_equals_unmerged(mcore):
     same logits as the adapters running beside the frozen TE GEMMs."""
     from nemo_mla_lora.export.merge import merge_linear
     from nemo_mla_lora.peft.mla_lora import MLALoRALinear
-    from nemo_mla_lora.peft.state import adapter_modules
+    from nemo_mla_lora.peft.state import adapter_modules, lora_b_parameters
 
     model, _, _ = adapted_te("tiny_mla")
     with torch.no_grad():
@@ -192,9 +190,8 @@ def test_te_merged_equals_unmerged(mcore):
                 pairs = [(getattr(m.to_wrap, f"weight{e}"), *ad.expert(e)) for e in range(ad.num_experts)]
             for w, a, b in pairs:
                 w.copy_(merge_linear(w.cpu(), a.cpu(), b.cpu(), ad.scale))
-            for name, b in ad.named_parameters(recurse=False):
-                if name.startswith("lora_b"):
-                    b.zero_()
+            for b in lora_b_parameters(ad):
+                b.zero_()
         merged = logits(model)
     diff = (merged - unmerged).abs().max().item()
     record("merge", max_abs_diff=diff, max_abs_logit=unmerged.abs().max().item())

@@ -27,6 +27,7 @@ import torch
 
 from nemo_mla_lora.mla_spec import MLASpec
 
+KERNEL_MAX_SLOTS = 256  # lora_kernels' per-head kernels hold z [rows, slots] in registers; more take torch ops
 SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
              "linear_kv_up_proj", "linear_proj")
 
@@ -152,13 +153,14 @@ def lora_kernels():
 
 def _use_kernels(asked: bool | None, device: torch.device, dtype: torch.dtype, slots: int) -> bool:
     """Auto: CUDA, 16-bit (the kernels' fp32 form is exact but spills registers at V3's dims: cuBLAS is the
-    faster fp32 path), Triton importable, slots within ``lora_kernels.MAX_SLOTS`` (256; no Triton import here)."""
+    faster fp32 path), Triton importable, at most ``KERNEL_MAX_SLOTS`` slots."""
     import importlib.util
 
     if asked is not None:
         return asked
     triton = importlib.util.find_spec("triton") is not None
-    return triton and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and 0 < slots <= 256
+    sixteen_bits = dtype in (torch.bfloat16, torch.float16)
+    return triton and device.type == "cuda" and sixteen_bits and 0 < slots <= KERNEL_MAX_SLOTS
 
 
 class NoCorrections:

@@ -21,9 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SLOTS = 256  # the per-head kernels hold z [rows, m] in registers; more slots take the torch path
-
-
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation; fp32 operands in full fp32 (``IEEE``) as torch's matmul takes them by default,

@@ -14,7 +14,8 @@ NeMo builds DeepSeek-V3 with Megatron's TE layer spec, where the MLA and MLP lin
 TE keeps per-partition sizes (``out_features`` of a column linear, ``in_features`` of a row linear are this
 rank's); Megatron's linears keep global ones. A TE linear with a fused norm normalises inside its GEMM; its
 adapter must see the normalised input, as the base does, so the wrapper asks TE to return it
-(``return_layernorm_output``; gathered under sequence parallelism). TE cannot be imported on a machine
+(``return_layernorm_output``: this rank's sequence shard under sequence parallelism; the adapter gathers it
+as for any column-parallel base). TE cannot be imported on a machine
 without CUDA: ``te_layout`` is the shape and mode logic on plain values (tested on CPU); ``layout`` reads a
 module (TE modules are recognised only where TE imports).
 """

@@ -16,13 +16,17 @@ def _clean(name: str) -> str:
     return name.replace(".to_wrap", "").removeprefix("module.")
 
 
-def _per_expert(name: str, module: TEGroupedLoRALinear) -> dict:
-    """``...mlp.experts.linear_fc1`` (TE grouped) -> {``...mlp.experts.local_experts.{e}.linear_fc1``: (A_e, B_e,
-    scale)} for its local experts e: the module names ``SequentialMLP`` experts have on this rank."""
+def expert_adapters(name: str, module: TEGroupedLoRALinear) -> list:
+    """``...mlp.experts.linear_fc1`` (TE grouped) -> [(``...mlp.experts.local_experts.{e}.linear_fc1``, A_e, B_e)]
+    for its local experts e (parameters): the module names ``SequentialMLP`` experts have on this rank."""
     experts, leaf = name.rsplit(".", 1)
-    ad = module.adapter
-    return {f"{experts}.local_experts.{e}.{leaf}": (*(t.detach() for t in ad.expert(e)), ad.scale)
-            for e in range(ad.num_experts)}
+    return [(f"{experts}.local_experts.{e}.{leaf}", *module.adapter.expert(e))
+            for e in range(module.adapter.num_experts)]
+
+
+def lora_b_parameters(adapter: nn.Module) -> list:
+    """An adapter's B parameters: ``lora_b``, or a TE grouped adapter's ``lora_b{e}``."""
+    return [p for n, p in adapter.named_parameters(recurse=False) if n.startswith("lora_b")]
 
 
 def base_state_dict(model: nn.Module) -> dict:
@@ -39,13 +43,13 @@ def base_state_dict(model: nn.Module) -> dict:
 
 def adapter_factors(model: nn.Module) -> dict:
     """module name -> (A [r, in], B [out, r] with zero rows outside the part, scale); TE grouped experts
-    per expert (``_per_expert``)."""
+    per expert (``expert_adapters``)."""
     out = {}
     for n, m in model.named_modules():
         if isinstance(m, MLALoRALinear):
             out[_clean(n)] = (m.adapter.lora_a.detach(), m.adapter.full_b(), m.adapter.scale)
         elif isinstance(m, TEGroupedLoRALinear):
-            out.update(_per_expert(_clean(n), m))
+            out.update({e: (a.detach(), b.detach(), m.adapter.scale) for e, a, b in expert_adapters(_clean(n), m)})
     return out
 
 
@@ -59,6 +63,5 @@ def randomize_b(model: nn.Module, std: float = 0.2, seed: int = 0) -> None:
     """Give every adapter a non-zero B (tests, and checks that a merge really does something)."""
     gen = torch.Generator().manual_seed(seed)
     for m in adapter_modules(model).values():
-        for name, b in m.adapter.named_parameters(recurse=False):
-            if name.startswith("lora_b"):  # lora_b, or a TE grouped adapter's lora_b{e}
-                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * std)
+        for b in lora_b_parameters(m.adapter):
+            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * std)
