@@ -259,6 +259,7 @@ te_finetune() {  # issue 18: the TE GPU tests; NeMo's TE spec (grouped-GEMM expe
   # the saved base + adapter in the TE and the local-spec model (logits), then the local-spec model saved and
   # exported vs the callback's export, tensor for tensor (measured 2026-12-01: tests 75 s, finetune 200 s, this 60 s;
   # a one-process CPU export + compare_exports after it ran past the call's 600 s, so it is left out)
+  rm -rf /tmp/te_local  # this script's own scratch folder
   timeout 200 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/te_logits.json" --export-local /tmp/te_local \
     2>&1 | grep -E '^\{|Error' | cut -c1-600
   local rc_check=${PIPESTATUS[0]}
@@ -275,6 +276,7 @@ te_two_gpus() {  # tag, overrides: the TE spec trained on two GPUs (torchrun), t
     data.base_pretrain_lr=5e-4 trainer.max_steps=30 trainer.checkpoint_every_n_steps=40 "output_dir=$run" 2>&1 \
     | tee "$OUT/$tag.log" | grep -E "loss|verif|Error|error" | tail -20
   local rc=${PIPESTATUS[0]}; collect "$run" "$tag"; [ "$rc" = 0 ] || return "$rc"
+  rm -rf "/tmp/${tag}_local"  # this script's own scratch folder
   timeout 200 python3 "$REPO/bench/te_check.py" "$run" --out "$OUT/${tag}_logits.json" --export-local "/tmp/${tag}_local" \
     2>&1 | grep -E '^\{|Error' | cut -c1-600
   return "${PIPESTATUS[0]}"

@@ -39,7 +39,7 @@ def load(model, run: Path, spec) -> None:
     from megatron.core import dist_checkpointing
 
     from nemo_mla_lora import keymap
-    from nemo_mla_lora.checkpoint import dense_layers
+    from nemo_mla_lora.checkpoint import dense_layers, load_weights
 
     sharded = model.sharded_state_dict()
     adapter = {k: v for k, v in sharded.items() if ".adapter." in getattr(v, "key", k)}
@@ -52,7 +52,7 @@ def load(model, run: Path, spec) -> None:
                 v.key = keymap.to_te_name(v.key, dense)
     state = dist_checkpointing.load(base, str(run / "base"))
     state.update(dist_checkpointing.load(adapter, str(run / "adapter")))
-    model.load_state_dict(state, strict=False)
+    load_weights(model, state, f"{run} (base + adapter)")  # only _extra_state may be absent
 
 
 @torch.no_grad()
@@ -85,10 +85,10 @@ def export_again(loaded, run: Path, work: Path) -> dict:
     from nemo_mla_lora.export.pipeline import export
 
     model, peft, spec = loaded
-    checkpoint.save_base(model, spec, work / "base", overwrite=True)
-    checkpoint.save_adapter(model, peft, spec, work / "adapter", base_dir=work / "base", overwrite=True)
+    checkpoint.save_base(model, spec, work / "base")  # a folder that exists is refused, never replaced
+    checkpoint.save_adapter(model, peft, spec, work / "adapter", base_dir=work / "base")
     fmt = json.loads((run / "export" / "manifest.json").read_text())["format"]
-    export(work / "base", work / "adapter", work / "export", fmt=fmt, overwrite=True, verify="none", progress=False)
+    export(work / "base", work / "adapter", work / "export", fmt=fmt, verify="none", progress=False)
     return compare(run / "export", work / "export", fmt)
 
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("run")
     ap.add_argument("--out", required=True)
     ap.add_argument("--specs", nargs="+", default=["te", "local"])
-    ap.add_argument("--export-local", help="a work folder: save the local-spec model, export it, compare with "
+    ap.add_argument("--export-local", help="a new work folder: save the local-spec model, export it, compare with "
                     "RUN_DIR/export (the TE run's callback export)")
     args = ap.parse_args(argv)
     from nemo_mla_lora import parallel
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     result, first = {"dtype": str(dtype), "specs": {}}, None
     for kind in args.specs:
         out, info, loaded = logits(run, kind, tokens, device, dtype)
-        if kind == "local" and args.export_local:
+        if kind == "local" and args.export_local and "local_export_vs_callback_export" not in result:
             result["local_export_vs_callback_export"] = export_again(loaded, run, Path(args.export_local))
             print(json.dumps({k: result[k] for k in ("local_export_vs_callback_export",)}), flush=True)
         first = out if first is None else first
