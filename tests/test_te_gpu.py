@@ -27,6 +27,8 @@ def _te_and_cuda() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _te_and_cuda(), reason="needs CUDA and Transformer Engine")]
 
 VARIANTS = {"q_lora": "tiny_mla", "no_q_lora": "tiny_mla_noq"}
+HF_VARIANTS = ("v2_lite_greedy_yarn_noq", "v2_group_limited_rope_q", "v3_noaux_yarn_q", "v3_noaux_rope_noq",
+               "v3_tied_yarn_q")  # scripts/make_tiny_hf.py's VARIANTS (test_hf_checkpoints: equal to transformers)
 REL = 2e-5 if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else 5e-3  # of the largest |logit| / |grad|
 
 
@@ -37,33 +39,48 @@ def record(test: str, **values) -> None:
             f.write(json.dumps({"test": test, **values}) + "\n")
 
 
-def build(name: str, te: bool, seed: int = 0):
-    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model, mla_config
+def spec_of(name: str):
+    """A built-in tiny model, or one of ``scripts/make_tiny_hf.py``'s variants read from transformers' own config
+    (V2 greedy and group-limited softmax routing, V3 noaux, plain RoPE and YaRN, with and without q compression)."""
+    from nemo_mla_lora.hf_config import spec_from_hf
+    from nemo_mla_lora.models.architecture import builtin_spec
 
+    if name in HF_VARIANTS:
+        from test_hf_checkpoints import MAKER
+
+        return spec_from_hf(MAKER.hf_config(name), name)
+    return builtin_spec(name)
+
+
+def build(name: str, te: bool, seed: int = 0):
+    """(model on the GPU, its Megatron config, its MLASpec)."""
+    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
+    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model
+
+    spec = spec_of(name)
     if te:  # NeMo's DeepSeek defaults (alltoall dispatcher, TE permute fusion, grouped GEMM), TE spec
-        config = mla_config(torch.float32, name, transformer_layer_spec=te_mla_block_spec, moe_grouped_gemm=True)
+        config = config_from_spec(spec, torch.float32, transformer_layer_spec=te_mla_block_spec, moe_grouped_gemm=True)
     else:
-        config = mla_config(torch.float32, name, **CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
+        config = config_from_spec(spec, torch.float32, **CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
     torch.manual_seed(seed)
-    return build_model(config).cuda().eval(), config
+    return build_model(config).cuda().eval(), config, spec
 
 
 def adapted_te(name: str, targets="all_linear", seed: int = 0, parts=None):
-    from nemo_mla_lora.mla_spec import MLASpec
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
-    model, config = build(name, te=True, seed=seed)
+    model, _, spec = build(name, te=True, seed=seed)
     perturb_norms_and_bias(model)
     peft = MLALoRA(placement=targets, dim=4, alpha=8, parts=parts or {})
     model = peft(model)
     randomize_b(model, seed=seed)
-    return model, MLASpec.from_megatron(config), peft
+    return model, spec, peft
 
 
-def logits(model, seq: int = 12):
-    tokens, positions, mask = (t.cuda() for t in batch(seq))
+def logits(model, seq: int = 12, vocab: int = 264):
+    tokens, positions, mask = (t.cuda() for t in batch(seq, vocab=vocab))
     return model(tokens, positions, mask)
 
 
@@ -118,6 +135,29 @@ def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
     assert diff <= REL * scale, f"TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
 
 
+@pytest.mark.parametrize("variant", HF_VARIANTS)
+def test_te_lora_on_every_family_variant_matches_the_equations(mcore, variant):
+    """The TE spec (DeepSeek-V2's group router swapped in where its routing needs it) with adapters on every linear,
+    on each routing and RoPE variant of the family, against the equations (which equal transformers' own
+    DeepseekV2/V3 models on the same variants: tests/test_hf_checkpoints.py)."""
+    from nemo_mla_lora.peft.state import adapter_factors, base_state_dict
+    from nemo_mla_lora.reference.model import forward
+
+    model, spec, _ = adapted_te(variant)
+    state = {k: v.double().cpu() for k, v in base_state_dict(model).items()}
+    adapters = {k: (a.double().cpu(), b.double().cpu(), s) for k, (a, b, s) in adapter_factors(model).items()}
+    tokens = batch(vocab=spec.vocab_size)[0]
+    with torch.no_grad():
+        out = logits(model, vocab=spec.vocab_size).double().cpu()
+        reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
+    diff, changed = (out - reference).abs().max().item(), (reference - base).abs().max().item()
+    scale = reference.abs().max().item()
+    record("family_variant", variant=variant, max_abs_diff=diff, adapters_changed_logits_by=changed,
+           max_abs_logit=scale)
+    assert changed > 100 * REL * scale, "adapters changed nothing"
+    assert diff <= REL * scale, f"{variant}: TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
+
+
 def _grads(model) -> dict:
     """Adapter name (local flat, per expert) -> (grad A, grad B)."""
     from nemo_mla_lora.peft.mla_lora import MLALoRALinear
@@ -141,7 +181,7 @@ def test_te_lora_gradients_match_the_local_spec(mcore, variant):
     from nemo_mla_lora.peft.state import adapter_factors, adapter_modules, base_state_dict
 
     te_model, _, _ = adapted_te(VARIANTS[variant])
-    local, _ = build(VARIANTS[variant], te=False)
+    local, _, _ = build(VARIANTS[variant], te=False)
     checkpoint.load_weights(local, base_state_dict(te_model), "the TE model's weights")
     local = MLALoRA(placement="all_linear", dim=4, alpha=8)(local)
     factors = adapter_factors(te_model)
@@ -215,7 +255,7 @@ def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
     checkpoint.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
     manifest = export(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", names="te",
                       progress=False)
-    fresh, _ = build("tiny_mla", te=True, seed=1)
+    fresh, _, _ = build("tiny_mla", te=True, seed=1)
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path / "out")))
     with torch.no_grad():
         want, got = logits(model), logits(fresh)
@@ -223,7 +263,7 @@ def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
     record("export", max_abs_diff=diff, verify=manifest.get("verify"))
     assert diff <= REL * want.abs().max().item()
 
-    local, _ = build("tiny_mla", te=False, seed=2)
+    local, _, _ = build("tiny_mla", te=False, seed=2)
     local = MLALoRA(placement="all_linear", dim=4, alpha=8)(local)
     sharded = {k: v for k, v in local.sharded_state_dict().items() if ".adapter." in k}
     local.load_state_dict(dist_checkpointing.load(sharded, str(tmp_path / "adapter")), strict=False)
