@@ -191,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", nargs="*", default=[], help="variant:rank pairs to profile after the table")
+    p.add_argument("--profile-top", type=int, default=12, help="ops per profile table")
     p.add_argument("--legacy", action="store_true",
                    help="the adapters as before issue 17: three autograd ops per linear, one chain per expert")
     p.add_argument("--out", default=None)
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
               "experts": args.experts, "legacy": args.legacy,
               "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
-    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1])) for spec in args.profile}
+    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top) for spec in args.profile}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -19,6 +19,7 @@
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune_tp2|te_finetune_ep2  # issue 18 on 2 GPUs: TE spec at TP=2+SP / EP=2 (bring-up first)
 #   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
+#   bash bench/run_gpu.sh te_profile     # issue 18: the same, base and all_linear r16 profiled (TE bring-up first)
 #   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
@@ -290,6 +291,15 @@ te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEM
   for spec in te local; do
     timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 20 --ranks 16 64 \
       --variants nemo_official all_linear --out "$OUT/lora_overhead_$spec.json" 2>&1 | grep -E "^\||^card|Error"
+  done
+}
+
+te_profile() {  # issue 18: where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)
+  te_env || return 1
+  for spec in te local; do
+    timeout 250 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 10 --ranks 16 --variants all_linear \
+      --profile base:0 all_linear:16 --profile-top 30 --out "$OUT/lora_profile_$spec.json" > "$OUT/lora_profile_$spec.log" 2>&1
+    grep -E "^\||^profile|Error" "$OUT/lora_profile_$spec.log"
   done
 }
 

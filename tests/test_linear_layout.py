@@ -5,8 +5,6 @@ TE cannot be imported here (no CUDA): its modules' shape and mode logic is teste
 for duplicated ones, as TE's ``Linear.__init__`` sets them); the modules themselves are covered by the GPU
 run (bench/run_gpu.sh). Megatron's own linears are read from a real tiny model."""
 
-import logging
-
 import pytest
 import torch
 
@@ -64,10 +62,12 @@ def test_megatron_linears_of_a_real_model(mcore):
         layout(torch.nn.Linear(4, 4))
 
 
-def test_te_block_spec_keeps_deepseek_v2_group_router(mcore, monkeypatch):
+def test_te_block_spec_keeps_deepseek_v2_group_router_and_latent_eps(mcore, monkeypatch):
     """``te_mla_block_spec`` over Megatron's block spec (its TE variant cannot be built without TE; the
-    layer list and MoE module slot are the same): the MoE layers get ``DeepSeekMoELayer``, and a latent-norm
-    eps the fused TE norms cannot keep is reported."""
+    layer list and module slots are the same, with Megatron's TE norm + linear put where the TE spec has it):
+    the MoE layers get ``DeepSeekMoELayer`` and the fused q/kv latent norms the linear that takes DeepSeek's
+    latent eps (its numerics: tests/test_te_gpu.py, Moonlight-style eps 1e-5 / 1e-6)."""
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
@@ -79,17 +79,23 @@ def test_te_block_spec_keeps_deepseek_v2_group_router(mcore, monkeypatch):
 
     def stand_in(config, use_transformer_engine, vp_stage=None):
         asked.append(use_transformer_engine)
-        return real(config, use_transformer_engine=False, vp_stage=vp_stage)
+        spec = real(config, use_transformer_engine=False, vp_stage=vp_stage)
+        for one in spec.layer_specs:
+            attention = one.submodules.self_attention.submodules
+            attention.linear_q_up_proj = attention.linear_kv_up_proj = TELayerNormColumnParallelLinear
+        return spec
 
     monkeypatch.setattr(layer_spec, "get_gpt_decoder_block_spec", stand_in)
-    warned = []
-    monkeypatch.setattr(logging.getLogger(layer_spec.__name__), "warning", lambda msg, *a: warned.append(msg % a))
     config = tiny_mla_config()
     spec = layer_spec.te_mla_block_spec(config, group_score="max", latent_norm_eps=config.layernorm_epsilon / 10)
     mlps = [s.submodules.mlp.module for s in spec.layer_specs]
     assert asked == [True] and layer_spec.DeepSeekMoELayer in mlps and MoELayer not in mlps
-    assert config.moe_router_group_score == "max"
-    assert len(warned) == 1 and "latent norms run with eps" in warned[0], warned
+    assert config.moe_router_group_score == "max" and config.mla_latent_norm_eps == config.layernorm_epsilon / 10
+    latent = layer_spec.latent_norm_te_linear()
+    assert latent is not TELayerNormColumnParallelLinear  # (a subclass where TE imports: the GPU test)
+    for one in spec.layer_specs:
+        attention = one.submodules.self_attention.submodules
+        assert attention.linear_q_up_proj is latent and attention.linear_kv_up_proj is latent
 
 
 def test_adapter_parameters_take_the_base_weights_reduction_flags():

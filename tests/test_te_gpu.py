@@ -90,8 +90,8 @@ def test_every_te_linear_kind_is_wrapped(mcore, variant):
 
     model, _, _ = adapted_te(VARIANTS[variant])
     kinds = {n.rsplit(".", 1)[-1]: type(m.to_wrap).__name__ for n, m in adapter_modules(model).items()}
-    expected = {"linear_q_down_proj": "TELinear", "linear_q_up_proj": "TELayerNormColumnParallelLinear",
-                "linear_kv_down_proj": "TELinear", "linear_kv_up_proj": "TELayerNormColumnParallelLinear",
+    expected = {"linear_q_down_proj": "TELinear", "linear_q_up_proj": "LatentNormTELinear",
+                "linear_kv_down_proj": "TELinear", "linear_kv_up_proj": "LatentNormTELinear",
                 "linear_proj": "TERowParallelLinear"}
     if variant == "no_q_lora":
         expected = {k: v for k, v in expected.items() if "_q_" not in k} | {"linear_q_proj": "TEColumnParallelLinear"}

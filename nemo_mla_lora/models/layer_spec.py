@@ -16,10 +16,13 @@ Two substitutions in megatron-core's local spec:
 5. DeepSeek's q/kv latent norms use eps 1e-6 whatever ``rms_norm_eps`` says (its modeling code, and
    transformers', build them with the default); Megatron uses ``layernorm_epsilon``. ``LatentNorm`` takes
    ``config.mla_latent_norm_eps`` (Moonlight: rms_norm_eps 1e-5, latent norms 1e-6).
+   On the TE spec, where they are fused into q/kv up, ``latent_norm_te_linear`` does the same.
 3. The local norm (``WrappedTorchNorm``) refuses sequence parallelism. ``SequenceParallelTorchNorm``
    builds the same ``torch.nn.RMSNorm``/``LayerNorm`` and, as apex's and TE's norms do, tags its weight
    ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient across TP.
 """
+
+import functools
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -181,24 +184,39 @@ def local_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_ep
     return spec
 
 
+@functools.cache
+def latent_norm_te_linear() -> type:
+    """``TELayerNormColumnParallelLinear`` (TE's norm fused into q/kv up) with DeepSeek's latent-norm eps: Megatron
+    builds it with ``layernorm_epsilon``, and TE's ``LayerNormLinear`` reads ``self.eps`` at every forward.
+    Made on first use: Megatron's TE wrappers are only importable as classes where megatron-core is."""
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    class LatentNormTELinear(TELayerNormColumnParallelLinear):
+        def __init__(self, *args, config, **kwargs):
+            super().__init__(*args, config=config, **kwargs)
+            self.eps = getattr(config, "mla_latent_norm_eps", config.layernorm_epsilon)
+
+    return LatentNormTELinear
+
+
 def te_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_eps=None):
     """Megatron's Transformer Engine decoder block spec (what NeMo builds for DeepSeek) with DeepSeek-V2's group
-    router where its routing needs it (``DeepSeekMoELayer``). TE fuses the q/kv latent norms into
-    ``linear_q_up_proj`` / ``linear_kv_up_proj`` with ``layernorm_epsilon``; a checkpoint whose latent norms use
-    another eps (Moonlight: 1e-6 against 1e-5) gets a warning: only the local spec keeps them apart."""
-    import logging
-
+    router where its routing needs it (``DeepSeekMoELayer``), and the q/kv latent norms TE fuses into
+    ``linear_q_up_proj`` / ``linear_kv_up_proj`` run with DeepSeek's latent eps (``latent_norm_te_linear``; Megatron
+    gives them ``layernorm_epsilon``: Moonlight 1e-5 where DeepSeek's code uses 1e-6)."""
     if group_score is not None:
         config.moe_router_group_score = group_score
     if latent_norm_eps is not None:
         config.mla_latent_norm_eps = latent_norm_eps
-    latent = getattr(config, "mla_latent_norm_eps", config.layernorm_epsilon)
-    if latent != config.layernorm_epsilon:
-        logging.getLogger(__name__).warning(
-            "TE spec: the q/kv latent norms run with eps %g (layernorm_epsilon) where this checkpoint's use %g",
-            config.layernorm_epsilon, latent)
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, vp_stage=vp_stage)
+    latent_linear = latent_norm_te_linear()
     for layer_spec in spec.layer_specs:
         if layer_spec.submodules.mlp.module is MoELayer:
             layer_spec.submodules.mlp.module = DeepSeekMoELayer
+        attention = layer_spec.submodules.self_attention.submodules
+        for name in ("linear_q_up_proj", "linear_kv_up_proj"):
+            if getattr(attention, name, None) is TELayerNormColumnParallelLinear:
+                setattr(attention, name, latent_linear)
     return spec
