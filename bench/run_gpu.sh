@@ -289,7 +289,7 @@ te_finetune_ep2() { te_two_gpus te_finetune_ep2 trainer.expert_parallel=2; }
 te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
   te_env || return 1
   for spec in te local; do
-    timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 20 --ranks 16 64 \
+    timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters "${ITERS:-20}" --ranks 16 64 \
       --variants nemo_official all_linear --out "$OUT/lora_overhead_$spec.json" 2>&1 | grep -E "^\||^card|Error"
   done
 }
