@@ -188,7 +188,7 @@ def local_mla_block_spec(config, vp_stage=None, group_score=None, latent_norm_ep
 def latent_norm_te_linear() -> type:
     """``TELayerNormColumnParallelLinear`` (TE's norm fused into q/kv up) with DeepSeek's latent-norm eps: Megatron
     builds it with ``layernorm_epsilon``, and TE's ``LayerNormLinear`` reads ``self.eps`` at every forward.
-    Made on first use: Megatron's TE wrappers are only importable as classes where megatron-core is."""
+    Made on first use, not at import: without TE, Megatron's TE wrappers are mock stand-ins."""
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
 
     class LatentNormTELinear(TELayerNormColumnParallelLinear):
