@@ -69,6 +69,7 @@ def device():
 def with_lora(holder, variant: str, rank: int):
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.grouped_experts import group_experts
+    from nemo_mla_lora.peft.state import randomize_b
 
     if variant in BASES:
         for p in holder.parameters():
@@ -78,10 +79,7 @@ def with_lora(holder, variant: str, rank: int):
         return holder
     kwargs = dict(placement=variant) if variant in PLACEMENTS else dict(placement=None, target_modules=[variant])
     model = MLALoRA(dim=rank, alpha=rank, **kwargs)(holder)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1].startswith("lora_b"):  # lora_b, TE grouped experts' lora_b{e}
-                p.normal_(std=1e-3)
+    randomize_b(model, std=1e-3)  # B != 0 on every adapter (TE grouped experts' lora_b{e} too)
     return model
 
 
@@ -219,7 +217,8 @@ def main(argv=None) -> int:
     result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
               "experts": args.experts, "legacy": args.legacy,
               "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
-    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top) for spec in args.profile}
+    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top)
+                          for spec in args.profile}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
