@@ -13,7 +13,6 @@ largest |logit|). Without TE, ``--specs local local`` runs the same code path on
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def load(model, run: Path, spec) -> None:
 def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[torch.Tensor, dict, tuple]:
     from nemo_mla_lora.checkpoint import read_spec
     from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import adapter_modules, lora_b_parameters
 
     info = json.loads((run / "adapter" / "adapter.json").read_text())
     peft = MLALoRA(placement=info["placement"], target_modules=info["target_modules"] or [], dim=info["dim"],
@@ -67,7 +67,8 @@ def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[t
     model = peft(build(spec, kind, dtype).to(device)).eval()
     load(model, run, spec)
     kinds = sorted({type(m).__name__ for m in model.modules() if any(w in type(m).__name__ for w in ("Linear", "MLP"))})
-    b_norm = sum(p.float().abs().sum().item() for n, p in model.named_parameters() if re.search(r"lora_b\d*$", n))
+    b_norm = sum(b.float().abs().sum().item() for m in adapter_modules(model).values()
+                 for b in lora_b_parameters(m.adapter))
     b, s = tokens.shape
     positions = torch.arange(s, device=device).expand(b, s)
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
