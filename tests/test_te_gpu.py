@@ -117,22 +117,8 @@ PARTS = {"q_lora": {"linear_q_up_proj": "rope", "linear_kv_up_proj": "k", "linea
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
     """Every linear adapted; ``parts``: the MLA linears part-selective (B on some rows only), fused norms too."""
-    from nemo_mla_lora.peft.state import adapter_factors, base_state_dict
-    from nemo_mla_lora.reference.model import forward
-
     model, spec, _ = adapted_te(VARIANTS[variant], parts=PARTS[variant] if parts else None)
-    state = {k: v.double().cpu() for k, v in base_state_dict(model).items()}
-    adapters = {k: (a.double().cpu(), b.double().cpu(), s) for k, (a, b, s) in adapter_factors(model).items()}
-    tokens = batch()[0]
-    with torch.no_grad():
-        out = logits(model).double().cpu()
-        reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
-    diff, changed = (out - reference).abs().max().item(), (reference - base).abs().max().item()
-    scale = reference.abs().max().item()
-    record("reference", variant=variant, parts=parts, max_abs_diff=diff, adapters_changed_logits_by=changed,
-           max_abs_logit=scale)
-    assert changed > 100 * REL * scale, "adapters changed nothing"
-    assert diff <= REL * scale, f"TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
+    check_against_equations(model, spec, "reference", variant=variant, parts=parts)
 
 
 @pytest.mark.parametrize("variant", HF_VARIANTS)
@@ -140,10 +126,16 @@ def test_te_lora_on_every_family_variant_matches_the_equations(mcore, variant):
     """The TE spec (DeepSeek-V2's group router swapped in where its routing needs it) with adapters on every linear,
     on each routing and RoPE variant of the family, against the equations (which equal transformers' own
     DeepseekV2/V3 models on the same variants: tests/test_hf_checkpoints.py)."""
+    model, spec, _ = adapted_te(variant)
+    check_against_equations(model, spec, "family_variant", variant=variant)
+
+
+def check_against_equations(model, spec, test: str, **labels) -> None:
+    """The adapted TE model's logits against the plain-torch equations in float64 on its own base and adapter
+    tensors; the differences recorded under ``test`` with ``labels``."""
     from nemo_mla_lora.peft.state import adapter_factors, base_state_dict
     from nemo_mla_lora.reference.model import forward
 
-    model, spec, _ = adapted_te(variant)
     state = {k: v.double().cpu() for k, v in base_state_dict(model).items()}
     adapters = {k: (a.double().cpu(), b.double().cpu(), s) for k, (a, b, s) in adapter_factors(model).items()}
     tokens = batch(vocab=spec.vocab_size)[0]
@@ -152,10 +144,9 @@ def test_te_lora_on_every_family_variant_matches_the_equations(mcore, variant):
         reference, base = forward(tokens, state, spec, adapters), forward(tokens, state, spec)
     diff, changed = (out - reference).abs().max().item(), (reference - base).abs().max().item()
     scale = reference.abs().max().item()
-    record("family_variant", variant=variant, max_abs_diff=diff, adapters_changed_logits_by=changed,
-           max_abs_logit=scale)
+    record(test, **labels, max_abs_diff=diff, adapters_changed_logits_by=changed, max_abs_logit=scale)
     assert changed > 100 * REL * scale, "adapters changed nothing"
-    assert diff <= REL * scale, f"{variant}: TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
+    assert diff <= REL * scale, f"{labels}: TE + MLALoRA vs the equations: {diff:.3g} > {REL * scale:.3g}"
 
 
 def _grads(model) -> dict:
