@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_triton_decode import _interpreted
+from test_triton_decode import _interpreted, child
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -59,12 +59,7 @@ def test_kernels_match_the_equations_on_the_gpu():
 
 
 def _on_gpu(code: str, *args) -> str:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
+    return child(code, *args, interpret=False, timeout=300)
 
 
 ENGINE_CHECK = """

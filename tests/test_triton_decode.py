@@ -31,11 +31,18 @@ print(json.dumps(out))
 """
 
 
-def _interpreted(code: str, *args) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+def child(code: str, *args, interpret: bool, timeout: int = 600) -> str:
+    """``code`` run in a fresh Python (Triton's interpreter, where asked, must be on before triton is imported):
+    its last line of output."""
+    env = dict(os.environ, TRITON_INTERPRET="1") if interpret else None
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
+
+
+def _interpreted(code: str, *args) -> str:
+    return child(code, *args, interpret=True)
 
 
 TMA_CHECK = """
