@@ -1,6 +1,6 @@
 """The Transformer-Engine-free MLA layer spec (CPU, and GPU machines without TE), and the TE spec's DeepSeek fix.
 
-Two substitutions in megatron-core's local spec:
+Substitutions in megatron-core's local spec (4 and 5 also in the TE spec):
 1. ``MLASelfAttention`` passes ``k_channels`` / ``v_channels`` (q head dim nope+rope, v head dim) to its
    core attention, which the local ``DotProductAttention`` does not accept: ``MLADotProductAttention``
    accepts them and sizes its output by ``v_channels``.
@@ -10,6 +10,9 @@ Two substitutions in megatron-core's local spec:
    ``LocalMLASelfAttention`` makes that linear a ``KVDownProjection``, whose output is gathered over TP
    so that k_pe's gradient is all-reduced (or, under sequence parallelism, reduce-scattered by MLA's own
    sequence gather of k_pe), as with TE's duplicated down projection.
+3. The local norm (``WrappedTorchNorm``) refuses sequence parallelism. ``SequenceParallelTorchNorm``
+   builds the same ``torch.nn.RMSNorm``/``LayerNorm`` and, as apex's and TE's norms do, tags its weight
+   ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient across TP.
 4. DeepSeek-V2's group-limited routing ranks expert groups by their best expert; Megatron's group-limited
    top-k by the sum of the top k/topk_group. ``DeepSeekMoELayer`` swaps in ``GroupMaxRouter`` where the
    config says ``moe_router_group_score='max'`` (``models/from_spec.group_score``).
@@ -17,9 +20,6 @@ Two substitutions in megatron-core's local spec:
    transformers', build them with the default); Megatron uses ``layernorm_epsilon``. ``LatentNorm`` takes
    ``config.mla_latent_norm_eps`` (Moonlight: rms_norm_eps 1e-5, latent norms 1e-6).
    On the TE spec, where they are fused into q/kv up, ``latent_norm_te_linear`` does the same.
-3. The local norm (``WrappedTorchNorm``) refuses sequence parallelism. ``SequenceParallelTorchNorm``
-   builds the same ``torch.nn.RMSNorm``/``LayerNorm`` and, as apex's and TE's norms do, tags its weight
-   ``sequence_parallel`` so Megatron's ``finalize_model_grads`` all-reduces its gradient across TP.
 """
 
 import functools
