@@ -318,6 +318,23 @@ nemo_engines() {  # issue 14: NeMo 2.7.3's llm.generate (TE spec) and Megatron's
   echo "rc te=$rc_te local=$rc_local"; [ "$rc_te" = 0 ] && [ "$rc_local" = 0 ]
 }
 
+RS_BASE=/dev/shm/v2lite  # DeepSeek-V2-Lite as an HF directory (31 GB) in tmpfs: the 64 GiB disk holds the outputs
+
+real_size_base() {  # the HF checkpoint of the published config, once per warm machine
+  df -h /dev/shm /tmp | tee -a "$OUT/real_size_machine.txt"; free -g | tee -a "$OUT/real_size_machine.txt"
+  [ -f "$RS_BASE/config.json" ] && return 0
+  timeout 300 python3 "$REPO/bench/real_size.py" write --out "$RS_BASE" --tokenizer "$REPO/.real_size/tokenizer" \
+    2>&1 | tee "$OUT/real_size_write.log" | tail -n 3
+}
+
+real_size_table() {  # the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA (TE spec, seq 4096)
+  te_env || return 1
+  real_size_base || return 1
+  timeout 480 python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
+    --iters "${ITERS:-8}" 2>&1 | tee "$OUT/real_size_table.log" | grep -vE "Warning|warn" | tail -n 30
+  return "${PIPESTATUS[0]}"
+}
+
 "$@"; rc=$?
 # the device tool returns at most 8 files from $OUT: past that, the logs travel as one archive
 cd "$OUT" && [ "$(ls | wc -l)" -gt 8 ] && tar czf logs.tar.gz -- *.log && rm -f -- *.log

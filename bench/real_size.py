@@ -1,0 +1,266 @@
+"""DeepSeek-V2-Lite at its real size on one GPU: an HF checkpoint of the published config, the LoRA step table.
+
+    python bench/real_size.py write --out /dev/shm/v2lite --tokenizer TOKDIR      # HF dir, random weights, bf16
+    python bench/real_size.py table --base /dev/shm/v2lite --out table.json       # the step table (TE spec)
+    python bench/real_size.py summary --results DIR --out summary.json           # gather the parts
+
+``write``: every tensor transformers' ``DeepseekV2ForCausalLM`` has for ``models/configs/deepseek_v2_lite.json``
+(names and shapes from transformers on the meta device), drawn on the GPU (N(0, 0.02) for matrices, 1 for
+norms), saved in bf16 as ~4 GiB safetensors shards with an index, beside the config and a real tokenizer's
+files (DeepSeek-V2's, ``TOKDIR``).
+
+``table``: the model exactly as ``trainer=megatron`` builds it (``nemo_model_config`` of the composed config, NeMo's
+``configure_model``; Megatron's TE spec where Transformer Engine imports), its weights streamed from the HF directory
+by the trainer's own loader, then per variant the same micro-batch (sequence ``--seq``, random token ids) through
+forward + loss + backward + AdamW on the trainable parameters: (a) ``frozen``: no adapters, backward to the
+embedding output (what the base costs inside LoRA training); (b) ``nemo_official``: MLALoRA with NeMo's DeepSeek-V3
+recipe values (dim 32, alpha 32); (c) ``all_linear_r64``; (d) ``nemo_lora``: NeMo's own ``llm.peft.LoRA`` on the
+modules (b) wraps, same dim and alpha. Adapters are unwrapped between variants (the base stays on the GPU).
+Time: CUDA events, median over ``--iters`` after ``--warmup``; memory: peak allocated during the variant's steps.
+
+FLOPs per token (stated, Megatron's convention, as Megatron-Bridge reports its TFLOP/s): 6 x the active parameters
+a token passes through (attention linears, the dense layer's MLP, the router, the shared experts and ``top-k``
+routed experts per MoE layer, the output layer; not the embedding lookup) + the causal attention products
+6 x layers x heads x (qk_nope + qk_rope + v) x seq / 2 x 2. A LoRA step on a frozen base does about 2/3 of it (no
+weight gradients of the base), so this is the figure to compare with others' numbers, not a hardware count.
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
+SHARD_BYTES = 4 << 30
+
+
+def write(args) -> dict:
+    """The HF directory: config.json, safetensors shards + index, the tokenizer's files."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or name another directory")
+    raw = json.loads(Path(args.config).read_text())
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    del model
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    weight_map, shard, shard_bytes, index, total, start = {}, {}, 0, 0, 0, time.perf_counter()
+
+    def flush():
+        nonlocal shard, shard_bytes, index
+        if shard:
+            name = f"model-{index:05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            index, shard, shard_bytes = index + 1, {}, 0
+
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, device=device, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+        shard[name], shard_bytes, total = t, shard_bytes + t.nbytes, total + t.nbytes
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    raw["torch_dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+    for f in Path(args.tokenizer).iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    info = {"tensors": len(shapes), "bytes": total, "params": total // 2, "shards": index,
+            "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(info))
+    return info
+
+
+def flops_per_token(spec, seq: int) -> float:
+    """Megatron-convention model FLOPs per token (see the module docstring)."""
+    h, heads = spec.hidden_size, spec.num_heads
+    dn, dr, dv, c, rq = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank, spec.q_lora_rank
+    q = heads * (dn + dr) * (h if rq is None else rq) + (0 if rq is None else rq * h)
+    attention = q + (c + dr) * h + heads * (dn + dv) * c + h * heads * dv
+    active = 0
+    for layer in range(spec.num_layers):
+        active += attention
+        if spec.is_moe_layer(layer):
+            routed = spec.moe_topk * 3 * h * spec.moe_ffn_hidden_size
+            shared = 3 * h * (spec.shared_expert_ffn_hidden_size or 0)
+            active += routed + shared + spec.num_experts * h
+        else:
+            active += 3 * h * spec.ffn_hidden_size
+    active += spec.vocab_size * h
+    attention_products = spec.num_layers * heads * (dn + dr + dv) * seq  # QK^T and PV, causal (x 1/2), x 2 FLOPs
+    return 6.0 * active + 6.0 * attention_products
+
+
+def unwrap(model: torch.nn.Module, saved_flags: dict) -> int:
+    """Replace every adapter wrapper (NeMo's and ours: a module with ``to_wrap``) by the module it wraps and
+    restore the TE flags the wrappers changed; returns how many were unwrapped."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if hasattr(child, "to_wrap") and isinstance(child.to_wrap, torch.nn.Module):
+                setattr(module, child_name, child.to_wrap)
+                count += 1
+    for module, flags in saved_flags.items():
+        for k, v in flags.items():
+            setattr(module, k, v)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return count
+
+
+def te_flags(model: torch.nn.Module) -> dict:
+    keys = ("return_layernorm_output", "return_layernorm_output_gathered")
+    return {m: {k: getattr(m, k) for k in keys if hasattr(m, k)} for m in model.modules()
+            if any(hasattr(m, k) for k in keys)}
+
+
+def apply_variant(model, variant: str, targets: list[str]):
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import randomize_b
+
+    if variant == "frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+    if variant == "nemo_lora":
+        from nemo.collections.llm.peft import LoRA
+
+        wrapped = LoRA(target_modules=list(targets), dim=32, alpha=32, dropout=0.0)(model)
+    elif variant == "nemo_official":
+        wrapped = MLALoRA(placement="nemo_official", dim=32, alpha=32)(model)
+    elif variant == "all_linear_r64":
+        wrapped = MLALoRA(placement="all_linear", dim=64, alpha=64)(model)
+    else:
+        raise ValueError(f"variant={variant!r}")
+    randomize_b(wrapped, std=1e-3)  # B != 0: no GEMM runs on zeros
+    return wrapped
+
+
+def run_steps(model, tokens, warmup: int, iters: int) -> tuple[list[float], float]:
+    """Per-step ms (CUDA events) and the peak GiB allocated during the steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    embedding = model.embedding
+    hook = embedding.register_forward_hook(lambda m, i, o: o.requires_grad_()) if not params else None
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = model(tokens, position_ids, attention_mask=None, labels=tokens).float().mean()
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    if hook:
+        hook.remove()
+    del optimizer
+    return times, peak
+
+
+def build_trainer_model(base: str, seq: int):
+    """The Megatron model as ``trainer=megatron`` builds it, weights streamed from the HF directory ``base``."""
+    from nemo_mla_lora import parallel
+    from nemo_mla_lora.config.compose import compose
+    from nemo_mla_lora.models.architecture import resolve
+    from nemo_mla_lora.models.from_config import nemo_model_config
+    from nemo_mla_lora.training.hf_load import load_hf_directory
+
+    parallel.init_megatron()
+    cfg = compose("finetune", [f"model.checkpoint={base}", "trainer=megatron", f"model.seq_length={seq}",
+                               f"data.seq_length={seq}", "model.dtype=bfloat16"])
+    spec = resolve(cfg.model)
+    config = nemo_model_config(cfg.model, cfg.trainer, spec)
+    model = config.configure_model(tokenizer=None).cuda()
+    start = time.perf_counter()
+    load_hf_directory([model], base)
+    load_s = time.perf_counter() - start
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, spec, config, load_s
+
+
+def table(args) -> dict:
+    from nemo_mla_lora.peft import MLALoRA
+
+    model, spec, config, load_s = build_trainer_model(args.base, args.seq)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
+    targets = list(MLALoRA(placement="nemo_official").resolve(model))  # the leaves (b) wraps, for NeMo's LoRA
+    fpt = flops_per_token(spec, args.seq)
+    flags = te_flags(model)
+    result = {"card": torch.cuda.get_device_name(), "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
+              "flops_per_token": fpt, "layer_spec": type(model.decoder.layers[0].self_attention.linear_proj).__name__,
+              "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+              "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},
+              "nemo_lora_targets": targets}
+    for variant in args.variants:
+        wrapped = apply_variant(model, variant, targets)
+        result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        times, peak = run_steps(wrapped, tokens, args.warmup, args.iters)
+        unwrap(wrapped, flags)
+        torch.cuda.empty_cache()
+        runs = result["step_ms_runs"].setdefault(variant, [])
+        runs.append(statistics.median(times))  # a variant listed twice (the frozen base): the median of its runs
+        ms = statistics.median(runs)
+        tps = args.batch * args.seq / (ms / 1e3)
+        result["step_ms"][variant] = ms
+        result["tokens_per_s"][variant], result["tflops"][variant] = tps, tps * fpt / 1e12
+        result["peak_gib"][variant] = max(peak, result["peak_gib"].get(variant, 0.0))
+        print(f"{variant}: {ms:.1f} ms/step, {tps:,.0f} tokens/s, {tps * fpt / 1e12:.1f} TFLOP/s, "
+              f"peak {peak:.1f} GiB, trainable {result['trainable'][variant]:,}", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))  # what finished survives a cut
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("--out", required=True)
+    w.add_argument("--tokenizer", required=True)
+    w.add_argument("--config", default=str(CONFIG))
+    w.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("table")
+    t.add_argument("--base", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--seq", type=int, default=4096)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--iters", type=int, default=8)
+    t.add_argument("--variants", nargs="+", default=["frozen", "nemo_official", "all_linear_r64", "nemo_lora",
+                                                     "frozen"])
+    args = p.parse_args(argv)
+    {"write": write, "table": table}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
