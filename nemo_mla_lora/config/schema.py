@@ -260,6 +260,16 @@ def validate(cfg) -> None:
                       f"the model's n_routed_experts={spec.num_experts}")
     if not spec.num_experts and t.expert_parallel > 1:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
+    if t.max_steps < 1:
+        errors.append(f"trainer.max_steps={t.max_steps}; expected >= 1 (0 steps train nothing: no adapter, no export)")
+    d = cfg.data
+    if not m.checkpoint and d.base_pretrain and d.base_pretrain_steps < 1:
+        errors.append(f"data.base_pretrain_steps={d.base_pretrain_steps}; expected >= 1 to make the base from "
+                      f"data.base_pretrain (no model.checkpoint given)")
+    if d.kind == "jsonl" and not (d.train and d.validation):
+        errors.append(f"data.kind=jsonl needs data.train and data.validation (JSONL files); got train={d.train}, "
+                      f"validation={d.validation}")
+    errors += output_dir_errors(cfg)
     if t.global_batch_size % t.micro_batch_size:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                       f"micro_batch_size={t.micro_batch_size}")
@@ -287,6 +297,26 @@ def validate(cfg) -> None:
         errors.append(f"peft: {err}")
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def output_dir_errors(cfg) -> list[str]:
+    """``output_dir`` against ``model.checkpoint`` (``checkpoint.check_output``): the run writes checkpoints, logs,
+    the adapter and the export under ``output_dir``, so it may not be, hold or lie inside the checkpoint it reads
+    (nor be the working directory or a file).
+
+    Args:
+        cfg: the composed finetune config.
+    """
+    from nemo_mla_lora.checkpoint import check_output
+
+    ckpt = cfg.model.checkpoint
+    try:
+        check_output(cfg.output_dir, [ckpt] if ckpt else [])
+    except ValueError as err:
+        where = f" (model.checkpoint={ckpt})" if ckpt else ""
+        return [f"output_dir={cfg.output_dir}{where}: {err}; the run writes its checkpoints, logs, adapter and "
+                "export under output_dir"]
+    return []
 
 
 def validate_study(cfg) -> None:

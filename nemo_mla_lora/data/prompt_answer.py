@@ -7,11 +7,14 @@ sequence (loss mask still answer-only) to fill ``seq_length``.
 """
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from nemo_mla_lora.data.tokenizer import ByteTokenizer, prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 def normalise(record: dict) -> tuple[str, str]:
@@ -32,6 +35,10 @@ class DataError(ValueError):
 def read_jsonl(path) -> list[tuple[str, str]]:
     """(prompt, answer) per non-blank line; any bad record, or none at all, raises ``DataError`` naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.jsonl"))[:5]
+        raise DataError(f"dataset {path} is a directory; expected a JSONL file (one prompt/answer record per line)"
+                        + (f", e.g. one of {inside} inside it" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found")
     out = []
@@ -57,9 +64,14 @@ def encode_example(tok, prompt: str, answer: str) -> tuple[list[int], list[int]]
 def to_sequences(examples, seq_length: int, packed: bool = False, tok=None) -> list[tuple[list[int], list[int]]]:
     """Fixed-length (seq_length + 1) token/mask rows, padded; packed rows hold several examples."""
     tok = tok or ByteTokenizer()
+    return pack([encode_example(tok, p, a) for p, a in examples], seq_length, packed, tok.pad)
+
+
+def pack(encoded, seq_length: int, packed: bool, pad: int) -> list[tuple[list[int], list[int]]]:
+    """``encode_example`` outputs cut to seq_length + 1 tokens (the end goes: the answer first), then padded
+    rows of seq_length + 1; packed rows hold several examples."""
     rows, cur_t, cur_m = [], [], []
-    for prompt, answer in examples:
-        t, m = encode_example(tok, prompt, answer)
+    for t, m in encoded:
         t, m = t[: seq_length + 1], m[: seq_length + 1]
         if not packed or len(cur_t) + len(t) > seq_length + 1:
             if cur_t:
@@ -69,15 +81,41 @@ def to_sequences(examples, seq_length: int, packed: bool = False, tok=None) -> l
     if cur_t:
         rows.append((cur_t, cur_m))
     width = seq_length + 1
-    return [(t + [tok.pad] * (width - len(t)), m + [0] * (width - len(m))) for t, m in rows]
+    return [(t + [pad] * (width - len(t)), m + [0] * (width - len(m))) for t, m in rows]
+
+
+def check_answers(where, encoded, seq_length: int, key: str = "data.seq_length") -> None:
+    """Refuse a set in which every example loses its whole answer to ``seq_length`` (the loss would be 0:
+    nothing trains, the held-out loss reads 0); warn with the count when only some do.
+
+    Args:
+        where: the data file, named in the messages.
+        encoded: ``encode_example`` outputs (tokens, loss mask) of the set, uncut.
+        seq_length: tokens per training sequence (a row holds seq_length + 1: inputs and shifted labels).
+        key: the config field that sets ``seq_length``, named in the messages.
+    """
+    kept = [sum(m[1:seq_length + 1]) for _, m in encoded]  # answer tokens that stay labels after the cut
+    lost = sum(k == 0 for k in kept)
+    if not lost:
+        return
+    prompts = [len(m) - sum(m) for _, m in encoded]
+    longest = max(prompts)
+    if lost == len(encoded):
+        raise DataError(f"{where}: all {lost} examples lose their answer to {key}={seq_length} (the longest prompt "
+                        f"is {longest} tokens, the shortest {min(prompts)}): no answer token is left to compute a "
+                        f"loss on; raise {key} or shorten the prompts")
+    log.warning("%s: %d of %d examples lose their answer to %s=%d (the longest prompt is %d tokens); they add "
+                "nothing to the loss", where, lost, len(encoded), key, seq_length, longest)
 
 
 class PromptAnswerDataset(torch.utils.data.Dataset):
     """Items: tokens [s], labels [s] (next tokens), loss_mask [s]."""
 
     def __init__(self, path, seq_length: int, packed: bool = False, limit: int | None = None, tok=None):
-        examples = read_jsonl(path)[:limit]
-        self.rows = to_sequences(examples, seq_length, packed, tok)
+        tok = tok or ByteTokenizer()
+        encoded = [encode_example(tok, p, a) for p, a in read_jsonl(path)[:limit]]
+        check_answers(path, encoded, seq_length)
+        self.rows = pack(encoded, seq_length, packed, tok.pad)
 
     def __len__(self):
         return len(self.rows)

@@ -76,14 +76,22 @@ def has_hf_tokenizer(directory) -> bool:
     return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def for_run(tokenizer: str | None, checkpoint: str | None) -> str:
-    """The tokenizer a run uses: ``tokenizer`` if given, else the checkpoint's own files, else byte (tiny models)."""
+def for_run(tokenizer: str | None, checkpoint: str | None, key: str = "data.tokenizer") -> str:
+    """The tokenizer a run uses: ``tokenizer`` if given, else the checkpoint's own files, else byte (tiny models).
+
+    Args:
+        tokenizer: the configured tokenizer (``byte``, an HF id/path) or None.
+        checkpoint: the model directory whose own tokenizer files are used when ``tokenizer`` is None.
+        key: the config key that sets ``tokenizer`` (``data.tokenizer`` in finetune, ``tokenizer`` in
+            generate), named when an HF checkpoint has no tokenizer files.
+    """
     if tokenizer:
         return tokenizer
     if checkpoint and has_hf_tokenizer(checkpoint):
         return str(checkpoint)
     if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        raise ValueError(f"{checkpoint} has no tokenizer files; set data.tokenizer (an HF id/path, or byte)")
+        raise ValueError(f"{checkpoint} has no tokenizer files; set {key}=<an HF tokenizer id or path> "
+                         f"(or {key}=byte for the byte-level tiny models)")
     return "byte"
 
 

@@ -21,6 +21,42 @@ PREFIX = "decoder.layers.{}.self_attention."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]:
+    """(format, MLA spec, dtype name) of what the engine serves from ``directory``, read before any weight: a
+    merged export's ``manifest.json`` (``mcore``, ``absorbed``, ``nemo``, ``hf``), or an HF directory written
+    elsewhere (``config.json`` + safetensors; no manifest, so no checksums: served only with
+    ``verify_checksums=False``).
+
+    Args:
+        directory: the checkpoint to serve.
+        verify_checksums: whether every tensor will be checked against a manifest.
+    """
+    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.export.pipeline import MERGED_FORMATS
+
+    directory = Path(directory)
+    if (directory / "manifest.json").is_file():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        fmt = manifest.get("format")
+        if fmt not in MERGED_FORMATS:
+            raise ValueError(f"{directory}: format {fmt!r}; the engine serves merged exports {MERGED_FORMATS}")
+        return fmt, MLASpec.from_dict(manifest["mla"]), manifest["dtype"]
+    if (directory / "config.json").is_file():
+        if verify_checksums:
+            raise CheckpointError(f"{directory}: an HF directory without manifest.json (not written by "
+                                  "recipes.export): no checksums to check its tensors against; pass "
+                                  "verify_checksums=false to serve it unchecked")
+        from nemo_mla_lora.export.sources import HFBase
+
+        base = HFBase(directory, dtype=torch.float32)  # headers only; FP8 weights would be dequantized to fp32
+        dtype, _ = base.layout_of("embedding.word_embeddings.weight")
+        return "hf", base.spec, str(dtype).removeprefix("torch.")
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint={directory}: no such directory")
+    raise CheckpointError(f"{directory}: neither a merged export (manifest.json: recipes.export format=mcore, "
+                          "absorbed, nemo or hf) nor an HF directory (config.json + safetensors)")
+
+
 class AbsorbedMLAEngine:
     def __init__(self, model, spec: MLASpec, k_up: list, v_up: list, backend: str = "torch"):
         if backend not in ("torch", "triton"):
@@ -33,22 +69,20 @@ class AbsorbedMLAEngine:
     @classmethod
     def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch",
              verify_checksums: bool = True) -> "AbsorbedMLAEngine":
-        """Build the model from the export's ``mla_spec.json`` and load its weights, each checked against the
-        manifest's checksum as it is read: ``absorbed`` as written, ``mcore`` / ``hf`` (merged standard layout)
-        absorbed at load (``linear_kv_up_proj`` split per head into W_UK / W_UV, as Megatron's
-        ``prepare_for_absorption`` does). ``backend``: decode attention in einsums (``torch``) or in the
-        Triton kernel (``triton``)."""
-        from nemo_mla_lora.export.pipeline import MERGED_FORMATS, read_export
+        """Build the model from the export's MLA spec (``served``) and load its weights, each checked against
+        the manifest's checksum as it is read: ``absorbed`` as written, ``mcore`` / ``nemo`` / ``hf`` (merged
+        standard layout; ``hf``: an HF directory, config.json + safetensors) absorbed at load
+        (``linear_kv_up_proj`` split per head into W_UK / W_UV, as Megatron's ``prepare_for_absorption`` does).
+        ``backend``: decode attention in einsums (``torch``) or in the Triton kernel (``triton``)."""
+        from nemo_mla_lora.export.pipeline import read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model
 
         export_dir = Path(export_dir)
-        manifest = json.loads((export_dir / "manifest.json").read_text())
-        fmt = manifest.get("format")
-        if fmt not in MERGED_FORMATS:
-            raise ValueError(f"{export_dir}: format {fmt!r}; the engine serves merged exports {MERGED_FORMATS}")
-        spec = MLASpec.from_dict(manifest["mla"])
-        dt = DTYPES[dtype or manifest["dtype"]]
+        fmt, spec, stored = served(export_dir, verify_checksums)
+        if (dtype or stored) not in DTYPES:
+            raise ValueError(f"{export_dir}: weights stored in {stored}; pass dtype= one of {sorted(DTYPES)}")
+        dt = DTYPES[dtype or stored]
         state = {k: v.to(dt) for k, v in read_export(export_dir, fmt, verify_checksums).items()}
         if fmt != "absorbed":
             for i in range(spec.num_layers):
@@ -56,7 +90,7 @@ class AbsorbedMLAEngine:
         k_up = [state.pop(PREFIX.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
         v_up = [state.pop(PREFIX.format(i) + V_UP).to(device) for i in range(spec.num_layers)]
         model = build_model(config_from_spec(spec, dt)).to(device)
-        load_weights(model, state, f"{export_dir} (built from its mla_spec.json)", absent_ok=(KV_UP,))
+        load_weights(model, state, f"{export_dir} (format {fmt}, built from its MLA spec)", absent_ok=(KV_UP,))
         return cls(model, spec, k_up, v_up, backend)
 
     def new_cache(self, batch: int, max_length: int) -> LatentKVCache:

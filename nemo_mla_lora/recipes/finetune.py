@@ -28,7 +28,8 @@ def make_peft(cfg):
     from nemo_mla_lora.peft import MLALoRA
 
     p = cfg.peft
-    return MLALoRA(placement=p.placement, target_modules=list(p.target_modules), exclude_modules=list(p.exclude_modules),
+    return MLALoRA(placement=p.placement, target_modules=list(p.target_modules),
+                   exclude_modules=list(p.exclude_modules),
                    parts=dict(p.parts), dim=p.dim, alpha=p.alpha, dropout=p.dropout)
 
 
@@ -126,13 +127,32 @@ def base_model(cfg, out: Path, spec, data: dict):
     return model, str(out / "base")
 
 
-def run_cpu(cfg, out: Path) -> dict:
+def prepare_cpu(cfg, out: Path) -> dict:
+    """What the CPU run reads before it writes anything: the spec, the resume point and every DataLoader (so
+    a data file that cannot train is refused before ``output_dir`` is made)."""
     from nemo_mla_lora.models.architecture import resolve
-    from nemo_mla_lora.training import cpu
 
     spec = resolve(cfg.model)  # the checkpoint's own config
     resume, start_step = resume_point(cfg, out)
-    data = loaders(cfg, run_tokenizer(cfg, spec), start_step)
+    return {"spec": spec, "resume": resume, "data": loaders(cfg, run_tokenizer(cfg, spec), start_step)}
+
+
+def prepare(cfg, out: Path) -> dict | None:
+    """Every check that reads the inputs, before any output: the CPU run's data (``prepare_cpu``), or NeMo's
+    JSONL files counted against ``data.seq_length`` (``nemo_data.check_jsonl``)."""
+    if cfg.trainer.kind == "megatron":
+        from nemo_mla_lora.training.nemo_data import check_jsonl
+
+        check_jsonl(cfg)
+        return None
+    return prepare_cpu(cfg, out)
+
+
+def run_cpu(cfg, out: Path, prepared: dict | None = None) -> dict:
+    from nemo_mla_lora.training import cpu
+
+    prepared = prepared or prepare_cpu(cfg, out)
+    spec, resume, data = prepared["spec"], prepared["resume"], prepared["data"]
     model, base_dir = base_model(cfg, out, spec, data)
     peft = make_peft(cfg)
     model = peft(model)
@@ -195,6 +215,7 @@ def main(cfg: DictConfig) -> None:
     validate(cfg)  # before any model is built or anything is written
     start = time.time()
     out = Path(cfg.output_dir)
+    prepared = prepare(cfg, out)  # the data, checked before output_dir exists
     out.mkdir(parents=True, exist_ok=True)
     if checkpoint_rank() == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -207,7 +228,7 @@ def main(cfg: DictConfig) -> None:
         summary = run_megatron(cfg, out)
     else:
         parallel.init_megatron(seed=cfg.seed)
-        summary = run_cpu(cfg, out)
+        summary = run_cpu(cfg, out, prepared)
     if checkpoint_rank() != 0:
         return
     summary["wall_seconds"] = round(time.time() - start, 1)

@@ -82,7 +82,10 @@ def evaluate(model, loader, limit: int | None = None, device=None) -> float:
         total += masked_loss(model, batch).item() * n
         count += n
     model.train(was_training)
-    return total / max(count, 1)
+    if not count:
+        raise ValueError("evaluate: no answer tokens in the held-out batches (loss_mask is 0 everywhere); a loss of 0 "
+                         "would mean nothing")
+    return total / count
 
 
 def make_trainer(trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, callbacks=(), checkpoints: bool = True,
@@ -92,13 +95,15 @@ def make_trainer(trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, 
 
     cbs = list(callbacks)
     if checkpoints:
-        cbs.append(ModelCheckpoint(dirpath=f"{root_dir}/checkpoints", every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
+        cbs.append(ModelCheckpoint(dirpath=f"{root_dir}/checkpoints",
+                                   every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
                                    save_last=True, save_top_k=-1))
     return L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=trainer_cfg.val_check_interval,
         check_val_every_n_epoch=None,  # validation every val_check_interval global steps, resumed runs included
         limit_val_batches=trainer_cfg.limit_val_batches, log_every_n_steps=trainer_cfg.log_every_n_steps,
-        gradient_clip_val=clip_grad or None, enable_checkpointing=checkpoints, callbacks=cbs, default_root_dir=str(root_dir),
+        gradient_clip_val=clip_grad or None, enable_checkpointing=checkpoints, callbacks=cbs,
+        default_root_dir=str(root_dir),
         logger=CSVLogger(str(root_dir), name="logs") if logger else False, enable_model_summary=False,
         num_sanity_val_steps=0, precision=trainer_cfg.precision,
     )

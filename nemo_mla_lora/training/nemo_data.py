@@ -10,10 +10,14 @@ path (NeMo's ``AutoTokenizer``), or unset: the one stored in the restored base c
 """
 
 import json
+import logging
 from pathlib import Path
 
 from nemo_mla_lora.data import resolve
-from nemo_mla_lora.data.prompt_answer import read_jsonl
+from nemo_mla_lora.data.prompt_answer import DataError, read_jsonl
+
+log = logging.getLogger(__name__)
+TOKENIZER_DIR = ("context", "nemo_tokenizer")  # a NeMo checkpoint's HF tokenizer files
 
 
 def make_tokenizer(name):
@@ -51,3 +55,64 @@ def data_module(cfg, tokenizer, train: str, validation: str, root):
     from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
 
     return FineTuningDataModule(dataset_root=str(stage_jsonl(train, validation, root)), **batches)
+
+
+def counting_tokenizer(cfg):
+    """The run's tokenizer as our ``data.tokenizer`` loader gives it (no NeMo import): ``data.tokenizer``
+    (``byte``: the same UTF-8 byte ids' count as NeMo's ByteLevelTokenizer), else the checkpoint's own HF files
+    (an HF directory's, or a NeMo checkpoint's ``context/nemo_tokenizer``); None when there is none to read."""
+    from nemo_mla_lora.data import tokenizer
+
+    if cfg.data.tokenizer:
+        return tokenizer.load(cfg.data.tokenizer)
+    checkpoint = cfg.model.checkpoint
+    for candidate in ((Path(checkpoint), Path(checkpoint).joinpath(*TOKENIZER_DIR)) if checkpoint else ()):
+        if tokenizer.has_hf_tokenizer(candidate):
+            return tokenizer.load(str(candidate))
+    return None
+
+
+def check_fit(where, examples, seq_length: int, tok) -> None:
+    """Refuse a JSONL set none of whose examples NeMo would train as written; warn with the count when some.
+
+    NeMo's ``GPTSFTDataset`` (``truncation_field=input``, ``truncation_method=right``) fits an example longer
+    than ``seq_length`` (prompt + answer + EOS, no BOS, both stripped of spaces) by cutting the end of its prompt:
+    the answer stays, the question it answers goes.
+
+    Args:
+        where: the data file, named in the messages.
+        examples: its (prompt, answer) records.
+        seq_length: ``data.seq_length``.
+        tok: the run's tokenizer (``counting_tokenizer``).
+    """
+    prompts = [len(tok.encode(p.strip(" "))) for p, _ in examples]
+    cut = sum(p + len(tok.encode(a.strip(" "))) + 1 > seq_length for p, (_, a) in zip(prompts, examples))
+    if not cut:
+        return
+    message = (f"{where}: {cut} of {len(examples)} examples are longer than data.seq_length={seq_length} (prompt + "
+               f"answer + EOS; the longest prompt is {max(prompts)} tokens); NeMo keeps each answer and cuts the end "
+               "of its prompt (truncation_field=input)")
+    if cut == len(examples):
+        raise DataError(f"{message}: no example would train as written; raise data.seq_length or shorten the prompts")
+    log.warning("%s", message)
+
+
+def check_jsonl(cfg) -> None:
+    """``data.kind=jsonl`` for NeMo, checked before NeMo is handed the files (``check_fit`` on each set the run
+    stages: train, validation and, to make a base, ``data.base_pretrain``). Without a tokenizer to count with
+    (a NeMo checkpoint whose context holds none), says so and checks only that the files read.
+
+    Args:
+        cfg: the composed finetune config (``trainer=megatron``).
+    """
+    d = cfg.data
+    if d.kind != "jsonl":
+        return
+    sets = [d.train, d.validation] + ([d.base_pretrain] if d.base_pretrain and not cfg.model.checkpoint else [])
+    records = {path: read_jsonl(resolve(path)) for path in sets}
+    tok = counting_tokenizer(cfg)
+    if tok is None:
+        log.warning("no tokenizer to count data.seq_length with (set data.tokenizer): the JSONL lengths are unchecked")
+        return
+    for path, examples in records.items():
+        check_fit(resolve(path), examples, d.seq_length, tok)
