@@ -1,10 +1,12 @@
-"""Current Megatron-Core (0.19.x) takes our default export as it is: run on the GPU machine, no NeMo, no
-nemo_mla_lora import (the consumer builds its own model from the checkpoint's mla_spec.json).
+"""Current Megatron-Core (0.19.x) takes our default export as it is: run on the GPU machine, no NeMo (the consumer
+builds its own model from the checkpoint's mla_spec.json; of this package it imports only
+``nemo_mla_lora.models.megatron_release``, the spec correction for the installed release, which imports nothing else).
 
     python3 bench/mcore019_check.py EXPORT_DIR EXPECTED.pt OUT.json
 
-1. Megatron's GPTModel with MLA + MoE from its own local layer spec (its DotProductAttention given the
-   k_channels/v_channels MLA passes: 0.19's local spec cannot be built without it, GPU.md).
+1. Megatron's GPTModel with MLA + MoE from its own local layer spec through ``megatron_release.mla_decoder_block_spec``
+   (its DotProductAttention given the k_channels/v_channels MLA passes: 0.19's local spec cannot be built without
+   it; models without q compression: no q norm).
 2. ``dist_checkpointing.load(model.sharded_state_dict(), EXPORT_DIR)`` with default strictness.
 3. Logits on EXPECTED's tokens against the unmerged fine-tuned model's (computed on the CPU machine from
    base + adapter by bench/mcore019_expected.py).
@@ -21,17 +23,13 @@ import torch
 import torch.nn.functional as F
 
 
-def build_model(spec: dict):
+def build_model(spec: dict, use_te: bool = False, dtype=torch.float32):
+    """Megatron's GPTModel for ``spec`` (mla_spec.json) on its own layer spec (TE or local), corrected for the
+    installed release by ``megatron_release``; on the GPU, in eval mode."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    class MLADotProductAttention(DotProductAttention):
-        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            if v_channels is not None:
-                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+    from nemo_mla_lora.models.megatron_release import mla_decoder_block_spec
 
     s = spec
     moe = s["num_experts"] > 0
@@ -44,7 +42,8 @@ def build_model(spec: dict):
         beta_slow=s["rope_beta_slow"], mscale=s["rope_mscale"], mscale_all_dim=s["rope_mscale_all_dim"],
         normalization="RMSNorm", layernorm_epsilon=s["norm_eps"], gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, qk_layernorm=True, multi_latent_attention=True, hidden_dropout=0.0,
-        attention_dropout=0.0, params_dtype=torch.float32, bf16=False, fp16=False, attention_softmax_in_fp32=True,
+        attention_dropout=0.0, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=False,
+        attention_softmax_in_fp32=True,
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, num_moe_experts=s["num_experts"] or None,
         moe_ffn_hidden_size=s["moe_ffn_hidden_size"] if moe else None,
@@ -56,13 +55,11 @@ def build_model(spec: dict):
         moe_router_score_function=s.get("moe_score_function", "sigmoid"),
         moe_router_enable_expert_bias=moe and s.get("moe_topk_method", "noaux_tc") == "noaux_tc",
         moe_router_pre_softmax=s.get("moe_score_function") == "softmax", moe_router_dtype="fp32",
-        moe_layer_freq=list(s["moe_layer_pattern"]) if moe else 1, moe_grouped_gemm=False,
+        moe_layer_freq=list(s["moe_layer_pattern"]) if moe else 1, moe_grouped_gemm=use_te and moe,
         moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, moe_permute_fusion=False,
         moe_shared_expert_overlap=False,
     )
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    for layer in block.layer_specs:
-        layer.submodules.self_attention.submodules.core_attention = MLADotProductAttention
+    block = mla_decoder_block_spec(config, use_transformer_engine=use_te)
     positions = s.get("max_position_embeddings") or s["rope_original_max_positions"]
     model = GPTModel(config, transformer_layer_spec=block, vocab_size=s["vocab_size"],
                      max_sequence_length=positions, position_embedding_type="rope",

@@ -1,0 +1,121 @@
+"""The real-size export in Megatron-Core's own TE-spec model: loaded at default strictness, logits against the
+unmerged fine-tuned model, with NeMo's megatron-core 0.15.3 and with 0.19.2.
+
+    python3 bench/real_size_check.py expected --base HF_DIR --adapter ADAPTER_DIR --out expected.pt   # NeMo's stack
+    python3 bench/real_size_check.py load --export EXPORT_DIR --expected expected.pt --out load.json    # any release
+
+``expected``: the model as ``trainer=megatron`` builds it (``bench/real_size.py``), the HF base streamed in by the
+trainer's loader, MLALoRA from the adapter's own ``adapter.json`` with the adapter loaded through
+``dist_checkpointing``: the unmerged fine-tuned model; its logits (bf16) on fixed random tokens.
+``load``: Megatron's GPTModel on its own TE spec (``megatron_release.mla_decoder_block_spec``, grouped-GEMM experts)
+from the export's ``mla_spec.json``; ``dist_checkpointing.load(model.sharded_state_dict(), EXPORT_DIR)`` with default
+strictness; logits on the same tokens. Bound: 2e-2 of the largest |logit| (bf16 on both sides, different kernels).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+TOKENS = (2, 64)
+
+
+def fixed_tokens(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, TOKENS, generator=torch.Generator().manual_seed(11))
+
+
+def causal_mask(s: int, device) -> torch.Tensor:
+    return torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
+
+
+@torch.no_grad()
+def expected(args) -> dict:
+    from megatron.core import dist_checkpointing
+
+    sys.path.insert(0, str(HERE))
+    from real_size import build_trainer_model
+
+    from nemo_mla_lora.peft import MLALoRA
+
+    model, spec, _, _ = build_trainer_model(args.base, args.seq)
+    info = json.loads((Path(args.adapter) / "adapter.json").read_text())
+    peft = MLALoRA(placement=info["placement"], target_modules=info["target_modules"] or [], dim=info["dim"],
+                   alpha=info["alpha"], parts=info["parts"])
+    model = peft(model).eval()
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." in getattr(v, "key", k)}
+    state = dist_checkpointing.load(sharded, str(args.adapter))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not state:
+        raise RuntimeError(f"adapter {args.adapter}: {len(state)} tensors, unexpected {unexpected[:5]}")
+    tokens = fixed_tokens(spec.vocab_size).cuda()
+    b, s = tokens.shape
+    logits = model(tokens, torch.arange(s, device="cuda").expand(b, s), causal_mask(s, "cuda")).float().cpu()
+    torch.save({"tokens": tokens.cpu(), "unmerged_logits": logits, "adapter_tensors": len(state)}, args.out)
+    report = {"adapter_tensors": len(state), "max_abs_logit": logits.abs().max().item()}
+    print(json.dumps(report))
+    return report
+
+
+@torch.no_grad()
+def load(args) -> dict:
+    import megatron.core
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+    sys.path.insert(0, str(HERE))
+    from mcore019_check import build_model
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29523")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    spec = json.loads((Path(args.export) / "mla_spec.json").read_text())
+    want = torch.load(args.expected, weights_only=True)
+    report = {"megatron_core": megatron.core.__version__, "card": torch.cuda.get_device_name(0),
+              "export": args.export, "loaded": False}
+    start = time.perf_counter()
+    model = build_model(spec, use_te=True, dtype=torch.bfloat16)
+    report["attention"] = type(model.decoder.layers[0].self_attention).__name__
+    report["q_proj"] = type(getattr(model.decoder.layers[0].self_attention, "linear_q_proj", None)).__name__
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.export))  # default strictness
+    report.update(loaded=True, load_seconds=round(time.perf_counter() - start, 1))
+    tokens = want["tokens"].cuda()
+    b, s = tokens.shape
+    logits = model(tokens, torch.arange(s, device="cuda").expand(b, s), causal_mask(s, "cuda")).float().cpu()
+    reference = want["unmerged_logits"]
+    diff, scale = (logits - reference).abs().max().item(), reference.abs().max().item()
+    report.update(max_abs_diff=diff, max_abs_logit=scale, max_rel=diff / scale, bound_rel=2e-2,
+                  within=diff <= 2e-2 * scale,
+                  argmax_agreement=(logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("expected")
+    e.add_argument("--base", required=True)
+    e.add_argument("--adapter", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--seq", type=int, default=4096)
+    ld = sub.add_parser("load")
+    ld.add_argument("--export", required=True)
+    ld.add_argument("--expected", required=True)
+    ld.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.cmd == "expected":
+        expected(args)
+        return 0
+    return 0 if load(args)["within"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
