@@ -111,6 +111,26 @@ def from_te_state_name(name: str) -> str | None:
     return from_te_name(name)
 
 
+_STACKED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.experts\.(linear_fc[12]\.[^.]+)$")
+
+
+def from_sharded_key(key: str, expert: int | None = None) -> str:
+    """A key of a Megatron model's ``sharded_state_dict`` (TE or local spec) -> the local spec's flat name. Routed
+    experts (``SequentialMLP`` and ``TEGroupedMLP`` alike) share one stacked key ``...mlp.experts.experts.linear_fc1
+    .weight`` whose leading axis is the global expert index: ``expert`` names it. Layer numbers are global (Megatron
+    offsets them by the pipeline stage's first layer)."""
+    m = _STACKED_EXPERT.match(key)
+    if m:
+        if expert is None:
+            raise KeyError(f"{key}: a stacked expert key needs the expert index")
+        return f"{m.group(1)}.local_experts.{expert}.{m.group(2)}"
+    return from_te_name(key)
+
+
+def is_stacked_expert_key(key: str) -> bool:
+    return _STACKED_EXPERT.match(key) is not None
+
+
 def to_te_name(name: str, dense_layers: set) -> str:
     """The local spec's name -> the TE spec's (``pre_mlp_layernorm`` fuses into ``linear_fc1`` in ``dense_layers``
     only: an MoE layer keeps its norm)."""
@@ -146,20 +166,28 @@ def megatron_to_hf(state: dict) -> dict:
     return out
 
 
+def to_megatron_tensor(hf_name: str) -> tuple[str, str | None]:
+    """(flat Megatron tensor name, 'gate' | 'up' | None) for an HF tensor name: a gate or up tensor is that
+    half of the fused ``linear_fc1`` rows ([gate; up])."""
+    module, param = _split_param(hf_name)
+    mc, part = to_megatron_module(module)
+    return f"{mc}.{_INVERSE_PARAMS.get(param, param)}", part
+
+
+_INVERSE_PARAMS = {v: k for k, v in _PARAM_RENAMES.items()}
+
+
 def hf_to_megatron(state: dict) -> dict:
     """HF DeepSeek-V3 state dict -> Megatron state dict (gate/up fused back into ``linear_fc1``)."""
     out, halves = {}, {}
-    inverse_params = {v: k for k, v in _PARAM_RENAMES.items()}
     for key, value in state.items():
         if "rotary_emb" in key:
             continue
-        module, param = _split_param(key)
-        mc, part = to_megatron_module(module)
-        param = inverse_params.get(param, param)
+        name, part = to_megatron_tensor(key)
         if part is None:
-            out[f"{mc}.{param}"] = value
+            out[name] = value
         else:
-            halves.setdefault(f"{mc}.{param}", {})[part] = value
+            halves.setdefault(name, {})[part] = value
     for key, parts in halves.items():
         if set(parts) != {"gate", "up"}:
             raise KeyError(f"{key}: HF checkpoint has only {sorted(parts)} of gate_proj/up_proj")

@@ -71,18 +71,24 @@ class MegatronBase:
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16,
-                   out: torch.Tensor | None = None, name: str = "weight") -> torch.Tensor:
+                   out: torch.Tensor | None = None, name: str = "weight", origin: tuple = (0, 0),
+                   full_shape: tuple | None = None) -> torch.Tensor:
     """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)], one block row
-    at a time (memory: the result plus one [128, in] fp32 block)."""
+    at a time (memory: the result plus one [128, in] fp32 block). ``origin``, ``full_shape``: ``weight`` is the
+    slice at (row, column) ``origin`` of a ``full_shape`` weight whose scales ``scale_inv`` are (a tensor-parallel
+    shard; block boundaries need not fall on the slice's)."""
     out_f, in_f = weight.shape
-    blocks = (-(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK))
+    full = tuple(full_shape or weight.shape)
+    blocks = (-(-full[0] // FP8_BLOCK), -(-full[1] // FP8_BLOCK))
     if tuple(scale_inv.shape) != blocks:
         raise CheckpointError(f"{name}: weight_scale_inv is {tuple(scale_inv.shape)}, expected {blocks} for "
-                              f"{FP8_BLOCK}x{FP8_BLOCK} blocks of a {tuple(weight.shape)} weight")
-    out = torch.empty(out_f, in_f, dtype=dtype) if out is None else out
-    for i in range(blocks[0]):
-        rows = slice(i * FP8_BLOCK, (i + 1) * FP8_BLOCK)
-        col_scale = scale_inv[i].float().repeat_interleave(FP8_BLOCK)[:in_f]  # [in]
+                              f"{FP8_BLOCK}x{FP8_BLOCK} blocks of a {full} weight")
+    (r0, c0), device = origin, weight.device
+    out = torch.empty(out_f, in_f, dtype=dtype, device=device) if out is None else out
+    block_of_col = torch.arange(c0, c0 + in_f, device=device) // FP8_BLOCK  # [in]
+    for i in range(r0 // FP8_BLOCK, -(-(r0 + out_f) // FP8_BLOCK)):
+        rows = slice(max(i * FP8_BLOCK, r0) - r0, min((i + 1) * FP8_BLOCK, r0 + out_f) - r0)
+        col_scale = scale_inv[i].to(device).float()[block_of_col]  # [in]
         out[rows] = (weight[rows].float() * col_scale).to(dtype)
     return out
 
@@ -94,7 +100,7 @@ class HFBase:
     hashed while in memory: ``content_hash`` then needs no second read of what was loaded."""
 
     def __init__(self, directory, dtype=torch.bfloat16, checksums: dict | None = None):
-        from nemo_mla_lora.export.safetensors_io import SafetensorsFile
+        from nemo_mla_lora.export.safetensors_io import SafetensorsFile, read_shards
 
         self.directory, self.dtype, self.checksums = Path(directory), dtype, checksums
         config = self.directory / "config.json"
@@ -103,16 +109,7 @@ class HFBase:
         self.config = json.loads(config.read_text())  # the source's own, kept by the hf export
         self.spec = spec_from_hf(self.config, str(config))
         index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.directory / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        shards = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        missing = [f for f in shards if not (self.directory / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{directory}: index names missing shard files {missing}")
+        weight_map, shards = read_shards(self.directory)  # every shard inside the directory
         self.opened = {f: SafetensorsFile(self.directory / f) for f in shards}  # headers only
         self.files = {k: f for f, st in self.opened.items() for k in st.keys()}
         if weight_map:
@@ -238,49 +235,6 @@ class MegatronAdapter:
         return out
 
 
-class HFPeftAdapter:
-    """An HF PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``) on a DeepSeek
-    model. gate_proj/up_proj adapters (separate A each) become one fused ``linear_fc1`` factor pair of
-    rank 2r: A = [A_gate; A_up], B = blockdiag(B_gate, B_up) — the same delta, exactly. Factors are read
-    when asked for (a rank-16 adapter on every expert of DeepSeek-V3 is ~5 B parameters)."""
-
-    def __init__(self, directory, spec: MLASpec):
-        from nemo_mla_lora.export.safetensors_io import SafetensorsFile
-
-        self.directory, self.spec = Path(directory), spec
-        config = self.directory / "adapter_config.json"
-        weights = self.directory / "adapter_model.safetensors"
-        if not (config.is_file() and weights.is_file()):
-            raise CheckpointError(f"{directory}: expected adapter_config.json + adapter_model.safetensors (HF PEFT)")
-        self.info = json.loads(config.read_text())
-        r, alpha = self.info["r"], self.info["lora_alpha"]
-        self.scale = alpha / (r ** 0.5 if self.info.get("use_rslora") else r)
-        self.file = SafetensorsFile(weights)  # its header; tensors read by ``factors``
-        self.pairs = {}  # Megatron module -> {part: {"A": key, "B": key}}
-        for key in self.file.keys():
-            m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
-            if not m:
-                continue
-            module, part = keymap.to_megatron_module(m.group(1))
-            self.pairs.setdefault(module, {}).setdefault(part, {})[m.group(2)] = key
-        self.modules = sorted(self.pairs)
-        self.scales = {mod: self.scale for mod in self.modules}
-
-    def factors(self, modules) -> dict:
-        out = {}
-        for mod in [m for m in modules if m in self.pairs]:
-            parts = {p: {ab: self.file.read(k).float() for ab, k in keys.items()} for p, keys in self.pairs[mod].items()}
-            if None in parts:
-                out[mod] = (parts[None]["A"], parts[None]["B"], self.scale)
-                continue
-            if set(parts) != {"gate", "up"}:
-                raise CheckpointError(f"{mod}: HF adapter has {sorted(parts)} of gate_proj/up_proj; need both")
-            a = torch.cat([parts["gate"]["A"], parts["up"]["A"]])
-            b = torch.block_diag(parts["gate"]["B"], parts["up"]["B"])
-            out[mod] = (a, b, self.scale)
-        return out
-
-
 class NoAdapter:
     """The base alone: an absorbed export of it serves many unmerged adapters (``inference/adapters.py``)."""
 
@@ -303,6 +257,8 @@ def open_adapter(directory, spec: MLASpec):
             raise CheckpointError(f"adapter {directory} was trained on another model: (adapter, base) differ in {diff}")
         return adapter
     if (directory / "adapter_config.json").is_file():
+        from nemo_mla_lora.export.hf_peft import HFPeftAdapter
+
         return HFPeftAdapter(directory, spec)
     raise CheckpointError(f"{directory}: neither an MLALoRA adapter (adapter.json) nor an HF PEFT adapter")
 

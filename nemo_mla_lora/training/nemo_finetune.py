@@ -4,14 +4,17 @@
 peft, log, resume) so they can be inspected and tested against the official recipe; ``run`` fits them.
 Constructing the arguments needs no GPU; fitting does.
 
-Base weights come from ``model.checkpoint`` (a NeMo checkpoint, e.g. one imported from HF, restored
-through NeMo's ``RestoreConfig``). Without one, ``data.base_pretrain`` makes the base first: a full-
-parameter ``llm.finetune`` (``peft=None``) on that task, whose last checkpoint the LoRA stage restores.
+Base weights come from ``model.checkpoint``: an HF directory is streamed into the sharded model when fitting
+starts (``hf_load.HFBaseLoad``: each rank reads only its slices, no NeMo checkpoint is written), its tokenizer
+files are the run's unless ``data.tokenizer`` says otherwise; a NeMo checkpoint is restored through NeMo's
+``RestoreConfig``. Without either, ``data.base_pretrain`` makes the base first: a full-parameter ``llm.finetune``
+(``peft=None``) on that task, whose last checkpoint the LoRA stage restores.
 """
 
 import logging
 from pathlib import Path
 
+from nemo_mla_lora.models.architecture import checkpoint_kind
 from nemo_mla_lora.models.from_config import nemo_model_config
 from nemo_mla_lora.training.metrics import MetricsLog
 from nemo_mla_lora.training.nemo_data import data_module, make_tokenizer
@@ -63,29 +66,42 @@ def trainer(cfg, max_steps: int, callbacks):
     )
 
 
-def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = None) -> dict:
-    """``llm.finetune`` arguments for one stage: ``lora`` (``peft`` on the restored base) or ``base``
-    (full-parameter training of the base on ``data.base_pretrain``)."""
-    from nemo import lightning as nl
+def lightning_model(cfg, tokenizer=None):
+    """NeMo's ``llm.GPTModel`` for the run (its ``configure_model()`` builds the Megatron-Core model under the
+    parallel layout in force: what the strategy calls, and what tests call on CPU)."""
     from nemo.collections import llm
 
+    return llm.GPTModel(nemo_model_config(cfg.model, cfg.trainer), tokenizer=tokenizer)
+
+
+def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = None) -> dict:
+    """``llm.finetune`` arguments for one stage: ``lora`` (``peft`` on the base: an HF directory streamed in by
+    ``HFBaseLoad``, or a NeMo checkpoint restored by ``RestoreConfig``) or ``base`` (full-parameter training of the
+    base on ``data.base_pretrain``)."""
+    from nemo import lightning as nl
+
+    from nemo_mla_lora.training.hf_load import HFBaseLoad
+
     t, d, out = cfg.trainer, cfg.data, Path(cfg.output_dir)
-    tokenizer = make_tokenizer(d.tokenizer)
     base = stage == "base"
+    restore = None if base else restore or cfg.model.checkpoint
+    hf = restore is not None and checkpoint_kind(restore) == "hf"
+    tokenizer = make_tokenizer(d.tokenizer or (restore if hf else None))
     steps = d.base_pretrain_steps if base else t.max_steps
     lr = d.base_pretrain_lr if base else cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
     train, validation = (d.base_pretrain, d.base_pretrain) if base else (d.train, d.validation)
-    restore = restore or cfg.model.checkpoint
     resume = nl.AutoResume(
         resume_if_exists=t.resume_if_exists, resume_ignore_no_checkpoint=True,
-        restore_config=nl.RestoreConfig(path=restore, load_artifacts=tokenizer is None) if restore else None)
+        restore_config=nl.RestoreConfig(path=restore, load_artifacts=tokenizer is None) if restore and not hf
+        else None)
     logger = nl.NeMoLogger(explicit_log_dir=str(out / f"{stage}_training"), ckpt=nl.ModelCheckpoint(
         every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=1))
     metrics = MetricsLog(out / f"{stage}_metrics.jsonl")
+    loaders = [HFBaseLoad(restore)] if hf else []
     return dict(
-        model=llm.GPTModel(nemo_model_config(cfg.model, t), tokenizer=tokenizer),
+        model=lightning_model(cfg, tokenizer),
         data=data_module(cfg, tokenizer, train, validation, out / "nemo_data" / stage),
-        trainer=trainer(cfg, steps, [metrics, *callbacks]), optim=optimizer(cfg, lr, steps),
+        trainer=trainer(cfg, steps, [*loaders, metrics, *callbacks]), optim=optimizer(cfg, lr, steps),
         peft=None if base else peft, log=logger, resume=resume)
 
 
@@ -108,7 +124,8 @@ def run(cfg, peft, callbacks=()) -> dict:
     out, restore = Path(cfg.output_dir), None
     if not cfg.model.checkpoint:
         if not cfg.data.base_pretrain:
-            raise ValueError("trainer=megatron needs model.checkpoint (a NeMo checkpoint) or data.base_pretrain")
+            raise ValueError("trainer=megatron needs model.checkpoint (an HF directory or a NeMo checkpoint) or "
+                             "data.base_pretrain")
         log.info("no model.checkpoint: training the base on %s", cfg.data.base_pretrain)
         llm.finetune(**build(cfg, peft, stage="base"))
         destroy_num_microbatches_calculator()  # the LoRA stage sets its own batch sizes
