@@ -273,9 +273,10 @@ def validate(cfg) -> None:
     if t.global_batch_size % t.micro_batch_size:
         errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                       f"micro_batch_size={t.micro_batch_size}")
-    if t.kind == "megatron" and m.checkpoint and checkpoint_kind(m.checkpoint) != "nemo":
-        errors.append(f"trainer=megatron restores NeMo 2 checkpoints (RestoreConfig); model.checkpoint={m.checkpoint} "
-                      "is not one: import it with NeMo's llm.import_ckpt first, or use trainer=cpu")
+    if t.kind == "megatron" and m.checkpoint and checkpoint_kind(m.checkpoint) not in ("hf", "nemo"):
+        errors.append(f"trainer=megatron starts from an HF directory (streamed into the sharded model) or a NeMo 2 "
+                      f"checkpoint (RestoreConfig); model.checkpoint={m.checkpoint} is one of our base checkpoints: "
+                      "export it with format=nemo first, or use trainer=cpu")
     if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
         errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
     byte_ids = 512 if t.kind == "megatron" else 259  # NeMo's ByteLevelTokenizer / ours
