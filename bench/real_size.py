@@ -143,9 +143,12 @@ def apply_variant(model, variant: str, targets: list[str]):
             p.requires_grad_(False)
         return model
     if variant == "nemo_lora":
+        from nemo.collections.llm import fn
         from nemo.collections.llm.peft import LoRA
 
-        wrapped = LoRA(target_modules=list(targets), dim=32, alpha=32, dropout=0.0)(model)
+        lora = LoRA(target_modules=list(targets), dim=32, alpha=32, dropout=0.0)
+        model.requires_grad_(False)  # what LoRA.__call__ does to NeMo's own model (freeze), on a bare one
+        wrapped = fn.walk(model, lora.transform)
     elif variant == "nemo_official":
         wrapped = MLALoRA(placement="nemo_official", dim=32, alpha=32)(model)
     elif variant == "all_linear_r64":
@@ -157,50 +160,59 @@ def apply_variant(model, variant: str, targets: list[str]):
 
 
 def run_steps(model, tokens, warmup: int, iters: int) -> tuple[list[float], float]:
-    """Per-step ms (CUDA events) and the peak GiB allocated during the steps."""
+    """Per-step ms (CUDA events; wall clock on CPU) and the peak GiB allocated during the steps (0 on CPU)."""
+    cuda = tokens.is_cuda
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
     embedding = model.embedding
     hook = embedding.register_forward_hook(lambda m, i, o: o.requires_grad_()) if not params else None
-    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
+    mask = None if cuda else torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)  # TE: causal by its mask type
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = model(tokens, position_ids, attention_mask=None, labels=tokens).float().mean()
+        start = time.perf_counter()
+        loss = model(tokens, position_ids, attention_mask=mask, labels=tokens).float().mean()
         loss.backward()
         if optimizer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         if i >= warmup:
-            times.append(start.elapsed_time(end))
-    peak = torch.cuda.max_memory_allocated() / 2**30
+            times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     if hook:
         hook.remove()
     del optimizer
     return times, peak
 
 
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def build_trainer_model(base: str, seq: int):
-    """The Megatron model as ``trainer=megatron`` builds it, weights streamed from the HF directory ``base``."""
+    """The Megatron model as ``trainer=megatron`` builds it, weights streamed from the HF directory ``base``
+    (bf16 on a GPU; float32 on CPU, where the smoke test runs it)."""
     from nemo_mla_lora import parallel
     from nemo_mla_lora.config.compose import compose
     from nemo_mla_lora.models.architecture import resolve
     from nemo_mla_lora.models.from_config import nemo_model_config
-    from nemo_mla_lora.training.hf_load import load_hf_directory
+    from nemo_mla_lora.training.hf_load import load_hf_checkpoint
 
     parallel.init_megatron()
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg = compose("finetune", [f"model.checkpoint={base}", "trainer=megatron", f"model.seq_length={seq}",
-                               f"data.seq_length={seq}", "model.dtype=bfloat16"])
+                               f"data.seq_length={seq}", f"model.dtype={dtype}"])
     spec = resolve(cfg.model)
     config = nemo_model_config(cfg.model, cfg.trainer, spec)
-    model = config.configure_model(tokenizer=None).cuda()
+    model = config.configure_model(tokenizer=None).to(device())
     start = time.perf_counter()
-    load_hf_directory([model], base)
+    load_hf_checkpoint([model], base)
     load_s = time.perf_counter() - start
     for p in model.parameters():
         p.requires_grad_(False)
@@ -211,12 +223,12 @@ def table(args) -> dict:
     from nemo_mla_lora.peft import MLALoRA
 
     model, spec, config, load_s = build_trainer_model(args.base, args.seq)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device="cuda", generator=gen)
+    gen = torch.Generator(device=device()).manual_seed(0)
+    tokens = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device=device(), generator=gen)
     targets = list(MLALoRA(placement="nemo_official").resolve(model))  # the leaves (b) wraps, for NeMo's LoRA
     fpt = flops_per_token(spec, args.seq)
     flags = te_flags(model)
-    result = {"card": torch.cuda.get_device_name(), "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
+    result = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
               "flops_per_token": fpt, "layer_spec": type(model.decoder.layers[0].self_attention.linear_proj).__name__,
               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
               "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},
@@ -226,7 +238,8 @@ def table(args) -> dict:
         result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         times, peak = run_steps(wrapped, tokens, args.warmup, args.iters)
         unwrap(wrapped, flags)
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         runs = result["step_ms_runs"].setdefault(variant, [])
         runs.append(statistics.median(times))  # a variant listed twice (the frozen base): the median of its runs
         ms = statistics.median(runs)
