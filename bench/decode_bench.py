@@ -227,11 +227,12 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
 
 
 def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, layers: int = 4,
-                   n_adapters: int = 8, rank: int = 16) -> dict:
+                   n_adapters: int = 8, rank: int = 16, export: str | None = None) -> dict:
     """End-to-end greedy decode through ``AbsorbedMLAEngine`` (eager, as the engine runs): ``layers`` layers of
-    V3's attention and dense MLP, V3's vocabulary; batch ``b``, a ``prompt``-token prefill, then ``steps`` decode
-    steps timed. No adapter (a merged checkpoint runs exactly this) vs ``n_adapters`` distinct unmerged adapters
-    on every MLA target of every layer, rows spread over them."""
+    V3's attention and dense MLP, V3's vocabulary, or (``export``) a merged export loaded as ``recipes.generate``
+    loads it; batch ``b``, a ``prompt``-token prefill, then ``steps`` decode steps timed. No adapter (a merged
+    checkpoint runs exactly this) vs ``n_adapters`` distinct unmerged adapters on every MLA target of every layer,
+    rows spread over them."""
     from dataclasses import replace
 
     from nemo_mla_lora import parallel
@@ -240,17 +241,25 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
     from nemo_mla_lora.models.tiny import build_model
 
     parallel.init_megatron()
-    spec = replace(spec_of(d), num_layers=layers, vocab_size=129280)
-    model = build_model(config_from_spec(spec, dtype)).to(device)
-    h, c = spec.num_heads, spec.kv_lora_rank
-    k_up, v_up = ([torch.randn(h * n, c, dtype=dtype, device=device) * c ** -0.5 for _ in range(layers)]
-                  for n in (spec.qk_nope_head_dim, spec.v_head_dim))
-    engine = AbsorbedMLAEngine(model, spec, k_up, v_up, "triton" if use_triton else "torch")
+    backend = "triton" if use_triton else "torch"
+    if export:
+        start = time.perf_counter()
+        engine = AbsorbedMLAEngine.load(export, "bfloat16" if dtype == torch.bfloat16 else "float32", device, backend)
+        spec, model, load_s = engine.spec, engine.model, time.perf_counter() - start
+        layers = spec.num_layers
+    else:
+        spec = replace(spec_of(d), num_layers=layers, vocab_size=129280)
+        model = build_model(config_from_spec(spec, dtype)).to(device)
+        h, c = spec.num_heads, spec.kv_lora_rank
+        k_up, v_up = ([torch.randn(h * n, c, dtype=dtype, device=device) * c ** -0.5 for _ in range(layers)]
+                      for n in (spec.qk_nope_head_dim, spec.v_head_dim))
+        engine, load_s = AbsorbedMLAEngine(model, spec, k_up, v_up, backend), None
     attn = model.decoder.layers[0].self_attention
     banks = {"multi_adapter": random_bank(spec, attn, n_adapters, rank, device, dtype, layers),  # lora_kernels on CUDA
              "multi_adapter_torch": random_bank(spec, attn, n_adapters, rank, device, dtype, layers, kernels=False)}
-    tokens = torch.randint(0, 1000, (b, prompt), device=device)
-    out = {"layers": layers, "batch": b, "prompt": prompt, "steps": steps, "adapters": n_adapters, "rank": rank}
+    tokens = torch.randint(0, min(1000, spec.vocab_size), (b, prompt), device=device)
+    out = {"layers": layers, "batch": b, "prompt": prompt, "steps": steps, "adapters": n_adapters, "rank": rank,
+           "export": export, "load_seconds": load_s}
     for name in ("no_adapter", "multi_adapter", "multi_adapter_torch"):
         cache, bank = engine.new_cache(b, prompt + steps + 4), banks.get(name)
         ids = (torch.arange(b, device=device) % n_adapters + 1) if bank else None
@@ -305,6 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=512, help="engine section: prefill tokens")
     p.add_argument("--steps", type=int, default=32, help="engine section: decode steps timed")
     p.add_argument("--sections", nargs="*", help="run only these sections")
+    p.add_argument("--export", help="engine section: a merged export to decode (recipes.generate's loading)")
     p.add_argument("--out")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -318,7 +328,8 @@ def main(argv=None) -> int:
                 "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, tri,
                                                            heads=max(1, d["heads"] // 8), sweep=sweep),
                 "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, tri),
-                "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, tri),
+                "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, tri,
+                                                export=a.export),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers

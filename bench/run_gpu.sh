@@ -335,6 +335,57 @@ real_size_table() {  # the step table: frozen, MLALoRA nemo_official / all_linea
   return "${PIPESTATUS[0]}"
 }
 
+RS_RUN=/tmp/rs_run  # the finetune run (adapter, mcore export) on the disk
+RS_FINETUNE=(model=deepseek_v2_lite "model.checkpoint=$RS_BASE" trainer=megatron trainer.devices=1
+  trainer.expert_parallel=1 data.kind=jsonl "data.train=$REPO/nemo_mla_lora/data/upper_train.jsonl"
+  "data.validation=$REPO/nemo_mla_lora/data/upper_validation.jsonl" data.seq_length=4096 trainer.global_batch_size=8
+  trainer.micro_batch_size=1 trainer.max_steps=10 trainer.val_check_interval=10 trainer.limit_val_batches=2
+  trainer.log_every_n_steps=1 trainer.checkpoint_every_n_steps=100 optim.warmup_steps=2 export=mcore
+  export.verify=sample)
+
+real_size_finetune() {  # recipes.finetune from the HF directory on the TE spec; the callback exports mcore, verifies
+  te_env || return 1
+  real_size_base || return 1
+  rm -rf "$RS_RUN"
+  python3 "$REPO/bench/measure.py" --out "$OUT/real_size_finetune.json" --log "$OUT/real_size_finetune.log" \
+    -- timeout 560 python3 -m nemo_mla_lora.recipes.finetune "${RS_FINETUNE[@]}" "output_dir=$RS_RUN"
+  local rc=$?
+  grep -E "HF|loaded|loss|verif|export|Error|error" "$OUT/real_size_finetune.log" | tail -n 30
+  collect "$RS_RUN" real_size_finetune; du -sh "$RS_RUN"/* 2>/dev/null; df -h /tmp | tail -1
+  return "$rc"
+}
+
+real_size_check() {  # the unmerged model's logits (NeMo's stack), then the export in Megatron 0.15.3's and 0.19.2's
+  # own TE-spec models at default strictness (0.19.2 from its own site, with Transformer Engine)
+  te_env || return 1
+  timeout 240 python3 "$REPO/bench/real_size_check.py" expected --base "$RS_BASE" --adapter "$RS_RUN/adapter" \
+    --out /tmp/rs_expected.pt 2>&1 | grep -vi warn | tail -n 3
+  timeout 200 python3 "$REPO/bench/real_size_check.py" load --export "$RS_RUN/export" --expected /tmp/rs_expected.pt \
+    --out "$OUT/real_size_load_mcore_0_15.json" 2>&1 | grep -vi warn | tail -n 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site019 \
+    "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || return 1
+  PYTHONPATH="/tmp/site019:/tmp/te_site:$REPO" timeout 200 python3 "$REPO/bench/real_size_check.py" load \
+    --export "$RS_RUN/export" --expected /tmp/rs_expected.pt --out "$OUT/real_size_load_mcore_0_19.json" 2>&1 \
+    | grep -vi warn | tail -n 3
+}
+
+real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of the same base onto the same disk
+  local cp_dir=/tmp/rs_cp out_dir=/tmp/rs_export; rm -rf "$cp_dir" "$out_dir"; sync
+  python3 "$REPO/bench/measure.py" --sync --out "$OUT/real_size_cp.json" -- cp -r "$RS_BASE" "$cp_dir"
+  rm -rf "$cp_dir"; sync
+  python3 "$REPO/bench/measure.py" --sync --out "$OUT/real_size_export.json" --log "$OUT/real_size_export.log" \
+    -- timeout 500 python3 -m nemo_mla_lora.recipes.export "base=$RS_BASE" "adapter=$RS_RUN/adapter" \
+    "output=$out_dir" format=mcore verify=sample; local rc=$?
+  grep -E "wrote|verif|Error" "$OUT/real_size_export.log" | tail -n 5
+  cp "$out_dir/manifest.json" "$OUT/real_size_export_manifest.json" 2>/dev/null; rm -rf "$out_dir"
+  return "$rc"
+}
+
+real_size_engine() {  # the engine decodes the callback's export: batch 64, context 4,096, without and with 8 adapters
+  timeout 500 python3 "$REPO/bench/decode_bench.py" --sections engine --export "$RS_RUN/export" --batch 64 \
+    --prompt 4032 --steps 64 --out "$OUT/real_size_engine.json" 2>&1 | grep -vi warn | tail -n 5
+}
+
 "$@"; rc=$?
 # the device tool returns at most 8 files from $OUT: past that, the logs travel as one archive
 cd "$OUT" && [ "$(ls | wc -l)" -gt 8 ] && tar czf logs.tar.gz -- *.log && rm -f -- *.log
