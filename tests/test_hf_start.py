@@ -125,7 +125,8 @@ def test_adapters_wrap_the_hf_weights_and_the_export_reads_the_hf_base(mcore, di
     base_logits = logits(first, tokens)
     first = MLALoRA(**PEFT)(first)
     randomize_b(first, seed=3)
-    wrapped_then_loaded, cpu = MLALoRA(**PEFT)(build(directory)), MLALoRA(**PEFT)(cpu_trainer_model(directory, tmp_path))
+    wrapped_then_loaded = MLALoRA(**PEFT)(build(directory))
+    cpu = MLALoRA(**PEFT)(cpu_trainer_model(directory, tmp_path))
     for other in (wrapped_then_loaded, cpu):
         with torch.no_grad():
             for name, p in _adapters(other).items():
@@ -148,6 +149,27 @@ def test_adapters_wrap_the_hf_weights_and_the_export_reads_the_hf_base(mcore, di
     assert not (tmp_path / "run" / "base").exists()  # the HF directory is the base: nothing saved from the model
 
 
+def test_finetune_arguments_stream_the_hf_directory_with_its_tokenizer(dirs, tmp_path, monkeypatch):
+    """``nemo_finetune.build`` on an HF directory: no RestoreConfig, the loader callback first, the directory's own
+    tokenizer files (NeMo's ``AutoTokenizer``) for the model and the data (validation accepted the directory)."""
+    from transformers import AutoTokenizer
+
+    from nemo_mla_lora.config.compose import compose
+    from nemo_mla_lora.recipes.finetune import make_peft
+    from nemo_mla_lora.training import nemo_finetune
+    from nemo_mla_lora.training.hf_load import HFBaseLoad
+
+    monkeypatch.setattr(nemo_finetune, "trainer", lambda cfg, steps, callbacks: {"callbacks": callbacks})
+    cfg = compose("finetune", overrides(dirs["v3"]) + ["data=cpu", f"output_dir={tmp_path}"])
+    args = nemo_finetune.build(cfg, make_peft(cfg))
+    assert args["resume"].restore_config is None and type(args["peft"]).__name__ == "MLALoRA"
+    first = args["trainer"]["callbacks"][0]
+    assert isinstance(first, HFBaseLoad) and first.directory == dirs["v3"]
+    text = "upper: abc = ABC"
+    expected = AutoTokenizer.from_pretrained(dirs["v3"]).encode(text, add_special_tokens=False)
+    assert args["model"].tokenizer.text_to_ids(text) == expected and args["data"].tokenizer is args["model"].tokenizer
+
+
 def _misbuilt(directory, **changes):
     """The model trainer=megatron would build if the directory's config said ``changes``."""
     from nemo_mla_lora.config.compose import compose
@@ -156,7 +178,8 @@ def _misbuilt(directory, **changes):
     from nemo_mla_lora.models.tiny import build_model
 
     cfg = compose("finetune", overrides(directory))
-    return build_model(nemo_model_config(cfg.model, cfg.trainer, spec=dataclasses.replace(resolve(cfg.model), **changes)))
+    spec = dataclasses.replace(resolve(cfg.model), **changes)
+    return build_model(nemo_model_config(cfg.model, cfg.trainer, spec=spec))
 
 
 def test_a_directory_that_does_not_fit_is_refused_before_any_read(mcore, dirs, tmp_path):
@@ -168,7 +191,8 @@ def test_a_directory_that_does_not_fit_is_refused_before_any_read(mcore, dirs, t
         (dict(vocab_size=264), r"2 shapes \(model, HF\): \['embedding.word_embeddings.weight \(264, 64\) vs "
                                r"\(262, 64\)', 'output_layer.weight \(264, 64\) vs \(262, 64\)'\]$"),
         (dict(num_layers=4, moe_layer_pattern=(0, 1, 1, 1)),  # every tensor of layer 3, nothing else
-         r"does not fit the model: 29 model tensors with no HF tensor: \['decoder.layers.3.input_layernorm.weight [^;]*$"),
+         r"does not fit the model: 29 model tensors with no HF tensor: "
+         r"\['decoder.layers.3.input_layernorm.weight [^;]*$"),
     ]
     for changes, message in cases:
         model = _misbuilt(directory, **changes)

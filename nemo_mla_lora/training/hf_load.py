@@ -68,7 +68,8 @@ def megatron_chunks(modules) -> list:
         held = m
         while not isinstance(held, GPTModel):
             if not hasattr(held, "module"):
-                raise TypeError(f"no Megatron-Core GPTModel inside {type(m).__name__} (stopped at {type(held).__name__})")
+                raise TypeError(f"no Megatron-Core GPTModel inside {type(m).__name__} "
+                                f"(stopped at {type(held).__name__})")
             held = held.module
         out.append(held)
     return out
@@ -167,7 +168,8 @@ def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return counts
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    nccl = "nccl" in str(dist.get_backend()) and torch.cuda.is_available()  # "nccl" or "cpu:gloo,cuda:nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     total = counts.to(device)
     dist.all_reduce(total)
     return total.cpu()
@@ -213,7 +215,7 @@ class _SliceReader:
 
 @torch.no_grad()
 def _load_piece(reader: _SliceReader, p: Piece) -> None:
-    """Copy ``p`` in, HF part by part: a fused ``linear_fc1``'s rows are [gate; up], the slice's rows taken from each."""
+    """Copy ``p`` in, HF part by part: a fused ``linear_fc1``'s rows are [gate; up], its slice's rows come from each."""
     row, rows = 0, p.index[0]
     for hf_name in reader.base.parts[p.name]:
         height = reader.base.opened[reader.base.files[hf_name]].shape(hf_name)[0]
