@@ -8,21 +8,18 @@ Checkpoint keys are Megatron's sharded keys (routed experts stacked: ``...mlp.ex
 module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
 """
 
-import errno
 import hashlib
 import json
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
+from nemo_mla_lora import keymap, output_dir
 from nemo_mla_lora.mla_spec import MLASpec
 
-SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
+SPEC_FILE, ADAPTER_FILE = output_dir.SPEC_FILE, output_dir.ADAPTER_FILE
+atomic_dir, check_target = output_dir.atomic_dir, output_dir.check_target  # writing an output: output_dir.py
 _FLAT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\..+)$")
 
 
@@ -44,15 +41,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def check_output(path, sources=()) -> Path:
-    """Refuse an output that a write could destroy: the current directory or one above it, a file, a source
-    (base, adapter), a directory holding a source, or a directory inside one. Returns the resolved path."""
+def check_sources(path, sources=()) -> Path:
+    """Refuse an output equal to a source, inside one, or holding one (a write or an overwrite there would
+    destroy its input). Returns the resolved output path.
+
+    Args:
+        path: the output directory a writer is about to create or replace.
+        sources: every input the writer reads (base, adapter, tokenizer directory, ...); None entries are skipped.
+    """
     path = Path(path).resolve()
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
-        raise ValueError(f"output={path} is the current directory or one above it; name a new directory")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output={path} is a file, not a directory")
     for source in sources:
         if source is None:
             continue
@@ -62,71 +59,22 @@ def check_output(path, sources=()) -> Path:
     return path
 
 
-LOW_SPACE = 64 << 20  # a write that failed with less than this free failed for lack of space
+def check_output(path, sources=()) -> Path:
+    """Refuse an output that a write could destroy: the current directory or one above it, a file, a source
+    (base, adapter), a directory holding a source, or a directory inside one (``check_sources``). Returns the
+    resolved path.
 
-
-@contextmanager
-def atomic_dir(path, overwrite: bool = False, sources=()):
-    """Yield a temp dir beside ``path`` (a sibling, never inside it); on success it replaces ``path`` by
-    renames (old aside, new in, old removed), on failure it and any parent directories this call created
-    are removed, and an existing ``path`` is untouched. Under torch.distributed every rank gets the same
-    temp dir and rank 0 renames after a barrier. ``sources``: inputs the output must not overlap."""
-    path = check_output(path, sources)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    created = [p for p in reversed(path.parents) if not p.exists()]
-    tmp, old = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.replaced"
-    if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run's, named after this output
-        tmp.mkdir(parents=True)
-    barrier()
-    try:
-        yield tmp
-        barrier()
-    except BaseException as err:
-        if rank() == 0:
-            free = shutil.disk_usage(tmp if tmp.exists() else path.parent).free  # before the partial goes
-            shutil.rmtree(tmp, ignore_errors=True)
-            for parent in reversed(created):  # innermost first; only if still empty
-                if parent.exists() and not any(parent.iterdir()):
-                    parent.rmdir()
-            if free < LOW_SPACE and not isinstance(err, KeyboardInterrupt):
-                raise OSError(errno.ENOSPC, f"no space left on the device of {path} while writing it ({free} bytes "
-                                            f"free); the partial output was removed") from err
-        raise
-    if rank() == 0:
-        _swap_in(tmp, path, old)
-    barrier()
-
-
-def _sync_tree(root: Path) -> None:
-    """Every file under ``root`` on disk (the writers leave fsync to this one pass), then the directories,
-    innermost first."""
-    paths = list(root.rglob("*"))
-    for p in [*(p for p in paths if p.is_file()), *reversed([root, *(p for p in paths if p.is_dir())])]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _swap_in(tmp: Path, path: Path, old: Path) -> None:
-    """``tmp`` (synced to disk first) becomes ``path``; a previous ``path`` is renamed aside first and deleted
-    only after."""
-    _sync_tree(tmp)
-    had_old = path.exists()
-    if had_old:
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        if had_old:
-            old.rename(path)
-        raise
-    if had_old:
-        shutil.rmtree(old)
+    Args:
+        path: the output directory.
+        sources: the writer's inputs (None entries skipped).
+    """
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"output={path} is the current directory or one above it; name a new directory")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output={path} is a file, not a directory")
+    return check_sources(path, sources)
 
 
 # A chunk of a tensor along its first axis (experts of a stacked tensor, rows of a large one): stored key, first, count
@@ -333,11 +281,13 @@ def _model_sharded(model, adapters: bool) -> dict:
             and not (adapters and k.endswith("_extra_state"))}
 
 
-def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:
-    """Base model tensors (adapters excluded) + ``mla_spec.json``. Every rank calls it."""
+def save_base(model, spec: MLASpec, directory, overwrite: bool = False, sources=()) -> Path:
+    """Base model tensors (adapters excluded) + ``mla_spec.json``. Every rank calls it. ``overwrite`` replaces
+    only a previous base (its ``mla_spec.json``); ``sources``: checkpoints the output must not overlap (the one
+    the model was restored from)."""
     from megatron.core import dist_checkpointing
 
-    with atomic_dir(directory, overwrite) as tmp:
+    with atomic_dir(directory, overwrite, sources=sources, replaces=(SPEC_FILE,)) as tmp:
         dist_checkpointing.save(_model_sharded(model, adapters=False), str(tmp))
         if rank() == 0:
             write_json(tmp / SPEC_FILE, spec.to_dict())
@@ -347,23 +297,24 @@ def save_base(model, spec: MLASpec, directory, overwrite: bool = False) -> Path:
 def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite: bool = False) -> Path:
     """Adapter tensors only (``<module>.adapter.lora_a`` / ``lora_b``, B holding only its part's rows)
     + ``adapter.json`` (rank, alpha, scale, parts, targets, the model's MLA dims, the base's hash).
-    Every rank calls it (dist-checkpointing gathers the shards)."""
+    Every rank calls it (dist-checkpointing gathers the shards). ``overwrite`` replaces only a previous adapter
+    (its ``adapter.json``); the output must not overlap ``base_dir``."""
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora.peft.state import adapter_modules
+    from nemo_mla_lora.peft.state import adapter_names
 
-    sharded = _model_sharded(model, adapters=True)
-    if not sharded:
-        raise CheckpointError("the model has no MLALoRA adapters to save")
-    info = {
-        "dim": peft.dim, "alpha": peft.alpha, "scale": peft.alpha / peft.dim, "parts": dict(peft.parts),
-        "placement": peft.placement if not peft.target_modules else None,
-        "target_modules": list(peft.target_modules), "mla_spec": spec.to_dict(),
-        "modules": sorted(adapter_modules(model)),
-        "base_checkpoint": str(base_dir) if base_dir else None,
-        "base_hash": file_hash(base_dir) if base_dir else None,
-    }
-    with atomic_dir(directory, overwrite) as tmp:
+    with atomic_dir(directory, overwrite, sources=(base_dir,), replaces=(ADAPTER_FILE,)) as tmp:  # checks first
+        sharded = _model_sharded(model, adapters=True)
+        if not sharded:
+            raise CheckpointError("the model has no MLALoRA adapters to save")
+        info = {
+            "dim": peft.dim, "alpha": peft.alpha, "scale": peft.alpha / peft.dim, "parts": dict(peft.parts),
+            "placement": peft.placement if not peft.target_modules else None,
+            "target_modules": list(peft.target_modules), "mla_spec": spec.to_dict(),
+            "modules": adapter_names(model),  # every stage's and expert rank's, one-process names
+            "base_checkpoint": str(base_dir) if base_dir else None,
+            "base_hash": file_hash(base_dir) if base_dir else None, "producer": output_dir.PRODUCER,
+        }
         dist_checkpointing.save(sharded, str(tmp))
         if rank() == 0:
             write_json(tmp / ADAPTER_FILE, info)

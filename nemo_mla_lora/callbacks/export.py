@@ -15,7 +15,6 @@ The base is read from ``base_dir`` when that is one of our base checkpoints (dis
 are saved once from the live model to ``<output_dir>/base``.
 """
 
-import json
 import logging
 import os
 import subprocess
@@ -25,7 +24,9 @@ from pathlib import Path
 import lightning as L
 
 from nemo_mla_lora import checkpoint
+from nemo_mla_lora.export.manifest import read_manifest
 from nemo_mla_lora.export.pipeline import export
+from nemo_mla_lora.output_dir import MANIFEST
 from nemo_mla_lora.peft.mla_lora import WRAPPERS
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,31 @@ class MLAExportCallback(L.Callback):
                         "verify_layers": list(verify_layers) if verify_layers else None}
         self.every_checkpoint = every_checkpoint
         self.result = None
+        self.check_outputs()
+
+    def check_outputs(self) -> None:
+        """Before training: the outputs this callback will write (adapter, export, the saved base when
+        ``base_dir`` is not readable) are refused now if they overlap the base, are not outputs of ours that
+        overwrite may replace, or have another writer's lock or a dead run's leftovers beside them."""
+        targets = [(self.output_dir / "adapter", (checkpoint.ADAPTER_FILE,)), (self.output_dir / "export", (MANIFEST,))]
+        if not self._readable():
+            targets.append((self.output_dir / "base", (checkpoint.SPEC_FILE,)))
+        for target, replaces in targets:
+            checkpoint.check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
+
+    def _readable(self) -> bool:
+        return self.base_dir is not None and any((self.base_dir / f).is_file()
+                                                 for f in (checkpoint.SPEC_FILE, "config.json"))
 
     def _base(self, model) -> Path:
         """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
         NeMo checkpoint, say) the live model's frozen weights, saved once: exactly what was trained against,
         whatever layout the NeMo checkpoint has (the export reads our own nemo exports as bases, NeMo-written
         training checkpoints are not tested as bases)."""
-        readable = self.base_dir is not None and any((self.base_dir / f).is_file()
-                                                     for f in (checkpoint.SPEC_FILE, "config.json"))
-        if not readable:
+        if not self._readable():
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
-            self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True)
+            self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True,
+                                                 sources=(self.base_dir,))
         return self.base_dir
 
     def run(self, pl_module, tag: str) -> dict | None:
@@ -116,4 +131,4 @@ def export_in_child(base, adapter, output, fmt: str, fold: bool, verify, toleran
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"export of {adapter} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads((Path(output) / "manifest.json").read_text())
+    return read_manifest(output)

@@ -22,14 +22,14 @@ import math
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from nemo_mla_lora.checkpoint import CheckpointError, atomic_dir, check_names, check_output, file_hash
+from nemo_mla_lora.checkpoint import atomic_dir, check_names, check_target, file_hash
 from nemo_mla_lora.data.tokenizer import copy_tokenizer
 from nemo_mla_lora.export import absorb, manifest, nemo_format, stages
+from nemo_mla_lora.export.integrity import manifest_checksums, read_export, verify_checksums  # noqa: F401 (read here)
 from nemo_mla_lora.export.merge import MergeError, merge_linear
-from nemo_mla_lora.export.sources import check_complete, groups, open_adapter, open_base
+from nemo_mla_lora.export.sources import check_complete, open_adapter, open_base
 from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, write_hf_peft
@@ -65,7 +65,9 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
     if fold and fmt != "absorbed":
         raise ValueError("fold=true applies to format=absorbed only")
-    check_output(output, (base, adapter))  # before any reading: a bad output is refused at once
+    sources = (base, adapter, tokenizer if tokenizer and Path(tokenizer).exists() else None)
+    # before any reading: a bad output (a source, not ours to overwrite, another writer's) is refused at once
+    check_target(output, sources, overwrite, replaces=(manifest.MANIFEST,))
     source = open_base(base)
     spec = source.spec
     check_complete(source, spec, base)  # every tensor the model needs, with its shape, before anything is written
@@ -84,7 +86,7 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         log.warning("folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
                     cost["folded"]["params_per_layer"], cost["split"]["params_per_layer"],
                     cost["folded_over_split"], cost["folding_pays_when"])
-    with atomic_dir(output, overwrite, sources=(base, adapter)) as tmp:
+    with atomic_dir(output, overwrite, sources=sources, replaces=(manifest.MANIFEST,)) as tmp:
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
@@ -102,7 +104,8 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
                           "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
         if "timing" in info:
             info["timing"]["source_hash"] = round(time.perf_counter() - start, 2)
-        (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        info["architecture_checksums"] = manifest.architecture_checksums(tmp, info)  # every file written by now
+        (tmp / manifest.MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))
     return info
 
 
@@ -162,63 +165,6 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
 def _modules(names) -> list[str]:
     """Module names of the ``.weight`` tensors among ``names`` (what an adapter can attach to)."""
     return [n[: -len(".weight")] for n in names if n.endswith(".weight")]
-
-
-def _open_export(directory, fmt: str, checksums: dict | None = None):
-    """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``hf`` export; every tensor read is
-    checked against ``checksums`` when given."""
-    from nemo_mla_lora.dist_reader import CheckpointReader
-    from nemo_mla_lora.export.sources import HFBase
-
-    if fmt == "hf":
-        reader = HFBase(directory, dtype=torch.float32, checksums=checksums)
-        return reader, reader.names
-    if fmt == "nemo":
-        reader = CheckpointReader(Path(directory) / nemo_format.WEIGHTS, checksums, prefix=nemo_format.PREFIX)
-        return reader, reader.names()
-    reader = CheckpointReader(directory, checksums)
-    return reader, reader.names()
-
-
-def manifest_checksums(directory) -> dict:
-    """The per-tensor checksums of an export's ``manifest.json`` (refused if it has none)."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no manifest.json; pass verify_checksums=false to read it unchecked")
-    checksums = json.loads(path.read_text()).get("tensor_checksums")
-    if not checksums:
-        raise CheckpointError(f"{path}: no tensor_checksums")
-    return checksums
-
-
-def read_export(directory, fmt: str, verify_checksums: bool = True) -> dict:
-    """All tensors of a written ``absorbed``/``mcore``/``hf`` export, under flat Megatron names, each checked
-    against the manifest's checksum while it is read (unless ``verify_checksums=False``)."""
-    reader, names = _open_export(directory, fmt, manifest_checksums(directory) if verify_checksums else None)
-    return reader.load(names)
-
-
-def verify_checksums(directory, progress: bool = True) -> dict:
-    """Every tensor of an export against its manifest, group by group (memory: one group); raises on the first
-    mismatch, naming the tensor and file. Returns {format, tensors checked}."""
-    fmt = json.loads((Path(directory) / "manifest.json").read_text())["format"]
-    checksums = manifest_checksums(directory)
-    if fmt == "hf_peft":
-        from safetensors.torch import load_file
-
-        from nemo_mla_lora.checkpoint import check_checksums
-
-        check_checksums(load_file(Path(directory) / "adapter_model.safetensors"), checksums, directory)
-        return {"format": fmt, "tensors": len(checksums)}
-    reader, names = _open_export(directory, fmt, checksums)
-    grouped = groups(names)
-    for key in tqdm(list(grouped), desc="checksums", unit="group", disable=not progress):
-        reader.load(grouped[key])
-    read = set(reader.hf_names) if fmt == "hf" else set(names)
-    missing = sorted(set(checksums) - read)
-    if missing:
-        raise CheckpointError(f"{directory}: tensors in manifest.json but not in the files: {missing[:5]}")
-    return {"format": fmt, "tensors": len(read)}
 
 
 def _export_hf_peft(source, lora, spec, tmp) -> dict:

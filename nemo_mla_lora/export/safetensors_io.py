@@ -205,3 +205,62 @@ def directory_hash(directory, opened: dict | None = None) -> str:
         else:
             digest.update(_file_digest(f).encode())
     return digest.hexdigest()
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _hub_blob(root: Path, real: Path) -> bool:
+    """A file of a Hugging Face hub cache snapshot: ``<repo>/snapshots/<rev>/f`` links to ``<repo>/blobs/<hash>``."""
+    return root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+
+
+def inside(directory, name, where) -> Path:
+    """``directory / name`` for a file name read from ``where`` (an index), refused unless it stays inside
+    ``directory``: a relative path without ``..``, and no symlink leading out (except a Hugging Face hub cache
+    snapshot's links to its own ``blobs/``).
+
+    Args:
+        directory: the checkpoint directory.
+        name: the relative file name as written in ``where``.
+        where: the file that named it (for the error).
+    """
+    directory = Path(directory)
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(f"{where}: shard {name!r} is not a relative path inside {directory}")
+    root, real = directory.resolve(), (directory / name).resolve()
+    if root not in real.parents and not _hub_blob(root, real):
+        raise CheckpointError(f"{where}: shard {name!r} resolves to {real}, outside {directory} (a symlink out)")
+    return directory / name
+
+
+def read_shards(directory) -> tuple[dict | None, list[str]]:
+    """(weight_map or None, shard file names) of an HF checkpoint directory: its ``model.safetensors.index.json``
+    (read as data: a JSON object whose ``weight_map`` maps tensor names to shard files, each inside the directory,
+    ``inside``) or its single ``model.safetensors``.
+
+    Args:
+        directory: the HF checkpoint directory.
+    """
+    directory = Path(directory)
+    index = directory / INDEX
+    if not index.is_file():
+        if not (directory / "model.safetensors").is_file():
+            raise CheckpointError(f"{directory}: no model.safetensors or {INDEX}")
+        inside(directory, "model.safetensors", directory)
+        return None, ["model.safetensors"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except ValueError as err:
+        raise CheckpointError(f"{index}: not valid JSON ({err})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{index}: no weight_map") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map is not an object of tensor name -> shard file")
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        inside(directory, name, index)
+    missing = [f for f in shards if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: index names missing shard files {missing}")
+    return weight_map, shards

@@ -7,10 +7,15 @@
 ``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
 ``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory; ``adapter=null`` exports the base alone
 (an absorbed base to serve several unmerged adapters with ``recipes.generate adapters=...``).
+``overwrite=true`` replaces only a previous export (its ``manifest.json``) or an empty directory; an output that
+is a source, holds one, is another writer's (``.NAME.lock`` beside it) or has a dead run's leftovers beside it is
+refused before any work, with a one-line error (exit 1).
 """
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -26,16 +31,28 @@ def main(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
+    from nemo_mla_lora.checkpoint import CheckpointError, check_target
+    from nemo_mla_lora.output_dir import MANIFEST
+
+    sources = (cfg.base, cfg.adapter, cfg.tokenizer if cfg.tokenizer and Path(cfg.tokenizer).exists() else None)
+    try:  # the output first, before Megatron starts: one that must not be written is refused at once
+        check_target(cfg.output, sources, cfg.overwrite, replaces=(MANIFEST,))
+        info = _run(cfg)
+    except (CheckpointError, ValueError, OSError) as err:  # ours name the file / field / path: one line
+        sys.exit(f"error: {type(err).__name__}: {err}")
+    report = {k: info[k] for k in ("format", "kv_cache", "verify", "timing", "warnings") if k in info}
+    print(json.dumps(report, indent=2))
+    print(f"wrote {cfg.output}")
+
+
+def _run(cfg: DictConfig) -> dict:
     from nemo_mla_lora import parallel
     from nemo_mla_lora.export.pipeline import export
 
     parallel.init_megatron()
-    info = export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
+    return export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
                   verify=cfg.verify, tolerance=cfg.tolerance, names=cfg.names, tokenizer=cfg.tokenizer,
                   verify_layers=cfg.verify_layers, budget=cfg.budget_mb << 20)
-    report = {k: info[k] for k in ("format", "kv_cache", "verify", "timing", "warnings") if k in info}
-    print(json.dumps(report, indent=2))
-    print(f"wrote {cfg.output}")
 
 
 if __name__ == "__main__":
