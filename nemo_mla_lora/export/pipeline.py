@@ -28,11 +28,12 @@ from nemo_mla_lora.checkpoint import atomic_dir, check_names, check_target, file
 from nemo_mla_lora.data.tokenizer import copy_tokenizer
 from nemo_mla_lora.export import absorb, manifest, nemo_format, stages
 from nemo_mla_lora.export.integrity import manifest_checksums, read_export, verify_checksums  # noqa: F401 (read here)
-from nemo_mla_lora.export.merge import MergeError, merge_linear
+from nemo_mla_lora.export.merge import MergeError, merge_unit
+from nemo_mla_lora.export.peft_reference import open_reference
 from nemo_mla_lora.export.sources import check_complete, open_adapter, open_base
 from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
-from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, write_hf_peft
+from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, check_hf_peft_writable, write_hf_peft
 
 log = logging.getLogger(__name__)
 MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate
@@ -77,7 +78,9 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         for d in differs:
             log.warning("NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
                         "nemo_mla_lora's exact layer spec into the context", d)
-    lora = open_adapter(adapter, spec)
+    lora = open_adapter(adapter, spec)  # every field and tensor of an HF PEFT adapter judged here, before writing
+    if fmt == "hf_peft":
+        check_hf_peft_writable(lora)
     unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
     if unknown:
         raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
@@ -92,7 +95,7 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         else:
             writer = _writer(fmt, tmp, spec, source, names, tokenizer, check=verify != "none")
             verifier = StreamingVerify(spec, fmt in LATENT_FORMATS, verify, verify_layers, tolerance,
-                                       _dtype_name(source.layout()))
+                                       _dtype_name(source.layout()), reading=open_reference(adapter))
             info = _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget)
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
             if fmt in DEFAULT_NAMES:
@@ -134,9 +137,7 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         factors = lora.factors(_modules(unit.names))
         verifier.reference(unit, tensors, factors)
         start = time.perf_counter()
-        for module, (a, b, scale) in factors.items():  # in place: the base tensors as read are ours alone
-            weight = tensors[f"{module}.weight"]
-            merge_linear(weight, a, b, scale, name=module, out=weight)
+        merge_unit(tensors, factors)  # in place: the base tensors as read are ours alone
         if fmt == "absorbed" and unit.kind == "attention":
             tensors = absorb.absorb_layer(tensors, f"decoder.layers.{unit.group}.self_attention", spec, fold=fold)
         merge_seconds[0] += time.perf_counter() - start

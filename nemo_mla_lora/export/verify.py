@@ -4,7 +4,9 @@ What it compares: two fixed prompts of 16 tokens (``fixed_prompts``, seeded) thr
 unit by unit as the export passes them (``units.py``), so neither the base nor the export is read again:
 
 - the unmerged fine-tuned model: the base's tensors as read, LoRA applied as x A^T B^T (reference forward,
-  ``reference/model.py``), before the merge;
+  ``reference/model.py``), before the merge; for an HF PEFT adapter, the adapter read again on its own and applied
+  as peft defines its merge (``peft_reference.py``: DoRA, replaced modules, embedding LoRA), never the factors the
+  merge was given, so that a misread adapter cannot make both sides agree;
 - the export: the merged (and, for ``absorbed``, split) tensors exactly as written (every unit is read
   back from the file and checked by the writer), through the latent-cache forward for the
   latent formats (``absorbed``/``mcore``/``nemo``: prefill 8 tokens, then decode the rest one by one, caching
@@ -96,11 +98,12 @@ class _Side:
 
 class StreamingVerify:
     """Call ``reference(unit, base, factors)`` before a unit is merged and ``export(unit, written)`` after,
-    in plan order; then ``report()``."""
+    in plan order; then ``report()``. ``reading``: the reference side's own reading of the adapter
+    (``peft_reference.open_reference``), used instead of ``factors`` when given."""
 
     def __init__(self, spec, latent: bool, mode: str = "full", layers=None, tolerance: float | None = None,
-                 dtype: str = "float32"):
-        self.spec, self.mode, self.dtype = spec, check_mode(mode), dtype
+                 dtype: str = "float32", reading=None):
+        self.spec, self.mode, self.dtype, self.reading = spec, check_mode(mode), dtype, reading
         self.layers = set(range(spec.num_layers)) if self.mode == "full" else set(layers or default_layers(spec))
         bad = sorted(i for i in self.layers if not 0 <= i < spec.num_layers)
         if bad:
@@ -112,6 +115,8 @@ class StreamingVerify:
         self.routing, self.layer_reports, self.seconds, self.cached = {}, {}, 0.0, 0
 
     def reference(self, unit, base: dict, factors: dict) -> None:
+        if self.reading is not None:
+            base, factors = self.reading.view(base, self.compute), None
         self._run(self.ref, unit, base, factors)
 
     def export(self, unit, written: dict) -> None:
@@ -134,6 +139,9 @@ class StreamingVerify:
     def _pre(self, side, unit, state, adapters):
         emb = state["embedding.word_embeddings.weight"]
         side.x = emb[self.tokens].to(self.compute)  # the prompts' rows only
+        if "embedding.word_embeddings" in adapters:  # the table's rows W + s B A, B [vocab, r]
+            a, b, s = adapters["embedding.word_embeddings"]
+            side.x = side.x + s * b[self.tokens] @ a
         if self.spec.tie_word_embeddings:
             side.embedding = {"embedding.word_embeddings.weight": emb}
 
@@ -182,6 +190,9 @@ class StreamingVerify:
         w = source["embedding.word_embeddings.weight" if spec.tie_word_embeddings else "output_layer.weight"]
         side.logits = torch.cat([x @ w[i:i + VOCAB_CHUNK].to(self.compute).T
                                  for i in range(0, w.shape[0], VOCAB_CHUNK)], dim=-1)  # [b, s, vocab]
+        if "output_layer" in adapters:
+            a, b, s = adapters["output_layer"]
+            side.logits = side.logits + s * (x @ a.T) @ b.T
 
     def _layer_report(self, layer: int) -> None:
         own = (self.ref.x - self.ref.layer_in).abs().max().item()  # the layer's own contribution

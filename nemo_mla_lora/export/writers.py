@@ -20,6 +20,7 @@ from nemo_mla_lora import keymap
 from nemo_mla_lora.checkpoint import CheckpointError, named_sharded, tensor_checksum, write_json
 from nemo_mla_lora.export import nemo_format
 from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
+from nemo_mla_lora.export.merge import MergeError
 from nemo_mla_lora.hf_config import hf_config_dict
 
 
@@ -122,13 +123,44 @@ class HFWriter:
         write_json(self.directory / "config.json", hf_config_dict(self.spec, self.dtype, self.source_config))
 
 
+def check_hf_peft_writable(lora) -> None:
+    """Refuses, naming the adapter's field, what ``write_hf_peft`` cannot write (plain LoRA factors on linears with
+    one r and one lora_alpha): DoRA, embedding LoRA, replaced modules (``lora.unwritable``, HF PEFT sources), and
+    ranks or scales that differ between modules (``rank_pattern`` / ``alpha_pattern``). Call it before any output
+    exists.
+
+    Args:
+        lora: an adapter source (``sources.open_adapter``).
+    """
+    problems = [f"{field} ({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''})"
+                for field, modules in getattr(lora, "unwritable", {}).items()]
+    ranks, scales = set(getattr(lora, "hf_ranks", {}).values()), set(getattr(lora, "hf_scales", {}).values())
+    if len(ranks) > 1 or len(scales) > 1:
+        problems.append(f"rank_pattern / alpha_pattern (ranks {sorted(ranks)}, scales {sorted(scales)} differ "
+                        f"between modules; hf_peft writes one r and one lora_alpha)")
+    if problems:
+        raise MergeError("format=hf_peft cannot write " + "; ".join(problems) + "; export a merged format "
+                         "(hf, mcore, absorbed, nemo) instead")
+
+
 def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, base_name: str | None = None) -> list:
     """The unmerged adapters as HF PEFT files (HF module names). ``linear_fc1`` (shared A) becomes
-    gate_proj and up_proj with the same A and B's two halves. Returns warnings."""
+    gate_proj and up_proj with the same A and B's two halves. Returns warnings. Refuses (naming the module)
+    what plain LoRA on linears cannot hold: an ``AdapterEntry`` (DoRA, replaced tensors), the embedding.
+
+    Args:
+        adapter_factors: Megatron module -> (A [r, in], B [out, r], scale).
+        r: the rank written; alpha: the lora_alpha written (scale * r).
+        directory: where the two files go.
+        base_name: the base's path or id, as base_model_name_or_path.
+    """
     from safetensors.torch import save_file
 
     tensors, targets = {}, set()
-    for module, (a, b, _) in adapter_factors.items():
+    if "embedding.word_embeddings" in adapter_factors:
+        raise MergeError("format=hf_peft cannot write LoRA on the embedding (peft's lora_embedding_A/B); export a "
+                         "merged format instead")
+    for module, (a, b, _) in adapter_factors.items():  # an AdapterEntry refuses here, naming its fields
         hf_names = keymap.to_hf_modules(module)
         for hf_name, b_part in zip(hf_names, b.chunk(len(hf_names), dim=0)):
             tensors[f"base_model.model.{hf_name}.lora_A.weight"] = a.clone()  # gate and up get their own copy
