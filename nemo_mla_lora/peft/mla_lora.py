@@ -13,7 +13,9 @@ shell-style wildcard on the full module name (``*.layers.1.*`` does not match ``
 ``exclude_modules`` removes matches the same way. Only Megatron linears with a target leaf name
 (attention linears, ``linear_fc1``/``linear_fc2`` of dense MLPs, shared and routed experts, and standard
 attention's ``linear_qkv`` for the placement study's twin) are wrapped.
-Under pipeline parallelism layer indices in module names are local to the stage.
+A layer index in a pattern is the global one (``layers.60`` is DeepSeek-V3's last layer on whichever
+pipeline stage holds it), as in checkpoints: under pipeline parallelism a stage's module names count from
+its own first layer, and ``match`` reads them as global first.
 
 Speed (bench/README.md): a wrapped linear runs base + adapter as one autograd function (``lora_fn``)
 between Megatron's TP mappings, and Megatron's ``SequentialMLP`` experts become ``grouped_experts.LoRASequentialMLP``:
@@ -22,6 +24,7 @@ state dict, same numbers. Elsewhere (dropout, part-selective rows, expert TP, a 
 TP > 1) the adapter's own path runs.
 """
 
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal, Optional
@@ -161,9 +164,9 @@ class MLALoRA(PEFT, ModuleMatcher):
         return targets
 
     def match(self, m: nn.Module, name=None, prefix=None):
-        full_name = f"{prefix}.{name}" if prefix else name
         if not is_adaptable(m, name):
             return None
+        full_name = _global_layer(f"{prefix}.{name}" if prefix else name, getattr(self, "_layer_of", {}).get(id(m)))
         if any(pattern_matches(p, name, full_name) for p in self.exclude_modules):
             return None
         for pattern in self._resolved_targets or self.requested_targets:
@@ -190,6 +193,7 @@ class MLALoRA(PEFT, ModuleMatcher):
         """Freeze the base, wrap every target; a target (or part) that matches nothing is an error."""
         targets = self.resolve(model)
         self._match_counts = {}
+        self._layer_of = layer_positions(model)
         if hasattr(model, "walk"):  # NeMo's Lightning model / MegatronParallel
             model = super().__call__(model)
         else:  # a bare Megatron-Core module
@@ -202,13 +206,14 @@ class MLALoRA(PEFT, ModuleMatcher):
         return model
 
     def _check_matches(self, model: nn.Module, targets: tuple) -> None:
-        counts = torch.tensor([self._match_counts.get(t, 0) for t in targets], dtype=torch.long)
+        wrapped_leaves = {n.rsplit(".", 1)[-1] for n, _ in _wrapped(model)}
+        counts = torch.tensor([self._match_counts.get(t, 0) for t in targets]
+                              + [int(leaf in wrapped_leaves) for leaf in self.parts], dtype=torch.long)
         pp_group = _pipeline_group()
-        if pp_group is not None:
+        if pp_group is not None:  # a target or part may live on another stage only
             torch.distributed.all_reduce(counts, group=pp_group)
         missing = [t for t, c in zip(targets, counts.tolist()) if c == 0]
-        unused_parts = [leaf for leaf in self.parts if not any(
-            n.rsplit(".", 1)[-1] == leaf for n, _ in _wrapped(model))]
+        unused_parts = [leaf for leaf, c in zip(self.parts, counts.tolist()[len(targets):]) if c == 0]
         if missing or unused_parts:
             names = sorted(adaptable_modules(model))
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -216,6 +221,27 @@ class MLALoRA(PEFT, ModuleMatcher):
                 f"MLALoRA: targets {missing or unused_parts} matched no module "
                 f"(excludes: {self.exclude_modules}). Adaptable leaves in this model: {leaves}; "
                 f"e.g. {names[:6]}{' ...' if len(names) > 6 else ''}")
+
+
+def layer_positions(model: nn.Module) -> dict:
+    """{id(module): (global layer index, its name inside the layer)} for every module under a Megatron
+    ``TransformerLayer`` (global index: ``layer_number - 1``, whatever the pipeline stage)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    out = {}
+    for layer in model.modules():
+        if isinstance(layer, TransformerLayer):
+            out.update({id(m): (layer.layer_number - 1, n) for n, m in layer.named_modules() if n})
+    return out
+
+
+def _global_layer(full_name: str, position) -> str:
+    """``...layers.<local>.<inner>`` -> ``...layers.<global>.<inner>`` for a module at ``position``
+    (``layer_positions``); other names unchanged."""
+    if position is None:
+        return full_name
+    index, inner = position
+    return re.sub(rf"(^|\.)(layers\.)\d+(\.{re.escape(inner)})$", rf"\g<1>\g<2>{index}\g<3>", full_name)
 
 
 def _wrapped(model):
