@@ -85,7 +85,7 @@ def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = No
     t, d, out = cfg.trainer, cfg.data, Path(cfg.output_dir)
     base = stage == "base"
     restore = None if base else restore or cfg.model.checkpoint
-    hf = restore is not None and checkpoint_kind(restore) == "hf"
+    hf = restore is not None and Path(restore).exists() and checkpoint_kind(restore) == "hf"
     tokenizer = make_tokenizer(d.tokenizer or (restore if hf else None))
     steps = d.base_pretrain_steps if base else t.max_steps
     lr = d.base_pretrain_lr if base else cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
