@@ -193,7 +193,7 @@ class MLALoRA(PEFT, ModuleMatcher):
         """Freeze the base, wrap every target; a target (or part) that matches nothing is an error."""
         targets = self.resolve(model)
         self._match_counts = {}
-        self._layer_of = layer_positions(model)
+        self._layer_of = layer_positions(model)  # module ids: valid while this walk runs
         if hasattr(model, "walk"):  # NeMo's Lightning model / MegatronParallel
             model = super().__call__(model)
         else:  # a bare Megatron-Core module
@@ -201,6 +201,7 @@ class MLALoRA(PEFT, ModuleMatcher):
 
             model.requires_grad_(False)
             model = fn.walk(model, self.transform)
+        self._layer_of = {}
         self._check_matches(model, targets)
         group_experts(model, frozen_too=True)
         return model
