@@ -44,7 +44,11 @@ EMBEDDING, OUTPUT = "model.embed_tokens", "lm_head"
 
 
 def hf_layout(spec: MLASpec) -> dict:
-    """HF tensor name -> shape of every tensor a model of ``spec`` has."""
+    """HF tensor name -> shape of every tensor a model of ``spec`` has.
+
+    Args:
+        spec: the base's architecture.
+    """
     from nemo_mla_lora.export.sources import expected_shapes
 
     meta = {n: torch.empty(s, device="meta") for n, s in expected_shapes(spec).items()}
@@ -58,7 +62,11 @@ _LORA_KEYS = [("A", r"\.lora_A\.weight"), ("B", r"\.lora_B\.weight"), ("bias", r
 
 def classify(key: str) -> tuple[str, str]:
     """(kind, HF module or tensor name) of a file key: a LoRA kind with its module, or a replacement
-    ('base_layer' | 'modules_to_save' | 'saved') with the base tensor it replaces, or ('unknown', key)."""
+    ('base_layer' | 'modules_to_save' | 'saved') with the base tensor it replaces, or ('unknown', key).
+
+    Args:
+        key: a tensor name of ``adapter_model.safetensors``.
+    """
     if not key.startswith(PREFIX):
         return "unknown", key
     rest = key[len(PREFIX):]
@@ -243,7 +251,11 @@ class HFPeftAdapter:
 
     def factors(self, modules) -> dict:
         """Megatron module -> (A [r, in], B [out, r] full height, scale), or ``AdapterEntry`` where DoRA or
-        replaced tensors take part, for those of ``modules`` the adapter changes."""
+        replaced tensors take part, for those of ``modules`` the adapter changes.
+
+        Args:
+            modules: Megatron module names (a unit's).
+        """
         return {m: self._entry(m) for m in modules if m in self.plan}
 
     def _entry(self, module: str):

@@ -40,7 +40,11 @@ def _off(value) -> bool:
 
 
 def read_config(path: Path) -> dict:
-    """``adapter_config.json`` with peft's defaults, every field judged (module docstring); refusals name the field."""
+    """``adapter_config.json`` with peft's defaults, every field judged (module docstring); refusals name the field.
+
+    Args:
+        path: the adapter's ``adapter_config.json``.
+    """
     raw = json.loads(path.read_text())
     if raw.get("peft_type") != "LORA":
         raise AdapterRefused(f"{path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are read")
@@ -77,7 +81,11 @@ def read_config(path: Path) -> dict:
 
 
 def pattern_value(patterns: dict, key: str, default):
-    """peft's ``get_pattern_key`` + ``.get``: the first pattern key matching the end of ``key`` after a dot."""
+    """peft's ``get_pattern_key`` + ``.get``: the first pattern key matching the end of ``key`` after a dot.
+
+    Args:
+        patterns: ``rank_pattern`` or ``alpha_pattern``; key: the HF module name; default: ``r`` or ``lora_alpha``.
+    """
     for pattern in patterns:
         if re.match(rf"(.*\.)?({pattern})$", key):
             return patterns[pattern]
@@ -85,7 +93,11 @@ def pattern_value(patterns: dict, key: str, default):
 
 
 def targeted(config: dict, key: str) -> bool:
-    """peft's ``check_target_module_exists`` for the module named ``key`` (e.g. ``model.layers.0.self_attn.o_proj``)."""
+    """peft's ``check_target_module_exists`` for the module named ``key``.
+
+    Args:
+        config: ``read_config``'s result; key: the HF module name, e.g. ``model.layers.0.self_attn.o_proj``.
+    """
     exclude = config["exclude_modules"]
     if exclude:
         if isinstance(exclude, str):

@@ -115,8 +115,12 @@ class AdapterEntry:
 
 
 def merge_unit(tensors: dict, factors: dict) -> None:
-    """Merges every module's adapter (``(A, B, scale)`` or ``AdapterEntry``) into ``tensors`` (flat names ->
-    tensors as read), in place."""
+    """Merges every module's adapter into ``tensors``, in place.
+
+    Args:
+        tensors: flat Megatron names -> a unit's tensors as read.
+        factors: module -> ``(A, B, scale)`` or ``AdapterEntry`` (an adapter source's ``factors``).
+    """
     for module, factor in factors.items():
         weight = tensors[f"{module}.weight"]
         if not isinstance(factor, AdapterEntry):

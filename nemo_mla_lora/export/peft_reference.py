@@ -26,7 +26,11 @@ _LORA = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m
 
 def open_reference(directory):
     """A ``PeftReference`` for an HF PEFT adapter directory; None for anything else (ours: verify applies its
-    factors unmerged)."""
+    factors unmerged).
+
+    Args:
+        directory: the adapter directory given to the export, or None.
+    """
     if directory is None or not (Path(directory) / "adapter_config.json").is_file():
         return None
     return PeftReference(directory)
@@ -52,12 +56,22 @@ class PeftReference:
         self.touched = {keymap.to_megatron_tensor(h)[0] for h in hf_tensors}  # Megatron names it changes
 
     def view(self, state: dict, dtype) -> Mapping:
-        """``state`` (flat Megatron names, a unit's base tensors as read) with the adapter applied, each tensor
-        computed in ``dtype`` when it is read."""
+        """``state`` with the adapter applied: a tensor the adapter changes is computed in ``dtype`` when it is read
+        (the whole tensor: an adapted embedding or output layer costs its size in ``dtype``), the others are
+        handed out as read.
+
+        Args:
+            state: flat Megatron names -> a unit's base tensors as read.
+            dtype: the verify's compute dtype.
+        """
         return _Adapted(self, state, dtype)
 
     def tensor(self, name: str, base: torch.Tensor, dtype) -> torch.Tensor:
-        """The adapted Megatron tensor ``name``: split into its HF tensors, each adapted, fused back."""
+        """The adapted Megatron tensor ``name``: split into its HF tensors, each adapted, fused back.
+
+        Args:
+            name: flat Megatron name; base: its tensor as read; dtype: the compute dtype.
+        """
         hf = keymap.megatron_to_hf({name: base.to(dtype)})
         return keymap.hf_to_megatron({h: self._hf(h, t, dtype) for h, t in hf.items()})[name]
 
@@ -93,7 +107,7 @@ class _Adapted(Mapping):
     def __getitem__(self, key):
         base = self.state[key]
         if key not in self.reference.touched:
-            return base.to(self.dtype)
+            return base  # as read: verify converts what it uses (an embedding's rows, an output layer's chunks)
         return self.reference.tensor(key, base, self.dtype)
 
     def __iter__(self):
