@@ -198,6 +198,7 @@ def test_tied_embeddings_adapter_refused(bases, tmp_path, config, match):
     (dict(target_modules=["o_proj", "q_a_proj"], alpha_pattern={"o_proj": 2}), "alpha_pattern"),
     (dict(target_modules=["o_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(target_modules=["o_proj", "embed_tokens"]), "embed_tokens"),
+    (dict(target_modules=["o_proj", "gate_proj", "up_proj"]), "gate_proj \\+ up_proj"),
 ])
 def test_hf_peft_format_refuses_what_it_cannot_write(bases, tmp_path, config, match):
     make_adapter(bases[VARIANT], tmp_path / "adapter", **config)

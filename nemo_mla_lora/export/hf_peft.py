@@ -247,6 +247,9 @@ class HFPeftAdapter:
             out["LoRA on embed_tokens (lora_embedding_A/B)"] = [EMBEDDING]
         if self.replaced:
             out["modules_to_save / saved base weights"] = sorted(self.replaced)
+        fused = sorted(m for m, p in self.plan.items() if {"gate", "up"} <= set(p["lora"]))
+        if fused:  # write_hf_peft gives gate and up linear_fc1's one A (rank 2r) and B's halves
+            out["gate_proj + up_proj LoRA (one linear_fc1 of rank 2r; hf_peft writes one r)"] = fused
         return out
 
     def factors(self, modules) -> dict:
