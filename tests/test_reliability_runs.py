@@ -269,3 +269,17 @@ def test_tokenizer_hint_names_generates_key(served, tmp_path, no_weights_read):
     with pytest.raises(ValueError, match=r"has no tokenizer files; set tokenizer=<an HF tokenizer id or path>") as err:
         generate.run(generate_cfg(bare, "prompt='abc'"))
     assert "data.tokenizer" not in str(err.value)
+
+
+def test_generate_on_a_truncated_manifest_is_one_line_naming_it(served, tmp_path, no_weights_read):
+    import shutil
+
+    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.recipes import generate
+
+    broken = tmp_path / "export"
+    shutil.copytree(served["export"], broken)
+    text = (broken / "manifest.json").read_text()
+    (broken / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=rf"{broken}/manifest.json"):
+        generate.run(generate_cfg(broken, "prompt='abc'", "max_new_tokens=2"))

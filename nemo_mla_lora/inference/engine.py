@@ -6,7 +6,6 @@ The decoder loop is written out (pre-norm residual blocks, as ``TransformerLayer
 inference: no dropout): Megatron's ``GPTModel.forward`` would call ``MLASelfAttention.forward``, which
 materializes per-head K and V from ``linear_kv_up_proj``; here the split W_UK / W_UV act on the latents."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,11 +31,12 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
         verify_checksums: whether every tensor will be checked against a manifest.
     """
     from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.export.manifest import read_manifest
     from nemo_mla_lora.export.pipeline import MERGED_FORMATS
 
     directory = Path(directory)
     if (directory / "manifest.json").is_file():
-        manifest = json.loads((directory / "manifest.json").read_text())
+        manifest = read_manifest(directory)  # a truncated or non-object file: one line naming it
         fmt = manifest.get("format")
         if fmt not in MERGED_FORMATS:
             raise ValueError(f"{directory}: format {fmt!r}; the engine serves merged exports {MERGED_FORMATS}")
