@@ -19,7 +19,7 @@ from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
 from nemo_mla_lora.checkpoint import CheckpointError
 from nemo_mla_lora.export.sources import HFBase
 from nemo_mla_lora.peft.state import base_state_dict
-from nemo_mla_lora.training.hf_load import load_hf_checkpoint
+from nemo_mla_lora.training.hf_load import load_hf_checkpoint, plan
 
 VARIANTS = {"v2_noq": "v2_lite_greedy_yarn_noq", "v3": "v3_noaux_yarn_q"}  # V2 without q compression; V3 with
 FP8_LINEAR = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
@@ -194,12 +194,16 @@ def test_a_directory_that_does_not_fit_is_refused_before_any_read(mcore, dirs, t
          r"does not fit the model: 29 model tensors with no HF tensor: "
          r"\['decoder.layers.3.input_layernorm.weight [^;]*$"),
     ]
-    for changes, message in cases:
+    for changes, message in cases:  # load_hf_checkpoint names the config fields first; plan names the tensors
         model = _misbuilt(directory, **changes)
         before = {n: t.clone() for n, t in base_state_dict(model).items()}
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=f"built from another config .* differ in .*'{next(iter(changes))}'"):
             load_hf_checkpoint([model], directory)
+        with pytest.raises(CheckpointError, match=message):
+            plan([model], HFBase(directory))
         assert all(torch.equal(t, before[n]) for n, t in base_state_dict(model).items())  # nothing was copied in
+    with pytest.raises(CheckpointError, match=r"differ in \{'rope_base': \(20000.0, 10000.0\)\}"):  # same shapes
+        load_hf_checkpoint([_misbuilt(directory, rope_base=20000.0)], directory)
     model = build(directory)  # a layer spec whose sharded state dict left a tensor out
     full = model.sharded_state_dict
     model.sharded_state_dict = lambda: {k: v for k, v in full().items() if k != "decoder.final_layernorm.weight"}

@@ -12,14 +12,16 @@ dequantized block by block (``dequantize_fp8`` at the slice's origin; to bf16, a
 read them, then cast to the parameter's dtype).
 
 Everything is checked before a byte of a tensor is read, and every problem raises a ``CheckpointError`` naming the
-tensors: the HF directory against its own config.json (``check_complete``), every model tensor against an HF
-tensor (name and global shape), every parameter and persistent buffer of the model covered exactly once (adapters
-and ``_extra_state`` aside), and every HF tensor loaded by some rank (one all-reduce over the ranks).
+tensors or fields: the HF directory against its own config.json (``check_complete``), the model's architecture
+against that config (``check_architecture``), every model tensor against an HF tensor (name and global shape),
+every parameter and persistent buffer of the model covered exactly once (adapters and ``_extra_state`` aside), and
+every HF tensor loaded by some rank (one all-reduce over the ranks).
 
 ``load_hf_checkpoint`` is a plain function (model chunks + directory; the parallel layout is the one the model was
 built under); ``HFBaseLoad`` is the Lightning callback NeMo's trainer runs it from.
 """
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -132,6 +134,20 @@ def _uncovered(chunk, pieces, reported: set) -> list[str]:
     return out
 
 
+def check_architecture(chunks, base: HFBase) -> None:
+    """The model was built from the directory's own config.json: every field of its ``MLASpec`` that changes the
+    numbers (rope, routing, norms: what no tensor shape shows) equal, else a ``CheckpointError`` naming them."""
+    from nemo_mla_lora.mla_spec import MLASpec
+
+    for chunk in chunks:
+        built = MLASpec.from_megatron(chunk.config)
+        differ = {f.name: (getattr(built, f.name), getattr(base.spec, f.name)) for f in dataclasses.fields(MLASpec)
+                  if f.name != "model_type" and getattr(built, f.name) != getattr(base.spec, f.name)}
+        if differ:
+            raise CheckpointError(f"the model was built from another config than {base.directory}/config.json: "
+                                  f"(model, HF) differ in {differ}")
+
+
 def plan(chunks, base: HFBase) -> list:
     """Every piece the ranks' ``chunks`` own, checked (module docstring); nothing is read. Collective when
     torch.distributed is initialised: every rank must call it."""
@@ -241,7 +257,9 @@ def load_hf_checkpoint(chunks, directory) -> LoadReport:
     start = time.perf_counter()
     base = HFBase(directory)  # headers only; FP8 dequantized to bf16 as HFBase reads it for the CPU trainer
     check_complete(base, base.spec, directory)
-    report = LoadReport(pieces=plan(megatron_chunks(chunks), base))
+    chunks = megatron_chunks(chunks)
+    check_architecture(chunks, base)
+    report = LoadReport(pieces=plan(chunks, base))
     reader = _SliceReader(base, report)
     try:
         for p in report.pieces:
