@@ -16,8 +16,8 @@ from conftest import free_port
 from hf_start_worker import CASES, build, logits, overrides
 from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
 
-from nemo_mla_lora.checkpoint import CheckpointError
-from nemo_mla_lora.export.sources import HFBase
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.peft.state import base_state_dict
 from nemo_mla_lora.training.hf_load import load_hf_checkpoint, plan
 
@@ -115,7 +115,7 @@ def test_adapters_wrap_the_hf_weights_and_the_export_reads_the_hf_base(mcore, di
     base wrapped, with the same adapters (B != 0): the same logits. The export callback at train end reads the HF
     directory as the base and records it as the export's source."""
     from nemo_mla_lora.callbacks.export import MLAExportCallback
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
@@ -168,6 +168,34 @@ def test_finetune_arguments_stream_the_hf_directory_with_its_tokenizer(dirs, tmp
     text = "upper: abc = ABC"
     expected = AutoTokenizer.from_pretrained(dirs["v3"]).encode(text, add_special_tokens=False)
     assert args["model"].tokenizer.text_to_ids(text) == expected and args["data"].tokenizer is args["model"].tokenizer
+
+
+def test_the_callback_loads_nemo_s_model_and_records_the_base_for_resume(mcore, dirs, tmp_path):
+    """``HFBaseLoad.on_fit_start`` on NeMo's own objects as ``MegatronStrategy.setup`` leaves them (NeMo's trainer
+    needs CUDA; its strategy is stood for by the two attributes the callback reads): ``MegatronParallel`` over the
+    ``llm.GPTModel`` LightningModule, and PEFT's ``WrappedAdapterIO``, which then names the HF directory as the base
+    of the adapter checkpoints it writes and keeps a resumed run from reading a base from it."""
+    from types import SimpleNamespace
+
+    from nemo.lightning.io.pl import MegatronCheckpointIO
+    from nemo.lightning.megatron_parallel import MegatronParallel
+    from nemo.lightning.pytorch.callbacks.peft import WrappedAdapterIO
+
+    from nemo_mla_lora.config.compose import compose
+    from nemo_mla_lora.training import nemo_finetune
+    from nemo_mla_lora.training.hf_load import HFBaseLoad
+
+    directory = dirs["v3"]
+    lightning = nemo_finetune.lightning_model(compose("finetune", overrides(directory)))
+    lightning.configure_model()
+    io = WrappedAdapterIO(MegatronCheckpointIO(save_ckpt_format="torch_dist"))
+    strategy = SimpleNamespace(megatron_parallel=MegatronParallel(lightning, cpu=True), _checkpoint_io=io)
+    callback = HFBaseLoad(directory)
+    callback.on_fit_start(SimpleNamespace(strategy=strategy, global_rank=0), lightning)
+    expected = base_state_dict(cpu_trainer_model(directory, tmp_path))
+    assert all(torch.equal(t, expected[n]) for n, t in base_state_dict(lightning.module).items())
+    assert len(callback.report.pieces) > 0 and io.model_ckpt_path == directory
+    assert "load_checkpoint" in vars(io)  # the resume path (needs CUDA in NeMo's loader) is the bench's to run
 
 
 def _misbuilt(directory, **changes):

@@ -5,9 +5,10 @@ Megatron's dist-checkpointing saves and restores by, so every layout comes out a
 local and the Transformer Engine layer spec alike: TP (column-parallel rows, row-parallel columns, the vocab-parallel
 embedding and output layer, the gated ``linear_fc1`` as [gate shard; up shard] per rank through Megatron's
 ``apply_swiglu_sharded_factory``), EP (a rank's local experts on the stacked key's global expert axis) and PP (keys
-carry global layer numbers). Names go through ``keymap.from_sharded_key`` to the flat names ``export.sources.HFBase``
-maps HF tensors to (gate/up into one ``linear_fc1``). A rank reads only its slices: strided reads of a read-only
-memory map of the shard file (only the pages of the slice), one slice in host memory at a time, FP8 weights
+carry global layer numbers). Names go through ``keymap.from_sharded_key`` to the flat names
+``checkpoints.sources.HFBase`` maps HF tensors to (gate/up into one ``linear_fc1``). A rank reads only its slices:
+strided reads of a read-only memory map of the shard file (only the pages of the slice), one slice in host memory at
+a time, FP8 weights
 dequantized block by block (``dequantize_fp8`` at the slice's origin; to bf16, as the CPU trainer and the export
 read them, then cast to the parameter's dtype).
 
@@ -31,9 +32,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import CheckpointError
-from nemo_mla_lora.export.sources import HFBase, check_complete, dequantize_fp8
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.sources import HFBase, check_complete, dequantize_fp8
 
 log = logging.getLogger(__name__)
 SHOWN = 6  # names listed per kind of problem
@@ -137,7 +138,7 @@ def _uncovered(chunk, pieces, reported: set) -> list[str]:
 def check_architecture(chunks, base: HFBase) -> None:
     """The model was built from the directory's own config.json: every field of its ``MLASpec`` that changes the
     numbers (rope, routing, norms: what no tensor shape shows) equal, else a ``CheckpointError`` naming them."""
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     for chunk in chunks:
         built = MLASpec.from_megatron(chunk.config)
@@ -286,7 +287,8 @@ class HFBaseLoad(pl.Callback):
         self.report = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.report = load_hf_checkpoint(list(trainer.strategy.model), self.directory)
+        chunks = getattr(trainer.strategy, "megatron_parallel", None) or trainer.strategy.model  # one per VP stage
+        self.report = load_hf_checkpoint(list(chunks), self.directory)
         total = sum(self.report.bytes_read.values())
         log.info("rank %d: base streamed from %s: %d slices of %d HF tensors, %.2f GB read in %.1f s",
                  trainer.global_rank, self.directory, len(self.report.pieces), len(self.report.bytes_read),
