@@ -147,14 +147,15 @@ decode() {  # the kernel's GPU tests, then the benchmark
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
 }
 
+# the study is not in the wheel: studies/ comes from the source tree ($REPO)
 PS_ARGS=(model=mla_study_gpu study=gpu study.base_dir=/tmp/ps_bases)
 
 ps_bases() {  # the two bases pretrained side by side (GPUs 0 and 1; cached in /tmp/ps_bases)
   local n; n=$(nvidia-smi -L | wc -l)
-  CUDA_VISIBLE_DEVICES=0 python3 -m nemo_mla_lora.recipes.placement_study "${PS_ARGS[@]}" "$@" \
+  CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$SITE:$REPO" python3 -m studies.placement "${PS_ARGS[@]}" "$@" \
     study.pretrain_only=mla output_dir=/tmp/ps_base_mla > "$OUT/placement_base_mla.log" 2>&1 &
   local base_mla=$!
-  CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) python3 -m nemo_mla_lora.recipes.placement_study "${PS_ARGS[@]}" "$@" \
+  CUDA_VISIBLE_DEVICES=$((n > 1 ? 1 : 0)) PYTHONPATH="$SITE:$REPO" python3 -m studies.placement "${PS_ARGS[@]}" "$@" \
     study.pretrain_only=twin output_dir=/tmp/ps_base_twin > "$OUT/placement_base_twin.log" 2>&1 &
   wait "$base_mla" $!
   grep -h "base pretraining" "$OUT"/placement_base_*.log
@@ -169,7 +170,7 @@ ps_grid() {  # SHARDS grid shards spread over the GPUs in GPUS (default: all), e
   for i in $(seq 0 $((shards - 1))); do
     local gpu=${gpus[$((i % ${#gpus[@]}))]}
     ( [ -n "${DECODE_PID:-}" ] && [ "$gpu" = "${DECODE_GPU:-}" ] && while kill -0 "$DECODE_PID" 2>/dev/null; do sleep 2; done
-      CUDA_VISIBLE_DEVICES=$gpu timeout $((deadline - SECONDS)) python3 -m nemo_mla_lora.recipes.placement_study \
+      CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH="$SITE:$REPO" timeout $((deadline - SECONDS)) python3 -m studies.placement \
         "${PS_ARGS[@]}" "$@" "study.shard=$i/$shards" "study.time_budget_s=$budget" "output_dir=/tmp/ps_$i" \
         >> "$OUT/placement_shard$i.log" 2>&1 ) &
   done
@@ -323,6 +324,8 @@ RS_BASE=/dev/shm/v2lite  # DeepSeek-V2-Lite as an HF directory (31 GB) in tmpfs:
 real_size_base() {  # the HF checkpoint of the published config, once per warm machine
   df -h /dev/shm /tmp | tee -a "$OUT/real_size_machine.txt"; free -g | tee -a "$OUT/real_size_machine.txt"
   [ -f "$RS_BASE/config.json" ] && return 0
+  local tok=$REPO/.real_size/tokenizer  # carried gzipped where a call's 64 MiB are tight
+  [ -f "$tok/tokenizer.json" ] || gunzip -k "$tok/tokenizer.json.gz" || return 1
   timeout 300 python3 "$REPO/bench/real_size.py" write --out "$RS_BASE" --tokenizer "$REPO/.real_size/tokenizer" \
     2>&1 | tee "$OUT/real_size_write.log" | tail -n 3
 }
@@ -330,9 +333,17 @@ real_size_base() {  # the HF checkpoint of the published config, once per warm m
 real_size_table() {  # the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA (TE spec, seq 4096)
   te_env || return 1
   real_size_base || return 1
-  timeout 480 python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
+  timeout "${TABLE_TIMEOUT:-480}" python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
     --iters "${ITERS:-8}" 2>&1 | tee "$OUT/real_size_table.log" | grep -vE "Warning|warn" | tail -n 30
   return "${PIPESTATUS[0]}"
+}
+
+real_size_oneshot() {  # one call: Transformer Engine's bring-up (carried in $REPO/.te), the base, the step table
+  # (carry: a folder holding bench/, nemo_mla_lora/data, .gpu_wheels without the wheels .te/whl has, .te, .real_size)
+  TE="$REPO/.te" bash "$REPO/.te/bring_up_te.sh" "$REPO"/.te/slim/transformer_engine_cu13-*.whl /tmp/te_site \
+    > "$OUT/te_bringup.log" 2>&1 || { tail -n 20 "$OUT/te_bringup.log"; return 1; }
+  grep -E "^\[time\]" "$OUT/te_bringup.log" | tail -n 3; cp /tmp/te/dist/*.whl "$OUT/" 2>/dev/null
+  TABLE_TIMEOUT=${TABLE_TIMEOUT:-300} real_size_table
 }
 
 RS_RUN=/tmp/rs_run  # the finetune run (adapter, mcore export) on the disk
@@ -364,7 +375,7 @@ real_size_check() {  # the unmerged model's logits (NeMo's stack), then the expo
     --out "$OUT/real_size_load_mcore_0_15.json" 2>&1 | grep -vi warn | tail -n 3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site019 \
     "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || return 1
-  PYTHONPATH="/tmp/site019:/tmp/te_site:$REPO" timeout 200 python3 "$REPO/bench/real_size_check.py" load \
+  PYTHONPATH="/tmp/site019:/tmp/te_site:$SITE" timeout 200 python3 "$REPO/bench/real_size_check.py" load \
     --export "$RS_RUN/export" --expected /tmp/rs_expected.pt --out "$OUT/real_size_load_mcore_0_19.json" 2>&1 \
     | grep -vi warn | tail -n 3
 }
