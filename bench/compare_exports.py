@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import parallel
+from nemo_mla_lora.runtime import parallel
 from nemo_mla_lora.export.pipeline import read_export
 
 

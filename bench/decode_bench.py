@@ -73,7 +73,7 @@ def copy_bandwidth(device, iters: int) -> float:
 
 
 def spec_of(d: dict):
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     return MLASpec(hidden_size=d["hidden"], num_layers=1, num_heads=d["heads"], q_lora_rank=d["q_lora_rank"],
                    kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["nope"], qk_rope_head_dim=d["rope"],
@@ -111,13 +111,13 @@ def attention_section(d, b, t, dtype, device, iters, use_triton, heads: int | No
             "absorbed_einsum": timed(einsums, iters)}
     sweep = []
     if use_triton:
-        from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+        from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
         lengths = torch.full((b,), t, dtype=torch.int32, device=device)
         rows["absorbed_triton"] = timed(lambda: latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale),
                                         iters)
         if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-            from nemo_mla_lora.inference.hopper_decode import decode_attention  # the TMA kernels on Hopper
+            from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention  # the TMA kernels on Hopper
 
             rows["absorbed_tma"] = timed(lambda: decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale), iters)
             rows["absorbed_tma_graph"] = timed(graphed(
@@ -178,7 +178,7 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
     """A decode step with ``n_adapters`` distinct adapters on every MLA target vs no adapter (what a merged
     checkpoint costs), same batch and cache: the attention alone (projections, absorbed attention, output
     projection), and the whole decoder layer (norms, attention, V3's dense MLP)."""
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.adapters import NoCorrections
     from nemo_mla_lora.inference.attention import absorbed_attention
     from nemo_mla_lora.inference.cache import LatentKVCache
@@ -235,7 +235,7 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
     rows spread over them."""
     from dataclasses import replace
 
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
@@ -279,7 +279,7 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
 
 def fold_section(d, b, dtype, device, iters) -> dict:
     """Decode-step projections around the attention, split weights vs folded per-head products."""
-    from nemo_mla_lora.export.absorb import fold_cost
+    from nemo_mla_lora.arch.absorb import fold_cost
 
     h, c, dn, dv, rq, hid = d["heads"], d["kv_lora_rank"], d["nope"], d["v"], d["q_lora_rank"], d["hidden"]
     w_uq = torch.randn(h, dn, rq, dtype=dtype, device=device)  # q_up's nope rows per head

@@ -31,11 +31,11 @@ def compile_kernel(kind: str, block_h: int, block_t: int, num_warps: int, num_st
     from triton.backends.compiler import GPUTarget
 
     if kind == "portable":
-        module = importlib.import_module("nemo_mla_lora.inference.triton_decode")
+        module = importlib.import_module("nemo_mla_lora.inference.kernels.triton_decode")
         fn = module._split_kernel
         constexprs = dict(BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=c, BLOCK_D=d, ONE_SPLIT=False)
     else:
-        module = importlib.import_module("nemo_mla_lora.inference.hopper_decode")
+        module = importlib.import_module("nemo_mla_lora.inference.kernels.hopper_decode")
         fn = module._tma_split_kernel if kind == "tma" else module._tma_split_kernel_t
         constexprs = dict(C=c, D=d, BLOCK_H=block_h, BLOCK_T=block_t, ONE_SPLIT=False)
     signature = {n: "*bf16" for n in ("q_lat", "q_rope", "c_kv", "k_rope")}

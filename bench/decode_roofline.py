@@ -58,8 +58,8 @@ def roofs() -> dict:
 def kernels():
     from functools import partial
 
-    from nemo_mla_lora.inference.hopper_decode import decode_attention, latent_decode_attention_tma
-    from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+    from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention, latent_decode_attention_tma
+    from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
     return {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
             "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
@@ -88,7 +88,7 @@ def check(fn, h: int) -> float:
 
 
 def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
-    from nemo_mla_lora.inference.triton_decode import default_splits
+    from nemo_mla_lora.inference.kernels.triton_decode import default_splits
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))

@@ -230,7 +230,7 @@ class Sampler(threading.Thread):
 # An older checkout's export (--code DIR: its package first on the path), called without its Hydra config.
 OLD_EXPORT = """
 import sys
-from nemo_mla_lora import parallel
+from nemo_mla_lora.runtime import parallel
 from nemo_mla_lora.export.pipeline import export
 if __name__ == "__main__":
     parallel.init_megatron()

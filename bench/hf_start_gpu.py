@@ -24,7 +24,7 @@ class BaseProbe(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         from nemo_mla_lora.callbacks.export import find_megatron_model
-        from nemo_mla_lora.export.sources import HFBase
+        from nemo_mla_lora.checkpoints.sources import HFBase
         from nemo_mla_lora.peft.state import base_state_dict, lora_b_parameters
 
         if self.done:

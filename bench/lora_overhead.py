@@ -42,9 +42,10 @@ def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = Non
     routed experts as TE grouped GEMMs; needs Transformer Engine)."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from nemo_mla_lora import cpu_compat
+    from nemo_mla_lora.runtime import cpu_compat
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import CPU_SAFE, mla_config
+    from nemo_mla_lora.models.from_spec import CPU_SAFE
+    from nemo_mla_lora.models.tiny import mla_config
 
     shape = dict(V3_LAYER if dims == "v3" else TINY_LAYER)
     if experts:
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
         MLALoRAAdapter.fused = lambda self, base: False
         mla_lora.group_experts = lambda model, frozen_too=False: 0
 
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron(seed=args.seed)
     rows = [measure(args, b, 0) for b in BASES]

@@ -13,9 +13,9 @@ import torch
 
 
 def main(run_dir, out):
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.data import tokenizer as tok
-    from nemo_mla_lora.export.sources import open_adapter, open_base
+    from nemo_mla_lora.checkpoints.sources import open_adapter, open_base
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
     from nemo_mla_lora.inference.generate import generate
     from nemo_mla_lora.reference.model import forward

@@ -198,7 +198,7 @@ def device() -> torch.device:
 def build_trainer_model(base: str, seq: int):
     """The Megatron model as ``trainer=megatron`` builds it, weights streamed from the HF directory ``base``
     (bf16 on a GPU; float32 on CPU, where the smoke test runs it)."""
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.config.compose import compose
     from nemo_mla_lora.models.architecture import resolve
     from nemo_mla_lora.models.from_config import nemo_model_config

@@ -22,7 +22,8 @@ import torch
 def build(spec, kind: str, dtype):
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model
+    from nemo_mla_lora.models.from_spec import CPU_SAFE
+    from nemo_mla_lora.models.tiny import build_model
 
     if kind == "te":
         config = config_from_spec(spec, dtype, transformer_layer_spec=te_mla_block_spec, moe_grouped_gemm=True)
@@ -37,8 +38,8 @@ def load(model, run: Path, spec) -> None:
     its norms under those names (``keymap.to_te_name``), as a user loading it would."""
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora import keymap
-    from nemo_mla_lora.checkpoint import dense_layers, load_weights
+    from nemo_mla_lora.arch import keymap
+    from nemo_mla_lora.checkpoints.dist_ckpt import dense_layers, load_weights
 
     sharded = model.sharded_state_dict()
     adapter = {k: v for k, v in sharded.items() if ".adapter." in getattr(v, "key", k)}
@@ -56,7 +57,7 @@ def load(model, run: Path, spec) -> None:
 
 @torch.no_grad()
 def logits(run: Path, kind: str, tokens: torch.Tensor, device, dtype) -> tuple[torch.Tensor, dict, tuple]:
-    from nemo_mla_lora.checkpoint import read_spec
+    from nemo_mla_lora.checkpoints.dist_ckpt import read_spec
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import adapter_modules, lora_b_parameters
 
@@ -82,12 +83,12 @@ def export_again(loaded, run: Path, work: Path) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from compare_exports import compare
 
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export
 
     model, peft, spec = loaded
-    checkpoint.save_base(model, spec, work / "base")  # a folder that exists is refused, never replaced
-    checkpoint.save_adapter(model, peft, spec, work / "adapter", base_dir=work / "base")
+    dist_ckpt.save_base(model, spec, work / "base")  # a folder that exists is refused, never replaced
+    dist_ckpt.save_adapter(model, peft, spec, work / "adapter", base_dir=work / "base")
     fmt = json.loads((run / "export" / "manifest.json").read_text())["format"]
     export(work / "base", work / "adapter", work / "export", fmt=fmt, verify="none", progress=False)
     return compare(run / "export", work / "export", fmt)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--export-local", help="a new work folder: save the local-spec model, export it, compare with "
                     "RUN_DIR/export (the TE run's callback export)")
     args = ap.parse_args(argv)
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron()
     cuda = torch.cuda.is_available()

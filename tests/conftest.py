@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from nemo_mla_lora.parallel import free_port  # noqa: F401  (tests import it from here)
+from nemo_mla_lora.runtime.parallel import free_port  # noqa: F401  (tests import it from here)
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def mcore():
     """One process-wide Megatron init (TP=PP=EP=1, gloo on CPU)."""
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron(port=free_port())
     yield

@@ -42,7 +42,7 @@ def logits(model, tokens):
 
 def mismatched(report, directory) -> list[str]:
     """Pieces whose loaded values differ from the slice of the whole tensor as ``HFBase`` reads it (bit for bit)."""
-    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoints.sources import HFBase
 
     full = HFBase(directory).load(report.names)
     return [p.key for p in report.pieces if not torch.equal(p.target, full[p.name][p.index].to(p.target.dtype))]
@@ -50,7 +50,7 @@ def mismatched(report, directory) -> list[str]:
 
 def worker(rank, world, port, dirs, tokens_path, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.training.hf_load import load_hf_checkpoint
 
     tokens = torch.load(tokens_path)

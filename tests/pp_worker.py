@@ -46,14 +46,14 @@ def load(model, base_dir, adapter_dir) -> None:
     """Base and adapter dist-checkpoints into ``model`` through its own sharded state dict (any layout)."""
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
 
     sharded = model.sharded_state_dict()
     base = {k: v for k, v in sharded.items() if ".adapter." not in k}
     adapters = {k: v for k, v in sharded.items() if ".adapter." in k and not k.endswith("_extra_state")}
     state = dist_checkpointing.load(base, str(base_dir))
     state.update(dist_checkpointing.load(adapters, str(adapter_dir)))
-    checkpoint.load_weights(model, state, f"{base_dir} + {adapter_dir}")
+    dist_ckpt.load_weights(model, state, f"{base_dir} + {adapter_dir}")
 
 
 def pipeline_step(model, micro: list) -> list:
@@ -119,12 +119,13 @@ def worker(rank: int, world: int, port: int, root: str, variants: list) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megatron.core import parallel_state
 
-    from nemo_mla_lora import checkpoint, parallel
+    from nemo_mla_lora.checkpoints import dist_ckpt
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.peft import MLALoRA
 
     for variant in variants:
         d = Path(root) / variant
-        spec = checkpoint.read_spec(d / "base")
+        spec = dist_ckpt.read_spec(d / "base")
         for layout, kw in LAYOUTS.items():
             parallel.init_megatron(tp=kw.get("tp", 1), pp=kw["pp"])
             model = build(spec, **kw)
@@ -136,7 +137,7 @@ def worker(rank: int, world: int, port: int, root: str, variants: list) -> None:
                      "tensors": tensors, "embedding": model.pre_process, "output_layer": model.post_process,
                      "tied": tied_weight(model) if layout == "pp2" else None}
             result = {"grads": global_grads(model), "ranks": all_ranks(stage)}
-            checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, d / f"adapter_{layout}")
+            dist_ckpt.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, d / f"adapter_{layout}")
             if layout == "pp2":
                 export_through_callback(model, spec, d / f"callback_{layout}")
             if rank == 0:

@@ -22,35 +22,8 @@ def test_every_yaml_composes_and_validates(group, option):
         overrides.append(f"trainer={option}")  # these follow the trainer by default
     if option == "megatron" and group in ("trainer", "data", "optim"):
         overrides += ["model=deepseek_v3", "data.tokenizer=byte"]
-    primary = "placement_study" if group == "study" else "finetune"
-    cfg = compose(primary, overrides)
+    cfg = compose("finetune", overrides)
     assert cfg[group] is not None
-
-
-def test_placement_study_configs_compose_and_validate():
-    cpu = compose("placement_study")
-    assert cpu.study.device == "cpu" and cpu.model.name == "tiny_mla" and cpu.data.train.endswith("reverse_train.jsonl")
-    assert {0.5, 0.8, 1.0, 2.0} <= set(cpu.study.lr_scales) and len(cpu.study.seeds) >= 2
-    assert {"kv_up_k_only", "kv_down_latent_only", "linear_kv_up_proj"} <= set(cpu.study.variants)
-    assert (cpu.peft.dim, cpu.peft.alpha) == (8, 16)
-    gpu = compose("placement_study", ["model=mla_study_gpu", "study=gpu"])
-    assert gpu.study.device == "cuda" and resolve(gpu.model).hidden_size == 1024 and gpu.study.time_budget_s
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (["study.variants=[everywhere]"], "unknown mla study variants"),
-    (["study.twin_variants=[nemo_official]"], "unknown twin study variants"),
-    (["study.steps=5"], "must exceed optim.warmup_steps=10"),
-    (["study.lr_scales=[0.0,1.0]"], "positive"),
-    (["model.checkpoint=/ckpt/x"], "drop study.twin_variants"),
-    (["data.base_pretrain_steps=0"], "to make a base"),
-    (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
-    (["study.shard=2/2"], "expected 'i/n'"),
-    (["study.pretrain_only=both"], "expected mla, twin or null"),
-])
-def test_bad_study_values_fail_validation(overrides, message):
-    with pytest.raises(ValueError, match=message):
-        compose("placement_study", overrides)
 
 
 def test_parts_and_targets_from_the_command_line():
@@ -174,9 +147,9 @@ def test_export_config_takes_no_adapter():
 
 def test_light_schema_lists_match_the_export_code():
     """schema.py keeps its own lists so that validating a config imports no torch; they must not drift."""
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.config import schema
     from nemo_mla_lora.export import pipeline
 
     assert schema.FORMATS == pipeline.FORMATS
-    assert schema.NAMES == checkpoint.NAMES
+    assert schema.NAMES == dist_ckpt.NAMES

@@ -4,8 +4,9 @@ tensor: same keys, shapes and values through Megatron's own loader, experts stac
 import pytest
 import torch
 
-from nemo_mla_lora.checkpoint import CheckpointError, sharded_tensors
-from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
+from nemo_mla_lora.checkpoints.dist_ckpt import sharded_tensors
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
 
 
 def groups():
@@ -129,7 +130,7 @@ def test_a_large_tensor_is_saved_in_row_chunks_and_loads_whole(mcore, tmp_path):
 def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch, part):
     """The read-back of each part: part 0 (every 16th) through Megatron's loader, the others by comparing
     each tensor's stored bytes; a byte changed on disk between the write and the check fails either way."""
-    from nemo_mla_lora.export import dist_stream
+    from nemo_mla_lora.checkpoints import dist_stream
 
     written = dist_stream._write_here
     stream = StreamingDistCkpt(tmp_path / "out")

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora import checkpoint, hf_config
-from nemo_mla_lora.dist_reader import CheckpointReader
-from nemo_mla_lora.export import absorb
-from nemo_mla_lora.export.merge import MergeError, merge_linear
+from nemo_mla_lora.arch import hf_config
+from nemo_mla_lora.checkpoints import dist_ckpt
+from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
+from nemo_mla_lora.arch import absorb
+from nemo_mla_lora.peft.merge import MergeError, merge_linear
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
 from nemo_mla_lora.peft.state import base_state_dict, randomize_b
@@ -31,11 +32,11 @@ def trained(request, mcore, tmp_path_factory):
     model = build_model(config).eval()
     perturb_norms_and_bias(model)
     root = tmp_path_factory.mktemp(request.param)
-    checkpoint.save_base(model, spec, root / "base")
+    dist_ckpt.save_base(model, spec, root / "base")
     peft = MLALoRA(placement="all_linear", dim=4, alpha=8, parts=PARTS)
     model = peft(model)
     randomize_b(model)
-    checkpoint.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
+    dist_ckpt.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
     return dict(root=root, model=model, spec=spec, peft=peft)
 
 
@@ -105,7 +106,7 @@ def test_v3_kv_cache_is_71x():
 def write_hf_base(state, spec, directory):
     from safetensors.torch import save_file
 
-    from nemo_mla_lora import keymap
+    from nemo_mla_lora.arch import keymap
 
     directory.mkdir(parents=True, exist_ok=True)
     hf_config.hf_model_config(spec).to_json_file(str(directory / "config.json"))
@@ -168,7 +169,7 @@ def test_hf_transformers_and_peft_chain(mcore, tmp_path):
 
 
 def test_fp8_block_dequantization(tmp_path):
-    from nemo_mla_lora.export.sources import dequantize_fp8
+    from nemo_mla_lora.checkpoints.sources import dequantize_fp8
 
     w = torch.randn(200, 300)
     scale = torch.zeros(2, 3)
@@ -217,7 +218,7 @@ def test_failed_verification_leaves_nothing(trained):
 
 
 def test_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
-    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
 
     broken = tmp_path / "base"
     shutil.copytree(trained["root"] / "base", broken)
@@ -236,8 +237,8 @@ def test_adapter_for_another_model_is_refused(trained, tmp_path, mcore):
     other_spec = MLASpec.from_megatron(other_config)
     peft = MLALoRA(placement="kv_up", dim=4, alpha=8)
     other = peft(build_model(other_config))
-    checkpoint.save_adapter(other, peft, other_spec, tmp_path / "adapter")
-    from nemo_mla_lora.checkpoint import CheckpointError
+    dist_ckpt.save_adapter(other, peft, other_spec, tmp_path / "adapter")
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
     with pytest.raises(CheckpointError, match="trained on another model"):
         export(trained["root"] / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", progress=False)
 
@@ -255,7 +256,7 @@ def test_merge_refuses_bad_shapes_and_nan():
 def test_merge_in_row_blocks_and_in_place_equals_the_equation(monkeypatch):
     """bf16 weight merged through the reused fp32 block (several blocks, a short last one) == round(W + s B A)
     computed whole in float64 then rounded; in place (out=weight) gives the same bits; NaN names its rows."""
-    import nemo_mla_lora.export.merge as merge
+    import nemo_mla_lora.peft.merge as merge
 
     monkeypatch.setattr(merge, "BLOCK_ELEMENTS", 3 * 8)  # 3 rows of 8 per block: 11 rows -> 3, 3, 3, 2
     gen = torch.Generator().manual_seed(0)
@@ -277,7 +278,7 @@ def _verify_absorbed_export(trained, corrupt: bool, mode: str = "full", layers=N
     """StreamingVerify over the written absorbed export, unit by unit, as the pipeline runs it."""
     import math
 
-    from nemo_mla_lora.export.sources import open_adapter, open_base
+    from nemo_mla_lora.checkpoints.sources import open_adapter, open_base
     from nemo_mla_lora.export.units import plan
     from nemo_mla_lora.export.verify import StreamingVerify
 
@@ -320,7 +321,7 @@ def test_streaming_verify_catches_a_wrong_split(trained):
 @pytest.mark.parametrize("factor_sharded", [False, True])
 def test_merge_tp_shards_equals_merging_the_whole(kind, factor_sharded):
     """Shards merged rank by rank (with A or B gathered where sharded on r) == the whole matrix merged."""
-    from nemo_mla_lora.export.merge import merge_tp_shards
+    from nemo_mla_lora.peft.merge import merge_tp_shards
 
     tp, r = 2, 4
     w, a, b = torch.randn(12, 10, dtype=torch.float64), torch.randn(r, 10, dtype=torch.float64), torch.randn(12, r, dtype=torch.float64)
@@ -352,7 +353,7 @@ def test_megatron_default_strictness_load(trained, tmp_path, kind):
         directory = tmp_path / "mcore"
         export(trained["root"] / "base", trained["root"] / "adapter", directory, fmt="mcore", names="local",
                progress=False)  # the model here is built on the TE-free spec (TE-spec load: bench/README.md)
-    model = build_model(config_from_spec(checkpoint.read_spec(directory))).eval()
+    model = build_model(config_from_spec(dist_ckpt.read_spec(directory))).eval()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
     if kind == "mcore_export":
         tokens, positions, mask = batch()
@@ -366,8 +367,8 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     pre-MLP norms after the linear they are fused into; it reads, and exports, as the local-spec base does."""
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora import keymap
-    from nemo_mla_lora.export.sources import open_base
+    from nemo_mla_lora.arch import keymap
+    from nemo_mla_lora.checkpoints.sources import open_base
 
     spec = trained["spec"]
     local = open_base(trained["root"] / "base")
@@ -381,8 +382,8 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     assert {keymap.from_te_name(n) for n in te_state} == set(state)
     te_dir = tmp_path / "te_base"
     te_dir.mkdir()
-    dist_checkpointing.save(checkpoint.sharded_tensors(te_state), str(te_dir))
-    (te_dir / checkpoint.SPEC_FILE).write_text((trained["root"] / "base" / checkpoint.SPEC_FILE).read_text())
+    dist_checkpointing.save(dist_ckpt.sharded_tensors(te_state), str(te_dir))
+    (te_dir / dist_ckpt.SPEC_FILE).write_text((trained["root"] / "base" / dist_ckpt.SPEC_FILE).read_text())
     te = open_base(te_dir)
     assert sorted(te.names) == sorted(local.names)
     assert all(torch.equal(t, state[n]) for n, t in te.load(te.names).items())

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_mla_lora import hf_config
-from nemo_mla_lora.export.sources import HFBase
-from nemo_mla_lora.mla_spec import yarn_mscale
+from nemo_mla_lora.arch import hf_config
+from nemo_mla_lora.checkpoints.sources import HFBase
+from nemo_mla_lora.arch.mla_spec import yarn_mscale
 from nemo_mla_lora.reference.model import forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_config_read_from_checkpoint(hf_checkpoints, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_and_megatron_match_transformers(mcore, hf_checkpoints, variant):
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
 
@@ -88,7 +88,7 @@ def test_reference_and_megatron_match_transformers(mcore, hf_checkpoints, varian
     with torch.no_grad():
         expected = hf_model(hf_checkpoints[variant])(tokens).logits
         reference = forward(tokens, state, base.spec)
-        model = checkpoint.load_weights(build_model(config_from_spec(base.spec)), state, variant).eval()
+        model = dist_ckpt.load_weights(build_model(config_from_spec(base.spec)), state, variant).eval()
         s = tokens.shape[1]
         megatron = model(tokens, torch.arange(s).expand_as(tokens), torch.ones(1, 1, s, s, dtype=torch.bool).triu(1))
     assert expected.abs().max() > 0.1
@@ -137,13 +137,13 @@ def finetune_from_hf(directory, out):
 
 
 def megatron_logits(export_dir, tokens):
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import read_export
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
 
-    model = build_model(config_from_spec(checkpoint.read_spec(export_dir)))
-    checkpoint.load_weights(model.eval(), read_export(export_dir, "mcore"), str(export_dir))
+    model = build_model(config_from_spec(dist_ckpt.read_spec(export_dir)))
+    dist_ckpt.load_weights(model.eval(), read_export(export_dir, "mcore"), str(export_dir))
     s = tokens.shape[1]
     with torch.no_grad():
         return model(tokens, torch.arange(s).expand_as(tokens), torch.ones(1, 1, s, s, dtype=torch.bool).triu(1))
@@ -233,7 +233,7 @@ def test_nemo_checkpoint_context_is_read_as_data(tmp_path, variant):
     from nemo.collections import llm
     from nemo.lightning import io
 
-    from nemo_mla_lora.models.architecture import checkpoint_kind, checkpoint_spec
+    from nemo_mla_lora.checkpoints.kind import checkpoint_kind, checkpoint_spec
     from nemo_mla_lora.models.from_spec import config_from_spec
 
     spec = hf_config.spec_from_hf(MAKER.hf_config(variant))

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_mla_lora.export.hf_peft_config import pattern_value, targeted
+from nemo_mla_lora.checkpoints.hf_peft_config import pattern_value, targeted
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
-from nemo_mla_lora.export.sources import HFBase
+from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.reference import latent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_rank_mismatch_and_other_dims_refused_naming_the_module(bases, plain_ada
 def test_misread_dora_fails_verify(bases, tmp_path, monkeypatch):
     """The reference side reads the adapter on its own: a merge-side reader that drops DoRA's magnitude cannot
     make verify agree with it."""
-    from nemo_mla_lora.export.hf_peft import HFPeftAdapter
+    from nemo_mla_lora.checkpoints.hf_peft import HFPeftAdapter
 
     make_adapter(bases[VARIANT], tmp_path / "adapter", target_modules=["o_proj", "q_b_proj"], use_dora=True)
     original = HFPeftAdapter._lora_tensors
@@ -249,7 +249,7 @@ def test_target_matching_and_patterns_are_peft_own(bases):
     from peft.utils.other import get_pattern_key
     from transformers import AutoModelForCausalLM
 
-    from nemo_mla_lora.export.hf_peft_config import read_config
+    from nemo_mla_lora.checkpoints.hf_peft_config import read_config
 
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(bases[VARIANT]).named_modules() if n]
     configs = [dict(target_modules=["q_a_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers"),

@@ -121,7 +121,7 @@ def test_adapter_parameters_take_the_base_weights_reduction_flags():
 def test_te_state_names_map_to_the_local_specs_flat_names():
     """A TE-spec model's state dict names (fused norms, TEGroupedMLP's ``weight{e}``) -> the names the local spec's
     model, the reference forward and ``adapter_factors`` use; the rest unchanged, ``_extra_state`` dropped."""
-    from nemo_mla_lora import keymap
+    from nemo_mla_lora.arch import keymap
 
     layer = "decoder.layers.3"
     cases = {

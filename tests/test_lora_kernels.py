@@ -1,4 +1,4 @@
-"""``inference/lora_kernels.py`` (the multi-adapter corrections in one or two launches each) against the equations
+"""``inference/kernels/lora_kernels.py`` (the multi-adapter corrections in one or two launches each) against the equations
 in float64, in Triton's interpreter on CPU (a child process with ``TRITON_INTERPRET=1``) and on a GPU when there is
 one; and the engine's logits with ``AdapterBank(kernels=True)`` equal the torch path's. Odd sizes everywhere (slots
 12 of a 16-wide tile, rows 3 or 6 of 16, head dims 24 and 28, latent 40), one row with no adapter."""
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 KERNEL_CHECK = """
 import json, sys, torch
-from nemo_mla_lora.inference import lora_kernels as k
+from nemo_mla_lora.inference.kernels import lora_kernels as k
 device = sys.argv[1]
 rel = lambda got, want: ((got.cpu().double() - want).abs().max() / want.abs().max()).item()  # of the largest value
 torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _on_gpu(code: str, *args) -> str:
 
 ENGINE_CHECK = """
 import json, sys, torch
-from nemo_mla_lora import parallel
+from nemo_mla_lora.runtime import parallel
 from nemo_mla_lora.inference.adapters import SUPPORTED, AdapterBank
 from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 from nemo_mla_lora.models.architecture import builtin_spec

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
 from nemo_mla_lora.peft.state import adapter_factors, base_state_dict, randomize_b

@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
 
-from nemo_mla_lora import checkpoint
+from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.models import megatron_release
 from nemo_mla_lora.models.from_spec import config_from_spec
-from nemo_mla_lora.models.tiny import CPU_SAFE
+from nemo_mla_lora.models.from_spec import CPU_SAFE
 
 VARIANTS = ["v2_lite_greedy_yarn_noq", "v3_noaux_yarn_q"]  # latent norm eps = rms_norm_eps in both (1e-6)
 
@@ -36,7 +36,7 @@ def test_stock_local_spec_loads_the_export_and_matches_transformers(mcore, tmp_p
     hf_dir = MAKER.make(variant, tmp_path / variant)
     out = tmp_path / "mcore"
     export(hf_dir, None, out, fmt="mcore", names="local", progress=False)
-    spec = checkpoint.read_spec(out)
+    spec = dist_ckpt.read_spec(out)
     model, block = stock_model(spec)
     attention = block.layer_specs[0].submodules.self_attention
     assert megatron_release.core_attention_takes_mla_channels(attention.submodules.core_attention)

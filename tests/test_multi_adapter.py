@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora import checkpoint
+from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.inference.adapters import AdapterBank
 from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 from nemo_mla_lora.inference.generate import generate
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
 from nemo_mla_lora.peft.state import randomize_b
@@ -39,14 +39,14 @@ def served(request, mcore, tmp_path_factory):
     make = tiny_mla_config if request.param == "q_lora" else tiny_mla_noq_config
     spec = MLASpec.from_megatron(make())
     root = tmp_path_factory.mktemp(f"multi_{request.param}")
-    checkpoint.save_base(base_model(make), spec, root / "base")
+    dist_ckpt.save_base(base_model(make), spec, root / "base")
     export(root / "base", None, root / "absorbed_base", fmt="absorbed", progress=False)
     live = {"none": base_model(make)}
     for seed, (name, kwargs) in enumerate(ADAPTERS.items(), start=1):
         peft = MLALoRA(**kwargs)
         model = peft(base_model(make))
         randomize_b(model, seed=seed)
-        checkpoint.save_adapter(model, peft, spec, root / name, base_dir=root / "base")
+        dist_ckpt.save_adapter(model, peft, spec, root / name, base_dir=root / "base")
         live[name] = model
     return dict(root=root, spec=spec, live=live)
 
@@ -98,7 +98,7 @@ def test_bank_refuses_mlp_adapters_and_unknown_names(served, tmp_path):
     root, spec = served["root"], served["spec"]
     peft = MLALoRA(target_modules=["linear_fc1"], dim=2, alpha=2)
     model = peft(base_model(tiny_mla_config if spec.q_lora_rank else tiny_mla_noq_config))
-    checkpoint.save_adapter(model, peft, spec, tmp_path / "mlp", base_dir=root / "base")
+    dist_ckpt.save_adapter(model, peft, spec, tmp_path / "mlp", base_dir=root / "base")
     with pytest.raises(ValueError, match="merge the others into the base first"):
         AdapterBank.load(spec, {"mlp": tmp_path / "mlp"})
     with pytest.raises(ValueError, match="unknown adapters"):

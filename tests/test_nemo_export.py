@@ -127,7 +127,7 @@ def test_te_checkpoint_layout_and_context(tuned, tmp_path):
     from megatron.core import dist_checkpointing
     from nemo.lightning import io
 
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     case = tuned["v3_noaux_yarn_q"]
     out = tmp_path / "nemo"
@@ -177,7 +177,7 @@ def _sharded_objects(weights_dir) -> set:
 def test_nemo_export_reads_back_as_a_base_and_serves(tuned, tmp_path):
     """A NeMo checkpoint (ours, TE names) is a base like any other: exporting it again gives the tensors the
     source gives, and the engine serves it with the logits of the mcore export."""
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 
     parallel.init_megatron()
@@ -240,7 +240,7 @@ def test_context_tokenizer_is_the_one_the_run_trained_with(tuned, tmp_path):
     case = tuned["v3_noaux_yarn_q"]
     export(case["hf"], None, tmp_path / "nemo", fmt="nemo", progress=False)
     spec = json.loads((tmp_path / "nemo" / "mla_spec.json").read_text())
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     spec = MLASpec.from_dict(spec)
 

@@ -27,8 +27,7 @@ def test_non_editable_install_composes_configs_elsewhere(tmp_path):
     assert (target / "nemo_mla_lora" / "conf" / "finetune.yaml").is_file()
     assert (target / "nemo_mla_lora" / "conf" / "model" / "deepseek_v3.yaml").is_file()
     assert (target / "nemo_mla_lora" / "data" / "upper_train.jsonl").is_file()
-    assert (target / "nemo_mla_lora" / "conf" / "study" / "gpu.yaml").is_file()
-    assert (target / "nemo_mla_lora" / "data" / "reverse_validation.jsonl").is_file()
+    assert not (target / "studies").exists() and not (target / "nemo_mla_lora" / "conf" / "study").exists()
     assert (target / "nemo_mla_lora" / "models" / "configs" / "deepseek_v3.json").is_file()
     code = ("import nemo_mla_lora.config.compose as c, nemo_mla_lora.data as d;"
             "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'data.tokenizer=byte']);"

@@ -40,21 +40,21 @@ BOUNDS = {"pp2": 1e-12, "pp2_tp2": 1e-6}
 def reference(directory: Path, variant: str) -> dict:
     """The tiny HF checkpoint as a one-process (PP=1) adapted model with B != 0: base and adapter saved (the
     checkpoints the workers start from), one step over the micro-batches, a one-process export."""
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export
-    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoints.sources import HFBase
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
     hf = HFBase(MAKER.make(variant, directory / "hf"), dtype=DTYPE)
-    model = checkpoint.load_weights(build_model(config_from_spec(hf.spec, DTYPE)), hf.load(hf.names), variant)
+    model = dist_ckpt.load_weights(build_model(config_from_spec(hf.spec, DTYPE)), hf.load(hf.names), variant)
     peft = MLALoRA(**PEFT_KWARGS)
     model = peft(model).train()
     randomize_b(model)
-    checkpoint.save_base(model, hf.spec, directory / "base")
-    checkpoint.save_adapter(model, peft, hf.spec, directory / "adapter")
+    dist_ckpt.save_base(model, hf.spec, directory / "base")
+    dist_ckpt.save_adapter(model, peft, hf.spec, directory / "adapter")
     model.zero_grad(set_to_none=True)
     losses = []
     micro = micro_batches(hf.spec.vocab_size)

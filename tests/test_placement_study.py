@@ -5,14 +5,17 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import batch
 
-from nemo_mla_lora.study import claims, metrics
-from nemo_mla_lora.study import report as tables
-from nemo_mla_lora.study import variants as V
+from studies.placement import claims, metrics
+from studies.placement import report as tables
+from studies.placement import variants as V
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_oscillation_spikes_and_divergence():
@@ -79,7 +82,7 @@ def test_best_lr_and_markdown_mark_the_best_scale():
 
 def test_twin_matches_the_mla_model_except_attention(mcore):
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
-    from nemo_mla_lora.models.twin import mla_attention_params, standard_attention_twin
+    from studies.placement.twin import mla_attention_params, standard_attention_twin
 
     for make in (tiny_mla_config, tiny_mla_noq_config):
         config = make()
@@ -97,7 +100,7 @@ def test_twin_matches_the_mla_model_except_attention(mcore):
 def test_lora_on_the_twins_linear_qkv_is_x_at_bt(mcore):
     """linear_qkv (standard attention, column-parallel) + LoRA == W x + (alpha/r) B A x, with B != 0."""
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
-    from nemo_mla_lora.models.twin import standard_attention_twin
+    from studies.placement.twin import standard_attention_twin
     from nemo_mla_lora.peft import MLALoRA
 
     model = MLALoRA(target_modules=["linear_qkv"], dim=3, alpha=6)(build_model(standard_attention_twin(
@@ -111,10 +114,10 @@ def test_lora_on_the_twins_linear_qkv_is_x_at_bt(mcore):
 
 def test_every_variant_applies_to_the_models_that_have_its_targets(mcore):
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
-    from nemo_mla_lora.models.twin import standard_attention_twin
+    from studies.placement.twin import standard_attention_twin
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.mla_lora import adaptable_modules
-    from nemo_mla_lora.recipes.placement_study import model_leaves
+    from studies.placement.run import model_leaves
 
     def trainable(variant, config):
         model = MLALoRA(dim=2, alpha=2, **variant.peft)(build_model(config))
@@ -142,22 +145,22 @@ def test_every_variant_applies_to_the_models_that_have_its_targets(mcore):
 
 @pytest.mark.slow
 def test_recipe_runs_a_small_grid_resumes_and_reports(tmp_path):
-    args = [sys.executable, "-m", "nemo_mla_lora.recipes.placement_study", f"output_dir={tmp_path}",
+    args = [sys.executable, "-m", "studies.placement", f"output_dir={tmp_path}",
             "study.variants=[all_linear,safe,linear_kv_up_proj,linear_proj,linear_kv_down_proj,kv_up_k_only]",
             "study.twin_variants=[attention]", "study.lr_scales=[1.0,2.0]", "study.seeds=[1,2]", "study.steps=8",
             "study.eval_every=4", "optim.warmup_steps=2", "data.base_pretrain_steps=20"]
     bases = tmp_path / "bases"  # made first, one process per base, as bench/run_gpu.sh does on two GPUs
     for arch in ("mla", "twin"):
         made = subprocess.run(args + [f"study.base_dir={bases}", f"study.pretrain_only={arch}"], capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=600, cwd=ROOT)
         assert made.returncode == 0 and (bases / f"base_{arch}.pt").is_file(), made.stderr[-3000:]
     assert not (tmp_path / "runs.jsonl").exists()
     args.append(f"study.base_dir={bases}")
-    first = subprocess.run(args + ["study.time_budget_s=0.001"], capture_output=True, text=True, timeout=600)
+    first = subprocess.run(args + ["study.time_budget_s=0.001"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "pretraining" not in first.stdout + first.stderr  # the shared bases were loaded
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 1  # the budget stops after the first run
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
     keys = {(r["arch"], r["variant"], r["lr_scale"], r["seed"]) for r in records}
@@ -168,5 +171,48 @@ def test_recipe_runs_a_small_grid_resumes_and_reports(tmp_path):
     for png in ("loss_curves.png", "final_vs_lr.png", "stability.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert [c["claim"] for c in json.loads((tmp_path / "claims.json").read_text())] == [1, 2, 3, 4]
-    again = subprocess.run(args, capture_output=True, text=True, timeout=600)  # nothing left: reports only
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)  # nothing left: reports only
     assert again.returncode == 0 and "0 runs to do (28 already" in again.stderr + again.stdout
+
+
+STUDY_CONF = ROOT / "studies" / "placement" / "conf"
+STUDY_GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in STUDY_CONF.iterdir() if g.is_dir()}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in STUDY_GROUPS.items() for o in opts])
+def test_every_study_yaml_composes_and_validates(group, option):
+    from studies.placement.config import compose
+
+    cfg = compose([f"{group}={option}"])
+    assert cfg[group] is not None
+
+
+def test_placement_study_configs_compose_and_validate():
+    from nemo_mla_lora.models.architecture import resolve
+    from studies.placement.config import compose
+
+    cpu = compose()
+    assert cpu.study.device == "cpu" and cpu.model.name == "tiny_mla" and cpu.data.train.endswith("reverse_train.jsonl")
+    assert {0.5, 0.8, 1.0, 2.0} <= set(cpu.study.lr_scales) and len(cpu.study.seeds) >= 2
+    assert {"kv_up_k_only", "kv_down_latent_only", "linear_kv_up_proj"} <= set(cpu.study.variants)
+    assert (cpu.peft.dim, cpu.peft.alpha) == (8, 16)
+    gpu = compose(["model=mla_study_gpu", "study=gpu"])
+    assert gpu.study.device == "cuda" and resolve(gpu.model).hidden_size == 1024 and gpu.study.time_budget_s
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["study.variants=[everywhere]"], "unknown mla study variants"),
+    (["study.twin_variants=[nemo_official]"], "unknown twin study variants"),
+    (["study.steps=5"], "must exceed optim.warmup_steps=10"),
+    (["study.lr_scales=[0.0,1.0]"], "positive"),
+    (["model.checkpoint=/ckpt/x"], "drop study.twin_variants"),
+    (["data.base_pretrain_steps=0"], "to make a base"),
+    (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
+    (["study.shard=2/2"], "expected 'i/n'"),
+    (["study.pretrain_only=both"], "expected mla, twin or null"),
+])
+def test_bad_study_values_fail_validation(overrides, message):
+    from studies.placement.config import compose
+
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)

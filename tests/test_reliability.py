@@ -9,7 +9,7 @@ import shutil
 import pytest
 from test_hf_checkpoints import MAKER
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.export.pipeline import VerificationError, export
 
 
@@ -62,7 +62,7 @@ def test_output_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch
     """The writers leave fsync to atomic_dir: every file and directory of the output is synced, then renamed."""
     import os
 
-    from nemo_mla_lora.checkpoint import atomic_dir
+    from nemo_mla_lora.checkpoints.output_dir import atomic_dir
 
     synced, real_fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
@@ -151,7 +151,7 @@ def test_corrupted_export_is_refused_on_read(mcore, hf_base, tmp_path, fmt):
     import subprocess
     import sys
 
-    from nemo_mla_lora.checkpoint import ChecksumError
+    from nemo_mla_lora.checkpoints.errors import ChecksumError
     from nemo_mla_lora.export.pipeline import read_export, verify_checksums
 
     out = tmp_path / fmt
@@ -191,7 +191,7 @@ def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, targ
     import torch
 
     from nemo_mla_lora.export.pipeline import read_export
-    from nemo_mla_lora.safe_load import UnsafeCheckpoint
+    from nemo_mla_lora.checkpoints.safe_load import UnsafeCheckpoint
 
     out = tmp_path / "absorbed"
     export(hf_base, None, out, fmt="absorbed", progress=False)

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_hf_checkpoints import MAKER
 
-from nemo_mla_lora.checkpoint import CheckpointError, ChecksumError, atomic_dir
+from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
+from nemo_mla_lora.checkpoints.output_dir import atomic_dir
 from nemo_mla_lora.export.pipeline import export, read_export, verify_checksums
-from nemo_mla_lora.output_dir import OutputError
+from nemo_mla_lora.checkpoints.output_dir import OutputError
 
 
 def listing(directory):
@@ -44,7 +45,7 @@ def hf_base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def peft_adapter(hf_base, tmp_path_factory):
     """An HF PEFT adapter (B != 0) on the attention of every layer, written as peft's save_pretrained does."""
-    from nemo_mla_lora.export.sources import HFBase, expected_shapes
+    from nemo_mla_lora.checkpoints.sources import HFBase, expected_shapes
     from nemo_mla_lora.export.writers import write_hf_peft
 
     shapes, gen, factors = expected_shapes(HFBase(hf_base).spec), torch.Generator().manual_seed(0), {}
@@ -107,7 +108,7 @@ def test_overwrite_replaces_our_outputs_and_empty_directories(exports, hf_base, 
 
 
 def test_every_writer_refuses_a_user_directory_and_its_sources(mcore, hf_base, tmp_path):
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.callbacks.export import MLAExportCallback
 
     user = tmp_path / "user"
@@ -115,11 +116,11 @@ def test_every_writer_refuses_a_user_directory_and_its_sources(mcore, hf_base, t
     (user / "notes.txt").write_text("keep")
     # refused before the model, spec or peft (None here) is used
     with pytest.raises(OutputError, match=r"not an output of nemo_mla_lora \(no mla_spec.json of ours"):
-        checkpoint.save_base(None, None, user, overwrite=True)
+        dist_ckpt.save_base(None, None, user, overwrite=True)
     with pytest.raises(OutputError, match=r"not an output of nemo_mla_lora \(no adapter.json of ours"):
-        checkpoint.save_adapter(None, None, None, user, overwrite=True)
+        dist_ckpt.save_adapter(None, None, None, user, overwrite=True)
     with pytest.raises(ValueError, match="overlaps the source"):  # an adapter saved into its base
-        checkpoint.save_adapter(None, None, None, hf_base / "adapter", base_dir=hf_base, overwrite=True)
+        dist_ckpt.save_adapter(None, None, None, hf_base / "adapter", base_dir=hf_base, overwrite=True)
     with pytest.raises(ValueError, match="overlaps the source"):  # the callback's outputs, checked before training
         MLAExportCallback(None, None, base_dir=hf_base, output_dir=hf_base / "run")
     (tmp_path / "export").mkdir()
@@ -227,7 +228,7 @@ def test_an_old_manifest_without_architecture_checksums_still_verifies(exports, 
 
 @pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
 def test_index_paths_must_stay_inside_the_directory(exports, tmp_path, escape):
-    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoints.sources import HFBase
 
     out = copy(exports, "hf", tmp_path)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -247,7 +248,7 @@ def test_index_paths_must_stay_inside_the_directory(exports, tmp_path, escape):
 
 def test_a_hub_cache_snapshot_reads_through_its_blob_links(exports, tmp_path):
     """Hugging Face's cache links snapshots/<rev>/<file> to ../../blobs/<hash>: inside the repo, accepted."""
-    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoints.sources import HFBase
 
     repo = tmp_path / "models--tiny"
     snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
@@ -341,7 +342,7 @@ RANK = textwrap.dedent("""
     import sys
     import torch.distributed as dist
     from pathlib import Path
-    from nemo_mla_lora.checkpoint import atomic_dir
+    from nemo_mla_lora.checkpoints.output_dir import atomic_dir
     rank, port, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     for attempt in range(2):

@@ -190,7 +190,7 @@ def test_generate_serves_an_hf_export_as_transformers_runs_it(mcore, served, tmp
 
 
 def test_generate_serves_a_plain_hf_directory_only_unchecked(mcore, served, tmp_path):
-    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
     from nemo_mla_lora.recipes import generate
 
     with pytest.raises(CheckpointError, match="without manifest.json .* pass verify_checksums=false"):
@@ -274,7 +274,7 @@ def test_tokenizer_hint_names_generates_key(served, tmp_path, no_weights_read):
 def test_generate_on_a_truncated_manifest_is_one_line_naming_it(served, tmp_path, no_weights_read):
     import shutil
 
-    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
     from nemo_mla_lora.recipes import generate
 
     broken = tmp_path / "export"

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nemo_mla_lora.checkpoint import CheckpointError, tensor_checksum
-from nemo_mla_lora.export.safetensors_io import SafetensorsFile, SafetensorsWriter, directory_hash
+from nemo_mla_lora.checkpoints.checksums import tensor_checksum
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsFile, SafetensorsWriter, directory_hash
 
 
 def tensors():

@@ -19,7 +19,7 @@ from conftest import batch, perturb_norms_and_bias
 def _te_and_cuda() -> bool:
     if not torch.cuda.is_available():
         return False
-    from nemo_mla_lora.te_compat import transformer_engine_absent
+    from nemo_mla_lora.runtime.te_compat import transformer_engine_absent
 
     return not transformer_engine_absent()
 
@@ -42,7 +42,7 @@ def record(test: str, **values) -> None:
 def spec_of(name: str):
     """A built-in tiny model, or one of ``scripts/make_tiny_hf.py``'s variants read from transformers' own config
     (V2 greedy and group-limited softmax routing, V3 noaux, plain RoPE and YaRN, with and without q compression)."""
-    from nemo_mla_lora.hf_config import spec_from_hf
+    from nemo_mla_lora.arch.hf_config import spec_from_hf
     from nemo_mla_lora.models.architecture import builtin_spec
 
     if name in HF_VARIANTS:
@@ -56,7 +56,8 @@ def build(name: str, te: bool, seed: int = 0):
     """(model on the GPU, its Megatron config, its MLASpec)."""
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import CPU_SAFE, build_model
+    from nemo_mla_lora.models.from_spec import CPU_SAFE
+    from nemo_mla_lora.models.tiny import build_model
 
     spec = spec_of(name)
     if te:  # NeMo's DeepSeek defaults (alltoall dispatcher, TE permute fusion, grouped GEMM), TE spec
@@ -167,13 +168,13 @@ def _grads(model) -> dict:
 def test_te_lora_gradients_match_the_local_spec(mcore, variant):
     """Same weights, same adapters: the TE model's adapter gradients (the fused norm's returned output, TE's
     grouped GEMM experts) equal the local spec's."""
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import adapter_factors, adapter_modules, base_state_dict
 
     te_model, _, _ = adapted_te(VARIANTS[variant])
     local, _, _ = build(VARIANTS[variant], te=False)
-    checkpoint.load_weights(local, base_state_dict(te_model), "the TE model's weights")
+    dist_ckpt.load_weights(local, base_state_dict(te_model), "the TE model's weights")
     local = MLALoRA(placement="all_linear", dim=4, alpha=8)(local)
     factors = adapter_factors(te_model)
     assert set(factors) == set(adapter_factors(local))
@@ -206,7 +207,7 @@ def test_te_lora_gradients_match_the_local_spec(mcore, variant):
 def test_te_merged_equals_unmerged(mcore):
     """W + s B A written into the TE modules' own weights (``weight``, grouped ``weight{e}``), B zeroed: the
     same logits as the adapters running beside the frozen TE GEMMs."""
-    from nemo_mla_lora.export.merge import merge_linear
+    from nemo_mla_lora.peft.merge import merge_linear
     from nemo_mla_lora.peft.mla_lora import MLALoRALinear
     from nemo_mla_lora.peft.state import adapter_modules, lora_b_parameters
 
@@ -236,14 +237,14 @@ def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
     local spec's experts too (same keys)."""
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import adapter_factors
 
     model, spec, peft = adapted_te("tiny_mla")
-    checkpoint.save_base(model, spec, tmp_path / "base")
-    checkpoint.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
+    dist_ckpt.save_base(model, spec, tmp_path / "base")
+    dist_ckpt.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
     manifest = export(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", names="te",
                       progress=False)
     fresh, _, _ = build("tiny_mla", te=True, seed=1)

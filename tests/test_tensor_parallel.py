@@ -72,13 +72,13 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
 
 
     # the export callback under TP=2+SP and under EP=2 wrote the same (default: mcore) checkpoint as a one-process export
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export, read_export
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     spec = MLASpec.from_megatron(model.config)
-    checkpoint.save_base(model, spec, tmp_path / "base_tp1")
-    checkpoint.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
+    dist_ckpt.save_base(model, spec, tmp_path / "base_tp1")
+    dist_ckpt.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, tmp_path / "adapter_tp1")
     export(tmp_path / "base_tp1", tmp_path / "adapter_tp1", tmp_path / "export_tp1", verify=False, progress=False)
     one = read_export(tmp_path / "export_tp1", "mcore")
     for layout in ("tp2_sp", "ep2"):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 KERNEL_CHECK = """
 import json, torch
-from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 from nemo_mla_lora.reference.latent import decode_step as reference
 out = []
 torch.manual_seed(0)
@@ -47,7 +47,7 @@ def _interpreted(code: str, *args) -> str:
 
 TMA_CHECK = """
 import json, torch
-from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 from nemo_mla_lora.reference.latent import decode_step as reference
 out = []
 torch.manual_seed(0)
@@ -73,7 +73,7 @@ def test_tma_kernels_match_the_equations_in_the_interpreter():
 
 
 def test_tma_kernel_refuses_what_tma_cannot_load():
-    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma, supported
+    from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma, supported
 
     ck, kr = torch.randn(2, 8, 40), torch.randn(2, 8, 8)  # c / 2 = 20: not a power of two
     assert not supported(ck, kr) and supported(torch.randn(2, 8, 64), torch.randn(2, 8, 16))
@@ -89,7 +89,7 @@ def test_kernel_matches_the_equations_in_the_interpreter():
 
 ENGINE_CHECK = """
 import sys, torch
-from nemo_mla_lora import parallel
+from nemo_mla_lora.runtime import parallel
 from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 from nemo_mla_lora.inference.adapters import AdapterBank
 parallel.init_megatron()
@@ -112,20 +112,20 @@ print((diffs[0] - diffs[1]).abs().max().item())
 def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
     from test_multi_adapter import ADAPTERS, base_model
 
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.models.tiny import tiny_mla_config
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
     spec = MLASpec.from_megatron(tiny_mla_config())
-    checkpoint.save_base(base_model(tiny_mla_config), spec, tmp_path / "base")
+    dist_ckpt.save_base(base_model(tiny_mla_config), spec, tmp_path / "base")
     export(tmp_path / "base", None, tmp_path / "absorbed", fmt="absorbed", progress=False, verify=False)
     peft = MLALoRA(**ADAPTERS["official_r4"])
     model = peft(base_model(tiny_mla_config))
     randomize_b(model)
-    checkpoint.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
+    dist_ckpt.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
     assert float(_interpreted(ENGINE_CHECK, str(tmp_path / "absorbed"), str(tmp_path / "adapter"))) < 1e-5
 
 
@@ -134,7 +134,7 @@ def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
 @pytest.mark.parametrize("launch", [{}, dict(block_h=32, num_warps=8), dict(block_h=64, block_t=16, num_warps=8),
                                     dict(splits=1), dict(splits=3, num_stages=1)])
 def test_kernel_on_gpu_bf16_v3_dims(launch):
-    from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+    from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
     b, h, c, d, t = 8, 128, 512, 64, 1000
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -152,7 +152,7 @@ def test_kernel_on_gpu_bf16_v3_dims(launch):
 @pytest.mark.parametrize("launch", [dict(rows="heads"), dict(rows="positions"), dict(rows="positions", splits=1),
                                     dict(rows="heads", block_t=32, splits=3)])
 def test_tma_kernels_on_gpu_bf16_v3_dims(h, launch):
-    from nemo_mla_lora.inference.hopper_decode import latent_decode_attention_tma
+    from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
     b, c, d, t = 8, 512, 64, 1000
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -83,7 +83,7 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megatron.core import dist_checkpointing
 
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     tokens, positions, mask = torch.load(batch_path)
     for layout, kw in LAYOUTS.items():
@@ -132,7 +132,7 @@ def export_through_callback(model, out_dir):
     """The export callback as NeMo's trainer calls it at train end, under TP=2 + SP or EP=2: every rank
     saves, rank 0 exports (absorbed, verified) while the other waits."""
     from nemo_mla_lora.callbacks.export import MLAExportCallback
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.peft import MLALoRA
 
     holder = torch.nn.Module()

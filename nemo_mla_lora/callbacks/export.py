@@ -23,11 +23,12 @@ from pathlib import Path
 
 import lightning as L
 
-from nemo_mla_lora import checkpoint
+from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.manifest import read_manifest
 from nemo_mla_lora.export.pipeline import export
-from nemo_mla_lora.output_dir import MANIFEST
+from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_target
 from nemo_mla_lora.peft.mla_lora import WRAPPERS
+from nemo_mla_lora.runtime import parallel
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,15 @@ class MLAExportCallback(L.Callback):
         """Before training: the outputs this callback will write (adapter, export, the saved base when
         ``base_dir`` is not readable) are refused now if they overlap the base, are not outputs of ours that
         overwrite may replace, or have another writer's lock or a dead run's leftovers beside them."""
-        targets = [(self.output_dir / "adapter", (checkpoint.ADAPTER_FILE,)), (self.output_dir / "export", (MANIFEST,))]
+        targets = [(self.output_dir / "adapter", (dist_ckpt.ADAPTER_FILE,)), (self.output_dir / "export", (MANIFEST,))]
         if not self._readable():
-            targets.append((self.output_dir / "base", (checkpoint.SPEC_FILE,)))
+            targets.append((self.output_dir / "base", (dist_ckpt.SPEC_FILE,)))
         for target, replaces in targets:
-            checkpoint.check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
+            check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
 
     def _readable(self) -> bool:
         return self.base_dir is not None and any((self.base_dir / f).is_file()
-                                                 for f in (checkpoint.SPEC_FILE, "config.json"))
+                                                 for f in (dist_ckpt.SPEC_FILE, "config.json"))
 
     def _base(self, model) -> Path:
         """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
@@ -82,7 +83,7 @@ class MLAExportCallback(L.Callback):
         training checkpoints are not tested as bases)."""
         if not self._readable():
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
-            self.base_dir = checkpoint.save_base(model, self.spec, self.output_dir / "base", overwrite=True,
+            self.base_dir = dist_ckpt.save_base(model, self.spec, self.output_dir / "base", overwrite=True,
                                                  sources=(self.base_dir,))
         return self.base_dir
 
@@ -90,17 +91,17 @@ class MLAExportCallback(L.Callback):
         model = find_megatron_model(pl_module)
         self._base(model)
         adapter_dir = self.output_dir / f"adapter{tag}"
-        checkpoint.save_adapter(model, self.peft, self.spec, adapter_dir, base_dir=self.base_dir, overwrite=True)
+        dist_ckpt.save_adapter(model, self.peft, self.spec, adapter_dir, base_dir=self.base_dir, overwrite=True)
         info = None
-        if checkpoint.rank() == 0:
+        if parallel.rank() == 0:
             info = self._export(adapter_dir, self.output_dir / f"export{tag}")
             if "max_abs_logit_diff" in info.get("verify", {}):
                 log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
-        checkpoint.barrier()
+        parallel.barrier()
         return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
 
     def _export(self, adapter_dir: Path, output: Path) -> dict:
-        if checkpoint.world_size() == 1:
+        if parallel.world_size() == 1:
             return export(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold, overwrite=True,
                           verify=self.verify, tolerance=self.tolerance, **self.options)
         return export_in_child(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold,

@@ -1,9 +1,8 @@
 """Typed schemas for ``conf/`` (YAML holds values only; these hold the types and defaults).
 
-``register()`` stores ``finetune_schema`` / ``export_schema`` / ``placement_study_schema`` /
-``generate_schema`` in Hydra's ConfigStore; the primary configs extend them, so an unknown key or a wrongly
-typed value fails at composition. ``validate()`` / ``validate_study()`` add the checks that span fields
-(parallel sizes against heads and experts, the study grid), before any model is built.
+``register()`` stores ``finetune_schema`` / ``export_schema`` / ``generate_schema`` in Hydra's ConfigStore; the
+primary configs extend them, so an unknown key or a wrongly typed value fails at composition. ``validate()`` adds
+the checks that span fields (parallel sizes against heads and experts), before any model is built.
 """
 
 import dataclasses
@@ -148,36 +147,6 @@ class ExportJobConfig:
 
 
 @dataclass
-class StudyConfig:
-    """The placement study's grid (study/variants.py names the variants) and its run settings."""
-    variants: List[str] = field(default_factory=list)  # MLA variants
-    twin_variants: List[str] = field(default_factory=list)  # standard-attention twin variants (claim 4)
-    lr_scales: List[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 2.0])  # x optim.lr
-    seeds: List[int] = field(default_factory=lambda: [1, 2])
-    steps: int = 60
-    eval_every: int = 20
-    batch_size: int = 16
-    device: str = "cpu"  # cpu | cuda
-    spike_factor: float = 5.0  # grad norm above factor x the median of the 20 steps before = a spike
-    time_budget_s: Optional[float] = None  # stop starting runs after this; a rerun resumes from runs.jsonl
-    plots: bool = True
-    shard: str = "0/1"  # "i/n": this process runs every n-th run of the grid from the i-th (GPU shards)
-    base_dir: Optional[str] = None  # where the pretrained bases are cached (default output_dir); shared by shards
-    pretrain_only: Optional[str] = None  # mla | twin: make and cache that base, then stop (one process per base)
-
-
-@dataclass
-class PlacementStudyConfig:
-    model: ModelConfig = MISSING
-    peft: PeftConfig = field(default_factory=PeftConfig)  # dim, alpha (the variants choose the targets)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    output_dir: str = "runs/placement_study"
-    seed: int = 1234  # base pretraining
-
-
-@dataclass
 class GenerateConfig:
     checkpoint: str = MISSING  # a merged export directory (mcore, absorbed or hf)
     prompt: Optional[str] = None
@@ -193,7 +162,7 @@ class GenerateConfig:
     dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
     adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
     adapter: Optional[str] = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
-    attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/triton_decode.py)
+    attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/kernels/triton_decode.py)
     verify_checksums: bool = True  # every tensor read is checked against manifest.json (false: skip, faster)
 
 
@@ -201,7 +170,6 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="finetune_schema", node=FinetuneConfig)
     cs.store(name="export_schema", node=ExportJobConfig)
-    cs.store(name="placement_study_schema", node=PlacementStudyConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
 
 
@@ -241,7 +209,8 @@ def validate(cfg) -> None:
     check_known_keys(cfg)
     m, t = cfg.model, cfg.trainer
     errors = []
-    from nemo_mla_lora.models.architecture import checkpoint_kind, resolve
+    from nemo_mla_lora.checkpoints.kind import checkpoint_kind
+    from nemo_mla_lora.models.architecture import resolve
 
     try:
         spec = resolve(m)  # reads the checkpoint's config only
@@ -308,7 +277,7 @@ def output_dir_errors(cfg) -> list[str]:
     Args:
         cfg: the composed finetune config.
     """
-    from nemo_mla_lora.checkpoint import check_output
+    from nemo_mla_lora.checkpoints.output_dir import check_output
 
     ckpt = cfg.model.checkpoint
     try:
@@ -318,39 +287,3 @@ def output_dir_errors(cfg) -> list[str]:
         return [f"output_dir={cfg.output_dir}{where}: {err}; the run writes its checkpoints, logs, adapter and "
                 "export under output_dir"]
     return []
-
-
-def validate_study(cfg) -> None:
-    """The placement study's cross-field checks. Raises ValueError."""
-    from nemo_mla_lora.study import variants
-
-    check_known_keys(cfg)
-    s, errors = cfg.study, []
-    for names, arch in ((s.variants, variants.MLA), (s.twin_variants, variants.TWIN)):
-        try:
-            variants.lookup(names, arch)
-        except ValueError as err:
-            errors.append(str(err))
-    if not s.variants and not s.twin_variants:
-        errors.append("study.variants and study.twin_variants are both empty: nothing to run")
-    if not s.lr_scales or min(s.lr_scales) <= 0:
-        errors.append(f"study.lr_scales must be non-empty and positive, got {list(s.lr_scales)}")
-    if not s.seeds:
-        errors.append("study.seeds is empty")
-    if s.steps <= cfg.optim.warmup_steps:
-        errors.append(f"study.steps={s.steps} must exceed optim.warmup_steps={cfg.optim.warmup_steps}")
-    if s.pretrain_only not in (None, "mla", "twin"):
-        errors.append(f"study.pretrain_only={s.pretrain_only!r}; expected mla, twin or null")
-    index, _, count = s.shard.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        errors.append(f"study.shard={s.shard!r}; expected 'i/n' with 0 <= i < n")
-    if s.device not in ("cpu", "cuda"):
-        errors.append(f"study.device={s.device!r}; expected 'cpu' or 'cuda'")
-    if not cfg.data.train or not cfg.data.validation:
-        errors.append("data.train and data.validation are needed (the study task and its held-out set)")
-    if cfg.model.checkpoint and s.twin_variants:
-        errors.append("the twin is pretrained like the MLA base; with model.checkpoint set, drop study.twin_variants")
-    if not cfg.model.checkpoint and not (cfg.data.base_pretrain and cfg.data.base_pretrain_steps > 0):
-        errors.append("no model.checkpoint and no data.base_pretrain (with base_pretrain_steps > 0) to make a base")
-    if errors:
-        raise ValueError("invalid placement study config:\n  - " + "\n  - ".join(errors))

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nemo_mla_lora.checkpoint import CheckpointError, ChecksumError, check_checksums
+from nemo_mla_lora.checkpoints.checksums import check_checksums
+from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
 from nemo_mla_lora.export import manifest, nemo_format
-from nemo_mla_lora.export.sources import groups
+from nemo_mla_lora.checkpoints.sources import groups
 
 log = logging.getLogger(__name__)
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -40,8 +41,8 @@ def manifest_checksums(directory) -> dict:
 def _open_export(directory, fmt: str, checksums: dict | None = None):
     """(reader, its flat tensor names) for a written ``absorbed``/``mcore``/``nemo``/``hf`` export; every tensor
     read is checked against ``checksums`` when given."""
-    from nemo_mla_lora.dist_reader import CheckpointReader
-    from nemo_mla_lora.export.sources import HFBase
+    from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
+    from nemo_mla_lora.checkpoints.sources import HFBase
 
     if fmt == "hf":
         reader = HFBase(directory, dtype=torch.float32, checksums=checksums)
@@ -98,7 +99,7 @@ def read_export(directory, fmt: str, verify_checksums: bool = True) -> dict:
 
 
 def _verify_hf_peft(directory, checksums: dict) -> int:
-    from nemo_mla_lora.export.safetensors_io import SafetensorsFile
+    from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsFile
 
     path = Path(directory) / PEFT_WEIGHTS
     if not path.is_file():

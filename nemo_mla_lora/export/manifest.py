@@ -9,8 +9,9 @@ from pathlib import Path
 
 import xxhash
 
-from nemo_mla_lora.checkpoint import CHECKSUM, CheckpointError, ChecksumError
-from nemo_mla_lora.output_dir import MANIFEST, PRODUCER
+from nemo_mla_lora.checkpoints.checksums import CHECKSUM
+from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
+from nemo_mla_lora.checkpoints.output_dir import MANIFEST, PRODUCER
 
 # 3: producer + architecture_checksums; 2: tensor_checksums are xxh3_128 (checkpoint.tensor_checksum); 1: sha256
 FORMAT_VERSION = 3

@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.mla_spec import MEGATRON_FIELDS, MLASpec
+from nemo_mla_lora.arch.mla_spec import MEGATRON_FIELDS, MLASpec
+from nemo_mla_lora.checkpoints.kind import CONTEXT, PREFIX, WEIGHTS, is_nemo_checkpoint  # noqa: F401  (the layout it writes)
 
 log = logging.getLogger(__name__)
-WEIGHTS, CONTEXT, PREFIX = "weights", "context", "module."
 TOKENIZER_DIR = "nemo_tokenizer"  # a context's HF tokenizer files (NeMo's import names it so)
-def is_nemo_checkpoint(path) -> bool:
-    path = Path(path)
-    return (path / CONTEXT).is_dir() and (path / WEIGHTS / ".metadata").is_file()
 
 
 def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
@@ -51,8 +48,8 @@ def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
 
         args["transformer_layer_spec"] = functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=True)
     else:  # without TE: the settings our local spec runs with (no grouped GEMM package, no fused kernels)
+        from nemo_mla_lora.models.from_spec import CPU_SAFE
         from nemo_mla_lora.models.layer_spec import local_mla_block_spec
-        from nemo_mla_lora.models.tiny import CPU_SAFE
 
         args.update(CPU_SAFE)
 

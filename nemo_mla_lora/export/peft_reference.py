@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
+from nemo_mla_lora.arch import keymap
 
 _LORA = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "lora_embedding_A": "eA",
          "lora_embedding_B": "eB"}

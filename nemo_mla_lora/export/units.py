@@ -10,7 +10,7 @@ layer: a DeepSeek-V3 MoE layer is ~22 GB in bf16, one of its experts 88 MB.
 import re
 from dataclasses import dataclass
 
-from nemo_mla_lora.export.sources import groups
+from nemo_mla_lora.checkpoints.sources import groups
 
 DEFAULT_BUDGET = 128 << 20  # bytes of base tensors per expert chunk
 _EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")

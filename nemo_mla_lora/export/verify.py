@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_mla_lora.export.absorb import K_UP, absorb_layer
+from nemo_mla_lora.arch.absorb import K_UP, absorb_layer
 from nemo_mla_lora.reference.latent import latent_attention_steps
 from nemo_mla_lora.reference.model import gated_mlp, mla_attention, moe_experts, moe_routing, rms_norm, rope_cos_sin
 

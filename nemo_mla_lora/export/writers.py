@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import CheckpointError, named_sharded, tensor_checksum, write_json
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.checkpoints.checksums import tensor_checksum
+from nemo_mla_lora.checkpoints.dist_ckpt import named_sharded, write_json
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.export import nemo_format
-from nemo_mla_lora.export.dist_stream import StreamingDistCkpt
-from nemo_mla_lora.export.merge import MergeError
-from nemo_mla_lora.hf_config import hf_config_dict
+from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
+from nemo_mla_lora.peft.merge import MergeError
+from nemo_mla_lora.arch.hf_config import hf_config_dict
 
 
 # Tensors per Megatron save of the dist-ckpt writers (one unit of units.py: each save costs a fork and a
@@ -100,7 +102,7 @@ class HFWriter:
                                   {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()})
 
     def add(self, unit, group: dict) -> None:
-        from nemo_mla_lora.export.safetensors_io import SafetensorsWriter
+        from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsWriter
 
         shard, shard_layout = self.shards[unit.group]
         if unit.group not in self.open:

@@ -25,7 +25,7 @@ adapters, m = n*r slots.
 
 import torch
 
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 KERNEL_MAX_SLOTS = 256  # lora_kernels' per-head kernels hold z [rows, slots] in registers; more take torch ops
 SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
@@ -74,7 +74,7 @@ class AdapterBank:
     def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32,
              kernels: bool | None = None) -> "AdapterBank":
         """``directories``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
-        from nemo_mla_lora.export.sources import open_adapter
+        from nemo_mla_lora.checkpoints.sources import open_adapter
 
         adapters = {name: open_adapter(d, spec) for name, d in directories.items()}
         return cls(spec, {name: a.factors(a.modules) for name, a in adapters.items()}, device, dtype, kernels)
@@ -146,7 +146,7 @@ class LayerCorrections:
 
 
 def lora_kernels():
-    from nemo_mla_lora.inference import lora_kernels as kernels  # Triton: imported only where it runs
+    from nemo_mla_lora.inference.kernels import lora_kernels as kernels  # Triton: imported only where it runs
 
     return kernels
 

@@ -55,7 +55,7 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     c_all, k_all = cache.write(layer, c_kv, k_rope, positions)  # [b, t, c], [b, t, dr]
     q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
     if backend == "triton" and s == 1:  # decode: one kernel over the cache, every head per tile load
-        from nemo_mla_lora.inference.hopper_decode import decode_attention
+        from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
         lengths = (positions[:, 0] + 1).to(torch.int32)  # row i attends to its positions 0..p_i
         o_lat = decode_attention(q_lat[:, 0], q_rope[0], c_all, k_all, lengths, attn.softmax_scale,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 
 @dataclass

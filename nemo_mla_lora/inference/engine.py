@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.checkpoint import load_weights
-from nemo_mla_lora.export.absorb import K_UP, KV_UP, V_UP, absorb_layer
+from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
+from nemo_mla_lora.arch.absorb import K_UP, KV_UP, V_UP, absorb_layer
 from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 PREFIX = "decoder.layers.{}.self_attention."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -30,7 +30,7 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
         directory: the checkpoint to serve.
         verify_checksums: whether every tensor will be checked against a manifest.
     """
-    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
     from nemo_mla_lora.export.manifest import read_manifest
     from nemo_mla_lora.export.pipeline import MERGED_FORMATS
 
@@ -46,7 +46,7 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
             raise CheckpointError(f"{directory}: an HF directory without manifest.json (not written by "
                                   "recipes.export): no checksums to check its tensors against; pass "
                                   "verify_checksums=false to serve it unchecked")
-        from nemo_mla_lora.export.sources import HFBase
+        from nemo_mla_lora.checkpoints.sources import HFBase
 
         base = HFBase(directory, dtype=torch.float32)  # headers only; FP8 weights would be dequantized to fp32
         dtype, _ = base.layout_of("embedding.word_embeddings.weight")

@@ -2,7 +2,7 @@
 
     model.checkpoint=<HF dir>           config.json (+ the tokenizer files beside it)
     model.checkpoint=<our base dir>     mla_spec.json
-    model.checkpoint=<NeMo 2 checkpoint> context/model.yaml, read as data (``nemo_context_config``)
+    model.checkpoint=<NeMo 2 checkpoint> context/model.yaml, read as data (``checkpoints.kind``)
     model.config=tiny_mla | <path to config.json>   no checkpoint: the package's configs/<name>.json or a file
 
 ``model.arch`` holds HF ``config.json`` fields to change. Without a checkpoint they edit the built-in config
@@ -10,13 +10,12 @@
 error naming both, so nothing is typed twice and nothing typed can silently differ from the weights.
 """
 
-import dataclasses
 import json
 from pathlib import Path
 
-from nemo_mla_lora.checkpoint import SPEC_FILE, CheckpointError, read_spec
-from nemo_mla_lora.hf_config import spec_from_hf
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.hf_config import spec_from_hf
+from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.checkpoints.kind import checkpoint_spec
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -39,61 +38,6 @@ def builtin_config(name: str) -> dict:
 
 def builtin_spec(name: str) -> MLASpec:
     return spec_from_hf(builtin_config(name), f"model.config={name}")
-
-
-def checkpoint_kind(path) -> str:
-    """'hf' | 'ours' | 'nemo' for a checkpoint directory; raises for anything else."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / "context").is_dir() and (path / "weights").is_dir():  # ours in format=nemo too
-        return "nemo"
-    if (path / SPEC_FILE).is_file():
-        return "ours"
-    if not path.exists():
-        raise CheckpointError(f"model.checkpoint={path}: no such directory")
-    raise CheckpointError(f"model.checkpoint={path}: not an HF checkpoint (config.json), one of ours "
-                          f"({SPEC_FILE}) or a NeMo 2 checkpoint (context/ + weights/)")
-
-
-def checkpoint_config(path) -> dict | None:
-    """The HF ``config.json`` dict of an HF checkpoint (None for the others)."""
-    path = Path(path)
-    return json.loads((path / "config.json").read_text()) if checkpoint_kind(path) == "hf" else None
-
-
-def checkpoint_spec(path) -> MLASpec:
-    kind = checkpoint_kind(path)
-    if kind == "hf":
-        return spec_from_hf(checkpoint_config(path), f"{path}/config.json")
-    if kind == "ours" or (Path(path) / SPEC_FILE).is_file():  # a nemo export of ours: its exact spec beside
-        return read_spec(path)
-    return MLASpec.from_megatron(nemo_context_config(path))
-
-
-NEMO_CONFIG_CLASSES = ("DeepSeekV3Config", "DeepSeekV2Config", "DeepSeekV2LiteConfig")
-
-
-def nemo_context_config(path):
-    """The model config of a NeMo 2 checkpoint, read from ``context/model.yaml`` as data: only plain values,
-    into one of NeMo's DeepSeek config classes. NeMo's own ``io.load_context`` would instantiate every
-    ``_target_`` the file names (any importable callable: code a checkpoint author chooses)."""
-    import yaml
-    from nemo.collections import llm
-
-    file = Path(path) / "context" / "model.yaml"
-    if not file.is_file():
-        raise CheckpointError(f"{path}: a NeMo 2 checkpoint without context/model.yaml")
-    config = (yaml.safe_load(file.read_text()) or {}).get("config") or {}
-    target = str(config.get("_target_", "")).rsplit(".", 1)[-1]
-    if target not in NEMO_CONFIG_CLASSES:
-        raise CheckpointError(f"{file}: model config {config.get('_target_')!r} is not one of NeMo's DeepSeek "
-                              f"configs {NEMO_CONFIG_CLASSES}")
-    cls = getattr(llm, target)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    plain = {k: v for k, v in config.items() if k in fields and not isinstance(v, dict)
-             and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))}
-    return cls(**plain)
 
 
 def _apply(config: dict, arch: dict, source: str) -> dict:
@@ -128,6 +72,6 @@ def resolve(model_cfg) -> MLASpec:
 
 
 def _hf_view(spec: MLASpec) -> dict:
-    from nemo_mla_lora.hf_config import hf_config_dict
+    from nemo_mla_lora.arch.hf_config import hf_config_dict
 
     return hf_config_dict(spec, "float32")

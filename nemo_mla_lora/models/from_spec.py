@@ -8,7 +8,27 @@ spec as NeMo builds it, plus DeepSeek-V2's group router (``layer_spec.te_mla_blo
 
 import torch
 
-from nemo_mla_lora.mla_spec import MEGATRON_FIELDS, MLASpec
+from nemo_mla_lora.arch.mla_spec import MEGATRON_FIELDS, MLASpec
+
+# What the CPU (and any TE-free machine) needs: no fusions, local experts, fp32 unless asked.
+CPU_SAFE = dict(
+    moe_grouped_gemm=False,
+    moe_token_dispatcher_type="allgather",
+    moe_shared_expert_overlap=False,
+    moe_permute_fusion=False,
+    moe_aux_loss_coeff=0.0,
+    gradient_accumulation_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    apply_rope_fusion=False,
+    cross_entropy_loss_fusion=False,
+    async_tensor_model_parallel_allreduce=False,
+    use_cpu_initialization=True,
+    attention_softmax_in_fp32=True,
+)
+
 
 
 def megatron_routing(spec: MLASpec) -> dict:
@@ -45,9 +65,8 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
     Megatron fields that win (parallel layout, sequence length, fusions; tests shrink models with them)."""
     from nemo.collections.llm import DeepSeekV2Config, DeepSeekV3Config
 
-    from nemo_mla_lora import te_compat
+    from nemo_mla_lora.runtime import te_compat
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.tiny import CPU_SAFE
 
     args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
     args.update(megatron_routing(spec))

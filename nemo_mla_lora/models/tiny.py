@@ -9,33 +9,13 @@ MoE (6 routed experts, top-2, 2 groups, sigmoid router with expert bias), as Dee
 
 import torch
 
-# What the CPU (and any TE-free machine) needs: no fusions, local experts, fp32 unless asked.
-CPU_SAFE = dict(
-    moe_grouped_gemm=False,
-    moe_token_dispatcher_type="allgather",
-    moe_shared_expert_overlap=False,
-    moe_permute_fusion=False,
-    moe_aux_loss_coeff=0.0,
-    gradient_accumulation_fusion=False,
-    bias_activation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    persist_layer_norm=False,
-    apply_rope_fusion=False,
-    cross_entropy_loss_fusion=False,
-    async_tensor_model_parallel_allreduce=False,
-    use_cpu_initialization=True,
-    attention_softmax_in_fp32=True,
-)
-
+from nemo_mla_lora.models.architecture import builtin_spec
+from nemo_mla_lora.models.from_spec import config_from_spec
 
 def mla_config(dtype: torch.dtype = torch.float32, name: str = "tiny_mla", **overrides):
     """NeMo's DeepSeek config for the built-in model ``name`` (``models/configs``), TE-free; ``overrides`` are
     Megatron fields that win. With ``num_layers`` or ``num_moe_experts`` overridden, the dense/MoE layer
     pattern keeps the first layer dense (all dense without experts)."""
-    from nemo_mla_lora.models.architecture import builtin_spec
-    from nemo_mla_lora.models.from_spec import config_from_spec
-
     spec = builtin_spec(name)
     if "num_layers" in overrides or "num_moe_experts" in overrides:
         layers = overrides.get("num_layers", spec.num_layers)

@@ -71,7 +71,7 @@ def _megatron_te():
     """Megatron's TE wrappers (``megatron.core.extensions.transformer_engine``), or None where Transformer Engine
     does not import; asked once per process (a failed import is not cached by Python, and every module of a
     model is asked about)."""
-    from nemo_mla_lora.te_compat import transformer_engine_absent
+    from nemo_mla_lora.runtime.te_compat import transformer_engine_absent
 
     if transformer_engine_absent():
         return None

@@ -16,7 +16,7 @@ MLA_INTERNAL = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "line
 MLP = ("linear_fc1", "linear_fc2")
 ALL_TARGETS = ATTENTION + MLP
 # Standard attention's fused projection: adaptable so that the placement study can train LoRA on a
-# standard-attention twin of an MLA model (models/twin.py). No named placement uses it; exports are MLA only.
+# standard-attention twin of an MLA model (studies/placement/twin.py). No named placement uses it; exports are MLA only.
 STANDARD_QKV = "linear_qkv"
 ADAPTABLE = ALL_TARGETS + (STANDARD_QKV,)
 

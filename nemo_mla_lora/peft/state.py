@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nemo_mla_lora import keymap
+from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.peft.mla_lora import WRAPPERS, MLALoRALinear
 from nemo_mla_lora.peft.te_grouped import TEGroupedLoRALinear
 

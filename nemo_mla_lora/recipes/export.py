@@ -31,8 +31,9 @@ def main(cfg: DictConfig) -> None:
     check_known_keys(cfg)
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
-    from nemo_mla_lora.checkpoint import CheckpointError, check_target
-    from nemo_mla_lora.output_dir import MANIFEST
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
+    from nemo_mla_lora.checkpoints.output_dir import check_target
+    from nemo_mla_lora.checkpoints.output_dir import MANIFEST
 
     sources = (cfg.base, cfg.adapter, cfg.tokenizer if cfg.tokenizer and Path(cfg.tokenizer).exists() else None)
     try:  # the output first, before Megatron starts: one that must not be written is refused at once
@@ -46,7 +47,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def _run(cfg: DictConfig) -> dict:
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.export.pipeline import export
 
     parallel.init_megatron()

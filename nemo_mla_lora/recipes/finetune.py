@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_mla_lora.checkpoint import rank as checkpoint_rank
+from nemo_mla_lora.runtime.parallel import rank as checkpoint_rank
 from nemo_mla_lora.config.schema import register, validate
 
 log = logging.getLogger("nemo_mla_lora.finetune")
@@ -95,14 +95,14 @@ def resume_point(cfg, out: Path) -> tuple[str | None, int]:
     last = out / "checkpoints" / "last.ckpt"
     if not (cfg.trainer.resume_if_exists and last.exists()):
         return None, 0
-    from nemo_mla_lora.safe_load import check_torch_file
+    from nemo_mla_lora.checkpoints.safe_load import check_torch_file
 
     return str(last), int(check_torch_file(last)["global_step"])
 
 
 def base_model(cfg, out: Path, spec, data: dict):
     """Restore the base, or (tiny default) train it on the generic task and save it."""
-    from nemo_mla_lora import checkpoint
+    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.models.from_config import nemo_model_config
     from nemo_mla_lora.models.tiny import build_model
     from nemo_mla_lora.training import cpu
@@ -110,10 +110,10 @@ def base_model(cfg, out: Path, spec, data: dict):
     model = build_model(nemo_model_config(cfg.model, spec=spec))
     source = cfg.model.checkpoint or (str(out / "base") if (out / "base").exists() else None)
     if source:
-        from nemo_mla_lora.export.sources import open_base
+        from nemo_mla_lora.checkpoints.sources import open_base
 
         base = open_base(source)
-        checkpoint.load_weights(model, base.load(base.names), f"base {source} (model {cfg.model.name})")
+        dist_ckpt.load_weights(model, base.load(base.names), f"base {source} (model {cfg.model.name})")
         log.info("base restored from %s", source)
         return model, source
     if not cfg.data.base_pretrain:
@@ -123,7 +123,7 @@ def base_model(cfg, out: Path, spec, data: dict):
     trainer = cpu.make_trainer(cfg.trainer, out / "base_training", cfg.data.base_pretrain_steps,
                                cfg.optim.clip_grad, checkpoints=False)
     trainer.fit(module, data["base_train"], data["base_validation"])
-    checkpoint.save_base(model, spec, out / "base")
+    dist_ckpt.save_base(model, spec, out / "base")
     return model, str(out / "base")
 
 
@@ -172,8 +172,8 @@ def run_cpu(cfg, out: Path, prepared: dict | None = None) -> dict:
     result = export_cb.result or {}
     manifest = (result.get("manifest") or {})
     if not cfg.export.enabled:  # still save the adapter
-        from nemo_mla_lora import checkpoint
-        checkpoint.save_adapter(model, peft, spec, out / "adapter", base_dir=base_dir, overwrite=True)
+        from nemo_mla_lora.checkpoints import dist_ckpt
+        dist_ckpt.save_adapter(model, peft, spec, out / "adapter", base_dir=base_dir, overwrite=True)
         result = {"adapter": str(out / "adapter")}
     return {
         "model": cfg.model.name, "placement": peft.placement, "target_modules": list(peft.target_modules),
@@ -222,7 +222,7 @@ def main(cfg: DictConfig) -> None:
     handler = logging.FileHandler(out / "finetune.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     if cfg.trainer.kind == "megatron":
         summary = run_megatron(cfg, out)

@@ -149,7 +149,7 @@ def load(cfg, rows: int):
     when nobody has)."""
     from megatron.core import parallel_state
 
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 
     if not parallel_state.model_parallel_is_initialized():

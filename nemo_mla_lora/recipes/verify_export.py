@@ -26,8 +26,8 @@ def main(argv) -> int:
     if not Path(directory).is_dir():
         print(f"FAILED: {directory}: no such directory", file=sys.stderr)
         return 1
-    from nemo_mla_lora import parallel
-    from nemo_mla_lora.checkpoint import CheckpointError
+    from nemo_mla_lora.runtime import parallel
+    from nemo_mla_lora.checkpoints.errors import CheckpointError
     from nemo_mla_lora.export.pipeline import verify_checksums
 
     parallel.init_megatron()

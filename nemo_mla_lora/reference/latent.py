@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nemo_mla_lora.export.absorb import K_UP, V_UP
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.absorb import K_UP, V_UP
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.reference.model import decoder_layer, linear, mla_projections, output_weight, rms_norm, rope_cos_sin
 
 

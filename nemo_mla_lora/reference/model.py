@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 
 def linear(x, state, adapters, name):

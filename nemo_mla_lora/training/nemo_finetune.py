@@ -14,7 +14,7 @@ files are the run's unless ``data.tokenizer`` says otherwise; a NeMo checkpoint 
 import logging
 from pathlib import Path
 
-from nemo_mla_lora.models.architecture import checkpoint_kind
+from nemo_mla_lora.checkpoints.kind import checkpoint_kind
 from nemo_mla_lora.models.from_config import nemo_model_config
 from nemo_mla_lora.training.metrics import MetricsLog
 from nemo_mla_lora.training.nemo_data import data_module, make_tokenizer
@@ -118,7 +118,7 @@ def run(cfg, peft, callbacks=()) -> dict:
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from nemo.collections import llm
 
-    from nemo_mla_lora.processes import install_checkpoint_queue
+    from nemo_mla_lora.runtime.processes import install_checkpoint_queue
 
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
     out, restore = Path(cfg.output_dir), None

@@ -26,9 +26,10 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import CheckpointError, check_checksums
-from nemo_mla_lora.safe_load import check_dist_checkpoint
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.checkpoints.checksums import check_checksums
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.safe_load import check_dist_checkpoint
 
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.experts\.(linear_fc[12]\..+)$")
 

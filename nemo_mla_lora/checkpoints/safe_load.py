@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 _DCP = "torch.distributed.checkpoint."
 ALLOWED = {

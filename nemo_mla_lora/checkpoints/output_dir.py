@@ -5,7 +5,7 @@ An output ``DIR`` is written as the sibling ``.DIR.partial`` and renamed into pl
 overwritten ``DIR`` is moved aside as ``.DIR.replaced`` and deleted last. ``.DIR.lock`` (created with O_EXCL,
 holding the writer's pid, host and start time) says a writer is at work. Before any work (``check_target``):
 
-- ``checkpoint.check_output``: not the working directory or above it, not a file, not overlapping a source.
+- ``check_output``: not the working directory or above it, not a file, not overlapping a source.
 - ``check_replaceable``: an existing ``DIR`` is replaced only when it is empty or a previous output of ours,
   recognised by a marker file: an export's ``manifest.json`` (``"producer": "nemo_mla_lora"``, or the fields
   every earlier manifest had), a base's ``mla_spec.json``, an adapter's ``adapter.json``.
@@ -23,6 +23,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from nemo_mla_lora.runtime.parallel import barrier, rank, world_size
+
 PRODUCER = "nemo_mla_lora"  # written into every manifest.json / adapter.json of ours
 MANIFEST = "manifest.json"
 SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
@@ -30,6 +32,42 @@ SPEC_FILE, ADAPTER_FILE = "mla_spec.json", "adapter.json"
 
 class OutputError(ValueError):
     """An output refused before any work (not ours to replace, held by another writer, leftovers beside it)."""
+
+
+def check_sources(path, sources=()) -> Path:
+    """Refuse an output equal to a source, inside one, or holding one (a write or an overwrite there would
+    destroy its input). Returns the resolved output path.
+
+    Args:
+        path: the output directory a writer is about to create or replace.
+        sources: every input the writer reads (base, adapter, tokenizer directory, ...); None entries are skipped.
+    """
+    path = Path(path).resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if path == src or path in src.parents or src in path.parents:
+            raise ValueError(f"output={path} overlaps the source {src}; write the export elsewhere")
+    return path
+
+
+def check_output(path, sources=()) -> Path:
+    """Refuse an output that a write could destroy: the current directory or one above it, a file, a source
+    (base, adapter), a directory holding a source, or a directory inside one (``check_sources``). Returns the
+    resolved path.
+
+    Args:
+        path: the output directory.
+        sources: the writer's inputs (None entries skipped).
+    """
+    path = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:
+        raise ValueError(f"output={path} is the current directory or one above it; name a new directory")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output={path} is a file, not a directory")
+    return check_sources(path, sources)
 
 
 def sidecars(path) -> tuple[Path, Path, Path]:
@@ -61,7 +99,7 @@ def _is_manifest(d) -> bool:
 
 
 def _is_spec(d) -> bool:
-    from nemo_mla_lora.mla_spec import MLASpec
+    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     try:
         MLASpec.from_dict(d)
@@ -187,8 +225,6 @@ def check_target(path, sources=(), overwrite: bool = False, replaces=None) -> Pa
         overwrite: whether an existing output of ours may be replaced.
         replaces: marker files (``MARKERS``) that make an existing ``path`` ours; None: any.
     """
-    from nemo_mla_lora.checkpoint import check_output
-
     path = check_output(path, sources)
     if path.exists():
         if not overwrite:
@@ -204,8 +240,6 @@ LOW_SPACE = 64 << 20  # a write that failed with less than this free failed for 
 def _share(error: BaseException | None, path: Path) -> None:
     """Raise rank 0's error on every rank (the others would wait at the next barrier for a rank that gave up)."""
     import torch
-
-    from nemo_mla_lora.checkpoint import rank, world_size
 
     if world_size() > 1:
         box = [f"{type(error).__name__}: {error}" if error is not None and rank() == 0 else None]
@@ -256,8 +290,6 @@ def atomic_dir(path, overwrite: bool = False, sources=(), replaces=None):
         sources: inputs the output must not overlap.
         replaces: marker files that make an existing ``path`` ours (``check_target``); None: any of ours.
     """
-    from nemo_mla_lora.checkpoint import barrier, rank
-
     path = Path(path).resolve()
     tmp, old, lock = sidecars(path)
     created, error = [], None

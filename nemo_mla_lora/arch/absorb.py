@@ -12,7 +12,7 @@ matrices. Exact, but larger and slower to decode unless qk_nope_head_dim > rq*c/
 
 import torch
 
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 K_UP, V_UP, KV_UP = "linear_k_up_proj.weight", "linear_v_up_proj.weight", "linear_kv_up_proj.weight"
 Q_FOLDED, O_FOLDED = "linear_q_absorbed_proj.weight", "linear_o_absorbed_proj.weight"

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nemo_mla_lora.inference.triton_decode import default_splits, merge_splits, split_buffers
+from nemo_mla_lora.inference.kernels.triton_decode import default_splits, merge_splits, split_buffers
 
 
 @triton.jit
@@ -214,6 +214,6 @@ def decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_len
     portable Triton kernel (``triton_decode``). Same arguments and result as either."""
     if c_kv.device.type == "cuda" and supported(c_kv, k_rope):
         return latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
-    from nemo_mla_lora.inference.triton_decode import latent_decode_attention
+    from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
     return latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from nemo_mla_lora.checkpoint import CheckpointError
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 # Fields that do not change the merged weights, and why.
 HARMLESS = {

@@ -12,7 +12,21 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from nemo_mla_lora import cpu_compat, te_compat
+from nemo_mla_lora.runtime import cpu_compat, te_compat
+
+
+def rank() -> int:
+    """This process's torch.distributed rank (0 when not distributed)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
 
 
 def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
@@ -53,7 +67,7 @@ def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
         expert_tensor_parallel_size=etp,
     )
     cpu_compat.seed(seed)
-    from nemo_mla_lora.processes import install_checkpoint_queue
+    from nemo_mla_lora.runtime.processes import install_checkpoint_queue
 
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
 

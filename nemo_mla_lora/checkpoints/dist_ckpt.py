@@ -8,73 +8,22 @@ Checkpoint keys are Megatron's sharded keys (routed experts stacked: ``...mlp.ex
 module names of a TP=1/EP=1 model. Writes go to a temp dir renamed at the end.
 """
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap, output_dir
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.checkpoints import output_dir
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.output_dir import atomic_dir
+from nemo_mla_lora.checkpoints.safetensors_io import file_hash
+from nemo_mla_lora.runtime.parallel import rank
 
-SPEC_FILE, ADAPTER_FILE = output_dir.SPEC_FILE, output_dir.ADAPTER_FILE
-atomic_dir, check_target = output_dir.atomic_dir, output_dir.check_target  # writing an output: output_dir.py
+SPEC_FILE, ADAPTER_FILE = output_dir.SPEC_FILE, output_dir.ADAPTER_FILE  # the sidecars that mark our checkpoints
 _FLAT_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\..+)$")
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def rank() -> int:
-    """This process's torch.distributed rank (0 when not distributed)."""
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
-
-
-def check_sources(path, sources=()) -> Path:
-    """Refuse an output equal to a source, inside one, or holding one (a write or an overwrite there would
-    destroy its input). Returns the resolved output path.
-
-    Args:
-        path: the output directory a writer is about to create or replace.
-        sources: every input the writer reads (base, adapter, tokenizer directory, ...); None entries are skipped.
-    """
-    path = Path(path).resolve()
-    for source in sources:
-        if source is None:
-            continue
-        src = Path(source).resolve()
-        if path == src or path in src.parents or src in path.parents:
-            raise ValueError(f"output={path} overlaps the source {src}; write the export elsewhere")
-    return path
-
-
-def check_output(path, sources=()) -> Path:
-    """Refuse an output that a write could destroy: the current directory or one above it, a file, a source
-    (base, adapter), a directory holding a source, or a directory inside one (``check_sources``). Returns the
-    resolved path.
-
-    Args:
-        path: the output directory.
-        sources: the writer's inputs (None entries skipped).
-    """
-    path = Path(path).resolve()
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:
-        raise ValueError(f"output={path} is the current directory or one above it; name a new directory")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output={path} is a file, not a directory")
-    return check_sources(path, sources)
 
 
 # A chunk of a tensor along its first axis (experts of a stacked tensor, rows of a large one): stored key, first, count
@@ -199,61 +148,8 @@ def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "", cons
     return out
 
 
-CHECKSUM = "xxh3_128"  # manifest format 2; format 1 wrote 16 hex digits of sha256, without a prefix
-
-
-def tensor_checksum(t: torch.Tensor, algorithm: str = CHECKSUM) -> str:
-    """What the manifest records per tensor: ``xxh3_128:<32 hex digits>`` of its bytes as stored (xxh3 hashes
-    ~8 GB/s here, sha256 ~1.2 GB/s: at checkpoint size the checksum is a pass over every byte written; it
-    guards against corruption, it is not a signature). ``algorithm="sha256"``: format 1's value."""
-    data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    if algorithm == "sha256":
-        return hashlib.sha256(data).hexdigest()[:16]
-    import xxhash
-
-    return f"{CHECKSUM}:{xxhash.xxh3_128(data).hexdigest()}"
-
-
-def _algorithm(recorded: str) -> str:
-    return recorded.split(":", 1)[0] if ":" in recorded else "sha256"
-
-
-class ChecksumError(CheckpointError):
-    pass
-
-
-def check_checksums(tensors: dict, checksums: dict | None, where) -> None:
-    """Each of ``tensors`` against the manifest's checksum (names the manifest lacks are an error too)."""
-    if checksums is None:
-        return
-    for name, t in tensors.items():
-        if name not in checksums:
-            raise ChecksumError(f"{where}: {name} is not in manifest.json (a tensor the export did not write)")
-        if tensor_checksum(t, _algorithm(checksums[name])) != checksums[name]:
-            raise ChecksumError(f"{where}: {name} does not match its checksum in manifest.json (corrupted or "
-                                f"changed since export); `python -m nemo_mla_lora.recipes.verify_export` checks all")
-
-
 def write_json(path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True))
-
-
-def file_hash(directory) -> str:
-    """Content hash of a checkpoint directory (``export.safetensors_io.directory_hash``: every file by path;
-    a safetensors file by its header and tensor digests, so an export hashes its HF base while reading
-    it). Memoised on the files' names, sizes and modification times: the export callback hashes the base
-    once for ``adapter.json`` and once more for the manifest, and a base can be terabytes."""
-    from nemo_mla_lora.export.safetensors_io import directory_hash
-
-    files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
-    signature = (str(Path(directory).resolve()),
-                 tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if signature not in _HASHES:
-        _HASHES[signature] = directory_hash(directory)
-    return _HASHES[signature]
-
-
-_HASHES: dict = {}
 
 
 def load_weights(model, state: dict, source: str, absent_ok: tuple = ()):

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import ADAPTER_FILE, CheckpointError, check_checksums, read_spec
-from nemo_mla_lora.dist_reader import CheckpointReader
-from nemo_mla_lora.export.merge import expand_rows
-from nemo_mla_lora.hf_config import spec_from_hf
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.checkpoints.checksums import check_checksums
+from nemo_mla_lora.checkpoints.dist_ckpt import ADAPTER_FILE, read_spec
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
+from nemo_mla_lora.checkpoints import kind
+from nemo_mla_lora.peft.merge import expand_rows
+from nemo_mla_lora.arch.hf_config import spec_from_hf
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.peft.parts import row_mask
 
 FP8_BLOCK = 128
@@ -42,13 +45,10 @@ class MegatronBase:
     read as data)."""
 
     def __init__(self, directory, nemo: bool = False):
-        from nemo_mla_lora.export import nemo_format
-        from nemo_mla_lora.models.architecture import checkpoint_spec
-
         self.directory = Path(directory)
         if nemo:
-            self.reader = CheckpointReader(self.directory / nemo_format.WEIGHTS, prefix=nemo_format.PREFIX)
-            self.spec = checkpoint_spec(directory)
+            self.reader = CheckpointReader(self.directory / kind.WEIGHTS, prefix=kind.PREFIX)
+            self.spec = kind.checkpoint_spec(directory)
         else:
             self.reader = CheckpointReader(directory)
             self.spec = read_spec(directory)
@@ -65,7 +65,7 @@ class MegatronBase:
 
     def content_hash(self) -> str:
         """A second read of the base: a dist-checkpoint is read through Megatron's loader, not hashed on the way."""
-        from nemo_mla_lora.checkpoint import file_hash
+        from nemo_mla_lora.checkpoints.safetensors_io import file_hash
 
         return file_hash(self.directory)
 
@@ -100,7 +100,7 @@ class HFBase:
     hashed while in memory: ``content_hash`` then needs no second read of what was loaded."""
 
     def __init__(self, directory, dtype=torch.bfloat16, checksums: dict | None = None):
-        from nemo_mla_lora.export.safetensors_io import SafetensorsFile, read_shards
+        from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsFile, read_shards
 
         self.directory, self.dtype, self.checksums = Path(directory), dtype, checksums
         config = self.directory / "config.json"
@@ -175,7 +175,7 @@ class HFBase:
 
     def content_hash(self) -> str:
         """``checkpoint.file_hash`` of the directory, from the digests taken while reading."""
-        from nemo_mla_lora.export.safetensors_io import directory_hash
+        from nemo_mla_lora.checkpoints.safetensors_io import directory_hash
 
         return directory_hash(self.directory, self.opened)
 
@@ -192,13 +192,11 @@ def _megatron_name(hf_name: str) -> str:
 
 
 def open_base(directory, dtype=torch.bfloat16):
-    """An HF checkpoint, one of ours or a NeMo 2 checkpoint (``models.architecture.checkpoint_kind``)."""
-    from nemo_mla_lora.models.architecture import checkpoint_kind
-
-    kind = checkpoint_kind(directory)
-    if kind == "hf":
+    """An HF checkpoint, one of ours or a NeMo 2 checkpoint (``checkpoints.kind.checkpoint_kind``)."""
+    found = kind.checkpoint_kind(directory)
+    if found == "hf":
         return HFBase(directory, dtype)
-    return MegatronBase(directory, nemo=kind == "nemo")
+    return MegatronBase(directory, nemo=found == "nemo")
 
 
 class MegatronAdapter:
@@ -257,7 +255,7 @@ def open_adapter(directory, spec: MLASpec):
             raise CheckpointError(f"adapter {directory} was trained on another model: (adapter, base) differ in {diff}")
         return adapter
     if (directory / "adapter_config.json").is_file():
-        from nemo_mla_lora.export.hf_peft import HFPeftAdapter
+        from nemo_mla_lora.checkpoints.hf_peft import HFPeftAdapter
 
         return HFPeftAdapter(directory, spec)
     raise CheckpointError(f"{directory}: neither an MLALoRA adapter (adapter.json) nor an HF PEFT adapter")

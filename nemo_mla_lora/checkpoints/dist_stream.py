@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.checkpoint import AXIS0_CHUNK, CheckpointError
+from nemo_mla_lora.checkpoints.dist_ckpt import AXIS0_CHUNK
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 MEGATRON_READ_BACK_EVERY = 16  # parts 0, 16, 32, ... are read back through Megatron's loader, the rest by bytes
 

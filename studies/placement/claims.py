@@ -17,8 +17,8 @@ import math
 import statistics
 from collections import defaultdict
 
-from nemo_mla_lora.study import variants as V
-from nemo_mla_lora.study.report import best_lr
+from studies.placement import variants as V
+from studies.placement.report import best_lr
 
 
 def _noise(a_sd, a_n, b_sd, b_n) -> float:

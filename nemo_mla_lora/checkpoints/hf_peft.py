@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora import keymap
-from nemo_mla_lora.checkpoint import CheckpointError
-from nemo_mla_lora.export.hf_peft_config import ZERO_B_INITS, AdapterRefused, pattern_value, read_config, targeted
-from nemo_mla_lora.export.merge import AdapterEntry
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.hf_peft_config import ZERO_B_INITS, AdapterRefused, pattern_value, read_config, targeted
+from nemo_mla_lora.peft.merge import AdapterEntry
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
@@ -49,7 +49,7 @@ def hf_layout(spec: MLASpec) -> dict:
     Args:
         spec: the base's architecture.
     """
-    from nemo_mla_lora.export.sources import expected_shapes
+    from nemo_mla_lora.checkpoints.sources import expected_shapes
 
     meta = {n: torch.empty(s, device="meta") for n, s in expected_shapes(spec).items()}
     return {h: tuple(t.shape) for h, t in keymap.megatron_to_hf(meta).items()}
@@ -89,7 +89,7 @@ class HFPeftAdapter:
     parameters); everything else is checked from the config and the file's header when it is opened."""
 
     def __init__(self, directory, spec: MLASpec):
-        from nemo_mla_lora.export.safetensors_io import SafetensorsFile
+        from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsFile
 
         self.directory, self.spec = Path(directory), spec
         config_path, weights = self.directory / "adapter_config.json", self.directory / "adapter_model.safetensors"

@@ -7,7 +7,7 @@ own ``config.json`` (model_type, positions, tokens ids, quantization dropped) an
 export changed (dtype).
 """
 
-from nemo_mla_lora.mla_spec import MLASpec
+from nemo_mla_lora.arch.mla_spec import MLASpec
 
 MODEL_TYPES = {"deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "kimi_k2": "deepseek_v3"}
 TOPK_METHODS = {"greedy", "group_limited_greedy", "noaux_tc"}

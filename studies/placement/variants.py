@@ -1,7 +1,7 @@
 """The placement study's LoRA variants: what each one adapts, as ``MLALoRA`` keyword arguments.
 
 MLA variants: the named placements, each MLA target alone, and the part-selective ones the field
-discusses (K-only kv-up, latent-only kv-down). Twin variants (standard attention, ``models/twin.py``): the
+discusses (K-only kv-up, latent-only kv-down). Twin variants (standard attention, ``twin.py``): the
 same placements where standard attention has a counterpart (``linear_qkv`` for the MLA internals).
 On models without q compression (``q_lora_rank=None``) the q down/up variants do not exist and
 ``linear_q_proj`` does; ``available`` drops what a model lacks.

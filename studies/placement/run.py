@@ -1,10 +1,10 @@
-"""Placement study: where LoRA belongs in MLA, measured (docs/placement.md reads its output).
+"""Placement study: where LoRA belongs in MLA, measured (README.md beside this file reads its output).
 
-    python -m nemo_mla_lora.recipes.placement_study                                  # CPU default, minutes
-    python -m nemo_mla_lora.recipes.placement_study model=mla_study_gpu study=gpu    # one GPU
-    python -m nemo_mla_lora.recipes.placement_study study.variants=[kv_up_k_only,safe] study.seeds=[1]
+    python -m studies.placement                                  # CPU default, minutes
+    python -m studies.placement model=mla_study_gpu study=gpu    # one GPU
+    python -m studies.placement study.variants=[kv_up_k_only,safe] study.seeds=[1]
 
-Trains one base (and, for claim 4, its standard-attention twin of matched size: models/twin.py) on
+Trains one base (and, for claim 4, its standard-attention twin of matched size: ``twin.py``) on
 ``data.base_pretrain``, then fine-tunes a copy under every (variant, LR scale, seed) of ``study`` on
 ``data.train`` and evaluates on ``data.validation``. Each finished run is appended to
 ``runs.jsonl``; a rerun with the same ``output_dir`` skips finished runs (and the saved bases), so a run cut
@@ -22,18 +22,18 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_mla_lora.checkpoint import load_weights
-from nemo_mla_lora.config.schema import register, validate_study
+from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
+from studies.placement.config import CONF_DIR, register, validate_study
 from nemo_mla_lora.training.metrics import read as read_jsonl
 
 register()
-log = logging.getLogger("nemo_mla_lora.placement_study")
+log = logging.getLogger("studies.placement")
 
 
 def pretrain(model, cfg, device) -> None:
     """Full-parameter training on the generic task (the base the LoRA task was never shown)."""
     from nemo_mla_lora.data.prompt_answer import make_loader
-    from nemo_mla_lora.study.train import train
+    from studies.placement.train import train
 
     d = cfg.data
     loader = make_loader(d.base_pretrain, d.seq_length, d.packed, cfg.study.batch_size, True, cfg.seed)
@@ -48,13 +48,13 @@ def base(arch: str, cfg, out: Path, device):
     model with the base weights (pretrained bases are cached in ``out``)."""
     from nemo_mla_lora.models.from_config import nemo_model_config
     from nemo_mla_lora.models.tiny import build_model
-    from nemo_mla_lora.models.twin import standard_attention_twin
+    from studies.placement.twin import standard_attention_twin
 
     config = nemo_model_config(cfg.model)
     config = config if arch == "mla" else standard_attention_twin(config)
     cached = Path(cfg.study.base_dir or out) / f"base_{arch}.pt"
     if arch == "mla" and cfg.model.checkpoint:
-        from nemo_mla_lora.export.sources import open_base
+        from nemo_mla_lora.checkpoints.sources import open_base
 
         source = open_base(cfg.model.checkpoint)
         state = source.load(source.names)
@@ -92,7 +92,7 @@ def grid(cfg) -> list[tuple]:
     seed by seed: a grid cut short by its time budget has whole seeds of every variant. Variants a model
     lacks are logged and dropped."""
     from nemo_mla_lora.models.architecture import resolve
-    from nemo_mla_lora.study import variants
+    from studies.placement import variants
 
     per_arch = []
     for arch, names in ((variants.MLA, cfg.study.variants), (variants.TWIN, cfg.study.twin_variants)):
@@ -113,7 +113,7 @@ def read_runs(path: Path) -> list[dict]:
 
 def run_grid(cfg, out: Path, device) -> None:
     from nemo_mla_lora.data.prompt_answer import make_loader
-    from nemo_mla_lora.study.train import run_one
+    from studies.placement.train import run_one
 
     runs_path = out / "runs.jsonl"
     done = {(r["arch"], r["variant"], r["lr_scale"], r["seed"]) for r in read_runs(runs_path)}
@@ -139,8 +139,8 @@ def run_grid(cfg, out: Path, device) -> None:
 
 
 def report(cfg, out: Path) -> list[dict]:
-    from nemo_mla_lora.study import claims, metrics
-    from nemo_mla_lora.study import report as tables
+    from studies.placement import claims, metrics
+    from studies.placement import report as tables
 
     records = read_runs(out / "runs.jsonl")
     rows = [metrics.summarise(r, cfg.optim.warmup_steps, cfg.study.spike_factor) for r in records]
@@ -152,7 +152,7 @@ def report(cfg, out: Path) -> list[dict]:
         f"# Placement study: {cfg.model.name}, {len(rows)} runs\n\n{tables.markdown(agg)}\n"
         f"## The four claims\n\n{claims.markdown(judged)}")
     if cfg.study.plots and rows:
-        from nemo_mla_lora.study import plots
+        from studies.placement import plots
 
         plots.loss_curves(records, 1.0 if 1.0 in cfg.study.lr_scales else cfg.study.lr_scales[0],
                           out / "loss_curves.png")
@@ -161,13 +161,13 @@ def report(cfg, out: Path) -> list[dict]:
     return judged
 
 
-@hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="placement_study", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="placement_study", version_base=None)
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     validate_study(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from nemo_mla_lora import parallel
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron(seed=cfg.seed)
     if cfg.study.device == "cuda":
@@ -181,7 +181,3 @@ def main(cfg: DictConfig) -> None:
     for c in report(cfg, out):
         print(f"claim {c['claim']}: {c['verdict']} - {c['text']}")
     print(f"results: {(out / 'summary.md').resolve()}")
-
-
-if __name__ == "__main__":
-    main()

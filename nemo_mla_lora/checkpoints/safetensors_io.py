@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import xxhash
 
-from nemo_mla_lora.checkpoint import CHECKSUM, CheckpointError
+from nemo_mla_lora.checkpoints.checksums import CHECKSUM
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -208,6 +209,22 @@ def directory_hash(directory, opened: dict | None = None) -> str:
 
 
 INDEX = "model.safetensors.index.json"
+
+
+def file_hash(directory) -> str:
+    """Content hash of a checkpoint directory (``directory_hash``: every file by path;
+    a safetensors file by its header and tensor digests, so an export hashes its HF base while reading
+    it). Memoised on the files' names, sizes and modification times: the export callback hashes the base
+    once for ``adapter.json`` and once more for the manifest, and a base can be terabytes."""
+    files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
+    signature = (str(Path(directory).resolve()),
+                 tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _HASHES:
+        _HASHES[signature] = directory_hash(directory)
+    return _HASHES[signature]
+
+
+_HASHES: dict = {}
 
 
 def _hub_blob(root: Path, real: Path) -> bool:
