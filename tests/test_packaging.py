@@ -1,8 +1,8 @@
 """A plain (non-editable) install ships conf/ inside the package and finds it from any directory."""
 
-import configparser
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,10 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_package_directory_is_listed_in_setup_cfg():
-    cfg = configparser.ConfigParser()
-    cfg.read(ROOT / "setup.cfg")
-    listed = set(cfg["options"]["packages"].split())
+def test_every_package_directory_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "nemo_mla_lora").rglob("__init__.py")}
     assert on_disk - {"nemo_mla_lora.conf"} <= listed, sorted(on_disk - listed)
     assert "nemo_mla_lora.conf" in listed
@@ -37,3 +35,14 @@ def test_non_editable_install_composes_configs_elsewhere(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(target) in proc.stdout and " 8 " in proc.stdout
+
+
+def test_one_version_source():
+    """pyproject.toml takes the version from ``nemo_mla_lora.__version__`` (dynamic), so the installed metadata says
+    the same."""
+    from importlib.metadata import version
+
+    import nemo_mla_lora
+
+    assert "version" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dynamic"]
+    assert version("nemo_mla_lora") == nemo_mla_lora.__version__
