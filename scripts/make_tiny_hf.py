@@ -13,32 +13,116 @@ from pathlib import Path
 
 import torch
 
-COMMON = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
-              vocab_size=262, first_k_dense_replace=1, max_position_embeddings=256, rms_norm_eps=1e-6,
-              bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=False)
-YARN = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-        "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=24,
+    vocab_size=262,
+    first_k_dense_replace=1,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=258,
+    tie_word_embeddings=False,
+)
+YARN = {
+    "type": "yarn",
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 
 # name -> (model_type, config fields beyond COMMON). Covers V2 softmax greedy and group-limited, V3 noaux_tc,
 # plain RoPE and YaRN (mscale = and != mscale_all_dim), with and without q compression, tied embeddings.
 VARIANTS = {
-    "v2_lite_greedy_yarn_noq": ("deepseek_v2", dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
-                                num_experts_per_tok=2, topk_method="greedy", n_group=1, topk_group=1,
-                                norm_topk_prob=False, routed_scaling_factor=1.0, rope_scaling=YARN)),
-    "v2_group_limited_rope_q": ("deepseek_v2", dict(q_lora_rank=48, n_routed_experts=8, n_shared_experts=1,
-                                num_experts_per_tok=4, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                norm_topk_prob=False, routed_scaling_factor=16.0, rope_scaling=None,
-                                rope_theta=20000.0)),
-    "v3_noaux_yarn_q": ("deepseek_v3", dict(q_lora_rank=48, n_routed_experts=8, n_shared_experts=1,
-                        num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
-                        routed_scaling_factor=2.5, rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8))),
-    "v3_noaux_rope_noq": ("deepseek_v3", dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
-                          num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
-                          routed_scaling_factor=2.446, rope_scaling=None, rope_theta=50000.0, rms_norm_eps=1e-5)),
-    "v3_tied_yarn_q": ("deepseek_v3", dict(q_lora_rank=40, n_routed_experts=4, n_shared_experts=1,
-                       num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=True,
-                       routed_scaling_factor=1.0, rope_scaling=YARN, tie_word_embeddings=True)),
+    "v2_lite_greedy_yarn_noq": (
+        "deepseek_v2",
+        dict(
+            q_lora_rank=None,
+            n_routed_experts=6,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            rope_scaling=YARN,
+        ),
+    ),
+    "v2_group_limited_rope_q": (
+        "deepseek_v2",
+        dict(
+            q_lora_rank=48,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=4,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=False,
+            routed_scaling_factor=16.0,
+            rope_scaling=None,
+            rope_theta=20000.0,
+        ),
+    ),
+    "v3_noaux_yarn_q": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=48,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=0.8),
+        ),
+    ),
+    "v3_noaux_rope_noq": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=None,
+            n_routed_experts=6,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.446,
+            rope_scaling=None,
+            rope_theta=50000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
+    "v3_tied_yarn_q": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=40,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            rope_scaling=YARN,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -63,7 +147,9 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>", "<pad>"])  # ids 256, 257, 258
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 256)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

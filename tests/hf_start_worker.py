@@ -13,8 +13,13 @@ LAYOUTS = {"tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2)}
 def overrides(directory, layout: str = "") -> list[str]:
     """Config overrides for trainer=megatron on ``directory`` under ``layout`` (none: one process)."""
     kw = LAYOUTS.get(layout, {})
-    out = [f"model.checkpoint={directory}", "trainer=megatron", f"trainer.tensor_parallel={kw.get('tp', 1)}",
-           f"trainer.expert_parallel={kw.get('ep', 1)}", f"trainer.pipeline_parallel={kw.get('pp', 1)}"]
+    out = [
+        f"model.checkpoint={directory}",
+        "trainer=megatron",
+        f"trainer.tensor_parallel={kw.get('tp', 1)}",
+        f"trainer.expert_parallel={kw.get('ep', 1)}",
+        f"trainer.pipeline_parallel={kw.get('pp', 1)}",
+    ]
     if kw.get("pp", 1) > 1:  # 3 layers over 2 stages: 1, then 2 (the second stage's keys start at layer 1)
         out += ["trainer.layers_in_first_pipeline_stage=1", "trainer.layers_in_last_pipeline_stage=2"]
     return out
@@ -59,7 +64,10 @@ def worker(rank, world, port, dirs, tokens_path, out_dir):
         parallel.init_megatron(tp=kw.get("tp", 1), ep=kw.get("ep", 1), pp=kw.get("pp", 1))
         model = build(dirs[which], layout)
         report = load_hf_checkpoint([model], dirs[which])
-        result = {"bytes_read": report.bytes_read, "mismatched": mismatched(report, dirs[which]),
-                  "logits": None if layout == "pp2" else logits(model, tokens)}  # PP: no schedule here
+        result = {
+            "bytes_read": report.bytes_read,
+            "mismatched": mismatched(report, dirs[which]),
+            "logits": None if layout == "pp2" else logits(model, tokens),
+        }  # PP: no schedule here
         torch.save(result, f"{out_dir}/{layout}_{which}_rank{rank}.pt")
     parallel.destroy()

@@ -17,8 +17,13 @@ FIRST_STAGE_LAYERS = 2  # of the tiny models' 3: the dense layer 0 and MoE layer
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 8
 # every linear of both kinds of layer; part-selective B on two of them; one module excluded by its global layer
 # index (under PP=2 it is the last stage's local layer 0)
-PEFT_KWARGS = dict(placement="all_linear", dim=4, alpha=8, exclude_modules=["*layers.2.self_attention.linear_proj"],
-                   parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"})
+PEFT_KWARGS = dict(
+    placement="all_linear",
+    dim=4,
+    alpha=8,
+    exclude_modules=["*layers.2.self_attention.linear_proj"],
+    parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
+)
 
 
 def micro_batches(vocab: int, seed: int = 0) -> list:
@@ -26,8 +31,9 @@ def micro_batches(vocab: int, seed: int = 0) -> list:
     gen = torch.Generator().manual_seed(seed)
     positions = torch.arange(SEQ).expand(MICRO_BATCH_SIZE, SEQ)
     mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).triu(1)
-    return [(torch.randint(0, vocab, (MICRO_BATCH_SIZE, SEQ), generator=gen), positions, mask)
-            for _ in range(MICRO_BATCHES)]
+    return [
+        (torch.randint(0, vocab, (MICRO_BATCH_SIZE, SEQ), generator=gen), positions, mask) for _ in range(MICRO_BATCHES)
+    ]
 
 
 def build(spec, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
@@ -73,8 +79,14 @@ def pipeline_step(model, micro: list) -> list:
         return output, loss_func
 
     model.zero_grad(set_to_none=True)
-    out = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-                                      num_microbatches=len(micro), seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE)
+    out = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro),
+        model=[model],
+        num_microbatches=len(micro),
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH_SIZE,
+    )
     return [o["loss"] for o in out]
 
 
@@ -132,10 +144,15 @@ def worker(rank: int, world: int, port: int, root: str, variants: list) -> None:
             load(model, d / "base", d / "adapter")
             tensors = adapter_tensors(model) if layout == "pp2" else {}
             losses = pipeline_step(model, micro_batches(spec.vocab_size))
-            stage = {"stage": parallel_state.get_pipeline_model_parallel_rank(),
-                     "layers": [m.layer_number - 1 for m in model.decoder.layers], "losses": losses,
-                     "tensors": tensors, "embedding": model.pre_process, "output_layer": model.post_process,
-                     "tied": tied_weight(model) if layout == "pp2" else None}
+            stage = {
+                "stage": parallel_state.get_pipeline_model_parallel_rank(),
+                "layers": [m.layer_number - 1 for m in model.decoder.layers],
+                "losses": losses,
+                "tensors": tensors,
+                "embedding": model.pre_process,
+                "output_layer": model.post_process,
+                "tied": tied_weight(model) if layout == "pp2" else None,
+            }
             result = {"grads": global_grads(model), "ranks": all_ranks(stage)}
             dist_ckpt.save_adapter(model, MLALoRA(**PEFT_KWARGS), spec, d / f"adapter_{layout}")
             if layout == "pp2":

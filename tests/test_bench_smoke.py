@@ -11,11 +11,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     out = tmp_path / "overhead.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_overhead.py"), "--dims", "tiny", "--seq", "16",
-                           "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--ranks", "2",
-                           "--variants", "linear_kv_up_proj", "all_linear", "--profile", "all_linear:2",
-                           "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "lora_overhead.py"),
+            "--dims",
+            "tiny",
+            "--seq",
+            "16",
+            "--dtype",
+            "fp32",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--ranks",
+            "2",
+            "--variants",
+            "linear_kv_up_proj",
+            "all_linear",
+            "--profile",
+            "all_linear:2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
@@ -28,9 +51,28 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
 
 def test_decode_bench_runs_on_tiny_dims(tmp_path):
     out = tmp_path / "decode.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_bench.py"), "--dims", "tiny", "--batch", "2",
-                           "--context", "16", "--iters", "1", "--dtype", "fp32", "--no-triton", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "decode_bench.py"),
+            "--dims",
+            "tiny",
+            "--batch",
+            "2",
+            "--context",
+            "16",
+            "--iters",
+            "1",
+            "--dtype",
+            "fp32",
+            "--no-triton",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     # tiny dims: latent (40 + 8) x 4 B per token per layer vs materialized 4 heads x (32 + 28) x 4 B

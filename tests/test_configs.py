@@ -27,8 +27,14 @@ def test_every_yaml_composes_and_validates(group, option):
 
 
 def test_parts_and_targets_from_the_command_line():
-    cfg = compose("finetune", ["model=tiny_mla_noq", "+peft.parts.linear_kv_up_proj=k",
-                               "peft.target_modules=[linear_kv_up_proj,linear_q_proj]"])
+    cfg = compose(
+        "finetune",
+        [
+            "model=tiny_mla_noq",
+            "+peft.parts.linear_kv_up_proj=k",
+            "peft.target_modules=[linear_kv_up_proj,linear_q_proj]",
+        ],
+    )
     assert dict(cfg.peft.parts) == {"linear_kv_up_proj": "k"}
     assert list(cfg.peft.target_modules) == ["linear_kv_up_proj", "linear_q_proj"]
 
@@ -58,8 +64,14 @@ def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     assert (t.layers_in_first_pipeline_stage, t.layers_in_last_pipeline_stage) == (13, 12)
     assert p.placement == "nemo_official" and (p.dim, p.alpha, p.dropout) == (32, 32, 0.0)
     from nemo_mla_lora.peft.placements import get
-    assert set(get(p.placement).targets) >= {"linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
-                                             "linear_kv_up_proj", "linear_proj"}
+
+    assert set(get(p.placement).targets) >= {
+        "linear_q_down_proj",
+        "linear_q_up_proj",
+        "linear_kv_down_proj",
+        "linear_kv_up_proj",
+        "linear_proj",
+    }
     assert (o.lr, o.min_lr, o.scheduler, o.warmup_steps) == (1e-4, 0.0, "cosine", 50)
     assert (o.name, o.adam_beta1, o.adam_beta2, o.adam_eps) == ("adam", 0.9, 0.98, 1e-5)
     assert (o.weight_decay, o.clip_grad) == (0.1, 1.0)
@@ -69,38 +81,72 @@ def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     assert (t.max_steps, t.val_check_interval, t.checkpoint_every_n_steps) == (1000, 30, 50)
     assert t.use_distributed_optimizer is False and t.cross_entropy_loss_fusion is False
     spec = resolve(m)  # DeepSeek-V3's own config.json (models/configs/deepseek_v3.json)
-    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank) == (61, 7168, 128, 1536, 512)
-    assert (spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.num_experts, spec.moe_topk) == (128, 64, 128, 256, 8)
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank) == (
+        61,
+        7168,
+        128,
+        1536,
+        512,
+    )
+    assert (spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.num_experts, spec.moe_topk) == (
+        128,
+        64,
+        128,
+        256,
+        8,
+    )
     assert spec.moe_layer_pattern == (0,) * 3 + (1,) * 58
     assert (spec.ffn_hidden_size, spec.moe_ffn_hidden_size, spec.vocab_size) == (18432, 2048, 129280)
-    assert (spec.moe_score_function, spec.moe_topk_method, spec.moe_num_groups, spec.moe_group_topk) == ("sigmoid", "noaux_tc", 8, 4)
-    assert (spec.rope_type, spec.rope_factor, spec.rope_original_max_positions, spec.max_positions) == ("yarn", 40.0, 4096, 163840)
+    assert (spec.moe_score_function, spec.moe_topk_method, spec.moe_num_groups, spec.moe_group_topk) == (
+        "sigmoid",
+        "noaux_tc",
+        8,
+        4,
+    )
+    assert (spec.rope_type, spec.rope_factor, spec.rope_original_max_positions, spec.max_positions) == (
+        "yarn",
+        40.0,
+        4096,
+        163840,
+    )
 
 
-@pytest.mark.parametrize("override,error,message", [
-    ("trainer.max_stepz=3", ConfigCompositionException, "max_stepz"),
-    ("peft.dim=abc", ConfigCompositionException, "dim"),
-    ("model=gpt2", ConfigCompositionException, "gpt2"),
-])
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("trainer.max_stepz=3", ConfigCompositionException, "max_stepz"),
+        ("peft.dim=abc", ConfigCompositionException, "dim"),
+        ("model=gpt2", ConfigCompositionException, "gpt2"),
+    ],
+)
 def test_bad_overrides_fail_at_composition(override, error, message):
     with pytest.raises(error, match=message):
         compose("finetune", [override])
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model=deepseek_v3", "trainer=megatron", "trainer.tensor_parallel=7"], "does not divide the model's num_attention_heads=128"),
-    (["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"], "does not divide the model's n_routed_experts=256"),
-    (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
-    (["export.format=onnx"], "export.format='onnx'"),
-    (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
-    (["peft.placement=everywhere"], "unknown placement"),
-    (["model=deepseek_v3", "trainer=megatron"], "needs data.tokenizer"),
-    (["trainer=megatron", "data.tokenizer=byte"], "the model's vocab_size=264 is smaller"),
-    (["+model.arch.num_hidden_layers=two"], "wrong type"),
-    (["+model.arch.num_hiden_layers=2"], "not fields of"),
-    (["model.config=no_such_model"], "neither a built-in model"),
-    (["+foo=1", "+trainer.max_stepz=3"], r"unknown keys \['trainer.max_stepz', 'foo'\]"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model=deepseek_v3", "trainer=megatron", "trainer.tensor_parallel=7"],
+            "does not divide the model's num_attention_heads=128",
+        ),
+        (
+            ["model=deepseek_v3", "trainer=megatron", "trainer.expert_parallel=3"],
+            "does not divide the model's n_routed_experts=256",
+        ),
+        (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
+        (["export.format=onnx"], "export.format='onnx'"),
+        (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
+        (["peft.placement=everywhere"], "unknown placement"),
+        (["model=deepseek_v3", "trainer=megatron"], "needs data.tokenizer"),
+        (["trainer=megatron", "data.tokenizer=byte"], "the model's vocab_size=264 is smaller"),
+        (["+model.arch.num_hidden_layers=two"], "wrong type"),
+        (["+model.arch.num_hiden_layers=2"], "not fields of"),
+        (["model.config=no_such_model"], "neither a built-in model"),
+        (["+foo=1", "+trainer.max_stepz=3"], r"unknown keys \['trainer.max_stepz', 'foo'\]"),
+    ],
+)
 def test_bad_values_fail_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         compose("finetune", overrides)
@@ -108,8 +154,18 @@ def test_bad_values_fail_validation(overrides, message):
 
 def test_gpu_proof_config_validates():
     """What bench/run_gpu.sh runs: V3 attention dims, base made on the GPU, NeMo's byte tokenizer."""
-    cfg = compose("finetune", ["model=deepseek_v3_small", "trainer=megatron", "data=cpu", "data.tokenizer=byte",
-                               "data.seq_length=64", "trainer.global_batch_size=32", "trainer.micro_batch_size=8"])
+    cfg = compose(
+        "finetune",
+        [
+            "model=deepseek_v3_small",
+            "trainer=megatron",
+            "data=cpu",
+            "data.tokenizer=byte",
+            "data.seq_length=64",
+            "trainer.global_batch_size=32",
+            "trainer.micro_batch_size=8",
+        ],
+    )
     spec = resolve(cfg.model)
     assert (spec.hidden_size, spec.num_heads, spec.kv_lora_rank) == (7168, 128, 512)
     assert cfg.trainer.devices == 1 and cfg.data.base_pretrain
@@ -117,17 +173,40 @@ def test_gpu_proof_config_validates():
 
 def test_recipe_rejects_bad_override_before_building(tmp_path):
     """The CLI fails fast (no model, no run directory contents) with the reason."""
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", "model=deepseek_v3",
-                           "trainer=megatron", "trainer.tensor_parallel=6", f"output_dir={tmp_path}/run"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.finetune",
+            "model=deepseek_v3",
+            "trainer=megatron",
+            "trainer.tensor_parallel=6",
+            f"output_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "does not divide the model's num_attention_heads=128" in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()  # a rejected config leaves nothing behind
 
 
 def test_cfg_job_prints_composed_config():
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", "--cfg", "job",
-                           "model=deepseek_v3", "trainer=megatron"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.finetune",
+            "--cfg",
+            "job",
+            "model=deepseek_v3",
+            "trainer=megatron",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tensor_parallel: 8" in proc.stdout or "tensor_parallel: ${model.parallel.tensor}" in proc.stdout
     assert "config: deepseek_v3" in proc.stdout

@@ -12,12 +12,18 @@ from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
 def groups():
     gen = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    return [{"embedding.word_embeddings.weight": r(11, 6)},
-            {"decoder.layers.0.self_attention.linear_proj.weight": r(6, 8),
-             "decoder.layers.0.mlp.linear_fc1.weight": r(16, 6)},
-            {"decoder.layers.1.self_attention.linear_proj.weight": r(6, 8),
-             **{f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight": r(4, 6) for e in range(3)}},
-            {"decoder.final_layernorm.weight": r(6), "output_layer.weight": r(11, 6)}]
+    return [
+        {"embedding.word_embeddings.weight": r(11, 6)},
+        {
+            "decoder.layers.0.self_attention.linear_proj.weight": r(6, 8),
+            "decoder.layers.0.mlp.linear_fc1.weight": r(16, 6),
+        },
+        {
+            "decoder.layers.1.self_attention.linear_proj.weight": r(6, 8),
+            **{f"decoder.layers.1.mlp.experts.local_experts.{e}.linear_fc1.weight": r(4, 6) for e in range(3)},
+        },
+        {"decoder.final_layernorm.weight": r(6), "output_layer.weight": r(11, 6)},
+    ]
 
 
 def load_all(directory) -> dict:

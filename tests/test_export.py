@@ -47,7 +47,9 @@ def test_merged_formats_round_trip_and_match_unmerged(trained, fmt):
     assert info["verify"]["passed"] and info["verify"]["max_abs_logit_diff"] < 2e-5
     if fmt in ("absorbed", "mcore"):  # verify decoded with a cache of c_kv + k_rope only
         spec_ = trained["spec"]
-        assert info["verify"]["cached_values_per_token"] == spec_.num_layers * (spec_.kv_lora_rank + spec_.qk_rope_head_dim)
+        assert info["verify"]["cached_values_per_token"] == spec_.num_layers * (
+            spec_.kv_lora_rank + spec_.qk_rope_head_dim
+        )
     assert json.loads((out / "manifest.json").read_text())["format"] == fmt
     state = read_export(out, fmt)
     tokens, positions, mask = batch()
@@ -60,6 +62,7 @@ def test_merged_formats_round_trip_and_match_unmerged(trained, fmt):
         assert cache.values_per_token() == spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim)
     else:
         from nemo_mla_lora.reference.model import forward
+
         logits = forward(tokens, state, spec)
     torch.testing.assert_close(logits, unmerged, atol=2e-5, rtol=0)
 
@@ -75,8 +78,10 @@ def test_absorbed_layout_is_megatron_split_layout(trained):
     h, dn, c = spec.num_heads, spec.qk_nope_head_dim, spec.kv_lora_rank
     assert torch.equal(state[f"{p}.linear_k_up_proj.weight"], kv[:, :dn].reshape(h * dn, c))
     assert torch.equal(state[f"{p}.linear_v_up_proj.weight"], kv[:, dn:].reshape(-1, c))
-    assert torch.equal(absorb.join_kv_up(*absorb.split_kv_up(merged[f"{p}.linear_kv_up_proj.weight"], spec), spec),
-                       merged[f"{p}.linear_kv_up_proj.weight"])
+    assert torch.equal(
+        absorb.join_kv_up(*absorb.split_kv_up(merged[f"{p}.linear_kv_up_proj.weight"], spec), spec),
+        merged[f"{p}.linear_kv_up_proj.weight"],
+    )
     assert f"{p}.kv_layernorm.weight" in state
 
 
@@ -96,8 +101,18 @@ def test_manifest_kv_bytes_by_hand(trained):
 def test_v3_kv_cache_is_71x():
     from nemo_mla_lora.export.manifest import kv_cache_report
 
-    v3 = MLASpec(hidden_size=7168, num_layers=61, num_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280, ffn_hidden_size=18432)
+    v3 = MLASpec(
+        hidden_size=7168,
+        num_layers=61,
+        num_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        vocab_size=129280,
+        ffn_hidden_size=18432,
+    )
     report = kv_cache_report(v3, "bfloat16")
     assert report["bytes_per_token_per_layer"] == {"latent": 1152, "materialized": 81920}
     assert round(report["materialized_over_latent"], 1) == 71.1
@@ -110,7 +125,9 @@ def write_hf_base(state, spec, directory):
 
     directory.mkdir(parents=True, exist_ok=True)
     hf_config.hf_model_config(spec).to_json_file(str(directory / "config.json"))
-    save_file({k: v.contiguous() for k, v in keymap.megatron_to_hf(state).items()}, str(directory / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in keymap.megatron_to_hf(state).items()}, str(directory / "model.safetensors")
+    )
 
 
 def test_hf_peft_export_loads_in_hf_transformers_peft(trained):
@@ -128,8 +145,9 @@ def test_hf_peft_export_loads_in_hf_transformers_peft(trained):
     hf = PeftModel.from_pretrained(base, out).eval()
     tokens, positions, mask = batch()
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=tokens).logits, trained["model"](tokens, positions, mask),
-                                   atol=3e-6, rtol=0)
+        torch.testing.assert_close(
+            hf(input_ids=tokens).logits, trained["model"](tokens, positions, mask), atol=3e-6, rtol=0
+        )
 
 
 def test_hf_transformers_and_peft_chain(mcore, tmp_path):
@@ -175,7 +193,7 @@ def test_fp8_block_dequantization(tmp_path):
     scale = torch.zeros(2, 3)
     for i in range(2):
         for j in range(3):
-            scale[i, j] = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128].abs().max() / 448.0
+            scale[i, j] = w[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128].abs().max() / 448.0
     q = (w / scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]).to(torch.float8_e4m3fn)
     back = dequantize_fp8(q, scale, torch.float32)
     assert (back - w).abs().max() < 0.07 * w.abs().max()  # e4m3: 3 mantissa bits
@@ -196,7 +214,9 @@ def test_fold_is_exact_and_costs_are_reported(trained):
     q_lat_folded = torch.einsum("hcq,sq->shc", folded[f"{p}.{absorb.Q_FOLDED}"], c_q)
     torch.testing.assert_close(q_lat_folded, q_lat_split)
     o_lat = torch.randn(3, h, c, dtype=torch.float64)
-    out_split = torch.einsum("shc,hdc->shd", o_lat, v_up.view(h, dv, c)).reshape(3, -1) @ state[f"{p}.linear_proj.weight"].T
+    out_split = (
+        torch.einsum("shc,hdc->shd", o_lat, v_up.view(h, dv, c)).reshape(3, -1) @ state[f"{p}.linear_proj.weight"].T
+    )
     out_folded = torch.einsum("ohc,shc->so", folded[f"{p}.{absorb.O_FOLDED}"], o_lat)
     torch.testing.assert_close(out_folded, out_split)
     cost = absorb.fold_cost(spec)
@@ -212,8 +232,9 @@ def test_existing_output_is_not_overwritten(trained):
 def test_failed_verification_leaves_nothing(trained):
     out = trained["root"] / "never"
     with pytest.raises(VerificationError, match="tolerance"):
-        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="absorbed", tolerance=0.0,
-               progress=False)
+        export(
+            trained["root"] / "base", trained["root"] / "adapter", out, fmt="absorbed", tolerance=0.0, progress=False
+        )
     assert not out.exists() and not list(trained["root"].glob(".never.tmp-*"))
 
 
@@ -239,6 +260,7 @@ def test_adapter_for_another_model_is_refused(trained, tmp_path, mcore):
     other = peft(build_model(other_config))
     dist_ckpt.save_adapter(other, peft, other_spec, tmp_path / "adapter")
     from nemo_mla_lora.checkpoints.errors import CheckpointError
+
     with pytest.raises(CheckpointError, match="trained on another model"):
         export(trained["root"] / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", progress=False)
 
@@ -293,12 +315,15 @@ def _verify_absorbed_export(trained, corrupt: bool, mode: str = "full", layers=N
     pairs = zip(units(base.names, lambda n: base.shapes()[n]), units(reader.names(), lambda n: reader.flat[n][2]))
     for u_base, u_exp in pairs:
         assert (u_base.group, u_base.kind) == (u_exp.group, u_exp.kind)
-        verifier.reference(u_base, base.load(u_base.names),
-                           lora.factors([n[:-7] for n in u_base.names if n.endswith(".weight")]))
+        verifier.reference(
+            u_base, base.load(u_base.names), lora.factors([n[:-7] for n in u_base.names if n.endswith(".weight")])
+        )
         tensors = reader.load(u_exp.names)
         key = "decoder.layers.1.self_attention.linear_k_up_proj.weight"
         if corrupt and key in tensors:
-            tensors[key] = tensors[key].view(spec.num_heads, -1, spec.kv_lora_rank).flip(0).reshape(-1, spec.kv_lora_rank)
+            tensors[key] = (
+                tensors[key].view(spec.num_heads, -1, spec.kv_lora_rank).flip(0).reshape(-1, spec.kv_lora_rank)
+            )
         verifier.export(u_exp, tensors)
     return verifier.report()
 
@@ -324,7 +349,11 @@ def test_merge_tp_shards_equals_merging_the_whole(kind, factor_sharded):
     from nemo_mla_lora.peft.merge import merge_tp_shards
 
     tp, r = 2, 4
-    w, a, b = torch.randn(12, 10, dtype=torch.float64), torch.randn(r, 10, dtype=torch.float64), torch.randn(12, r, dtype=torch.float64)
+    w, a, b = (
+        torch.randn(12, 10, dtype=torch.float64),
+        torch.randn(r, 10, dtype=torch.float64),
+        torch.randn(12, r, dtype=torch.float64),
+    )
     whole = merge_linear(w, a, b, 0.5)
     if kind == "column":
         shards_w, shards_b = list(w.chunk(tp, 0)), list(b.chunk(tp, 0))
@@ -351,15 +380,17 @@ def test_megatron_default_strictness_load(trained, tmp_path, kind):
     directory = trained["root"] / "base"
     if kind == "mcore_export":
         directory = tmp_path / "mcore"
-        export(trained["root"] / "base", trained["root"] / "adapter", directory, fmt="mcore", names="local",
-               progress=False)  # the model here is built on the TE-free spec (TE-spec load: bench/README.md)
+        export(
+            trained["root"] / "base", trained["root"] / "adapter", directory, fmt="mcore", names="local", progress=False
+        )  # the model here is built on the TE-free spec (TE-spec load: bench/README.md)
     model = build_model(config_from_spec(dist_ckpt.read_spec(directory))).eval()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(directory)))
     if kind == "mcore_export":
         tokens, positions, mask = batch()
         with torch.no_grad():
-            torch.testing.assert_close(model(tokens, positions, mask), trained["model"](tokens, positions, mask),
-                                       atol=2e-5, rtol=0)
+            torch.testing.assert_close(
+                model(tokens, positions, mask), trained["model"](tokens, positions, mask), atol=2e-5, rtol=0
+            )
 
 
 def test_te_named_base_reads_as_local(trained, tmp_path):
@@ -376,8 +407,10 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     dense = {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
     te_state = {keymap.to_te_name(n, dense): t for n, t in state.items()}
     renamed = {n for n in te_state if n not in state}
-    assert {"decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
-            "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight"} <= renamed
+    assert {
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight",
+    } <= renamed
     assert "decoder.layers.1.pre_mlp_layernorm.weight" in te_state  # an MoE layer keeps its norm
     assert {keymap.from_te_name(n) for n in te_state} == set(state)
     te_dir = tmp_path / "te_base"
@@ -388,7 +421,9 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     assert sorted(te.names) == sorted(local.names)
     assert all(torch.equal(t, state[n]) for n, t in te.load(te.names).items())
     a = export(te_dir, trained["root"] / "adapter", tmp_path / "from_te", fmt="mcore", progress=False)
-    b = export(trained["root"] / "base", trained["root"] / "adapter", tmp_path / "from_local", fmt="mcore", progress=False)
+    b = export(
+        trained["root"] / "base", trained["root"] / "adapter", tmp_path / "from_local", fmt="mcore", progress=False
+    )
     assert a["tensor_checksums"] == b["tensor_checksums"]
 
 
@@ -396,15 +431,29 @@ def test_export_verify_modes(trained, tmp_path):
     """verify=sample checks the named layers on their own (and the head); verify=none checks nothing; a layer
     the model lacks is refused before anything is written."""
     root = trained["root"]
-    sample = export(root / "base", root / "adapter", tmp_path / "sample", fmt="hf", verify="sample",
-                    verify_layers=[1], progress=False)["verify"]
+    sample = export(
+        root / "base",
+        root / "adapter",
+        tmp_path / "sample",
+        fmt="hf",
+        verify="sample",
+        verify_layers=[1],
+        progress=False,
+    )["verify"]
     assert sample["mode"] == "sample" and sample["passed"] and set(sample["layers"]) == {"1"}
     assert sample["layers"]["1"]["max_abs_diff"] <= sample["layers"]["1"]["bound"]
     none = export(root / "base", root / "adapter", tmp_path / "none", fmt="hf", verify=False, progress=False)
     assert none["verify"] == {"mode": "none", "passed": True} and "timing" in none
     with pytest.raises(ValueError, match=r"verify layers \[7\]"):
-        export(root / "base", root / "adapter", tmp_path / "bad", fmt="hf", verify="sample", verify_layers=[7],
-               progress=False)
+        export(
+            root / "base",
+            root / "adapter",
+            tmp_path / "bad",
+            fmt="hf",
+            verify="sample",
+            verify_layers=[7],
+            progress=False,
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -417,8 +466,9 @@ def test_expert_units_smaller_than_a_layer_read_from_a_dist_checkpoint(trained, 
     name = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
     live = trained["model"].state_dict()[name]
     assert torch.equal(reader.load([name])[name], live)
-    one = export(base, trained["root"] / "adapter", tmp_path / "one", fmt="mcore", progress=False, verify=False,
-                 budget=1)  # every expert its own unit
+    one = export(
+        base, trained["root"] / "adapter", tmp_path / "one", fmt="mcore", progress=False, verify=False, budget=1
+    )  # every expert its own unit
     whole = export(base, trained["root"] / "adapter", tmp_path / "whole", fmt="mcore", progress=False, verify=False)
     assert one["timing"]["units"] > whole["timing"]["units"]
     a, b = read_export(tmp_path / "one", "mcore"), read_export(tmp_path / "whole", "mcore")

@@ -45,11 +45,28 @@ def _bench():
 def experts_heavy(tmp_path_factory):
     from transformers import DeepseekV3Config
 
-    config = DeepseekV3Config(vocab_size=512, hidden_size=512, intermediate_size=256, moe_intermediate_size=1024,
-                              num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=4,
-                              num_key_value_heads=4, n_routed_experts=64, n_shared_experts=1, num_experts_per_tok=4,
-                              n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-                              qk_rope_head_dim=16, v_head_dim=32, tie_word_embeddings=False, torch_dtype="bfloat16")
+    config = DeepseekV3Config(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=256,
+        moe_intermediate_size=1024,
+        num_hidden_layers=2,
+        first_k_dense_replace=0,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=64,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        kv_lora_rank=64,
+        q_lora_rank=96,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     out = tmp_path_factory.mktemp("experts_heavy") / "base"
     info = _bench().write_checkpoint(out, config, rank=8, shard_bytes=64 << 20)
     layer_experts_mib = 64 * 3 * 512 * 1024 * 2 / 2**20  # 96 MiB per layer
@@ -60,8 +77,9 @@ def experts_heavy(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["hf", "mcore"])
 def test_export_peak_memory_is_units_not_layers(experts_heavy, tmp_path, fmt):
     base, layer_mib = experts_heavy
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(base), fmt, str(tmp_path / "out")], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(base), fmt, str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["passed"] and result["units"] > 2 * 12  # each MoE layer is many units

@@ -7,8 +7,13 @@ from pathlib import Path
 
 import pytest
 
-SHORT = ["data.base_pretrain_steps=30", "trainer.max_steps=24", "trainer.val_check_interval=12",
-         "trainer.checkpoint_every_n_steps=12", "trainer.limit_val_batches=2"]
+SHORT = [
+    "data.base_pretrain_steps=30",
+    "trainer.max_steps=24",
+    "trainer.val_check_interval=12",
+    "trainer.checkpoint_every_n_steps=12",
+    "trainer.limit_val_batches=2",
+]
 
 
 def run(args, timeout=600):
@@ -27,22 +32,40 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
     assert summary["verify"]["passed"] and summary["verify"]["max_abs_logit_diff"] < 1e-3
     assert summary["kv_cache"]["bytes_per_token"]["latent"] == 3 * (40 + 8) * 4
     for key in ("adapter_path", "export_path", "base_checkpoint"):
-        assert (out.parent / summary[key]).exists() or (tmp_path / summary[key]).exists() or \
-            Path(summary[key]).exists(), key
+        assert (
+            (out.parent / summary[key]).exists() or (tmp_path / summary[key]).exists() or Path(summary[key]).exists()
+        ), key
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     assert manifest["format"] == "mcore" and manifest["latent_cache"] and "Megatron" in manifest["loaded_by"]
     from nemo_mla_lora.training.metrics import read
+
     logged = read(out / "lora_metrics.jsonl")
     assert [r["step"] for r in logged if "val_loss" in r] == [12, 24]
     assert sum("train_loss" in r for r in logged) >= 2
 
     # resume: same output_dir, more steps -> continues from checkpoints/last.ckpt and reuses the base
-    resumed = run(["nemo_mla_lora.recipes.finetune", f"output_dir={out}", *SHORT[:-4], "trainer.max_steps=36",
-                   "trainer.val_check_interval=12", "trainer.checkpoint_every_n_steps=12", "trainer.limit_val_batches=2"])
+    resumed = run(
+        [
+            "nemo_mla_lora.recipes.finetune",
+            f"output_dir={out}",
+            *SHORT[:-4],
+            "trainer.max_steps=36",
+            "trainer.val_check_interval=12",
+            "trainer.checkpoint_every_n_steps=12",
+            "trainer.limit_val_batches=2",
+        ]
+    )
     summary2 = json.loads((out / "summary.json").read_text())
     assert summary2["resumed_from"] and summary2["resumed_from"].endswith("last.ckpt"), resumed.stdout[-500:]
 
     # standalone export to HF format from the run's base + adapter
-    proc = run(["nemo_mla_lora.recipes.export", f"base={out}/base", f"adapter={out}/adapter",
-                f"output={tmp_path}/hf", "format=hf"])
+    proc = run(
+        [
+            "nemo_mla_lora.recipes.export",
+            f"base={out}/base",
+            f"adapter={out}/adapter",
+            f"output={tmp_path}/hf",
+            "format=hf",
+        ]
+    )
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() and '"passed": true' in proc.stdout

@@ -36,7 +36,7 @@ def test_prefill_and_decode_match_reference_and_unmerged_model(trained, absorbed
     engine = AbsorbedMLAEngine.load(absorbed)
     tokens, positions, mask = batch(seq=12)
     cache = engine.new_cache(batch=2, max_length=12)
-    steps = [engine.forward(tokens[:, :5], cache)] + [engine.forward(tokens[:, i:i + 1], cache) for i in range(5, 12)]
+    steps = [engine.forward(tokens[:, :5], cache)] + [engine.forward(tokens[:, i : i + 1], cache) for i in range(5, 12)]
     logits = torch.cat(steps, dim=1)  # [b, s, vocab]
     reference, _ = latent.generate_logits(tokens, read_export(absorbed, "absorbed"), spec, prefill=5)
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
@@ -84,8 +84,10 @@ def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):  # noq
     for name, directory in (("absorbed", absorbed), (fmt, out)):
         engine = AbsorbedMLAEngine.load(directory)
         cache = engine.new_cache(batch=2, max_length=9)
-        logits[name] = torch.cat([engine.forward(tokens[:, :4], cache)] +
-                                 [engine.forward(tokens[:, i:i + 1], cache) for i in range(4, 9)], dim=1)
+        logits[name] = torch.cat(
+            [engine.forward(tokens[:, :4], cache)] + [engine.forward(tokens[:, i : i + 1], cache) for i in range(4, 9)],
+            dim=1,
+        )
     torch.testing.assert_close(logits[fmt], logits["absorbed"], atol=1e-5, rtol=0)
     peft_out = trained["root"] / "export_hf_peft_for_engine"
     if not peft_out.exists():
@@ -97,9 +99,20 @@ def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):  # noq
 def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):
     dump, prompts = tmp_path / "logits.pt", tmp_path / "prompts.txt"
     prompts.write_text("copy: abc =\ncopy: abcdefg =\n")
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.generate", f"checkpoint={absorbed}",
-                           f"prompt_file={prompts}", "max_new_tokens=4", f"dump_logits={dump}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.generate",
+            f"checkpoint={absorbed}",
+            f"prompt_file={prompts}",
+            "max_new_tokens=4",
+            f"dump_logits={dump}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copy: abc =" in proc.stdout and "copy: abcdefg =" in proc.stdout
     assert "2 prompts in one batch" in proc.stdout + proc.stderr and "bytes per token" in proc.stdout + proc.stderr

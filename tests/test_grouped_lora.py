@@ -18,7 +18,7 @@ def equations(x, a, b, scale, weights, counts):
     """Per expert e: x_e W_e^T + scale (x_e A_e^T) B_e^T, as plain autograd ops. x [t, i] -> [t, o]."""
     out, lo = [], 0
     for e, n in enumerate(counts):
-        x_e = x[lo:lo + n]
+        x_e = x[lo : lo + n]
         out.append(x_e @ weights[e].T + scale * (x_e @ a[e].T) @ b[e].T)
         lo += n
     return torch.cat(out)
@@ -153,8 +153,15 @@ def test_bf16_on_the_gpu_equals_the_float64_equations(monkeypatch, counts):
     ref = grads(lambda: equations(x, a, b, 0.5, weights, counts), x, a, b, gy)
     cast = [t.detach().to("cuda", torch.bfloat16) for t in (x, a, b, gy)]
     xg, ag, bg = (t.requires_grad_() for t in cast[:3])
-    got = grads(lambda: lora_fn.frozen_lora_linear(xg, ag, bg, 0.5, tuple(w.to("cuda", torch.bfloat16)
-                                                                       for w in weights), counts), xg, ag, bg, cast[3])
+    got = grads(
+        lambda: lora_fn.frozen_lora_linear(
+            xg, ag, bg, 0.5, tuple(w.to("cuda", torch.bfloat16) for w in weights), counts
+        ),
+        xg,
+        ag,
+        bg,
+        cast[3],
+    )
     for name, g, r in zip(("y", "x", "A", "B"), got, ref):
         rel = ((g.double().cpu() - r).norm() / r.norm()).item()
         assert rel < 1e-2, f"{name}: relative error {rel}"
@@ -170,14 +177,16 @@ def test_frozen_experts_on_the_grouped_path_equal_megatrons(mcore, monkeypatch):
     model.requires_grad_(False)
     model.embedding.word_embeddings.weight.requires_grad_(True)  # a gradient that flows through every expert
     assert grouped_experts.group_experts(model, frozen_too=True) > 0
-    assert all(m.grouped_plan() is not None for m in model.modules()
-               if isinstance(m, grouped_experts.LoRASequentialMLP))
+    assert all(
+        m.grouped_plan() is not None for m in model.modules() if isinstance(m, grouped_experts.LoRASequentialMLP)
+    )
     logits, grad = step(model)
     per_expert_path(model, monkeypatch)
     ref_logits, ref_grad = step(model)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad["embedding.word_embeddings.weight"],
-                               ref_grad["embedding.word_embeddings.weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        grad["embedding.word_embeddings.weight"], ref_grad["embedding.word_embeddings.weight"], rtol=1e-12, atol=1e-12
+    )
 
 
 def test_grouped_path_with_megatrons_fused_swiglu(mcore, monkeypatch):

@@ -102,22 +102,30 @@ def test_shape_preserving_mismatch_refused(hf_checkpoints):
     from nemo_mla_lora.models.architecture import resolve
 
     directory = str(hf_checkpoints["v3_noaux_yarn_q"])
-    ok = OmegaConf.create({"name": "x", "checkpoint": directory, "config": None, "arch": {"routed_scaling_factor": 2.5}})
+    ok = OmegaConf.create(
+        {"name": "x", "checkpoint": directory, "config": None, "arch": {"routed_scaling_factor": 2.5}}
+    )
     assert resolve(ok).moe_scaling_factor == 2.5
-    for field, value in (("routed_scaling_factor", 1.0), ("rope_theta", 20000.0),
-                         ("rope_scaling", dict(MAKER.YARN, factor=8.0))):
+    for field, value in (
+        ("routed_scaling_factor", 1.0),
+        ("rope_theta", 20000.0),
+        ("rope_scaling", dict(MAKER.YARN, factor=8.0)),
+    ):
         bad = OmegaConf.create({"name": "x", "checkpoint": directory, "config": None, "arch": {field: value}})
         with pytest.raises(ValueError, match="contradicts the checkpoint"):
             resolve(bad)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("topk_method", "sinkhorn", "topk_method"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling.type"),
-    ("hidden_act", "gelu", "hidden_act"),
-    ("norm_topk_prob", False, "norm_topk_prob"),
-    ("rope_interleave", False, "rope_interleave"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("topk_method", "sinkhorn", "topk_method"),
+        ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling.type"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("norm_topk_prob", False, "norm_topk_prob"),
+        ("rope_interleave", False, "rope_interleave"),
+    ],
+)
 def test_unrepresentable_config_refused(hf_checkpoints, field, value, message):
     config = json.loads((hf_checkpoints["v3_noaux_yarn_q"] / "config.json").read_text())
     with pytest.raises(hf_config.UnsupportedConfig, match=message):
@@ -130,9 +138,19 @@ def finetune_from_hf(directory, out):
     from nemo_mla_lora.config.compose import compose
     from nemo_mla_lora.recipes import finetune
 
-    cfg = compose("finetune", [f"model.checkpoint={directory}", f"output_dir={out}", "trainer.max_steps=4",
-                               "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "optim.lr=0.02",
-                               "optim.warmup_steps=0", "export=hf_peft"])
+    cfg = compose(
+        "finetune",
+        [
+            f"model.checkpoint={directory}",
+            f"output_dir={out}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=1",
+            "optim.lr=0.02",
+            "optim.warmup_steps=0",
+            "export=hf_peft",
+        ],
+    )
     return finetune.run_cpu(cfg, Path(out))
 
 
@@ -153,7 +171,7 @@ def engine_logits(engine, tokens, prefill: int, bank=None, ids=None):
     """Prefill ``prefill`` tokens, then decode the rest one at a time: logits [b, s, vocab]."""
     cache = engine.new_cache(tokens.shape[0], tokens.shape[1])
     steps = [engine.forward(tokens[:, :prefill], cache, bank, ids)]
-    steps += [engine.forward(tokens[:, i:i + 1], cache, bank, ids) for i in range(prefill, tokens.shape[1])]
+    steps += [engine.forward(tokens[:, i : i + 1], cache, bank, ids) for i in range(prefill, tokens.shape[1])]
     return torch.cat(steps, dim=1)
 
 
@@ -208,9 +226,16 @@ def test_generate_cli_on_plain_rope_matches_transformers(hf_checkpoints, tmp_pat
 
     directory = hf_checkpoints["v3_noaux_rope_noq"]
     out = tmp_path / "absorbed"
-    for args in (["nemo_mla_lora.recipes.export", f"base={directory}", "adapter=null", f"output={out}"],
-                 ["nemo_mla_lora.recipes.generate", f"checkpoint={out}", f"prompt_ids_file={tmp_path / 'ids.json'}",
-                  "max_new_tokens=4", f"dump_logits={tmp_path / 'dump.pt'}"]):
+    for args in (
+        ["nemo_mla_lora.recipes.export", f"base={directory}", "adapter=null", f"output={out}"],
+        [
+            "nemo_mla_lora.recipes.generate",
+            f"checkpoint={out}",
+            f"prompt_ids_file={tmp_path / 'ids.json'}",
+            "max_new_tokens=4",
+            f"dump_logits={tmp_path / 'dump.pt'}",
+        ],
+    ):
         (tmp_path / "ids.json").write_text(json.dumps([[256, 85, 80, 80, 70], [256, 99]]))
         proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -241,12 +266,16 @@ def test_nemo_checkpoint_context_is_read_as_data(tmp_path, variant):
     (ckpt / "weights").mkdir(parents=True)
     trainer = nl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     io.TrainerContext(model=llm.GPTModel(config_from_spec(spec)), trainer=trainer, extra={}).io_dump(
-        ckpt / "context", yaml_attrs=["model"])
+        ckpt / "context", yaml_attrs=["model"]
+    )
     assert checkpoint_kind(ckpt) == "nemo" and checkpoint_spec(ckpt) == spec
     yaml_file = ckpt / "context" / "model.yaml"
     marker = tmp_path / "pwned"
     text = yaml_file.read_text()
     assert "\n  init_method: null\n" in text
-    yaml_file.write_text(text.replace("\n  init_method: null\n",
-                                      f"\n  init_method:\n    _target_: os.system\n    _args_: ['touch {marker}']\n"))
+    yaml_file.write_text(
+        text.replace(
+            "\n  init_method: null\n", f"\n  init_method:\n    _target_: os.system\n    _args_: ['touch {marker}']\n"
+        )
+    )
     assert checkpoint_spec(ckpt) == spec and not marker.exists()

@@ -93,15 +93,23 @@ def assert_export_matches(base, adapter, out, expected, fmt: str = "hf") -> dict
 
 FEATURES = {
     "dora": dict(target_modules=["q_a_proj", "kv_b_proj", "gate_proj", "lm_head"], use_dora=True),
-    "patterns_rslora": dict(target_modules=["q_a_proj", "o_proj", "gate_proj", "up_proj"], r=6, lora_alpha=12,
-                            use_rslora=True, rank_pattern={"o_proj": 4, r"layers\.1\.mlp\.experts\.3\.up_proj": 2},
-                            alpha_pattern={"q_a_proj": 3, "up_proj": 5}),
+    "patterns_rslora": dict(
+        target_modules=["q_a_proj", "o_proj", "gate_proj", "up_proj"],
+        r=6,
+        lora_alpha=12,
+        use_rslora=True,
+        rank_pattern={"o_proj": 4, r"layers\.1\.mlp\.experts\.3\.up_proj": 2},
+        alpha_pattern={"q_a_proj": 3, "up_proj": 5},
+    ),
     "modules_to_save": dict(target_modules=["o_proj"], modules_to_save=["lm_head", "mlp.gate", "input_layernorm"]),
     "embedding": dict(target_modules=["embed_tokens", "o_proj"]),
     "lm_head": dict(target_modules=["lm_head", "kv_a_proj_with_mqa"]),
     "regex_targets": dict(target_modules=r".*\.layers\.[02]\.(self_attn\.q_b_proj|mlp\.down_proj)"),
-    "layers_exclude": dict(target_modules=["q_b_proj", "down_proj"], layers_to_transform=[1, 2],
-                           exclude_modules=["shared_experts.down_proj"]),
+    "layers_exclude": dict(
+        target_modules=["q_b_proj", "down_proj"],
+        layers_to_transform=[1, 2],
+        exclude_modules=["shared_experts.down_proj"],
+    ),
 }
 
 
@@ -112,15 +120,32 @@ def test_each_feature_matches_peft_merge(bases, tmp_path, feature):
 
 
 def test_all_features_together_hf_and_latent(mcore, bases, tmp_path):
-    config = dict(target_modules=["embed_tokens", "q_a_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
-                                  "down_proj", "lm_head"], use_dora=True, r=6, lora_alpha=10, use_rslora=True,
-                  rank_pattern={"kv_b_proj": 4}, alpha_pattern={r"experts\.\d+\.up_proj": 7},
-                  modules_to_save=["post_attention_layernorm", "mlp.gate"],
-                  exclude_modules=["layers.2.self_attn.o_proj"])
+    config = dict(
+        target_modules=[
+            "embed_tokens",
+            "q_a_proj",
+            "kv_b_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ],
+        use_dora=True,
+        r=6,
+        lora_alpha=10,
+        use_rslora=True,
+        rank_pattern={"kv_b_proj": 4},
+        alpha_pattern={r"experts\.\d+\.up_proj": 7},
+        modules_to_save=["post_attention_layernorm", "mlp.gate"],
+        exclude_modules=["layers.2.self_attn.o_proj"],
+    )
     expected = make_adapter(bases[VARIANT], tmp_path / "adapter", **config)
     info = assert_export_matches(bases[VARIANT], tmp_path / "adapter", tmp_path / "hf", expected)
     assert info["merge_scales"]["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1"] == {
-        "gate": pytest.approx(10 / 6 ** 0.5), "up": pytest.approx(7 / 6 ** 0.5)}
+        "gate": pytest.approx(10 / 6**0.5),
+        "up": pytest.approx(7 / 6**0.5),
+    }
     assert_export_matches(bases[VARIANT], tmp_path / "adapter", tmp_path / "absorbed", expected, fmt="absorbed")
 
 
@@ -162,52 +187,81 @@ def assert_refused(base, adapter, out, match: str, fmt: str = "hf") -> None:
     assert not out.exists() and not any(out.parent.glob(f".{out.name}*"))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("fan_in_fan_out", True), ("bias", "all"), ("bias", "lora_only"), ("use_qalora", True),
-    ("target_parameters", ["mlp.experts.0.gate_proj.weight"]), ("layer_replication", [[0, 2]]),
-    ("peft_type", "LOHA"), ("megatron_config", {"num_layers": 3}), ("trainable_token_indices", [1, 2]),
-    ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("use_future_feature", True),
-    ("task_type", "SEQ_CLS"), ("target_modules", None),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("fan_in_fan_out", True),
+        ("bias", "all"),
+        ("bias", "lora_only"),
+        ("use_qalora", True),
+        ("target_parameters", ["mlp.experts.0.gate_proj.weight"]),
+        ("layer_replication", [[0, 2]]),
+        ("peft_type", "LOHA"),
+        ("megatron_config", {"num_layers": 3}),
+        ("trainable_token_indices", [1, 2]),
+        ("init_lora_weights", "pissa"),
+        ("init_lora_weights", "olora"),
+        ("use_future_feature", True),
+        ("task_type", "SEQ_CLS"),
+        ("target_modules", None),
+    ],
+)
 def test_unsupported_field_refused_before_writing(bases, plain_adapter, tmp_path, field, value):
     adapter = edited(plain_adapter, tmp_path, **{field: value})
     assert_refused(bases[VARIANT], adapter, tmp_path / "out", field)
 
 
 def test_lora_bias_refused_naming_the_module(bases, tmp_path):
-    peft_model = make_adapter(bases[VARIANT], tmp_path / "adapter", merge=False, target_modules=["o_proj"],
-                              lora_bias=True)
+    peft_model = make_adapter(
+        bases[VARIANT], tmp_path / "adapter", merge=False, target_modules=["o_proj"], lora_bias=True
+    )
     with pytest.raises(RuntimeError, match="lora_bias=True"):  # peft cannot merge it either
         peft_model.merge_and_unload()
-    assert_refused(bases[VARIANT], tmp_path / "adapter", tmp_path / "out", r"lora_bias: model\.layers\.\d\.self_attn"
-                   r"\.o_proj")
+    assert_refused(
+        bases[VARIANT],
+        tmp_path / "adapter",
+        tmp_path / "out",
+        r"lora_bias: model\.layers\.\d\.self_attn"
+        r"\.o_proj",
+    )
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(target_modules=["lm_head", "o_proj"]), "tie_word_embeddings"),
-    (dict(target_modules=["o_proj"], modules_to_save=["embed_tokens"]), "tie_word_embeddings"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(target_modules=["lm_head", "o_proj"]), "tie_word_embeddings"),
+        (dict(target_modules=["o_proj"], modules_to_save=["embed_tokens"]), "tie_word_embeddings"),
+    ],
+)
 def test_tied_embeddings_adapter_refused(bases, tmp_path, config, match):
     make_adapter(bases[TIED], tmp_path / "adapter", **config)
     assert_refused(bases[TIED], tmp_path / "adapter", tmp_path / "out", match)
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(target_modules=["o_proj"], use_dora=True), "use_dora"),
-    (dict(target_modules=["o_proj", "q_a_proj"], rank_pattern={"o_proj": 2}), "rank_pattern"),
-    (dict(target_modules=["o_proj", "q_a_proj"], alpha_pattern={"o_proj": 2}), "alpha_pattern"),
-    (dict(target_modules=["o_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
-    (dict(target_modules=["o_proj", "embed_tokens"]), "embed_tokens"),
-    (dict(target_modules=["o_proj", "gate_proj", "up_proj"]), "gate_proj \\+ up_proj"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(target_modules=["o_proj"], use_dora=True), "use_dora"),
+        (dict(target_modules=["o_proj", "q_a_proj"], rank_pattern={"o_proj": 2}), "rank_pattern"),
+        (dict(target_modules=["o_proj", "q_a_proj"], alpha_pattern={"o_proj": 2}), "alpha_pattern"),
+        (dict(target_modules=["o_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(target_modules=["o_proj", "embed_tokens"]), "embed_tokens"),
+        (dict(target_modules=["o_proj", "gate_proj", "up_proj"]), "gate_proj \\+ up_proj"),
+    ],
+)
 def test_hf_peft_format_refuses_what_it_cannot_write(bases, tmp_path, config, match):
     make_adapter(bases[VARIANT], tmp_path / "adapter", **config)
     assert_refused(bases[VARIANT], tmp_path / "adapter", tmp_path / "out", match, fmt="hf_peft")
 
 
-@pytest.mark.parametrize("key", ["base_model.model.model.layers.0.self_attn.o_proj.lora_C.weight",
-                                 "model.layers.0.self_attn.o_proj.lora_A.weight",
-                                 "base_model.model.model.layers.0.post_attention_layernorm.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "base_model.model.model.layers.0.self_attn.o_proj.lora_C.weight",
+        "model.layers.0.self_attn.o_proj.lora_A.weight",
+        "base_model.model.model.layers.0.post_attention_layernorm.weight",
+    ],
+)
 def test_unread_tensor_refused_naming_it(bases, plain_adapter, tmp_path, key):
     from safetensors.torch import load_file, save_file
 
@@ -220,12 +274,20 @@ def test_unread_tensor_refused_naming_it(bases, plain_adapter, tmp_path, key):
 
 def test_rank_mismatch_and_other_dims_refused_naming_the_module(bases, plain_adapter, tmp_path):
     adapter = edited(plain_adapter, tmp_path, r=8)  # the file's tensors have rank 4
-    assert_refused(bases[VARIANT], adapter, tmp_path / "out",
-                   r"model\.layers\.0\.mlp\.gate_proj \(decoder\.layers\.0\.mlp\.linear_fc1\): "
-                   r".*lora_A\.weight is \(4, 64\), expected \(8, 64\)")
+    assert_refused(
+        bases[VARIANT],
+        adapter,
+        tmp_path / "out",
+        r"model\.layers\.0\.mlp\.gate_proj \(decoder\.layers\.0\.mlp\.linear_fc1\): "
+        r".*lora_A\.weight is \(4, 64\), expected \(8, 64\)",
+    )
     make_adapter(bases[VARIANT], tmp_path / "other", target_modules=["q_a_proj", "q_b_proj"])  # q_lora_rank 48
-    assert_refused(bases[TIED], tmp_path / "other", tmp_path / "out2",  # q_lora_rank 40
-                   r"q_a_proj .*lora_B\.weight is \(48, 8\), expected \(40, 8\)")
+    assert_refused(
+        bases[TIED],
+        tmp_path / "other",
+        tmp_path / "out2",  # q_lora_rank 40
+        r"q_a_proj .*lora_B\.weight is \(48, 8\), expected \(40, 8\)",
+    )
 
 
 def test_misread_dora_fails_verify(bases, tmp_path, monkeypatch):
@@ -252,11 +314,16 @@ def test_target_matching_and_patterns_are_peft_own(bases):
     from nemo_mla_lora.checkpoints.hf_peft_config import read_config
 
     names = [n for n, _ in AutoModelForCausalLM.from_pretrained(bases[VARIANT]).named_modules() if n]
-    configs = [dict(target_modules=["q_a_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers"),
-               dict(target_modules=["down_proj", "model.layers.0.self_attn.o_proj"], layers_to_transform=2,
-                    exclude_modules=r".*shared_experts.*"),
-               dict(target_modules=r".*(experts\.[13]|self_attn)\.\w+_proj", modules_to_save=["self_attn"]),
-               dict(target_modules=["up_proj"], exclude_modules=["experts.0.up_proj"], layers_to_transform=[0, 1])]
+    configs = [
+        dict(target_modules=["q_a_proj", "gate_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        dict(
+            target_modules=["down_proj", "model.layers.0.self_attn.o_proj"],
+            layers_to_transform=2,
+            exclude_modules=r".*shared_experts.*",
+        ),
+        dict(target_modules=r".*(experts\.[13]|self_attn)\.\w+_proj", modules_to_save=["self_attn"]),
+        dict(target_modules=["up_proj"], exclude_modules=["experts.0.up_proj"], layers_to_transform=[0, 1]),
+    ]
     for config in configs:
         ours = read_config_dict(config, read_config)
         peft_config = LoraConfig(**config)

@@ -22,8 +22,10 @@ from nemo_mla_lora.peft.state import base_state_dict
 from nemo_mla_lora.training.hf_load import load_hf_checkpoint, plan
 
 VARIANTS = {"v2_noq": "v2_lite_greedy_yarn_noq", "v3": "v3_noaux_yarn_q"}  # V2 without q compression; V3 with
-FP8_LINEAR = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
-                        r"down_proj)\.weight$")
+FP8_LINEAR = re.compile(
+    r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
+    r"down_proj)\.weight$"
+)
 PEFT = dict(placement="all_linear", dim=4, alpha=8)
 
 
@@ -50,8 +52,12 @@ def fp8_copy(src, dst):
         out[name.replace(".weight", ".weight_scale_inv")] = scale
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
@@ -216,11 +222,16 @@ def test_a_directory_that_does_not_fit_is_refused_before_any_read(mcore, dirs, t
     directory = dirs["v3"]
     cases = [
         (dict(tie_word_embeddings=True), r"1 HF tensors no rank loads: \['output_layer.weight'\]"),
-        (dict(vocab_size=264), r"2 shapes \(model, HF\): \['embedding.word_embeddings.weight \(264, 64\) vs "
-                               r"\(262, 64\)', 'output_layer.weight \(264, 64\) vs \(262, 64\)'\]$"),
-        (dict(num_layers=4, moe_layer_pattern=(0, 1, 1, 1)),  # every tensor of layer 3, nothing else
-         r"does not fit the model: 29 model tensors with no HF tensor: "
-         r"\['decoder.layers.3.input_layernorm.weight [^;]*$"),
+        (
+            dict(vocab_size=264),
+            r"2 shapes \(model, HF\): \['embedding.word_embeddings.weight \(264, 64\) vs "
+            r"\(262, 64\)', 'output_layer.weight \(264, 64\) vs \(262, 64\)'\]$",
+        ),
+        (
+            dict(num_layers=4, moe_layer_pattern=(0, 1, 1, 1)),  # every tensor of layer 3, nothing else
+            r"does not fit the model: 29 model tensors with no HF tensor: "
+            r"\['decoder.layers.3.input_layernorm.weight [^;]*$",
+        ),
     ]
     for changes, message in cases:  # load_hf_checkpoint names the config fields first; plan names the tensors
         model = _misbuilt(directory, **changes)
@@ -235,8 +246,11 @@ def test_a_directory_that_does_not_fit_is_refused_before_any_read(mcore, dirs, t
     model = build(directory)  # a layer spec whose sharded state dict left a tensor out
     full = model.sharded_state_dict
     model.sharded_state_dict = lambda: {k: v for k, v in full().items() if k != "decoder.final_layernorm.weight"}
-    with pytest.raises(CheckpointError, match=r"1 model tensors not filled exactly once: \['decoder.final_layernorm"
-                                              r".weight \(0 of 64 elements\)'\]; 1 HF tensors no rank loads"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 model tensors not filled exactly once: \['decoder.final_layernorm"
+        r".weight \(0 of 64 elements\)'\]; 1 HF tensors no rank loads",
+    ):
         load_hf_checkpoint([model], directory)
     shutil.copytree(directory, tmp_path / "short")
     state = load_file(directory / "model.safetensors")
@@ -255,21 +269,32 @@ def test_tp2_ep2_pp2_ranks_read_and_load_only_their_shards(mcore, dirs, tmp_path
         model = build(dirs[which])
         load_hf_checkpoint([model], dirs[which])
         reference[which] = logits(model, tokens)
-    mp.spawn(_run, args=(2, free_port(), {k: str(v) for k, v in dirs.items()}, str(tmp_path / "tokens.pt"),
-                         str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(
+        _run,
+        args=(2, free_port(), {k: str(v) for k, v in dirs.items()}, str(tmp_path / "tokens.pt"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     for layout, which in CASES:
         ranks = [torch.load(tmp_path / f"{layout}_{which}_rank{r}.pt") for r in (0, 1)]
         for rank, got in enumerate(ranks):  # every slice bit for bit the slice of the whole tensor
             assert got["mismatched"] == [], (layout, which, rank, got["mismatched"][:5])
             if got["logits"] is not None:  # fp32; SDPA's CPU kernel blocks by heads per rank (test_tensor_parallel)
-                torch.testing.assert_close(got["logits"], reference[which], atol=5e-6, rtol=0,
-                                           msg=lambda m, c=f"{layout} {which} rank {rank}": f"{c}\n{m}")
+                torch.testing.assert_close(
+                    got["logits"],
+                    reference[which],
+                    atol=5e-6,
+                    rtol=0,
+                    msg=lambda m, c=f"{layout} {which} rank {rank}": f"{c}\n{m}",
+                )
         _check_reads(layout, sizes(dirs[which]), [r["bytes_read"] for r in ranks])
 
 
 # TP-sharded on the local spec (its q/kv down projections are column-parallel; the TE spec duplicates them)
-TP_SHARDED = re.compile(r"embed_tokens|lm_head|q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|"
-                        r"up_proj|down_proj")
+TP_SHARDED = re.compile(
+    r"embed_tokens|lm_head|q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|"
+    r"up_proj|down_proj"
+)
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 

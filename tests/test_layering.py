@@ -85,8 +85,10 @@ def folder(name: str) -> str | None:
 
 def test_every_folder_has_a_layer():
     folders = {folder(m) for m in MODULES} - {None}
-    assert folders == set(RANK), f"folders without a layer: {sorted(folders - set(RANK))}, " \
-                                 f"layers without a folder: {sorted(set(RANK) - folders)}"
+    assert folders == set(RANK), (
+        f"folders without a layer: {sorted(folders - set(RANK))}, "
+        f"layers without a folder: {sorted(set(RANK) - folders)}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -117,7 +119,7 @@ def find_cycle(graph: dict) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:

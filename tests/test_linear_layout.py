@@ -14,8 +14,15 @@ from nemo_mla_lora.peft.linear_layout import LinearLayout, is_linear, layout, te
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_te_column_linears_hold_per_partition_outputs(tp):
     for name in ("TEColumnParallelLinear", "TELayerNormColumnParallelLinear"):
-        lay = te_layout(name, "column", out_features=3072 // tp, in_features=1536, tp_size=tp, tp_rank=tp - 1,
-                        sequence_parallel=True)
+        lay = te_layout(
+            name,
+            "column",
+            out_features=3072 // tp,
+            in_features=1536,
+            tp_size=tp,
+            tp_rank=tp - 1,
+            sequence_parallel=True,
+        )
         assert (lay.out_features, lay.in_features) == (3072, 1536)
         assert lay.kind == "column" and lay.mode == ("column" if tp > 1 else "plain")
         assert lay.tp_size == tp and lay.tp_rank == tp - 1 and lay.sequence_parallel == (tp > 1)

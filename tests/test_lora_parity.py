@@ -13,11 +13,18 @@ from nemo_mla_lora.reference.model import forward
 
 # Each target alone, by leaf or by wildcard (dense MLP, shared experts, routed experts separately).
 SINGLE_TARGETS = [
-    ("q_lora", "linear_q_down_proj"), ("q_lora", "linear_q_up_proj"), ("no_q_lora", "linear_q_proj"),
-    ("q_lora", "linear_kv_down_proj"), ("q_lora", "linear_kv_up_proj"), ("q_lora", "linear_proj"),
-    ("q_lora", "decoder.layers.0.mlp.linear_fc1"), ("q_lora", "decoder.layers.0.mlp.linear_fc2"),
-    ("q_lora", "*.shared_experts.linear_fc1"), ("q_lora", "*.shared_experts.linear_fc2"),
-    ("q_lora", "*.local_experts.*.linear_fc1"), ("q_lora", "*.local_experts.*.linear_fc2"),
+    ("q_lora", "linear_q_down_proj"),
+    ("q_lora", "linear_q_up_proj"),
+    ("no_q_lora", "linear_q_proj"),
+    ("q_lora", "linear_kv_down_proj"),
+    ("q_lora", "linear_kv_up_proj"),
+    ("q_lora", "linear_proj"),
+    ("q_lora", "decoder.layers.0.mlp.linear_fc1"),
+    ("q_lora", "decoder.layers.0.mlp.linear_fc2"),
+    ("q_lora", "*.shared_experts.linear_fc1"),
+    ("q_lora", "*.shared_experts.linear_fc2"),
+    ("q_lora", "*.local_experts.*.linear_fc1"),
+    ("q_lora", "*.local_experts.*.linear_fc2"),
 ]
 CONFIGS = {"q_lora": tiny_mla_config, "no_q_lora": tiny_mla_noq_config}
 

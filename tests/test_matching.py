@@ -22,15 +22,18 @@ def test_wildcard_is_anchored_on_layer_index():
     assert not pattern_matches("linear_pro", "linear_proj", name)
 
 
-@pytest.mark.parametrize("variant,placement,expected", [
-    ("q_lora", "nemo_official", ATTN),
-    ("no_q_lora", "nemo_official", {"linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"}),
-    ("q_lora", "all_linear", ATTN | {"linear_fc1", "linear_fc2"}),
-    ("q_lora", "safe", {"linear_proj", "linear_fc1", "linear_fc2"}),
-    ("q_lora", "kv_up", {"linear_kv_up_proj"}),
-    ("q_lora", "down_only", {"linear_q_down_proj", "linear_kv_down_proj"}),
-    ("no_q_lora", "down_only", {"linear_kv_down_proj"}),
-])
+@pytest.mark.parametrize(
+    "variant,placement,expected",
+    [
+        ("q_lora", "nemo_official", ATTN),
+        ("no_q_lora", "nemo_official", {"linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"}),
+        ("q_lora", "all_linear", ATTN | {"linear_fc1", "linear_fc2"}),
+        ("q_lora", "safe", {"linear_proj", "linear_fc1", "linear_fc2"}),
+        ("q_lora", "kv_up", {"linear_kv_up_proj"}),
+        ("q_lora", "down_only", {"linear_q_down_proj", "linear_kv_down_proj"}),
+        ("no_q_lora", "down_only", {"linear_kv_down_proj"}),
+    ],
+)
 def test_named_placements(mcore, variant, placement, expected):
     model, _ = adapted(variant, MLALoRA(placement=placement, dim=2, alpha=2))
     assert leaves(model) == expected
@@ -61,23 +64,29 @@ def test_lr_scales():
     assert MLALoRA(target_modules=["linear_fc1"]).lr_scale == 1.0
 
 
-@pytest.mark.parametrize("peft,message", [
-    (lambda: MLALoRA(target_modules=["linear_qkv"]), r"\['linear_qkv'\] matched no module"),
-    (lambda: MLALoRA(target_modules=["linear_q_proj"]), "Adaptable leaves in this model"),
-    (lambda: MLALoRA(target_modules=["*.layers.7.*"]), "matched no module"),
-    (lambda: MLALoRA(placement="safe", parts={"linear_kv_up_proj": "k"}), r"\['linear_kv_up_proj'\]"),
-])
+@pytest.mark.parametrize(
+    "peft,message",
+    [
+        (lambda: MLALoRA(target_modules=["linear_qkv"]), r"\['linear_qkv'\] matched no module"),
+        (lambda: MLALoRA(target_modules=["linear_q_proj"]), "Adaptable leaves in this model"),
+        (lambda: MLALoRA(target_modules=["*.layers.7.*"]), "matched no module"),
+        (lambda: MLALoRA(placement="safe", parts={"linear_kv_up_proj": "k"}), r"\['linear_kv_up_proj'\]"),
+    ],
+)
 def test_unmatched_targets_fail_with_what_exists(mcore, peft, message):
     with pytest.raises(ValueError, match=message) as err:
         adapted("q_lora", peft())
     assert "linear_kv_up_proj" in str(err.value)  # the list of what exists
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(placement="everything"), "unknown placement"),
-    (dict(placement=None), "needs a placement"),
-    (dict(dim=0), "dim must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(placement="everything"), "unknown placement"),
+        (dict(placement=None), "needs a placement"),
+        (dict(dim=0), "dim must be positive"),
+    ],
+)
 def test_bad_arguments_fail_early(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MLALoRA(**kwargs)

@@ -23,9 +23,14 @@ def stock_model(spec):
 
     config = config_from_spec(spec, torch.float32, **CPU_SAFE)
     block = megatron_release.mla_decoder_block_spec(config, use_transformer_engine=False)
-    model = GPTModel(config, transformer_layer_spec=block, vocab_size=spec.vocab_size,
-                     max_sequence_length=spec.max_positions, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=spec.tie_word_embeddings)
+    model = GPTModel(
+        config,
+        transformer_layer_spec=block,
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_positions,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+    )
     return model.eval(), block
 
 
@@ -40,8 +45,9 @@ def test_stock_local_spec_loads_the_export_and_matches_transformers(mcore, tmp_p
     model, block = stock_model(spec)
     attention = block.layer_specs[0].submodules.self_attention
     assert megatron_release.core_attention_takes_mla_channels(attention.submodules.core_attention)
-    assert megatron_release.needs_q_proj_fix(model.config) == (megatron_release.release_fuses_q_norm()
-                                                                and spec.q_lora_rank is None)
+    assert megatron_release.needs_q_proj_fix(model.config) == (
+        megatron_release.release_fuses_q_norm() and spec.q_lora_rank is None
+    )
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(out)))  # default strictness
     tokens = prompt_tokens(spec.vocab_size)
     b, s = tokens.shape

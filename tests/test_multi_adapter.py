@@ -20,8 +20,12 @@ from nemo_mla_lora.peft.state import randomize_b
 
 ADAPTERS = {  # name -> MLALoRA kwargs (every MLA target across the three)
     "official_r4": dict(placement="nemo_official", dim=4, alpha=8),
-    "kv_parts_r2": dict(target_modules=["linear_kv_up_proj", "linear_kv_down_proj"], dim=2, alpha=3,
-                        parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"}),
+    "kv_parts_r2": dict(
+        target_modules=["linear_kv_up_proj", "linear_kv_down_proj"],
+        dim=2,
+        alpha=3,
+        parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
+    ),
     "proj_r6": dict(target_modules=["linear_proj", "linear_kv_up_proj"], dim=6, alpha=6),
 }
 
@@ -60,12 +64,12 @@ def test_each_row_equals_the_unmerged_model_with_its_adapter(served):
     tokens, positions, mask = batch(seq=10, size=len(rows), seed=5)
     cache = engine.new_cache(batch=len(rows), max_length=10)
     steps = [engine.forward(tokens[:, :4], cache, bank, ids)]
-    steps += [engine.forward(tokens[:, i:i + 1], cache, bank, ids) for i in range(4, 10)]
+    steps += [engine.forward(tokens[:, i : i + 1], cache, bank, ids) for i in range(4, 10)]
     logits = torch.cat(steps, dim=1)  # [b, s, vocab]
     for i, name in enumerate(rows):
         with torch.no_grad():
-            expected = live[name](tokens[i:i + 1], positions[i:i + 1], mask)
-        torch.testing.assert_close(logits[i:i + 1], expected, atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}\n{m}")
+            expected = live[name](tokens[i : i + 1], positions[i : i + 1], mask)
+        torch.testing.assert_close(logits[i : i + 1], expected, atol=2e-5, rtol=0, msg=lambda m, n=name: f"{n}\n{m}")
     assert cache.bytes_per_token() == spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim) * 4
 
 
@@ -90,8 +94,8 @@ def test_greedy_multi_adapter_generation_matches_one_adapter_at_a_time(served):
     prompt = batch(seq=5, size=3, seed=2)[0]
     together = generate(engine, prompt, 6, bank=bank, adapter_ids=bank.ids(names))[0]
     for i, name in enumerate(names):
-        alone = generate(engine, prompt[i:i + 1], 6, bank=bank, adapter_ids=bank.ids([name]))[0]
-        assert torch.equal(together[i:i + 1], alone), name
+        alone = generate(engine, prompt[i : i + 1], 6, bank=bank, adapter_ids=bank.ids([name]))[0]
+        assert torch.equal(together[i : i + 1], alone), name
 
 
 def test_bank_refuses_mlp_adapters_and_unknown_names(served, tmp_path):
@@ -111,10 +115,21 @@ def test_generate_cli_serves_an_adapter_on_the_absorbed_base(served, tmp_path):
 
     root = served["root"]
     dump = tmp_path / "logits.pt"
-    args = [sys.executable, "-m", "nemo_mla_lora.recipes.generate", f"checkpoint={root / 'absorbed_base'}",
-            "prompt='copy: ab ='", "max_new_tokens=3", f"dump_logits={dump}"]
-    proc = subprocess.run(args + [f"+adapters.official={root / 'official_r4'}", "adapter=official"],
-                          capture_output=True, text=True, timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "nemo_mla_lora.recipes.generate",
+        f"checkpoint={root / 'absorbed_base'}",
+        "prompt='copy: ab ='",
+        "max_new_tokens=3",
+        f"dump_logits={dump}",
+    ]
+    proc = subprocess.run(
+        args + [f"+adapters.official={root / 'official_r4'}", "adapter=official"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with_adapter = torch.load(dump)[0]["logits"][0]  # the first generated token's logits
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -134,6 +149,8 @@ def test_ragged_batch_rows_equal_each_request_alone(served):
         prompt[i, n:] = 258  # PAD
     tokens, logits, _ = generate(engine, prompt, 5, bank=bank, adapter_ids=bank.ids(names), prompt_lengths=lengths)
     for i, (name, n) in enumerate(zip(names, lengths.tolist())):
-        alone, alone_logits, _ = generate(engine, prompt[i:i + 1, :n], 5, bank=bank, adapter_ids=bank.ids([name]))
+        alone, alone_logits, _ = generate(engine, prompt[i : i + 1, :n], 5, bank=bank, adapter_ids=bank.ids([name]))
         assert torch.equal(tokens[i, 7:], alone[0, n:]), name
-        torch.testing.assert_close(logits[i:i + 1], alone_logits, atol=2e-5, rtol=0, msg=lambda m, x=name: f"{x}\n{m}")
+        torch.testing.assert_close(
+            logits[i : i + 1], alone_logits, atol=2e-5, rtol=0, msg=lambda m, x=name: f"{x}\n{m}"
+        )

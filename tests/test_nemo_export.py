@@ -24,8 +24,17 @@ from nemo_mla_lora.export.pipeline import export
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_tiny_hf as MAKER  # noqa: E402
 
-TARGETS = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
-           "down_proj"]
+TARGETS = [
+    "q_a_proj",
+    "q_b_proj",
+    "q_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +49,9 @@ def tuned(mcore, tmp_path_factory):
     for variant in MAKER.VARIANTS:
         directory = MAKER.make(variant, root / variant)
         model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                      init_lora_weights=False))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        )
         peft_model.save_pretrained(root / f"{variant}_peft")
         merged = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
         out[variant] = dict(hf=directory, peft=root / f"{variant}_peft", merged=merged, root=root)
@@ -76,10 +86,11 @@ def assert_matches_merged_in_bf16(converted, case):
     assert set(state) == set(case["merged"])
     for name, ours in state.items():
         expected = case["merged"][name].to(torch.bfloat16).float()
-        ulp = expected.abs().clamp_min(1e-30) * 2.0 ** -7
+        ulp = expected.abs().clamp_min(1e-30) * 2.0**-7
         assert ((ours - expected).abs() <= ulp).all(), name
-    reference = AutoModelForCausalLM.from_pretrained(case["hf"], torch_dtype=torch.float32,
-                                                     attn_implementation="eager").eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        case["hf"], torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     reference.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in case["merged"].items()})
     base = AutoModelForCausalLM.from_pretrained(case["hf"], torch_dtype=torch.float32).eval()
     tokens = torch.randint(0, 262, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -134,26 +145,42 @@ def test_te_checkpoint_layout_and_context(tuned, tmp_path):
     export(case["hf"], case["peft"], out, fmt="nemo", progress=False)
     stored = set(dist_checkpointing.load_tensors_metadata(str(out / "weights")))
     assert all(k.startswith("module.") for k in stored)
-    for name in ("module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",  # dense: pre-MLP norm fused
-                 "module.decoder.layers.1.pre_mlp_layernorm.weight",  # MoE layer keeps its norm
-                 "module.decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight",
-                 "module.decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight",
-                 "module.decoder.layers.1.mlp.experts.experts.linear_fc1.weight"):
+    for name in (
+        "module.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",  # dense: pre-MLP norm fused
+        "module.decoder.layers.1.pre_mlp_layernorm.weight",  # MoE layer keeps its norm
+        "module.decoder.layers.1.self_attention.linear_q_up_proj.layer_norm_weight",
+        "module.decoder.layers.1.self_attention.linear_kv_up_proj.layer_norm_weight",
+        "module.decoder.layers.1.mlp.experts.experts.linear_fc1.weight",
+    ):
         assert name in stored, name
     assert not any("q_layernorm" in k or "kv_layernorm" in k for k in stored)
     objects = _sharded_objects(out / "weights")
-    for module in ("decoder.layers.1.input_layernorm",
-                   "decoder.layers.1.pre_mlp_layernorm", "decoder.final_layernorm",
-                   "decoder.layers.1.self_attention.linear_kv_up_proj",
-                   "decoder.layers.1.mlp.experts.experts.linear_fc1"):
+    for module in (
+        "decoder.layers.1.input_layernorm",
+        "decoder.layers.1.pre_mlp_layernorm",
+        "decoder.final_layernorm",
+        "decoder.layers.1.self_attention.linear_kv_up_proj",
+        "decoder.layers.1.mlp.experts.experts.linear_fc1",
+    ):
         assert f"module.{module}._extra_state" in objects, module
     model = io.load_context(out / "context", subpath="model")
     assert type(model).__name__ == "DeepSeekModel" and type(model.config).__name__ == "DeepSeekV3Config"
     assert model.config.transformer_layer_spec.keywords == {"use_transformer_engine": True}
     spec = MLASpec.from_dict(json.loads((out / "mla_spec.json").read_text()))
     read_back = MLASpec.from_megatron(model.config)
-    for field in ("hidden_size", "num_layers", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "rope_factor",
-                  "num_experts", "moe_topk", "moe_scaling_factor", "moe_score_function", "moe_layer_pattern"):
+    for field in (
+        "hidden_size",
+        "num_layers",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_rope_head_dim",
+        "rope_factor",
+        "num_experts",
+        "moe_topk",
+        "moe_scaling_factor",
+        "moe_score_function",
+        "moe_layer_pattern",
+    ):
         assert getattr(read_back, field) == getattr(spec, field), field
     from transformers import AutoTokenizer
 
@@ -245,8 +272,9 @@ def test_context_tokenizer_is_the_one_the_run_trained_with(tuned, tmp_path):
     spec = MLASpec.from_dict(spec)
 
     def cfg(kind, tokenizer, checkpoint):
-        return OmegaConf.create({"trainer": {"kind": kind}, "data": {"tokenizer": tokenizer},
-                                 "model": {"checkpoint": checkpoint}})
+        return OmegaConf.create(
+            {"trainer": {"kind": kind}, "data": {"tokenizer": tokenizer}, "model": {"checkpoint": checkpoint}}
+        )
 
     assert nemo_context_tokenizer(cfg("cpu", None, None), spec) == "byte"
     assert nemo_context_tokenizer(cfg("cpu", None, str(case["hf"])), spec) == str(case["hf"])

@@ -9,13 +9,24 @@ from nemo_mla_lora.config.compose import compose
 from nemo_mla_lora.recipes.finetune import make_peft
 from nemo_mla_lora.training import nemo_finetune
 
-GPU_PROOF = ["model=deepseek_v3_small", "trainer=megatron", "data=cpu", "data.tokenizer=byte", "data.seq_length=64",
-             "data.base_pretrain_steps=80", "data.base_pretrain_lr=3e-4", "trainer.max_steps=60", "optim.lr=1e-3"]
+GPU_PROOF = [
+    "model=deepseek_v3_small",
+    "trainer=megatron",
+    "data=cpu",
+    "data.tokenizer=byte",
+    "data.seq_length=64",
+    "data.base_pretrain_steps=80",
+    "data.base_pretrain_lr=3e-4",
+    "trainer.max_steps=60",
+    "optim.lr=1e-3",
+]
 
 
 @pytest.fixture
 def no_gpu_trainer(monkeypatch):
-    monkeypatch.setattr(nemo_finetune, "trainer", lambda cfg, steps, callbacks: {"steps": steps, "callbacks": callbacks})
+    monkeypatch.setattr(
+        nemo_finetune, "trainer", lambda cfg, steps, callbacks: {"steps": steps, "callbacks": callbacks}
+    )
 
 
 def test_base_stage_trains_every_parameter_on_the_generic_task(tmp_path, no_gpu_trainer):

@@ -20,19 +20,37 @@ def test_every_package_directory_is_listed_in_pyproject():
 @pytest.mark.slow
 def test_non_editable_install_composes_configs_elsewhere(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert (target / "nemo_mla_lora" / "conf" / "finetune.yaml").is_file()
     assert (target / "nemo_mla_lora" / "conf" / "model" / "deepseek_v3.yaml").is_file()
     assert (target / "nemo_mla_lora" / "data" / "upper_train.jsonl").is_file()
     assert not (target / "studies").exists() and not (target / "nemo_mla_lora" / "conf" / "study").exists()
     assert (target / "nemo_mla_lora" / "models" / "configs" / "deepseek_v3.json").is_file()
-    code = ("import nemo_mla_lora.config.compose as c, nemo_mla_lora.data as d;"
-            "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'data.tokenizer=byte']);"
-            "print(c.__file__, cfg.trainer.tensor_parallel, d.DATA_DIR)")
+    code = (
+        "import nemo_mla_lora.config.compose as c, nemo_mla_lora.data as d;"
+        "cfg = c.compose('finetune', ['model=deepseek_v3', 'trainer=megatron', 'data.tokenizer=byte']);"
+        "print(c.__file__, cfg.trainer.tensor_parallel, d.DATA_DIR)"
+    )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(target) in proc.stdout and " 8 " in proc.stdout
 

@@ -11,10 +11,14 @@ from nemo_mla_lora.peft.parts import row_mask
 from nemo_mla_lora.peft.state import adapter_factors, adapter_modules
 
 PARTS = [
-    ("q_lora", "linear_kv_up_proj", "k"), ("q_lora", "linear_kv_up_proj", "v"),
-    ("q_lora", "linear_kv_down_proj", "latent"), ("q_lora", "linear_kv_down_proj", "rope"),
-    ("q_lora", "linear_q_up_proj", "nope"), ("q_lora", "linear_q_up_proj", "rope"),
-    ("no_q_lora", "linear_q_proj", "nope"), ("no_q_lora", "linear_q_proj", "rope"),
+    ("q_lora", "linear_kv_up_proj", "k"),
+    ("q_lora", "linear_kv_up_proj", "v"),
+    ("q_lora", "linear_kv_down_proj", "latent"),
+    ("q_lora", "linear_kv_down_proj", "rope"),
+    ("q_lora", "linear_q_up_proj", "nope"),
+    ("q_lora", "linear_q_up_proj", "rope"),
+    ("no_q_lora", "linear_q_proj", "nope"),
+    ("no_q_lora", "linear_q_proj", "rope"),
 ]
 
 
@@ -54,7 +58,7 @@ def test_parts_shapes_follow_heads(mcore):
     model, _ = adapted("q_lora", MLALoRA(target_modules=["linear_kv_up_proj"], parts={"linear_kv_up_proj": "k"}))
     config = next(iter(adapter_modules(model).values())).to_wrap.config
     mask = row_mask("linear_kv_up_proj", "k", config).view(config.num_attention_heads, -1)  # [h, dn+dv]
-    assert mask[:, : config.qk_head_dim].all() and not mask[:, config.qk_head_dim:].any()
+    assert mask[:, : config.qk_head_dim].all() and not mask[:, config.qk_head_dim :].any()
 
 
 def test_full_part_names_mean_no_mask(mcore):
@@ -62,10 +66,13 @@ def test_full_part_names_mean_no_mask(mcore):
     assert not next(iter(adapter_modules(model).values())).adapter.part_selective
 
 
-@pytest.mark.parametrize("parts,message", [
-    ({"linear_proj": "k"}, "has no MLA parts"),
-    ({"linear_kv_up_proj": "latent"}, "expected one of"),
-])
+@pytest.mark.parametrize(
+    "parts,message",
+    [
+        ({"linear_proj": "k"}, "has no MLA parts"),
+        ({"linear_kv_up_proj": "latent"}, "expected one of"),
+    ],
+)
 def test_bad_parts_fail_early(parts, message):
     with pytest.raises(ValueError, match=message):
         MLALoRA(placement="nemo_official", parts=parts)

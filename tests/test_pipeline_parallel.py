@@ -72,8 +72,9 @@ def runs(mcore, tmp_path_factory):
     refs = {v: reference(root / v, v) for v in VARIANTS}
     mp.get_context("forkserver").set_forkserver_preload(PRELOAD)  # workers forked from one that imported NeMo
     try:
-        mp.start_processes(_run, args=(4, free_port(), str(root), list(VARIANTS)), nprocs=4, join=True,
-                           start_method="forkserver")
+        mp.start_processes(
+            _run, args=(4, free_port(), str(root), list(VARIANTS)), nprocs=4, join=True, start_method="forkserver"
+        )
     finally:
         forkserver._forkserver._stop()  # the server holds NeMo in memory: not for the rest of the session
     got = {(v, lay): torch.load(root / v / f"{lay}.pt") for v, lay in CASES}
@@ -99,9 +100,13 @@ def test_loss_and_adapter_grads_match_pp1(runs, variant, layout):
     if layout == "pp2" and ref["spec"].tie_word_embeddings:  # the last stage's copy of the word embeddings
         assert torch.equal(stages[1]["tied"], stages[0]["tied"])
     losses = torch.stack(ref["losses"])
-    torch.testing.assert_close(torch.stack(stages[1]["losses"]), losses, rtol=0,
-                               atol=BOUNDS[layout] * max(1.0, losses.abs().max().item()),
-                               msg=lambda m: f"{variant} {layout}: micro-batch losses\n{m}")
+    torch.testing.assert_close(
+        torch.stack(stages[1]["losses"]),
+        losses,
+        rtol=0,
+        atol=BOUNDS[layout] * max(1.0, losses.abs().max().item()),
+        msg=lambda m: f"{variant} {layout}: micro-batch losses\n{m}",
+    )
     assert set(run["grads"]) == set(ref["grads"]), sorted(set(run["grads"]) ^ set(ref["grads"]))
     assert "decoder.layers.2.self_attention.linear_proj" not in run["grads"]  # excluded by its global index
     assert "decoder.layers.0.self_attention.linear_proj" in run["grads"]  # the last stage's local layer 0 is not
@@ -110,8 +115,9 @@ def test_loss_and_adapter_grads_match_pp1(runs, variant, layout):
             assert da.abs().sum() > 0 and db.abs().sum() > 0, name
         for got_g, ref_g, what in ((run["grads"][name][0], da, "dA"), (run["grads"][name][1], db, "dB")):
             bound = BOUNDS[layout] * max(1.0, ref_g.abs().max().item())
-            torch.testing.assert_close(got_g, ref_g, atol=bound, rtol=0,
-                                       msg=lambda m, t=f"{variant} {layout} {name} {what}": f"{t}\n{m}")
+            torch.testing.assert_close(
+                got_g, ref_g, atol=bound, rtol=0, msg=lambda m, t=f"{variant} {layout} {name} {what}": f"{t}\n{m}"
+            )
 
 
 @pytest.mark.slow

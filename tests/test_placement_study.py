@@ -34,14 +34,27 @@ def test_oscillation_spikes_and_divergence():
 
 
 def _row(arch, variant, scale, seed, final, osc=0.1, spikes=0, trainable=100):
-    return {"arch": arch, "variant": variant, "lr_scale": scale, "seed": seed, "heldout_before": 5.0,
-            "heldout_final": final, "oscillation": osc, "spikes": spikes, "diverged": False, "trainable": trainable}
+    return {
+        "arch": arch,
+        "variant": variant,
+        "lr_scale": scale,
+        "seed": seed,
+        "heldout_before": 5.0,
+        "heldout_final": final,
+        "oscillation": osc,
+        "spikes": spikes,
+        "diverged": False,
+        "trainable": trainable,
+    }
 
 
 def _rows(spec):
     """spec: (arch, variant, scale) -> (final losses per seed, oscillations per seed)."""
-    return [_row(a, v, s, i, f, o) for (a, v, s), (finals, oscs) in spec.items()
-            for i, (f, o) in enumerate(zip(finals, oscs))]
+    return [
+        _row(a, v, s, i, f, o)
+        for (a, v, s), (finals, oscs) in spec.items()
+        for i, (f, o) in enumerate(zip(finals, oscs))
+    ]
 
 
 def test_claim_rules_on_constructed_results():
@@ -68,8 +81,12 @@ def test_claim_rules_on_constructed_results():
         spec[("mla", "nemo_official", s)] = ([m, m + 0.01], [0.1, 0.1])
     rows = _rows(spec)
     judged = {c["claim"]: c for c in claims.judge(rows, tables.aggregate(rows))}
-    assert [judged[i]["verdict"] for i in (1, 2, 3, 4)] == ["contradicted", "contradicted", "not distinguishable",
-                                                           "contradicted"], judged
+    assert [judged[i]["verdict"] for i in (1, 2, 3, 4)] == [
+        "contradicted",
+        "contradicted",
+        "not distinguishable",
+        "contradicted",
+    ], judged
     assert "noise" in judged[4]["evidence"][0]
 
 
@@ -87,8 +104,11 @@ def test_twin_matches_the_mla_model_except_attention(mcore):
     for make in (tiny_mla_config, tiny_mla_noq_config):
         config = make()
         mla, twin = build_model(config), build_model(standard_attention_twin(config))
-        shapes = lambda m, attn: {n: p.shape for n, p in m.named_parameters()  # noqa: E731
-                                  if ("self_attention" in n) == attn}
+        shapes = lambda m, attn: {
+            n: p.shape
+            for n, p in m.named_parameters()  # noqa: E731
+            if ("self_attention" in n) == attn
+        }
         assert shapes(mla, False) == shapes(twin, False)  # embeddings, norms, MLP, experts, router, output
         a_mla, a_twin = (sum(s.numel() for s in shapes(m, True).values()) for m in (mla, twin))
         assert a_mla == config.num_layers * mla_attention_params(config)
@@ -103,8 +123,9 @@ def test_lora_on_the_twins_linear_qkv_is_x_at_bt(mcore):
     from studies.placement.twin import standard_attention_twin
     from nemo_mla_lora.peft import MLALoRA
 
-    model = MLALoRA(target_modules=["linear_qkv"], dim=3, alpha=6)(build_model(standard_attention_twin(
-        tiny_mla_config(torch.float64))))
+    model = MLALoRA(target_modules=["linear_qkv"], dim=3, alpha=6)(
+        build_model(standard_attention_twin(tiny_mla_config(torch.float64)))
+    )
     wrapped = model.decoder.layers[0].self_attention.linear_qkv
     torch.nn.init.normal_(wrapped.adapter.lora_b)
     x = torch.randn(5, 2, 80, dtype=torch.float64)  # [s, b, hidden]
@@ -123,9 +144,11 @@ def test_every_variant_applies_to_the_models_that_have_its_targets(mcore):
         model = MLALoRA(dim=2, alpha=2, **variant.peft)(build_model(config))
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    for config, arch, table in ((tiny_mla_config(), V.MLA, V.MLA_VARIANTS),
-                                (tiny_mla_noq_config(), V.MLA, V.MLA_VARIANTS),
-                                (standard_attention_twin(tiny_mla_config()), V.TWIN, V.TWIN_VARIANTS)):
+    for config, arch, table in (
+        (tiny_mla_config(), V.MLA, V.MLA_VARIANTS),
+        (tiny_mla_noq_config(), V.MLA, V.MLA_VARIANTS),
+        (standard_attention_twin(tiny_mla_config()), V.TWIN, V.TWIN_VARIANTS),
+    ):
         present = {n.rsplit(".", 1)[-1] for n in adaptable_modules(build_model(config))}
         assert model_leaves(config, arch) == present  # what the recipe's grid assumes without building
         keep, dropped = V.available(V.lookup(list(table), arch), present)
@@ -145,14 +168,29 @@ def test_every_variant_applies_to_the_models_that_have_its_targets(mcore):
 
 @pytest.mark.slow
 def test_recipe_runs_a_small_grid_resumes_and_reports(tmp_path):
-    args = [sys.executable, "-m", "studies.placement", f"output_dir={tmp_path}",
-            "study.variants=[all_linear,safe,linear_kv_up_proj,linear_proj,linear_kv_down_proj,kv_up_k_only]",
-            "study.twin_variants=[attention]", "study.lr_scales=[1.0,2.0]", "study.seeds=[1,2]", "study.steps=8",
-            "study.eval_every=4", "optim.warmup_steps=2", "data.base_pretrain_steps=20"]
+    args = [
+        sys.executable,
+        "-m",
+        "studies.placement",
+        f"output_dir={tmp_path}",
+        "study.variants=[all_linear,safe,linear_kv_up_proj,linear_proj,linear_kv_down_proj,kv_up_k_only]",
+        "study.twin_variants=[attention]",
+        "study.lr_scales=[1.0,2.0]",
+        "study.seeds=[1,2]",
+        "study.steps=8",
+        "study.eval_every=4",
+        "optim.warmup_steps=2",
+        "data.base_pretrain_steps=20",
+    ]
     bases = tmp_path / "bases"  # made first, one process per base, as bench/run_gpu.sh does on two GPUs
     for arch in ("mla", "twin"):
-        made = subprocess.run(args + [f"study.base_dir={bases}", f"study.pretrain_only={arch}"], capture_output=True,
-                              text=True, timeout=600, cwd=ROOT)
+        made = subprocess.run(
+            args + [f"study.base_dir={bases}", f"study.pretrain_only={arch}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert made.returncode == 0 and (bases / f"base_{arch}.pt").is_file(), made.stderr[-3000:]
     assert not (tmp_path / "runs.jsonl").exists()
     args.append(f"study.base_dir={bases}")
@@ -200,17 +238,20 @@ def test_placement_study_configs_compose_and_validate():
     assert gpu.study.device == "cuda" and resolve(gpu.model).hidden_size == 1024 and gpu.study.time_budget_s
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["study.variants=[everywhere]"], "unknown mla study variants"),
-    (["study.twin_variants=[nemo_official]"], "unknown twin study variants"),
-    (["study.steps=5"], "must exceed optim.warmup_steps=10"),
-    (["study.lr_scales=[0.0,1.0]"], "positive"),
-    (["model.checkpoint=/ckpt/x"], "drop study.twin_variants"),
-    (["data.base_pretrain_steps=0"], "to make a base"),
-    (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
-    (["study.shard=2/2"], "expected 'i/n'"),
-    (["study.pretrain_only=both"], "expected mla, twin or null"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["study.variants=[everywhere]"], "unknown mla study variants"),
+        (["study.twin_variants=[nemo_official]"], "unknown twin study variants"),
+        (["study.steps=5"], "must exceed optim.warmup_steps=10"),
+        (["study.lr_scales=[0.0,1.0]"], "positive"),
+        (["model.checkpoint=/ckpt/x"], "drop study.twin_variants"),
+        (["data.base_pretrain_steps=0"], "to make a base"),
+        (["study.device=tpu"], "expected 'cpu' or 'cuda'"),
+        (["study.shard=2/2"], "expected 'i/n'"),
+        (["study.pretrain_only=both"], "expected mla, twin or null"),
+    ],
+)
 def test_bad_study_values_fail_validation(overrides, message):
     from studies.placement.config import compose
 

@@ -31,14 +31,23 @@ def test_nemo_io_config_round_trip():
 def test_adapter_only_dist_checkpoint_round_trip(mcore, tmp_path):
     from megatron.core import dist_checkpointing
 
-    model, _ = adapted("q_lora", MLALoRA(placement="all_linear", dim=4, alpha=8,
-                                         parts={"linear_kv_up_proj": "v", "linear_kv_down_proj": "latent"}))
+    model, _ = adapted(
+        "q_lora",
+        MLALoRA(
+            placement="all_linear", dim=4, alpha=8, parts={"linear_kv_up_proj": "v", "linear_kv_down_proj": "latent"}
+        ),
+    )
     adapter_sd = {k: v for k, v in model.sharded_state_dict().items() if ".adapter." in k}
     assert adapter_sd and all("lora_" in k for k in adapter_sd)
     dist_checkpointing.save(adapter_sd, str(tmp_path))
 
-    fresh, _ = adapted("q_lora", MLALoRA(placement="all_linear", dim=4, alpha=8,
-                                         parts={"linear_kv_up_proj": "v", "linear_kv_down_proj": "latent"}), seed=0)
+    fresh, _ = adapted(
+        "q_lora",
+        MLALoRA(
+            placement="all_linear", dim=4, alpha=8, parts={"linear_kv_up_proj": "v", "linear_kv_down_proj": "latent"}
+        ),
+        seed=0,
+    )
     randomize_b(fresh, seed=99)  # different adapters, same base
     target = {k: v for k, v in fresh.sharded_state_dict().items() if ".adapter." in k}
     loaded = dist_checkpointing.load(target, str(tmp_path))

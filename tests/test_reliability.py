@@ -91,18 +91,24 @@ def test_base_missing_a_tensor_is_refused_before_writing(mcore, hf_base, tmp_pat
     del tensors["model.layers.1.self_attn.kv_b_proj.weight"]
     tensors["model.layers.2.mlp.experts.0.up_proj.weight"] = tensors["model.layers.2.mlp.experts.0.up_proj.weight"][:-1]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing: \['decoder.layers.1.self_attention.linear_kv_up_proj.weight'\]"
-                       r".*linear_fc1.weight \(64, 64\) vs \(63, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing: \['decoder.layers.1.self_attention.linear_kv_up_proj.weight'\]"
+        r".*linear_fc1.weight \(64, 64\) vs \(63, 64\)",
+    ):
         export(broken, None, tmp_path / "out", fmt="mcore", verify=verify, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', r"bad.jsonl:2: JSONDecodeError"),
-    (b'{"prompt": "a", "answer": "b"}\n\n{"question": "q"}\n', r"bad.jsonl:3: ValueError: record has neither"),
-    (b'{"prompt": "a", "answer": "\xff"}\n', r"bad.jsonl:1: UnicodeDecodeError"),
-    (b"\n  \n", r"bad.jsonl: no records"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', r"bad.jsonl:2: JSONDecodeError"),
+        (b'{"prompt": "a", "answer": "b"}\n\n{"question": "q"}\n', r"bad.jsonl:3: ValueError: record has neither"),
+        (b'{"prompt": "a", "answer": "\xff"}\n', r"bad.jsonl:1: UnicodeDecodeError"),
+        (b"\n  \n", r"bad.jsonl: no records"),
+    ],
+)
 def test_data_errors_name_file_and_line(tmp_path, content, message):
     from nemo_mla_lora.data.prompt_answer import DataError, read_jsonl
 
@@ -117,8 +123,18 @@ def test_data_is_checked_before_any_model_is_built(tmp_path):
     import sys
 
     (tmp_path / "empty.jsonl").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={tmp_path}/run",
-                           f"data.validation={tmp_path}/empty.jsonl"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.finetune",
+            f"output_dir={tmp_path}/run",
+            f"data.validation={tmp_path}/empty.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "empty.jsonl: no records" in proc.stderr
     assert "training the base model" not in proc.stderr + proc.stdout
 
@@ -132,17 +148,18 @@ def test_serving_inputs_are_validated():
     spec = builtin_spec("tiny_mla")
     base = dict(max_new_tokens=4, temperature=0.0, top_k=None, dtype=None)
     check_request(OmegaConf.create(base), [[1, 2, 3]], spec)
-    for change, ids, message in ((dict(max_new_tokens=0), [[1]], "max_new_tokens=0"),
-                                 (dict(max_new_tokens=-3), [[1]], "max_new_tokens=-3"),
-                                 (dict(temperature=-1.0), [[1]], "temperature=-1.0"),
-                                 (dict(top_k=0), [[1]], "top_k=0"),
-                                 (dict(dtype="fp16"), [[1]], "dtype='fp16'"),
-                                 ({}, [[1] * 253], "exceeds the model's max_position_embeddings 256"),
-                                 ({}, [[1, 9999]], r"token ids \[9999\] outside"),
-                                 ({}, [[1], []], r"prompts \[1\] have no tokens")):
+    for change, ids, message in (
+        (dict(max_new_tokens=0), [[1]], "max_new_tokens=0"),
+        (dict(max_new_tokens=-3), [[1]], "max_new_tokens=-3"),
+        (dict(temperature=-1.0), [[1]], "temperature=-1.0"),
+        (dict(top_k=0), [[1]], "top_k=0"),
+        (dict(dtype="fp16"), [[1]], "dtype='fp16'"),
+        ({}, [[1] * 253], "exceeds the model's max_position_embeddings 256"),
+        ({}, [[1, 9999]], r"token ids \[9999\] outside"),
+        ({}, [[1], []], r"prompts \[1\] have no tokens"),
+    ):
         with pytest.raises(ValueError, match=message):
             check_request(OmegaConf.create(dict(base, **change)), ids, spec)
-
 
 
 @pytest.mark.parametrize("fmt", ["absorbed", "hf"])
@@ -160,13 +177,17 @@ def test_corrupted_export_is_refused_on_read(mcore, hf_base, tmp_path, fmt):
     data = sorted(out.glob("*.distcp" if fmt != "hf" else "*.safetensors"), key=lambda p: p.stat().st_size)[-1]
     raw = bytearray(data.read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 8] = bytes(b ^ 0xFF for b in raw[middle:middle + 8])
+    raw[middle : middle + 8] = bytes(b ^ 0xFF for b in raw[middle : middle + 8])
     data.write_bytes(bytes(raw))
     with pytest.raises(ChecksumError, match="does not match its checksum"):
         read_export(out, fmt)
     read_export(out, fmt, verify_checksums=False)  # the explicit opt-out still reads
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.verify_export", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_mla_lora.recipes.verify_export", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "does not match its checksum" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -203,11 +224,22 @@ def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, targ
     with pytest.raises(UnsafeCheckpoint, match="refus"):
         read_export(out, "absorbed", verify_checksums=False)
     (tmp_path / "ids.json").write_text("[[256, 1, 2]]")
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.generate", f"checkpoint={out}",
-                           f"prompt_ids_file={tmp_path / 'ids.json'}", "verify_checksums=false"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and ("refusing to unpickle" in proc.stderr or "weights_only" in proc.stderr), \
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.generate",
+            f"checkpoint={out}",
+            f"prompt_ids_file={tmp_path / 'ids.json'}",
+            "verify_checksums=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and ("refusing to unpickle" in proc.stderr or "weights_only" in proc.stderr), (
         proc.stderr[-2000:]
+    )
     assert not marker.exists()
 
 
@@ -221,9 +253,19 @@ def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
 
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={hf_base}", "adapter=null",
-                             f"output={tmp_path / 'out'}", "format=mcore"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nemo_mla_lora.recipes.export",
+            f"base={hf_base}",
+            "adapter=null",
+            f"output={tmp_path / 'out'}",
+            "format=mcore",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "stderr.txt", "w"),
+    )
     parent = psutil.Process(proc.pid)
     deadline = time.time() + 240  # until the export is writing: Megatron's helper is up since its init
     while not (tmp_path / ".out.partial").exists() and time.time() < deadline and proc.poll() is None:
@@ -233,6 +275,7 @@ def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(3)
+
     def running(c):  # a zombie or a reaped child is gone
         try:
             return c.is_running() and c.status() != psutil.STATUS_ZOMBIE
@@ -254,8 +297,10 @@ def test_disk_full_says_so(mcore, hf_base, tmp_path, monkeypatch):
     from nemo_mla_lora.export import writers
 
     def full_disk_save(self, sharded, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed; unexpected pos 704 vs 598")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed; unexpected pos 704 vs 598"
+        )
 
     usage = sh.disk_usage(tmp_path)
     monkeypatch.setattr(writers.StreamingDistCkpt, "add", full_disk_save)
@@ -276,8 +321,14 @@ def test_killed_and_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     import sys
     import time
 
-    args = ["data.base_pretrain_steps=30", "trainer.max_steps=30", "trainer.val_check_interval=10",
-            "trainer.checkpoint_every_n_steps=10", "trainer.limit_val_batches=2", "export.enabled=false"]
+    args = [
+        "data.base_pretrain_steps=30",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "trainer.checkpoint_every_n_steps=10",
+        "trainer.limit_val_batches=2",
+        "export.enabled=false",
+    ]
 
     def run(out, kill_after_step=None):
         cmd = [sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={out}", *args]

@@ -78,14 +78,21 @@ def run_module(*args, cwd=None):
 
 # overwrite=true replaces only an output of ours
 
+
 def test_cli_overwrite_refuses_a_user_directory(hf_base, tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
     (thesis / "thesis.tex").write_text("\\chapter{Three years}")
     (thesis / "manifest.json").write_text('{"name": "my web app"}')  # a manifest, not ours
     before = contents(thesis)
-    proc = run_module("nemo_mla_lora.recipes.export", f"base={hf_base}", "adapter=null", f"output={thesis}",
-                      "format=hf", "overwrite=true")
+    proc = run_module(
+        "nemo_mla_lora.recipes.export",
+        f"base={hf_base}",
+        "adapter=null",
+        f"output={thesis}",
+        "format=hf",
+        "overwrite=true",
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert f"output={thesis} is not an output of nemo_mla_lora" in message and "thesis.tex" in message
@@ -137,6 +144,7 @@ def test_every_writer_refuses_a_user_directory_and_its_sources(mcore, hf_base, t
 
 
 # verify_export: both directions, architecture, index containment
+
 
 def _rewrite(path, change):
     tensors = load_file(path)
@@ -193,12 +201,15 @@ def test_verify_export_cli_reports_a_deleted_peft_tensor(exports, tmp_path):
     assert proc.returncode == 1 and "are not in the files" in proc.stderr and "OK" not in proc.stdout
 
 
-@pytest.mark.parametrize("fmt, file, field, value", [
-    ("hf", "config.json", "rope_theta", 20000.0),
-    ("mcore", "mla_spec.json", "rope_base", 20000.0),
-    ("mcore", "manifest.json", "mla.moe_scaling_factor", 3.0),
-    ("hf_peft", "adapter_config.json", "lora_alpha", 16.0),
-])
+@pytest.mark.parametrize(
+    "fmt, file, field, value",
+    [
+        ("hf", "config.json", "rope_theta", 20000.0),
+        ("mcore", "mla_spec.json", "rope_base", 20000.0),
+        ("mcore", "manifest.json", "mla.moe_scaling_factor", 3.0),
+        ("hf_peft", "adapter_config.json", "lora_alpha", 16.0),
+    ],
+)
 def test_an_edited_architecture_is_refused(exports, tmp_path, fmt, file, field, value):
     out = copy(exports, fmt, tmp_path)
     data = json.loads((out / file).read_text())
@@ -262,6 +273,7 @@ def test_a_hub_cache_snapshot_reads_through_its_blob_links(exports, tmp_path):
 
 # one-line errors
 
+
 def test_truncated_manifest_is_named(exports, tmp_path):
     out = copy(exports, "hf", tmp_path)
     text = (out / "manifest.json").read_text()
@@ -297,6 +309,7 @@ def test_a_premade_replaced_symlink_is_refused_before_any_work(exports, hf_base,
 
 # one writer at a time
 
+
 def test_a_second_writer_fails_fast_on_the_lock(mcore, hf_base, tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
@@ -324,8 +337,12 @@ def test_a_dead_runs_leftovers_are_named_not_deleted(mcore, hf_base, tmp_path):
     partial.mkdir()
     (partial / "half.safetensors").write_bytes(b"half")
     before = listing(tmp_path)
-    with pytest.raises(OutputError, match=re.escape(f"{lock} was left by a run that died (pid {dead.pid} ") + ".*"
-                       + re.escape(f"rm {lock} (and rm -r {partial})")):
+    with pytest.raises(
+        OutputError,
+        match=re.escape(f"{lock} was left by a run that died (pid {dead.pid} ")
+        + ".*"
+        + re.escape(f"rm {lock} (and rm -r {partial})"),
+    ):
         export(hf_base, None, out, fmt="hf", progress=False)
     assert listing(tmp_path) == before
     lock.unlink()
@@ -365,8 +382,15 @@ def test_distributed_ranks_share_the_temp_dir_and_the_refusal(tmp_path):
     from conftest import free_port
 
     out, port = tmp_path / "out", free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(r), str(port), str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK, str(r), str(port), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     (zero, zero_again), (one, one_again) = [p.communicate(timeout=120)[0].strip().splitlines()[-2:] for p in procs]
     written = f"ok ['rank0.txt', 'rank1.txt'] {tmp_path / '.out.partial'}"  # both ranks wrote into one temp dir
     assert zero == one == written

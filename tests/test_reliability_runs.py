@@ -43,8 +43,12 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served")
     base = MAKER.make(VARIANT, root / "base")
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                      target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    )
     model = get_peft_model(hf_model(base), lora)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -69,11 +73,16 @@ def test_every_prompt_beyond_seq_length_is_refused_before_anything_is_written(tm
     tokens; at data.seq_length=8 every answer is cut off. Refused naming the file, the count and the longest
     prompt, before the base is trained and before output_dir exists."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={out}",
-                           "data.seq_length=8"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_mla_lora.recipes.finetune", f"output_dir={out}", "data.seq_length=8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
-    assert ("upper_train.jsonl: all 1000 examples lose their answer to data.seq_length=8 (the longest prompt is 17 "
-            "tokens") in proc.stderr, proc.stderr[-3000:]
+    assert (
+        "upper_train.jsonl: all 1000 examples lose their answer to data.seq_length=8 (the longest prompt is 17 tokens"
+    ) in proc.stderr, proc.stderr[-3000:]
     assert "training the base model" not in proc.stderr + proc.stdout
     assert not out.exists() and listing(tmp_path) == []
 
@@ -81,12 +90,22 @@ def test_every_prompt_beyond_seq_length_is_refused_before_anything_is_written(tm
 def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
     train = write_jsonl(tmp_path / "train.jsonl", ["short"] * 4 + ["x" * 40] * 2)  # BOS + 5 / BOS + 40 tokens
     val = write_jsonl(tmp_path / "val.jsonl", ["short"] * 2)
-    cfg = compose("finetune", [f"data.train={train}", f"data.validation={val}", "data.seq_length=16",
-                               "trainer.micro_batch_size=2", f"output_dir={tmp_path}/run"])
+    cfg = compose(
+        "finetune",
+        [
+            f"data.train={train}",
+            f"data.validation={val}",
+            "data.seq_length=16",
+            "trainer.micro_batch_size=2",
+            f"output_dir={tmp_path}/run",
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         prepared = finetune.prepare(cfg, tmp_path / "run")
-    assert f"{train}: 2 of 6 examples lose their answer to data.seq_length=16 (the longest prompt is 41 tokens)" \
+    assert (
+        f"{train}: 2 of 6 examples lose their answer to data.seq_length=16 (the longest prompt is 41 tokens)"
         in caplog.text
+    )
     masks = [b["loss_mask"] for b in prepared["data"]["train"]]
     assert sum(int(m.sum()) for m in masks) > 0  # the others still train
     assert not (tmp_path / "run").exists()
@@ -95,18 +114,39 @@ def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
 def test_validation_set_without_answer_tokens_is_refused(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", ["short"] * 4)
     val = write_jsonl(tmp_path / "val.jsonl", ["y" * 30, "z" * 20])
-    cfg = compose("finetune", [f"data.train={train}", f"data.validation={val}", "data.seq_length=16",
-                               "trainer.micro_batch_size=2", f"output_dir={tmp_path}/run"])
-    with pytest.raises(DataError, match=rf"{val}: all 2 examples lose their answer to data.seq_length=16 \(the "
-                                        r"longest prompt is 31 tokens, the shortest 21\)"):
+    cfg = compose(
+        "finetune",
+        [
+            f"data.train={train}",
+            f"data.validation={val}",
+            "data.seq_length=16",
+            "trainer.micro_batch_size=2",
+            f"output_dir={tmp_path}/run",
+        ],
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"{val}: all 2 examples lose their answer to data.seq_length=16 \(the "
+        r"longest prompt is 31 tokens, the shortest 21\)",
+    ):
         finetune.prepare(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 def megatron_cfg(tmp_path, train, val, seq_length):
-    return compose("finetune", ["trainer=megatron", "model=deepseek_v3", "data.tokenizer=byte", "data.kind=jsonl",
-                                f"data.train={train}", f"data.validation={val}", f"data.seq_length={seq_length}",
-                                f"output_dir={tmp_path}/run"])
+    return compose(
+        "finetune",
+        [
+            "trainer=megatron",
+            "model=deepseek_v3",
+            "data.tokenizer=byte",
+            "data.kind=jsonl",
+            f"data.train={train}",
+            f"data.validation={val}",
+            f"data.seq_length={seq_length}",
+            f"output_dir={tmp_path}/run",
+        ],
+    )
 
 
 def test_megatron_jsonl_is_counted_before_nemo_gets_it(tmp_path, caplog):
@@ -114,8 +154,11 @@ def test_megatron_jsonl_is_counted_before_nemo_gets_it(tmp_path, caplog):
     example fits is refused, and a set where some do not is warned about."""
     val = write_jsonl(tmp_path / "val.jsonl", ["short"] * 2)
     long = write_jsonl(tmp_path / "long.jsonl", ["x" * 40] * 3)
-    with pytest.raises(DataError, match=rf"{long}: 3 of 3 examples are longer than data.seq_length=16 .*longest "
-                                        r"prompt is 40 tokens.*no example would train as written"):
+    with pytest.raises(
+        DataError,
+        match=rf"{long}: 3 of 3 examples are longer than data.seq_length=16 .*longest "
+        r"prompt is 40 tokens.*no example would train as written",
+    ):
         finetune.prepare(megatron_cfg(tmp_path, long, val, 16), tmp_path / "run")
     mixed = write_jsonl(tmp_path / "mixed.jsonl", ["short"] * 3 + ["x" * 40])
     with caplog.at_level(logging.WARNING):
@@ -130,8 +173,11 @@ def test_directory_as_train_set_says_so(tmp_path, trainer):
     data.mkdir()
     write_jsonl(data / "training.jsonl", ["short"] * 4)
     val = write_jsonl(tmp_path / "val.jsonl", ["short"] * 2)
-    cfg = (megatron_cfg(tmp_path, data, val, 64) if trainer == "megatron" else
-           compose("finetune", [f"data.train={data}", f"data.validation={val}", f"output_dir={tmp_path}/run"]))
+    cfg = (
+        megatron_cfg(tmp_path, data, val, 64)
+        if trainer == "megatron"
+        else compose("finetune", [f"data.train={data}", f"data.validation={val}", f"output_dir={tmp_path}/run"])
+    )
     with pytest.raises(DataError, match=rf"dataset {data} is a directory; expected a JSONL file .*'training.jsonl'"):
         finetune.prepare(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -153,8 +199,11 @@ def test_output_dir_overlapping_the_checkpoint_is_refused_before_any_work(served
     base = served["base"]
     before = {p: (base / p).read_bytes() for p in listing(base) if (base / p).is_file()}
     for output in (base, base / "run", base.parent):
-        with pytest.raises(ValueError, match=rf"output_dir={output} \(model.checkpoint={base}\): .*overlaps the "
-                                             "source"):
+        with pytest.raises(
+            ValueError,
+            match=rf"output_dir={output} \(model.checkpoint={base}\): .*overlaps the "
+            "source",
+        ):
             compose("finetune", [f"model.checkpoint={base}", f"output_dir={output}"])
     assert {p: (base / p).read_bytes() for p in listing(base) if (base / p).is_file()} == before
     compose("finetune", [f"model.checkpoint={base}", f"output_dir={tmp_path}/run"])  # beside it is fine
@@ -170,8 +219,12 @@ def test_generate_serves_an_hf_export_as_transformers_runs_it(mcore, served, tmp
 
     ids = [[1, 85, 80, 80, 70, 32, 61], [1, 99, 98]]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    cfg = generate_cfg(served["export"], f"prompt_ids_file={tmp_path / 'ids.json'}", "max_new_tokens=5",
-                       f"dump_logits={tmp_path / 'dump.pt'}")
+    cfg = generate_cfg(
+        served["export"],
+        f"prompt_ids_file={tmp_path / 'ids.json'}",
+        "max_new_tokens=5",
+        f"dump_logits={tmp_path / 'dump.pt'}",
+    )
     records = generate.run(cfg)
     assert listing(tmp_path) == ["dump.pt", "ids.json"]  # written whole: no temp file left
     merged, base = hf_model(served["export"]), hf_model(served["base"])
@@ -181,10 +234,10 @@ def test_generate_serves_an_hf_export_as_transformers_runs_it(mcore, served, tmp
             greedy = merged.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None)[0]
             expected = merged(tokens[None]).logits[0]
             unadapted = base(tokens[None]).logits[0]
-        assert torch.equal(tokens, greedy[:len(tokens)]), (tokens, greedy)
+        assert torch.equal(tokens, greedy[: len(tokens)]), (tokens, greedy)
         n = len(prompt)
         torch.testing.assert_close(record["prompt_logits"], expected[:n], atol=1e-4, rtol=0)
-        torch.testing.assert_close(record["logits"], expected[n - 1:n - 1 + len(record["logits"])], atol=1e-4, rtol=0)
+        torch.testing.assert_close(record["logits"], expected[n - 1 : n - 1 + len(record["logits"])], atol=1e-4, rtol=0)
         assert (expected - unadapted).abs().max() > 1e-2  # the adapter (B != 0) is in what was compared
     assert all(torch.equal(r["tokens"], d["tokens"]) for r, d in zip(records, torch.load(tmp_path / "dump.pt")))
 
@@ -195,8 +248,7 @@ def test_generate_serves_a_plain_hf_directory_only_unchecked(mcore, served, tmp_
 
     with pytest.raises(CheckpointError, match="without manifest.json .* pass verify_checksums=false"):
         generate.run(generate_cfg(served["base"], "prompt='abc'", "max_new_tokens=2"))
-    record = generate.run(generate_cfg(served["base"], "prompt='abc'", "max_new_tokens=2",
-                                       "verify_checksums=false"))[0]
+    record = generate.run(generate_cfg(served["base"], "prompt='abc'", "max_new_tokens=2", "verify_checksums=false"))[0]
     with torch.no_grad():
         expected = hf_model(served["base"])(record["tokens"][None]).logits[0]
     torch.testing.assert_close(record["prompt_logits"], expected[:4], atol=1e-4, rtol=0)  # BOS + 3 bytes
@@ -228,6 +280,7 @@ def test_bad_requests_are_refused_before_weights_load(served, tmp_path, no_weigh
         with pytest.raises(ValueError, match=rf"token ids must be integers; {shown}"):
             generate.run(generate_cfg(export, f"prompt_ids_file={tmp_path / 'ids.json'}"))
     from nemo_mla_lora.recipes.generate import check_request  # the Python API path checks the same
+
     with pytest.raises(ValueError, match=r"token ids must be integers; \[0\]\[0\]=False"):
         check_request(generate_cfg(export), [[False]], served_spec(export))
 
@@ -244,18 +297,21 @@ def test_dump_logits_path_is_checked_before_generating(served, tmp_path, no_weig
 
     export = served["export"]
     before = {p: (export / p).read_bytes() for p in listing(export) if (export / p).is_file()}
-    cases = ((tmp_path / "missing" / "dump.pt", r"its folder .*missing does not exist"),
-             (tmp_path, "is a directory; expected a file path"),
-             (export / "manifest.json", rf"is inside checkpoint={export}; it would write into it"),
-             (export / "new.pt", rf"is inside checkpoint={export}"),
-             (export, rf"is inside checkpoint={export}"))
+    cases = (
+        (tmp_path / "missing" / "dump.pt", r"its folder .*missing does not exist"),
+        (tmp_path, "is a directory; expected a file path"),
+        (export / "manifest.json", rf"is inside checkpoint={export}; it would write into it"),
+        (export / "new.pt", rf"is inside checkpoint={export}"),
+        (export, rf"is inside checkpoint={export}"),
+    )
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
             generate.run(generate_cfg(export, "prompt='abc'", f"dump_logits={path}"))
     (tmp_path / "ids.json").write_text("[[1, 2]]")
     with pytest.raises(ValueError, match="is prompt_ids_file; it would overwrite it"):
-        generate.run(generate_cfg(export, f"prompt_ids_file={tmp_path / 'ids.json'}",
-                                  f"dump_logits={tmp_path / 'ids.json'}"))
+        generate.run(
+            generate_cfg(export, f"prompt_ids_file={tmp_path / 'ids.json'}", f"dump_logits={tmp_path / 'ids.json'}")
+        )
     assert {p: (export / p).read_bytes() for p in listing(export) if (export / p).is_file()} == before
     assert listing(tmp_path) == ["ids.json"]
 

@@ -15,9 +15,11 @@ from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsFile, Safetensor
 
 def tensors():
     gen = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(5, 7, generator=gen).to(torch.bfloat16),
-            "b.weight": torch.randn(3, generator=gen),
-            "c.weight": (torch.randn(4, 4, generator=gen) * 8).to(torch.float8_e4m3fn)}
+    return {
+        "a.weight": torch.randn(5, 7, generator=gen).to(torch.bfloat16),
+        "b.weight": torch.randn(3, generator=gen),
+        "c.weight": (torch.randn(4, 4, generator=gen) * 8).to(torch.float8_e4m3fn),
+    }
 
 
 def test_reads_what_safetensors_wrote_and_writes_what_it_reads(tmp_path):
@@ -62,8 +64,14 @@ def test_malformed_headers_are_refused_with_the_tensor_named(tmp_path):
         (tmp_path / name).write_bytes(struct.pack("<Q", len(text)) + text + data)
         return tmp_path / name
 
-    overlap = write({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                     "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlap.safetensors")
+    overlap = write(
+        {
+            "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+        },
+        bytes(12),
+        "overlap.safetensors",
+    )
     with pytest.raises(CheckpointError, match="y starts at 4, expected 8"):
         SafetensorsFile(overlap)
     wrong = write({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "wrong.safetensors")

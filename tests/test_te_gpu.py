@@ -27,8 +27,13 @@ def _te_and_cuda() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _te_and_cuda(), reason="needs CUDA and Transformer Engine")]
 
 VARIANTS = {"q_lora": "tiny_mla", "no_q_lora": "tiny_mla_noq"}
-HF_VARIANTS = ("v2_lite_greedy_yarn_noq", "v2_group_limited_rope_q", "v3_noaux_yarn_q", "v3_noaux_rope_noq",
-               "v3_tied_yarn_q")  # scripts/make_tiny_hf.py's VARIANTS (test_hf_checkpoints: equal to transformers)
+HF_VARIANTS = (
+    "v2_lite_greedy_yarn_noq",
+    "v2_group_limited_rope_q",
+    "v3_noaux_yarn_q",
+    "v3_noaux_rope_noq",
+    "v3_tied_yarn_q",
+)  # scripts/make_tiny_hf.py's VARIANTS (test_hf_checkpoints: equal to transformers)
 REL = 2e-5 if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0" else 5e-3  # of the largest |logit| / |grad|
 
 
@@ -91,27 +96,40 @@ def test_every_te_linear_kind_is_wrapped(mcore, variant):
 
     model, _, _ = adapted_te(VARIANTS[variant])
     kinds = {n.rsplit(".", 1)[-1]: type(m.to_wrap).__name__ for n, m in adapter_modules(model).items()}
-    expected = {"linear_q_down_proj": "TELinear", "linear_q_up_proj": "LatentNormTELinear",
-                "linear_kv_down_proj": "TELinear", "linear_kv_up_proj": "LatentNormTELinear",
-                "linear_proj": "TERowParallelLinear"}
+    expected = {
+        "linear_q_down_proj": "TELinear",
+        "linear_q_up_proj": "LatentNormTELinear",
+        "linear_kv_down_proj": "TELinear",
+        "linear_kv_up_proj": "LatentNormTELinear",
+        "linear_proj": "TERowParallelLinear",
+    }
     if variant == "no_q_lora":
         expected = {k: v for k, v in expected.items() if "_q_" not in k} | {"linear_q_proj": "TEColumnParallelLinear"}
     assert {k: kinds[k] for k in expected} == expected
-    found = {(n.split(".mlp.")[-1], type(m.to_wrap).__name__)
-             for n, m in adapter_modules(model).items() if ".mlp." in n}
-    assert found == {("linear_fc1", "TELayerNormColumnParallelLinear"), ("linear_fc2", "TERowParallelLinear"),
-                     ("shared_experts.linear_fc1", "TEColumnParallelLinear"),
-                     ("shared_experts.linear_fc2", "TERowParallelLinear"),
-                     ("experts.linear_fc1", "TEColumnParallelGroupedLinear"),
-                     ("experts.linear_fc2", "TERowParallelGroupedLinear")}
-    fused = {n.split(".", 3)[-1] for n, m in adapter_modules(model).items()
-             if getattr(getattr(m, "adapter", None), "layout", None) is not None and m.adapter.layout.fused_norm}
+    found = {
+        (n.split(".mlp.")[-1], type(m.to_wrap).__name__) for n, m in adapter_modules(model).items() if ".mlp." in n
+    }
+    assert found == {
+        ("linear_fc1", "TELayerNormColumnParallelLinear"),
+        ("linear_fc2", "TERowParallelLinear"),
+        ("shared_experts.linear_fc1", "TEColumnParallelLinear"),
+        ("shared_experts.linear_fc2", "TERowParallelLinear"),
+        ("experts.linear_fc1", "TEColumnParallelGroupedLinear"),
+        ("experts.linear_fc2", "TERowParallelGroupedLinear"),
+    }
+    fused = {
+        n.split(".", 3)[-1]
+        for n, m in adapter_modules(model).items()
+        if getattr(getattr(m, "adapter", None), "layout", None) is not None and m.adapter.layout.fused_norm
+    }
     fusable = ("self_attention.linear_q_up_proj", "self_attention.linear_kv_up_proj", "mlp.linear_fc1")
     assert fused == {k for k in fusable if variant == "q_lora" or "_q_" not in k}
 
 
-PARTS = {"q_lora": {"linear_q_up_proj": "rope", "linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
-         "no_q_lora": {"linear_q_proj": "nope", "linear_kv_up_proj": "v", "linear_kv_down_proj": "rope"}}
+PARTS = {
+    "q_lora": {"linear_q_up_proj": "rope", "linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"},
+    "no_q_lora": {"linear_q_proj": "nope", "linear_kv_up_proj": "v", "linear_kv_down_proj": "rope"},
+}
 
 
 @pytest.mark.parametrize("parts", [False, True], ids=["whole", "parts"])
@@ -198,8 +216,14 @@ def test_te_lora_gradients_match_the_local_spec(mcore, variant):
             worst = max(worst, ((g_te - g_local).abs().max() / g_local.abs().max()).item())
     assert len(idle) <= len(local_grads) // 4, f"too few experts saw tokens: {sorted(idle)}"
     logit_diff = (te_out - local_out).abs().max().item()
-    record("gradients", variant=variant, worst_relative_grad_diff=worst, max_abs_logit_diff=logit_diff,
-           adapters=len(local_grads), experts_without_tokens=len(idle))
+    record(
+        "gradients",
+        variant=variant,
+        worst_relative_grad_diff=worst,
+        max_abs_logit_diff=logit_diff,
+        adapters=len(local_grads),
+        experts_without_tokens=len(idle),
+    )
     assert logit_diff <= REL * local_out.abs().max().item()
     assert worst <= 10 * REL, f"worst adapter gradient differs by {worst:.3g} of its largest value"
 
@@ -245,8 +269,9 @@ def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
     model, spec, peft = adapted_te("tiny_mla")
     dist_ckpt.save_base(model, spec, tmp_path / "base")
     dist_ckpt.save_adapter(model, peft, spec, tmp_path / "adapter", base_dir=tmp_path / "base")
-    manifest = export(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", names="te",
-                      progress=False)
+    manifest = export(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", fmt="mcore", names="te", progress=False
+    )
     fresh, _, _ = build("tiny_mla", te=True, seed=1)
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path / "out")))
     with torch.no_grad():

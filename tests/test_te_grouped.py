@@ -43,8 +43,12 @@ def test_grouped_lora_matches_the_equations_in_float64():
 
     xr = x.detach().clone().requires_grad_(True)
     a, b = (t.detach().clone().requires_grad_(True) for t in adapter.stacked())
-    ref = torch.cat([xe @ w.T + 2.0 * (xe @ a[e].T) @ b[e].T  # scale = alpha / r = 2
-                     for e, (xe, w) in enumerate(zip(xr.split(splits), base.weights))])
+    ref = torch.cat(
+        [
+            xe @ w.T + 2.0 * (xe @ a[e].T) @ b[e].T  # scale = alpha / r = 2
+            for e, (xe, w) in enumerate(zip(xr.split(splits), base.weights))
+        ]
+    )
     ref.backward(gy)
     assert bias is None
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
@@ -63,7 +67,7 @@ def _flat(sharded: dict) -> dict:
         if ".adapter." not in value.key:
             continue
         built = value.build() if hasattr(value, "build") else {"": value}
-        for t in (built.values() if isinstance(built, dict) else built):
+        for t in built.values() if isinstance(built, dict) else built:
             out[(t.key, t.global_offset)] = (t.global_shape, t.replica_id, t.data.detach().clone())
     return out
 
@@ -92,9 +96,15 @@ def test_sharded_adapters_match_sequential_experts(mcore, singleton):
         linears = [getattr(e.mlp if hasattr(e, "mlp") else e, name) for e in experts.local_experts]
         a = torch.stack([m.adapter.lora_a.detach() for m in linears])
         b = torch.stack([m.adapter.lora_b.detach() for m in linears])
-        adapter = GroupedLoRAAdapter(len(linears), a.shape[2], b.shape[1], dim=4, alpha=8,
-                                     kind="row" if name == "linear_fc2" else "column",
-                                     glu_fc1=name == "linear_fc1" and config.gated_linear_unit)
+        adapter = GroupedLoRAAdapter(
+            len(linears),
+            a.shape[2],
+            b.shape[1],
+            dim=4,
+            alpha=8,
+            kind="row" if name == "linear_fc2" else "column",
+            glu_fc1=name == "linear_fc1" and config.gated_linear_unit,
+        )
         with torch.no_grad():
             for e in range(len(linears)):
                 adapter.expert(e)[0].copy_(a[e])

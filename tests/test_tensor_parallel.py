@@ -38,12 +38,17 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
     logits, loss = run_step(model, tokens, positions, mask)
     grads = global_grads(model)
 
-    mp.spawn(_run, args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path / "batch.pt"), str(tmp_path)),
-             nprocs=2, join=True)
+    mp.spawn(
+        _run,
+        args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path / "batch.pt"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
     for layout in LAYOUTS:  # fp32; SDPA's CPU kernel blocks by heads per rank: ~2e-6 apart (measured 2.07e-6)
         got = torch.load(tmp_path / f"{layout}.pt")
-        torch.testing.assert_close(got["logits"], logits, atol=5e-6, rtol=0,
-                                   msg=lambda m, lay=layout: f"{lay}: logits\n{m}")
+        torch.testing.assert_close(
+            got["logits"], logits, atol=5e-6, rtol=0, msg=lambda m, lay=layout: f"{lay}: logits\n{m}"
+        )
         torch.testing.assert_close(got["loss"], loss, atol=5e-6, rtol=0, msg=lambda m, lay=layout: f"{lay}: loss\n{m}")
         assert set(got["grads"]) == set(grads), layout
         paths = got["fused"]  # which forward each adapted linear took there (tp_worker.fused_paths)
@@ -67,9 +72,9 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
             k = 2.0 if layout == "ep2" and "local_experts" in name else 1.0
             for got_g, ref_g, what in ((got["grads"][name][0], da, "dA"), (got["grads"][name][1], db, "dB")):
                 scale = max(1.0, ref_g.abs().max().item())  # fp32 sums in another order: relative to the tensor
-                torch.testing.assert_close(got_g, k * ref_g, atol=1e-5 * scale, rtol=0,
-                                           msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}")
-
+                torch.testing.assert_close(
+                    got_g, k * ref_g, atol=1e-5 * scale, rtol=0, msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}"
+                )
 
     # the export callback under TP=2+SP and under EP=2 wrote the same (default: mcore) checkpoint as a one-process export
     from nemo_mla_lora.checkpoints import dist_ckpt
@@ -88,12 +93,22 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
         two = read_export(out / "export", "mcore")
         assert set(one) == set(two), layout
         for name in one:
-            torch.testing.assert_close(two[name], one[name], atol=0, rtol=0,
-                                       msg=lambda m, n=f"{layout} {name}": f"{n}\n{m}")
+            torch.testing.assert_close(
+                two[name], one[name], atol=0, rtol=0, msg=lambda m, n=f"{layout} {name}": f"{n}\n{m}"
+            )
     # the script the GPU run (bench/run_gpu.sh two_gpus) uses for the same comparison agrees
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_exports.py"), str(tmp_path / "export_tp1"),
-                           str(tmp_path / "callback_ep2" / "export")], check=False, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "compare_exports.py"),
+            str(tmp_path / "export_tp1"),
+            str(tmp_path / "callback_ep2" / "export"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and '"identical": ' in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 

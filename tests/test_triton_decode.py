@@ -35,8 +35,7 @@ def child(code: str, *args, interpret: bool, timeout: int = 600) -> str:
     """``code`` run in a fresh Python (Triton's interpreter, where asked, must be on before triton is imported):
     its last line of output."""
     env = dict(os.environ, TRITON_INTERPRET="1") if interpret else None
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
@@ -131,8 +130,16 @@ def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("launch", [{}, dict(block_h=32, num_warps=8), dict(block_h=64, block_t=16, num_warps=8),
-                                    dict(splits=1), dict(splits=3, num_stages=1)])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        {},
+        dict(block_h=32, num_warps=8),
+        dict(block_h=64, block_t=16, num_warps=8),
+        dict(splits=1),
+        dict(splits=3, num_stages=1),
+    ],
+)
 def test_kernel_on_gpu_bf16_v3_dims(launch):
     from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
@@ -146,11 +153,20 @@ def test_kernel_on_gpu_bf16_v3_dims(launch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="needs a Hopper (sm_90) or newer GPU")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs a Hopper (sm_90) or newer GPU",
+)
 @pytest.mark.parametrize("h", [16, 128])
-@pytest.mark.parametrize("launch", [dict(rows="heads"), dict(rows="positions"), dict(rows="positions", splits=1),
-                                    dict(rows="heads", block_t=32, splits=3)])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        dict(rows="heads"),
+        dict(rows="positions"),
+        dict(rows="positions", splits=1),
+        dict(rows="heads", block_t=32, splits=3),
+    ],
+)
 def test_tma_kernels_on_gpu_bf16_v3_dims(h, launch):
     from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
@@ -159,7 +175,7 @@ def test_tma_kernels_on_gpu_bf16_v3_dims(h, launch):
     q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
     ck, kr = (torch.randn(b, t, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
     lengths = torch.randint(1, t + 1, (b,), device="cuda", dtype=torch.int32)
-    ck[0, int(lengths[0]):] = float("nan")
+    ck[0, int(lengths[0]) :] = float("nan")
     ref = reference(q, qr, ck.nan_to_num(0), kr, lengths, 0.05)
     o = latent_decode_attention_tma(q, qr, ck, kr, lengths, 0.05, **launch)
     torch.testing.assert_close(o.double(), ref, atol=2e-2, rtol=2e-2)

@@ -6,8 +6,12 @@ import re
 import torch
 import torch.distributed as dist
 
-PEFT_KWARGS = dict(placement="all_linear", dim=4, alpha=8,
-                   parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent", "linear_q_up_proj": "rope"})
+PEFT_KWARGS = dict(
+    placement="all_linear",
+    dim=4,
+    alpha=8,
+    parts={"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent", "linear_q_up_proj": "rope"},
+)
 LAYOUTS = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sequence_parallel=True), "ep2": dict(ep=2)}
 
 
@@ -15,18 +19,21 @@ def build(sequence_parallel=False):
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
     from nemo_mla_lora.peft import MLALoRA
 
-    config = tiny_mla_config(sequence_parallel=sequence_parallel,
-                             tensor_model_parallel_size=_tp(), expert_model_parallel_size=_ep())
+    config = tiny_mla_config(
+        sequence_parallel=sequence_parallel, tensor_model_parallel_size=_tp(), expert_model_parallel_size=_ep()
+    )
     return MLALoRA(**PEFT_KWARGS)(build_model(config))
 
 
 def _tp():
     from megatron.core import parallel_state
+
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def _ep():
     from megatron.core import parallel_state
+
     return parallel_state.get_expert_model_parallel_world_size()
 
 
@@ -97,8 +104,16 @@ def worker(rank, world, port, ckpt, batch_path, out_dir):
         for part in _all_gather_objects(global_grads(model)):
             grads.update(part)
         if rank == 0:
-            torch.save({"logits": logits, "loss": loss, "grads": grads, "fused": fused_paths(model),
-                        "allreduce": allreduce_flags(model)}, f"{out_dir}/{layout}.pt")
+            torch.save(
+                {
+                    "logits": logits,
+                    "loss": loss,
+                    "grads": grads,
+                    "fused": fused_paths(model),
+                    "allreduce": allreduce_flags(model),
+                },
+                f"{out_dir}/{layout}.pt",
+            )
         if layout in ("tp2_sp", "ep2"):
             export_through_callback(model, f"{out_dir}/callback_{layout}")
     parallel.destroy()
@@ -124,8 +139,10 @@ def allreduce_flags(model):
     """{module name: (Megatron's ``allreduce`` flag on the base weight, on A, on B)}: which DDP group reduces them."""
     from nemo_mla_lora.peft.state import adapter_modules
 
-    return {n: tuple(getattr(p, "allreduce", True) for p in (m.to_wrap.weight, m.adapter.lora_a, m.adapter.lora_b))
-            for n, m in adapter_modules(model).items()}
+    return {
+        n: tuple(getattr(p, "allreduce", True) for p in (m.to_wrap.weight, m.adapter.lora_a, m.adapter.lora_b))
+        for n, m in adapter_modules(model).items()
+    }
 
 
 def export_through_callback(model, out_dir):

@@ -22,8 +22,10 @@ def split_kv_up(kv_up: torch.Tensor, spec: MLASpec) -> tuple[torch.Tensor, torch
     """[h*(dn+dv), c] -> K up [h*dn, c], V up [h*dv, c]."""
     h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
     if tuple(kv_up.shape) != (h * (dn + dv), c):
-        raise ValueError(f"linear_kv_up_proj.weight is {tuple(kv_up.shape)}, expected [{h * (dn + dv)}, {c}] "
-                         f"(heads {h} x (qk_nope_head_dim {dn} + v_head_dim {dv}), kv_lora_rank {c})")
+        raise ValueError(
+            f"linear_kv_up_proj.weight is {tuple(kv_up.shape)}, expected [{h * (dn + dv)}, {c}] "
+            f"(heads {h} x (qk_nope_head_dim {dn} + v_head_dim {dv}), kv_lora_rank {c})"
+        )
     per_head = kv_up.view(h, dn + dv, c)  # [h, dn+dv, c]
     return per_head[:, :dn, :].reshape(h * dn, c).contiguous(), per_head[:, dn:, :].reshape(h * dv, c).contiguous()
 
@@ -48,8 +50,13 @@ def absorb_layer(state: dict, prefix: str, spec: MLASpec, fold: bool = False) ->
 def fold_products(state: dict, prefix: str, spec: MLASpec, k_up, v_up) -> dict:
     """Folded per-head products, fp32 accumulated:
     q side: F_q[h] = W_UK[h]^T W_UQ_nope[h]: [h, c, rq or hidden]; out side: F_o[h] = W_O[:, h] W_UV[h]: [hidden, h, c]."""
-    h, dn, dr, dv, c = (spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
-                        spec.kv_lora_rank)
+    h, dn, dr, dv, c = (
+        spec.num_heads,
+        spec.qk_nope_head_dim,
+        spec.qk_rope_head_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    )
     q_name = "linear_q_up_proj" if spec.q_lora_rank is not None else "linear_q_proj"
     w_uq = state[f"{prefix}.{q_name}.weight"].float().view(h, dn + dr, -1)[:, :dn, :]  # [h, dn, rq]
     w_uk = k_up.float().view(h, dn, c)

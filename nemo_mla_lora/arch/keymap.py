@@ -193,4 +193,3 @@ def hf_to_megatron(state: dict) -> dict:
             raise KeyError(f"{key}: HF checkpoint has only {sorted(parts)} of gate_proj/up_proj")
         out[key] = torch.cat([parts["gate"], parts["up"]], dim=0)
     return out
-

@@ -23,13 +23,25 @@ def yarn_mscale(scale: float, mscale: float) -> float:
 # read it: ``MLASpec.from_megatron`` and ``models/from_spec.config_from_spec``; the MoE fields, whose
 # absent values differ (0 here, None there), are mapped by each beside it.
 MEGATRON_FIELDS = {
-    "hidden_size": "hidden_size", "num_layers": "num_layers", "num_heads": "num_attention_heads",
-    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank", "qk_nope_head_dim": "qk_head_dim",
-    "qk_rope_head_dim": "qk_pos_emb_head_dim", "v_head_dim": "v_head_dim", "vocab_size": "vocab_size",
-    "ffn_hidden_size": "ffn_hidden_size", "norm_eps": "layernorm_epsilon", "rope_type": "rope_type",
-    "rope_base": "rotary_base", "rope_factor": "rotary_scaling_factor",
-    "rope_original_max_positions": "original_max_position_embeddings", "rope_beta_fast": "beta_fast",
-    "rope_beta_slow": "beta_slow", "rope_mscale": "mscale", "rope_mscale_all_dim": "mscale_all_dim",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_layers",
+    "num_heads": "num_attention_heads",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_head_dim",
+    "qk_rope_head_dim": "qk_pos_emb_head_dim",
+    "v_head_dim": "v_head_dim",
+    "vocab_size": "vocab_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "norm_eps": "layernorm_epsilon",
+    "rope_type": "rope_type",
+    "rope_base": "rotary_base",
+    "rope_factor": "rotary_scaling_factor",
+    "rope_original_max_positions": "original_max_position_embeddings",
+    "rope_beta_fast": "beta_fast",
+    "rope_beta_slow": "beta_slow",
+    "rope_mscale": "mscale",
+    "rope_mscale_all_dim": "mscale_all_dim",
 }
 
 
@@ -134,12 +146,16 @@ class MLASpec:
             pattern = tuple(int(x) for x in freq)
         return cls(
             **{ours: getattr(c, theirs) for ours, theirs in MEGATRON_FIELDS.items()},
-            num_experts=c.num_moe_experts or 0, moe_ffn_hidden_size=c.moe_ffn_hidden_size or 0,
+            num_experts=c.num_moe_experts or 0,
+            moe_ffn_hidden_size=c.moe_ffn_hidden_size or 0,
             shared_expert_ffn_hidden_size=c.moe_shared_expert_intermediate_size or 0,
             moe_topk=c.moe_router_topk if c.num_moe_experts else 0,
-            moe_num_groups=c.moe_router_num_groups or 1, moe_group_topk=c.moe_router_group_topk or 1,
-            moe_scaling_factor=c.moe_router_topk_scaling_factor or 1.0, moe_layer_pattern=pattern,
-            **_megatron_routing(c), tie_word_embeddings=bool(c.share_embeddings_and_output_weights),
+            moe_num_groups=c.moe_router_num_groups or 1,
+            moe_group_topk=c.moe_router_group_topk or 1,
+            moe_scaling_factor=c.moe_router_topk_scaling_factor or 1.0,
+            moe_layer_pattern=pattern,
+            **_megatron_routing(c),
+            tie_word_embeddings=bool(c.share_embeddings_and_output_weights),
             max_position_embeddings=getattr(c, "max_position_embeddings", 0) or 0,
             model_type="deepseek_v2" if c.moe_router_score_function == "softmax" else "deepseek_v3",
             latent_norm_eps=getattr(c, "mla_latent_norm_eps", c.layernorm_epsilon),
@@ -151,12 +167,21 @@ def _megatron_routing(c) -> dict:
     if not c.num_moe_experts:
         return {}
     if c.moe_router_score_function == "sigmoid":
-        return {"moe_score_function": "sigmoid", "moe_topk_method": "noaux_tc" if c.moe_router_enable_expert_bias
-                else "greedy", "moe_norm_topk_prob": True}
+        return {
+            "moe_score_function": "sigmoid",
+            "moe_topk_method": "noaux_tc" if c.moe_router_enable_expert_bias else "greedy",
+            "moe_norm_topk_prob": True,
+        }
     grouped = bool(c.moe_router_group_topk) and (c.moe_router_num_groups or 1) > 1
-    if grouped and getattr(c, "moe_router_group_score", "sum") != "max" and c.moe_router_topk // c.moe_router_group_topk != 1:
-        raise ValueError("Megatron's softmax group-limited routing (groups by their top k/topk_group sum) is not "
-                         "DeepSeek-V2's (groups by their best expert); build the config with models/from_spec")
+    if (
+        grouped
+        and getattr(c, "moe_router_group_score", "sum") != "max"
+        and c.moe_router_topk // c.moe_router_group_topk != 1
+    ):
+        raise ValueError(
+            "Megatron's softmax group-limited routing (groups by their top k/topk_group sum) is not "
+            "DeepSeek-V2's (groups by their best expert); build the config with models/from_spec"
+        )
     if not c.moe_router_pre_softmax:  # softmax over the chosen logits = chosen scores renormalised
         return {"moe_score_function": "softmax", "moe_topk_method": "greedy", "moe_norm_topk_prob": True}
     method = "group_limited_greedy" if grouped else "greedy"

@@ -49,15 +49,30 @@ def find_megatron_model(pl_module):
 
 
 class MLAExportCallback(L.Callback):
-    def __init__(self, peft, spec, base_dir, output_dir, fmt: str = "mcore", fold: bool = False,
-                 verify="full", tolerance: float | None = None, every_checkpoint: bool = False,
-                 names: str | None = None, tokenizer: str | None = None, verify_layers=None):
+    def __init__(
+        self,
+        peft,
+        spec,
+        base_dir,
+        output_dir,
+        fmt: str = "mcore",
+        fold: bool = False,
+        verify="full",
+        tolerance: float | None = None,
+        every_checkpoint: bool = False,
+        names: str | None = None,
+        tokenizer: str | None = None,
+        verify_layers=None,
+    ):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
         self.output_dir = Path(output_dir)
         self.fmt, self.fold, self.verify, self.tolerance = fmt, fold, verify, tolerance
-        self.options = {"names": names, "tokenizer": tokenizer,  # format=nemo's names and context tokenizer
-                        "verify_layers": list(verify_layers) if verify_layers else None}
+        self.options = {
+            "names": names,
+            "tokenizer": tokenizer,  # format=nemo's names and context tokenizer
+            "verify_layers": list(verify_layers) if verify_layers else None,
+        }
         self.every_checkpoint = every_checkpoint
         self.result = None
         self.check_outputs()
@@ -73,8 +88,9 @@ class MLAExportCallback(L.Callback):
             check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
 
     def _readable(self) -> bool:
-        return self.base_dir is not None and any((self.base_dir / f).is_file()
-                                                 for f in (dist_ckpt.SPEC_FILE, "config.json"))
+        return self.base_dir is not None and any(
+            (self.base_dir / f).is_file() for f in (dist_ckpt.SPEC_FILE, "config.json")
+        )
 
     def _base(self, model) -> Path:
         """The base export reads: ``base_dir`` if export reads it as it is (ours, or an HF directory), else (a
@@ -83,8 +99,9 @@ class MLAExportCallback(L.Callback):
         training checkpoints are not tested as bases)."""
         if not self._readable():
             log.info("saving the frozen base from the trained model to %s", self.output_dir / "base")
-            self.base_dir = dist_ckpt.save_base(model, self.spec, self.output_dir / "base", overwrite=True,
-                                                 sources=(self.base_dir,))
+            self.base_dir = dist_ckpt.save_base(
+                model, self.spec, self.output_dir / "base", overwrite=True, sources=(self.base_dir,)
+            )
         return self.base_dir
 
     def run(self, pl_module, tag: str) -> dict | None:
@@ -102,10 +119,27 @@ class MLAExportCallback(L.Callback):
 
     def _export(self, adapter_dir: Path, output: Path) -> dict:
         if parallel.world_size() == 1:
-            return export(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold, overwrite=True,
-                          verify=self.verify, tolerance=self.tolerance, **self.options)
-        return export_in_child(self.base_dir, adapter_dir, output, fmt=self.fmt, fold=self.fold,
-                               verify=self.verify, tolerance=self.tolerance, **self.options)
+            return export(
+                self.base_dir,
+                adapter_dir,
+                output,
+                fmt=self.fmt,
+                fold=self.fold,
+                overwrite=True,
+                verify=self.verify,
+                tolerance=self.tolerance,
+                **self.options,
+            )
+        return export_in_child(
+            self.base_dir,
+            adapter_dir,
+            output,
+            fmt=self.fmt,
+            fold=self.fold,
+            verify=self.verify,
+            tolerance=self.tolerance,
+            **self.options,
+        )
 
     def on_train_end(self, trainer, pl_module):
         self.result = self.run(pl_module, "")
@@ -115,21 +149,42 @@ class MLAExportCallback(L.Callback):
             self.run(pl_module, f"_step{trainer.global_step}")
 
 
-_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                 "MASTER_PORT", "NODE_RANK")
+_LAUNCHER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+)
 
 
-def export_in_child(base, adapter, output, fmt: str, fold: bool, verify, tolerance, names=None,
-                    tokenizer=None, verify_layers=None) -> dict:
+def export_in_child(
+    base, adapter, output, fmt: str, fold: bool, verify, tolerance, names=None, tokenizer=None, verify_layers=None
+) -> dict:
     """``python -m nemo_mla_lora.recipes.export`` in a fresh single process on the CPU; returns the manifest."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
     null = lambda v: "null" if v is None else v  # noqa: E731
-    args = [f"base={base}", f"adapter={adapter}", f"output={output}", f"format={fmt}", f"fold={str(fold).lower()}",
-            f"verify={str(verify).lower()}", "overwrite=true", f"tolerance={null(tolerance)}", f"names={null(names)}",
-            f"tokenizer={null(tokenizer)}", f"verify_layers={null(verify_layers)}".replace(" ", "")]
-    proc = subprocess.run([sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env,
-                          capture_output=True, text=True)
+    args = [
+        f"base={base}",
+        f"adapter={adapter}",
+        f"output={output}",
+        f"format={fmt}",
+        f"fold={str(fold).lower()}",
+        f"verify={str(verify).lower()}",
+        "overwrite=true",
+        f"tolerance={null(tolerance)}",
+        f"names={null(names)}",
+        f"tokenizer={null(tokenizer)}",
+        f"verify_layers={null(verify_layers)}".replace(" ", ""),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"export of {adapter} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return read_manifest(output)

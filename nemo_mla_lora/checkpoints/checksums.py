@@ -49,5 +49,7 @@ def check_checksums(tensors: dict, checksums: dict | None, where) -> None:
         if name not in checksums:
             raise ChecksumError(f"{where}: {name} is not in manifest.json (a tensor the export did not write)")
         if tensor_checksum(t, _algorithm(checksums[name])) != checksums[name]:
-            raise ChecksumError(f"{where}: {name} does not match its checksum in manifest.json (corrupted or "
-                                f"changed since export); `python -m nemo_mla_lora.recipes.verify_export` checks all")
+            raise ChecksumError(
+                f"{where}: {name} does not match its checksum in manifest.json (corrupted or "
+                f"changed since export); `python -m nemo_mla_lora.recipes.verify_export` checks all"
+            )

@@ -41,8 +41,9 @@ def _expert_indices(key: str, indices, num_experts: int | None) -> int:
     return num_experts
 
 
-def sharded_tensors(flat: dict, num_experts: int | None = None, consume: bool = False,
-                    max_bytes: int | None = None) -> dict:
+def sharded_tensors(
+    flat: dict, num_experts: int | None = None, consume: bool = False, max_bytes: int | None = None
+) -> dict:
     """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (routed experts stacked on a leading axis).
     A group holding consecutive experts first..first+n-1 of a layer's ``num_experts`` (None: all of them)
     gets the chunk [n, out, in] under ``{key}@axis0from{first}of{E}``, which ``dist_stream`` places at its
@@ -61,7 +62,9 @@ def sharded_tensors(flat: dict, num_experts: int | None = None, consume: bool = 
             rows = max(1, max_bytes // (t[0].numel() * t.element_size()))
             for first in range(0, t.shape[0], rows):
                 stored = f"{name}@axis0from{first}of{t.shape[0]}"
-                out[stored] = ShardedTensor.from_rank_offsets(stored, t[first:first + rows].contiguous(), replica_id=0)
+                out[stored] = ShardedTensor.from_rank_offsets(
+                    stored, t[first : first + rows].contiguous(), replica_id=0
+                )
         else:
             out[name] = ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0)
     for key, experts in stacked.items():
@@ -94,7 +97,9 @@ def extra_states(flat: dict, num_experts: int | None = None) -> dict:
         module = name[: -len(".weight")]
         m = _FLAT_EXPERT.match(name)
         if m:
-            experts.setdefault(f"{m.group(1)}.experts.{m.group(3).rsplit('.', 1)[0]}._extra_state", set()).add(int(m.group(2)))
+            experts.setdefault(f"{m.group(1)}.experts.{m.group(3).rsplit('.', 1)[0]}._extra_state", set()).add(
+                int(m.group(2))
+            )
         else:
             key = f"{module}._extra_state"
             out[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
@@ -123,8 +128,9 @@ def dense_layers(spec: MLASpec) -> set:
     return {i for i in range(spec.num_layers) if not spec.is_moe_layer(i)}
 
 
-def named_sharded(group: dict, spec: MLASpec, names: str, prefix: str = "", consume: bool = False,
-                  max_bytes: int | None = None) -> dict:
+def named_sharded(
+    group: dict, spec: MLASpec, names: str, prefix: str = "", consume: bool = False, max_bytes: int | None = None
+) -> dict:
     """One group of flat (local-spec) tensors -> the ShardedTensors and ``_extra_state`` ShardedObjects a model of
     the ``names`` layer spec (``te``: Megatron's Transformer Engine spec; ``local``: the TE-free one) asks for at a
     default-strictness load, under ``prefix`` + its keys (NeMo 2 checkpoints: ``module.``). ``consume``,
@@ -173,8 +179,11 @@ def _model_sharded(model, adapters: bool) -> dict:
     """The model's own sharded state dict (TP/EP/PP aware), adapters only or base only (with the base's
     ``_extra_state`` entries: Megatron's default-strictness load asks for them)."""
     sharded = model.sharded_state_dict()
-    return {k: v for k, v in sharded.items() if (".adapter." in k) == adapters
-            and not (adapters and k.endswith("_extra_state"))}
+    return {
+        k: v
+        for k, v in sharded.items()
+        if (".adapter." in k) == adapters and not (adapters and k.endswith("_extra_state"))
+    }
 
 
 def save_base(model, spec: MLASpec, directory, overwrite: bool = False, sources=()) -> Path:
@@ -204,12 +213,17 @@ def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite
         if not sharded:
             raise CheckpointError("the model has no MLALoRA adapters to save")
         info = {
-            "dim": peft.dim, "alpha": peft.alpha, "scale": peft.alpha / peft.dim, "parts": dict(peft.parts),
+            "dim": peft.dim,
+            "alpha": peft.alpha,
+            "scale": peft.alpha / peft.dim,
+            "parts": dict(peft.parts),
             "placement": peft.placement if not peft.target_modules else None,
-            "target_modules": list(peft.target_modules), "mla_spec": spec.to_dict(),
+            "target_modules": list(peft.target_modules),
+            "mla_spec": spec.to_dict(),
             "modules": adapter_names(model),  # every stage's and expert rank's, one-process names
             "base_checkpoint": str(base_dir) if base_dir else None,
-            "base_hash": file_hash(base_dir) if base_dir else None, "producer": output_dir.PRODUCER,
+            "base_hash": file_hash(base_dir) if base_dir else None,
+            "producer": output_dir.PRODUCER,
         }
         dist_checkpointing.save(sharded, str(tmp))
         if rank() == 0:

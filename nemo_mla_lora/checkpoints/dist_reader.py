@@ -55,7 +55,7 @@ class CheckpointReader:
         for key, meta in self.metadata.items():
             if not key.startswith(prefix):
                 continue
-            name = key[len(prefix):]
+            name = key[len(prefix) :]
             m = _STACKED.match(name)
             if m:
                 for e in range(meta.global_shape[0]):
@@ -81,7 +81,9 @@ class CheckpointReader:
 
         missing = [n for n in names if n not in self.flat]
         if missing:
-            raise CheckpointError(f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            raise CheckpointError(
+                f"{self.directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
         request, rows, out = {}, {}, {}
         for n in names:
             key, expert, shape = self.flat[n]
@@ -96,8 +98,9 @@ class CheckpointReader:
             if rows:
                 load_rows(self.directory, rows)
         except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
-            raise CheckpointError(f"{self.directory}: failed to read {names[:3]}...: {err} "
-                                  f"(truncated or incomplete checkpoint?)") from err
+            raise CheckpointError(
+                f"{self.directory}: failed to read {names[:3]}...: {err} (truncated or incomplete checkpoint?)"
+            ) from err
         check_checksums(out, self.checksums, self.directory)
         return out
 
@@ -118,8 +121,9 @@ class _RowsPlanner(DefaultLoadPlanner):
             for e, buf in rows.items():
                 if tuple(md.size[1:]) != tuple(buf.shape) or not 0 <= e < md.size[0]:
                     raise ValueError(f"{key}: stored {tuple(md.size)}, asked for row {e} of shape {tuple(buf.shape)}")
-                chunk = ChunkStorageMetadata(offsets=torch.Size((e,) + (0,) * buf.dim()),
-                                             sizes=torch.Size((1,) + tuple(buf.shape)))
+                chunk = ChunkStorageMetadata(
+                    offsets=torch.Size((e,) + (0,) * buf.dim()), sizes=torch.Size((1,) + tuple(buf.shape))
+                )
                 items += create_read_items_for_chunk_list(key, md, [chunk])
         return LoadPlan(items)
 

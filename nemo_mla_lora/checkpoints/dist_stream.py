@@ -94,8 +94,12 @@ class StreamingDistCkpt:
                 mine[key] = meta
                 continue
             old = mine[key]
-            if not (isinstance(old, TensorStorageMetadata) and isinstance(meta, TensorStorageMetadata)
-                    and old.size == meta.size and old.properties.dtype == meta.properties.dtype):
+            if not (
+                isinstance(old, TensorStorageMetadata)
+                and isinstance(meta, TensorStorageMetadata)
+                and old.size == meta.size
+                and old.properties.dtype == meta.properties.dtype
+            ):
                 raise CheckpointError(f"{self.directory}: {key} written twice")
             seen = {tuple(c.offsets) for c in old.chunks}
             again = [tuple(c.offsets) for c in meta.chunks if tuple(c.offsets) in seen]
@@ -178,8 +182,10 @@ def _check_coverage(metadata, where) -> None:
             continue
         total, held = math.prod(meta.size), sum(math.prod(c.sizes) for c in meta.chunks)
         if held != total:
-            raise CheckpointError(f"{where}: {key} {tuple(meta.size)}: chunks hold {held} of {total} elements "
-                                  f"(a part of it was never written)")
+            raise CheckpointError(
+                f"{where}: {key} {tuple(meta.size)}: chunks hold {held} of {total} elements "
+                f"(a part of it was never written)"
+            )
 
 
 def _check_part(sharded: dict, saved: dict, part, metadata, through_megatron: bool) -> None:
@@ -208,8 +214,10 @@ def _load_and_compare(sharded: dict, saved: dict, part) -> None:
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    request = {k: dataclasses.replace(sharded[k], data=torch.empty(sharded[k].local_shape, dtype=data.dtype))
-               for k, (_, data) in saved.items()}
+    request = {
+        k: dataclasses.replace(sharded[k], data=torch.empty(sharded[k].local_shape, dtype=data.dtype))
+        for k, (_, data) in saved.items()
+    }
     try:
         loaded = dist_checkpointing.load(request, str(part), validate_access_integrity=False)
     except (Exception, CheckpointException) as err:  # torch DCP raises a BaseException
@@ -276,7 +284,7 @@ def _compare_stored(path: Path, start: int, length: int, data, buf) -> bool:
         view = memoryview(buf.numpy())
         for lo in range(0, size, buf.numel()):
             n = min(buf.numel(), size - lo)
-            if f.readinto(view[:n]) != n or not _same_bits(buf[:n], expected[lo:lo + n]):
+            if f.readinto(view[:n]) != n or not _same_bits(buf[:n], expected[lo : lo + n]):
                 return False
     return True
 

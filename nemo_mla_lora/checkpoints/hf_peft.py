@@ -55,9 +55,14 @@ def hf_layout(spec: MLASpec) -> dict:
     return {h: tuple(t.shape) for h, t in keymap.megatron_to_hf(meta).items()}
 
 
-_LORA_KEYS = [("A", r"\.lora_A\.weight"), ("B", r"\.lora_B\.weight"), ("bias", r"\.lora_B\.bias"),
-              ("magnitude", r"\.lora_magnitude_vector"), ("emb_A", r"\.lora_embedding_A"),
-              ("emb_B", r"\.lora_embedding_B")]
+_LORA_KEYS = [
+    ("A", r"\.lora_A\.weight"),
+    ("B", r"\.lora_B\.weight"),
+    ("bias", r"\.lora_B\.bias"),
+    ("magnitude", r"\.lora_magnitude_vector"),
+    ("emb_A", r"\.lora_embedding_A"),
+    ("emb_B", r"\.lora_embedding_B"),
+]
 
 
 def classify(key: str) -> tuple[str, str]:
@@ -69,7 +74,7 @@ def classify(key: str) -> tuple[str, str]:
     """
     if not key.startswith(PREFIX):
         return "unknown", key
-    rest = key[len(PREFIX):]
+    rest = key[len(PREFIX) :]
     for kind, suffix in _LORA_KEYS:
         m = re.fullmatch(rf"(.+){suffix}", rest)
         if m:
@@ -97,8 +102,11 @@ class HFPeftAdapter:
             raise CheckpointError(f"{directory}: expected adapter_config.json + adapter_model.safetensors (HF PEFT)")
         self.config, self.file, self.where = read_config(config_path), SafetensorsFile(weights), weights
         self.layout = hf_layout(spec)
-        linears = {h.rsplit(".", 1)[0] for h, s in self.layout.items()
-                   if h.endswith(".weight") and len(s) == 2 and not h.endswith(".mlp.gate.weight")} - {EMBEDDING}
+        linears = {
+            h.rsplit(".", 1)[0]
+            for h, s in self.layout.items()
+            if h.endswith(".weight") and len(s) == 2 and not h.endswith(".mlp.gate.weight")
+        } - {EMBEDDING}
         self.linears = linears | {OUTPUT}  # a tied model's lm_head holds no tensor of its own
         self.lora, self.replaced = self._read_keys()
         self.targets = self._targets()
@@ -136,8 +144,10 @@ class HFPeftAdapter:
         found = {m for m in modules if targeted(config, m)}
         other = sorted(found - self.linears - {EMBEDDING})
         if other:
-            self._fail(f"target_modules matches {other[:4]}: peft puts LoRA on linear and embedding layers only "
-                       f"(it refuses these), so this adapter was not made for this base")
+            self._fail(
+                f"target_modules matches {other[:4]}: peft puts LoRA on linear and embedding layers only "
+                f"(it refuses these), so this adapter was not made for this base"
+            )
         if not found:
             self._fail(f"target_modules={self.config['target_modules']!r} matches no module of the base")
         return found
@@ -152,32 +162,42 @@ class HFPeftAdapter:
     def _check_lora(self) -> None:
         stray = sorted(set(self.lora) - self.targets)
         if stray:
-            self._fail(f"LoRA tensors for {stray[:4]}, which adapter_config.json does not target (target_modules, "
-                       f"exclude_modules, layers_to_transform, modules_to_save) or the base does not have: e.g. "
-                       f"{next(iter(self.lora[stray[0]].values()))}")
+            self._fail(
+                f"LoRA tensors for {stray[:4]}, which adapter_config.json does not target (target_modules, "
+                f"exclude_modules, layers_to_transform, modules_to_save) or the base does not have: e.g. "
+                f"{next(iter(self.lora[stray[0]].values()))}"
+            )
         if self.spec.tie_word_embeddings:
             tied = sorted(self.targets & {EMBEDDING, OUTPUT}) + sorted(
-                n for n in self.replaced if n.rsplit(".", 1)[0] in (EMBEDDING, OUTPUT))
+                n for n in self.replaced if n.rsplit(".", 1)[0] in (EMBEDDING, OUTPUT)
+            )
             if tied:
-                self._fail(f"the base ties embed_tokens and lm_head (tie_word_embeddings) and the adapter changes "
-                           f"{tied}: peft's merge_and_unload then either unties them or changes both through the "
-                           f"shared weight, unlike its unmerged model; a tied export cannot hold it")
+                self._fail(
+                    f"the base ties embed_tokens and lm_head (tie_word_embeddings) and the adapter changes "
+                    f"{tied}: peft's merge_and_unload then either unties them or changes both through the "
+                    f"shared weight, unlike its unmerged model; a tied export cannot hold it"
+                )
         missing = []
         for module in sorted(self.targets):
             keys = self.lora.get(module, {})
             if self.config["lora_bias"] or "bias" in keys:
-                self._fail(f"lora_bias: {module} ({keymap.to_megatron_module(module)[0]}) has no bias in the base "
-                           f"to add the LoRA bias to (peft's merge refuses it too)")
+                self._fail(
+                    f"lora_bias: {module} ({keymap.to_megatron_module(module)[0]}) has no bias in the base "
+                    f"to add the LoRA bias to (peft's merge refuses it too)"
+                )
             if not keys:
                 missing.append(module)
                 continue
             self._check_module(module, keys)
         if missing and self.config["init_lora_weights"] not in ZERO_B_INITS:
-            self._fail(f"targets {missing[:4]} have no tensors in the file and init_lora_weights="
-                       f"{self.config['init_lora_weights']!r} does not start B at zero")
+            self._fail(
+                f"targets {missing[:4]} have no tensors in the file and init_lora_weights="
+                f"{self.config['init_lora_weights']!r} does not start B at zero"
+            )
         if missing:
-            log.info("HF PEFT adapter: %d targets without tensors keep B = 0 (no change), e.g. %s", len(missing),
-                     missing[0])
+            log.info(
+                "HF PEFT adapter: %d targets without tensors keep B = 0 (no change), e.g. %s", len(missing), missing[0]
+            )
 
     def _check_module(self, module: str, keys: dict) -> None:
         r, dora = self._rank(module), self.config["use_dora"]
@@ -188,15 +208,24 @@ class HFPeftAdapter:
             out_f, in_f = self.layout[f"{module}.weight"]
             expected = {"A": (r, in_f), "B": (out_f, r)} | ({"magnitude": (out_f,)} if dora else {})
         if set(keys) != set(expected):
-            names = {"A": "lora_A", "B": "lora_B", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B",
-                     "magnitude": "lora_magnitude_vector (use_dora)"}
-            self._fail(f"{module}: the file has {sorted(names[k] for k in keys)}, expected "
-                       f"{sorted(names[k] for k in expected)} (use_dora={dora})")
+            names = {
+                "A": "lora_A",
+                "B": "lora_B",
+                "emb_A": "lora_embedding_A",
+                "emb_B": "lora_embedding_B",
+                "magnitude": "lora_magnitude_vector (use_dora)",
+            }
+            self._fail(
+                f"{module}: the file has {sorted(names[k] for k in keys)}, expected "
+                f"{sorted(names[k] for k in expected)} (use_dora={dora})"
+            )
         for kind, shape in expected.items():
             if tuple(self.file.shape(keys[kind])) != shape:
-                self._fail(f"{module} ({keymap.to_megatron_module(module)[0]}): {keys[kind]} is "
-                           f"{tuple(self.file.shape(keys[kind]))}, expected {shape} (r={r} from adapter_config.json, "
-                           f"dimensions of the base)")
+                self._fail(
+                    f"{module} ({keymap.to_megatron_module(module)[0]}): {keys[kind]} is "
+                    f"{tuple(self.file.shape(keys[kind]))}, expected {shape} (r={r} from adapter_config.json, "
+                    f"dimensions of the base)"
+                )
 
     def _check_replacements(self) -> None:
         saves = self.config["modules_to_save"] or []
@@ -210,11 +239,15 @@ class HFPeftAdapter:
             if kind == "base_layer" and module not in self.targets:
                 self._fail(f"{key}: a base_layer tensor of {module}, which is not a LoRA target")
             if kind != "base_layer" and module in self.targets:
-                self._fail(f"{key}: {module} is a LoRA target, whose base weight peft saves as base_layer (peft "
-                           f"would not load this tensor)")
+                self._fail(
+                    f"{key}: {module} is a LoRA target, whose base weight peft saves as base_layer (peft "
+                    f"would not load this tensor)"
+                )
             if kind != "base_layer" and not wrapped and module not in (EMBEDDING, OUTPUT):
-                self._fail(f"tensor {key} is not explained by adapter_config.json: {name} is in no modules_to_save "
-                           f"module (modules_to_save={saves}) and is not an embedding layer")
+                self._fail(
+                    f"tensor {key} is not explained by adapter_config.json: {name} is in no modules_to_save "
+                    f"module (modules_to_save={saves}) and is not an embedding layer"
+                )
         wrappers = {p for h in self.layout for p in _prefixes(h) if any(p.endswith(e) for e in saves)}
         outermost = {w for w in wrappers if not any(w.startswith(o + ".") for o in wrappers)}
         for w in sorted(outermost):
@@ -284,8 +317,12 @@ class HFPeftAdapter:
         embedding's delta (B_e A_e)^T is the linear delta with A = B_e^T, B = A_e^T)."""
         keys = {k: self.file.read(v).float() for k, v in self.lora[hf_module].items()}
         if hf_module == EMBEDDING:
-            return keys["emb_B"].T.contiguous(), keys["emb_A"].T.contiguous(), self.hf_scales[hf_module], \
-                keys.get("magnitude")
+            return (
+                keys["emb_B"].T.contiguous(),
+                keys["emb_A"].T.contiguous(),
+                self.hf_scales[hf_module],
+                keys.get("magnitude"),
+            )
         return keys["A"], keys["B"], self.hf_scales[hf_module], keys.get("magnitude")
 
 
@@ -316,7 +353,7 @@ def _fuse(lora: dict) -> tuple:
     for p in present:
         pa, pb, ps, pm = lora[p]
         start, stop = _rows(p, width)
-        b[start:stop, col:col + pa.shape[0]] = pb * ps if fold else pb
+        b[start:stop, col : col + pa.shape[0]] = pb * ps if fold else pb
         col += pa.shape[0]
         if pm is not None:
             magnitude = a.new_zeros(2 * width) if magnitude is None else magnitude

@@ -11,21 +11,54 @@ from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 # Fields that do not change the merged weights, and why.
 HARMLESS = {
-    "task_type": "the model class (checked: CAUSAL_LM)", "auto_mapping": "the class AutoPeftModel picks",
-    "peft_version": "metadata", "base_model_name_or_path": "metadata", "revision": "metadata",
-    "inference_mode": "training switch", "lora_dropout": "training only", "megatron_core": "used with megatron_config",
-    "loftq_config": "used with init_lora_weights=loftq", "eva_config": "initialisation only",
-    "corda_config": "initialisation only", "lora_ga_config": "initialisation only", "qalora_group_size": "used with "
-    "use_qalora", "ensure_weight_tying": "tied embeddings (an adapter on them is refused)", "runtime_config":
-    "runtime only",
+    "task_type": "the model class (checked: CAUSAL_LM)",
+    "auto_mapping": "the class AutoPeftModel picks",
+    "peft_version": "metadata",
+    "base_model_name_or_path": "metadata",
+    "revision": "metadata",
+    "inference_mode": "training switch",
+    "lora_dropout": "training only",
+    "megatron_core": "used with megatron_config",
+    "loftq_config": "used with init_lora_weights=loftq",
+    "eva_config": "initialisation only",
+    "corda_config": "initialisation only",
+    "lora_ga_config": "initialisation only",
+    "qalora_group_size": "used with use_qalora",
+    "ensure_weight_tying": "tied embeddings (an adapter on them is refused)",
+    "runtime_config": "runtime only",
 }
-HONOURED = {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
-            "layers_pattern", "rank_pattern", "alpha_pattern", "use_dora", "modules_to_save", "init_lora_weights",
-            "fan_in_fan_out", "bias", "lora_bias"}
+HONOURED = {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_dora",
+    "modules_to_save",
+    "init_lora_weights",
+    "fan_in_fan_out",
+    "bias",
+    "lora_bias",
+}
 # Fields whose any value but off changes what the adapter computes in ways this export does not reproduce.
-REFUSED_IF_SET = ("megatron_config", "trainable_token_indices", "velora_config", "alora_invocation_tokens",
-                  "use_qalora", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-                  "arrow_config", "kasa_config")
+REFUSED_IF_SET = (
+    "megatron_config",
+    "trainable_token_indices",
+    "velora_config",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "monteclora_config",
+    "layer_replication",
+    "target_parameters",
+    "use_bdlora",
+    "arrow_config",
+    "kasa_config",
+)
 # init_lora_weights values that leave the base as it is (others rewrite it: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)
 # or make another layer (MiCA); of these, B starts at zero for all but False and orthogonal.
 PLAIN_INITS, ZERO_B_INITS = (True, False, "gaussian", "orthogonal", "eva"), (True, "gaussian", "eva")
@@ -52,25 +85,48 @@ def read_config(path: Path) -> dict:
         raise AdapterRefused(f"{path}: task_type={raw['task_type']!r}; the base is a causal LM (CAUSAL_LM)")
     for name in REFUSED_IF_SET:
         if not _off(raw.get(name)):
-            raise AdapterRefused(f"{path}: {name}={raw[name]!r} is not supported by this export (peft's merge of it "
-                                 f"is not reproduced); refused rather than dropped")
+            raise AdapterRefused(
+                f"{path}: {name}={raw[name]!r} is not supported by this export (peft's merge of it "
+                f"is not reproduced); refused rather than dropped"
+            )
     unknown = {k: v for k, v in raw.items() if k not in HONOURED | set(HARMLESS) | set(REFUSED_IF_SET)}
     set_unknown = sorted(k for k, v in unknown.items() if not _off(v))
     if set_unknown:
-        raise AdapterRefused(f"{path}: fields unknown to this reader are set: "
-                             + ", ".join(f"{k}={unknown[k]!r}" for k in set_unknown))
-    config = {"r": 8, "lora_alpha": 8, "use_rslora": False, "target_modules": None, "exclude_modules": None,
-              "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-              "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "fan_in_fan_out": False,
-              "bias": "none", "lora_bias": False}
+        raise AdapterRefused(
+            f"{path}: fields unknown to this reader are set: " + ", ".join(f"{k}={unknown[k]!r}" for k in set_unknown)
+        )
+    config = {
+        "r": 8,
+        "lora_alpha": 8,
+        "use_rslora": False,
+        "target_modules": None,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "lora_bias": False,
+    }
     config.update({k: v for k, v in raw.items() if k in config and v is not None})
-    checks = {"fan_in_fan_out": config["fan_in_fan_out"] is False, "bias": config["bias"] == "none",
-              "init_lora_weights": any(config["init_lora_weights"] == v and type(config["init_lora_weights"]) is
-                                       type(v) for v in PLAIN_INITS),
-              "target_modules": config["target_modules"] is not None}
-    why = {"fan_in_fan_out": "DeepSeek's linears store W as [out, in]",
-           "bias": "DeepSeek's linears have no bias to train", "target_modules": "peft would guess targets",
-           "init_lora_weights": "this initialisation rewrites the base weights or makes another layer type"}
+    checks = {
+        "fan_in_fan_out": config["fan_in_fan_out"] is False,
+        "bias": config["bias"] == "none",
+        "init_lora_weights": any(
+            config["init_lora_weights"] == v and type(config["init_lora_weights"]) is type(v) for v in PLAIN_INITS
+        ),
+        "target_modules": config["target_modules"] is not None,
+    }
+    why = {
+        "fan_in_fan_out": "DeepSeek's linears store W as [out, in]",
+        "bias": "DeepSeek's linears have no bias to train",
+        "target_modules": "peft would guess targets",
+        "init_lora_weights": "this initialisation rewrites the base weights or makes another layer type",
+    }
     for name, ok in checks.items():
         if not ok:
             raise AdapterRefused(f"{path}: {name}={raw.get(name)!r} is refused ({why[name]})")

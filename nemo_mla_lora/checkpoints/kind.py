@@ -34,8 +34,10 @@ def checkpoint_kind(path) -> str:
         return "ours"
     if not path.exists():
         raise CheckpointError(f"model.checkpoint={path}: no such directory")
-    raise CheckpointError(f"model.checkpoint={path}: not an HF checkpoint (config.json), one of ours "
-                          f"({SPEC_FILE}) or a NeMo 2 checkpoint (context/ + weights/)")
+    raise CheckpointError(
+        f"model.checkpoint={path}: not an HF checkpoint (config.json), one of ours "
+        f"({SPEC_FILE}) or a NeMo 2 checkpoint (context/ + weights/)"
+    )
 
 
 def checkpoint_config(path) -> dict | None:
@@ -69,10 +71,15 @@ def nemo_context_config(path):
     config = (yaml.safe_load(file.read_text()) or {}).get("config") or {}
     target = str(config.get("_target_", "")).rsplit(".", 1)[-1]
     if target not in NEMO_CONFIG_CLASSES:
-        raise CheckpointError(f"{file}: model config {config.get('_target_')!r} is not one of NeMo's DeepSeek "
-                              f"configs {NEMO_CONFIG_CLASSES}")
+        raise CheckpointError(
+            f"{file}: model config {config.get('_target_')!r} is not one of NeMo's DeepSeek "
+            f"configs {NEMO_CONFIG_CLASSES}"
+        )
     cls = getattr(llm, target)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    plain = {k: v for k, v in config.items() if k in fields and not isinstance(v, dict)
-             and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))}
+    plain = {
+        k: v
+        for k, v in config.items()
+        if k in fields and not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(x, dict) for x in v))
+    }
     return cls(**plain)

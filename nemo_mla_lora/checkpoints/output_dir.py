@@ -77,8 +77,11 @@ def sidecars(path) -> tuple[Path, Path, Path]:
         path: the output directory (resolved).
     """
     path = Path(path)
-    return (path.parent / f".{path.name}.partial", path.parent / f".{path.name}.replaced",
-            path.parent / f".{path.name}.lock")
+    return (
+        path.parent / f".{path.name}.partial",
+        path.parent / f".{path.name}.replaced",
+        path.parent / f".{path.name}.lock",
+    )
 
 
 def _read_json(path: Path):
@@ -94,8 +97,12 @@ def _is_manifest(d) -> bool:
     if d.get("producer") == PRODUCER:
         return True
     # manifests before the producer field (format_version 1 and 2) all had these
-    return (isinstance(d.get("format"), str) and isinstance(d.get("format_version"), int)
-            and isinstance(d.get("mla"), dict) and isinstance(d.get("tensor_checksums"), dict))
+    return (
+        isinstance(d.get("format"), str)
+        and isinstance(d.get("format_version"), int)
+        and isinstance(d.get("mla"), dict)
+        and isinstance(d.get("tensor_checksums"), dict)
+    )
 
 
 def _is_spec(d) -> bool:
@@ -109,8 +116,9 @@ def _is_spec(d) -> bool:
 
 
 def _is_adapter(d) -> bool:
-    return isinstance(d, dict) and (d.get("producer") == PRODUCER
-                                    or {"dim", "alpha", "parts", "mla_spec", "modules"} <= set(d))
+    return isinstance(d, dict) and (
+        d.get("producer") == PRODUCER or {"dim", "alpha", "parts", "mla_spec", "modules"} <= set(d)
+    )
 
 
 MARKERS = {MANIFEST: _is_manifest, SPEC_FILE: _is_spec, ADAPTER_FILE: _is_adapter}
@@ -132,9 +140,11 @@ def check_replaceable(path, markers=None) -> None:
         if (path / name).is_file() and MARKERS[name](_read_json(path / name)):
             return
     shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-    raise OutputError(f"output={path} is not an output of nemo_mla_lora (no {' or '.join(markers)} of ours in it; it "
-                      f"holds {shown}); overwrite=true replaces only a previous output: name a new directory, or "
-                      f"remove it yourself")
+    raise OutputError(
+        f"output={path} is not an output of nemo_mla_lora (no {' or '.join(markers)} of ours in it; it "
+        f"holds {shown}); overwrite=true replaces only a previous output: name a new directory, or "
+        f"remove it yourself"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -153,17 +163,25 @@ def describe_lock(lock: Path, path: Path) -> str:
     partial = sidecars(path)[0]
     and_partial = f" (and rm -r {partial})" if os.path.lexists(partial) else ""
     if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
-        return (f"{lock} exists but names no writer (unreadable); if no other process is writing {path}, "
-                f"remove it: rm {lock}{and_partial}")
+        return (
+            f"{lock} exists but names no writer (unreadable); if no other process is writing {path}, "
+            f"remove it: rm {lock}{and_partial}"
+        )
     who = f"pid {holder['pid']} on {holder.get('host')}, started {holder.get('time')}"
     if holder.get("host") == socket.gethostname() and not _alive(holder["pid"]):
-        return (f"{lock} was left by a run that died ({who}); if no other process is writing {path}, remove it: "
-                f"rm {lock}{and_partial}")
+        return (
+            f"{lock} was left by a run that died ({who}); if no other process is writing {path}, remove it: "
+            f"rm {lock}{and_partial}"
+        )
     if holder.get("host") != socket.gethostname():
-        return (f"{lock}: {path} is being written from another host ({who}); wait for it, or if that run is gone, "
-                f"remove it: rm {lock}{and_partial}")
-    return (f"{lock}: {path} is being written by another process ({who}); wait for it to finish or write elsewhere "
-            f"(if pid {holder['pid']} is no writer of ours, remove the lock: rm {lock})")
+        return (
+            f"{lock}: {path} is being written from another host ({who}); wait for it, or if that run is gone, "
+            f"remove it: rm {lock}{and_partial}"
+        )
+    return (
+        f"{lock}: {path} is being written by another process ({who}); wait for it to finish or write elsewhere "
+        f"(if pid {holder['pid']} is no writer of ours, remove the lock: rm {lock})"
+    )
 
 
 def check_leftovers(path, held: bool = False) -> None:
@@ -180,13 +198,19 @@ def check_leftovers(path, held: bool = False) -> None:
         raise OutputError(describe_lock(lock, path))
     if os.path.lexists(old):
         if old.is_dir() and not old.is_symlink() and not path.exists():
-            raise OutputError(f"{old} holds the previous {path.name} from a run stopped while swapping it in; "
-                              f"move it back (mv {old} {path}) or remove it (rm -r {old})")
-        raise OutputError(f"{old} is in the way of replacing {path} (left by an interrupted overwrite, or not "
-                          f"ours); remove it: rm -r {old}")
+            raise OutputError(
+                f"{old} holds the previous {path.name} from a run stopped while swapping it in; "
+                f"move it back (mv {old} {path}) or remove it (rm -r {old})"
+            )
+        raise OutputError(
+            f"{old} is in the way of replacing {path} (left by an interrupted overwrite, or not "
+            f"ours); remove it: rm -r {old}"
+        )
     if os.path.lexists(tmp):
-        raise OutputError(f"{tmp} is left from a run that did not finish (no {lock.name} holds it); if no other "
-                          f"process is writing {path}, remove it: rm -r {tmp}")
+        raise OutputError(
+            f"{tmp} is left from a run that did not finish (no {lock.name} holds it); if no other "
+            f"process is writing {path}, remove it: rm -r {tmp}"
+        )
 
 
 def acquire(lock: Path, path: Path) -> None:
@@ -202,8 +226,15 @@ def acquire(lock: Path, path: Path) -> None:
     except FileExistsError:
         raise OutputError(describe_lock(lock, path)) from None
     with os.fdopen(fd, "w") as handle:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "output": str(path)}, handle)
+        json.dump(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "output": str(path),
+            },
+            handle,
+        )
 
 
 def release(lock: Path) -> None:
@@ -307,8 +338,11 @@ def atomic_dir(path, overwrite: bool = False, sources=(), replaces=None):
             free = shutil.disk_usage(tmp if tmp.exists() else path.parent).free  # before the partial goes
             _abandon(tmp, lock, created)
             if free < LOW_SPACE and not isinstance(err, KeyboardInterrupt):
-                raise OSError(errno.ENOSPC, f"no space left on the device of {path} while writing it ({free} bytes "
-                                            f"free); the partial output was removed") from err
+                raise OSError(
+                    errno.ENOSPC,
+                    f"no space left on the device of {path} while writing it ({free} bytes "
+                    f"free); the partial output was removed",
+                ) from err
         raise
     if rank() == 0:
         try:

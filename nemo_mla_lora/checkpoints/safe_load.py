@@ -19,17 +19,40 @@ ALLOWED = {
     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
     (_DCP + "filesystem", "_StorageInfo"),
-    (_DCP + "metadata", "Metadata"), (_DCP + "metadata", "BytesStorageMetadata"),
-    (_DCP + "metadata", "ChunkStorageMetadata"), (_DCP + "metadata", "MetadataIndex"),
-    (_DCP + "metadata", "StorageMeta"), (_DCP + "metadata", "TensorProperties"),
-    (_DCP + "metadata", "TensorStorageMetadata"), (_DCP + "metadata", "_MEM_FORMAT_ENCODING"),
-    (_DCP + "planner", "TensorWriteData"), (_DCP + "planner", "WriteItem"), (_DCP + "planner", "WriteItemType"),
-    (_DCP + "planner", "SavePlan"), (_DCP + "planner", "BytesIOWriteData"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    (_DCP + "metadata", "Metadata"),
+    (_DCP + "metadata", "BytesStorageMetadata"),
+    (_DCP + "metadata", "ChunkStorageMetadata"),
+    (_DCP + "metadata", "MetadataIndex"),
+    (_DCP + "metadata", "StorageMeta"),
+    (_DCP + "metadata", "TensorProperties"),
+    (_DCP + "metadata", "TensorStorageMetadata"),
+    (_DCP + "metadata", "_MEM_FORMAT_ENCODING"),
+    (_DCP + "planner", "TensorWriteData"),
+    (_DCP + "planner", "WriteItem"),
+    (_DCP + "planner", "WriteItemType"),
+    (_DCP + "planner", "SavePlan"),
+    (_DCP + "planner", "BytesIOWriteData"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
 }
-DTYPES = {str(t).removeprefix("torch.") for t in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
+DTYPES = {
+    str(t).removeprefix("torch.")
+    for t in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float64,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 
 class UnsafeCheckpoint(CheckpointError):
@@ -44,8 +67,10 @@ class _Restricted(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in ALLOWED or (module == "torch" and name in DTYPES):
             return super().find_class(module, name)
-        raise UnsafeCheckpoint(f"{self.where}: refusing to unpickle {module}.{name} (not a class a Megatron/"
-                               f"PyTorch distributed checkpoint is made of); the file may be crafted to run code")
+        raise UnsafeCheckpoint(
+            f"{self.where}: refusing to unpickle {module}.{name} (not a class a Megatron/"
+            f"PyTorch distributed checkpoint is made of); the file may be crafted to run code"
+        )
 
 
 def check_pickle(path) -> None:

@@ -26,9 +26,20 @@ import xxhash
 from nemo_mla_lora.checkpoints.checksums import CHECKSUM
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
@@ -74,14 +85,17 @@ class SafetensorsFile:
         try:
             dtype, shape, (start, end) = DTYPES[e["dtype"]], [int(d) for d in e["shape"]], e["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{self.path}: header entry {name!r} is not a known dtype/shape/data_offsets: "
-                                  f"{e!r}") from None
+            raise CheckpointError(
+                f"{self.path}: header entry {name!r} is not a known dtype/shape/data_offsets: {e!r}"
+            ) from None
         numel = 1
         for d in shape:
             numel *= d
         if min(shape, default=0) < 0 or end - start != numel * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: {name}: data_offsets {start}..{end} hold {end - start} bytes, "
-                                  f"shape {shape} of {e['dtype']} needs {numel * dtype.itemsize}")
+            raise CheckpointError(
+                f"{self.path}: {name}: data_offsets {start}..{end} hold {end - start} bytes, "
+                f"shape {shape} of {e['dtype']} needs {numel * dtype.itemsize}"
+            )
         return dtype, tuple(shape), int(start), int(end)
 
     def _check_tiling(self, data_len: int) -> None:
@@ -141,8 +155,11 @@ class SafetensorsWriter:
             numel = 1
             for d in shape:
                 numel *= d
-            header[name] = {"dtype": CODES[dtype], "shape": list(shape),
-                            "data_offsets": [position, position + numel * dtype.itemsize]}
+            header[name] = {
+                "dtype": CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [position, position + numel * dtype.itemsize],
+            }
             position += numel * dtype.itemsize
         if metadata:
             header["__metadata__"] = metadata
@@ -155,7 +172,9 @@ class SafetensorsWriter:
 
     def write(self, name: str, t: torch.Tensor) -> None:
         if name not in self.layout or name in self.written:
-            raise CheckpointError(f"{self.path}: {name} is {'written twice' if name in self.written else 'not in the layout'}")
+            raise CheckpointError(
+                f"{self.path}: {name} is {'written twice' if name in self.written else 'not in the layout'}"
+            )
         dtype, shape = self.layout[name]
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path}: {name} is {tuple(t.shape)} {t.dtype}, layout says {shape} {dtype}")
@@ -217,8 +236,10 @@ def file_hash(directory) -> str:
     it). Memoised on the files' names, sizes and modification times: the export callback hashes the base
     once for ``adapter.json`` and once more for the manifest, and a base can be terabytes."""
     files = sorted(f for f in Path(directory).rglob("*") if f.is_file())
-    signature = (str(Path(directory).resolve()),
-                 tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    signature = (
+        str(Path(directory).resolve()),
+        tuple((f.relative_to(directory).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    )
     if signature not in _HASHES:
         _HASHES[signature] = directory_hash(directory)
     return _HASHES[signature]

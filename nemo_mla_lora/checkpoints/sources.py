@@ -70,9 +70,15 @@ class MegatronBase:
         return file_hash(self.directory)
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bfloat16,
-                   out: torch.Tensor | None = None, name: str = "weight", origin: tuple = (0, 0),
-                   full_shape: tuple | None = None) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    dtype=torch.bfloat16,
+    out: torch.Tensor | None = None,
+    name: str = "weight",
+    origin: tuple = (0, 0),
+    full_shape: tuple | None = None,
+) -> torch.Tensor:
     """DeepSeek-V3 FP8 weight [out, in] with 128x128 block scales [ceil(out/128), ceil(in/128)], one block row
     at a time (memory: the result plus one [128, in] fp32 block). ``origin``, ``full_shape``: ``weight`` is the
     slice at (row, column) ``origin`` of a ``full_shape`` weight whose scales ``scale_inv`` are (a tensor-parallel
@@ -81,8 +87,10 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=torch.bf
     full = tuple(full_shape or weight.shape)
     blocks = (-(-full[0] // FP8_BLOCK), -(-full[1] // FP8_BLOCK))
     if tuple(scale_inv.shape) != blocks:
-        raise CheckpointError(f"{name}: weight_scale_inv is {tuple(scale_inv.shape)}, expected {blocks} for "
-                              f"{FP8_BLOCK}x{FP8_BLOCK} blocks of a {full} weight")
+        raise CheckpointError(
+            f"{name}: weight_scale_inv is {tuple(scale_inv.shape)}, expected {blocks} for "
+            f"{FP8_BLOCK}x{FP8_BLOCK} blocks of a {full} weight"
+        )
     (r0, c0), device = origin, weight.device
     out = torch.empty(out_f, in_f, dtype=dtype, device=device) if out is None else out
     block_of_col = torch.arange(c0, c0 + in_f, device=device) // FP8_BLOCK  # [in]
@@ -115,10 +123,17 @@ class HFBase:
         if weight_map:
             wrong = sorted(k for k, f in weight_map.items() if self.files.get(k) != f)
             if wrong:
-                raise CheckpointError(f"{index}: {len(wrong)} tensors are not in the shard the index names: {wrong[:3]}")
+                raise CheckpointError(
+                    f"{index}: {len(wrong)} tensors are not in the shard the index names: {wrong[:3]}"
+                )
         # MTP layers (DeepSeek-V3's layer 61) are beyond num_hidden_layers and not part of the model.
-        self.hf_names = sorted(k for k in self.files if not k.endswith("weight_scale_inv")
-                               and "rotary_emb" not in k and (_hf_layer(k) or 0) < self.spec.num_layers)
+        self.hf_names = sorted(
+            k
+            for k in self.files
+            if not k.endswith("weight_scale_inv")
+            and "rotary_emb" not in k
+            and (_hf_layer(k) or 0) < self.spec.num_layers
+        )
         self.parts = {}  # flat Megatron name -> its HF tensors ([gate, up] for a fused linear_fc1)
         for h in self.hf_names:
             self.parts.setdefault(_megatron_name(h), []).append(h)
@@ -150,7 +165,7 @@ class HFBase:
             fused, row = torch.empty(shape, dtype=dtype), 0  # gate and up read into its two halves
             for h in hs:
                 rows = self.opened[self.files[h]].shape(h)[0]
-                self._read(h, fused[row:row + rows])
+                self._read(h, fused[row : row + rows])
                 row += rows
             out[n] = fused
         return out
@@ -226,8 +241,9 @@ class MegatronAdapter:
             mask = row_mask(leaf, self.info["parts"].get(leaf), self.spec)
             if mask is not None:
                 if int(mask.sum()) != b.shape[0]:
-                    raise CheckpointError(f"{m}: B has {b.shape[0]} rows, part {self.info['parts'][leaf]!r} has "
-                                          f"{int(mask.sum())}")
+                    raise CheckpointError(
+                        f"{m}: B has {b.shape[0]} rows, part {self.info['parts'][leaf]!r} has {int(mask.sum())}"
+                    )
                 b = expand_rows(b, mask.nonzero().flatten(), mask.numel())
             out[m] = (a, b, self.scales[m])
         return out
@@ -250,8 +266,7 @@ def open_adapter(directory, spec: MLASpec):
     if (directory / ADAPTER_FILE).is_file():
         adapter = MegatronAdapter(directory)
         if adapter.spec != spec:
-            diff = {k: (v, getattr(spec, k)) for k, v in adapter.spec.to_dict().items()
-                    if spec.to_dict().get(k) != v}
+            diff = {k: (v, getattr(spec, k)) for k, v in adapter.spec.to_dict().items() if spec.to_dict().get(k) != v}
             raise CheckpointError(f"adapter {directory} was trained on another model: (adapter, base) differ in {diff}")
         return adapter
     if (directory / "adapter_config.json").is_file():
@@ -275,14 +290,26 @@ def expected_shapes(spec: MLASpec) -> dict:
     for layer in range(spec.num_layers):
         p = f"decoder.layers.{layer}"
         a = f"{p}.self_attention"
-        out.update({f"{p}.input_layernorm.weight": (h,), f"{p}.pre_mlp_layernorm.weight": (h,),
-                    f"{a}.linear_kv_down_proj.weight": (c + dr, h), f"{a}.kv_layernorm.weight": (c,),
-                    f"{a}.linear_kv_up_proj.weight": (heads * (dn + dv), c), f"{a}.linear_proj.weight": (h, heads * dv)})
+        out.update(
+            {
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.pre_mlp_layernorm.weight": (h,),
+                f"{a}.linear_kv_down_proj.weight": (c + dr, h),
+                f"{a}.kv_layernorm.weight": (c,),
+                f"{a}.linear_kv_up_proj.weight": (heads * (dn + dv), c),
+                f"{a}.linear_proj.weight": (h, heads * dv),
+            }
+        )
         if rq is None:
             out[f"{a}.linear_q_proj.weight"] = (heads * (dn + dr), h)
         else:
-            out.update({f"{a}.linear_q_down_proj.weight": (rq, h), f"{a}.q_layernorm.weight": (rq,),
-                        f"{a}.linear_q_up_proj.weight": (heads * (dn + dr), rq)})
+            out.update(
+                {
+                    f"{a}.linear_q_down_proj.weight": (rq, h),
+                    f"{a}.q_layernorm.weight": (rq,),
+                    f"{a}.linear_q_up_proj.weight": (heads * (dn + dr), rq),
+                }
+            )
         if not spec.is_moe_layer(layer):
             mlp(f"{p}.mlp", spec.ffn_hidden_size)
             continue
@@ -307,8 +334,12 @@ def check_complete(source, spec: MLASpec, where) -> None:
     if missing:
         problems.append(f"{len(missing)} missing: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
     if unknown:
-        problems.append(f"{len(unknown)} the config has no place for: {unknown[:6]}{' ...' if len(unknown) > 6 else ''}")
+        problems.append(
+            f"{len(unknown)} the config has no place for: {unknown[:6]}{' ...' if len(unknown) > 6 else ''}"
+        )
     if wrong:
-        problems.append("shapes (expected, found): " + ", ".join(f"{n} {e} vs {f}" for n, (e, f) in list(wrong.items())[:6]))
+        problems.append(
+            "shapes (expected, found): " + ", ".join(f"{n} {e} vs {f}" for n, (e, f) in list(wrong.items())[:6])
+        )
     if problems:
         raise CheckpointError(f"base {where} does not match its own config: " + "; ".join(problems))

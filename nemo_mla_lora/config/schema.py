@@ -16,6 +16,7 @@ from omegaconf import MISSING
 @dataclass
 class ParallelConfig:
     """What a model needs at scale (used by trainer=megatron): the official layout where there is one."""
+
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
@@ -33,6 +34,7 @@ class ModelConfig:
     our mla_spec.json, a NeMo checkpoint's context), or, with no checkpoint, from ``config`` (a built-in
     models/configs/<name>.json or a config.json path). ``arch``: HF config.json fields to change (no
     checkpoint) or to assert (with one: a contradiction is an error). See models/architecture.py."""
+
     name: str = MISSING
     config: Optional[str] = None
     checkpoint: Optional[str] = None  # HF dir | our dist-ckpt (+ mla_spec.json) | NeMo 2 checkpoint
@@ -219,33 +221,47 @@ def validate(cfg) -> None:
     if t.kind not in ("cpu", "megatron"):
         errors.append(f"trainer.kind={t.kind!r}; expected 'cpu' or 'megatron'")
     if t.kind == "cpu" and (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) != (1, 1, 1):
-        errors.append("trainer=cpu runs one process: tensor/pipeline/expert parallel must be 1 "
-                      f"(got {t.tensor_parallel}/{t.pipeline_parallel}/{t.expert_parallel})")
+        errors.append(
+            "trainer=cpu runs one process: tensor/pipeline/expert parallel must be 1 "
+            f"(got {t.tensor_parallel}/{t.pipeline_parallel}/{t.expert_parallel})"
+        )
     if spec.num_heads % t.tensor_parallel:
-        errors.append(f"trainer.tensor_parallel={t.tensor_parallel} does not divide "
-                      f"the model's num_attention_heads={spec.num_heads}")
+        errors.append(
+            f"trainer.tensor_parallel={t.tensor_parallel} does not divide "
+            f"the model's num_attention_heads={spec.num_heads}"
+        )
     if spec.num_experts and spec.num_experts % t.expert_parallel:
-        errors.append(f"trainer.expert_parallel={t.expert_parallel} does not divide "
-                      f"the model's n_routed_experts={spec.num_experts}")
+        errors.append(
+            f"trainer.expert_parallel={t.expert_parallel} does not divide "
+            f"the model's n_routed_experts={spec.num_experts}"
+        )
     if not spec.num_experts and t.expert_parallel > 1:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
     if t.max_steps < 1:
         errors.append(f"trainer.max_steps={t.max_steps}; expected >= 1 (0 steps train nothing: no adapter, no export)")
     d = cfg.data
     if not m.checkpoint and d.base_pretrain and d.base_pretrain_steps < 1:
-        errors.append(f"data.base_pretrain_steps={d.base_pretrain_steps}; expected >= 1 to make the base from "
-                      f"data.base_pretrain (no model.checkpoint given)")
+        errors.append(
+            f"data.base_pretrain_steps={d.base_pretrain_steps}; expected >= 1 to make the base from "
+            f"data.base_pretrain (no model.checkpoint given)"
+        )
     if d.kind == "jsonl" and not (d.train and d.validation):
-        errors.append(f"data.kind=jsonl needs data.train and data.validation (JSONL files); got train={d.train}, "
-                      f"validation={d.validation}")
+        errors.append(
+            f"data.kind=jsonl needs data.train and data.validation (JSONL files); got train={d.train}, "
+            f"validation={d.validation}"
+        )
     errors += output_dir_errors(cfg)
     if t.global_batch_size % t.micro_batch_size:
-        errors.append(f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-                      f"micro_batch_size={t.micro_batch_size}")
+        errors.append(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size={t.micro_batch_size}"
+        )
     if t.kind == "megatron" and m.checkpoint and checkpoint_kind(m.checkpoint) not in ("hf", "nemo"):
-        errors.append(f"trainer=megatron starts from an HF directory (streamed into the sharded model) or a NeMo 2 "
-                      f"checkpoint (RestoreConfig); model.checkpoint={m.checkpoint} is one of our base checkpoints: "
-                      "export it with format=nemo first, or use trainer=cpu")
+        errors.append(
+            f"trainer=megatron starts from an HF directory (streamed into the sharded model) or a NeMo 2 "
+            f"checkpoint (RestoreConfig); model.checkpoint={m.checkpoint} is one of our base checkpoints: "
+            "export it with format=nemo first, or use trainer=cpu"
+        )
     if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
         errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
     byte_ids = 512 if t.kind == "megatron" else 259  # NeMo's ByteLevelTokenizer / ours
@@ -284,6 +300,8 @@ def output_dir_errors(cfg) -> list[str]:
         check_output(cfg.output_dir, [ckpt] if ckpt else [])
     except ValueError as err:
         where = f" (model.checkpoint={ckpt})" if ckpt else ""
-        return [f"output_dir={cfg.output_dir}{where}: {err}; the run writes its checkpoints, logs, adapter and "
-                "export under output_dir"]
+        return [
+            f"output_dir={cfg.output_dir}{where}: {err}; the run writes its checkpoints, logs, adapter and "
+            "export under output_dir"
+        ]
     return []

@@ -37,8 +37,10 @@ def read_jsonl(path) -> list[tuple[str, str]]:
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.jsonl"))[:5]
-        raise DataError(f"dataset {path} is a directory; expected a JSONL file (one prompt/answer record per line)"
-                        + (f", e.g. one of {inside} inside it" if inside else ""))
+        raise DataError(
+            f"dataset {path} is a directory; expected a JSONL file (one prompt/answer record per line)"
+            + (f", e.g. one of {inside} inside it" if inside else "")
+        )
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found")
     out = []
@@ -94,18 +96,28 @@ def check_answers(where, encoded, seq_length: int, key: str = "data.seq_length")
         seq_length: tokens per training sequence (a row holds seq_length + 1: inputs and shifted labels).
         key: the config field that sets ``seq_length``, named in the messages.
     """
-    kept = [sum(m[1:seq_length + 1]) for _, m in encoded]  # answer tokens that stay labels after the cut
+    kept = [sum(m[1 : seq_length + 1]) for _, m in encoded]  # answer tokens that stay labels after the cut
     lost = sum(k == 0 for k in kept)
     if not lost:
         return
     prompts = [len(m) - sum(m) for _, m in encoded]
     longest = max(prompts)
     if lost == len(encoded):
-        raise DataError(f"{where}: all {lost} examples lose their answer to {key}={seq_length} (the longest prompt "
-                        f"is {longest} tokens, the shortest {min(prompts)}): no answer token is left to compute a "
-                        f"loss on; raise {key} or shorten the prompts")
-    log.warning("%s: %d of %d examples lose their answer to %s=%d (the longest prompt is %d tokens); they add "
-                "nothing to the loss", where, lost, len(encoded), key, seq_length, longest)
+        raise DataError(
+            f"{where}: all {lost} examples lose their answer to {key}={seq_length} (the longest prompt "
+            f"is {longest} tokens, the shortest {min(prompts)}): no answer token is left to compute a "
+            f"loss on; raise {key} or shorten the prompts"
+        )
+    log.warning(
+        "%s: %d of %d examples lose their answer to %s=%d (the longest prompt is %d tokens); they add "
+        "nothing to the loss",
+        where,
+        lost,
+        len(encoded),
+        key,
+        seq_length,
+        longest,
+    )
 
 
 class PromptAnswerDataset(torch.utils.data.Dataset):
@@ -144,11 +156,20 @@ class StepSampler(torch.utils.data.Sampler):
         for step in range(self.start, self.steps):
             p, b = divmod(step, self.per_pass)
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + p))
-            yield from order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield from order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
-def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: bool, seed: int, tok=None,
-                steps: int | None = None, start_step: int = 0):
+def make_loader(
+    path,
+    seq_length: int,
+    packed: bool,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    tok=None,
+    steps: int | None = None,
+    start_step: int = 0,
+):
     """A DataLoader over ``path`` (``pkg://`` names resolved) tokenized by ``tok`` (default: bytes); shuffled
     training order fixed by ``seed``; with ``steps``, exactly the batches of steps ``start_step``..``steps-1``
     (``StepSampler``). A training set smaller than one batch is refused (nothing would train)."""
@@ -158,7 +179,9 @@ def make_loader(path, seq_length: int, packed: bool, batch_size: int, shuffle: b
     if shuffle and len(ds) < batch_size:
         raise DataError(f"{path}: {len(ds)} sequences, fewer than one batch of {batch_size} (batches drop the rest)")
     if shuffle and steps:
-        return torch.utils.data.DataLoader(ds, batch_size=batch_size, drop_last=True,
-                                           sampler=StepSampler(len(ds), batch_size, steps, seed, start_step))
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
-                                       generator=torch.Generator().manual_seed(seed), drop_last=shuffle)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, drop_last=True, sampler=StepSampler(len(ds), batch_size, steps, seed, start_step)
+        )
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed), drop_last=shuffle
+    )

@@ -55,8 +55,15 @@ def load(name: str):
     return ByteTokenizer() if name == "byte" else HFTokenizer(name)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 def copy_tokenizer(source, directory) -> list[str]:
@@ -90,8 +97,10 @@ def for_run(tokenizer: str | None, checkpoint: str | None, key: str = "data.toke
     if checkpoint and has_hf_tokenizer(checkpoint):
         return str(checkpoint)
     if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        raise ValueError(f"{checkpoint} has no tokenizer files; set {key}=<an HF tokenizer id or path> "
-                         f"(or {key}=byte for the byte-level tiny models)")
+        raise ValueError(
+            f"{checkpoint} has no tokenizer files; set {key}=<an HF tokenizer id or path> "
+            f"(or {key}=byte for the byte-level tiny models)"
+        )
     return "byte"
 
 

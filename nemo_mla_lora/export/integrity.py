@@ -33,8 +33,12 @@ def manifest_checksums(directory) -> dict:
     if not checksums or not isinstance(checksums, dict):
         raise CheckpointError(f"{Path(directory) / manifest.MANIFEST}: no tensor_checksums")
     if not manifest.check_architecture(directory, info):
-        log.warning("%s: manifest format_version %s records no architecture checksums; its mla_spec.json / "
-                    "config.json are not checked (re-export to cover them)", directory, info.get("format_version"))
+        log.warning(
+            "%s: manifest format_version %s records no architecture checksums; its mla_spec.json / "
+            "config.json are not checked (re-export to cover them)",
+            directory,
+            info.get("format_version"),
+        )
     return checksums
 
 
@@ -63,8 +67,9 @@ def compare_names(where, stored, checksums: dict) -> None:
         checksums: the manifest's ``tensor_checksums``.
     """
     missing, extra = sorted(set(checksums) - set(stored)), sorted(set(stored) - set(checksums))
-    problems = ([f"{len(missing)} tensors in manifest.json are not in the files: {missing[:5]}"] if missing else []) \
-        + ([f"{len(extra)} tensors in the files are not in manifest.json: {extra[:5]}"] if extra else [])
+    problems = ([f"{len(missing)} tensors in manifest.json are not in the files: {missing[:5]}"] if missing else []) + (
+        [f"{len(extra)} tensors in the files are not in manifest.json: {extra[:5]}"] if extra else []
+    )
     if problems:
         raise ChecksumError(f"{where}: " + "; ".join(problems) + " (changed since export)")
 

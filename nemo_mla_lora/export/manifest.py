@@ -37,21 +37,21 @@ def kv_cache_report(spec, dtype: str) -> dict:
 # Who reads each format, and how (checked: tests/test_export.py, tests/test_hf_checkpoints.py, bench/README.md).
 CONSUMERS = {
     "mcore": "Megatron-Core's GPTModel with MLASelfAttention: dist_checkpointing.load(model.sharded_state_dict(), "
-             "dir) with default strictness; names=te: the Transformer Engine layer spec (0.15.3 on an H200), "
-             "names=local: the TE-free spec (0.15.3 on CPU, 0.19.2 on an H200), see bench/README.md; Megatron's "
-             "dynamic inference engine absorbs it at load with cache_mla_latents=True (needs Transformer Engine "
-             "and FlashMLA); nemo_mla_lora.recipes.generate absorbs it at load (latent cache)",
+    "dir) with default strictness; names=te: the Transformer Engine layer spec (0.15.3 on an H200), "
+    "names=local: the TE-free spec (0.15.3 on CPU, 0.19.2 on an H200), see bench/README.md; Megatron's "
+    "dynamic inference engine absorbs it at load with cache_mla_latents=True (needs Transformer Engine "
+    "and FlashMLA); nemo_mla_lora.recipes.generate absorbs it at load (latent cache)",
     "nemo": "NeMo 2 (2.7.3 tested): llm.generate (io.load_context + MegatronStrategy restore, "
-            "default strictness; H200), llm.export_ckpt(path, target='hf') (HFDeepSeekExporter), llm.finetune "
-            "resume=AutoResume(restore_config=RestoreConfig(path=...)) (the same restore); names=te: the TE layer "
-            "spec NeMo's DeepSeek configs build where Transformer Engine is installed (NeMo's containers); "
-            "names=local: nemo_mla_lora's TE-free layer spec named in the context; nemo_mla_lora.recipes.generate "
-            "absorbs it at load (latent cache)",
+    "default strictness; H200), llm.export_ckpt(path, target='hf') (HFDeepSeekExporter), llm.finetune "
+    "resume=AutoResume(restore_config=RestoreConfig(path=...)) (the same restore); names=te: the TE layer "
+    "spec NeMo's DeepSeek configs build where Transformer Engine is installed (NeMo's containers); "
+    "names=local: nemo_mla_lora's TE-free layer spec named in the context; nemo_mla_lora.recipes.generate "
+    "absorbs it at load (latent cache)",
     "absorbed": "Megatron-Core 0.17-0.18 AbsorbedMLASelfAttention (split linear_k_up_proj / linear_v_up_proj); "
-                "not megatron-core >= 0.19, whose module holds one linear_kv_up_proj again; "
-                "nemo_mla_lora.recipes.generate (latent cache)",
+    "not megatron-core >= 0.19, whose module holds one linear_kv_up_proj again; "
+    "nemo_mla_lora.recipes.generate (latent cache)",
     "hf": "transformers AutoModelForCausalLM, vLLM, SGLang: the source's config.json with torch_dtype = the "
-          "written dtype; nemo_mla_lora.recipes.generate absorbs it at load",
+    "written dtype; nemo_mla_lora.recipes.generate absorbs it at load",
     "hf_peft": "peft PeftModel.from_pretrained over the HF base (vLLM drops a kv_b_proj LoRA in its absorbed path)",
 }
 
@@ -88,8 +88,9 @@ def read_manifest(directory, hint: str = "") -> dict:
     try:
         info = json.loads(path.read_text())
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise CheckpointError(f"{path}: not valid JSON ({err}); truncated or edited since export? "
-                              f"re-export it") from None
+        raise CheckpointError(
+            f"{path}: not valid JSON ({err}); truncated or edited since export? re-export it"
+        ) from None
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: holds a JSON {type(info).__name__}, not the manifest's object")
     return info
@@ -141,8 +142,11 @@ def architecture_checksums(directory, info: dict) -> dict:
 def _changed(was: dict, now: dict) -> str:
     changed = sorted(f for f in set(was) & set(now) if was[f] != now[f])
     added, removed = sorted(set(now) - set(was)), sorted(set(was) - set(now))
-    parts = ([f"field{'s' * (len(changed) > 1)} {', '.join(changed)} changed"] if changed else []) + \
-            ([f"added {', '.join(added)}"] if added else []) + ([f"removed {', '.join(removed)}"] if removed else [])
+    parts = (
+        ([f"field{'s' * (len(changed) > 1)} {', '.join(changed)} changed"] if changed else [])
+        + ([f"added {', '.join(added)}"] if added else [])
+        + ([f"removed {', '.join(removed)}"] if removed else [])
+    )
     return "; ".join(parts)
 
 
@@ -171,6 +175,8 @@ def check_architecture(directory, info: dict) -> bool:
         if was == now:
             continue
         what = _changed(was, now) if isinstance(was, dict) and isinstance(now, dict) else "its content changed"
-        raise ChecksumError(f"{where}: {what} since export (architecture_checksums in manifest.json); a model built "
-                            f"from it computes other logits: restore it or re-export")
+        raise ChecksumError(
+            f"{where}: {what} since export (architecture_checksums in manifest.json); a model built "
+            f"from it computes other logits: restore it or re-export"
+        )
     return True

@@ -39,10 +39,16 @@ def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
 
     args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
     args.update(megatron_routing(spec))
-    args.update(seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.max_positions,
-                share_embeddings_and_output_weights=spec.tie_word_embeddings, params_dtype=dtype,
-                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, moe_aux_loss_coeff=0.0,
-                gradient_accumulation_fusion=False)  # a training fusion needing APEX: generate/export do without
+    args.update(
+        seq_length=spec.rope_original_max_positions,
+        max_position_embeddings=spec.max_positions,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        moe_aux_loss_coeff=0.0,
+        gradient_accumulation_fusion=False,
+    )  # a training fusion needing APEX: generate/export do without
     if names == "te":  # the config's default, with TE decided by the consumer's machine, not this one
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -54,7 +60,8 @@ def model_config(spec: MLASpec, dtype: torch.dtype, names: str):
         args.update(CPU_SAFE)
 
         args["transformer_layer_spec"] = functools.partial(
-            local_mla_block_spec, group_score=group_score(spec), latent_norm_eps=spec.latent_norm_eps)
+            local_mla_block_spec, group_score=group_score(spec), latent_norm_eps=spec.latent_norm_eps
+        )
     cls = llm.DeepSeekV2Config if spec.model_type == "deepseek_v2" else llm.DeepSeekV3Config
     return cls(**args)
 
@@ -65,11 +72,14 @@ def stock_differences(spec: MLASpec) -> list[str]:
 
     out = []
     if group_score(spec) == "max":
-        out.append(f"routing: DeepSeek-V2 ranks expert groups by their best expert, Megatron by the sum of the top "
-                   f"{spec.moe_topk // spec.moe_group_topk} (topk {spec.moe_topk}, topk_group {spec.moe_group_topk})")
+        out.append(
+            f"routing: DeepSeek-V2 ranks expert groups by their best expert, Megatron by the sum of the top "
+            f"{spec.moe_topk // spec.moe_group_topk} (topk {spec.moe_topk}, topk_group {spec.moe_group_topk})"
+        )
     if spec.latent_norm_eps != spec.norm_eps:
-        out.append(f"q/kv latent norms: DeepSeek uses eps {spec.latent_norm_eps}, Megatron layernorm_epsilon "
-                   f"{spec.norm_eps}")
+        out.append(
+            f"q/kv latent norms: DeepSeek uses eps {spec.latent_norm_eps}, Megatron layernorm_epsilon {spec.norm_eps}"
+        )
     return out
 
 
@@ -86,8 +96,9 @@ def nemo_tokenizer(tokenizer_name: str):
         from nemo_mla_lora.data.tokenizer import BOS, EOS, PAD
 
         # special tokens take the ids below vocab_size + 3 in reverse order: <pad> 258, <eos> 257, <bos> 256
-        return ByteLevelTokenizer(special_tokens=["<pad>", "<eos>", "<bos>"], vocab_size=256, _eos_id=EOS,
-                                  _pad_id=PAD, _bos_id=BOS)
+        return ByteLevelTokenizer(
+            special_tokens=["<pad>", "<eos>", "<bos>"], vocab_size=256, _eos_id=EOS, _pad_id=PAD, _bos_id=BOS
+        )
     from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
 
     return AutoTokenizer(pretrained_model_name=str(tokenizer_name), use_fast=True)
@@ -130,6 +141,8 @@ def export_tokenizer(base, tokenizer: str | None, spec: MLASpec) -> str:
         if has_hf_tokenizer(candidate):
             return str(candidate)
     if (base / "config.json").is_file() or is_nemo_checkpoint(base) or spec.vocab_size < VOCAB_SIZE:
-        raise ValueError(f"format=nemo: {base} has no tokenizer files for the NeMo context; pass tokenizer=<HF "
-                         f"tokenizer directory or id>")
+        raise ValueError(
+            f"format=nemo: {base} has no tokenizer files for the NeMo context; pass tokenizer=<HF "
+            f"tokenizer directory or id>"
+        )
     return "byte"

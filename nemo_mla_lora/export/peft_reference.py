@@ -20,8 +20,13 @@ import torch
 
 from nemo_mla_lora.arch import keymap
 
-_LORA = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m", "lora_embedding_A": "eA",
-         "lora_embedding_B": "eB"}
+_LORA = {
+    "lora_A.weight": "A",
+    "lora_B.weight": "B",
+    "lora_magnitude_vector": "m",
+    "lora_embedding_A": "eA",
+    "lora_embedding_B": "eB",
+}
 
 
 def open_reference(directory):
@@ -84,7 +89,7 @@ class PeftReference:
         c = self.config
         r = c.rank_pattern.get(_pattern_key(c.rank_pattern.keys(), module), c.r)
         alpha = c.alpha_pattern.get(_pattern_key(c.alpha_pattern.keys(), module), c.lora_alpha)
-        s = alpha / (r ** 0.5 if c.use_rslora else r)
+        s = alpha / (r**0.5 if c.use_rslora else r)
         t = {k: self.file.get_tensor(v).to(dtype) for k, v in keys.items()}
         embedding = "eA" in t
         w = w + s * (t["eB"] @ t["eA"]).T if embedding else w + s * (t["B"] @ t["A"])

@@ -49,9 +49,21 @@ class VerificationError(RuntimeError):
     pass
 
 
-def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwrite: bool = False,
-           verify="full", tolerance: float | None = None, progress: bool = True, names: str | None = None,
-           tokenizer: str | None = None, verify_layers=None, budget: int = DEFAULT_BUDGET) -> dict:
+def export(
+    base,
+    adapter,
+    output,
+    fmt: str = "mcore",
+    fold: bool = False,
+    overwrite: bool = False,
+    verify="full",
+    tolerance: float | None = None,
+    progress: bool = True,
+    names: str | None = None,
+    tokenizer: str | None = None,
+    verify_layers=None,
+    budget: int = DEFAULT_BUDGET,
+) -> dict:
     """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
     the base alone (e.g. an absorbed base for multi-adapter serving). ``names``: ``te`` | ``local`` layer-spec
     names of the ``mcore``/``nemo`` formats (default ``DEFAULT_NAMES``); ``tokenizer``: the ``nemo`` context's
@@ -79,8 +91,11 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         tokenizer = nemo_format.export_tokenizer(base, tokenizer, spec)
         differs = nemo_format.stock_differences(spec) if names == "te" else []
         for d in differs:
-            log.warning("NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
-                        "nemo_mla_lora's exact layer spec into the context", d)
+            log.warning(
+                "NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
+                "nemo_mla_lora's exact layer spec into the context",
+                d,
+            )
     lora = open_adapter(adapter, spec)  # every field and tensor of an HF PEFT adapter judged here, before writing
     if fmt == "hf_peft":
         check_hf_peft_writable(lora)
@@ -89,16 +104,27 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
         raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
     if fold:
         cost = absorb.fold_cost(spec)
-        log.warning("folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
-                    cost["folded"]["params_per_layer"], cost["split"]["params_per_layer"],
-                    cost["folded_over_split"], cost["folding_pays_when"])
+        log.warning(
+            "folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
+            cost["folded"]["params_per_layer"],
+            cost["split"]["params_per_layer"],
+            cost["folded_over_split"],
+            cost["folding_pays_when"],
+        )
     with atomic_dir(output, overwrite, sources=sources, replaces=(manifest.MANIFEST,)) as tmp:
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
             writer = _writer(fmt, tmp, spec, source, names, tokenizer, check=verify != "none")
-            verifier = StreamingVerify(spec, fmt in LATENT_FORMATS, verify, verify_layers, tolerance,
-                                       _dtype_name(source.layout()), reading=open_reference(adapter))
+            verifier = StreamingVerify(
+                spec,
+                fmt in LATENT_FORMATS,
+                verify,
+                verify_layers,
+                tolerance,
+                _dtype_name(source.layout()),
+                reading=open_reference(adapter),
+            )
             info = _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget)
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
             if fmt in DEFAULT_NAMES:
@@ -106,8 +132,10 @@ def export(base, adapter, output, fmt: str = "mcore", fold: bool = False, overwr
             if fmt == "nemo":
                 info["nemo"] = {"tokenizer": tokenizer, "differs_from_deepseek": differs}
         start = time.perf_counter()
-        info["source"] = {"base": {"path": str(base), "hash": source.content_hash()},  # HF: digests taken while reading
-                          "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None}
+        info["source"] = {
+            "base": {"path": str(base), "hash": source.content_hash()},  # HF: digests taken while reading
+            "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None,
+        }
         if "timing" in info:
             info["timing"]["source_hash"] = round(time.perf_counter() - start, 2)
         info["architecture_checksums"] = manifest.architecture_checksums(tmp, info)  # every file written by now
@@ -132,8 +160,9 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
     layout = source.layout()
     units = plan(source.names, {n: d.itemsize * math.prod(shape) for n, (d, shape) in layout.items()}, budget)
     writer.begin(units, layout)
-    bar = tqdm(total=sum(u.nbytes for u in units), desc=f"export {fmt}", unit="B", unit_scale=True,
-               disable=not progress)
+    bar = tqdm(
+        total=sum(u.nbytes for u in units), desc=f"export {fmt}", unit="B", unit_scale=True, disable=not progress
+    )
     merge_seconds = [0.0]
 
     def process(unit, tensors):
@@ -147,22 +176,30 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         verifier.export(unit, tensors)
         return tensors
 
-    timing = stages.run(units, lambda u: source.load(u.names), process, writer.add,
-                        on_done=lambda u: bar.update(u.nbytes))
+    timing = stages.run(
+        units, lambda u: source.load(u.names), process, writer.add, on_done=lambda u: bar.update(u.nbytes)
+    )
     bar.close()
     writer.finish()
-    timing.update(merge=round(merge_seconds[0], 2), verify=round(verifier.seconds, 2), units=len(units),
-                  largest_unit_bytes=max(u.nbytes for u in units))
+    timing.update(
+        merge=round(merge_seconds[0], 2),
+        verify=round(verifier.seconds, 2),
+        units=len(units),
+        largest_unit_bytes=max(u.nbytes for u in units),
+    )
     if hasattr(writer, "stream"):  # the dist-ckpt writers: Megatron's save and the read-back, apart
         timing.update({f"write_{k}": round(v, 2) for k, v in writer.stream.seconds.items()})
-    info = manifest.build(fmt, spec, verifier.dtype, lora.scales, writer.checksums,
-                          absorb.fold_cost(spec) if fold else None)
+    info = manifest.build(
+        fmt, spec, verifier.dtype, lora.scales, writer.checksums, absorb.fold_cost(spec) if fold else None
+    )
     info["timing"] = timing
     report = verifier.report()
     info["verify"] = report
     if not report["passed"]:
-        raise VerificationError(f"export differs from the unmerged model ({report['mode']} verify): "
-                                + json.dumps({k: v for k, v in report.items() if k != "compared"}))
+        raise VerificationError(
+            f"export differs from the unmerged model ({report['mode']} verify): "
+            + json.dumps({k: v for k, v in report.items() if k != "compared"})
+        )
     return info
 
 

@@ -53,6 +53,7 @@ def run(units, read, process, write, on_done=None) -> dict:
             except BaseException as err:  # handed to the caller
                 errors.append(err)
                 stop.set()
+
         return target
 
     def reader():

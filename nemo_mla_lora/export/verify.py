@@ -101,8 +101,16 @@ class StreamingVerify:
     in plan order; then ``report()``. ``reading``: the reference side's own reading of the adapter
     (``peft_reference.open_reference``), used instead of ``factors`` when given."""
 
-    def __init__(self, spec, latent: bool, mode: str = "full", layers=None, tolerance: float | None = None,
-                 dtype: str = "float32", reading=None):
+    def __init__(
+        self,
+        spec,
+        latent: bool,
+        mode: str = "full",
+        layers=None,
+        tolerance: float | None = None,
+        dtype: str = "float32",
+        reading=None,
+    ):
         self.spec, self.mode, self.dtype, self.reading = spec, check_mode(mode), dtype, reading
         self.layers = set(range(spec.num_layers)) if self.mode == "full" else set(layers or default_layers(spec))
         bad = sorted(i for i in self.layers if not 0 <= i < spec.num_layers)
@@ -156,8 +164,9 @@ class StreamingVerify:
         if side.latent:
             if f"{prefix(layer)}.{K_UP}" not in state:  # standard layout: absorbed as engines load it
                 state = absorb_layer(state, prefix(layer), spec)
-            out, cache = latent_attention_steps(h, Compute(state, self.compute, memo=True), prefix(layer), spec,
-                                            h.shape[1] // 2)
+            out, cache = latent_attention_steps(
+                h, Compute(state, self.compute, memo=True), prefix(layer), spec, h.shape[1] // 2
+            )
             self.cached += cache.values_per_token()
         else:
             cos, sin = rope_cos_sin(spec, torch.arange(h.shape[1]), self.compute)
@@ -180,16 +189,25 @@ class StreamingVerify:
             side.acc += gated_mlp(side.tokens, weights, adapters, f"{p}.mlp.shared_experts")
 
     def _experts(self, side, unit, state, adapters):
-        moe_experts(side.tokens, side.top, side.weights, Compute(state, self.compute), adapters,
-                    f"decoder.layers.{unit.group}.mlp", unit.experts, side.acc)
+        moe_experts(
+            side.tokens,
+            side.top,
+            side.weights,
+            Compute(state, self.compute),
+            adapters,
+            f"decoder.layers.{unit.group}.mlp",
+            unit.experts,
+            side.acc,
+        )
 
     def _post(self, side, unit, state, adapters):
         spec = self.spec
         x = rms_norm(side.x, state["decoder.final_layernorm.weight"].to(self.compute), spec.norm_eps)
         source = side.embedding if spec.tie_word_embeddings else state
         w = source["embedding.word_embeddings.weight" if spec.tie_word_embeddings else "output_layer.weight"]
-        side.logits = torch.cat([x @ w[i:i + VOCAB_CHUNK].to(self.compute).T
-                                 for i in range(0, w.shape[0], VOCAB_CHUNK)], dim=-1)  # [b, s, vocab]
+        side.logits = torch.cat(
+            [x @ w[i : i + VOCAB_CHUNK].to(self.compute).T for i in range(0, w.shape[0], VOCAB_CHUNK)], dim=-1
+        )  # [b, s, vocab]
         if "output_layer" in adapters:
             a, b, s = adapters["output_layer"]
             side.logits = side.logits + s * (x @ a.T) @ b.T
@@ -198,17 +216,24 @@ class StreamingVerify:
         own = (self.ref.x - self.ref.layer_in).abs().max().item()  # the layer's own contribution
         diff = (self.exp.x - self.ref.x).abs().max().item()
         scale = max(own, 1e-6)
-        self.layer_reports[layer] = {"max_abs_diff": diff, "max_abs_contribution": own,
-                                     "bound": self.tolerance * scale, "passed": diff <= self.tolerance * scale}
+        self.layer_reports[layer] = {
+            "max_abs_diff": diff,
+            "max_abs_contribution": own,
+            "bound": self.tolerance * scale,
+            "passed": diff <= self.tolerance * scale,
+        }
 
     def report(self) -> dict:
         if self.mode == "none":
             return {"mode": "none", "passed": True}
         out = _report(self.exp.logits, self.ref.logits, self.tokens, self.tolerance)
-        out.update(mode=self.mode, seconds=round(self.seconds, 2),
-                   compared="logits of the unmerged model (base + LoRA) vs the export as written, "
-                            + ("latent-cache prefill + decode" if self.exp.latent else "full forward"),
-                   cached_values_per_token=self.cached if self.exp.latent else None)
+        out.update(
+            mode=self.mode,
+            seconds=round(self.seconds, 2),
+            compared="logits of the unmerged model (base + LoRA) vs the export as written, "
+            + ("latent-cache prefill + decode" if self.exp.latent else "full forward"),
+            cached_values_per_token=self.cached if self.exp.latent else None,
+        )
         if self.mode == "sample":
             out["layers"] = {str(k): v for k, v in sorted(self.layer_reports.items())}
             out["passed"] = out["passed"] and all(v["passed"] for v in self.layer_reports.values())
@@ -224,6 +249,12 @@ def default_layers(spec) -> list[int]:
 def _report(logits, reference, tokens, tol) -> dict:
     diff = (logits - reference).abs()
     scale = max(1.0, reference.abs().max().item())
-    return {"max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
-            "max_abs_logit": scale, "tolerance": tol, "bound": tol * scale,
-            "passed": bool(diff.max().item() <= tol * scale), "prompts": list(tokens.shape)}
+    return {
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+        "max_abs_logit": scale,
+        "tolerance": tol,
+        "bound": tol * scale,
+        "passed": bool(diff.max().item() <= tol * scale),
+        "prompts": list(tokens.shape),
+    }

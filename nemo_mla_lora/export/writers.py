@@ -73,8 +73,9 @@ class NemoWriter(DistCkptWriter):
         return self.directory / nemo_format.WEIGHTS
 
     def sharded(self, group: dict) -> dict:
-        return named_sharded(group, self.spec, self.names, prefix=nemo_format.PREFIX, consume=True,
-                             max_bytes=ROW_CHUNK_BYTES)
+        return named_sharded(
+            group, self.spec, self.names, prefix=nemo_format.PREFIX, consume=True, max_bytes=ROW_CHUNK_BYTES
+        )
 
     def finish(self) -> None:
         super().finish()
@@ -98,8 +99,10 @@ class HFWriter:
             meta = {n: torch.empty(layout[n][1], dtype=layout[n][0], device="meta") for n in u.names}
             by_group.setdefault(u.group, {}).update(keymap.megatron_to_hf(meta))
         for i, group in enumerate(order):
-            self.shards[group] = (f"model-{i + 1:05d}-of-{len(order):05d}.safetensors",
-                                  {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()})
+            self.shards[group] = (
+                f"model-{i + 1:05d}-of-{len(order):05d}.safetensors",
+                {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()},
+            )
 
     def add(self, unit, group: dict) -> None:
         from nemo_mla_lora.checkpoints.safetensors_io import SafetensorsWriter
@@ -120,8 +123,10 @@ class HFWriter:
 
     def finish(self) -> None:
         total = sum((self.directory / f).stat().st_size for f in set(self.weight_map.values()))
-        write_json(self.directory / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))})
+        write_json(
+            self.directory / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))},
+        )
         write_json(self.directory / "config.json", hf_config_dict(self.spec, self.dtype, self.source_config))
 
 
@@ -134,15 +139,21 @@ def check_hf_peft_writable(lora) -> None:
     Args:
         lora: an adapter source (``sources.open_adapter``).
     """
-    problems = [f"{field} ({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''})"
-                for field, modules in getattr(lora, "unwritable", {}).items()]
+    problems = [
+        f"{field} ({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''})"
+        for field, modules in getattr(lora, "unwritable", {}).items()
+    ]
     ranks, scales = set(getattr(lora, "hf_ranks", {}).values()), set(getattr(lora, "hf_scales", {}).values())
     if len(ranks) > 1 or len(scales) > 1:
-        problems.append(f"rank_pattern / alpha_pattern (ranks {sorted(ranks)}, scales {sorted(scales)} differ "
-                        f"between modules; hf_peft writes one r and one lora_alpha)")
+        problems.append(
+            f"rank_pattern / alpha_pattern (ranks {sorted(ranks)}, scales {sorted(scales)} differ "
+            f"between modules; hf_peft writes one r and one lora_alpha)"
+        )
     if problems:
-        raise MergeError("format=hf_peft cannot write " + "; ".join(problems) + "; export a merged format "
-                         "(hf, mcore, absorbed, nemo) instead")
+        raise MergeError(
+            "format=hf_peft cannot write " + "; ".join(problems) + "; export a merged format "
+            "(hf, mcore, absorbed, nemo) instead"
+        )
 
 
 def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, base_name: str | None = None) -> list:
@@ -160,8 +171,10 @@ def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, 
 
     tensors, targets = {}, set()
     if "embedding.word_embeddings" in adapter_factors:
-        raise MergeError("format=hf_peft cannot write LoRA on the embedding (peft's lora_embedding_A/B); export a "
-                         "merged format instead")
+        raise MergeError(
+            "format=hf_peft cannot write LoRA on the embedding (peft's lora_embedding_A/B); export a "
+            "merged format instead"
+        )
     for module, (a, b, _) in adapter_factors.items():  # an AdapterEntry refuses here, naming its fields
         hf_names = keymap.to_hf_modules(module)
         for hf_name, b_part in zip(hf_names, b.chunk(len(hf_names), dim=0)):
@@ -169,13 +182,26 @@ def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, 
             tensors[f"base_model.model.{hf_name}.lora_B.weight"] = b_part.contiguous()
             targets.add(hf_name.rsplit(".", 1)[-1])
     save_file(tensors, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
-    write_json(Path(directory) / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "base_model_name_or_path": base_name, "inference_mode": True,
-    })
+    write_json(
+        Path(directory) / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(targets),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "base_model_name_or_path": base_name,
+            "inference_mode": True,
+        },
+    )
     warnings = []
     if "kv_b_proj" in targets:
-        warnings.append("kv_b_proj is targeted: some serving engines (vLLM's absorbed MLA path, issue 48974) "
-                        "silently drop LoRA on kv_b_proj; prefer the merged 'absorbed' or 'hf' export there.")
+        warnings.append(
+            "kv_b_proj is targeted: some serving engines (vLLM's absorbed MLA path, issue 48974) "
+            "silently drop LoRA on kv_b_proj; prefer the merged 'absorbed' or 'hf' export there."
+        )
     return warnings

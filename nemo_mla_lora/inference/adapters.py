@@ -28,8 +28,14 @@ import torch
 from nemo_mla_lora.arch.mla_spec import MLASpec
 
 KERNEL_MAX_SLOTS = 256  # lora_kernels' per-head kernels hold z [rows, slots] in registers; more take torch ops
-SUPPORTED = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
-             "linear_kv_up_proj", "linear_proj")
+SUPPORTED = (
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_q_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_proj",
+)
 
 
 class AdapterBank:
@@ -42,8 +48,10 @@ class AdapterBank:
         modules = sorted({m for f in per_module for m in f})
         unsupported = [m for m in modules if m.rsplit(".", 1)[-1] not in SUPPORTED]
         if unsupported:
-            raise ValueError(f"multi-adapter decode applies adapters on the MLA attention linears {SUPPORTED}; "
-                             f"merge the others into the base first. Found: {unsupported[:5]}")
+            raise ValueError(
+                f"multi-adapter decode applies adapters on the MLA attention linears {SUPPORTED}; "
+                f"merge the others into the base first. Found: {unsupported[:5]}"
+            )
         self.rank = max((a.shape[0] for f in per_module for a, _, _ in f.values()), default=0)
         self.a, self.b_t = {}, {}  # module -> A [m, in], B^T [m, out]; adapter i (1-based id) at slots (i-1)*r..
         self.b_k, self.b_v = {}, {}  # linear_kv_up_proj modules -> B_K [h, dn, m], B_V [h, m, dv]
@@ -66,13 +74,14 @@ class AdapterBank:
         for i, f in enumerate(factors):
             if f is not None:
                 a, b, scale = f
-                a_stack[i * r:i * r + a.shape[0]] = a.double()
-                b_stack[:, i * r:i * r + b.shape[1]] = scale * b.double()
+                a_stack[i * r : i * r + a.shape[0]] = a.double()
+                b_stack[:, i * r : i * r + b.shape[1]] = scale * b.double()
         return a_stack, b_stack
 
     @classmethod
-    def load(cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32,
-             kernels: bool | None = None) -> "AdapterBank":
+    def load(
+        cls, spec: MLASpec, directories: dict, device="cpu", dtype=torch.float32, kernels: bool | None = None
+    ) -> "AdapterBank":
         """``directories``: name -> adapter directory (ours or HF PEFT), all for the base of ``spec``."""
         from nemo_mla_lora.checkpoints.sources import open_adapter
 
@@ -93,8 +102,9 @@ class AdapterBank:
 
     def for_layer(self, layer: int, ids: torch.Tensor, mask: torch.Tensor | None = None) -> "LayerCorrections":
         """``mask``: ``row_mask(ids)``, computed once per forward and shared by the layers."""
-        return LayerCorrections(self, f"decoder.layers.{layer}.self_attention",
-                                self.row_mask(ids) if mask is None else mask)
+        return LayerCorrections(
+            self, f"decoder.layers.{layer}.self_attention", self.row_mask(ids) if mask is None else mask
+        )
 
     def _device(self):
         return next(iter(self.a.values())).device if self.a else "cpu"

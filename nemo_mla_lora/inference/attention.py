@@ -58,8 +58,9 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
         from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
         lengths = (positions[:, 0] + 1).to(torch.int32)  # row i attends to its positions 0..p_i
-        o_lat = decode_attention(q_lat[:, 0], q_rope[0], c_all, k_all, lengths, attn.softmax_scale,
-                                 max_length=c_all.shape[1])
+        o_lat = decode_attention(
+            q_lat[:, 0], q_rope[0], c_all, k_all, lengths, attn.softmax_scale, max_length=c_all.shape[1]
+        )
         o_lat = o_lat.to(c_all.dtype)[:, None]  # [b, 1, h, c]
     else:
         o_lat = _attend(q_lat, q_rope, c_all, k_all, positions, attn.softmax_scale)

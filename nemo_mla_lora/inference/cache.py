@@ -22,9 +22,11 @@ class LatentKVCache:
     @classmethod
     def allocate(cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu") -> "LatentKVCache":
         shape = (spec.num_layers, batch, max_length)
-        return cls(torch.zeros(*shape, spec.kv_lora_rank, dtype=dtype, device=device),
-                   torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device),
-                   torch.zeros(batch, dtype=torch.long, device=device))
+        return cls(
+            torch.zeros(*shape, spec.kv_lora_rank, dtype=dtype, device=device),
+            torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
 
     def positions(self, s: int) -> torch.Tensor:
         """[b, s]: where each row's next ``s`` tokens go (and their rotary positions)."""

@@ -43,9 +43,11 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
         return fmt, MLASpec.from_dict(manifest["mla"]), manifest["dtype"]
     if (directory / "config.json").is_file():
         if verify_checksums:
-            raise CheckpointError(f"{directory}: an HF directory without manifest.json (not written by "
-                                  "recipes.export): no checksums to check its tensors against; pass "
-                                  "verify_checksums=false to serve it unchecked")
+            raise CheckpointError(
+                f"{directory}: an HF directory without manifest.json (not written by "
+                "recipes.export): no checksums to check its tensors against; pass "
+                "verify_checksums=false to serve it unchecked"
+            )
         from nemo_mla_lora.checkpoints.sources import HFBase
 
         base = HFBase(directory, dtype=torch.float32)  # headers only; FP8 weights would be dequantized to fp32
@@ -53,8 +55,10 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
         return "hf", base.spec, str(dtype).removeprefix("torch.")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint={directory}: no such directory")
-    raise CheckpointError(f"{directory}: neither a merged export (manifest.json: recipes.export format=mcore, "
-                          "absorbed, nemo or hf) nor an HF directory (config.json + safetensors)")
+    raise CheckpointError(
+        f"{directory}: neither a merged export (manifest.json: recipes.export format=mcore, "
+        "absorbed, nemo or hf) nor an HF directory (config.json + safetensors)"
+    )
 
 
 class AbsorbedMLAEngine:
@@ -67,8 +71,9 @@ class AbsorbedMLAEngine:
         self.w_uv = [w.view(h, dv, c) for w in v_up]  # [h, dv, c] per layer
 
     @classmethod
-    def load(cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch",
-             verify_checksums: bool = True) -> "AbsorbedMLAEngine":
+    def load(
+        cls, export_dir, dtype: str | None = None, device="cpu", backend: str = "torch", verify_checksums: bool = True
+    ) -> "AbsorbedMLAEngine":
         """Build the model from the export's MLA spec (``served``) and load its weights, each checked against
         the manifest's checksum as it is read: ``absorbed`` as written, ``mcore`` / ``nemo`` / ``hf`` (merged
         standard layout; ``hf``: an HF directory, config.json + safetensors) absorbed at load
@@ -98,8 +103,9 @@ class AbsorbedMLAEngine:
         return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, cache: LatentKVCache, bank=None, adapter_ids=None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: LatentKVCache, bank=None, adapter_ids=None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits [b, s, vocab] for tokens [b, s] placed after each row's cached tokens (prefill when empty).
         ``valid`` [b]: how many of the s tokens are real per row (right padding; default all). With an
         ``AdapterBank``, row i runs with adapter ``adapter_ids[i]`` (0: none), unmerged."""
@@ -110,8 +116,9 @@ class AbsorbedMLAEngine:
         mask = bank.row_mask(adapter_ids) if bank is not None else None  # [b, n*r], one for every layer
         for i, layer in enumerate(m.decoder.layers):
             corr = bank.for_layer(i, adapter_ids, mask) if bank is not None else NONE
-            x = x + absorbed_attention(layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i],
-                                       cache, i, corr, self.backend)
+            x = x + absorbed_attention(
+                layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i], cache, i, corr, self.backend
+            )
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
         cache.advance(cache.lengths + (s if valid is None else valid.to(cache.lengths)))

@@ -15,9 +15,19 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, gene
 
 
 @torch.no_grad()
-def generate(engine, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             seed: int = 0, stop_token: int | None = None, bank=None, adapter_ids=None,
-             prompt_lengths: torch.Tensor | None = None, prompt_logits: list | None = None):
+def generate(
+    engine,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_token: int | None = None,
+    bank=None,
+    adapter_ids=None,
+    prompt_lengths: torch.Tensor | None = None,
+    prompt_logits: list | None = None,
+):
     """prompt [b, s0] (right-padded when ``prompt_lengths`` [b] is given) -> (tokens [b, s0 + n]: the padded
     prompt then the generated tokens, step logits [b, n, vocab], cache). Stops early when every row has
     produced ``stop_token``. ``bank``/``adapter_ids``: one unmerged adapter per row. ``prompt_logits``: a list

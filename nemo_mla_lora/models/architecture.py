@@ -48,8 +48,19 @@ def _apply(config: dict, arch: dict, source: str) -> dict:
 
 
 # HF fields a config.json may leave out (defaults apply) and model.arch may still set.
-_OPTIONAL_HF_FIELDS = {"scoring_func", "topk_method", "norm_topk_prob", "moe_layer_freq", "n_group", "topk_group",
-                       "rope_scaling", "tie_word_embeddings", "rms_norm_eps", "rope_theta", "q_lora_rank"}
+_OPTIONAL_HF_FIELDS = {
+    "scoring_func",
+    "topk_method",
+    "norm_topk_prob",
+    "moe_layer_freq",
+    "n_group",
+    "topk_group",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "q_lora_rank",
+}
 
 
 def resolve(model_cfg) -> MLASpec:
@@ -61,12 +72,16 @@ def resolve(model_cfg) -> MLASpec:
             stated = spec_from_hf(_apply(_hf_view(spec), arch, model_cfg.checkpoint), "model.arch")
             diff = {k: (v, getattr(spec, k)) for k, v in stated.to_dict().items() if spec.to_dict()[k] != v}
             if diff:
-                raise ValueError(f"model.arch contradicts the checkpoint {model_cfg.checkpoint}: (model.arch, "
-                                 f"checkpoint) differ in {diff}; drop the override, the checkpoint's config is used")
+                raise ValueError(
+                    f"model.arch contradicts the checkpoint {model_cfg.checkpoint}: (model.arch, "
+                    f"checkpoint) differ in {diff}; drop the override, the checkpoint's config is used"
+                )
         return spec
     if not model_cfg.config:
-        raise ValueError(f"model {model_cfg.name}: no model.checkpoint and no model.config to take the architecture "
-                         f"from (built-in: {builtin_names()})")
+        raise ValueError(
+            f"model {model_cfg.name}: no model.checkpoint and no model.config to take the architecture "
+            f"from (built-in: {builtin_names()})"
+        )
     source = f"model.config={model_cfg.config}"
     return spec_from_hf(_apply(builtin_config(model_cfg.config), arch, source), source)
 

@@ -20,9 +20,12 @@ def nemo_model_config(model_cfg, trainer_cfg=None, spec=None):
     if trainer_cfg is not None:
         t = trainer_cfg
         args.update(
-            tensor_model_parallel_size=t.tensor_parallel, pipeline_model_parallel_size=t.pipeline_parallel,
-            expert_model_parallel_size=t.expert_parallel, context_parallel_size=t.context_parallel,
-            sequence_parallel=t.sequence_parallel, num_layers_in_first_pipeline_stage=t.layers_in_first_pipeline_stage,
+            tensor_model_parallel_size=t.tensor_parallel,
+            pipeline_model_parallel_size=t.pipeline_parallel,
+            expert_model_parallel_size=t.expert_parallel,
+            context_parallel_size=t.context_parallel,
+            sequence_parallel=t.sequence_parallel,
+            num_layers_in_first_pipeline_stage=t.layers_in_first_pipeline_stage,
             num_layers_in_last_pipeline_stage=t.layers_in_last_pipeline_stage,
             cross_entropy_loss_fusion=t.cross_entropy_loss_fusion,
         )

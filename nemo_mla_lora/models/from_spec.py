@@ -30,7 +30,6 @@ CPU_SAFE = dict(
 )
 
 
-
 def megatron_routing(spec: MLASpec) -> dict:
     """Megatron router fields reproducing DeepSeek's routing exactly (see ``reference.model.route``).
 
@@ -39,18 +38,29 @@ def megatron_routing(spec: MLASpec) -> dict:
     expert, Megatron by the sum of the top k/topk_group: equal when that is 1, else ``GroupMaxRouter``
     (``models/layer_spec.py``) replaces the router, flagged by ``moe_router_group_score='max'``."""
     if not spec.num_experts:
-        return dict(num_moe_experts=None, moe_ffn_hidden_size=None, moe_shared_expert_intermediate_size=None,
-                    moe_router_num_groups=None, moe_router_group_topk=None, moe_router_topk_scaling_factor=None,
-                    moe_router_enable_expert_bias=False, moe_layer_freq=[0] * spec.num_layers)
+        return dict(
+            num_moe_experts=None,
+            moe_ffn_hidden_size=None,
+            moe_shared_expert_intermediate_size=None,
+            moe_router_num_groups=None,
+            moe_router_group_topk=None,
+            moe_router_topk_scaling_factor=None,
+            moe_router_enable_expert_bias=False,
+            moe_layer_freq=[0] * spec.num_layers,
+        )
     grouped = spec.moe_topk_method != "greedy" and spec.moe_num_groups > 1
     return dict(
-        num_moe_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        num_moe_experts=spec.num_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=spec.shared_expert_ffn_hidden_size or None,
-        moe_router_topk=spec.moe_topk, moe_router_num_groups=spec.moe_num_groups if grouped else None,
+        moe_router_topk=spec.moe_topk,
+        moe_router_num_groups=spec.moe_num_groups if grouped else None,
         moe_router_group_topk=spec.moe_group_topk if grouped else None,
         moe_router_topk_scaling_factor=spec.moe_scaling_factor,
-        moe_router_score_function=spec.moe_score_function, moe_router_pre_softmax=spec.moe_score_function == "softmax",
-        moe_router_enable_expert_bias=spec.moe_expert_bias, moe_layer_freq=list(spec.moe_layer_pattern),
+        moe_router_score_function=spec.moe_score_function,
+        moe_router_pre_softmax=spec.moe_score_function == "softmax",
+        moe_router_enable_expert_bias=spec.moe_expert_bias,
+        moe_layer_freq=list(spec.moe_layer_pattern),
     )
 
 
@@ -71,14 +81,20 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
     args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
     args.update(megatron_routing(spec))
     args.update(
-        seq_length=spec.rope_original_max_positions, max_position_embeddings=spec.max_positions,
-        share_embeddings_and_output_weights=spec.tie_word_embeddings, moe_aux_loss_coeff=0.0,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        seq_length=spec.rope_original_max_positions,
+        max_position_embeddings=spec.max_positions,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        moe_aux_loss_coeff=0.0,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         init_method_std=0.02,
     )
     if te_compat.apply():  # Transformer Engine absent: its shims, the local spec, no fusions
-        args.update(CPU_SAFE, transformer_layer_spec=local_mla_block_spec,
-                    use_cpu_initialization=not torch.cuda.is_available())
+        args.update(
+            CPU_SAFE, transformer_layer_spec=local_mla_block_spec, use_cpu_initialization=not torch.cuda.is_available()
+        )
     else:  # NeMo's TE spec, with DeepSeek-V2's group router where needed
         args.update(transformer_layer_spec=te_mla_block_spec)
         if not te_compat.apex_wgrad_fusion_available():  # NeMo's default needs Apex's kernel (every NeMo container)

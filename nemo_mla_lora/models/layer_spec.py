@@ -51,22 +51,28 @@ class MLADotProductAttention(DotProductAttention):
 
     def _sdpa_ok(self, attention_bias, packed_seq_params) -> bool:
         dropout = self.attention_dropout.p if self.training else 0.0
-        return (dropout == 0.0 and attention_bias is None and packed_seq_params is None
-                and self.softmax_offset is None and self.config.window_size is None
-                and not self.config.apply_query_key_layer_scaling
-                and self.num_attention_heads_per_partition == self.num_query_groups_per_partition)
+        return (
+            dropout == 0.0
+            and attention_bias is None
+            and packed_seq_params is None
+            and self.softmax_offset is None
+            and self.config.window_size is None
+            and not self.config.apply_query_key_layer_scaling
+            and self.num_attention_heads_per_partition == self.num_query_groups_per_partition
+        )
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if not self._sdpa_ok(attention_bias, packed_seq_params):
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                   packed_seq_params)
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         s, b = query.shape[:2]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [s, b, h, d] -> [b, h, s, d]
         keep = None if attention_mask is None else ~attention_mask.bool()  # [b or 1, 1, s, t]
         causal = keep is None and s > 1 and self.attn_mask_type == AttnMaskType.causal
         context = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, is_causal=causal, scale=self.softmax_scale)  # [b, h, s, dv]
+            q, k, v, attn_mask=keep, is_causal=causal, scale=self.softmax_scale
+        )  # [b, h, s, dv]
         return context.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)  # [s, b, h*dv]
 
 
@@ -124,8 +130,10 @@ class GroupMaxRouter(TopKRouter):
     def routing(self, logits: torch.Tensor):
         c = self.config
         if self.is_aux_loss_enabled() or c.moe_expert_capacity_factor is not None:
-            raise ValueError("group_limited_greedy routing (DeepSeek-V2) runs without aux loss and token dropping; "
-                             "set moe_aux_loss_coeff=0 and moe_expert_capacity_factor=None")
+            raise ValueError(
+                "group_limited_greedy routing (DeepSeek-V2) runs without aux loss and token dropping; "
+                "set moe_aux_loss_coeff=0 and moe_expert_capacity_factor=None"
+            )
         logits = logits.view(-1, c.num_moe_experts)  # [n, E]
         n, e, g = logits.shape[0], c.num_moe_experts, c.moe_router_num_groups
         scores = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [n, E]

@@ -12,6 +12,7 @@ import torch
 from nemo_mla_lora.models.architecture import builtin_spec
 from nemo_mla_lora.models.from_spec import config_from_spec
 
+
 def mla_config(dtype: torch.dtype = torch.float32, name: str = "tiny_mla", **overrides):
     """NeMo's DeepSeek config for the built-in model ``name`` (``models/configs``), TE-free; ``overrides`` are
     Megatron fields that win. With ``num_layers`` or ``num_moe_experts`` overridden, the dense/MoE layer

@@ -4,8 +4,11 @@
 that code needing only the pure parts (``parts``, ``placements``, ``state``) does not pay for NeMo.
 """
 
-_LAZY = {"MLALoRA": "nemo_mla_lora.peft.mla_lora", "MLALoRALinear": "nemo_mla_lora.peft.mla_lora",
-         "PLACEMENTS": "nemo_mla_lora.peft.placements"}
+_LAZY = {
+    "MLALoRA": "nemo_mla_lora.peft.mla_lora",
+    "MLALoRALinear": "nemo_mla_lora.peft.mla_lora",
+    "PLACEMENTS": "nemo_mla_lora.peft.placements",
+}
 
 
 def __getattr__(name):

@@ -62,9 +62,19 @@ def frozen_plain(base: nn.Module) -> bool:
 class MLALoRAAdapter(nn.Module):
     """A [r, in], B [rows, r]; ``row_mask`` (global, optional) selects the rows B may change."""
 
-    def __init__(self, base: nn.Module, dim: int, alpha: float, dropout: float = 0.0,
-                 dropout_position: str = "pre", a_init: str = "xavier", b_init: str = "zero",
-                 row_mask: torch.Tensor | None = None, glu_fc1: bool = False, dtype=None):
+    def __init__(
+        self,
+        base: nn.Module,
+        dim: int,
+        alpha: float,
+        dropout: float = 0.0,
+        dropout_position: str = "pre",
+        a_init: str = "xavier",
+        b_init: str = "zero",
+        row_mask: torch.Tensor | None = None,
+        glu_fc1: bool = False,
+        dtype=None,
+    ):
         super().__init__()
         if b_init != "zero":
             raise ValueError(f"lora_B_init_method={b_init!r}; only 'zero' keeps the model unchanged at start")
@@ -100,8 +110,10 @@ class MLALoRAAdapter(nn.Module):
         self.b_replicated = self.base_kind != "column"
         if self.base_kind == "column":
             lo = self.tp_rank * self.out_local
-            per_rank = [((rows >= r * self.out_local) & (rows < (r + 1) * self.out_local)).sum().item()
-                        for r in range(self.tp_size)]
+            per_rank = [
+                ((rows >= r * self.out_local) & (rows < (r + 1) * self.out_local)).sum().item()
+                for r in range(self.tp_size)
+            ]
             if len(set(per_rank)) == 1:  # even split: B sharded like the base weight
                 local = rows[(rows >= lo) & (rows < lo + self.out_local)] - lo
                 self.register_buffer("scatter_index", local.to(device), persistent=False)
@@ -131,7 +143,11 @@ class MLALoRAAdapter(nn.Module):
             elif not self.explicit:
                 x = mappings.copy_to_tensor_model_parallel_region(x, group=g)
             h = x @ mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g).T  # [s, b, r]
-            b = mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g) if self.b_replicated else self.lora_b
+            b = (
+                mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
+                if self.b_replicated
+                else self.lora_b
+            )
             return h, b
         if self.mode == "row":
             h = x @ self.lora_a.T  # partial sums over the input shards: [s, b, r]
@@ -150,7 +166,7 @@ class MLALoRAAdapter(nn.Module):
         h, b = self._factors(x)
         if self.mode == "column" and self.b_replicated:
             full = self._scatter(h @ b.T, self.out_local * self.tp_size)
-            y = full[..., self.tp_rank * self.out_local:(self.tp_rank + 1) * self.out_local]
+            y = full[..., self.tp_rank * self.out_local : (self.tp_rank + 1) * self.out_local]
         else:
             y = self._scatter(h @ b.T, self.out_local)
         y = y * self.scale
@@ -164,8 +180,9 @@ class MLALoRAAdapter(nn.Module):
         if not fusable:
             return out + self(x)
         h, b = self._factors(self.dropout(x))  # h: [s, b, r] -> [t, r] below (t = s*b)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T,
-                           alpha=self.scale).view(out.shape)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T, alpha=self.scale).view(
+            out.shape
+        )
 
     def fused(self, base: nn.Module) -> bool:
         """Whether ``fused_forward`` computes base(x) + delta(x) as the adapter's own path does: Megatron's
@@ -179,8 +196,13 @@ class MLALoRAAdapter(nn.Module):
             return False
         if self.tp_size == 1:
             return True
-        return (self.base_kind == "column" and not self.explicit and not self.b_replicated
-                and not base.gather_output and not base.disable_grad_reduce)
+        return (
+            self.base_kind == "column"
+            and not self.explicit
+            and not self.b_replicated
+            and not base.gather_output
+            and not base.disable_grad_reduce
+        )
 
     def fused_forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """base(x) + delta(x) as one autograd function (``lora_fn``) after Megatron's own TP mapping of the

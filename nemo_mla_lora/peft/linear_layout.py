@@ -27,8 +27,12 @@ from torch import nn
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-TE_KINDS = {"TELayerNormColumnParallelLinear": "column", "TEColumnParallelLinear": "column",
-            "TERowParallelLinear": "row", "TELinear": None}  # None: from its parallel_mode
+TE_KINDS = {
+    "TELayerNormColumnParallelLinear": "column",
+    "TEColumnParallelLinear": "column",
+    "TERowParallelLinear": "row",
+    "TELinear": None,
+}  # None: from its parallel_mode
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,16 @@ class LinearLayout:
     te: bool = False
 
 
-def te_layout(class_name: str, parallel_mode, out_features: int, in_features: int, tp_size: int,
-              tp_rank: int = 0, tp_group=None, sequence_parallel: bool = False) -> LinearLayout:
+def te_layout(
+    class_name: str,
+    parallel_mode,
+    out_features: int,
+    in_features: int,
+    tp_size: int,
+    tp_rank: int = 0,
+    tp_group=None,
+    sequence_parallel: bool = False,
+) -> LinearLayout:
     """The layout of a TE linear from its class name and attributes (per-partition features)."""
     if class_name not in TE_KINDS:
         raise TypeError(f"{class_name} is not a TE linear MLALoRA wraps; expected one of {sorted(TE_KINDS)}")
@@ -60,10 +72,18 @@ def te_layout(class_name: str, parallel_mode, out_features: int, in_features: in
     out_global = out_features * size if parallel_mode == "column" else out_features
     in_global = in_features * size if parallel_mode == "row" else in_features
     kind = parallel_mode or expected or "column"
-    return LinearLayout(kind=kind, mode=kind if size > 1 else "plain", out_features=out_global,
-                        in_features=in_global, tp_size=size, tp_rank=tp_rank if size > 1 else 0,
-                        tp_group=tp_group, sequence_parallel=bool(sequence_parallel) and size > 1,
-                        fused_norm=class_name == "TELayerNormColumnParallelLinear", te=True)
+    return LinearLayout(
+        kind=kind,
+        mode=kind if size > 1 else "plain",
+        out_features=out_global,
+        in_features=in_global,
+        tp_size=size,
+        tp_rank=tp_rank if size > 1 else 0,
+        tp_group=tp_group,
+        sequence_parallel=bool(sequence_parallel) and size > 1,
+        fused_norm=class_name == "TELayerNormColumnParallelLinear",
+        te=True,
+    )
 
 
 @functools.cache
@@ -110,14 +130,29 @@ def layout(base: nn.Module) -> LinearLayout:
         explicit = bool(getattr(base, "explicit_expert_comm", False))
         kind = "row" if isinstance(base, RowParallelLinear) else "column"
         mode = "plain" if size == 1 and not explicit else kind
-        return LinearLayout(kind=kind, mode=mode, out_features=base.output_size, in_features=base.input_size,
-                            tp_size=size, tp_rank=group.rank() if group is not None else 0, tp_group=group,
-                            sequence_parallel=bool(getattr(base, "sequence_parallel", False)) and not explicit,
-                            explicit_expert_comm=explicit)
+        return LinearLayout(
+            kind=kind,
+            mode=mode,
+            out_features=base.output_size,
+            in_features=base.input_size,
+            tp_size=size,
+            tp_rank=group.rank() if group is not None else 0,
+            tp_group=group,
+            sequence_parallel=bool(getattr(base, "sequence_parallel", False)) and not explicit,
+            explicit_expert_comm=explicit,
+        )
     name = _te_class_name(base)
     if name is None:
-        raise TypeError(f"{type(base).__name__} is not a Megatron Column/RowParallelLinear or a TE linear "
-                        f"({', '.join(TE_KINDS)})")
-    return te_layout(name, base.parallel_mode, base.out_features, base.in_features, base.tp_size,
-                     group.rank() if group is not None and base.tp_size > 1 else 0, group,
-                     getattr(base, "sequence_parallel", False))
+        raise TypeError(
+            f"{type(base).__name__} is not a Megatron Column/RowParallelLinear or a TE linear ({', '.join(TE_KINDS)})"
+        )
+    return te_layout(
+        name,
+        base.parallel_mode,
+        base.out_features,
+        base.in_features,
+        base.tp_size,
+        group.rank() if group is not None and base.tp_size > 1 else 0,
+        group,
+        getattr(base, "sequence_parallel", False),
+    )

@@ -127,9 +127,15 @@ class FrozenLoRALinear(torch.autograd.Function):
         return gx, ga, gb, None, None, None, None
 
 
-def frozen_lora_linear(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scale: float,
-                       weights: tuple, counts: list[int] | None = None,
-                       offs: torch.Tensor | None = None) -> torch.Tensor:
+def frozen_lora_linear(
+    x: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    scale: float,
+    weights: tuple,
+    counts: list[int] | None = None,
+    offs: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x W^T + scale (x A^T) B^T for x [..., i]; one linear: a [r, i], b [o, r], ``weights`` (W,);
     experts: a [e, r, i], b [e, o, r], e weights, ``counts`` rows of x [t, i] per expert (``offs``: their
     int32 end rows on x's device, if already there)."""

@@ -20,19 +20,29 @@ class MergeError(ValueError):
 BLOCK_ELEMENTS = 1 << 20  # fp32 accumulation in row blocks of at most this many elements (4 MB: in cache)
 
 
-def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 name: str = "weight", out: torch.Tensor | None = None) -> torch.Tensor:
+def merge_linear(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    name: str = "weight",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """weight [out, in], A [r, in], B [out, r] (full height; zeros outside a part) -> merged [out, in] of
     weight's dtype, written into ``out`` (a new tensor when None; ``out=weight`` merges in place). Computed
     in row blocks through one reused fp32 buffer: memory is the result plus 4 MB, and each block is
     converted, updated, checked and rounded while it is in cache (a fresh 64 MB block per step cost 3x)."""
     out_features, in_features = weight.shape
     if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
-        raise MergeError(f"{name}: LoRA shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit "
-                         f"weight {tuple(weight.shape)} (expected A [r, {in_features}], B [{out_features}, r])")
+        raise MergeError(
+            f"{name}: LoRA shapes A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not fit "
+            f"weight {tuple(weight.shape)} (expected A [r, {in_features}], B [{out_features}, r])"
+        )
     merged = torch.empty_like(weight) if out is None else out
     if merged.shape != weight.shape or merged.dtype != weight.dtype:
-        raise MergeError(f"{name}: out is {tuple(merged.shape)} {merged.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+        raise MergeError(
+            f"{name}: out is {tuple(merged.shape)} {merged.dtype}, weight {tuple(weight.shape)} {weight.dtype}"
+        )
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32  # at least fp32
     a, b = lora_a.to(acc), lora_b.to(acc)
     rows = max(1, BLOCK_ELEMENTS // max(1, in_features))
@@ -40,13 +50,13 @@ def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     for i in range(0, out_features, rows):
         n = min(rows, out_features - i)
         block = buffer[: n * in_features].view(n, in_features)  # [rows, in]
-        block.copy_(weight[i:i + n])
-        block.addmm_(b[i:i + n], a, alpha=scale)  # W + scale * B A: [rows, r] @ [r, in]
+        block.copy_(weight[i : i + n])
+        block.addmm_(b[i : i + n], a, alpha=scale)  # W + scale * B A: [rows, r] @ [r, in]
         if not torch.isfinite(block.sum()):  # one reduction (isfinite() per value costs 4x the merge)
             bad = int((~torch.isfinite(block)).sum())
             if bad:  # (else only the sum overflowed)
                 raise MergeError(f"{name}: merged weight has NaN/Inf ({bad} values in rows {i}..{i + n - 1})")
-        merged[i:i + n].copy_(block)
+        merged[i : i + n].copy_(block)
     return merged
 
 
@@ -109,8 +119,10 @@ class AdapterEntry:
 
     def __iter__(self):
         if not self.plain():
-            raise MergeError(f"{self.module}: {', '.join(self.features) or 'this adapter'} cannot be applied as "
-                             f"factors (A, B, scale); merge it (export to a merged format)")
+            raise MergeError(
+                f"{self.module}: {', '.join(self.features) or 'this adapter'} cannot be applied as "
+                f"factors (A, B, scale); merge it (export to a merged format)"
+            )
         return iter((self.lora_a, self.lora_b, self.scale))
 
 
@@ -135,15 +147,17 @@ def merge_unit(tensors: dict, factors: dict) -> None:
 
 def _replace(target: torch.Tensor, pieces: list, name: str) -> None:
     for rows, value in pieces:
-        view = target if rows is None else target[rows[0]:rows[1]]
+        view = target if rows is None else target[rows[0] : rows[1]]
         if view.shape != value.shape:
-            raise MergeError(f"{name}: replacement is {tuple(value.shape)}, the base's rows {rows} are "
-                             f"{tuple(view.shape)}")
+            raise MergeError(
+                f"{name}: replacement is {tuple(value.shape)}, the base's rows {rows} are {tuple(view.shape)}"
+            )
         view.copy_(value)
 
 
-def merge_entry(weight: torch.Tensor, entry: AdapterEntry, name: str = "weight",
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def merge_entry(
+    weight: torch.Tensor, entry: AdapterEntry, name: str = "weight", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The merged weight of one ``AdapterEntry`` (module docstring of ``AdapterEntry``), written into ``out``
     (a new tensor when None; ``out=weight`` merges in place). Accumulated in fp32 (fp64 for fp64 weights) in row
     blocks, rounded to the weight's dtype once.
@@ -170,13 +184,14 @@ def _dora_blocks(weight: torch.Tensor, entry: AdapterEntry, name: str):
     out_features, in_features = weight.shape
     a, b = entry.lora_a, entry.lora_b
     if a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
-        raise MergeError(f"{name}: LoRA shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
-                         f"weight {tuple(weight.shape)}")
+        raise MergeError(
+            f"{name}: LoRA shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not fit weight {tuple(weight.shape)}"
+        )
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a, b = a.to(acc), b.to(acc)
     rows = max(1, BLOCK_ELEMENTS // max(1, in_features))
     for i in range(0, out_features, rows):
-        block = weight[i:i + rows].to(acc, copy=True).addmm_(b[i:i + rows], a, alpha=entry.scale)
+        block = weight[i : i + rows].to(acc, copy=True).addmm_(b[i : i + rows], a, alpha=entry.scale)
         yield i, block
 
 
@@ -187,8 +202,10 @@ def _merge_dora(weight: torch.Tensor, entry: AdapterEntry, name: str) -> torch.T
     magnitude = entry.magnitude.to(acc)
     expected = weight.shape[0] if entry.norm_dim == 1 else weight.shape[1]
     if magnitude.shape != (expected,):
-        raise MergeError(f"{name}: DoRA magnitude is {tuple(magnitude.shape)}, expected ({expected},) for weight "
-                         f"{tuple(weight.shape)}")
+        raise MergeError(
+            f"{name}: DoRA magnitude is {tuple(magnitude.shape)}, expected ({expected},) for weight "
+            f"{tuple(weight.shape)}"
+        )
     column_sq = None
     if entry.norm_dim == 0:  # a column's norm needs every row first
         column_sq = sum(block.pow(2).sum(0) for _, block in _dora_blocks(weight, entry, name))
@@ -196,11 +213,11 @@ def _merge_dora(weight: torch.Tensor, entry: AdapterEntry, name: str) -> torch.T
         if entry.norm_dim == 0:
             block *= (magnitude / column_sq.sqrt())[None, :]
         else:
-            factor = magnitude[i:i + block.shape[0]] / torch.linalg.vector_norm(block, dim=1)
+            factor = magnitude[i : i + block.shape[0]] / torch.linalg.vector_norm(block, dim=1)
             if entry.dora_rows is not None:
-                factor = torch.where(entry.dora_rows[i:i + block.shape[0]], factor, torch.ones_like(factor))
+                factor = torch.where(entry.dora_rows[i : i + block.shape[0]], factor, torch.ones_like(factor))
             block *= factor[:, None]
         if not torch.isfinite(block).all():
             raise MergeError(f"{name}: DoRA-merged weight has NaN/Inf in rows {i}..{i + block.shape[0] - 1}")
-        weight[i:i + block.shape[0]].copy_(block)
+        weight[i : i + block.shape[0]].copy_(block)
     return weight

@@ -89,7 +89,7 @@ WRAPPERS = (MLALoRALinear, te_grouped.TEGroupedLoRALinear)  # what MLALoRA puts 
 def _route_base_keys_to_wrapped(state_dict, prefix, *args, **kwargs):
     """``prefix + 'weight'`` -> ``prefix + 'to_wrap.weight'`` (the inverse of AdapterWrapper.state_dict)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if not rest.startswith(("adapter.", "to_wrap.")):
             state_dict[f"{prefix}to_wrap.{rest}"] = state_dict.pop(key)
 
@@ -179,13 +179,20 @@ class MLALoRA(PEFT, ModuleMatcher):
         if self.match(m, name, prefix) is None:
             return m
         if is_te_grouped(m):  # TEGroupedMLP's fc1/fc2: every local expert's adapter in one module
-            return te_grouped.wrap(m, name, self.dim, self.alpha, self.lora_A_init_method, self.dropout,
-                                   self.lora_dtype)
+            return te_grouped.wrap(
+                m, name, self.dim, self.alpha, self.lora_A_init_method, self.dropout, self.lora_dtype
+            )
         adapter = MLALoRAAdapter(
-            m, dim=self.dim, alpha=self.alpha, dropout=self.dropout, dropout_position=self.dropout_position,
-            a_init=self.lora_A_init_method, b_init=self.lora_B_init_method,
+            m,
+            dim=self.dim,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            dropout_position=self.dropout_position,
+            a_init=self.lora_A_init_method,
+            b_init=self.lora_B_init_method,
             row_mask=mla_parts.row_mask(name, self.parts.get(name), m.config),
-            glu_fc1=name == "linear_fc1" and m.config.gated_linear_unit, dtype=self.lora_dtype,
+            glu_fc1=name == "linear_fc1" and m.config.gated_linear_unit,
+            dtype=self.lora_dtype,
         )
         return MLALoRALinear(m, adapter)
 
@@ -208,20 +215,23 @@ class MLALoRA(PEFT, ModuleMatcher):
 
     def _check_matches(self, model: nn.Module, targets: tuple) -> None:
         wrapped_leaves = {n.rsplit(".", 1)[-1] for n, _ in _wrapped(model)}
-        counts = torch.tensor([self._match_counts.get(t, 0) for t in targets]
-                              + [int(leaf in wrapped_leaves) for leaf in self.parts], dtype=torch.long)
+        counts = torch.tensor(
+            [self._match_counts.get(t, 0) for t in targets] + [int(leaf in wrapped_leaves) for leaf in self.parts],
+            dtype=torch.long,
+        )
         pp_group = _pipeline_group()
         if pp_group is not None:  # a target or part may live on another stage only
             torch.distributed.all_reduce(counts, group=pp_group)
         missing = [t for t, c in zip(targets, counts.tolist()) if c == 0]
-        unused_parts = [leaf for leaf, c in zip(self.parts, counts.tolist()[len(targets):]) if c == 0]
+        unused_parts = [leaf for leaf, c in zip(self.parts, counts.tolist()[len(targets) :]) if c == 0]
         if missing or unused_parts:
             names = sorted(adaptable_modules(model))
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise ValueError(
                 f"MLALoRA: targets {missing or unused_parts} matched no module "
                 f"(excludes: {self.exclude_modules}). Adaptable leaves in this model: {leaves}; "
-                f"e.g. {names[:6]}{' ...' if len(names) > 6 else ''}")
+                f"e.g. {names[:6]}{' ...' if len(names) > 6 else ''}"
+            )
 
 
 def layer_positions(model: nn.Module) -> dict:
@@ -252,8 +262,11 @@ def _wrapped(model):
 def _pipeline_group():
     from megatron.core import parallel_state
 
-    if (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_pipeline_model_parallel_world_size() > 1):
+    if (
+        torch.distributed.is_initialized()
+        and parallel_state.model_parallel_is_initialized()
+        and parallel_state.get_pipeline_model_parallel_world_size() > 1
+    ):
         return parallel_state.get_pipeline_model_parallel_group()
     return None
 

@@ -40,10 +40,20 @@ def _per_head(num_heads: int, first: int, second: int, keep_first: bool) -> torc
 def _dims(config) -> tuple[int, int, int, int, int]:
     """(heads, qk_nope, qk_rope, v, kv_lora_rank) from a Megatron config or an ``MLASpec``."""
     if hasattr(config, "qk_nope_head_dim"):
-        return (config.num_heads, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim,
-                config.kv_lora_rank)
-    return (config.num_attention_heads, config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim,
-            config.kv_lora_rank)
+        return (
+            config.num_heads,
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+            config.kv_lora_rank,
+        )
+    return (
+        config.num_attention_heads,
+        config.qk_head_dim,
+        config.qk_pos_emb_head_dim,
+        config.v_head_dim,
+        config.kv_lora_rank,
+    )
 
 
 def row_mask(leaf: str, part: str | None, config) -> torch.Tensor | None:

@@ -9,10 +9,15 @@ the field's advice, to be tested by the placement study, not measured facts.
 
 from dataclasses import dataclass
 
-ATTENTION = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
-             "linear_kv_up_proj", "linear_proj")
-MLA_INTERNAL = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
-                "linear_kv_up_proj")
+ATTENTION = (
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_q_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_proj",
+)
+MLA_INTERNAL = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj")
 MLP = ("linear_fc1", "linear_fc2")
 ALL_TARGETS = ATTENTION + MLP
 # Standard attention's fused projection: adaptable so that the placement study can train LoRA on a
@@ -32,14 +37,21 @@ class Placement:
 PLACEMENTS = {
     p.name: p
     for p in [
-        Placement("nemo_official", ATTENTION, 0.7,
-                  "the five attention linears, as NeMo's DeepSeek-V3 LoRA recipe"),
+        Placement("nemo_official", ATTENTION, 0.7, "the five attention linears, as NeMo's DeepSeek-V3 LoRA recipe"),
         Placement("all_linear", ALL_TARGETS, 0.8, "attention, dense MLPs, shared and routed experts"),
-        Placement("safe", ("linear_proj",) + MLP, 1.0,
-                  "output projection + MLP/experts; attention internals frozen, latent cache untouched"),
+        Placement(
+            "safe",
+            ("linear_proj",) + MLP,
+            1.0,
+            "output projection + MLP/experts; attention internals frozen, latent cache untouched",
+        ),
         Placement("kv_up", ("linear_kv_up_proj",), 0.6, "linear_kv_up_proj only (K and V up projections)"),
-        Placement("down_only", ("linear_q_down_proj", "linear_kv_down_proj"), 0.5,
-                  "the q/kv down projections (the latent bottleneck)"),
+        Placement(
+            "down_only",
+            ("linear_q_down_proj", "linear_kv_down_proj"),
+            0.5,
+            "the q/kv down projections (the latent bottleneck)",
+        ),
     ]
 }
 

@@ -25,8 +25,9 @@ def expert_adapters(name: str, module: TEGroupedLoRALinear) -> list:
     """``...mlp.experts.linear_fc1`` (TE grouped) -> [(``...mlp.experts.local_experts.{e}.linear_fc1``, A_e, B_e)]
     for its local experts e (parameters): the module names ``SequentialMLP`` experts have on this rank."""
     experts, leaf = name.rsplit(".", 1)
-    return [(f"{experts}.local_experts.{e}.{leaf}", *module.adapter.expert(e))
-            for e in range(module.adapter.num_experts)]
+    return [
+        (f"{experts}.local_experts.{e}.{leaf}", *module.adapter.expert(e)) for e in range(module.adapter.num_experts)
+    ]
 
 
 def lora_b_parameters(adapter: nn.Module) -> list:
@@ -87,8 +88,7 @@ def global_names(model: nn.Module, names) -> dict:
             layers[_clean(n)] = m.layer_number - 1
         elif isinstance(m, SequentialMLP):
             local_counts[f"{_clean(n)}.local_experts"] = m.num_local_experts
-    ep_rank = (parallel_state.get_expert_model_parallel_rank()
-               if parallel_state.model_parallel_is_initialized() else 0)
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
     out = {}
     for name in names:
         new = name

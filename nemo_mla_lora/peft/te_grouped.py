@@ -34,9 +34,19 @@ class GroupedLoRAAdapter(nn.Module):
     stacked parameter has none (measured: ``KeyError`` at NeMo's first checkpoint save). ``stacked()`` gives the
     grouped GEMMs' [E, r, in] / [E, out, r] operands each step (two small copies; gradients flow to each expert)."""
 
-    def __init__(self, num_experts: int, in_features: int, out_features: int, dim: int, alpha: float,
-                 kind: str = "column", a_init: str = "xavier", glu_fc1: bool = False, dtype=torch.float32,
-                 device=None):
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        out_features: int,
+        dim: int,
+        alpha: float,
+        kind: str = "column",
+        a_init: str = "xavier",
+        glu_fc1: bool = False,
+        dtype=torch.float32,
+        device=None,
+    ):
         super().__init__()
         for e in range(num_experts):
             a = torch.empty(dim, in_features, dtype=torch.float32)
@@ -60,8 +70,9 @@ class GroupedLoRAAdapter(nn.Module):
         a, b = self.stacked()
         return frozen_lora_linear(x, a, b, self.scale, (), counts=[int(n) for n in m_splits])
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0,
-                           ep_size: int = 1, edp_rank: int = 0):
+    def sharded_state_dict(
+        self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0, ep_size: int = 1, edp_rank: int = 0
+    ):
         """Per local expert e: A_e, B_e as ShardedTensors ``prefix + lora_a`` / ``lora_b`` at global expert
         ``ep_rank * E + e`` of ``ep_size * E`` (the axis after ``sharded_offsets``), replicated along the
         expert-data-parallel group as TE's grouped weights are; state-dict keys ``prefix + lora_a{e}``."""
@@ -69,18 +80,25 @@ class GroupedLoRAAdapter(nn.Module):
         axis = "lora_a" if self.kind == "row" else "lora_b"  # split like the base weight (MLALoRAAdapter's map)
         for e in range(self.num_experts):
             global_e = ep_rank * self.num_experts + e
-            offsets = sharded_offsets if singleton else (
-                *sharded_offsets, (len(sharded_offsets), global_e, ep_size * self.num_experts))
+            offsets = (
+                sharded_offsets
+                if singleton
+                else (*sharded_offsets, (len(sharded_offsets), global_e, ep_size * self.num_experts))
+            )
             key_prefix = f"{global_e}.{prefix}" if singleton else prefix
             a, b = self.expert(e)
-            sub = make_sharded_tensors_for_checkpoint({f"{key_prefix}lora_a": a, f"{key_prefix}lora_b": b}, "",
-                                                      {f"{key_prefix}{axis}": 1 if self.kind == "row" else 0},
-                                                      offsets)
+            sub = make_sharded_tensors_for_checkpoint(
+                {f"{key_prefix}lora_a": a, f"{key_prefix}lora_b": b},
+                "",
+                {f"{key_prefix}{axis}": 1 if self.kind == "row" else 0},
+                offsets,
+            )
             for value in sub.values():
                 value.replica_id = (*value.replica_id[:2], edp_rank)
             if self.glu_fc1:
-                sub[f"{key_prefix}lora_b"] = apply_swiglu_sharded_factory(sub[f"{key_prefix}lora_b"], offsets,
-                                                                          singleton)
+                sub[f"{key_prefix}lora_b"] = apply_swiglu_sharded_factory(
+                    sub[f"{key_prefix}lora_b"], offsets, singleton
+                )
             for name, value in sub.items():
                 out[f"{prefix}{name.rsplit('.', 1)[-1]}{e}"] = value
         return out
@@ -102,26 +120,44 @@ class TEGroupedLoRALinear(nn.Module):
         from megatron.core import parallel_state as ps
 
         out = self.to_wrap.sharded_state_dict(prefix, sharded_offsets, metadata)
-        out.update(self.adapter.sharded_state_dict(
-            f"{prefix}adapter.", sharded_offsets, metadata, ep_rank=ps.get_expert_model_parallel_rank(),
-            ep_size=ps.get_expert_model_parallel_world_size(), edp_rank=ps.get_expert_data_parallel_rank()))
+        out.update(
+            self.adapter.sharded_state_dict(
+                f"{prefix}adapter.",
+                sharded_offsets,
+                metadata,
+                ep_rank=ps.get_expert_model_parallel_rank(),
+                ep_size=ps.get_expert_model_parallel_world_size(),
+                edp_rank=ps.get_expert_data_parallel_rank(),
+            )
+        )
         return out
 
 
-def wrap(base: nn.Module, name: str, dim: int, alpha: float, a_init: str = "xavier", dropout: float = 0.0,
-         dtype=None) -> TEGroupedLoRALinear:
+def wrap(
+    base: nn.Module, name: str, dim: int, alpha: float, a_init: str = "xavier", dropout: float = 0.0, dtype=None
+) -> TEGroupedLoRALinear:
     """``base``: a Megatron ``TEGroupedLinear`` (``linear_fc1`` or ``linear_fc2`` of a ``TEGroupedMLP``)."""
     from megatron.core import parallel_state as ps
 
     if ps.get_expert_tensor_parallel_world_size() > 1:
-        raise NotImplementedError(f"{name}: adapters on TE grouped experts at expert tensor parallel size "
-                                  f"{ps.get_expert_tensor_parallel_world_size()}; supported at 1 (EP any)")
+        raise NotImplementedError(
+            f"{name}: adapters on TE grouped experts at expert tensor parallel size "
+            f"{ps.get_expert_tensor_parallel_world_size()}; supported at 1 (EP any)"
+        )
     if dropout > 0:
         raise NotImplementedError(f"{name}: adapter dropout on TE grouped experts; use dropout=0")
     w = base.weight0
-    adapter = GroupedLoRAAdapter(base.num_gemms, base.in_features, base.out_features, dim, alpha,
-                                 kind="row" if name == "linear_fc2" else "column", a_init=a_init,
-                                 glu_fc1=name == "linear_fc1" and base.config.gated_linear_unit,
-                                 dtype=dtype or w.dtype, device=w.device)
+    adapter = GroupedLoRAAdapter(
+        base.num_gemms,
+        base.in_features,
+        base.out_features,
+        dim,
+        alpha,
+        kind="row" if name == "linear_fc2" else "column",
+        a_init=a_init,
+        glu_fc1=name == "linear_fc1" and base.config.gated_linear_unit,
+        dtype=dtype or w.dtype,
+        device=w.device,
+    )
     grad_flags(adapter, w)
     return TEGroupedLoRALinear(base, adapter)

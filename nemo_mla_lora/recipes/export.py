@@ -51,9 +51,20 @@ def _run(cfg: DictConfig) -> dict:
     from nemo_mla_lora.export.pipeline import export
 
     parallel.init_megatron()
-    return export(cfg.base, cfg.adapter, cfg.output, fmt=cfg.format, fold=cfg.fold, overwrite=cfg.overwrite,
-                  verify=cfg.verify, tolerance=cfg.tolerance, names=cfg.names, tokenizer=cfg.tokenizer,
-                  verify_layers=cfg.verify_layers, budget=cfg.budget_mb << 20)
+    return export(
+        cfg.base,
+        cfg.adapter,
+        cfg.output,
+        fmt=cfg.format,
+        fold=cfg.fold,
+        overwrite=cfg.overwrite,
+        verify=cfg.verify,
+        tolerance=cfg.tolerance,
+        names=cfg.names,
+        tokenizer=cfg.tokenizer,
+        verify_layers=cfg.verify_layers,
+        budget=cfg.budget_mb << 20,
+    )
 
 
 if __name__ == "__main__":

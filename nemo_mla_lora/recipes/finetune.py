@@ -28,9 +28,15 @@ def make_peft(cfg):
     from nemo_mla_lora.peft import MLALoRA
 
     p = cfg.peft
-    return MLALoRA(placement=p.placement, target_modules=list(p.target_modules),
-                   exclude_modules=list(p.exclude_modules),
-                   parts=dict(p.parts), dim=p.dim, alpha=p.alpha, dropout=p.dropout)
+    return MLALoRA(
+        placement=p.placement,
+        target_modules=list(p.target_modules),
+        exclude_modules=list(p.exclude_modules),
+        parts=dict(p.parts),
+        dim=p.dim,
+        alpha=p.alpha,
+        dropout=p.dropout,
+    )
 
 
 def export_callback(cfg, peft, spec, base_dir, out: Path):
@@ -38,10 +44,20 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
     from nemo_mla_lora.callbacks.export import MLAExportCallback
 
     e = cfg.export
-    return MLAExportCallback(peft, spec, base_dir, out, fmt=e.format, fold=e.fold, verify=e.verify,
-                             verify_layers=e.verify_layers,
-                             tolerance=e.tolerance, every_checkpoint=e.every_checkpoint, names=e.names,
-                             tokenizer=nemo_context_tokenizer(cfg, spec) if e.format == "nemo" else None)
+    return MLAExportCallback(
+        peft,
+        spec,
+        base_dir,
+        out,
+        fmt=e.format,
+        fold=e.fold,
+        verify=e.verify,
+        verify_layers=e.verify_layers,
+        tolerance=e.tolerance,
+        every_checkpoint=e.every_checkpoint,
+        names=e.names,
+        tokenizer=nemo_context_tokenizer(cfg, spec) if e.format == "nemo" else None,
+    )
 
 
 def nemo_context_tokenizer(cfg, spec) -> str:
@@ -79,8 +95,17 @@ def loaders(cfg, tok, start_step: int = 0) -> dict:
     d = cfg.data
 
     def make(path, shuffle, steps=None, start=0):
-        return make_loader(path, d.seq_length, d.packed, cfg.trainer.micro_batch_size, shuffle, cfg.seed, tok,
-                           steps=steps, start_step=start)
+        return make_loader(
+            path,
+            d.seq_length,
+            d.packed,
+            cfg.trainer.micro_batch_size,
+            shuffle,
+            cfg.seed,
+            tok,
+            steps=steps,
+            start_step=start,
+        )
 
     out = {"train": make(d.train, True, cfg.trainer.max_steps, start_step), "validation": make(d.validation, False)}
     if d.base_pretrain and not cfg.model.checkpoint:
@@ -120,8 +145,9 @@ def base_model(cfg, out: Path, spec, data: dict):
         raise ValueError("no model.checkpoint given and no data.base_pretrain task to make a base from")
     log.info("training the base model on %s for %d steps", cfg.data.base_pretrain, cfg.data.base_pretrain_steps)
     module = cpu.MegatronLM(model, cfg.optim, cfg.data.base_pretrain_steps, lr=cfg.data.base_pretrain_lr)
-    trainer = cpu.make_trainer(cfg.trainer, out / "base_training", cfg.data.base_pretrain_steps,
-                               cfg.optim.clip_grad, checkpoints=False)
+    trainer = cpu.make_trainer(
+        cfg.trainer, out / "base_training", cfg.data.base_pretrain_steps, cfg.optim.clip_grad, checkpoints=False
+    )
     trainer.fit(module, data["base_train"], data["base_validation"])
     dist_ckpt.save_base(model, spec, out / "base")
     return model, str(out / "base")
@@ -158,8 +184,12 @@ def run_cpu(cfg, out: Path, prepared: dict | None = None) -> dict:
     model = peft(model)
     val = data["validation"]
     before = cpu.evaluate(model, val)
-    log.info("held-out loss before LoRA: %.4f (%s, %d trainable parameters)", before, peft.placement or "targets",
-             sum(p.numel() for p in model.parameters() if p.requires_grad))
+    log.info(
+        "held-out loss before LoRA: %.4f (%s, %d trainable parameters)",
+        before,
+        peft.placement or "targets",
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
     lr = cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
     export_cb = export_callback(cfg, peft, spec, base_dir, out)
     from nemo_mla_lora.training.metrics import MetricsLog
@@ -170,19 +200,29 @@ def run_cpu(cfg, out: Path, prepared: dict | None = None) -> dict:
     after = cpu.evaluate(model, val)
     log.info("held-out loss after LoRA: %.4f", after)
     result = export_cb.result or {}
-    manifest = (result.get("manifest") or {})
+    manifest = result.get("manifest") or {}
     if not cfg.export.enabled:  # still save the adapter
         from nemo_mla_lora.checkpoints import dist_ckpt
+
         dist_ckpt.save_adapter(model, peft, spec, out / "adapter", base_dir=base_dir, overwrite=True)
         result = {"adapter": str(out / "adapter")}
     return {
-        "model": cfg.model.name, "placement": peft.placement, "target_modules": list(peft.target_modules),
-        "lora_dim": peft.dim, "lora_alpha": peft.alpha, "lr": lr, "steps": cfg.trainer.max_steps,
-        "resumed_from": resume, "base_checkpoint": base_dir,
-        "heldout_loss_before": before, "heldout_loss_after": after,
-        "adapter_path": result.get("adapter"), "export_path": result.get("export"),
+        "model": cfg.model.name,
+        "placement": peft.placement,
+        "target_modules": list(peft.target_modules),
+        "lora_dim": peft.dim,
+        "lora_alpha": peft.alpha,
+        "lr": lr,
+        "steps": cfg.trainer.max_steps,
+        "resumed_from": resume,
+        "base_checkpoint": base_dir,
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "adapter_path": result.get("adapter"),
+        "export_path": result.get("export"),
         "export_format": cfg.export.format if cfg.export.enabled else None,
-        "kv_cache": manifest.get("kv_cache"), "verify": manifest.get("verify"),
+        "kv_cache": manifest.get("kv_cache"),
+        "verify": manifest.get("verify"),
     }
 
 
@@ -198,14 +238,20 @@ def run_megatron(cfg, out: Path) -> dict:
     lora = metrics.read(out / "lora_metrics.jsonl") if (out / "lora_metrics.jsonl").exists() else []
     val = [r["val_loss"] for r in lora if "val_loss" in r]
     train = [r["reduced_train_loss"] for r in lora if "reduced_train_loss" in r]
-    manifest = ((export_cb.result or {}).get("manifest") or {})
+    manifest = (export_cb.result or {}).get("manifest") or {}
     return {
-        "model": cfg.model.name, "trainer": "nemo llm.finetune + MegatronStrategy", "placement": peft.placement,
-        "lora_dim": peft.dim, "steps": cfg.trainer.max_steps, **stages,
+        "model": cfg.model.name,
+        "trainer": "nemo llm.finetune + MegatronStrategy",
+        "placement": peft.placement,
+        "lora_dim": peft.dim,
+        "steps": cfg.trainer.max_steps,
+        **stages,
         "train_loss_first_last": [train[0], train[-1]] if train else None,
         "heldout_loss_first_last": [val[0], val[-1]] if val else None,
-        "export_path": (export_cb.result or {}).get("export"), "export_format": cfg.export.format,
-        "kv_cache": manifest.get("kv_cache"), "verify": manifest.get("verify"),
+        "export_path": (export_cb.result or {}).get("export"),
+        "export_format": cfg.export.format,
+        "kv_cache": manifest.get("kv_cache"),
+        "verify": manifest.get("verify"),
     }
 
 
@@ -235,8 +281,10 @@ def main(cfg: DictConfig) -> None:
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     if "heldout_loss_before" in summary:
-        print(f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}; "
-              f"summary: {path.resolve()}")
+        print(
+            f"held-out loss {summary['heldout_loss_before']:.4f} -> {summary['heldout_loss_after']:.4f}; "
+            f"summary: {path.resolve()}"
+        )
     else:
         print(f"held-out loss (first, last validation) {summary['heldout_loss_first_last']}; summary: {path.resolve()}")
 

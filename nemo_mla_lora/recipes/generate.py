@@ -40,8 +40,9 @@ def prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
     prompt_ids_file (JSON: a list of id lists, as another engine's tokenizer made them)."""
     given = [k for k in ("prompt", "prompt_file", "prompt_ids_file") if cfg.get(k) is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one of prompt=..., prompt_file=... or prompt_ids_file=...; "
-                         f"got {given or 'none'}")
+        raise ValueError(
+            f"give exactly one of prompt=..., prompt_file=... or prompt_ids_file=...; got {given or 'none'}"
+        )
     if cfg.prompt_ids_file:
         ids = json.loads(Path(cfg.prompt_ids_file).read_text())
         if not (isinstance(ids, list) and ids and all(isinstance(r, list) and r for r in ids)):
@@ -50,8 +51,11 @@ def prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
         if wrong:
             raise ValueError(f"{cfg.prompt_ids_file}: token ids must be integers; {wrong}")
         return [tok.decode(r) for r in ids], ids
-    texts = [cfg.prompt] if cfg.prompt is not None else [x for x in Path(cfg.prompt_file).read_text().splitlines()
-                                                         if x.strip()]
+    texts = (
+        [cfg.prompt]
+        if cfg.prompt is not None
+        else [x for x in Path(cfg.prompt_file).read_text().splitlines() if x.strip()]
+    )
     if not texts:
         raise ValueError(f"{cfg.prompt_file} holds no prompt")
     return texts, [prompt_ids(tok, t) for t in texts]
@@ -60,8 +64,12 @@ def prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
 def non_integer_ids(ids) -> str:
     """The first few entries of ``ids`` (lists of token ids) that are not integers (JSON true/false and 1.0
     included), as ``[row][position]=value``; empty when all are integers."""
-    wrong = [f"[{r}][{j}]={v!r}" for r, row in enumerate(ids) for j, v in enumerate(row)
-             if isinstance(v, bool) or not isinstance(v, int)]
+    wrong = [
+        f"[{r}][{j}]={v!r}"
+        for r, row in enumerate(ids)
+        for j, v in enumerate(row)
+        if isinstance(v, bool) or not isinstance(v, int)
+    ]
     return ", ".join(wrong[:5]) + (f" ({len(wrong)} in all)" if len(wrong) > 5 else "")
 
 
@@ -80,8 +88,9 @@ def dump_errors(cfg) -> list[str]:
     inputs = [("checkpoint", cfg.get("checkpoint"))] + [(f"adapters.{k}", v) for k, v in adapters.items()]
     for key, source in inputs:
         if source and (path == Path(source).resolve() or Path(source).resolve() in path.parents):
-            errors.append(f"dump_logits={given} is inside {key}={source}; it would write into it: name a file "
-                          "elsewhere")
+            errors.append(
+                f"dump_logits={given} is inside {key}={source}; it would write into it: name a file elsewhere"
+            )
     for key in ("prompt_file", "prompt_ids_file"):
         if cfg.get(key) and Path(cfg.get(key)).resolve() == path:
             errors.append(f"dump_logits={given} is {key}; it would overwrite it")
@@ -111,13 +120,16 @@ def check_request(cfg, ids: list[list[int]], spec) -> None:
         errors.append(f"prompts {empty} have no tokens (an empty prompt and a tokenizer without BOS)")
     longest = max(len(r) for r in ids)
     if longest + cfg.max_new_tokens > spec.max_positions:
-        errors.append(f"longest prompt {longest} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
-                      f"max_position_embeddings {spec.max_positions}")
+        errors.append(
+            f"longest prompt {longest} + max_new_tokens {cfg.max_new_tokens} exceeds the model's "
+            f"max_position_embeddings {spec.max_positions}"
+        )
     wrong = non_integer_ids(ids)
     if wrong:
         errors.append(f"token ids must be integers; {wrong}")
-    bad = sorted({i for r in ids for i in r if not isinstance(i, bool) and isinstance(i, int)
-                  and not 0 <= i < spec.vocab_size})
+    bad = sorted(
+        {i for r in ids for i in r if not isinstance(i, bool) and isinstance(i, int) and not 0 <= i < spec.vocab_size}
+    )
     if bad:
         errors.append(f"token ids {bad[:5]} outside the model's vocabulary [0, {spec.vocab_size})")
     errors += dump_errors(cfg)
@@ -130,7 +142,7 @@ def right_padded(rows: list, pad: int, device) -> tuple[torch.Tensor, torch.Tens
     lengths = torch.tensor([len(r) for r in rows], device=device)
     out = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
+        out[i, : len(r)] = torch.tensor(r)
     return out, lengths
 
 
@@ -184,17 +196,37 @@ def run(cfg) -> list[dict]:
     engine, bank, adapter_ids = load(cfg, len(texts))
     prompt, lengths = right_padded(ids, pad, cfg.device)  # one batch, ragged rows
     prefill = []
-    tokens, logits, cache = generate(engine, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed,
-                                     stop_token=stop, bank=bank, adapter_ids=adapter_ids, prompt_lengths=lengths,
-                                     prompt_logits=prefill)
-    new, records = tokens[:, prompt.shape[1]:].tolist(), []
+    tokens, logits, cache = generate(
+        engine,
+        prompt,
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.seed,
+        stop_token=stop,
+        bank=bank,
+        adapter_ids=adapter_ids,
+        prompt_lengths=lengths,
+        prompt_logits=prefill,
+    )
+    new, records = tokens[:, prompt.shape[1] :].tolist(), []
     for i, text in enumerate(texts):
-        row = new[i][:new[i].index(stop) + 1] if stop in new[i] else new[i]  # up to this row's stop token
+        row = new[i][: new[i].index(stop) + 1] if stop in new[i] else new[i]  # up to this row's stop token
         print(f"{text}{tok.decode(row)}")
-        records.append({"prompt": text, "tokens": torch.tensor(ids[i] + row),
-                        "prompt_logits": prefill[0][i, :len(ids[i])].cpu(), "logits": logits[i, :len(row)].cpu()})
-    log.info("%d prompts in one batch; latent cache %d bytes per token (%d layers)", len(texts),
-             cache.bytes_per_token(), engine.spec.num_layers)
+        records.append(
+            {
+                "prompt": text,
+                "tokens": torch.tensor(ids[i] + row),
+                "prompt_logits": prefill[0][i, : len(ids[i])].cpu(),
+                "logits": logits[i, : len(row)].cpu(),
+            }
+        )
+    log.info(
+        "%d prompts in one batch; latent cache %d bytes per token (%d layers)",
+        len(texts),
+        cache.bytes_per_token(),
+        engine.spec.num_layers,
+    )
     if cfg.dump_logits:
         save_whole(records, Path(cfg.dump_logits))
         print(f"logits: {cfg.dump_logits}")

@@ -38,8 +38,10 @@ def main(argv) -> int:
         return 1
     finally:
         parallel.destroy()
-    print(f"OK: {directory}: {report['tensors']} tensors match manifest.json both ways ({report['format']}); "
-          f"architecture {report['architecture']}")
+    print(
+        f"OK: {directory}: {report['tensors']} tensors match manifest.json both ways ({report['format']}); "
+        f"architecture {report['architecture']}"
+    )
     return 0
 
 

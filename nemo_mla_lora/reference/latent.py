@@ -67,12 +67,14 @@ def forward(tokens, state, spec: MLASpec, cache: LatentCache | None = None, rout
     ``routing``: experts chosen for the whole sequence ([b, s_total, k] per MoE module) to replay."""
     cache = cache if cache is not None else LatentCache()
     start = cache.length
-    chunk = None if routing is None else {p: r[:, start:start + tokens.shape[1]] for p, r in routing.items()}
+    chunk = None if routing is None else {p: r[:, start : start + tokens.shape[1]] for p, r in routing.items()}
     x = state["embedding.word_embeddings.weight"][tokens]
     cos, sin = rope_cos_sin(spec, torch.arange(start, start + tokens.shape[1]), x.dtype)
     for layer in range(spec.num_layers):
+
         def attention(x_, state_, adapters_, p_, spec_, cos_, sin_, layer=layer):
             return latent_attention(x_, state_, p_, spec_, cos_, sin_, cache, layer, start)
+
         x = decoder_layer(x, state, None, layer, spec, cos, sin, attention, chunk)
     x = rms_norm(x, state["decoder.final_layernorm.weight"], spec.norm_eps)
     return x @ output_weight(state, spec).T, cache
@@ -83,7 +85,7 @@ def generate_logits(tokens, state, spec: MLASpec, prefill: int, routing: dict | 
     logits, cache = forward(tokens[:, :prefill], state, spec, routing=routing)
     steps = [logits]
     for i in range(prefill, tokens.shape[1]):
-        step, cache = forward(tokens[:, i:i + 1], state, spec, cache, routing)
+        step, cache = forward(tokens[:, i : i + 1], state, spec, cache, routing)
         steps.append(step)
     return torch.cat(steps, dim=1), cache
 
@@ -104,7 +106,9 @@ def decode_step(q_lat, q_rope, c_kv, k_rope, lengths, scale: float) -> torch.Ten
     q_rope [b, h, d], c_kv [b, t, c], k_rope [b, t, d], row i attending to its first ``lengths[i]`` positions
     -> o_lat [b, h, c]."""
     t = c_kv.shape[1]
-    s = (torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
-         + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())) * scale  # [b, h, t]
+    s = (
+        torch.einsum("bhc,btc->bht", q_lat.double(), c_kv.double())
+        + torch.einsum("bhd,btd->bht", q_rope.double(), k_rope.double())
+    ) * scale  # [b, h, t]
     s = s.masked_fill(torch.arange(t, device=s.device)[None, None, :] >= lengths[:, None, None], float("-inf"))
     return torch.einsum("bht,btc->bhc", torch.softmax(s, -1), c_kv.double())

@@ -73,8 +73,11 @@ def mla_projections(x, state, adapters, p, spec: MLASpec, cos, sin):
     if spec.q_lora_rank is None:
         q = linear(x, state, adapters, f"{p}.linear_q_proj")
     else:
-        c_q = rms_norm(linear(x, state, adapters, f"{p}.linear_q_down_proj"), state[f"{p}.q_layernorm.weight"],
-                       spec.latent_norm_eps)  # [b, s, rq]
+        c_q = rms_norm(
+            linear(x, state, adapters, f"{p}.linear_q_down_proj"),
+            state[f"{p}.q_layernorm.weight"],
+            spec.latent_norm_eps,
+        )  # [b, s, rq]
         q = linear(c_q, state, adapters, f"{p}.linear_q_up_proj")
     q = q.view(b, s, h, dn + dr)
     q_nope, q_rope = q[..., :dn], q[..., dn:]
@@ -122,7 +125,9 @@ def route(tokens, state, p, spec: MLASpec) -> tuple[torch.Tensor, torch.Tensor]:
     if spec.moe_topk_method == "greedy" or g == 1:
         return choice.topk(spec.moe_topk, dim=-1)[1], scores
     grouped = choice.view(n, g, e // g)  # [n, g, E/g]
-    group_scores = grouped.amax(-1) if spec.moe_topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+    group_scores = (
+        grouped.amax(-1) if spec.moe_topk_method == "group_limited_greedy" else grouped.topk(2, -1)[0].sum(-1)
+    )
     keep_groups = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(spec.moe_group_topk, dim=-1)[1], 1)
     keep = keep_groups[:, :, None].expand(n, g, e // g).reshape(n, e).bool()  # [n, E]
     return choice.masked_fill(~keep, float("-inf")).topk(spec.moe_topk, dim=-1)[1], scores
@@ -170,8 +175,15 @@ def moe(x, state, adapters, p, spec: MLASpec, routing: dict | None = None):
 
 def decoder_layer(x, state, adapters, layer: int, spec: MLASpec, cos, sin, attention=mla_attention, routing=None):
     p = f"decoder.layers.{layer}"
-    x = x + attention(rms_norm(x, state[f"{p}.input_layernorm.weight"], spec.norm_eps), state, adapters,
-                      f"{p}.self_attention", spec, cos, sin)
+    x = x + attention(
+        rms_norm(x, state[f"{p}.input_layernorm.weight"], spec.norm_eps),
+        state,
+        adapters,
+        f"{p}.self_attention",
+        spec,
+        cos,
+        sin,
+    )
     hidden = rms_norm(x, state[f"{p}.pre_mlp_layernorm.weight"], spec.norm_eps)
     if spec.is_moe_layer(layer):
         return x + moe(hidden, state, adapters, f"{p}.mlp", spec, routing)

@@ -29,8 +29,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def init_megatron(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234,
-                  port: int | None = None) -> None:
+def init_megatron(
+    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234, port: int | None = None
+) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's model-parallel groups.
 
     Args:

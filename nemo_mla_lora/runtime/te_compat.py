@@ -20,6 +20,7 @@ _APPLIED = False
 def transformer_engine_absent() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
+
         return False
     except Exception:  # ImportError, or a broken install that fails on import
         return True

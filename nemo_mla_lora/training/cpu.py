@@ -29,6 +29,7 @@ def lr_lambda(warmup: int, max_steps: int, min_ratio: float):
             return (step + 1) / max(1, warmup)
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -36,8 +37,9 @@ def adamw(params, optim_cfg, lr: float, max_steps: int, min_ratio: float):
     """AdamW with the config's betas/eps/weight decay, and its warm-up + cosine schedule down to
     ``min_ratio`` x ``lr``: (optimizer, per-step LambdaLR)."""
     o = optim_cfg
-    opt = torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                            weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay
+    )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o.warmup_steps, max_steps, min_ratio))
 
 
@@ -59,8 +61,9 @@ class MegatronLM(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt, sched = adamw(params, self.optim_cfg, self.lr, self.max_steps,
-                           self.optim_cfg.min_lr / self.lr if self.lr else 0.0)
+        opt, sched = adamw(
+            params, self.optim_cfg, self.lr, self.max_steps, self.optim_cfg.min_lr / self.lr if self.lr else 0.0
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -83,27 +86,43 @@ def evaluate(model, loader, limit: int | None = None, device=None) -> float:
         count += n
     model.train(was_training)
     if not count:
-        raise ValueError("evaluate: no answer tokens in the held-out batches (loss_mask is 0 everywhere); a loss of 0 "
-                         "would mean nothing")
+        raise ValueError(
+            "evaluate: no answer tokens in the held-out batches (loss_mask is 0 everywhere); a loss of 0 "
+            "would mean nothing"
+        )
     return total / count
 
 
-def make_trainer(trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, callbacks=(), checkpoints: bool = True,
-                 logger=True):
+def make_trainer(
+    trainer_cfg, root_dir, max_steps: int, clip_grad: float = 1.0, callbacks=(), checkpoints: bool = True, logger=True
+):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     cbs = list(callbacks)
     if checkpoints:
-        cbs.append(ModelCheckpoint(dirpath=f"{root_dir}/checkpoints",
-                                   every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
-                                   save_last=True, save_top_k=-1))
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=f"{root_dir}/checkpoints",
+                every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
+                save_last=True,
+                save_top_k=-1,
+            )
+        )
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=trainer_cfg.val_check_interval,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        val_check_interval=trainer_cfg.val_check_interval,
         check_val_every_n_epoch=None,  # validation every val_check_interval global steps, resumed runs included
-        limit_val_batches=trainer_cfg.limit_val_batches, log_every_n_steps=trainer_cfg.log_every_n_steps,
-        gradient_clip_val=clip_grad or None, enable_checkpointing=checkpoints, callbacks=cbs,
+        limit_val_batches=trainer_cfg.limit_val_batches,
+        log_every_n_steps=trainer_cfg.log_every_n_steps,
+        gradient_clip_val=clip_grad or None,
+        enable_checkpointing=checkpoints,
+        callbacks=cbs,
         default_root_dir=str(root_dir),
-        logger=CSVLogger(str(root_dir), name="logs") if logger else False, enable_model_summary=False,
-        num_sanity_val_steps=0, precision=trainer_cfg.precision,
+        logger=CSVLogger(str(root_dir), name="logs") if logger else False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        precision=trainer_cfg.precision,
     )

@@ -43,6 +43,7 @@ SHOWN = 6  # names listed per kind of problem
 @dataclass
 class Piece:
     """One slice a rank owns: ``target`` (the parameter or a view of it) <- ``name``[``index``] (flat TP=1 name)."""
+
     key: str
     name: str
     index: tuple
@@ -52,6 +53,7 @@ class Piece:
 @dataclass
 class LoadReport:
     """What one rank loaded: its pieces, and the bytes it read per HF tensor (scales of FP8 weights included)."""
+
     pieces: list = field(default_factory=list)
     bytes_read: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -71,8 +73,9 @@ def megatron_chunks(modules) -> list:
         held = m
         while not isinstance(held, GPTModel):
             if not hasattr(held, "module"):
-                raise TypeError(f"no Megatron-Core GPTModel inside {type(m).__name__} "
-                                f"(stopped at {type(held).__name__})")
+                raise TypeError(
+                    f"no Megatron-Core GPTModel inside {type(m).__name__} (stopped at {type(held).__name__})"
+                )
             held = held.module
         out.append(held)
     return out
@@ -127,8 +130,7 @@ def _uncovered(chunk, pieces, reported: set) -> list[str]:
         filled[_owner(p.target)] = filled.get(_owner(p.target), 0) + p.target.numel()
     out = []
     for name, t in chunk.state_dict(keep_vars=True).items():
-        if (name.endswith("_extra_state") or ".adapter." in name or not isinstance(t, torch.Tensor)
-                or id(t) in reported):
+        if name.endswith("_extra_state") or ".adapter." in name or not isinstance(t, torch.Tensor) or id(t) in reported:
             continue
         if filled.get(id(t), 0) != t.numel():
             out.append(f"{name} ({filled.get(id(t), 0)} of {t.numel()} elements)")
@@ -142,18 +144,31 @@ def check_architecture(chunks, base: HFBase) -> None:
 
     for chunk in chunks:
         built = MLASpec.from_megatron(chunk.config)
-        differ = {f.name: (getattr(built, f.name), getattr(base.spec, f.name)) for f in dataclasses.fields(MLASpec)
-                  if f.name != "model_type" and getattr(built, f.name) != getattr(base.spec, f.name)}
+        differ = {
+            f.name: (getattr(built, f.name), getattr(base.spec, f.name))
+            for f in dataclasses.fields(MLASpec)
+            if f.name != "model_type" and getattr(built, f.name) != getattr(base.spec, f.name)
+        }
         if differ:
-            raise CheckpointError(f"the model was built from another config than {base.directory}/config.json: "
-                                  f"(model, HF) differ in {differ}")
+            raise CheckpointError(
+                f"the model was built from another config than {base.directory}/config.json: "
+                f"(model, HF) differ in {differ}"
+            )
 
 
 def plan(chunks, base: HFBase) -> list:
     """Every piece the ranks' ``chunks`` own, checked (module docstring); nothing is read. Collective when
     torch.distributed is initialised: every rank must call it."""
-    problems = {k: [] for k in ("layout", "model tensors with no HF tensor", "shapes (model, HF)",
-                                "model tensors not filled exactly once", "HF tensors no rank loads")}
+    problems = {
+        k: []
+        for k in (
+            "layout",
+            "model tensors with no HF tensor",
+            "shapes (model, HF)",
+            "model tensors not filled exactly once",
+            "HF tensors no rank loads",
+        )
+    }
     pieces, placed = [], set()
     for chunk in chunks:
         mine, reported = [], set()
@@ -173,8 +188,10 @@ def plan(chunks, base: HFBase) -> list:
     problems["HF tensors no rank loads"] = [n for n, i in position.items() if counts[i] == 0]
     found = {k: sorted(set(v)) for k, v in problems.items() if v}
     if found:
-        raise CheckpointError(f"HF directory {base.directory} does not fit the model: " + "; ".join(
-            f"{len(v)} {k}: {v[:SHOWN]}{' ...' if len(v) > SHOWN else ''}" for k, v in found.items()))
+        raise CheckpointError(
+            f"HF directory {base.directory} does not fit the model: "
+            + "; ".join(f"{len(v)} {k}: {v[:SHOWN]}{' ...' if len(v) > SHOWN else ''}" for k, v in found.items())
+        )
     if counts[-1]:
         raise CheckpointError(f"HF directory {base.directory} does not fit the model on another rank (see its error)")
     return pieces
@@ -206,7 +223,7 @@ class _SliceReader:
         if file not in self.maps:
             self.maps[file] = np.memmap(st.path, dtype=np.uint8, mode="r")
         size = dtype.itemsize
-        data = self.maps[file][st.data_start + start: st.data_start + end].reshape(*shape[:-1], shape[-1] * size)
+        data = self.maps[file][st.data_start + start : st.data_start + end].reshape(*shape[:-1], shape[-1] * size)
         last = index[-1]
         part = np.ascontiguousarray(data[(*index[:-1], slice(last.start * size, last.stop * size))])
         self.report.bytes_read[hf_name] = self.report.bytes_read.get(hf_name, 0) + part.nbytes
@@ -220,11 +237,13 @@ class _SliceReader:
         scale_name = hf_name.replace(".weight", ".weight_scale_inv")
         if scale_name not in self.base.files:
             raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
-        scale = self.raw(scale_name, tuple(slice(0, n) for n in self.base.opened[self.base.files[scale_name]]
-                                           .shape(scale_name)))
+        scale = self.raw(
+            scale_name, tuple(slice(0, n) for n in self.base.opened[self.base.files[scale_name]].shape(scale_name))
+        )
         full = self.base.opened[self.base.files[hf_name]].shape(hf_name)
-        return dequantize_fp8(t, scale, self.base.dtype, name=hf_name, origin=(index[0].start, index[1].start),
-                              full_shape=full)
+        return dequantize_fp8(
+            t, scale, self.base.dtype, name=hf_name, origin=(index[0].start, index[1].start), full_shape=full
+        )
 
     def close(self) -> None:
         self.maps.clear()
@@ -239,7 +258,7 @@ def _load_piece(reader: _SliceReader, p: Piece) -> None:
         lo, hi = max(rows.start, row), min(rows.stop, row + height)
         if lo < hi:
             part = reader.read(hf_name, (slice(lo - row, hi - row), *p.index[1:]))
-            p.target[lo - rows.start: hi - rows.start].copy_(part)
+            p.target[lo - rows.start : hi - rows.start].copy_(part)
         row += height
 
 
@@ -290,9 +309,15 @@ class HFBaseLoad(pl.Callback):
         chunks = getattr(trainer.strategy, "megatron_parallel", None) or trainer.strategy.model  # one per VP stage
         self.report = load_hf_checkpoint(list(chunks), self.directory)
         total = sum(self.report.bytes_read.values())
-        log.info("rank %d: base streamed from %s: %d slices of %d HF tensors, %.2f GB read in %.1f s",
-                 trainer.global_rank, self.directory, len(self.report.pieces), len(self.report.bytes_read),
-                 total / 1e9, self.report.seconds)
+        log.info(
+            "rank %d: base streamed from %s: %d slices of %d HF tensors, %.2f GB read in %.1f s",
+            trainer.global_rank,
+            self.directory,
+            len(self.report.pieces),
+            len(self.report.bytes_read),
+            total / 1e9,
+            self.report.seconds,
+        )
         io = _adapter_io(trainer.strategy)
         if io is not None:
             _keep_hf_base_on_resume(io, self.directory)

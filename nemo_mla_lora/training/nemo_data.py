@@ -48,8 +48,14 @@ def data_module(cfg, tokenizer, train: str, validation: str, root):
     from nemo.collections import llm
 
     t, d = cfg.trainer, cfg.data
-    batches = dict(seq_length=d.seq_length, micro_batch_size=t.micro_batch_size,
-                   global_batch_size=t.global_batch_size, tokenizer=tokenizer, seed=cfg.seed, num_workers=2)
+    batches = dict(
+        seq_length=d.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        tokenizer=tokenizer,
+        seed=cfg.seed,
+        num_workers=2,
+    )
     if d.kind == "squad":
         return llm.SquadDataModule(packed_sequence_specs=None, **batches)
     from nemo.collections.llm.gpt.data.fine_tuning import FineTuningDataModule
@@ -66,7 +72,7 @@ def counting_tokenizer(cfg):
     if cfg.data.tokenizer:
         return tokenizer.load(cfg.data.tokenizer)
     checkpoint = cfg.model.checkpoint
-    for candidate in ((Path(checkpoint), Path(checkpoint).joinpath(*TOKENIZER_DIR)) if checkpoint else ()):
+    for candidate in (Path(checkpoint), Path(checkpoint).joinpath(*TOKENIZER_DIR)) if checkpoint else ():
         if tokenizer.has_hf_tokenizer(candidate):
             return tokenizer.load(str(candidate))
     return None
@@ -89,9 +95,11 @@ def check_fit(where, examples, seq_length: int, tok) -> None:
     cut = sum(p + len(tok.encode(a.strip(" "))) + 1 > seq_length for p, (_, a) in zip(prompts, examples))
     if not cut:
         return
-    message = (f"{where}: {cut} of {len(examples)} examples are longer than data.seq_length={seq_length} (prompt + "
-               f"answer + EOS; the longest prompt is {max(prompts)} tokens); NeMo keeps each answer and cuts the end "
-               "of its prompt (truncation_field=input)")
+    message = (
+        f"{where}: {cut} of {len(examples)} examples are longer than data.seq_length={seq_length} (prompt + "
+        f"answer + EOS; the longest prompt is {max(prompts)} tokens); NeMo keeps each answer and cuts the end "
+        "of its prompt (truncation_field=input)"
+    )
     if cut == len(examples):
         raise DataError(f"{message}: no example would train as written; raise data.seq_length or shorten the prompts")
     log.warning("%s", message)

@@ -29,12 +29,20 @@ def optimizer(cfg, lr: float, max_steps: int):
 
     o = cfg.optim
     opt_config = OptimizerConfig(
-        optimizer=o.name, lr=lr, min_lr=o.min_lr, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps, weight_decay=o.weight_decay, clip_grad=o.clip_grad, bf16="bf16" in cfg.trainer.precision,
+        optimizer=o.name,
+        lr=lr,
+        min_lr=o.min_lr,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        weight_decay=o.weight_decay,
+        clip_grad=o.clip_grad,
+        bf16="bf16" in cfg.trainer.precision,
         use_distributed_optimizer=cfg.trainer.use_distributed_optimizer,
     )
-    scheduler = CosineAnnealingScheduler(max_steps=max_steps, warmup_steps=min(o.warmup_steps, max_steps // 4),
-                                         constant_steps=0, min_lr=o.min_lr)
+    scheduler = CosineAnnealingScheduler(
+        max_steps=max_steps, warmup_steps=min(o.warmup_steps, max_steps // 4), constant_steps=0, min_lr=o.min_lr
+    )
     return nl.MegatronOptimizerModule(config=opt_config, lr_scheduler=scheduler)
 
 
@@ -43,14 +51,19 @@ def strategy(cfg):
 
     t = cfg.trainer
     return nl.MegatronStrategy(
-        tensor_model_parallel_size=t.tensor_parallel, pipeline_model_parallel_size=t.pipeline_parallel,
-        expert_model_parallel_size=t.expert_parallel, context_parallel_size=t.context_parallel,
-        sequence_parallel=t.sequence_parallel, gradient_as_bucket_view=True, ckpt_async_save=False,
+        tensor_model_parallel_size=t.tensor_parallel,
+        pipeline_model_parallel_size=t.pipeline_parallel,
+        expert_model_parallel_size=t.expert_parallel,
+        context_parallel_size=t.context_parallel,
+        sequence_parallel=t.sequence_parallel,
+        gradient_as_bucket_view=True,
+        ckpt_async_save=False,
         ckpt_load_strictness="log_all",
         # megatron-core 0.15.3's fully-parallel save and load call np.product (gone in NumPy 2): measured
         # failing at the first checkpoint under TP=2, and at the LoRA stage's restore of the base under EP=2
         # (two data-parallel replicas), on the GPU machine. Each rank still writes and reads its own shards.
-        ckpt_parallel_save=False, ckpt_parallel_load=False,
+        ckpt_parallel_save=False,
+        ckpt_parallel_load=False,
     )
 
 
@@ -59,10 +72,17 @@ def trainer(cfg, max_steps: int, callbacks):
 
     t = cfg.trainer
     return nl.Trainer(
-        devices=t.devices, num_nodes=t.num_nodes, accelerator="gpu", strategy=strategy(cfg), max_steps=max_steps,
-        val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps, plugins=nl.MegatronMixedPrecision(precision=t.precision),
-        callbacks=list(callbacks), num_sanity_val_steps=0,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        accelerator="gpu",
+        strategy=strategy(cfg),
+        max_steps=max_steps,
+        val_check_interval=t.val_check_interval,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        plugins=nl.MegatronMixedPrecision(precision=t.precision),
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
     )
 
 
@@ -91,18 +111,25 @@ def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = No
     lr = d.base_pretrain_lr if base else cfg.optim.lr * (peft.lr_scale if cfg.peft.apply_lr_scale else 1.0)
     train, validation = (d.base_pretrain, d.base_pretrain) if base else (d.train, d.validation)
     resume = nl.AutoResume(
-        resume_if_exists=t.resume_if_exists, resume_ignore_no_checkpoint=True,
-        restore_config=nl.RestoreConfig(path=restore, load_artifacts=tokenizer is None) if restore and not hf
-        else None)
-    logger = nl.NeMoLogger(explicit_log_dir=str(out / f"{stage}_training"), ckpt=nl.ModelCheckpoint(
-        every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=1))
+        resume_if_exists=t.resume_if_exists,
+        resume_ignore_no_checkpoint=True,
+        restore_config=nl.RestoreConfig(path=restore, load_artifacts=tokenizer is None) if restore and not hf else None,
+    )
+    logger = nl.NeMoLogger(
+        explicit_log_dir=str(out / f"{stage}_training"),
+        ckpt=nl.ModelCheckpoint(every_n_train_steps=t.checkpoint_every_n_steps, save_last=True, save_top_k=1),
+    )
     metrics = MetricsLog(out / f"{stage}_metrics.jsonl")
     loaders = [HFBaseLoad(restore)] if hf else []
     return dict(
         model=lightning_model(cfg, tokenizer),
         data=data_module(cfg, tokenizer, train, validation, out / "nemo_data" / stage),
-        trainer=trainer(cfg, steps, [*loaders, metrics, *callbacks]), optim=optimizer(cfg, lr, steps),
-        peft=None if base else peft, log=logger, resume=resume)
+        trainer=trainer(cfg, steps, [*loaders, metrics, *callbacks]),
+        optim=optimizer(cfg, lr, steps),
+        peft=None if base else peft,
+        log=logger,
+        resume=resume,
+    )
 
 
 def last_checkpoint(log_dir) -> str:
@@ -124,8 +151,9 @@ def run(cfg, peft, callbacks=()) -> dict:
     out, restore = Path(cfg.output_dir), None
     if not cfg.model.checkpoint:
         if not cfg.data.base_pretrain:
-            raise ValueError("trainer=megatron needs model.checkpoint (an HF directory or a NeMo checkpoint) or "
-                             "data.base_pretrain")
+            raise ValueError(
+                "trainer=megatron needs model.checkpoint (an HF directory or a NeMo checkpoint) or data.base_pretrain"
+            )
         log.info("no model.checkpoint: training the base on %s", cfg.data.base_pretrain)
         llm.finetune(**build(cfg, peft, stage="base"))
         destroy_num_microbatches_calculator()  # the LoRA stage sets its own batch sizes

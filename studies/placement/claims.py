@@ -22,7 +22,7 @@ from studies.placement.report import best_lr
 
 
 def _noise(a_sd, a_n, b_sd, b_n) -> float:
-    return 2 * math.sqrt(a_sd ** 2 / max(a_n, 1) + b_sd ** 2 / max(b_n, 1))
+    return 2 * math.sqrt(a_sd**2 / max(a_n, 1) + b_sd**2 / max(b_n, 1))
 
 
 def _compare(a: list, b: list) -> str:
@@ -59,14 +59,23 @@ def claim_down_unstable(rows) -> dict:
     down, rest = _per_scale(rows, V.DOWN, "oscillation"), _per_scale(rows, others, "oscillation")
     scales = sorted(set(down) & set(rest))
     results = [_compare(down[s], rest[s]) for s in scales]
-    spikes = {g: sum(r["spikes"] for r in rows if r["arch"] == V.MLA and r["variant"] in names)
-              for g, names in (("down", V.DOWN), ("other", others))}
-    divs = {g: sum(bool(r["diverged"]) for r in rows if r["arch"] == V.MLA and r["variant"] in names)
-            for g, names in (("down", V.DOWN), ("other", others))}
-    evidence = [f"LR x{s:g}: oscillation down {statistics.fmean(down[s]):.3f} vs other attention "
-                f"{statistics.fmean(rest[s]):.3f} ({r})" for s, r in zip(scales, results)]
-    evidence.append(f"grad-norm spikes: down {spikes['down']}, other {spikes['other']}; "
-                    f"divergences: down {divs['down']}, other {divs['other']}")
+    spikes = {
+        g: sum(r["spikes"] for r in rows if r["arch"] == V.MLA and r["variant"] in names)
+        for g, names in (("down", V.DOWN), ("other", others))
+    }
+    divs = {
+        g: sum(bool(r["diverged"]) for r in rows if r["arch"] == V.MLA and r["variant"] in names)
+        for g, names in (("down", V.DOWN), ("other", others))
+    }
+    evidence = [
+        f"LR x{s:g}: oscillation down {statistics.fmean(down[s]):.3f} vs other attention "
+        f"{statistics.fmean(rest[s]):.3f} ({r})"
+        for s, r in zip(scales, results)
+    ]
+    evidence.append(
+        f"grad-norm spikes: down {spikes['down']}, other {spikes['other']}; "
+        f"divergences: down {divs['down']}, other {divs['other']}"
+    )
     return {"claim": 1, "verdict": _overall(results, "higher") if scales else "missing", "evidence": evidence}
 
 
@@ -78,8 +87,9 @@ def claim_kv_up_most(agg) -> dict:
     kv = best["linear_kv_up_proj"]
     evidence = [f"{a['variant']}: {a['final_mean']:.3f} ± {a['final_std']:.3f} (LR x{a['lr_scale']:g})" for a in ranked]
     rival = ranked[1] if ranked[0] is kv else ranked[0]
-    beyond = abs(kv["final_mean"] - rival["final_mean"]) > _noise(kv["final_std"], kv["seeds"], rival["final_std"],
-                                                                  rival["seeds"])
+    beyond = abs(kv["final_mean"] - rival["final_mean"]) > _noise(
+        kv["final_std"], kv["seeds"], rival["final_std"], rival["seeds"]
+    )
     if ranked[0] is kv:
         verdict = "supported" if beyond else "not distinguishable"
     else:
@@ -97,11 +107,16 @@ def claim_safe_as_good(rows, agg) -> dict:
     scales = sorted(set(osc_s) & set(osc_a))
     stab = [_compare(osc_s[x], osc_a[x]) for x in scales]
     more_stable = _overall(stab, "lower")
-    evidence = [f"best LR: safe {s['final_mean']:.3f} ± {s['final_std']:.3f} (x{s['lr_scale']:g}, "
-                f"{s['trainable']:,} params) vs all_linear {a['final_mean']:.3f} ± {a['final_std']:.3f} "
-                f"(x{a['lr_scale']:g}, {a['trainable']:,} params): {'worse' if worse else 'as good or better'}"]
-    evidence += [f"LR x{x:g}: oscillation safe {statistics.fmean(osc_s[x]):.3f} vs all_linear "
-                 f"{statistics.fmean(osc_a[x]):.3f} ({r})" for x, r in zip(scales, stab)]
+    evidence = [
+        f"best LR: safe {s['final_mean']:.3f} ± {s['final_std']:.3f} (x{s['lr_scale']:g}, "
+        f"{s['trainable']:,} params) vs all_linear {a['final_mean']:.3f} ± {a['final_std']:.3f} "
+        f"(x{a['lr_scale']:g}, {a['trainable']:,} params): {'worse' if worse else 'as good or better'}"
+    ]
+    evidence += [
+        f"LR x{x:g}: oscillation safe {statistics.fmean(osc_s[x]):.3f} vs all_linear "
+        f"{statistics.fmean(osc_a[x]):.3f} ({r})"
+        for x, r in zip(scales, stab)
+    ]
     if worse:
         verdict = "contradicted"
     else:
@@ -132,8 +147,10 @@ def claim_lower_lr(agg) -> dict:
         ratio = m["lr_scale"] / t["lr_scale"]
         if m["lr_scale"] == t["lr_scale"] == scales[-1]:  # both optima at or beyond the grid's top
             calls.append("not distinguishable")
-            evidence.append(f"{mla} (MLA) and twin {twin}: both best at the largest LR scale run, x{scales[-1]:g}; "
-                            f"the optima lie at or above it and cannot be compared")
+            evidence.append(
+                f"{mla} (MLA) and twin {twin}: both best at the largest LR scale run, x{scales[-1]:g}; "
+                f"the optima lie at or above it and cannot be compared"
+            )
             continue
         if ratio < 1:
             cost, noise = _loss_gap(by, V.MLA, mla, t["lr_scale"], m)
@@ -144,8 +161,10 @@ def claim_lower_lr(agg) -> dict:
             cost, noise = _loss_gap(by, V.MLA, mla, lower[-1], m) if lower else (math.nan, math.nan)
             calls.append("contradicted" if cost > noise else "not distinguishable")
             where = f"one step lower, x{lower[-1]:g}" if lower else "lower (not run)"
-        evidence.append(f"{mla} (MLA) best LR x{m['lr_scale']:g} vs twin {twin} best x{t['lr_scale']:g} "
-                        f"(ratio {ratio:.2g}); MLA {where}: {cost:+.3f} held-out loss (noise {noise:.3f})")
+        evidence.append(
+            f"{mla} (MLA) best LR x{m['lr_scale']:g} vs twin {twin} best x{t['lr_scale']:g} "
+            f"(ratio {ratio:.2g}); MLA {where}: {cost:+.3f} held-out loss (noise {noise:.3f})"
+        )
     if not calls:
         return {"claim": 4, "verdict": "missing", "evidence": ["needs twin variants and their MLA counterparts"]}
     verdict = calls[0] if len(set(calls)) == 1 else "not distinguishable"

@@ -38,6 +38,7 @@ if not OmegaConf.has_resolver("study_file"):
 @dataclass
 class StudyConfig:
     """The placement study's grid (``variants.py`` names the variants) and its run settings."""
+
     variants: List[str] = field(default_factory=list)  # MLA variants
     twin_variants: List[str] = field(default_factory=list)  # standard-attention twin variants (claim 4)
     lr_scales: List[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 2.0])  # x optim.lr
@@ -63,8 +64,6 @@ class PlacementStudyConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     output_dir: str = "runs/placement_study"
     seed: int = 1234  # base pretraining
-
-
 
 
 def validate_study(cfg) -> None:

@@ -20,7 +20,7 @@ def oscillation(losses, warmup: int) -> float:
 def spikes(grad_norms, warmup: int, factor: float = 5.0, window: int = 20) -> int:
     count = 0
     for i in range(max(warmup, 1), len(grad_norms)):
-        before = [g for g in grad_norms[max(0, i - window):i] if math.isfinite(g)]
+        before = [g for g in grad_norms[max(0, i - window) : i] if math.isfinite(g)]
         if before and grad_norms[i] > factor * statistics.median(before):
             count += 1
     return count
@@ -35,11 +35,18 @@ def summarise(record: dict, warmup: int, spike_factor: float) -> dict:
     """The run's row of the results table (record: what ``study.train.run_one`` returned)."""
     losses, norms = record["train_loss"], record["grad_norm"]
     return {
-        "arch": record["arch"], "variant": record["variant"], "lr_scale": record["lr_scale"], "lr": record["lr"],
-        "seed": record["seed"], "trainable": record["trainable"], "steps": len(losses),
-        "heldout_before": record["heldout_before"], "heldout_final": record["heldout_final"],
+        "arch": record["arch"],
+        "variant": record["variant"],
+        "lr_scale": record["lr_scale"],
+        "lr": record["lr"],
+        "seed": record["seed"],
+        "trainable": record["trainable"],
+        "steps": len(losses),
+        "heldout_before": record["heldout_before"],
+        "heldout_final": record["heldout_final"],
         "heldout_best": min(record["heldout_curve"].values(), default=record["heldout_final"]),
-        "oscillation": oscillation(losses, warmup), "spikes": spikes(norms, warmup, spike_factor),
+        "oscillation": oscillation(losses, warmup),
+        "spikes": spikes(norms, warmup, spike_factor),
         "max_grad_norm": max(norms, default=0.0),
         "diverged": diverged(losses, record["heldout_before"], record["heldout_final"]),
         "wall_s": record["wall_s"],

@@ -25,10 +25,20 @@ def loss_curves(records, lr_scale: float, path) -> None:
     for i, ((arch, variant), runs) in enumerate(sorted(curves.items())):
         n = min(len(x) for x in runs)
         mean = [statistics.fmean(x[j] for x in runs) for j in range(n)]
-        ax.plot(range(1, n + 1), mean, ls="-" if arch == "mla" else "--", label=_label(arch, variant), lw=1.2,
-                color=COLORS(i % 20))
-    ax.set(xlabel="step", ylabel="train loss (mean over seeds)", yscale="log",
-           title=f"LoRA train loss per placement, LR x{lr_scale:g}")
+        ax.plot(
+            range(1, n + 1),
+            mean,
+            ls="-" if arch == "mla" else "--",
+            label=_label(arch, variant),
+            lw=1.2,
+            color=COLORS(i % 20),
+        )
+    ax.set(
+        xlabel="step",
+        ylabel="train loss (mean over seeds)",
+        yscale="log",
+        title=f"LoRA train loss per placement, LR x{lr_scale:g}",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -43,11 +53,23 @@ def final_vs_lr(agg, path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, ((arch, variant), pts) in enumerate(sorted(lines.items())):
         pts.sort(key=lambda a: a["lr_scale"])
-        ax.errorbar([a["lr_scale"] for a in pts], [a["final_mean"] for a in pts], [a["final_std"] for a in pts],
-                    ls="-" if arch == "mla" else "--", marker="o", ms=3, capsize=2, label=_label(arch, variant),
-                    color=COLORS(i % 20))
-    ax.set(xlabel="LR scale (x optim.lr)", ylabel="final held-out loss (mean ± sd over seeds)", xscale="log",
-           title="Final held-out loss vs learning rate")
+        ax.errorbar(
+            [a["lr_scale"] for a in pts],
+            [a["final_mean"] for a in pts],
+            [a["final_std"] for a in pts],
+            ls="-" if arch == "mla" else "--",
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=_label(arch, variant),
+            color=COLORS(i % 20),
+        )
+    ax.set(
+        xlabel="LR scale (x optim.lr)",
+        ylabel="final held-out loss (mean ± sd over seeds)",
+        xscale="log",
+        title="Final held-out loss vs learning rate",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,8 +11,23 @@ import math
 import statistics
 from collections import defaultdict
 
-COLUMNS = ("arch", "variant", "lr_scale", "lr", "seed", "trainable", "steps", "heldout_before", "heldout_final",
-           "heldout_best", "oscillation", "spikes", "max_grad_norm", "diverged", "wall_s")
+COLUMNS = (
+    "arch",
+    "variant",
+    "lr_scale",
+    "lr",
+    "seed",
+    "trainable",
+    "steps",
+    "heldout_before",
+    "heldout_final",
+    "heldout_best",
+    "oscillation",
+    "spikes",
+    "max_grad_norm",
+    "diverged",
+    "wall_s",
+)
 
 
 def _finite(x: float) -> float:
@@ -27,13 +42,21 @@ def aggregate(rows) -> list[dict]:
     for (arch, variant, scale), runs in sorted(groups.items()):
         finals = [_finite(r["heldout_final"]) for r in runs]
         spread = statistics.stdev(finals) if len(finals) > 1 and all(map(math.isfinite, finals)) else 0.0
-        out.append({
-            "arch": arch, "variant": variant, "lr_scale": scale, "seeds": len(runs),
-            "trainable": runs[0]["trainable"], "heldout_before": statistics.fmean(r["heldout_before"] for r in runs),
-            "final_mean": statistics.fmean(finals), "final_std": spread,
-            "oscillation_mean": statistics.fmean(r["oscillation"] for r in runs),
-            "spikes": sum(r["spikes"] for r in runs), "diverged": sum(bool(r["diverged"]) for r in runs),
-        })
+        out.append(
+            {
+                "arch": arch,
+                "variant": variant,
+                "lr_scale": scale,
+                "seeds": len(runs),
+                "trainable": runs[0]["trainable"],
+                "heldout_before": statistics.fmean(r["heldout_before"] for r in runs),
+                "final_mean": statistics.fmean(finals),
+                "final_std": spread,
+                "oscillation_mean": statistics.fmean(r["oscillation"] for r in runs),
+                "spikes": sum(r["spikes"] for r in runs),
+                "diverged": sum(bool(r["diverged"]) for r in runs),
+            }
+        )
     return out
 
 
@@ -58,13 +81,18 @@ def write_csv(rows, path) -> None:
 def markdown(agg) -> str:
     """Per (arch, variant): one row per LR scale; the best scale's loss in bold."""
     best = best_lr(agg)
-    lines = ["| arch | variant | trainable | LR scale | held-out before | final held-out (mean ± std over seeds) "
-             "| oscillation | grad-norm spikes | diverged |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arch | variant | trainable | LR scale | held-out before | final held-out (mean ± std over seeds) "
+        "| oscillation | grad-norm spikes | diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for a in agg:
         loss = f"{a['final_mean']:.3f} ± {a['final_std']:.3f}"
         if best[(a["arch"], a["variant"])] is a:
             loss = f"**{loss}**"
-        lines.append(f"| {a['arch']} | {a['variant']} | {a['trainable']:,} | {a['lr_scale']:g} | "
-                     f"{a['heldout_before']:.3f} | {loss} | {a['oscillation_mean']:.3f} | {a['spikes']} | "
-                     f"{a['diverged']}/{a['seeds']} |")
+        lines.append(
+            f"| {a['arch']} | {a['variant']} | {a['trainable']:,} | {a['lr_scale']:g} | "
+            f"{a['heldout_before']:.3f} | {loss} | {a['oscillation_mean']:.3f} | {a['spikes']} | "
+            f"{a['diverged']}/{a['seeds']} |"
+        )
     return "\n".join(lines) + "\n"

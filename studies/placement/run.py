@@ -61,8 +61,9 @@ def base(arch: str, cfg, out: Path, device):
     elif cached.is_file():
         state = torch.load(cached, map_location=device, weights_only=True)
     else:
-        log.info("pretraining the %s base on %s for %d steps", arch, cfg.data.base_pretrain,
-                 cfg.data.base_pretrain_steps)
+        log.info(
+            "pretraining the %s base on %s for %d steps", arch, cfg.data.base_pretrain, cfg.data.base_pretrain_steps
+        )
         torch.manual_seed(cfg.seed)
         model = build_model(config).to(device)
         pretrain(model, cfg, device)
@@ -130,9 +131,19 @@ def run_grid(cfg, out: Path, device) -> None:
         record = run_one(bases[arch], arch, variant, scale, seed, cfg, train_loader, val, device)
         with open(runs_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("[%d/%d] %s %s LR x%g seed %d: held-out %.3f -> %.3f (%d trainable, %.1f s)", i, len(todo), arch,
-                 variant.name, scale, seed, record["heldout_before"], record["heldout_final"], record["trainable"],
-                 record["wall_s"])
+        log.info(
+            "[%d/%d] %s %s LR x%g seed %d: held-out %.3f -> %.3f (%d trainable, %.1f s)",
+            i,
+            len(todo),
+            arch,
+            variant.name,
+            scale,
+            seed,
+            record["heldout_before"],
+            record["heldout_final"],
+            record["trainable"],
+            record["wall_s"],
+        )
         if s.time_budget_s is not None and time.time() - start > s.time_budget_s and i < len(todo):
             log.warning("time budget %.0f s spent: %d runs left; rerun to continue", s.time_budget_s, len(todo) - i)
             return
@@ -150,12 +161,14 @@ def report(cfg, out: Path) -> list[dict]:
     (out / "claims.json").write_text(json.dumps(judged, indent=2))
     (out / "summary.md").write_text(
         f"# Placement study: {cfg.model.name}, {len(rows)} runs\n\n{tables.markdown(agg)}\n"
-        f"## The four claims\n\n{claims.markdown(judged)}")
+        f"## The four claims\n\n{claims.markdown(judged)}"
+    )
     if cfg.study.plots and rows:
         from studies.placement import plots
 
-        plots.loss_curves(records, 1.0 if 1.0 in cfg.study.lr_scales else cfg.study.lr_scales[0],
-                          out / "loss_curves.png")
+        plots.loss_curves(
+            records, 1.0 if 1.0 in cfg.study.lr_scales else cfg.study.lr_scales[0], out / "loss_curves.png"
+        )
         plots.final_vs_lr(agg, out / "final_vs_lr.png")
         plots.stability(agg, out / "stability.png")
     return judged

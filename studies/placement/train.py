@@ -39,8 +39,7 @@ def train(model, params, loader, lr: float, steps: int, optim_cfg, device, on_ev
     return losses, norms
 
 
-def run_one(make_base, arch: str, variant, lr_scale: float, seed: int, cfg, train_loader, val_loader,
-            device) -> dict:
+def run_one(make_base, arch: str, variant, lr_scale: float, seed: int, cfg, train_loader, val_loader, device) -> dict:
     """LoRA (``variant``) on a fresh frozen base from ``make_base()``; the record ``study.metrics.summarise``
     reads."""
     from nemo_mla_lora.peft import MLALoRA
@@ -57,10 +56,22 @@ def run_one(make_base, arch: str, variant, lr_scale: float, seed: int, cfg, trai
         curve[step] = cpu.evaluate(model, val_loader, device=device)
 
     lr = cfg.optim.lr * lr_scale
-    losses, norms = train(model, params, train_loader, lr, cfg.study.steps, cfg.optim, device, on_eval,
-                          cfg.study.eval_every)
+    losses, norms = train(
+        model, params, train_loader, lr, cfg.study.steps, cfg.optim, device, on_eval, cfg.study.eval_every
+    )
     final = curve.get(cfg.study.steps, math.nan)  # absent when the run stopped at a non-finite loss
-    return {"arch": arch, "variant": variant.name, "kind": variant.kind, "lr_scale": lr_scale, "lr": lr,
-            "seed": seed, "trainable": sum(p.numel() for p in params), "heldout_before": before,
-            "heldout_final": final, "heldout_curve": curve, "train_loss": losses, "grad_norm": norms,
-            "wall_s": round(time.time() - start, 2)}
+    return {
+        "arch": arch,
+        "variant": variant.name,
+        "kind": variant.kind,
+        "lr_scale": lr_scale,
+        "lr": lr,
+        "seed": seed,
+        "trainable": sum(p.numel() for p in params),
+        "heldout_before": before,
+        "heldout_final": final,
+        "heldout_curve": curve,
+        "train_loss": losses,
+        "grad_norm": norms,
+        "wall_s": round(time.time() - start, 2),
+    }

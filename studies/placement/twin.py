@@ -18,8 +18,7 @@ import dataclasses
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
 # Fields of the MLA config that do not carry over: the layer spec and what only MLA reads or sets.
-NOT_COPIED = {"transformer_layer_spec", "multi_latent_attention", "kv_channels", "qk_layernorm",
-              "num_query_groups"}
+NOT_COPIED = {"transformer_layer_spec", "multi_latent_attention", "kv_channels", "qk_layernorm", "num_query_groups"}
 
 
 def mla_attention_params(config) -> int:
@@ -48,6 +47,11 @@ def standard_attention_twin(mla_config):
 
     names = {f.name for f in dataclasses.fields(GPTConfig) if f.init} - NOT_COPIED
     args = {n: getattr(mla_config, n) for n in names if hasattr(mla_config, n)}
-    return GPTConfig(**args, multi_latent_attention=False, kv_channels=twin_head_dim(mla_config),
-                     num_query_groups=mla_config.num_attention_heads, qk_layernorm=False,
-                     transformer_layer_spec=local_block_spec)
+    return GPTConfig(
+        **args,
+        multi_latent_attention=False,
+        kv_channels=twin_head_dim(mla_config),
+        num_query_groups=mla_config.num_attention_heads,
+        qk_layernorm=False,
+        transformer_layer_spec=local_block_spec,
+    )

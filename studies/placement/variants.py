@@ -25,39 +25,62 @@ def _single(leaf: str) -> Variant:
     return Variant(leaf, "single", {"target_modules": [leaf]}, (leaf,))
 
 
-MLA_VARIANTS = {v.name: v for v in [
-    Variant("nemo_official", "placement", {"placement": "nemo_official"}),
-    Variant("all_linear", "placement", {"placement": "all_linear"}),
-    Variant("safe", "placement", {"placement": "safe"}),
-    Variant("down_only", "placement", {"placement": "down_only"}, ("linear_kv_down_proj",)),
-    _single("linear_q_down_proj"),
-    _single("linear_q_up_proj"),
-    _single("linear_q_proj"),
-    _single("linear_kv_down_proj"),
-    _single("linear_kv_up_proj"),
-    _single("linear_proj"),
-    Variant("kv_up_k_only", "part", {"target_modules": ["linear_kv_up_proj"], "parts": {"linear_kv_up_proj": "k"}},
-            ("linear_kv_up_proj",)),
-    Variant("kv_down_latent_only", "part",
+MLA_VARIANTS = {
+    v.name: v
+    for v in [
+        Variant("nemo_official", "placement", {"placement": "nemo_official"}),
+        Variant("all_linear", "placement", {"placement": "all_linear"}),
+        Variant("safe", "placement", {"placement": "safe"}),
+        Variant("down_only", "placement", {"placement": "down_only"}, ("linear_kv_down_proj",)),
+        _single("linear_q_down_proj"),
+        _single("linear_q_up_proj"),
+        _single("linear_q_proj"),
+        _single("linear_kv_down_proj"),
+        _single("linear_kv_up_proj"),
+        _single("linear_proj"),
+        Variant(
+            "kv_up_k_only",
+            "part",
+            {"target_modules": ["linear_kv_up_proj"], "parts": {"linear_kv_up_proj": "k"}},
+            ("linear_kv_up_proj",),
+        ),
+        Variant(
+            "kv_down_latent_only",
+            "part",
             {"target_modules": ["linear_kv_down_proj"], "parts": {"linear_kv_down_proj": "latent"}},
-            ("linear_kv_down_proj",)),
-]}
+            ("linear_kv_down_proj",),
+        ),
+    ]
+}
 
 # Standard attention: "attention" is the counterpart of nemo_official (all attention linears).
-TWIN_VARIANTS = {v.name: v for v in [
-    Variant("attention", "twin", {"target_modules": ["linear_qkv", "linear_proj"]}, ("linear_qkv",)),
-    Variant("all_linear", "twin", {"target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]},
-            ("linear_qkv",)),
-    Variant("safe", "twin", {"target_modules": ["linear_proj", "linear_fc1", "linear_fc2"]}, ("linear_qkv",)),
-    Variant("linear_qkv", "twin", {"target_modules": ["linear_qkv"]}, ("linear_qkv",)),
-]}
+TWIN_VARIANTS = {
+    v.name: v
+    for v in [
+        Variant("attention", "twin", {"target_modules": ["linear_qkv", "linear_proj"]}, ("linear_qkv",)),
+        Variant(
+            "all_linear",
+            "twin",
+            {"target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]},
+            ("linear_qkv",),
+        ),
+        Variant("safe", "twin", {"target_modules": ["linear_proj", "linear_fc1", "linear_fc2"]}, ("linear_qkv",)),
+        Variant("linear_qkv", "twin", {"target_modules": ["linear_qkv"]}, ("linear_qkv",)),
+    ]
+}
 
 # Which MLA variant each twin variant is compared with (claim 4).
 TWIN_COUNTERPART = {"attention": "nemo_official", "all_linear": "all_linear", "safe": "safe"}
 
 # Attention targets alone (claim 2) and the latent-bottleneck variants (claim 1).
-ATTENTION_SINGLES = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj",
-                     "linear_kv_up_proj", "linear_proj")
+ATTENTION_SINGLES = (
+    "linear_q_down_proj",
+    "linear_q_up_proj",
+    "linear_q_proj",
+    "linear_kv_down_proj",
+    "linear_kv_up_proj",
+    "linear_proj",
+)
 DOWN = ("down_only", "linear_q_down_proj", "linear_kv_down_proj", "kv_down_latent_only")
 
 

@@ -25,10 +25,37 @@ from nemo_mla_lora.inference.kernels.triton_decode import default_splits, merge_
 
 
 @triton.jit
-def _tma_split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, scale, H, chunk,
-                      s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ab, s_ah, s_as, s_mb, s_mh,
-                      C: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                      ONE_SPLIT: tl.constexpr):
+def _tma_split_kernel(
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    acc_out,
+    m_out,
+    l_out,
+    scale,
+    H,
+    chunk,
+    s_qb,
+    s_qh,
+    s_rb,
+    s_rh,
+    s_cb,
+    s_ct,
+    s_kb,
+    s_kt,
+    s_ab,
+    s_ah,
+    s_as,
+    s_mb,
+    s_mh,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
     HALF: tl.constexpr = C // 2
     hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
@@ -39,10 +66,10 @@ def _tma_split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_ou
     q1 = tl.load(q_row + HALF + cs[None, :], mask=hmask[:, None], other=0.0)  # [BH, c/2]
     qr = tl.load(q_rope + b * s_rb + heads[:, None] * s_rh + ds[None, :], mask=hmask[:, None], other=0.0)
     length = tl.load(lengths + b)
-    kv = tl.make_tensor_descriptor(c_kv + b * s_cb, shape=[length, C], strides=[s_ct, 1],
-                                   block_shape=[BLOCK_T, HALF])  # zeros past the row's length
-    kr = tl.make_tensor_descriptor(k_rope + b * s_kb, shape=[length, D], strides=[s_kt, 1],
-                                   block_shape=[BLOCK_T, D])
+    kv = tl.make_tensor_descriptor(
+        c_kv + b * s_cb, shape=[length, C], strides=[s_ct, 1], block_shape=[BLOCK_T, HALF]
+    )  # zeros past the row's length
+    kr = tl.make_tensor_descriptor(k_rope + b * s_kb, shape=[length, D], strides=[s_kt, 1], block_shape=[BLOCK_T, D])
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -79,10 +106,37 @@ def _tma_split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_ou
 
 
 @triton.jit
-def _tma_split_kernel_t(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, scale, H, chunk,
-                        s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ab, s_ah, s_as, s_mb, s_mh,
-                        C: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                        ONE_SPLIT: tl.constexpr):
+def _tma_split_kernel_t(
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    acc_out,
+    m_out,
+    l_out,
+    scale,
+    H,
+    chunk,
+    s_qb,
+    s_qh,
+    s_rb,
+    s_rh,
+    s_cb,
+    s_ct,
+    s_kb,
+    s_kt,
+    s_ab,
+    s_ah,
+    s_as,
+    s_mb,
+    s_mh,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
     """The same split pass with positions as the MMA's rows: scores^T [BT, BH] = c_kv tile . q^T and
     o^T [c/2, BH] += c_kv tile^T . p^T, so the few heads of a tensor-parallel rank (16) are the N of a
     64-row wgmma instead of padding its M."""
@@ -96,10 +150,10 @@ def _tma_split_kernel_t(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_
     q1 = tl.load(q_col + HALF + cs[:, None], mask=hmask[None, :], other=0.0)  # [c/2, BH]
     qr = tl.load(q_rope + b * s_rb + heads[None, :] * s_rh + ds[:, None], mask=hmask[None, :], other=0.0)
     length = tl.load(lengths + b)
-    kv = tl.make_tensor_descriptor(c_kv + b * s_cb, shape=[length, C], strides=[s_ct, 1],
-                                   block_shape=[BLOCK_T, HALF])  # zeros past the row's length
-    kr = tl.make_tensor_descriptor(k_rope + b * s_kb, shape=[length, D], strides=[s_kt, 1],
-                                   block_shape=[BLOCK_T, D])
+    kv = tl.make_tensor_descriptor(
+        c_kv + b * s_cb, shape=[length, C], strides=[s_ct, 1], block_shape=[BLOCK_T, HALF]
+    )  # zeros past the row's length
+    kr = tl.make_tensor_descriptor(k_rope + b * s_kb, shape=[length, D], strides=[s_kt, 1], block_shape=[BLOCK_T, D])
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -148,8 +202,14 @@ def default_tma_launch(h: int, b: int, t: int) -> dict:
     if h >= 128 and b > 1:
         return dict(heads64, split_factor=2 if b * t <= 8192 else 1)
     if b * t < 32768 or b == 1:
-        return dict(rows="positions", block_h=16, block_t=64, num_warps=4, num_stages=2,
-                    split_factor=2 if b * t * h <= 262144 else 1)
+        return dict(
+            rows="positions",
+            block_h=16,
+            block_t=64,
+            num_warps=4,
+            num_stages=2,
+            split_factor=2 if b * t * h <= 262144 else 1,
+        )
     if h <= 32:
         return dict(rows="heads", block_h=16, block_t=32, num_warps=4, num_stages=3, split_factor=1)
     return dict(heads64, split_factor=1)
@@ -176,16 +236,29 @@ def supported(c_kv: torch.Tensor, k_rope: torch.Tensor) -> bool:
     return True
 
 
-def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
-                                block_h: int | None = None, block_t: int | None = None,
-                                num_warps: int | None = None, num_stages: int | None = None,
-                                max_length: int | None = None, rows: str | None = None) -> torch.Tensor:
+def latent_decode_attention_tma(
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    scale: float,
+    splits: int | None = None,
+    block_h: int | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    max_length: int | None = None,
+    rows: str | None = None,
+) -> torch.Tensor:
     """As ``triton_decode.latent_decode_attention`` (same arguments, shapes and result), through TMA tiles;
     ``rows``: ``heads`` or ``positions`` fill the MMA's rows (``KERNELS``). Raises ValueError where
     ``supported`` says no."""
     if not supported(c_kv, k_rope):
-        raise ValueError(f"latent_decode_attention_tma: unsupported cache c_kv {tuple(c_kv.shape)} strides "
-                         f"{c_kv.stride()}, k_rope {tuple(k_rope.shape)} strides {k_rope.stride()} on {c_kv.device}")
+        raise ValueError(
+            f"latent_decode_attention_tma: unsupported cache c_kv {tuple(c_kv.shape)} strides "
+            f"{c_kv.stride()}, k_rope {tuple(k_rope.shape)} strides {k_rope.stride()} on {c_kv.device}"
+        )
     b, h, c = q_lat.shape
     d = q_rope.shape[-1]
     t_max = max_length if max_length is not None else int(lengths.max())
@@ -200,11 +273,38 @@ def latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale: flo
     if q_lat.device.type == "cuda":
         triton.set_allocator(_scratch)
     kernel[(triton.cdiv(h, block_h), splits, b)](
-        q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, chunk,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c_kv.stride(0), c_kv.stride(1),
-        k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), 0 if one else acc.stride(2),
-        m.stride(0), m.stride(1), C=c, D=d, BLOCK_H=block_h, BLOCK_T=block_t, ONE_SPLIT=one,
-        num_warps=num_warps, num_stages=num_stages)
+        q_lat,
+        q_rope,
+        c_kv,
+        k_rope,
+        lengths,
+        acc,
+        m,
+        l_sum,
+        scale,
+        h,
+        chunk,
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_rope.stride(0),
+        q_rope.stride(1),
+        c_kv.stride(0),
+        c_kv.stride(1),
+        k_rope.stride(0),
+        k_rope.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        0 if one else acc.stride(2),
+        m.stride(0),
+        m.stride(1),
+        C=c,
+        D=d,
+        BLOCK_H=block_h,
+        BLOCK_T=block_t,
+        ONE_SPLIT=one,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     merge_splits(acc, m, l_sum, out)
     return out
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation; fp32 operands in full fp32 (``IEEE``) as torch's matmul takes them by default,
@@ -32,8 +33,25 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _expand_kernel(z, mask, bt, y, T, O, J, mask_div, mask_mod, s_zt, s_mb, s_bj, s_yt,
-                   BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr, IEEE: tl.constexpr):
+def _expand_kernel(
+    z,
+    mask,
+    bt,
+    y,
+    T,
+    O,
+    J,
+    mask_div,
+    mask_mod,
+    s_zt,
+    s_mb,
+    s_bj,
+    s_yt,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """y[t, o] += sum_j z[t, j] mask[(t // mask_div) % mask_mod, j] bt[j, o]."""
     tb, ob = tl.program_id(0), tl.program_id(1)
     ts = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -66,20 +84,47 @@ def _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R: tl.constexpr, BLOCK_J: tl.c
 
 
 @triton.jit
-def _q_lat_kernel(q, b_k, a, mask, q_lat, R, S, D, J, C,
-                  s_qs, s_qb, s_qh, s_kh, s_kd, s_aj, s_mb, s_lb, s_ls, s_lh,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-                  IEEE: tl.constexpr):
+def _q_lat_kernel(
+    q,
+    b_k,
+    a,
+    mask,
+    q_lat,
+    R,
+    S,
+    D,
+    J,
+    C,
+    s_qs,
+    s_qb,
+    s_qh,
+    s_kh,
+    s_kd,
+    s_aj,
+    s_mb,
+    s_lb,
+    s_ls,
+    s_lh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Head h, rows r = (b, s): z = q[s, b, h, :] B_K[h] [r, j], masked; q_lat[b, s, h, c-block] += z A[:, c-block]."""
     h, rb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bs, ss, rmask, js, jmask, mt = _rows_and_mask(mask, rb, R, S, J, s_mb, BLOCK_R, BLOCK_J)
     ds = tl.arange(0, BLOCK_D)
     cs = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
-    qt = tl.load(q + ss[:, None] * s_qs + bs[:, None] * s_qb + h * s_qh + ds[None, :],
-                 mask=rmask[:, None] & (ds[None, :] < D), other=0.0)  # [BR, BD]
-    kt = tl.load(b_k + h * s_kh + ds[:, None] * s_kd + js[None, :],
-                 mask=(ds[:, None] < D) & jmask[None, :], other=0.0)  # [BD, BJ]
+    qt = tl.load(
+        q + ss[:, None] * s_qs + bs[:, None] * s_qb + h * s_qh + ds[None, :],
+        mask=rmask[:, None] & (ds[None, :] < D),
+        other=0.0,
+    )  # [BR, BD]
+    kt = tl.load(
+        b_k + h * s_kh + ds[:, None] * s_kd + js[None, :], mask=(ds[:, None] < D) & jmask[None, :], other=0.0
+    )  # [BD, BJ]
     z = (_dot(qt, kt, IEEE) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
     at = tl.load(a + js[:, None] * s_aj + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)  # [BJ, BC]
     out = q_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :]
@@ -89,10 +134,33 @@ def _q_lat_kernel(q, b_k, a, mask, q_lat, R, S, D, J, C,
 
 
 @triton.jit
-def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
-              s_lb, s_ls, s_lh, s_aj, s_vh, s_vj, s_mb, s_os, s_ob, s_oh,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
-              IEEE: tl.constexpr):
+def _o_kernel(
+    o_lat,
+    a,
+    b_v,
+    mask,
+    o,
+    R,
+    S,
+    C,
+    J,
+    E,
+    s_lb,
+    s_ls,
+    s_lh,
+    s_aj,
+    s_vh,
+    s_vj,
+    s_mb,
+    s_os,
+    s_ob,
+    s_oh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Head h, rows r = (b, s): z = o_lat[b, s, h, :] A^T [r, j], masked;
     o[s, b, h, e-block] += z B_V[h, :, e-block]."""
     h, rb, eb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -102,10 +170,14 @@ def _o_kernel(o_lat, a, b_v, mask, o, R, S, C, J, E,
     z = tl.zeros([BLOCK_R, BLOCK_J], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        lt = tl.load(o_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :],
-                     mask=rmask[:, None] & (cs[None, :] < C), other=0.0)  # [BR, BC]
-        at = tl.load(a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C),
-                     other=0.0)  # [BC, BJ]
+        lt = tl.load(
+            o_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :],
+            mask=rmask[:, None] & (cs[None, :] < C),
+            other=0.0,
+        )  # [BR, BC]
+        at = tl.load(
+            a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C), other=0.0
+        )  # [BC, BJ]
         z += _dot(lt, at, IEEE)
     vt = tl.load(b_v + h * s_vh + js[:, None] * s_vj + es[None, :], mask=jmask[:, None] & emask[None, :], other=0.0)
     out = o + ss[:, None] * s_os + bs[:, None] * s_ob + h * s_oh + es[None, :]
@@ -133,25 +205,64 @@ def expand_add(y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, b_t: torch.
     block_t = _pow2(min(s * b, 64))
     block_o = 128 if o >= 128 else _pow2(o)
     grid = (triton.cdiv(s * b, block_t), triton.cdiv(o, block_o))
-    _expand_kernel[grid](z2, mask, b_t, y2, s * b, o, m, 1, batch, z2.stride(0), mask.stride(0), b_t.stride(0),
-                         y2.stride(0), BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_J=min(_pow2(m), 64),
-                         IEEE=y.dtype == torch.float32)
+    _expand_kernel[grid](
+        z2,
+        mask,
+        b_t,
+        y2,
+        s * b,
+        o,
+        m,
+        1,
+        batch,
+        z2.stride(0),
+        mask.stride(0),
+        b_t.stride(0),
+        y2.stride(0),
+        BLOCK_T=block_t,
+        BLOCK_O=block_o,
+        BLOCK_J=min(_pow2(m), 64),
+        IEEE=y.dtype == torch.float32,
+    )
     return y
 
 
-def q_lat_add(q_lat: torch.Tensor, q_nope: torch.Tensor, b_k: torch.Tensor, a: torch.Tensor,
-              mask: torch.Tensor) -> torch.Tensor:
+def q_lat_add(
+    q_lat: torch.Tensor, q_nope: torch.Tensor, b_k: torch.Tensor, a: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """q_lat [b, s, h, c] += kv-up K-row correction of q_nope [s, b, h, d] (B_K [h, d, m], A [m, c]), in place."""
     b, s, h, c = q_lat.shape
     d, m = b_k.shape[1], b_k.shape[2]
     _inner_contiguous(q_lat, q_nope, b_k, a, mask)
     block_r, block_c = _pow2(min(b * s, 64)), min(_pow2(c), 128)
     grid = (h, triton.cdiv(b * s, block_r), triton.cdiv(c, block_c))
-    _q_lat_kernel[grid](q_nope, b_k, a, mask, q_lat, b * s, s, d, m, c,
-                        q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), b_k.stride(0), b_k.stride(1),
-                        a.stride(0), mask.stride(0), q_lat.stride(0), q_lat.stride(1), q_lat.stride(2),
-                        BLOCK_R=block_r, BLOCK_D=_pow2(d), BLOCK_J=_pow2(m), BLOCK_C=block_c,
-                        IEEE=q_lat.dtype == torch.float32)
+    _q_lat_kernel[grid](
+        q_nope,
+        b_k,
+        a,
+        mask,
+        q_lat,
+        b * s,
+        s,
+        d,
+        m,
+        c,
+        q_nope.stride(0),
+        q_nope.stride(1),
+        q_nope.stride(2),
+        b_k.stride(0),
+        b_k.stride(1),
+        a.stride(0),
+        mask.stride(0),
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_lat.stride(2),
+        BLOCK_R=block_r,
+        BLOCK_D=_pow2(d),
+        BLOCK_J=_pow2(m),
+        BLOCK_C=block_c,
+        IEEE=q_lat.dtype == torch.float32,
+    )
     return q_lat
 
 
@@ -162,9 +273,31 @@ def o_add(o: torch.Tensor, o_lat: torch.Tensor, a: torch.Tensor, b_v: torch.Tens
     _inner_contiguous(o, o_lat, a, b_v, mask)
     block_r, block_e = _pow2(min(b * s, 64)), min(_pow2(e), 128)
     grid = (h, triton.cdiv(b * s, block_r), triton.cdiv(e, block_e))
-    _o_kernel[grid](o_lat, a, b_v, mask, o, b * s, s, c, m, e,
-                    o_lat.stride(0), o_lat.stride(1), o_lat.stride(2), a.stride(0), b_v.stride(0), b_v.stride(1),
-                    mask.stride(0), o.stride(0), o.stride(1), o.stride(2),
-                    BLOCK_R=block_r, BLOCK_C=min(_pow2(c), 128), BLOCK_J=_pow2(m), BLOCK_E=block_e,
-                    IEEE=o.dtype == torch.float32)
+    _o_kernel[grid](
+        o_lat,
+        a,
+        b_v,
+        mask,
+        o,
+        b * s,
+        s,
+        c,
+        m,
+        e,
+        o_lat.stride(0),
+        o_lat.stride(1),
+        o_lat.stride(2),
+        a.stride(0),
+        b_v.stride(0),
+        b_v.stride(1),
+        mask.stride(0),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        BLOCK_R=block_r,
+        BLOCK_C=min(_pow2(c), 128),
+        BLOCK_J=_pow2(m),
+        BLOCK_E=block_e,
+        IEEE=o.dtype == torch.float32,
+    )
     return o

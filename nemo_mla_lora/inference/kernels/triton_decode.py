@@ -23,19 +23,49 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, scale,
-                  H, C, D, chunk,
-                  s_qb, s_qh, s_rb, s_rh, s_cb, s_ct, s_kb, s_kt, s_ab, s_ah, s_as, s_mb, s_mh,
-                  BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ONE_SPLIT: tl.constexpr):
+def _split_kernel(
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    acc_out,
+    m_out,
+    l_out,
+    scale,
+    H,
+    C,
+    D,
+    chunk,
+    s_qb,
+    s_qh,
+    s_rb,
+    s_rh,
+    s_cb,
+    s_ct,
+    s_kb,
+    s_kt,
+    s_ab,
+    s_ah,
+    s_as,
+    s_mb,
+    s_mh,
+    BLOCK_H: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
     hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     cs, ds = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D)
     hmask = heads < H
-    q = tl.load(q_lat + b * s_qb + heads[:, None] * s_qh + cs[None, :],
-                mask=hmask[:, None] & (cs[None, :] < C), other=0.0)  # [BH, BC]
-    qr = tl.load(q_rope + b * s_rb + heads[:, None] * s_rh + ds[None, :],
-                 mask=hmask[:, None] & (ds[None, :] < D), other=0.0)  # [BH, BD]
+    q = tl.load(
+        q_lat + b * s_qb + heads[:, None] * s_qh + cs[None, :], mask=hmask[:, None] & (cs[None, :] < C), other=0.0
+    )  # [BH, BC]
+    qr = tl.load(
+        q_rope + b * s_rb + heads[:, None] * s_rh + ds[None, :], mask=hmask[:, None] & (ds[None, :] < D), other=0.0
+    )  # [BH, BD]
     length = tl.load(lengths + b)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
@@ -45,10 +75,12 @@ def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, s
     for t0 in range(start, end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)  # [BT]
         tmask = ts < end
-        kc = tl.load(c_kv + b * s_cb + ts[:, None] * s_ct + cs[None, :],
-                     mask=tmask[:, None] & (cs[None, :] < C), other=0.0)  # [BT, BC]
-        kr = tl.load(k_rope + b * s_kb + ts[:, None] * s_kt + ds[None, :],
-                     mask=tmask[:, None] & (ds[None, :] < D), other=0.0)  # [BT, BD]
+        kc = tl.load(
+            c_kv + b * s_cb + ts[:, None] * s_ct + cs[None, :], mask=tmask[:, None] & (cs[None, :] < C), other=0.0
+        )  # [BT, BC]
+        kr = tl.load(
+            k_rope + b * s_kb + ts[:, None] * s_kt + ds[None, :], mask=tmask[:, None] & (ds[None, :] < D), other=0.0
+        )  # [BT, BD]
         scores = (tl.dot(q, tl.trans(kc)) + tl.dot(qr, tl.trans(kr))) * scale  # [BH, BT]
         scores = tl.where(tmask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -59,8 +91,11 @@ def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, s
         m = m_new
     if ONE_SPLIT:  # acc_out is the output [b, h, c] (s_as unused)
         acc = acc / l_sum[:, None]
-    tl.store(acc_out + b * s_ab + heads[:, None] * s_ah + split * s_as + cs[None, :], acc,
-             mask=hmask[:, None] & (cs[None, :] < C))
+    tl.store(
+        acc_out + b * s_ab + heads[:, None] * s_ah + split * s_as + cs[None, :],
+        acc,
+        mask=hmask[:, None] & (cs[None, :] < C),
+    )
     if ONE_SPLIT:
         return
     tl.store(m_out + b * s_mb + heads * s_mh + split, m, mask=hmask)
@@ -68,8 +103,23 @@ def _split_kernel(q_lat, q_rope, c_kv, k_rope, lengths, acc_out, m_out, l_out, s
 
 
 @triton.jit
-def _merge_kernel(acc_in, m_in, l_in, out, C, S, s_ab, s_ah, s_as, s_mb, s_mh, s_ob, s_oh,
-                  BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_kernel(
+    acc_in,
+    m_in,
+    l_in,
+    out,
+    C,
+    S,
+    s_ab,
+    s_ah,
+    s_as,
+    s_mb,
+    s_mh,
+    s_ob,
+    s_oh,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     b, h = tl.program_id(0), tl.program_id(1)
     ss, cs = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
     smask = ss < S
@@ -77,8 +127,11 @@ def _merge_kernel(acc_in, m_in, l_in, out, C, S, s_ab, s_ah, s_as, s_mb, s_mh, s
     l_sum = tl.load(l_in + b * s_mb + h * s_mh + ss, mask=smask, other=0.0)
     m_all = tl.max(m, axis=0)
     w = tl.where(smask & (m > float("-inf")), tl.exp(m - m_all), 0.0)  # [BS]; empty splits weigh 0
-    acc = tl.load(acc_in + b * s_ab + h * s_ah + ss[:, None] * s_as + cs[None, :],
-                  mask=smask[:, None] & (cs[None, :] < C), other=0.0)  # [BS, BC]
+    acc = tl.load(
+        acc_in + b * s_ab + h * s_ah + ss[:, None] * s_as + cs[None, :],
+        mask=smask[:, None] & (cs[None, :] < C),
+        other=0.0,
+    )  # [BS, BC]
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
     tl.store(out + b * s_ob + h * s_oh + cs, o, mask=cs < C)
 
@@ -105,9 +158,23 @@ def merge_splits(acc, m, l_sum, out) -> None:
     b, h, splits, c = acc.shape if acc.dim() == 4 else (*acc.shape[:2], 1, acc.shape[2])
     if splits == 1:
         return
-    _merge_kernel[(b, h)](acc, m, l_sum, out, c, splits, acc.stride(0), acc.stride(1), acc.stride(2),
-                          m.stride(0), m.stride(1), out.stride(0), out.stride(1), BLOCK_C=_pow2(c),
-                          BLOCK_S=_pow2(splits, 2))
+    _merge_kernel[(b, h)](
+        acc,
+        m,
+        l_sum,
+        out,
+        c,
+        splits,
+        acc.stride(0),
+        acc.stride(1),
+        acc.stride(2),
+        m.stride(0),
+        m.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_C=_pow2(c),
+        BLOCK_S=_pow2(splits, 2),
+    )
 
 
 def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
@@ -125,9 +192,20 @@ def default_launch(h: int) -> dict:
     return dict(block_h=16, block_t=32, num_warps=4, num_stages=2)
 
 
-def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None,
-                            block_h: int | None = None, block_t: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None, max_length: int | None = None) -> torch.Tensor:
+def latent_decode_attention(
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    scale: float,
+    splits: int | None = None,
+    block_h: int | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """q_lat [b, h, c], q_rope [b, h, d], c_kv [b, T, c], k_rope [b, T, d] (T >= max length, any strides
     with a unit last dim), lengths [b] (int) -> o_lat [b, h, c] in q_lat's dtype (accumulated in float32).
     ``max_length``: an upper bound of ``lengths`` known on the host (no device sync: CUDA-graph safe)."""
@@ -146,10 +224,39 @@ def latent_decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, 
     block_c, block_d = _pow2(c), _pow2(d)
     s_as = 0 if one else acc.stride(2)
     _split_kernel[(triton.cdiv(h, block_h), splits, b)](
-        q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, c, d, chunk,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c_kv.stride(0), c_kv.stride(1),
-        k_rope.stride(0), k_rope.stride(1), acc.stride(0), acc.stride(1), s_as, m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_D=block_d, ONE_SPLIT=one,
-        num_warps=num_warps, num_stages=num_stages)
+        q_lat,
+        q_rope,
+        c_kv,
+        k_rope,
+        lengths,
+        acc,
+        m,
+        l_sum,
+        scale,
+        h,
+        c,
+        d,
+        chunk,
+        q_lat.stride(0),
+        q_lat.stride(1),
+        q_rope.stride(0),
+        q_rope.stride(1),
+        c_kv.stride(0),
+        c_kv.stride(1),
+        k_rope.stride(0),
+        k_rope.stride(1),
+        acc.stride(0),
+        acc.stride(1),
+        s_as,
+        m.stride(0),
+        m.stride(1),
+        BLOCK_H=block_h,
+        BLOCK_T=block_t,
+        BLOCK_C=block_c,
+        BLOCK_D=block_d,
+        ONE_SPLIT=one,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     merge_splits(acc, m, l_sum, out)
     return out
