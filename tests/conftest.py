@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from nemo_mla_lora.runtime.parallel import free_port  # noqa: F401  (tests import it from here)
+from nemo_mla_lora.runtime.parallel import free_port
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

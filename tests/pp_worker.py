@@ -132,8 +132,8 @@ def worker(rank: int, world: int, port: int, root: str, variants: list) -> None:
     from megatron.core import parallel_state
 
     from nemo_mla_lora.checkpoints import dist_ckpt
-    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.runtime import parallel
 
     for variant in variants:
         d = Path(root) / variant

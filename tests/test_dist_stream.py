@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from nemo_mla_lora.checkpoints.dist_ckpt import sharded_tensors
-from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
+from nemo_mla_lora.checkpoints.errors import CheckpointError
 
 
 def groups():
@@ -30,7 +30,7 @@ def load_all(directory) -> dict:
     from megatron.core import dist_checkpointing
 
     request = dist_checkpointing.load_tensors_metadata(str(directory))
-    return {k: v for k, v in dist_checkpointing.load(request, str(directory)).items()}
+    return dict(dist_checkpointing.load(request, str(directory)).items())
 
 
 def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):

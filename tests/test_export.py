@@ -7,15 +7,14 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
-from nemo_mla_lora.arch import hf_config
+from nemo_mla_lora.arch import absorb, hf_config
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
-from nemo_mla_lora.arch import absorb
-from nemo_mla_lora.peft.merge import MergeError, merge_linear
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
-from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
+from nemo_mla_lora.peft.merge import MergeError, merge_linear
 from nemo_mla_lora.peft.state import base_state_dict, randomize_b
 from nemo_mla_lora.reference import latent
 

@@ -11,11 +11,11 @@ import torch
 from conftest import batch
 from test_export import trained  # noqa: F401  (module fixture: base + adapter on disk, live unmerged model)
 
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.export.pipeline import export, read_export
 from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 from nemo_mla_lora.inference.generate import generate
 from nemo_mla_lora.models.from_spec import config_from_spec
-from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.reference import latent
 
 

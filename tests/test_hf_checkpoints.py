@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from nemo_mla_lora.arch import hf_config
-from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.arch.mla_spec import yarn_mscale
+from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.reference.model import forward
 
 ROOT = Path(__file__).resolve().parents[1]

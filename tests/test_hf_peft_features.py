@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from nemo_mla_lora.checkpoints.hf_peft_config import pattern_value, targeted
-from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
 from nemo_mla_lora.checkpoints.sources import HFBase
+from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
 from nemo_mla_lora.reference import latent
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -85,7 +85,7 @@ def cpu_trainer_model(directory, out):
 def sizes(directory) -> dict:
     """HF tensor name -> its bytes on disk (headers only)."""
     base = HFBase(directory)
-    return {h: st.entries[h][3] - st.entries[h][2] for st in base.opened.values() for h in st.keys()}
+    return {h: st.entries[h][3] - st.entries[h][2] for st in base.opened.values() for h in st}
 
 
 @pytest.mark.parametrize("which", ["v2_noq", "v3", "v3_fp8"])
@@ -120,8 +120,8 @@ def test_adapters_wrap_the_hf_weights_and_the_export_reads_the_hf_base(mcore, di
     """Loaded then wrapped (what NeMo's trainer does), wrapped then loaded (into ``to_wrap``), and the CPU trainer's
     base wrapped, with the same adapters (B != 0): the same logits. The export callback at train end reads the HF
     directory as the base and records it as the export's source."""
-    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.arch.mla_spec import MLASpec
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 

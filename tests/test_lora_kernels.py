@@ -1,7 +1,7 @@
-"""``inference/kernels/lora_kernels.py`` (the multi-adapter corrections in one or two launches each) against the equations
-in float64, in Triton's interpreter on CPU (a child process with ``TRITON_INTERPRET=1``) and on a GPU when there is
-one; and the engine's logits with ``AdapterBank(kernels=True)`` equal the torch path's. Odd sizes everywhere (slots
-12 of a 16-wide tile, rows 3 or 6 of 16, head dims 24 and 28, latent 40), one row with no adapter."""
+"""``inference/kernels/lora_kernels.py`` (the multi-adapter corrections in one or two launches each) against the
+equations in float64, in Triton's interpreter on CPU (a child process with ``TRITON_INTERPRET=1``) and on a GPU when
+there is one; and the engine's logits with ``AdapterBank(kernels=True)`` equal the torch path's. Odd sizes everywhere
+(slots 12 of a 16-wide tile, rows 3 or 6 of 16, head dims 24 and 28, latent 40), one row with no adapter."""
 
 import importlib.util
 import json

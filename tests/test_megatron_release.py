@@ -12,8 +12,7 @@ from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.models import megatron_release
-from nemo_mla_lora.models.from_spec import config_from_spec
-from nemo_mla_lora.models.from_spec import CPU_SAFE
+from nemo_mla_lora.models.from_spec import CPU_SAFE, config_from_spec
 
 VARIANTS = ["v2_lite_greedy_yarn_noq", "v3_noaux_yarn_q"]  # latent norm eps = rms_norm_eps in both (1e-6)
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
 
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.inference.adapters import AdapterBank
 from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
 from nemo_mla_lora.inference.generate import generate
-from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft import MLALoRA
 from nemo_mla_lora.peft.state import randomize_b

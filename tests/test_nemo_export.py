@@ -22,7 +22,7 @@ import torch
 from nemo_mla_lora.export.pipeline import export
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import make_tiny_hf as MAKER  # noqa: E402
+import make_tiny_hf as MAKER
 
 TARGETS = [
     "q_a_proj",
@@ -204,8 +204,8 @@ def _sharded_objects(weights_dir) -> set:
 def test_nemo_export_reads_back_as_a_base_and_serves(tuned, tmp_path):
     """A NeMo checkpoint (ours, TE names) is a base like any other: exporting it again gives the tensors the
     source gives, and the engine serves it with the logits of the mcore export."""
-    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron()
     case = tuned["v3_noaux_yarn_q"]

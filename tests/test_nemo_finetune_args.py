@@ -53,7 +53,7 @@ def test_lora_stage_restores_the_base_and_applies_mla_lora(tmp_path, no_gpu_trai
 
 
 def test_last_checkpoint_finds_the_newest_weights_dir(tmp_path):
-    for i, name in enumerate(["step=10", "step=20-last"]):
+    for name in ["step=10", "step=20-last"]:
         (tmp_path / "checkpoints" / name / "weights").mkdir(parents=True)
     assert nemo_finetune.last_checkpoint(tmp_path).endswith("step=20-last")
     with pytest.raises(FileNotFoundError, match="no NeMo checkpoint"):

@@ -41,8 +41,8 @@ def reference(directory: Path, variant: str) -> dict:
     """The tiny HF checkpoint as a one-process (PP=1) adapted model with B != 0: base and adapter saved (the
     checkpoints the workers start from), one step over the micro-batches, a one-process export."""
     from nemo_mla_lora.checkpoints import dist_ckpt
-    from nemo_mla_lora.export.pipeline import export
     from nemo_mla_lora.checkpoints.sources import HFBase
+    from nemo_mla_lora.export.pipeline import export
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
     from nemo_mla_lora.peft import MLALoRA

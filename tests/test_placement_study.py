@@ -104,11 +104,10 @@ def test_twin_matches_the_mla_model_except_attention(mcore):
     for make in (tiny_mla_config, tiny_mla_noq_config):
         config = make()
         mla, twin = build_model(config), build_model(standard_attention_twin(config))
-        shapes = lambda m, attn: {
-            n: p.shape
-            for n, p in m.named_parameters()  # noqa: E731
-            if ("self_attention" in n) == attn
-        }
+
+        def shapes(m, attn):
+            return {n: p.shape for n, p in m.named_parameters() if ("self_attention" in n) == attn}
+
         assert shapes(mla, False) == shapes(twin, False)  # embeddings, norms, MLP, experts, router, output
         a_mla, a_twin = (sum(s.numel() for s in shapes(m, True).values()) for m in (mla, twin))
         assert a_mla == config.num_layers * mla_attention_params(config)
@@ -120,8 +119,8 @@ def test_twin_matches_the_mla_model_except_attention(mcore):
 def test_lora_on_the_twins_linear_qkv_is_x_at_bt(mcore):
     """linear_qkv (standard attention, column-parallel) + LoRA == W x + (alpha/r) B A x, with B != 0."""
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
-    from studies.placement.twin import standard_attention_twin
     from nemo_mla_lora.peft import MLALoRA
+    from studies.placement.twin import standard_attention_twin
 
     model = MLALoRA(target_modules=["linear_qkv"], dim=3, alpha=6)(
         build_model(standard_attention_twin(tiny_mla_config(torch.float64)))
@@ -135,10 +134,10 @@ def test_lora_on_the_twins_linear_qkv_is_x_at_bt(mcore):
 
 def test_every_variant_applies_to_the_models_that_have_its_targets(mcore):
     from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
-    from studies.placement.twin import standard_attention_twin
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.mla_lora import adaptable_modules
     from studies.placement.run import model_leaves
+    from studies.placement.twin import standard_attention_twin
 
     def trainable(variant, config):
         model = MLALoRA(dim=2, alpha=2, **variant.peft)(build_model(config))

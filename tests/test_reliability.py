@@ -211,8 +211,8 @@ def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, targ
 
     import torch
 
-    from nemo_mla_lora.export.pipeline import read_export
     from nemo_mla_lora.checkpoints.safe_load import UnsafeCheckpoint
+    from nemo_mla_lora.export.pipeline import read_export
 
     out = tmp_path / "absorbed"
     export(hf_base, None, out, fmt="absorbed", progress=False)
@@ -253,19 +253,9 @@ def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
 
     import psutil
 
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nemo_mla_lora.recipes.export",
-            f"base={hf_base}",
-            "adapter=null",
-            f"output={tmp_path / 'out'}",
-            "format=mcore",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "stderr.txt", "w"),
-    )
+    args = ["-m", "nemo_mla_lora.recipes.export", f"base={hf_base}", "adapter=null", f"output={tmp_path / 'out'}"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, *args, "format=mcore"], stdout=subprocess.DEVNULL, stderr=stderr)
     parent = psutil.Process(proc.pid)
     deadline = time.time() + 240  # until the export is writing: Megatron's helper is up since its init
     while not (tmp_path / ".out.partial").exists() and time.time() < deadline and proc.poll() is None:

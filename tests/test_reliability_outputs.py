@@ -20,9 +20,8 @@ from safetensors.torch import load_file, save_file
 from test_hf_checkpoints import MAKER
 
 from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
-from nemo_mla_lora.checkpoints.output_dir import atomic_dir
+from nemo_mla_lora.checkpoints.output_dir import OutputError, atomic_dir
 from nemo_mla_lora.export.pipeline import export, read_export, verify_checksums
-from nemo_mla_lora.checkpoints.output_dir import OutputError
 
 
 def listing(directory):
@@ -115,8 +114,8 @@ def test_overwrite_replaces_our_outputs_and_empty_directories(exports, hf_base, 
 
 
 def test_every_writer_refuses_a_user_directory_and_its_sources(mcore, hf_base, tmp_path):
-    from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.callbacks.export import MLAExportCallback
+    from nemo_mla_lora.checkpoints import dist_ckpt
 
     user = tmp_path / "user"
     user.mkdir()
@@ -320,9 +319,8 @@ def test_a_second_writer_fails_fast_on_the_lock(mcore, hf_base, tmp_path):
         message = f"{lock}: {out} is being written by another process (pid {os.getpid()} on "
         with pytest.raises(OutputError, match=re.escape(message)):
             export(hf_base, None, out, fmt="hf", progress=False)
-        with pytest.raises(OutputError, match=re.escape(str(lock))):
-            with atomic_dir(out, overwrite=True):
-                pass
+        with pytest.raises(OutputError, match=re.escape(str(lock))), atomic_dir(out, overwrite=True):
+            pass
         assert listing(tmp) == ["first.txt"]
     assert listing(out) == ["first.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

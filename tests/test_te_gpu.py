@@ -59,9 +59,8 @@ def spec_of(name: str):
 
 def build(name: str, te: bool, seed: int = 0):
     """(model on the GPU, its Megatron config, its MLASpec)."""
-    from nemo_mla_lora.models.from_spec import config_from_spec
+    from nemo_mla_lora.models.from_spec import CPU_SAFE, config_from_spec
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
-    from nemo_mla_lora.models.from_spec import CPU_SAFE
     from nemo_mla_lora.models.tiny import build_model
 
     spec = spec_of(name)
@@ -286,5 +285,5 @@ def test_te_checkpoints_export_and_load_in_megatrons_te_model(mcore, tmp_path):
     local.load_state_dict(dist_checkpointing.load(sharded, str(tmp_path / "adapter")), strict=False)
     theirs, ours = adapter_factors(local), adapter_factors(model)
     assert set(theirs) == set(ours)
-    for n, (a, b, s) in ours.items():
+    for n, (a, b, _) in ours.items():
         assert torch.equal(theirs[n][0], a) and torch.equal(theirs[n][1], b), n

@@ -83,7 +83,7 @@ def test_sharded_adapters_match_sequential_experts(mcore, singleton):
     config = tiny_mla_config()
     model = MLALoRA(placement="all_linear", dim=4, alpha=8)(build_model(config))
     randomize_b(model)
-    layer = next(i for i, l in enumerate(model.decoder.layers) if hasattr(l.mlp, "experts"))
+    layer = next(i for i, block in enumerate(model.decoder.layers) if hasattr(block.mlp, "experts"))
     experts = model.decoder.layers[layer].mlp.experts
     prefix, metadata = f"decoder.layers.{layer}.mlp.experts.", {"singleton_local_shards": singleton}
     sequential = _flat(experts.sharded_state_dict(prefix, (), metadata))

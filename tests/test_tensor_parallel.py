@@ -76,10 +76,10 @@ def test_tp2_sp_and_ep2_match_tp1(mcore, tmp_path):
                     got_g, k * ref_g, atol=1e-5 * scale, rtol=0, msg=lambda m, t=f"{layout} {name} {what}": f"{t}\n{m}"
                 )
 
-    # the export callback under TP=2+SP and under EP=2 wrote the same (default: mcore) checkpoint as a one-process export
+    # the export callback under TP=2+SP and under EP=2 wrote the same (default: mcore) checkpoint as one process
+    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export, read_export
-    from nemo_mla_lora.arch.mla_spec import MLASpec
 
     spec = MLASpec.from_megatron(model.config)
     dist_ckpt.save_base(model, spec, tmp_path / "base_tp1")

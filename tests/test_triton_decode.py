@@ -111,9 +111,9 @@ print((diffs[0] - diffs[1]).abs().max().item())
 def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
     from test_multi_adapter import ADAPTERS, base_model
 
+    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.export.pipeline import export
-    from nemo_mla_lora.arch.mla_spec import MLASpec
     from nemo_mla_lora.models.tiny import tiny_mla_config
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b

@@ -148,8 +148,8 @@ def allreduce_flags(model):
 def export_through_callback(model, out_dir):
     """The export callback as NeMo's trainer calls it at train end, under TP=2 + SP or EP=2: every rank
     saves, rank 0 exports (absorbed, verified) while the other waits."""
-    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.arch.mla_spec import MLASpec
+    from nemo_mla_lora.callbacks.export import MLAExportCallback
     from nemo_mla_lora.peft import MLALoRA
 
     holder = torch.nn.Module()

@@ -49,7 +49,8 @@ def absorb_layer(state: dict, prefix: str, spec: MLASpec, fold: bool = False) ->
 
 def fold_products(state: dict, prefix: str, spec: MLASpec, k_up, v_up) -> dict:
     """Folded per-head products, fp32 accumulated:
-    q side: F_q[h] = W_UK[h]^T W_UQ_nope[h]: [h, c, rq or hidden]; out side: F_o[h] = W_O[:, h] W_UV[h]: [hidden, h, c]."""
+    q side: F_q[h] = W_UK[h]^T W_UQ_nope[h]: [h, c, rq or hidden];
+    out side: F_o[h] = W_O[:, h] W_UV[h]: [hidden, h, c]."""
     h, dn, dr, dv, c = (
         spec.num_heads,
         spec.qk_nope_head_dim,

@@ -10,9 +10,9 @@ process they wait forever for ranks parked at the barrier (measured: a TP=2 NeMo
 at the first tensor read). The barrier's wait is bounded by the process-group timeout (30 min by
 default); for longer exports set ``export.enabled=false`` and run ``python -m nemo_mla_lora.recipes.export``.
 
-The base is read from ``base_dir`` when that is one of our base checkpoints (dist-ckpt +
-``mla_spec.json``) or an HF directory; otherwise (NeMo's trainer restoring a NeMo checkpoint, say) the frozen base weights
-are saved once from the live model to ``<output_dir>/base``.
+The base is read from ``base_dir`` when that is one of our base checkpoints (dist-ckpt + ``mla_spec.json``) or an
+HF directory; otherwise (NeMo's trainer restoring a NeMo checkpoint, say) the frozen base weights are saved once from
+the live model to ``<output_dir>/base``.
 """
 
 import logging
@@ -24,9 +24,9 @@ from pathlib import Path
 import lightning as L
 
 from nemo_mla_lora.checkpoints import dist_ckpt
+from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_target
 from nemo_mla_lora.export.manifest import read_manifest
 from nemo_mla_lora.export.pipeline import export
-from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_target
 from nemo_mla_lora.peft.mla_lora import WRAPPERS
 from nemo_mla_lora.runtime import parallel
 

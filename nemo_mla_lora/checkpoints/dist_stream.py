@@ -161,7 +161,7 @@ def _place_chunks(metadata) -> None:
     for stored in [k for k in metadata.state_dict_metadata if AXIS0_CHUNK.match(k)]:
         key, first, count = AXIS0_CHUNK.match(stored).groups()
         meta = metadata.state_dict_metadata.pop(stored)
-        shift = lambda offsets: torch.Size([offsets[0] + int(first), *offsets[1:]])  # noqa: E731
+        shift = lambda offsets: torch.Size([offsets[0] + int(first), *offsets[1:]])  # noqa: E731, B023  (this pass only)
         meta.size = torch.Size([int(count), *meta.size[1:]])
         meta.chunks = [ChunkStorageMetadata(shift(c.offsets), c.sizes) for c in meta.chunks]
         if key in metadata.state_dict_metadata:  # another chunk of it in the same part

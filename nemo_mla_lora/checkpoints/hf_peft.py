@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.checkpoints.hf_peft_config import ZERO_B_INITS, AdapterRefused, pattern_value, read_config, targeted
 from nemo_mla_lora.peft.merge import AdapterEntry
-from nemo_mla_lora.arch.mla_spec import MLASpec
 
 log = logging.getLogger(__name__)
 PREFIX = "base_model.model."
@@ -124,7 +124,7 @@ class HFPeftAdapter:
 
     def _read_keys(self) -> tuple[dict, dict]:
         lora, replaced = {}, {}
-        for key in self.file.keys():
+        for key in self.file.keys():  # noqa: SIM118  (a safetensors handle: keys(), no iteration)
             kind, name = classify(key)
             if kind == "unknown":
                 self._fail(f"tensor {key} is not one peft's LoRA saves or loads (no '{PREFIX}' prefix)")

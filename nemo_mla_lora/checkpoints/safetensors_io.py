@@ -110,6 +110,9 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def __iter__(self):
+        return iter(self.entries)  # tensor names, as keys()
+
     def shape(self, name: str) -> tuple:
         return self.entries[name][1]
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora.arch import keymap
-from nemo_mla_lora.checkpoints.checksums import check_checksums
-from nemo_mla_lora.checkpoints.dist_ckpt import ADAPTER_FILE, read_spec
-from nemo_mla_lora.checkpoints.errors import CheckpointError
-from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
-from nemo_mla_lora.checkpoints import kind
-from nemo_mla_lora.peft.merge import expand_rows
 from nemo_mla_lora.arch.hf_config import spec_from_hf
 from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.checkpoints import kind
+from nemo_mla_lora.checkpoints.checksums import check_checksums
+from nemo_mla_lora.checkpoints.dist_ckpt import ADAPTER_FILE, read_spec
+from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
+from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.peft.merge import expand_rows
 from nemo_mla_lora.peft.parts import row_mask
 
 FP8_BLOCK = 128
@@ -119,7 +119,7 @@ class HFBase:
         index = self.directory / "model.safetensors.index.json"
         weight_map, shards = read_shards(self.directory)  # every shard inside the directory
         self.opened = {f: SafetensorsFile(self.directory / f) for f in shards}  # headers only
-        self.files = {k: f for f, st in self.opened.items() for k in st.keys()}
+        self.files = {k: f for f, st in self.opened.items() for k in st}
         if weight_map:
             wrong = sorted(k for k, f in weight_map.items() if self.files.get(k) != f)
             if wrong:
@@ -137,7 +137,7 @@ class HFBase:
         self.parts = {}  # flat Megatron name -> its HF tensors ([gate, up] for a fused linear_fc1)
         for h in self.hf_names:
             self.parts.setdefault(_megatron_name(h), []).append(h)
-        for n, hs in self.parts.items():
+        for hs in self.parts.values():
             if len(hs) == 2:
                 hs.sort(key=lambda h: 0 if ".gate_proj." in h else 1)
         self.names = sorted(self.parts)
@@ -226,7 +226,7 @@ class MegatronAdapter:
         self.spec = MLASpec.from_dict(self.info["mla_spec"])
         self.reader = CheckpointReader(directory)
         self.modules = sorted({n.rsplit(".adapter.", 1)[0] for n in self.reader.names()})
-        self.scales = {m: self.info["scale"] for m in self.modules}
+        self.scales = dict.fromkeys(self.modules, self.info["scale"])
 
     def factors(self, modules) -> dict:
         """module -> (A, B full height, scale) for those of ``modules`` that have an adapter."""

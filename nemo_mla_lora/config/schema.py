@@ -7,7 +7,7 @@ the checks that span fields (parallel sizes against heads and experts), before a
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -22,8 +22,8 @@ class ParallelConfig:
     expert: int = 1
     context: int = 1
     sequence_parallel: bool = False
-    layers_in_first_pipeline_stage: Optional[int] = None
-    layers_in_last_pipeline_stage: Optional[int] = None
+    layers_in_first_pipeline_stage: int | None = None
+    layers_in_last_pipeline_stage: int | None = None
     nodes: int = 1
     devices_per_node: int = 1
 
@@ -36,9 +36,9 @@ class ModelConfig:
     checkpoint) or to assert (with one: a contradiction is an error). See models/architecture.py."""
 
     name: str = MISSING
-    config: Optional[str] = None
-    checkpoint: Optional[str] = None  # HF dir | our dist-ckpt (+ mla_spec.json) | NeMo 2 checkpoint
-    arch: Dict[str, Any] = field(default_factory=dict)
+    config: str | None = None
+    checkpoint: str | None = None  # HF dir | our dist-ckpt (+ mla_spec.json) | NeMo 2 checkpoint
+    arch: dict[str, Any] = field(default_factory=dict)
     dtype: str = "bfloat16"
     seq_length: int = 4096  # training sequence length (positions the rope tables cover)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -46,10 +46,10 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    placement: Optional[str] = "nemo_official"
-    target_modules: List[str] = field(default_factory=list)
-    exclude_modules: List[str] = field(default_factory=list)
-    parts: Dict[str, str] = field(default_factory=dict)  # leaf -> part (peft/parts.py)
+    placement: str | None = "nemo_official"
+    target_modules: list[str] = field(default_factory=list)
+    exclude_modules: list[str] = field(default_factory=list)
+    parts: dict[str, str] = field(default_factory=dict)  # leaf -> part (peft/parts.py)
     dim: int = 32
     alpha: float = 32
     dropout: float = 0.0
@@ -74,8 +74,8 @@ class TrainerConfig:
     expert_parallel: int = 1
     context_parallel: int = 1
     sequence_parallel: bool = False
-    layers_in_first_pipeline_stage: Optional[int] = None
-    layers_in_last_pipeline_stage: Optional[int] = None
+    layers_in_first_pipeline_stage: int | None = None
+    layers_in_last_pipeline_stage: int | None = None
     use_distributed_optimizer: bool = False
     cross_entropy_loss_fusion: bool = False
     resume_if_exists: bool = True
@@ -84,12 +84,12 @@ class TrainerConfig:
 @dataclass
 class DataConfig:
     kind: str = "jsonl"  # jsonl (prompt/answer or input/output) | squad (NeMo's SQuAD data module)
-    train: Optional[str] = None
-    validation: Optional[str] = None
+    train: str | None = None
+    validation: str | None = None
     seq_length: int = 2048
     packed: bool = False
-    tokenizer: Optional[str] = None  # byte | HF id/path | unset: the checkpoint's own files (HF dir), else byte
-    base_pretrain: Optional[str] = None  # no model.checkpoint: the generic task that makes the base
+    tokenizer: str | None = None  # byte | HF id/path | unset: the checkpoint's own files (HF dir), else byte
+    base_pretrain: str | None = None  # no model.checkpoint: the generic task that makes the base
     base_pretrain_steps: int = 0
     base_pretrain_lr: float = 3e-3
 
@@ -112,11 +112,11 @@ class OptimConfig:
 class ExportConfig:
     enabled: bool = True
     format: str = "mcore"  # mcore | nemo | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
-    names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
+    names: str | None = None  # mcore/nemo: te (default) | local layer-spec names
     fold: bool = False
     verify: str = "full"  # full | sample (verify_layers) | none (true/false accepted): export/verify.py
-    verify_layers: Optional[List[int]] = None  # sample: default first, first MoE, last
-    tolerance: Optional[float] = None
+    verify_layers: list[int] | None = None  # sample: default first, first MoE, last
+    tolerance: float | None = None
     every_checkpoint: bool = False
 
 
@@ -135,15 +135,15 @@ class FinetuneConfig:
 @dataclass
 class ExportJobConfig:
     base: str = MISSING
-    adapter: Optional[str] = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
+    adapter: str | None = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
     output: str = MISSING
     format: str = "mcore"
-    names: Optional[str] = None  # mcore/nemo: te (default) | local layer-spec names
-    tokenizer: Optional[str] = None  # nemo: the context's tokenizer (default: the base's own files, else byte)
+    names: str | None = None  # mcore/nemo: te (default) | local layer-spec names
+    tokenizer: str | None = None  # nemo: the context's tokenizer (default: the base's own files, else byte)
     fold: bool = False
     verify: str = "full"  # full | sample (verify_layers) | none (true/false accepted): export/verify.py
-    verify_layers: Optional[List[int]] = None  # sample: default first, first MoE, last
-    tolerance: Optional[float] = None
+    verify_layers: list[int] | None = None  # sample: default first, first MoE, last
+    tolerance: float | None = None
     overwrite: bool = False
     budget_mb: int = 128  # experts read, merged and written as one unit (export/units.py)
 
@@ -151,19 +151,19 @@ class ExportJobConfig:
 @dataclass
 class GenerateConfig:
     checkpoint: str = MISSING  # a merged export directory (mcore, absorbed or hf)
-    prompt: Optional[str] = None
-    prompt_file: Optional[str] = None  # one prompt per line, all run as one (right-padded) batch
-    prompt_ids_file: Optional[str] = None  # JSON list of token-id lists (made by another engine's tokenizer)
+    prompt: str | None = None
+    prompt_file: str | None = None  # one prompt per line, all run as one (right-padded) batch
+    prompt_ids_file: str | None = None  # JSON list of token-id lists (made by another engine's tokenizer)
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0: greedy
-    top_k: Optional[int] = None
+    top_k: int | None = None
     seed: int = 0
-    tokenizer: Optional[str] = None  # byte | an HF tokenizer id/path | unset: the export's own (hf), else byte
+    tokenizer: str | None = None  # byte | an HF tokenizer id/path | unset: the export's own (hf), else byte
     device: str = "cpu"
-    dtype: Optional[str] = None  # default: the export's
-    dump_logits: Optional[str] = None  # torch.save {tokens, logits} here, for comparison
-    adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
-    adapter: Optional[str] = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
+    dtype: str | None = None  # default: the export's
+    dump_logits: str | None = None  # torch.save {tokens, logits} here, for comparison
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
+    adapter: str | None = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
     attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/kernels/triton_decode.py)
     verify_checksums: bool = True  # every tensor read is checked against manifest.json (false: skip, faster)
 
@@ -189,7 +189,7 @@ def unknown_keys(node, path: str = "") -> list[str]:
         return []
     declared = {f.name for f in dataclasses.fields(kind)}
     found = []
-    for key in node.keys():
+    for key in node:
         if key == "hydra":
             continue
         name = f"{path}{key}"

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from nemo_mla_lora.checkpoints.checksums import check_checksums
 from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
-from nemo_mla_lora.export import manifest, nemo_format
 from nemo_mla_lora.checkpoints.sources import groups
+from nemo_mla_lora.export import manifest, nemo_format
 
 log = logging.getLogger(__name__)
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -111,7 +111,7 @@ def _verify_hf_peft(directory, checksums: dict) -> int:
         raise CheckpointError(f"{path}: missing (the hf_peft export's adapter tensors)")
     weights = SafetensorsFile(path)
     compare_names(path, weights.keys(), checksums)
-    for name in weights.keys():  # one tensor in memory at a time
+    for name in weights:  # one tensor in memory at a time
         check_checksums({name: weights.read(name)}, checksums, path)
     return len(checksums)
 

@@ -49,7 +49,7 @@ class PeftReference:
         self.config = LoraConfig.from_pretrained(str(directory))
         self.file = safe_open(str(Path(directory) / "adapter_model.safetensors"), "pt")
         self.lora, self.replaced = {}, {}  # HF module -> {A, B, m, eA, eB: key}; HF tensor -> key
-        for key in self.file.keys():
+        for key in self.file.keys():  # noqa: SIM118  (a safetensors handle: keys(), no iteration)
             rest = key.removeprefix("base_model.model.")
             kind = next((k for suffix, k in _LORA.items() if rest.endswith("." + suffix)), None)
             if kind:

@@ -24,19 +24,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nemo_mla_lora.arch import absorb
 from nemo_mla_lora.checkpoints.dist_ckpt import check_names
 from nemo_mla_lora.checkpoints.output_dir import atomic_dir, check_target
 from nemo_mla_lora.checkpoints.safetensors_io import file_hash
+from nemo_mla_lora.checkpoints.sources import check_complete, open_adapter, open_base
 from nemo_mla_lora.data.tokenizer import copy_tokenizer
-from nemo_mla_lora.arch import absorb
 from nemo_mla_lora.export import manifest, nemo_format, stages
 from nemo_mla_lora.export.integrity import manifest_checksums, read_export, verify_checksums  # noqa: F401 (read here)
-from nemo_mla_lora.peft.merge import MergeError, merge_unit
 from nemo_mla_lora.export.peft_reference import open_reference
-from nemo_mla_lora.checkpoints.sources import check_complete, open_adapter, open_base
 from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, check_hf_peft_writable, write_hf_peft
+from nemo_mla_lora.peft.merge import MergeError, merge_unit
 
 log = logging.getLogger(__name__)
 MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate

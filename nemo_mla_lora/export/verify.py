@@ -13,9 +13,10 @@ unit by unit as the export passes them (``units.py``), so neither the base nor t
   only c_kv + k_rope) and the reference forward for ``hf``.
 
 Computation is fp32 (fp64 for fp64 checkpoints); each weight is converted when used, so memory holds one
-unit and one weight in fp32 (the latent path keeps one layer's attention weights in fp32 while it decodes). Both runs use the unmerged run's expert choices: with saturated router scores
-a 1e-16 change can flip a top-k tie (measured: 1.3e-5 logit difference in float64 on a trained tiny
-model), which says nothing about the merge; the gate weights are recomputed from each run's own scores.
+unit and one weight in fp32 (the latent path keeps one layer's attention weights in fp32 while it decodes). Both
+runs use the unmerged run's expert choices: with saturated router scores a 1e-16 change can flip a top-k tie (a
+1.3e-5 logit difference in float64 on a trained tiny model), which says nothing about the merge; the gate weights
+are recomputed from each run's own scores.
 
 Modes: ``full`` (default) runs the prompts through every layer and compares the logits; ``sample`` checks
 the chosen ``layers`` each on its own (fixed random hidden states into that layer of both models, its

@@ -6,10 +6,10 @@ Megatron's own loader, bit for bit.
 
 | format | what | streams? |
 |---|---|---|
-| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: one Megatron save per unit |
-| mcore | Megatron dist-ckpt, merged, standard layout (local or TE-spec names) | yes: one Megatron save per unit |
+| absorbed | Megatron dist-ckpt, merged, ``linear_k_up_proj``/``linear_v_up_proj`` split | yes: a save per unit |
+| mcore | Megatron dist-ckpt, merged, standard layout (local or TE-spec names) | yes: a save per unit |
 | nemo | NeMo 2 checkpoint: the mcore layout under weights/ (``module.`` keys) + context/ | yes |
-| hf | HF DeepSeek-V3 safetensors, one shard per group (layout known up front) + index + config.json | yes: tensor by tensor |
+| hf | HF DeepSeek-V3 safetensors, a shard per group (layout known up front) + index + config.json | tensor by tensor |
 """
 
 from pathlib import Path
@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 from nemo_mla_lora.arch import keymap
+from nemo_mla_lora.arch.hf_config import hf_config_dict
 from nemo_mla_lora.checkpoints.checksums import tensor_checksum
 from nemo_mla_lora.checkpoints.dist_ckpt import named_sharded, write_json
+from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.export import nemo_format
-from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.peft.merge import MergeError
-from nemo_mla_lora.arch.hf_config import hf_config_dict
-
 
 # Tensors per Megatron save of the dist-ckpt writers (one unit of units.py: each save costs a fork and a
 # DCP plan), and the largest tensor saved whole: a larger one (an embedding) goes in row chunks, so that

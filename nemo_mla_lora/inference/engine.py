@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
 from nemo_mla_lora.arch.absorb import K_UP, KV_UP, V_UP, absorb_layer
+from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
 from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
-from nemo_mla_lora.arch.mla_spec import MLASpec
 
 PREFIX = "decoder.layers.{}.self_attention."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -75,8 +75,8 @@ def config_from_spec(spec: MLASpec, dtype: torch.dtype = torch.float32, **overri
     Megatron fields that win (parallel layout, sequence length, fusions; tests shrink models with them)."""
     from nemo.collections.llm import DeepSeekV2Config, DeepSeekV3Config
 
-    from nemo_mla_lora.runtime import te_compat
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
+    from nemo_mla_lora.runtime import te_compat
 
     args = {theirs: getattr(spec, ours) for ours, theirs in MEGATRON_FIELDS.items()}
     args.update(megatron_routing(spec))

@@ -20,7 +20,7 @@ this module and nothing else of the package.
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 
 def release_fuses_q_norm() -> bool:
@@ -37,7 +37,7 @@ def needs_q_proj_fix(config) -> bool:
     return release_fuses_q_norm() and config.q_lora_rank is None and bool(config.qk_layernorm)
 
 
-@lru_cache(maxsize=None)
+@cache
 def deepseek_mla_self_attention(base_cls: type) -> type:
     """A subclass of Megatron's ``base_cls`` (``MLASelfAttention``) whose q side is DeepSeek's without q
     compression: a plain column-parallel ``linear_q_proj`` and no q norm; the kv side as the release resolves it."""
@@ -73,7 +73,7 @@ def core_attention_takes_mla_channels(core_cls: type) -> bool:
     return "k_channels" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-@lru_cache(maxsize=None)
+@cache
 def mla_core_attention(base_cls: type) -> type:
     """A subclass of Megatron's local ``DotProductAttention`` that accepts ``k_channels`` / ``v_channels`` and sizes
     its output by the v head dim (MLA's q/k head dim, nope + rope, differs from its v head dim)."""

@@ -4,8 +4,8 @@ Tensor parallelism follows the base linear (``to_wrap``), through Megatron-Core'
 
 | base | A [r, in] | B [rows, r] | communication |
 |---|---|---|---|
-| ColumnParallelLinear (output sharded) | full, replicated; grad all-reduced | local output rows | input: copy (or sequence gather) |
-| RowParallelLinear (input sharded) | local input columns | full, replicated | r-sized all-reduce (or reduce-scatter) |
+| ColumnParallelLinear (output sharded) | full, replicated; grad all-reduced | local rows | copy (or sequence gather) |
+| RowParallelLinear (input sharded) | local input columns | full, replicated | r-sized all-reduce (or reduce-scatter)|
 | TP size 1 / duplicated | full | full | none |
 
 Transformer Engine's linears map onto these rows (``linear_layout.py``).
@@ -20,11 +20,10 @@ each rank takes its slice of the output.
 import math
 
 import torch
-from torch import nn
-
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch import nn
 
 from nemo_mla_lora.peft.linear_layout import layout
 from nemo_mla_lora.peft.lora_fn import frozen_lora_linear

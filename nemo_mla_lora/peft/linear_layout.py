@@ -8,7 +8,7 @@ NeMo builds DeepSeek-V3 with Megatron's TE layer spec, where the MLA and MLP lin
 | RowParallelLinear | row | row | output_size, input_size | x (input shard) |
 | TELinear, parallel_mode None (duplicated: q/kv down) | column | plain | out_features, in_features | x |
 | TEColumnParallelLinear | column | column | out_features x tp, in_features | x |
-| TELayerNormColumnParallelLinear (q/kv up, dense fc1) | column | column | out_features x tp, in_features | the normalised x |
+| TELayerNormColumnParallelLinear (q/kv up, dense fc1) | column | column | out_features x tp, in_features | normed x |
 | TERowParallelLinear | row | row | out_features, in_features x tp | x (input shard) |
 
 TE keeps per-partition sizes (``out_features`` of a column linear, ``in_features`` of a row linear are this
@@ -23,9 +23,8 @@ module (TE modules are recognised only where TE imports).
 import functools
 from dataclasses import dataclass
 
-from torch import nn
-
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
 
 TE_KINDS = {
     "TELayerNormColumnParallelLinear": "column",

@@ -27,7 +27,7 @@ TP > 1) the adapter's own path runs.
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from nemo.collections.llm.peft.lora import LoRALinear
@@ -121,7 +121,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 class MLALoRA(PEFT, ModuleMatcher):
     """MLA-aware LoRA (see the module docstring). ``target_modules`` (non-empty) overrides ``placement``."""
 
-    placement: Optional[str] = "nemo_official"
+    placement: str | None = "nemo_official"
     target_modules: list = field(default_factory=list)
     exclude_modules: list = field(default_factory=list)
     parts: dict = field(default_factory=dict)
@@ -131,7 +131,7 @@ class MLALoRA(PEFT, ModuleMatcher):
     dropout_position: Literal["pre", "post"] = "pre"
     lora_A_init_method: str = "xavier"
     lora_B_init_method: str = "zero"
-    lora_dtype: Optional[torch.dtype] = None
+    lora_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if not self.target_modules and not self.placement:
@@ -272,8 +272,9 @@ def _pipeline_group():
 
 
 def _register_with_nemo() -> None:
-    import nemo_mla_lora
     from nemo.collections.llm import peft as nemo_peft
+
+    import nemo_mla_lora
 
     nemo_mla_lora._register(nemo_peft)
 

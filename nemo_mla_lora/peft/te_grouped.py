@@ -18,10 +18,9 @@ Index legend: t permuted tokens (grouped by local expert), i in_features, o out_
 """
 
 import torch
-from torch import nn
-
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from torch import nn
 
 from nemo_mla_lora.peft.adapter import grad_flags, init_a
 from nemo_mla_lora.peft.lora_fn import frozen_lora_linear

@@ -1,7 +1,8 @@
 """Merge an adapter into its base and write an export (``mcore`` by default), then verify it.
 
     python -m nemo_mla_lora.recipes.export base=runs/finetune/base adapter=runs/finetune/adapter \\
-        output=runs/finetune/export_hf format=hf [verify=full|sample|none] [verify_layers=[0,26]] [fold=false] [overwrite=false]
+        output=runs/finetune/export_hf format=hf [verify=full|sample|none] [verify_layers=[0,26]] [fold=false] \\
+        [overwrite=false]
     ... format=nemo [names=te|local] [tokenizer=DIR]   # a NeMo 2 checkpoint for llm.generate / export_ckpt
 
 ``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
@@ -32,8 +33,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r}; expected one of {FORMATS}")
     from nemo_mla_lora.checkpoints.errors import CheckpointError
-    from nemo_mla_lora.checkpoints.output_dir import check_target
-    from nemo_mla_lora.checkpoints.output_dir import MANIFEST
+    from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_target
 
     sources = (cfg.base, cfg.adapter, cfg.tokenizer if cfg.tokenizer and Path(cfg.tokenizer).exists() else None)
     try:  # the output first, before Megatron starts: one that must not be written is refused at once
@@ -47,8 +47,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _run(cfg: DictConfig) -> dict:
-    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.export.pipeline import export
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron()
     return export(

@@ -161,8 +161,8 @@ def load(cfg, rows: int):
     when nobody has)."""
     from megatron.core import parallel_state
 
-    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+    from nemo_mla_lora.runtime import parallel
 
     if not parallel_state.model_parallel_is_initialized():
         parallel.init_megatron()

@@ -26,9 +26,9 @@ def main(argv) -> int:
     if not Path(directory).is_dir():
         print(f"FAILED: {directory}: no such directory", file=sys.stderr)
         return 1
-    from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.checkpoints.errors import CheckpointError
     from nemo_mla_lora.export.pipeline import verify_checksums
+    from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron()
     try:

@@ -8,7 +8,6 @@ The study's YAML lives in ``conf/`` beside this file; its primary config adds th
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -39,20 +38,20 @@ if not OmegaConf.has_resolver("study_file"):
 class StudyConfig:
     """The placement study's grid (``variants.py`` names the variants) and its run settings."""
 
-    variants: List[str] = field(default_factory=list)  # MLA variants
-    twin_variants: List[str] = field(default_factory=list)  # standard-attention twin variants (claim 4)
-    lr_scales: List[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 2.0])  # x optim.lr
-    seeds: List[int] = field(default_factory=lambda: [1, 2])
+    variants: list[str] = field(default_factory=list)  # MLA variants
+    twin_variants: list[str] = field(default_factory=list)  # standard-attention twin variants (claim 4)
+    lr_scales: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 2.0])  # x optim.lr
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
     steps: int = 60
     eval_every: int = 20
     batch_size: int = 16
     device: str = "cpu"  # cpu | cuda
     spike_factor: float = 5.0  # grad norm above factor x the median of the 20 steps before = a spike
-    time_budget_s: Optional[float] = None  # stop starting runs after this; a rerun resumes from runs.jsonl
+    time_budget_s: float | None = None  # stop starting runs after this; a rerun resumes from runs.jsonl
     plots: bool = True
     shard: str = "0/1"  # "i/n": this process runs every n-th run of the grid from the i-th (GPU shards)
-    base_dir: Optional[str] = None  # where the pretrained bases are cached (default output_dir); shared by shards
-    pretrain_only: Optional[str] = None  # mla | twin: make and cache that base, then stop (one process per base)
+    base_dir: str | None = None  # where the pretrained bases are cached (default output_dir); shared by shards
+    pretrain_only: str | None = None  # mla | twin: make and cache that base, then stop (one process per base)
 
 
 @dataclass

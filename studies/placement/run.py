@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
-from studies.placement.config import CONF_DIR, register, validate_study
 from nemo_mla_lora.training.metrics import read as read_jsonl
+from studies.placement.config import CONF_DIR, register, validate_study
 
 register()
 log = logging.getLogger("studies.placement")

@@ -39,7 +39,7 @@ def _expand_kernel(
     bt,
     y,
     T,
-    O,
+    O,  # noqa: E741  (the output width, in the kernel's one-letter size names T, O, J)
     J,
     mask_div,
     mask_mod,
