@@ -3,7 +3,7 @@
 #   BASE=/ckpt/deepseek_v2_lite recipes/torchrun_one_node.sh model=deepseek_v2_lite [overrides]
 # Needs: CUDA GPUs, the pinned stack (make setup), a base NeMo checkpoint (e.g. from llm.import_ckpt of
 # the HF model). Without Transformer Engine the local layer spec is used (README "The GPU path";
-# bench/run_gpu.sh is the run made on H100s).
+# bench/run_gpu.sh is the scripted GPU run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPUS=${GPUS:-8}

@@ -55,7 +55,7 @@ def test_export_verify_modes_compose(given, mode):
 
 
 def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
-    """NeMo 2 recipes/deepseek_v3.py finetune_recipe(peft_scheme='lora'), per ../shared/notes/MLA_LORA.md."""
+    """NeMo 2 recipes/deepseek_v3.py finetune_recipe(peft_scheme='lora'), value by value as NeMo 2.7.3 ships it."""
     cfg = compose("finetune", ["model=deepseek_v3", "trainer=megatron", "data.tokenizer=byte"])
     t, o, p, d, m = cfg.trainer, cfg.optim, cfg.peft, cfg.data, cfg.model
     assert (t.num_nodes, t.devices) == (5, 8)

@@ -256,3 +256,14 @@ def test_bad_study_values_fail_validation(overrides, message):
 
     with pytest.raises(ValueError, match=message):
         compose(overrides)
+
+
+def test_the_old_entry_point_refuses_with_the_new_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_mla_lora.recipes.placement_study", "study.seeds=[1]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1 and "python -m studies.placement" in proc.stderr, proc.stderr

@@ -1,4 +1,4 @@
-"""Issue 18 on a GPU with Transformer Engine: MLALoRA on Megatron's TE layer spec (as NeMo builds DeepSeek-V3:
+"""On a GPU with Transformer Engine: MLALoRA on Megatron's TE layer spec (as NeMo builds DeepSeek-V3:
 TELinear q/kv down, TELayerNormColumnParallelLinear q/kv up and dense fc1 with their norms fused, TEColumn/
 TERowParallelLinear, TEGroupedMLP experts with grouped GEMM). Skipped where CUDA or TE is missing (every CPU
 machine; the GPU image until TE is brought up: bench/run_gpu.sh te_finetune says how).

@@ -6,9 +6,9 @@ and writes the output; the others wait at a barrier.
 
 With several ranks the export runs in a child process of rank 0 (CPU only, no process group):
 Megatron's checkpoint reads and writes are collective over the default group, so run in the training
-process they wait forever for ranks parked at the barrier (measured: a TP=2 NeMo run on two H100s hung
-at the first tensor read). The barrier's wait is bounded by the process-group timeout (30 min by
-default); for longer exports set ``export.enabled=false`` and run ``python -m nemo_mla_lora.recipes.export``.
+process they wait forever for ranks parked at the barrier (a TP=2 NeMo run hung at the first tensor read).
+The barrier's wait is bounded by the process-group timeout (30 min by default); for longer exports set
+``export.enabled=false`` and run ``python -m nemo_mla_lora.recipes.export``.
 
 The base is read from ``base_dir`` when that is one of our base checkpoints (dist-ckpt + ``mla_spec.json``) or an
 HF directory; otherwise (NeMo's trainer restoring a NeMo checkpoint, say) the frozen base weights are saved once from

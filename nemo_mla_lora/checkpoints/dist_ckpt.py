@@ -115,7 +115,7 @@ NAMES = ("te", "local")
 
 # In the TE spec the norms that stay modules (TE's RMSNorm: input, MoE pre-MLP, final) carry ``_extra_state`` (FP8
 # metadata; an empty tensor without FP8) too, and Megatron's TE-spec model asks for it at load. (Its
-# TEDotProductAttention does not: bench/results/h200_nemo/nemo_te.json lists every key that model asks for.)
+# TEDotProductAttention does not: bench/README.md lists every key that model asks for.)
 _TE_NORM = re.compile(r"^(.*\.(input_layernorm|pre_mlp_layernorm|final_layernorm))\.weight$")
 
 

@@ -10,8 +10,8 @@ and storage location) is merged into the one written at the end, beside Megatron
 parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every tensor's chunks
 cover it exactly once. With ``check``, each part is read back right after it is written (from the page
 cache): every tensor's stored bytes compared with what was saved, and every 16th part (the first included)
-loaded through Megatron's own loader and compared (for the 27.9 GB export of bench/README.md: 14 s, where
-loading every part took 44 s). Loading is Megatron's own; ``tests/test_dist_stream.py`` checks the result
+loaded through Megatron's own loader and compared (about a third of the time loading every part takes;
+bench/README.md). Loading is Megatron's own; ``tests/test_dist_stream.py`` checks the result
 equals a one-call save of every tensor.
 """
 
@@ -127,8 +127,8 @@ def _write_here(request) -> None:
     """Carry out Megatron's save request (its plan, its buckets, its per-file writer, its finalize: the
     ``.metadata`` and ``metadata.json``) in this process, without the fsync of each file: Megatron's own
     sync path forks a writer process per save and fsyncs every file, and after each fork every page this
-    process then writes is copied (measured: the merge ran 4x slower beside it). The export syncs its
-    files once, before its directory is renamed into place (``checkpoint.atomic_dir``)."""
+    process then writes is copied (the merge ran 4x slower beside it). The export syncs its
+    files once, before its directory is renamed into place (``output_dir.atomic_dir``)."""
     import queue
 
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync

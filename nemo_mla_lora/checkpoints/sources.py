@@ -1,6 +1,6 @@
 """Where export reads from: base weights and adapters, ours or HF's, one layer group at a time.
 
-Every source hands out flat Megatron names (``checkpoint`` conventions) and LoRA factors as
+Every source hands out flat Megatron names (``dist_ckpt`` conventions) and LoRA factors as
 module -> (A [r, in], B [out, r] full height, scale).
 """
 
@@ -250,7 +250,7 @@ class MegatronAdapter:
 
 
 class NoAdapter:
-    """The base alone: an absorbed export of it serves many unmerged adapters (``inference/adapters.py``)."""
+    """The base alone: an export of it serves many unmerged adapters (``inference/adapters.py``)."""
 
     modules: list = []
     scales: dict = {}

@@ -15,7 +15,14 @@ from omegaconf import MISSING
 
 @dataclass
 class ParallelConfig:
-    """What a model needs at scale (used by trainer=megatron): the official layout where there is one."""
+    """What a model needs at scale (used by ``trainer=megatron``): the official layout where there is one.
+
+    Args:
+        tensor, pipeline, expert, context: tensor / pipeline / expert / context parallel sizes.
+        sequence_parallel: Megatron's sequence parallelism (with ``tensor`` > 1).
+        layers_in_first_pipeline_stage, layers_in_last_pipeline_stage: an uneven pipeline split (None: even).
+        nodes, devices_per_node: the machines the layout is laid out for.
+    """
 
     tensor: int = 1
     pipeline: int = 1
@@ -31,9 +38,18 @@ class ParallelConfig:
 @dataclass
 class ModelConfig:
     """Which model, not what it is: the architecture comes from ``checkpoint``'s own config (HF config.json,
-    our mla_spec.json, a NeMo checkpoint's context), or, with no checkpoint, from ``config`` (a built-in
-    models/configs/<name>.json or a config.json path). ``arch``: HF config.json fields to change (no
-    checkpoint) or to assert (with one: a contradiction is an error). See models/architecture.py."""
+    our mla_spec.json, a NeMo checkpoint's context), or, with no checkpoint, from ``config``.
+
+    Args:
+        name: the config's name (the ``model=`` option).
+        config: a built-in ``models/configs/<name>.json`` or a ``config.json`` path (used without ``checkpoint``).
+        checkpoint: an HF directory, one of our base checkpoints (+ mla_spec.json) or a NeMo 2 checkpoint.
+        arch: HF config.json fields to change (no checkpoint) or to assert (with one: a contradiction is an error;
+            ``models/architecture.py``).
+        dtype: float32 | bfloat16 | float16 | float64.
+        seq_length: the training sequence length (the positions the rope tables cover).
+        parallel: the layout the model needs at scale.
+    """
 
     name: str = MISSING
     config: str | None = None
@@ -46,6 +62,19 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
+    """The adapters (``MLALoRA``'s fields of the same names).
+
+    Args:
+        placement: a named placement (``peft/placements.py``); ignored when ``target_modules`` is non-empty.
+        target_modules: leaf names or shell wildcards on full module names.
+        exclude_modules: names or wildcards never adapted.
+        parts: leaf -> part for part-selective adapters (``peft/parts.py``).
+        dim: the LoRA rank r (HF PEFT's ``r``; the bench scripts' ``--rank(s)``).
+        alpha: the LoRA alpha; the delta is scaled by alpha / dim.
+        dropout: dropout on the adapter's input.
+        apply_lr_scale: multiply ``optim.lr`` by the placement's suggested scale.
+    """
+
     placement: str | None = "nemo_official"
     target_modules: list[str] = field(default_factory=list)
     exclude_modules: list[str] = field(default_factory=list)
@@ -58,6 +87,23 @@ class PeftConfig:
 
 @dataclass
 class TrainerConfig:
+    """How the run trains.
+
+    Args:
+        kind: ``cpu`` (plain Lightning over the Megatron-Core model) | ``megatron`` (NeMo's ``llm.finetune``).
+        max_steps, val_check_interval, log_every_n_steps, checkpoint_every_n_steps, limit_val_batches: the
+            Lightning trainer's settings of the same names.
+        micro_batch_size, global_batch_size: batch sizes (the global one spans data-parallel ranks and
+            gradient accumulation).
+        precision: Lightning precision (``32``, ``bf16-mixed``, ...).
+        devices, num_nodes: GPUs per node and nodes (``megatron``).
+        tensor_parallel, pipeline_parallel, expert_parallel, context_parallel, sequence_parallel,
+            layers_in_first_pipeline_stage, layers_in_last_pipeline_stage: Megatron's parallel layout.
+        use_distributed_optimizer: Megatron's distributed optimizer.
+        cross_entropy_loss_fusion: Megatron's fused cross entropy.
+        resume_if_exists: resume from ``output_dir``'s last checkpoint.
+    """
+
     kind: str = "cpu"  # cpu: plain Lightning over the Megatron-Core model; megatron: NeMo llm.finetune
     max_steps: int = 100
     val_check_interval: int = 25
@@ -83,6 +129,18 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
+    """The data.
+
+    Args:
+        kind: ``jsonl`` (prompt/answer or input/output records) | ``squad`` (NeMo's SQuAD data module).
+        train, validation: JSONL files (``pkg://NAME`` for the embedded ones).
+        seq_length: tokens per sample.
+        packed: pack several samples per sequence.
+        tokenizer: ``byte`` | an HF id or path | unset: the checkpoint's own files (HF directory), else ``byte``.
+        base_pretrain: without ``model.checkpoint``, the generic task that makes the base first.
+        base_pretrain_steps, base_pretrain_lr: that stage's steps and learning rate.
+    """
+
     kind: str = "jsonl"  # jsonl (prompt/answer or input/output) | squad (NeMo's SQuAD data module)
     train: str | None = None
     validation: str | None = None
@@ -96,6 +154,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimizer and its schedule.
+
+    Args:
+        name: ``adam``.
+        lr, min_lr: peak and final learning rate.
+        warmup_steps: linear warm-up steps.
+        scheduler: ``cosine``.
+        adam_beta1, adam_beta2, adam_eps, weight_decay: Adam's settings.
+        clip_grad: gradient-norm clipping.
+    """
+
     name: str = "adam"
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -110,6 +179,20 @@ class OptimConfig:
 
 @dataclass
 class ExportConfig:
+    """The export the finetune recipe's callback writes at the end of training.
+
+    Args:
+        enabled: write the export.
+        format: ``mcore`` | ``nemo`` | ``absorbed`` | ``hf`` | ``hf_peft`` (``export()``'s ``fmt``; the
+            manifest's ``loaded_by`` says who reads each).
+        names: ``mcore``/``nemo``: ``te`` (default) | ``local`` layer-spec names.
+        fold: ``absorbed`` only: add the folded products.
+        verify: ``full`` | ``sample`` (``verify_layers``) | ``none`` (true/false accepted; ``export/verify.py``).
+        verify_layers: ``sample``'s layers (default: first, first MoE, last).
+        tolerance: the verify bound (default: by dtype).
+        every_checkpoint: export at every checkpoint, not only at the end.
+    """
+
     enabled: bool = True
     format: str = "mcore"  # mcore | nemo | absorbed | hf | hf_peft (manifest "loaded_by" says who reads each)
     names: str | None = None  # mcore/nemo: te (default) | local layer-spec names
@@ -122,6 +205,13 @@ class ExportConfig:
 
 @dataclass
 class FinetuneConfig:
+    """``python -m nemo_mla_lora.recipes.finetune``: each group as above, plus
+
+    Args:
+        output_dir: where the run writes its checkpoints, logs, adapter and export.
+        seed: the run's seed.
+    """
+
     model: ModelConfig = MISSING
     peft: PeftConfig = field(default_factory=PeftConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -134,8 +224,22 @@ class FinetuneConfig:
 
 @dataclass
 class ExportJobConfig:
+    """``python -m nemo_mla_lora.recipes.export``.
+
+    Args:
+        base: our base checkpoint, an HF directory (bf16/fp32 or FP8) or a NeMo 2 checkpoint.
+        adapter: our adapter or an HF PEFT directory; null: the base alone (a merged base that
+            ``recipes.generate adapters=...`` serves with unmerged adapters).
+        output: the export directory (refused if it overlaps a source or is not ours to replace).
+        format: as ``ExportConfig.format`` (``export()``'s ``fmt``).
+        names, fold, verify, verify_layers, tolerance: as ``ExportConfig``.
+        tokenizer: ``nemo``: the context's tokenizer (default: the base's own files, else byte).
+        overwrite: replace a previous export (its ``manifest.json``) or an empty directory.
+        budget_mb: experts read, merged and written as one unit (``export/units.py``).
+    """
+
     base: str = MISSING
-    adapter: str | None = MISSING  # null: the base alone (an absorbed base for multi-adapter serving)
+    adapter: str | None = MISSING  # null: the base alone (a merged base served with unmerged adapters)
     output: str = MISSING
     format: str = "mcore"
     names: str | None = None  # mcore/nemo: te (default) | local layer-spec names
@@ -150,7 +254,23 @@ class ExportJobConfig:
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = MISSING  # a merged export directory (mcore, absorbed or hf)
+    """``python -m nemo_mla_lora.recipes.generate``.
+
+    Args:
+        checkpoint: a merged export to serve (``mcore``, ``absorbed`` or ``hf``; the engine absorbs at load).
+        prompt, prompt_file, prompt_ids_file: one prompt; one per line, run as one right-padded batch; a JSON list
+            of token-id lists (made by another engine's tokenizer).
+        max_new_tokens, temperature, top_k, seed: sampling (temperature 0: greedy).
+        tokenizer: ``byte`` | an HF id or path | unset: the export's own files (``hf``), else ``byte``.
+        device, dtype: where and in which dtype to run (default dtype: the export's).
+        dump_logits: ``torch.save`` {tokens, logits} here, for comparison.
+        adapters: name -> adapter directory, served unmerged on the merged base.
+        adapter: which of ``adapters`` the prompts use (none: the checkpoint as it is).
+        attention: decode attention: ``torch`` (einsums) | ``triton`` (``inference/kernels/triton_decode.py``).
+        verify_checksums: check every tensor read against ``manifest.json`` (false: skip, faster).
+    """
+
+    checkpoint: str = MISSING  # a merged export directory (mcore, absorbed or hf): the served checkpoint
     prompt: str | None = None
     prompt_file: str | None = None  # one prompt per line, all run as one (right-padded) batch
     prompt_ids_file: str | None = None  # JSON list of token-id lists (made by another engine's tokenizer)
@@ -162,7 +282,7 @@ class GenerateConfig:
     device: str = "cpu"
     dtype: str | None = None  # default: the export's
     dump_logits: str | None = None  # torch.save {tokens, logits} here, for comparison
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged (absorbed base)
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged on the base
     adapter: str | None = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
     attention: str = "torch"  # decode attention: torch (einsums) | triton (inference/kernels/triton_decode.py)
     verify_checksums: bool = True  # every tensor read is checked against manifest.json (false: skip, faster)

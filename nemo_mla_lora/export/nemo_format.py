@@ -8,7 +8,7 @@
                    ``DeepSeekV2Config``/``DeepSeekV3Config`` and tokenizer (files copied in by NeMo)
     out/manifest.json, mla_spec.json   ours (NeMo ignores them)
 
-Read by ``llm.generate`` (``io.load_context`` + ``MegatronStrategy`` restore; run on an H200, bench/README.md),
+Read by ``llm.generate`` (``io.load_context`` + ``MegatronStrategy`` restore; bench/README.md),
 ``llm.export_ckpt(target="hf")`` (``HFDeepSeekExporter``: ``model.yaml`` + ``weights/``; tests/test_nemo_export.py)
 and ``llm.finetune``'s ``RestoreConfig(path=...)`` (the same restore as ``llm.generate``; not run on its own).
 Names: NeMo's DeepSeek configs build ``get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE)``,

@@ -50,26 +50,44 @@ class VerificationError(RuntimeError):
 
 
 def export(
-    base,
-    adapter,
-    output,
+    base: str | Path,
+    adapter: str | Path | None,
+    output: str | Path,
     fmt: str = "mcore",
     fold: bool = False,
     overwrite: bool = False,
-    verify="full",
+    verify: str | bool = "full",
     tolerance: float | None = None,
     progress: bool = True,
     names: str | None = None,
     tokenizer: str | None = None,
-    verify_layers=None,
+    verify_layers: list[int] | None = None,
     budget: int = DEFAULT_BUDGET,
 ) -> dict:
-    """Run the export; returns the manifest (also written as ``manifest.json``). ``adapter=None`` exports
-    the base alone (e.g. an absorbed base for multi-adapter serving). ``names``: ``te`` | ``local`` layer-spec
-    names of the ``mcore``/``nemo`` formats (default ``DEFAULT_NAMES``); ``tokenizer``: the ``nemo`` context's
-    (default: the base's own files, else the byte tokenizer of the tiny models). ``verify``: ``full`` |
-    ``sample`` (the ``verify_layers``, default first, first MoE, last) | ``none`` (``verify.py``);
-    ``budget``: bytes of experts read as one unit."""
+    """Merge ``adapter`` into ``base`` and write ``output`` in format ``fmt``, verified against the unmerged
+    model; the output is written beside and renamed in only when everything passed.
+
+    Args:
+        base: our base checkpoint, an HF directory (bf16/fp32 or FP8) or a NeMo 2 checkpoint.
+        adapter: our adapter checkpoint or an HF PEFT directory; None exports the base alone (a merged base that
+            ``recipes.generate`` serves with unmerged adapters).
+        output: the export directory; refused before any work if it overlaps a source or is not ours to replace.
+        fmt: ``mcore`` | ``nemo`` | ``absorbed`` | ``hf`` | ``hf_peft`` (``format=`` in the configs and CLIs;
+            ``fmt`` here because ``format`` is a Python builtin).
+        fold: ``absorbed`` only: add the folded per-head products.
+        overwrite: replace a previous export of ours (its ``manifest.json``) or an empty directory.
+        verify: ``full`` | ``sample`` (the ``verify_layers``) | ``none`` (``verify.py``).
+        tolerance: the verify bound (default: by dtype).
+        progress: show a progress bar.
+        names: ``te`` | ``local`` layer-spec names of the ``mcore``/``nemo`` formats (default ``DEFAULT_NAMES``).
+        tokenizer: the ``nemo`` context's tokenizer (default: the base's own files, else the tiny models' byte
+            tokenizer).
+        verify_layers: ``sample``'s layers (default: first, first MoE, last).
+        budget: bytes of experts read, merged and written as one unit.
+
+    Returns:
+        The manifest (also written as ``manifest.json``), with the verify report and the timing per phase.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
     verify = check_mode(verify)
@@ -214,8 +232,8 @@ def _export_hf_peft(source, lora, spec, tmp) -> dict:
     if len(ranks) != 1:
         raise MergeError(f"HF PEFT needs one rank for all modules; adapters have ranks {sorted(ranks)}")
     scale = next(iter(lora.scales.values()))
-    r = ranks.pop()
-    warnings = write_hf_peft(factors, r, scale * r, tmp, base_name=str(getattr(source, "directory", "")))
+    dim = ranks.pop()
+    warnings = write_hf_peft(factors, dim, scale * dim, tmp, base_name=str(getattr(source, "directory", "")))
     for w in warnings:
         log.warning(w)
     from safetensors.torch import load_file

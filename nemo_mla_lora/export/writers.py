@@ -155,14 +155,15 @@ def check_hf_peft_writable(lora) -> None:
         )
 
 
-def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, base_name: str | None = None) -> list:
+def write_hf_peft(adapter_factors: dict, dim: int, alpha: float, directory: Path, base_name: str | None = None) -> list:
     """The unmerged adapters as HF PEFT files (HF module names). ``linear_fc1`` (shared A) becomes
     gate_proj and up_proj with the same A and B's two halves. Returns warnings. Refuses (naming the module)
     what plain LoRA on linears cannot hold: an ``AdapterEntry`` (DoRA, replaced tensors), the embedding.
 
     Args:
         adapter_factors: Megatron module -> (A [r, in], B [out, r], scale).
-        r: the rank written; alpha: the lora_alpha written (scale * r).
+        dim: the LoRA rank (``peft.dim``), written as HF PEFT's ``r``.
+        alpha: the lora_alpha written (scale * dim).
         directory: where the two files go.
         base_name: the base's path or id, as base_model_name_or_path.
     """
@@ -186,7 +187,7 @@ def write_hf_peft(adapter_factors: dict, r: int, alpha: float, directory: Path, 
         {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "r": r,
+            "r": dim,
             "lora_alpha": alpha,
             "lora_dropout": 0.0,
             "target_modules": sorted(targets),

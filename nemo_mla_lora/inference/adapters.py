@@ -1,4 +1,4 @@
-"""Many unmerged LoRA adapters in one batch on an absorbed base, with the cache still latent.
+"""Many unmerged LoRA adapters in one batch on a served base (absorbed at load), with the cache still latent.
 
 Each request (batch row) names one adapter, or none (index 0). The adapters' deltas are applied as
 factored corrections next to the absorbed einsums, never by materializing per-head K or V:
@@ -39,10 +39,18 @@ SUPPORTED = (
 
 
 class AdapterBank:
+    """Several unmerged adapters laid out once for one batch: each row of a batch picks one (or none) by id.
+
+    Args:
+        spec: the served model's MLA dimensions.
+        factors: adapter name -> {module: (A [r, in], B [out, r] full height, scale)}
+            (``open_adapter(...).factors``); ranks may differ (zero-padded to the largest).
+        device, dtype: where and in which dtype the stacked factors live.
+        kernels: apply the corrections through ``kernels.lora_kernels`` (one or two launches each instead of
+            three to five); None: ``_use_kernels``' choice (CUDA, bf16/fp16).
+    """
+
     def __init__(self, spec: MLASpec, factors: dict, device="cpu", dtype=torch.float32, kernels: bool | None = None):
-        """``factors``: name -> {module: (A [r, in], B [out, r] full height, scale)} (``open_adapter(...).factors``).
-        ``kernels``: the corrections through ``lora_kernels`` (one or two launches each instead of three to
-        five); None: ``_use_kernels``' choice (CUDA, bf16/fp16)."""
         self.spec, self.names = spec, ["none"] + list(factors)
         per_module = list(factors.values())
         modules = sorted({m for f in per_module for m in f})

@@ -78,7 +78,17 @@ class AbsorbedMLAEngine:
         the manifest's checksum as it is read: ``absorbed`` as written, ``mcore`` / ``nemo`` / ``hf`` (merged
         standard layout; ``hf``: an HF directory, config.json + safetensors) absorbed at load
         (``linear_kv_up_proj`` split per head into W_UK / W_UV, as Megatron's ``prepare_for_absorption`` does).
-        ``backend``: decode attention in einsums (``torch``) or in the Triton kernel (``triton``)."""
+
+        Args:
+            export_dir: a merged export (``absorbed``, ``mcore``, ``nemo`` or ``hf``, with its ``manifest.json``).
+            dtype: float32 | bfloat16 | float16 | float64; None: the dtype the export stores.
+            device: where the model runs.
+            backend: decode attention in einsums (``torch``) or in the Triton kernel (``triton``).
+            verify_checksums: check every tensor against the manifest as it is read.
+
+        Returns:
+            The engine, its model in eval mode with the absorbed K/V up projections beside it.
+        """
         from nemo_mla_lora.export.pipeline import read_export
         from nemo_mla_lora.models.from_spec import config_from_spec
         from nemo_mla_lora.models.tiny import build_model

@@ -6,7 +6,7 @@ Substitutions in megatron-core's local spec (4 and 5 also in the TE spec):
    accepts them and sizes its output by ``v_channels``.
 2. ``MLASelfAttention`` with a column-parallel ``linear_kv_down_proj`` (the local spec) never sums the
    gradient of the shared rope key k_pe over the TP ranks: each rank's k_pe gradient covers only its
-   own heads (measured: TP=2 adapter gradients before the last layer off by up to 40% against TP=1).
+   own heads (without the fix, TP=2 adapter gradients before the last layer were off by up to 40% against TP=1).
    ``LocalMLASelfAttention`` makes that linear a ``KVDownProjection``, whose output is gathered over TP
    so that k_pe's gradient is all-reduced (or, under sequence parallelism, reduce-scattered by MLA's own
    sequence gather of k_pe), as with TE's duplicated down projection.

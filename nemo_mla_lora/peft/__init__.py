@@ -1,7 +1,8 @@
 """MLA-aware LoRA for NeMo / Megatron-Core.
 
 ``MLALoRA`` and ``MLALoRALinear`` (NeMo PEFT classes: importing them imports NeMo) load on first use, so
-that code needing only the pure parts (``parts``, ``placements``, ``state``) does not pay for NeMo.
+that code needing only the pure parts (``parts``, ``placements``, ``merge``: merging factors into weights) does not
+pay for NeMo.
 """
 
 _LAZY = {

@@ -121,7 +121,7 @@ def group_experts(model: nn.Module, frozen_too: bool = False) -> int:
     """Make every Megatron ``SequentialMLP`` in ``model`` a ``LoRASequentialMLP`` (in place); returns how many.
     ``frozen_too``: experts without adapters take the same path too (their base GEMMs into one output, one
     activation over all tokens, the same numbers); ``MLALoRA`` asks for it, since at 64 experts it halves a
-    frozen MoE layer's step on an H200 (CPU launch time; bench/README.md)."""
+    frozen MoE layer's step on a GPU (CPU launch time; bench/README.md)."""
     n = 0
     for module in model.modules():
         if type(module) in (SequentialMLP, LoRASequentialMLP):

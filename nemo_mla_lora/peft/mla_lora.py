@@ -119,7 +119,22 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class MLALoRA(PEFT, ModuleMatcher):
-    """MLA-aware LoRA (see the module docstring). ``target_modules`` (non-empty) overrides ``placement``."""
+    """MLA-aware LoRA (see the module docstring); ``model = MLALoRA(...)(model)`` freezes the base and wraps targets.
+
+    Args:
+        placement: a named placement (``placements.PLACEMENTS``); ignored when ``target_modules`` is non-empty.
+        target_modules: leaf names (``linear_kv_up_proj``) or shell wildcards on full module names, global layer
+            indices.
+        exclude_modules: names or wildcards never adapted.
+        parts: leaf -> part for part-selective adapters (``parts.CHOICES``: e.g. ``{"linear_kv_up_proj": "k"}``).
+        dim: the LoRA rank r (NeMo's name; HF PEFT's ``r``).
+        alpha: the LoRA alpha; the delta is ``alpha / dim * B A x``.
+        dropout: dropout on the adapter's input (or output, ``dropout_position="post"``).
+        dropout_position: ``pre`` | ``post``.
+        lora_A_init_method: ``xavier`` | ``kaiming`` | ``normal`` (NeMo's names) for A.
+        lora_B_init_method: ``zero`` (the only one: the model is unchanged at the start).
+        lora_dtype: the adapters' dtype (None: the base linear's).
+    """
 
     placement: str | None = "nemo_official"
     target_modules: list = field(default_factory=list)

@@ -30,7 +30,7 @@ class GroupedLoRAAdapter(nn.Module):
     """One rank-r adapter per local expert e: parameters ``lora_a{e}`` [r, in] and ``lora_b{e}`` [out, r] (B zero at
     start), each its own Parameter as TE keeps ``weight{e}``: Megatron's distributed optimizer finds a parameter's
     checkpoint entry by the parameter itself (``get_param_id_to_sharded_param_map``), so a per-expert slice of one
-    stacked parameter has none (measured: ``KeyError`` at NeMo's first checkpoint save). ``stacked()`` gives the
+    stacked parameter has none (else a ``KeyError`` at NeMo's first checkpoint save). ``stacked()`` gives the
     grouped GEMMs' [E, r, in] / [E, out, r] operands each step (two small copies; gradients flow to each expert)."""
 
     def __init__(

@@ -7,7 +7,7 @@
 
 ``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
 ``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory; ``adapter=null`` exports the base alone
-(an absorbed base to serve several unmerged adapters with ``recipes.generate adapters=...``).
+(a merged base that ``recipes.generate adapters=...`` serves with several unmerged adapters).
 ``overwrite=true`` replaces only a previous export (its ``manifest.json``) or an empty directory; an output that
 is a source, holds one, is another writer's (``.NAME.lock`` beside it) or has a dead run's leftovers beside it is
 refused before any work, with a one-line error (exit 1).

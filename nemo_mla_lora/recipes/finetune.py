@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of an MLA model, then the absorbed export.
+"""LoRA fine-tuning of an MLA model, then the merged export (``export=``: ``mcore`` by default).
 
     python -m nemo_mla_lora.recipes.finetune [overrides]      # tiny model on CPU, a few minutes
     python -m nemo_mla_lora.recipes.finetune model=deepseek_v3 trainer=megatron model.checkpoint=...

@@ -3,7 +3,7 @@ with the latent KV cache (greedy by default).
 
     python -m nemo_mla_lora.recipes.generate checkpoint=runs/finetune/export "prompt='upper: abc ='" \\
         [max_new_tokens=32] [temperature=0.7 top_k=50 seed=1] [prompt_file=prompts.txt] [dump_logits=out.pt]
-    # an absorbed base (export adapter=null) serving unmerged adapters:
+    # a served base (export adapter=null) with unmerged adapters:
     python -m nemo_mla_lora.recipes.generate checkpoint=runs/base_absorbed +adapters.upper=runs/finetune/adapter \
         adapter=upper "prompt='upper: abc ='"
 

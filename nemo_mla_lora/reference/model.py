@@ -1,4 +1,4 @@
-"""A plain-torch DeepSeek-V3 / V2 forward written from the MLA equations (../shared/notes/MLA_LORA.md).
+"""A plain-torch DeepSeek-V3 / V2 forward written from the MLA equations (docs/mla.md).
 
 It reads a Megatron-named state dict and shares no code with Megatron-Core, NeMo or HF: it is the
 independent oracle for parity tests. LoRA deltas are applied unmerged: ``adapters[module] = (A [r, in],

@@ -1,7 +1,7 @@
 """CPU compatibility shims for megatron-core 0.15.3 on a CPU-only torch build.
 
 Applied only when CUDA is absent (``apply()`` is a no-op on a GPU machine). Each shim answers one
-measured failure (../shared/notes/STACK.md):
+failure seen without it (docs/stack.md):
 
 1. mcore calls ``torch.cuda.current_device()`` unconditionally (RotaryEmbedding, YarnRotaryEmbedding,
    the MoE router's buffers, GlobalMemoryBuffer, dist-checkpointing) and ``torch.cuda.synchronize()``

@@ -1,8 +1,8 @@
 """Shims for machines without Transformer Engine (the CPU here, and GPU images that lack it).
 
 Applied only when ``transformer_engine.pytorch`` cannot be imported (``apply()`` is a no-op otherwise),
-together with the TE-free layer spec (``models/layer_spec.py``). Each answers a measured failure
-(../shared/notes/STACK.md for the CPU, ../shared/notes/GPU.md for NeMo's trainer on the GPU machine):
+together with the TE-free layer spec (``models/layer_spec.py``). Each answers a failure seen without it, on the
+CPU and under NeMo's trainer on GPUs without TE (docs/stack.md):
 
 1. megatron-core's TE extension sets ``te = MagicMock()`` when TE is missing, so
    ``multi_latent_attention.HAVE_TE`` is wrongly True, and ``moe_utils.te_general_gemm`` is undefined
@@ -29,7 +29,7 @@ def transformer_engine_absent() -> bool:
 def apex_wgrad_fusion_available() -> bool:
     """Whether Apex's ``fused_weight_gradient_mlp_cuda`` imports: NeMo's DeepSeek configs default to
     ``gradient_accumulation_fusion=True``, and Megatron's own ``ColumnParallelLinear`` (the output layer, also in
-    the TE spec) raises at its first forward without that kernel (measured on the GPU machine, TE without Apex)."""
+    the TE spec) raises at its first forward without that kernel (TE present, Apex absent)."""
     import importlib.util
 
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None

@@ -59,9 +59,9 @@ def strategy(cfg):
         gradient_as_bucket_view=True,
         ckpt_async_save=False,
         ckpt_load_strictness="log_all",
-        # megatron-core 0.15.3's fully-parallel save and load call np.product (gone in NumPy 2): measured
-        # failing at the first checkpoint under TP=2, and at the LoRA stage's restore of the base under EP=2
-        # (two data-parallel replicas), on the GPU machine. Each rank still writes and reads its own shards.
+        # megatron-core 0.15.3's fully-parallel save and load call np.product (gone in NumPy 2): they fail at
+        # the first checkpoint under TP=2, and at the LoRA stage's restore of the base under EP=2 (two
+        # data-parallel replicas). Each rank still writes and reads its own shards.
         ckpt_parallel_save=False,
         ckpt_parallel_load=False,
     )

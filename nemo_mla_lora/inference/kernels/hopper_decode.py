@@ -193,7 +193,7 @@ KERNELS = {"heads": _tma_split_kernel, "positions": _tma_split_kernel_t}  # what
 
 
 def default_tma_launch(h: int, b: int, t: int) -> dict:
-    """The fastest launch of the H200 sweep per kind of shape (bench/README.md, ``bench/decode_roofline.py``).
+    """The fastest launch of the decode sweep per kind of shape (bench/README.md, ``bench/decode_roofline.py``).
     Little work (b x t < 32K cached positions, or one row) wants many small programs: 16 heads per program,
     positions as the MMA's rows, twice the splits when b x t x h <= 256K; V3's 128 heads at b > 1 keep 64 x 64
     tiles on two warp groups; a tensor-parallel rank's few heads stream the cache in 16 x 32 tiles three stages

@@ -185,7 +185,7 @@ def default_splits(b: int, h: int, t_max: int, block_h: int, device) -> int:
 
 
 def default_launch(h: int) -> dict:
-    """Fastest launch in the H200 sweeps (bench/README.md): V3's 128 heads are compute-bound, wide head
+    """Fastest launch in the decode sweeps (bench/README.md): V3's 128 heads are compute-bound, wide head
     blocks feed the tensor cores; a tensor-parallel rank's 16 heads are bandwidth-bound, one 16-head block."""
     if h >= 64:
         return dict(block_h=64, block_t=64, num_warps=8, num_stages=2)
