@@ -15,7 +15,7 @@
 #   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
 #   bash bench/run_gpu.sh decode_ncu "default 64 64 4096"  # issue 16: ncu profile of one decode shape
 #   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
-#   bash bench/run_gpu.sh te_tests       # issue 18: tests/test_te_gpu.py alone (TE bring-up first)
+#   bash bench/run_gpu.sh te_tests       # issue 18: tests/peft/test_te_gpu.py alone (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
 #   bash bench/run_gpu.sh te_finetune_tp2|te_finetune_ep2  # issue 18 on 2 GPUs: TE spec at TP=2+SP / EP=2 (bring-up first)
 #   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
@@ -94,7 +94,7 @@ export_cores() {  # issue 15: the export at scale on this machine's 16 cores and
 }
 
 decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
-  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
   tail -n 3 "$OUT/decode_tests.log"
   timeout 400 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 45
   local rc=${PIPESTATUS[0]}
@@ -121,7 +121,7 @@ decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch head
 }
 
 overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the profiles, more tokens, 64 experts
-  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_grouped_lora.py" -k gpu > "$OUT/grouped_tests.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/peft/test_grouped_lora.py" -k gpu > "$OUT/grouped_tests.log" 2>&1
   tail -n 3 "$OUT/grouped_tests.log"
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
     --profile base:0 base_grouped:0 nemo_official:64 all_linear:64 > "$OUT/overhead.log" 2>&1
@@ -141,7 +141,7 @@ overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the 
 }
 
 decode() {  # the kernel's GPU tests, then the benchmark
-  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
   tail -n 3 "$OUT/decode_tests.log"
   python3 "$REPO/bench/decode_bench.py" --out "$OUT/decode.json" "$@" > "$OUT/decode.log" 2>&1
   local rc=$?; tail -n 40 "$OUT/decode.log"; return "$rc"
@@ -221,7 +221,7 @@ decode_adapters() {  # issue 16 point 3: lora_kernels' GPU test, then decode_ben
   # (the multi-adapter corrections with the kernels and in torch ops, same run)
   # -k gpu: Triton 3.6's interpreter fails there with NumPy 2.5 (a loop bound is a 1-element array; measured
   # 2026-12-01); the interpreter tests run on the CPU machines (NumPy 1.26)
-  timeout 120 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_lora_kernels.py" -k gpu \
+  timeout 120 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_lora_kernels.py" -k gpu \
     > "$OUT/lora_kernel_tests.log" 2>&1
   grep -E "^(FAILED|E )|passed|failed" "$OUT/lora_kernel_tests.log" | tail -n 12
   timeout 200 python3 "$REPO/bench/decode_bench.py" --no-sweep --out "$OUT/decode_adapters.json" \
@@ -237,10 +237,10 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
     LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
-te_tests() {  # issue 18: tests/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
+te_tests() {  # issue 18: tests/peft/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
   te_env || return 1
   NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    "$REPO/tests/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
+    "$REPO/tests/peft/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
   local rc=$?
   grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
   return "$rc"

@@ -1,5 +1,9 @@
+"""Fixtures and helpers every test folder shares (tests/ is on pytest's pythonpath: ``from conftest import batch``)."""
+
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,9 @@ from nemo_mla_lora.runtime.parallel import free_port
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # studies/ lives outside the package; appended, so an installed nemo_mla_lora wins
+    sys.path.append(str(ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +47,31 @@ def perturb_norms_and_bias(model, seed: int = 1):
                 t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
             elif name.endswith("expert_bias"):
                 t.copy_(0.1 * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
+
+
+PARTS = {"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"}  # the part-selective adapters of ``trained``
+
+
+@pytest.fixture(scope="module", params=["q_lora", "no_q_lora"])
+def trained(request, mcore, tmp_path_factory):
+    """A base checkpoint and an adapter checkpoint of a tiny model (all linears, B != 0, part-selective kv) on disk,
+    and the live unmerged model (the export and serving tests)."""
+    from nemo_mla_lora.arch.mla_spec import MLASpec
+    from nemo_mla_lora.checkpoints import dist_ckpt
+    from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
+    from nemo_mla_lora.peft import MLALoRA
+    from nemo_mla_lora.peft.state import randomize_b
+
+    make = tiny_mla_config if request.param == "q_lora" else tiny_mla_noq_config
+    config = make()
+    spec = MLASpec.from_megatron(config)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    perturb_norms_and_bias(model)
+    root = tmp_path_factory.mktemp(request.param)
+    dist_ckpt.save_base(model, spec, root / "base")
+    peft = MLALoRA(placement="all_linear", dim=4, alpha=8, parts=PARTS)
+    model = peft(model)
+    randomize_b(model)
+    dist_ckpt.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
+    return dict(root=root, model=model, spec=spec, peft=peft)

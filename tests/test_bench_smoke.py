@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # spawns processes: more than 5 s a test
 
 
 def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):

@@ -11,7 +11,7 @@ parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` 
 cover it exactly once. With ``check``, each part is read back right after it is written (from the page
 cache): every tensor's stored bytes compared with what was saved, and every 16th part (the first included)
 loaded through Megatron's own loader and compared (about a third of the time loading every part takes;
-bench/README.md). Loading is Megatron's own; ``tests/test_dist_stream.py`` checks the result
+bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the result
 equals a one-call save of every tensor.
 """
 

@@ -34,7 +34,8 @@ def kv_cache_report(spec, dtype: str) -> dict:
     }
 
 
-# Who reads each format, and how (checked: tests/test_export.py, tests/test_hf_checkpoints.py, bench/README.md).
+# Who reads each format, and how (checked: tests/export/test_export.py, tests/recipes/test_hf_checkpoints.py,
+# bench/README.md).
 CONSUMERS = {
     "mcore": "Megatron-Core's GPTModel with MLASelfAttention: dist_checkpointing.load(model.sharded_state_dict(), "
     "dir) with default strictness; names=te: the Transformer Engine layer spec (0.15.3 on an H200), "

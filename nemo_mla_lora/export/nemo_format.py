@@ -9,8 +9,9 @@
     out/manifest.json, mla_spec.json   ours (NeMo ignores them)
 
 Read by ``llm.generate`` (``io.load_context`` + ``MegatronStrategy`` restore; bench/README.md),
-``llm.export_ckpt(target="hf")`` (``HFDeepSeekExporter``: ``model.yaml`` + ``weights/``; tests/test_nemo_export.py)
-and ``llm.finetune``'s ``RestoreConfig(path=...)`` (the same restore as ``llm.generate``; not run on its own).
+``llm.export_ckpt(target="hf")`` (``HFDeepSeekExporter``: ``model.yaml`` + ``weights/``;
+tests/export/test_nemo_export.py) and ``llm.finetune``'s ``RestoreConfig(path=...)`` (the same restore as
+``llm.generate``; not run on its own).
 Names: NeMo's DeepSeek configs build ``get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE)``,
 and NeMo's containers always have TE, so ``te`` is the default; NeMo's own
 TE-free spec cannot build MLA (its local core attention refuses ``k_channels``), so ``local`` writes our layer spec

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from conftest import batch
-from test_export import trained  # noqa: F401  (module fixture: base + adapter on disk, live unmerged model)
 
 from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.export.pipeline import export, read_export
@@ -20,18 +19,18 @@ from nemo_mla_lora.reference import latent
 
 
 @pytest.fixture(scope="module")
-def absorbed(trained):  # noqa: F811
+def absorbed(trained):
     out = trained["root"] / "export_for_engine"
     if not out.exists():
         export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="absorbed", progress=False)
     return out
 
 
-def test_config_from_spec_round_trips(trained):  # noqa: F811
+def test_config_from_spec_round_trips(trained):
     assert MLASpec.from_megatron(config_from_spec(trained["spec"])) == trained["spec"]
 
 
-def test_prefill_and_decode_match_reference_and_unmerged_model(trained, absorbed):  # noqa: F811
+def test_prefill_and_decode_match_reference_and_unmerged_model(trained, absorbed):
     spec = trained["spec"]
     engine = AbsorbedMLAEngine.load(absorbed)
     tokens, positions, mask = batch(seq=12)
@@ -47,7 +46,7 @@ def test_prefill_and_decode_match_reference_and_unmerged_model(trained, absorbed
     assert cache.bytes_per_token() == spec.num_layers * (spec.kv_lora_rank + spec.qk_rope_head_dim) * 4
 
 
-def test_greedy_generation_equals_the_unmerged_model_token_for_token(trained, absorbed):  # noqa: F811
+def test_greedy_generation_equals_the_unmerged_model_token_for_token(trained, absorbed):
     engine = AbsorbedMLAEngine.load(absorbed)
     prompt = batch(seq=6, seed=3)[0]
     tokens, step_logits, cache = generate(engine, prompt, max_new_tokens=8)
@@ -73,7 +72,7 @@ def test_sampling_is_seeded_and_the_cache_refuses_overflow(absorbed):
 
 
 @pytest.mark.parametrize("fmt", ["mcore", "hf"])
-def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):  # noqa: F811
+def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):
     """mcore / hf exports (standard linear_kv_up_proj) are absorbed at load: the same latent-cache logits as
     the absorbed export, the same cache size; an adapter-only export is refused."""
     out = trained["root"] / f"export_{fmt}_for_engine"
@@ -96,6 +95,7 @@ def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):  # noq
         AbsorbedMLAEngine.load(peft_out)
 
 
+@pytest.mark.slow
 def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):
     dump, prompts = tmp_path / "logits.pt", tmp_path / "prompts.txt"
     prompts.write_text("copy: abc =\ncopy: abcdefg =\n")

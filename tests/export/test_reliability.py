@@ -7,7 +7,7 @@ overlaps its sources, a failed overwrite, a base missing a tensor, broken data f
 import shutil
 
 import pytest
-from test_hf_checkpoints import MAKER
+from support.hf import MAKER
 
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.export.pipeline import VerificationError, export
@@ -203,6 +203,7 @@ class _Payload:
         return (os.system, (f"touch {self.path}",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [".metadata", "common.pt"])
 def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, target):
     import pickle
@@ -243,6 +244,7 @@ def test_crafted_checkpoint_metadata_runs_no_code(mcore, hf_base, tmp_path, targ
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_no_process(mcore, hf_base, tmp_path):
     """SIGKILL while Megatron's checkpoint writer has its helper process up: nothing of it survives."""
     import os

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # spawns processes: more than 5 s a test
 CHILD = """
 import json, sys
 from pathlib import Path

@@ -67,7 +67,7 @@ def test_all_targets_together_float64(mcore, variant):
 def test_all_targets_match_hf_peft(mcore):
     """Same base weights and the same A/B in HF transformers + HF peft give the same logits."""
     from peft import LoraConfig, get_peft_model
-    from test_model_parity import hf_model
+    from support.hf import hf_model_from_state as hf_model
 
     model, spec = adapted("q_lora", MLALoRA(placement="all_linear", dim=4, alpha=8))
     state, adapters = base_state_dict(model), adapter_factors(model)

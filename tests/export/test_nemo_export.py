@@ -21,7 +21,7 @@ import torch
 
 from nemo_mla_lora.export.pipeline import export
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import make_tiny_hf as MAKER
 
 TARGETS = [

@@ -51,7 +51,7 @@ def spec_of(name: str):
     from nemo_mla_lora.models.architecture import builtin_spec
 
     if name in HF_VARIANTS:
-        from test_hf_checkpoints import MAKER
+        from support.hf import MAKER
 
         return spec_from_hf(MAKER.hf_config(name), name)
     return builtin_spec(name)
@@ -143,7 +143,7 @@ def test_te_lora_matches_the_reference_equations(mcore, variant, parts):
 def test_te_lora_on_every_family_variant_matches_the_equations(mcore, variant):
     """The TE spec (DeepSeek-V2's group router swapped in where its routing needs it) with adapters on every linear,
     on each routing and RoPE variant of the family, against the equations (which equal transformers' own
-    DeepseekV2/V3 models on the same variants: tests/test_hf_checkpoints.py)."""
+    DeepseekV2/V3 models on the same variants: tests/recipes/test_hf_checkpoints.py)."""
     model, spec, _ = adapted_te(variant)
     check_against_equations(model, spec, "family_variant", variant=variant)
 

@@ -21,10 +21,10 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 from pp_worker import DTYPE, LAYOUTS, PEFT_KWARGS, adapter_tensors, build, load, micro_batches
-from test_hf_checkpoints import MAKER
+from support.hf import MAKER
 from tp_worker import global_grads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("v2_lite_greedy_yarn_noq", "v3_tied_yarn_q")
 # what the four workers import: once, in the forkserver they are forked from, not four times on two cores
 PRELOAD = ["pp_worker", "nemo_mla_lora.peft", "nemo_mla_lora.callbacks.export", "megatron.core.pipeline_parallel"]

@@ -189,6 +189,7 @@ def test_frozen_experts_on_the_grouped_path_equal_megatrons(mcore, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_grouped_path_with_megatrons_fused_swiglu(mcore, monkeypatch):
     """bias_activation_fusion (Megatron's weighted_bias_swiglu_impl, as NeMo's GPU configs set it): the
     grouped path's one activation over all tokens equals SequentialMLP's per expert."""

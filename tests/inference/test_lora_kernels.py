@@ -102,6 +102,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_engine_logits_with_kernels_equal_the_torch_corrections():
     """Prefill then decode, rows on three adapters of ranks 3-5 (slots padded) and one on none, with and without
     q compression: the engine's logits through ``lora_kernels`` equal the torch corrections'."""

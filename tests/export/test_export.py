@@ -5,38 +5,18 @@ import shutil
 
 import pytest
 import torch
-from conftest import batch, perturb_norms_and_bias
+from conftest import batch
 
 from nemo_mla_lora.arch import absorb, hf_config
 from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
-from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
+from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
 from nemo_mla_lora.peft import MLALoRA
 from nemo_mla_lora.peft.merge import MergeError, merge_linear
-from nemo_mla_lora.peft.state import base_state_dict, randomize_b
+from nemo_mla_lora.peft.state import base_state_dict
 from nemo_mla_lora.reference import latent
-
-PARTS = {"linear_kv_up_proj": "k", "linear_kv_down_proj": "latent"}
-
-
-@pytest.fixture(scope="module", params=["q_lora", "no_q_lora"])
-def trained(request, mcore, tmp_path_factory):
-    """A base checkpoint and an adapter checkpoint (all linears, B != 0, part-selective kv) on disk."""
-    make = tiny_mla_config if request.param == "q_lora" else tiny_mla_noq_config
-    config = make()
-    spec = MLASpec.from_megatron(config)
-    torch.manual_seed(0)
-    model = build_model(config).eval()
-    perturb_norms_and_bias(model)
-    root = tmp_path_factory.mktemp(request.param)
-    dist_ckpt.save_base(model, spec, root / "base")
-    peft = MLALoRA(placement="all_linear", dim=4, alpha=8, parts=PARTS)
-    model = peft(model)
-    randomize_b(model)
-    dist_ckpt.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
-    return dict(root=root, model=model, spec=spec, peft=peft)
 
 
 @pytest.mark.parametrize("fmt", ["absorbed", "mcore", "hf"])

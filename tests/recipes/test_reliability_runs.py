@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from test_hf_checkpoints import MAKER, hf_model
+from support.hf import MAKER, hf_model
 
 from nemo_mla_lora.config.compose import compose
 from nemo_mla_lora.data.prompt_answer import DataError

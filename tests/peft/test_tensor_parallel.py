@@ -23,7 +23,7 @@ from tp_worker import LAYOUTS, PEFT_KWARGS, global_grads, run_step
 
 from nemo_mla_lora.peft import MLALoRA
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

@@ -109,6 +109,7 @@ def test_bank_refuses_mlp_adapters_and_unknown_names(served, tmp_path):
         AdapterBank.load(spec, {"a": root / "official_r4"}).ids(["b"])
 
 
+@pytest.mark.slow
 def test_generate_cli_serves_an_adapter_on_the_absorbed_base(served, tmp_path):
     import subprocess
     import sys

@@ -3,24 +3,15 @@
 import pytest
 import torch
 from conftest import batch, perturb_norms_and_bias
+from support.hf import hf_model_from_state as hf_model
 
-from nemo_mla_lora.arch import hf_config, keymap
+from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config, tiny_mla_noq_config
 from nemo_mla_lora.peft.state import base_state_dict
 from nemo_mla_lora.reference.model import forward
 
 CONFIGS = {"q_lora": tiny_mla_config, "no_q_lora": tiny_mla_noq_config}
-
-
-def hf_model(spec, state):
-    from transformers import DeepseekV3ForCausalLM
-
-    config = hf_config.hf_model_config(spec)
-    config._attn_implementation = "eager"
-    model = DeepseekV3ForCausalLM(config).to(next(iter(state.values())).dtype).eval()
-    model.load_state_dict(keymap.megatron_to_hf(state), strict=True)
-    return model
 
 
 @pytest.mark.parametrize("variant", sorted(CONFIGS))

@@ -15,7 +15,7 @@ from studies.placement import claims, metrics
 from studies.placement import report as tables
 from studies.placement import variants as V
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_oscillation_spikes_and_divergence():

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from nemo_mla_lora.config.compose import compose
 from nemo_mla_lora.models.architecture import resolve
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 
 

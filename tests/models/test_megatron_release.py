@@ -7,7 +7,7 @@ On Megatron-Core 0.15 (this machine) the spec needs only the core-attention fix;
 
 import pytest
 import torch
-from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
+from support.hf import MAKER, hf_model, prompt_tokens
 
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.export.pipeline import export

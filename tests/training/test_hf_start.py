@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 from hf_start_worker import CASES, build, logits, overrides
-from test_hf_checkpoints import MAKER, hf_model, prompt_tokens
+from support.hf import MAKER, hf_model, prompt_tokens
 
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.checkpoints.sources import HFBase

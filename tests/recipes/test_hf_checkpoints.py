@@ -7,58 +7,22 @@ DeepSeek's own modeling_deepseek.py (V2 and V3), transformers' own DeepseekV3Att
 Megatron-Core apply; for V2 + YaRN the HF model gets that factor set on its ``scaling`` attribute.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from support.hf import MAKER, VARIANTS, hf_model, prompt_tokens
 
 from nemo_mla_lora.arch import hf_config
-from nemo_mla_lora.arch.mla_spec import yarn_mscale
 from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.reference.model import forward
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_hf", ROOT / "scripts" / "make_tiny_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAKER = _maker()
-VARIANTS = sorted(MAKER.VARIANTS)
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_hf")
     return {name: MAKER.make(name, root / name) for name in VARIANTS}
-
-
-def hf_model(directory, adapter=None):
-    """transformers' own model on the checkpoint (eager attention, fp32), with DeepSeek's V2 YaRN softmax
-    factor (module docstring); with ``adapter``, peft's ``PeftModel`` over it."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32, attn_implementation="eager")
-    c = model.config
-    if c.model_type == "deepseek_v2" and c.rope_scaling:
-        m = yarn_mscale(c.rope_scaling["factor"], c.rope_scaling.get("mscale_all_dim", 0))
-        for layer in model.model.layers:
-            layer.self_attn.scaling = layer.self_attn.scaling * m * m
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    return model.eval()
-
-
-def prompt_tokens(vocab: int, batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_hf_checkpoints import MAKER
+from support.hf import MAKER
 
 from nemo_mla_lora.checkpoints.errors import CheckpointError, ChecksumError
 from nemo_mla_lora.checkpoints.output_dir import OutputError, atomic_dir
@@ -193,6 +193,7 @@ def test_verify_export_checks_both_directions(exports, tmp_path, fmt):
         verify_checksums(out, progress=False)
 
 
+@pytest.mark.slow
 def test_verify_export_cli_reports_a_deleted_peft_tensor(exports, tmp_path):
     out = copy(exports, "hf_peft", tmp_path)
     _rewrite(out / "adapter_model.safetensors", lambda t: t.pop(sorted(t)[-1]))

@@ -18,7 +18,7 @@ from nemo_mla_lora.checkpoints.sources import HFBase
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
 from nemo_mla_lora.reference import latent
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VARIANT, TIED = "v3_noaux_yarn_q", "v3_tied_yarn_q"
 
 

@@ -108,6 +108,7 @@ print((diffs[0] - diffs[1]).abs().max().item())
 """
 
 
+@pytest.mark.slow
 def test_engine_decodes_the_same_with_the_kernel(mcore, tmp_path):
     from test_multi_adapter import ADAPTERS, base_model
 

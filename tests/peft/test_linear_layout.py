@@ -73,7 +73,7 @@ def test_te_block_spec_keeps_deepseek_v2_group_router_and_latent_eps(mcore, monk
     """``te_mla_block_spec`` over Megatron's block spec (its TE variant cannot be built without TE; the
     layer list and module slots are the same, with Megatron's TE norm + linear put where the TE spec has it):
     the MoE layers get ``DeepSeekMoELayer`` and the fused q/kv latent norms the linear that takes DeepSeek's
-    latent eps (its numerics: tests/test_te_gpu.py, Moonlight-style eps 1e-5 / 1e-6)."""
+    latent eps (its numerics: tests/peft/test_te_gpu.py, Moonlight-style eps 1e-5 / 1e-6)."""
     from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.moe.moe_layer import MoELayer
