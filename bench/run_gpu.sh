@@ -25,10 +25,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 SITE=/tmp/site
-if [ "${1:-}" != mcore019 ]; then  # every step but mcore019 runs NeMo 2.7.3 + megatron-core 0.15.3
+case "${1:-}" in mcore019|megatron_release) ;; *)  # every other step runs NeMo 2.7.3 + megatron-core 0.15.3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-fi
+    || { echo "wheel install failed"; exit 1; } ;;
+esac
 export PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 REPO=$PWD
 cd /tmp  # import the installed package, not the source tree
@@ -395,6 +395,19 @@ real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of
 real_size_engine() {  # the engine decodes the callback's export: batch 64, context 4,096, without and with 8 adapters
   timeout 500 python3 "$REPO/bench/decode_bench.py" --sections engine --export "$RS_RUN/export" --batch 64 \
     --prompt 4032 --steps 64 --out "$OUT/real_size_engine.json" 2>&1 | grep -vi warn | tail -n 5
+}
+
+megatron_release() {  # Megatron-Core 0.19.2's own specs load tiny mcore exports (TE and local names, with and without
+  # q compression) unfixed and through models.megatron_release (inputs: .real_size/m019; TE bring-up in the same call)
+  TE="$REPO/.te_carry" bash "$REPO/.te_carry/bring_up_te.sh" "$REPO"/.te_carry/slim/transformer_engine_cu13-*.whl \
+    /tmp/te_site > "$OUT/te_bringup.log" 2>&1 || { tail -n 20 "$OUT/te_bringup.log"; return 1; }
+  cp /tmp/te/dist/*.whl "$OUT/" 2>/dev/null
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site019 \
+    "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || return 1
+  te_env || return 1
+  PYTHONPATH="/tmp/site019:/tmp/te_site:$REPO" NVIDIA_TF32_OVERRIDE=0 timeout 240 python3 \
+    "$REPO/bench/megatron_release_check.py" "$REPO/.real_size/m019" "$OUT/megatron_release_0_19.json" 2>&1 \
+    | grep -E '^\{|Error' | cut -c1-400
 }
 
 "$@"; rc=$?
