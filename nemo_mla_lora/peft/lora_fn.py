@@ -28,7 +28,7 @@ def spans(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def group_offsets(counts: list[int], device) -> torch.Tensor:
+def group_offsets(counts: list[int], device: torch.device | str) -> torch.Tensor:
     """torch._grouped_mm's ``offs``: the end row of each group, int32."""
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
 

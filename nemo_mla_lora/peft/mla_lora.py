@@ -72,7 +72,7 @@ class MLALoRALinear(LoRALinear):
         return self.adapter.add_to(out, x), bias
 
 
-def te_norm_linear_outputs(to_wrap: nn.Module, result) -> tuple:
+def te_norm_linear_outputs(to_wrap: nn.Module, result: tuple) -> tuple:
     """What Megatron's ``TELayerNormColumnParallelLinear`` returns with ``return_layernorm_output`` -> (output,
     normalised input, bias): ``((output, normed), None)``, or TE's own ``(output, bias, normed)`` where the
     wrapper hands TE's bias back as it is (``te_return_bias``: a bias with ``skip_bias_add``)."""
@@ -178,7 +178,7 @@ class MLALoRA(PEFT, ModuleMatcher):
         self._resolved_targets = targets
         return targets
 
-    def match(self, m: nn.Module, name=None, prefix=None):
+    def match(self, m: nn.Module, name: str | None = None, prefix: str | None = None) -> tuple[str, str] | None:
         if not is_adaptable(m, name):
             return None
         full_name = _global_layer(f"{prefix}.{name}" if prefix else name, getattr(self, "_layer_of", {}).get(id(m)))
@@ -190,7 +190,7 @@ class MLALoRA(PEFT, ModuleMatcher):
                 return pattern, full_name
         return None
 
-    def transform(self, m: nn.Module, name=None, prefix=None):
+    def transform(self, m: nn.Module, name: str | None = None, prefix: str | None = None) -> nn.Module:
         if self.match(m, name, prefix) is None:
             return m
         if is_te_grouped(m):  # TEGroupedMLP's fc1/fc2: every local expert's adapter in one module

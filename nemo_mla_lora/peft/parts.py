@@ -56,7 +56,7 @@ def _dims(config) -> tuple[int, int, int, int, int]:
     )
 
 
-def row_mask(leaf: str, part: str | None, config) -> torch.Tensor | None:
+def row_mask(leaf: str, part: str | None, config: object) -> torch.Tensor | None:
     """Global boolean mask over ``leaf``'s output rows for ``part``; None means every row.
 
     ``config``: a Megatron ``MLATransformerConfig`` (whose ``qk_head_dim`` is the nope part) or an ``MLASpec``."""

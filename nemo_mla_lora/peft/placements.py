@@ -7,6 +7,7 @@ takes whichever the model has. The LR scales (0.5-0.8x for placements that touch
 the field's advice, to be tested by the placement study, not measured facts.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 ATTENTION = (
@@ -62,13 +63,13 @@ def get(name: str) -> Placement:
     return PLACEMENTS[name]
 
 
-def suggested_lr_scale(targets) -> float:
+def suggested_lr_scale(targets: Iterable[str]) -> float:
     """For a free-form target list: 0.8 if it touches MLA internals, else 1.0."""
     leaves = {t.rsplit(".", 1)[-1] for t in targets}
     return 0.8 if leaves & set(MLA_INTERNAL) else 1.0
 
 
-def resolve_for_model(targets, present_leaves: set) -> tuple:
+def resolve_for_model(targets: Iterable[str], present_leaves: set) -> tuple:
     """A named placement on a given model: keep the q projections the model has (q down/up, or q_proj)."""
     q_leaves = {"linear_q_down_proj", "linear_q_up_proj", "linear_q_proj"}
     return tuple(t for t in targets if t not in q_leaves or t in present_leaves)

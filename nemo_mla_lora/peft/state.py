@@ -7,6 +7,7 @@ a rank's module names count layers from its stage's first and experts from its f
 """
 
 import re
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,7 @@ _LAYER = re.compile(r"^(.*?layers\.\d+)(\..*|)$")
 _LOCAL_EXPERT = re.compile(r"^(.*\.local_experts)\.(\d+)(\..*|)$")
 
 
-def global_names(model: nn.Module, names) -> dict:
+def global_names(model: nn.Module, names: Iterable[str]) -> dict:
     """{name: its name in a one-process model} for module names of ``model`` on this rank: a transformer layer's
     index in its stage's module list -> ``layer_number - 1`` (Megatron's global layer, which its sharded state
     dict keys carry), a routed expert's local index -> its global one (``SequentialMLP`` experts under expert

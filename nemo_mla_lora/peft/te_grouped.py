@@ -133,7 +133,13 @@ class TEGroupedLoRALinear(nn.Module):
 
 
 def wrap(
-    base: nn.Module, name: str, dim: int, alpha: float, a_init: str = "xavier", dropout: float = 0.0, dtype=None
+    base: nn.Module,
+    name: str,
+    dim: int,
+    alpha: float,
+    a_init: str = "xavier",
+    dropout: float = 0.0,
+    dtype: torch.dtype | None = None,
 ) -> TEGroupedLoRALinear:
     """``base``: a Megatron ``TEGroupedLinear`` (``linear_fc1`` or ``linear_fc2`` of a ``TEGroupedMLP``)."""
     from megatron.core import parallel_state as ps
