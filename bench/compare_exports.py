@@ -1,4 +1,4 @@
-"""Compare two dist-checkpoint exports (mcore or absorbed) tensor by tensor (issue 6: the export the callback wrote under TP=2 or EP=2
+"""Compare two dist-checkpoint exports (mcore or absorbed) tensor by tensor (the export the callback wrote under TP=2 or EP=2
 against a one-process export of the same saved base and adapter).
 
     python bench/compare_exports.py DIR_A DIR_B --out result.json

@@ -1,4 +1,4 @@
-"""Issue 5's decode benchmarks for absorbed checkpoints (one MLA layer, V3 attention dims by default).
+"""Decode benchmarks for absorbed checkpoints (one MLA layer, V3 attention dims by default).
 
     python bench/decode_bench.py --out decode.json                 # GPU: batch 64, context 4096, bf16
     python bench/decode_bench.py --dims tiny --batch 2 --context 16 --iters 1 --dtype fp32   # CPU smoke

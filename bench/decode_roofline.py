@@ -1,4 +1,4 @@
-"""Issue 16: the latent decode kernels on one Hopper card against its two roofs, shape by shape.
+"""The latent decode kernels on one Hopper card against its two roofs, shape by shape.
 
     python bench/decode_roofline.py --out DIR            # GPU: the sweep below, decode_roofline.json + roofline.png
     python bench/decode_roofline.py --out DIR --quick    # GPU: one shape per head count

@@ -335,7 +335,7 @@ def main():
     m.add_argument("--layers", type=int, default=24)
     m.add_argument("--dense", type=int, default=None, help="first_k_dense_replace (default 1)")
     m.add_argument("--fp8", action="store_true")
-    m.add_argument("--rank", type=int, default=16)
+    m.add_argument("--rank", type=int, default=16, help="LoRA rank (peft.dim)")
     m.add_argument("--out", required=True)
     d = sub.add_parser("disk")
     d.add_argument("--dir", required=True)

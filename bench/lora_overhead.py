@@ -1,4 +1,4 @@
-"""What LoRA costs per training step on one DeepSeek-V3-shaped layer (issue 6): time and peak memory.
+"""What LoRA costs per training step on one DeepSeek-V3-shaped layer: time and peak memory.
 
     python bench/lora_overhead.py --out lora_overhead.json             # GPU: V3 dims, bf16, seq 4096
     python bench/lora_overhead.py --dims tiny --seq 64 --iters 2       # CPU smoke run
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="micro-batch: tokens per step = seq * batch")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--experts", type=int, default=None, help="routed experts (default: 16 for v3 dims)")
-    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="LoRA ranks (peft.dim) to measure")
     p.add_argument("--spec", choices=("local", "te"), default="local",
                    help="te: Megatron's TE layer spec, routed experts as TE grouped GEMMs (needs Transformer Engine)")
     p.add_argument("--variants", nargs="+", default=list(TARGETS + PLACEMENTS))
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", nargs="*", default=[], help="variant:rank pairs to profile after the table")
     p.add_argument("--profile-top", type=int, default=12, help="ops per profile table")
     p.add_argument("--legacy", action="store_true",
-                   help="the adapters as before issue 17: three autograd ops per linear, one chain per expert")
+                   help="the adapters before the fused path: three autograd ops per linear, one chain per expert")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.legacy:

@@ -1,5 +1,5 @@
-"""Issue 14 on the GPU machine, with NeMo 2.7.3 + megatron-core 0.15.3 (the carried wheels) and Transformer Engine
-(built there, ``../shared/scripts/te``): do NeMo's and Megatron's own loaders and engines take our exports as they are?
+"""On the GPU machine, with NeMo 2.7.3 + megatron-core 0.15.3 (the carried wheels) and Transformer Engine
+(built there, ``scripts/gpu/te``): do NeMo's and Megatron's own loaders and engines take our exports as they are?
 
     python3 bench/nemo_engines_check.py nemo ROOT/nemo_te OUT/nemo_te.json [--mcore ROOT/mcore_te]
     python3 bench/nemo_engines_check.py nemo ROOT/nemo_local OUT/nemo_local.json

@@ -4,7 +4,7 @@
 # Then call the device tool with carry [".gpu_wheels"] and command "bash bench/run_gpu.sh STEP".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -f .gpu_wheels/nemo_toolkit-2.7.3-py3-none-any.whl ] || bash ../shared/scripts/fetch_gpu_wheels.sh .gpu_wheels
+[ -f .gpu_wheels/nemo_toolkit-2.7.3-py3-none-any.whl ] || bash scripts/gpu/fetch_gpu_wheels.sh .gpu_wheels
 rm -f .gpu_wheels/nemo_mla_lora-*.whl
 rm -rf build
 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .gpu_wheels .

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Here (no GPU), after `make run`: the inputs of issue 14's NeMo/TE proof on the GPU machine.
+# Here (no GPU), after `make run`: the inputs of the NeMo/TE engines proof on the GPU machine.
 #   runs/gpu_proof/nemo/{nemo_te, nemo_local, mcore_te}   the default run exported three ways
 #   runs/gpu_proof/nemo/expected.pt                       recipes.generate on nemo_te: greedy tokens + logits
-#   .te_carry/   Transformer Engine 2.20.2 for one call (slim sm_90 core wheel: ../shared/scripts/te)
+#   .te_carry/   Transformer Engine 2.20.2 for one call (slim sm_90 core wheel: scripts/gpu/te)
 # Then two device calls, the second within 30 s of the first (the machine keeps /tmp while warm):
 #   carry [".te_carry"]                         TE=.te_carry bash .te_carry/bring_up_te.sh .te_carry/slim/*.whl /tmp/te_site
 #   carry [".gpu_wheels", "runs/gpu_proof"]     bash bench/run_gpu.sh nemo_engines
@@ -10,9 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_WHEELS:-}" ] || bash bench/prepare_gpu.sh  # NeMo's wheels + this tree's wheel (the names=local context imports our layer spec)
 if [ ! -f .te_carry/slim/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl ]; then
-  [ -d .te ] || bash ../shared/scripts/te/fetch_te.sh .te
+  [ -d .te ] || bash scripts/gpu/te/fetch_te.sh .te
   mkdir -p .te_carry/slim && cp -r .te/whl .te/bring_up_te.sh .te/smoke.py .te/transformer_engine_torch-2.20.2.tar.gz .te_carry/
-  python3 ../shared/scripts/te/slim_wheel.py .te/core/transformer_engine_cu13-2.20.2-*.whl \
+  python3 scripts/gpu/te/slim_wheel.py .te/core/transformer_engine_cu13-2.20.2-*.whl \
     .te_carry/slim/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl
 fi
 P=runs/gpu_proof/nemo; rm -rf "$P"; mkdir -p "$P"

@@ -11,7 +11,7 @@
 #   (same carry)                                                bash bench/run_gpu.sh real_size_finetune   ... (run_gpu.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash bench/prepare_gpu.sh
+[ "${SKIP_WHEELS:-}" ] || bash bench/prepare_gpu.sh  # SKIP_WHEELS=1: keep the wheels in place
 ls .gpu_wheels019/megatron_core-0.19.2-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .gpu_wheels019 megatron-core==0.19.2
 if [ ! -f .real_size/tokenizer/tokenizer.json ]; then

@@ -1,26 +1,27 @@
 #!/usr/bin/env bash
-# The GPU steps of issues 5, 6 and 7 on the lent GPU machine (Python 3.12, torch CUDA, no NeMo, no Transformer Engine).
-#   bash bench/run_gpu.sh finetune       # 1 GPU: NeMo llm.finetune (base stage, then MLALoRA), export callback, verify
-#   bash bench/run_gpu.sh finetune_grouped  # 1 GPU: the same with peft=all_linear (grouped expert adapters), shorter
-#   bash bench/run_gpu.sh finetune_tp2   # 2 GPUs: the same under TP=2 + sequence parallel (torchrun)
-#   bash bench/run_gpu.sh finetune_ep2   # 2 GPUs: the same under EP=2 (TP=1, two data-parallel replicas)
-#   bash bench/run_gpu.sh overhead       # issue 17: grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16,
-#                                        # seq 4096; + batch sweep, + 64 experts)
-#   bash bench/run_gpu.sh placement_study [overrides]  # issue 7: bases, then the GPU-size grid (SHARDS over GPUS)
-#   bash bench/run_gpu.sh placement_continue [overrides]  # the same grid resumed on a warm machine
-#   bash bench/run_gpu.sh decode [--no-sweep]  # issue 5: bench/decode_bench.py (V3 dims, batch 64, context 4096, bf16)
-#   bash bench/run_gpu.sh decode_hopper [--quick]  # issue 16: kernel GPU tests, bench/decode_roofline.py,
-#                                        # decode_bench.py (tables, 8 adapters, engine tokens/s), ncu
-#   bash bench/run_gpu.sh export_cores  # issue 15: bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
-#   bash bench/run_gpu.sh mcore019       # issue 14: megatron-core 0.19.2 loads the default (mcore) export, logits + engine
-#   bash bench/run_gpu.sh decode_ncu "default 64 64 4096"  # issue 16: ncu profile of one decode shape
-#   bash bench/run_gpu.sh decode_adapters # issue 16 point 3: the multi-adapter kernels vs the torch corrections
-#   bash bench/run_gpu.sh te_tests       # issue 18: tests/peft/test_te_gpu.py alone (TE bring-up first)
-#   bash bench/run_gpu.sh te_finetune    # issue 18: TE spec + MLALoRA through llm.finetune, bench/te_check.py (TE bring-up first)
-#   bash bench/run_gpu.sh te_finetune_tp2|te_finetune_ep2  # issue 18 on 2 GPUs: TE spec at TP=2+SP / EP=2 (bring-up first)
-#   bash bench/run_gpu.sh te_overhead    # issue 18: bench/lora_overhead.py on the TE spec and the TE-free one (TE bring-up first)
-#   bash bench/run_gpu.sh te_profile     # issue 18: the same, base and all_linear r16 profiled (TE bring-up first)
-#   bash bench/run_gpu.sh nemo_engines   # issue 14: NeMo llm.generate + Megatron TE-spec load (bench/prepare_nemo_proof.sh)
+# The GPU steps, by name, on the lent GPU machine (Python 3.12, torch CUDA; no NeMo, Megatron or Transformer Engine
+# until carried). bench/README.md ("How to run") says which prepare script makes each step's carry folders.
+# Training through NeMo's llm.finetune:
+#   finetune | finetune_grouped           1 GPU, TE-free spec: base stage then MLALoRA (all_linear: grouped experts)
+#   finetune_tp2 | finetune_ep2           2 GPUs, TE-free spec: TP=2 + SP / EP=2, callback export vs one-process export
+#   te_finetune | te_tests                1 GPU, Transformer Engine spec (bring-up call first); tests/peft/test_te_gpu.py
+#   te_finetune_tp2 | te_finetune_ep2     2 GPUs, TE spec (bring-up call first)
+# Training cost:
+#   overhead                              grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16, seq 4096)
+#   te_overhead | te_profile              the same table on the TE spec beside the TE-free one; torch profiles
+# Real size (DeepSeek-V2-Lite from an HF directory, bench/prepare_real_size.sh):
+#   real_size_table                       the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA
+#   real_size_oneshot                     TE bring-up + the table in one call (when the carry fits 64 MiB)
+#   real_size_finetune                    recipes.finetune trainer=megatron from the HF directory, mcore export callback
+#   real_size_check | real_size_export | real_size_engine   Megatron 0.15.3/0.19.2 loads; export vs cp; engine decode
+# Export and its consumers:
+#   export_cores                          bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
+#   mcore019 | megatron_release           Megatron-Core 0.19.2 alone loads the mcore export (+ the q-side fix)
+#   nemo_engines                          NeMo llm.generate + Megatron's TE-spec load (bench/prepare_nemo_proof.sh)
+# Decode:
+#   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
+# Placement study:
+#   placement_study [overrides] | placement_continue [overrides]
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -54,7 +55,7 @@ finetune() {
   local rc=${PIPESTATUS[0]}; collect "$run" finetune; return "$rc"
 }
 
-finetune_grouped() {  # issue 17: all_linear (grouped expert adapters, torch._grouped_mm) through NeMo's llm.finetune
+finetune_grouped() {  # all_linear (grouped expert adapters, torch._grouped_mm) through NeMo's llm.finetune
   local run=/tmp/run_grouped; rm -rf "$run"
   timeout 420 python3 -m nemo_mla_lora.recipes.finetune "${GPU_PROOF[@]}" peft=all_linear peft.dim=16 peft.alpha=16 \
     data.base_pretrain_steps=60 data.base_pretrain_lr=5e-4 trainer.max_steps=40 trainer.checkpoint_every_n_steps=60 \
@@ -78,7 +79,7 @@ two_gpus() {  # tag, parallel overrides: train on two GPUs (torchrun), then expo
 finetune_tp2() { two_gpus finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
 finetune_ep2() { two_gpus finetune_ep2 trainer.expert_parallel=2; }
 
-export_cores() {  # issue 15: the export at scale on this machine's 16 cores and on 2 of them (CPU only)
+export_cores() {  # the export at scale on this machine's 16 cores and on 2 of them (CPU only)
   local w=/tmp/xs; rm -rf "$w"; mkdir -p "$w"; unset OMP_NUM_THREADS
   export CUDA_VISIBLE_DEVICES=""
   nproc | tee "$OUT/cores.txt"; df -h /tmp | tail -1 | tee -a "$OUT/cores.txt"
@@ -93,7 +94,7 @@ export_cores() {  # issue 15: the export at scale on this machine's 16 cores and
   done
 }
 
-decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
+decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
   python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
   tail -n 3 "$OUT/decode_tests.log"
   timeout 400 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 45
@@ -109,7 +110,7 @@ decode_hopper() {  # issue 16: kernel tests, roofline sweep, decode_bench (table
 }
 
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
-  # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": issue 16's 64-head limit)
+  # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": the 64-head case)
   for one in "$@"; do
     timeout 60 ncu --clock-control none --kernel-name regex:split --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
@@ -120,7 +121,7 @@ decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch head
   done
 }
 
-overhead() {  # issue 17: the grouped/fused LoRA GPU tests, then the table, the profiles, more tokens, 64 experts
+overhead() {  # the grouped/fused LoRA GPU tests, then the table, the profiles, more tokens, 64 experts
   python3 -m pytest -q -p no:cacheprovider "$REPO/tests/peft/test_grouped_lora.py" -k gpu > "$OUT/grouped_tests.log" 2>&1
   tail -n 3 "$OUT/grouped_tests.log"
   python3 "$REPO/bench/lora_overhead.py" --iters 20 --out "$OUT/lora_overhead.json" \
@@ -207,7 +208,7 @@ PY
   tail -qn 1 "$OUT"/placement_shard*.log
 }
 
-mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) takes the default export as it is.
+mcore019() {  # megatron-core 0.19.2 alone (its own site, no NeMo) takes the default export as it is.
   # Inputs made here by: make run; bash bench/prepare_mcore019.sh  (carry .gpu_wheels019 runs/gpu_proof)
   local site=/tmp/site019
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
@@ -217,7 +218,7 @@ mcore019() {  # issue 14: megatron-core 0.19.2 alone (its own site, no NeMo) tak
   return "${PIPESTATUS[0]}"
 }
 
-decode_adapters() {  # issue 16 point 3: lora_kernels' GPU test, then decode_bench's adapter and engine sections
+decode_adapters() {  # lora_kernels' GPU test, then decode_bench's adapter and engine sections
   # (the multi-adapter corrections with the kernels and in torch ops, same run)
   # -k gpu: Triton 3.6's interpreter fails there with NumPy 2.5 (a loop bound is a 1-element array; measured
   # 2026-12-01); the interpreter tests run on the CPU machines (NumPy 1.26)
@@ -237,7 +238,7 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
     LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
-te_tests() {  # issue 18: tests/peft/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
+te_tests() {  # tests/peft/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
   te_env || return 1
   NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
     "$REPO/tests/peft/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
@@ -246,7 +247,7 @@ te_tests() {  # issue 18: tests/peft/test_te_gpu.py (Transformer Engine from the
   return "$rc"
 }
 
-te_finetune() {  # issue 18: the TE GPU tests; NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through
+te_finetune() {  # the TE GPU tests; NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through
   # llm.finetune and exports; then bench/te_check.py (below). Two calls: the TE bring-up of bench/prepare_nemo_proof.sh's
   # header (carry .te_carry), then this one within 30 s (carry .gpu_wheels). The bring-up skips its 100 s build
   # when the torch extension's wheel it built once (returned under $OUT) is put in /tmp/te/dist first:
@@ -287,7 +288,7 @@ te_two_gpus() {  # tag, overrides: the TE spec trained on two GPUs (torchrun), t
 te_finetune_tp2() { te_two_gpus te_finetune_tp2 trainer.tensor_parallel=2 trainer.sequence_parallel=true; }
 te_finetune_ep2() { te_two_gpus te_finetune_ep2 trainer.expert_parallel=2; }
 
-te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
+te_overhead() {  # the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
   te_env || return 1
   for spec in te local; do
     timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters "${ITERS:-20}" --ranks 16 64 \
@@ -295,7 +296,7 @@ te_overhead() {  # issue 18: the LoRA overhead table on the TE spec (grouped-GEM
   done
 }
 
-te_profile() {  # issue 18: where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)
+te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)
   te_env || return 1
   for spec in te local; do
     timeout 250 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 10 --ranks 16 --variants all_linear \
@@ -304,7 +305,7 @@ te_profile() {  # issue 18: where the adapters' time goes on the TE spec and on 
   done
 }
 
-nemo_engines() {  # issue 14: NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec load take our exports as they are
+nemo_engines() {  # NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec load take our exports as they are
   # Inputs made here by: make run; bash bench/prepare_nemo_proof.sh. Needs TE in /tmp/te_site: the bring-up call of
   # that script's header ran on this warm machine just before (carry .gpu_wheels runs/gpu_proof).
   te_env || return 1

@@ -1,4 +1,4 @@
-"""Issue 18 on the GPU machine: one saved base + MLALoRA adapter in a Transformer Engine model and in the TE-free one.
+"""On the GPU machine: one saved base + MLALoRA adapter in a Transformer Engine model and in the TE-free one.
 
     python3 bench/te_check.py RUN_DIR --out te_logits.json [--specs te local]
 

@@ -201,7 +201,7 @@ def write_hf_peft(adapter_factors: dict, dim: int, alpha: float, directory: Path
     warnings = []
     if "kv_b_proj" in targets:
         warnings.append(
-            "kv_b_proj is targeted: some serving engines (vLLM's absorbed MLA path, issue 48974) "
+            "kv_b_proj is targeted: some serving engines (vLLM's absorbed MLA path: vLLM issue 48974) "
             "silently drop LoRA on kv_b_proj; prefer the merged 'absorbed' or 'hf' export there."
         )
     return warnings
