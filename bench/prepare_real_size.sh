@@ -9,6 +9,7 @@
 #   carry [".te_carry"]                                         TE=.te_carry bash .te_carry/bring_up_te.sh .te_carry/slim/*.whl /tmp/te_site
 #   carry [".gpu_wheels", ".gpu_wheels019", ".real_size"]       bash bench/run_gpu.sh real_size_table
 #   (same carry)                                                bash bench/run_gpu.sh real_size_finetune   ... (run_gpu.sh)
+# The working tree travels with every call and counts toward its 64 MiB: the TE and NeMo carries need two calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "${SKIP_WHEELS:-}" ] || bash bench/prepare_gpu.sh  # SKIP_WHEELS=1: keep the wheels in place
@@ -23,3 +24,15 @@ if [ ! -f .real_size/tokenizer/tokenizer.json ]; then
   rm -rf "$tmp"
 fi
 du -sh .gpu_wheels .gpu_wheels019 .real_size
+# .gpu_snap/: the same inputs from HEAD in one folder (bench/, the data, the wheels without pulp, which NeMo's llm
+# path does not import), so that a call is not affected by uncommitted edits in the working tree that travels with it:
+#   carry [".gpu_snap"]   cd .gpu_snap && bash bench/run_gpu.sh real_size_table
+rm -rf .gpu_snap /tmp/gpu_snap_src && mkdir -p .gpu_snap/.gpu_wheels .gpu_snap/nemo_mla_lora /tmp/gpu_snap_src
+git archive HEAD | tar -x -C /tmp/gpu_snap_src
+(cd /tmp/gpu_snap_src && "$OLDPWD"/.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w wheel .)
+cp .gpu_wheels/*.whl .gpu_snap/.gpu_wheels/ && rm -f .gpu_snap/.gpu_wheels/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/pulp-*.whl
+cp /tmp/gpu_snap_src/wheel/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/
+cp -r /tmp/gpu_snap_src/bench .gpu_snap/bench && rm -rf .gpu_snap/bench/results
+cp -r /tmp/gpu_snap_src/nemo_mla_lora/data .gpu_snap/nemo_mla_lora/data && cp -r .gpu_wheels019 .real_size .gpu_snap/
+rm -rf /tmp/gpu_snap_src
+du -sh .gpu_snap
