@@ -100,16 +100,23 @@ def engine_greedy(model, prompt_ids, steps):
     return [[int(t) for t in r.generated_tokens] for r in done]
 
 
-def main(export_dir, expected_path, out_path):
-    import megatron.core
-    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+def init_one_gpu(port: int) -> None:
+    """One process on GPU 0: torch.distributed (NCCL) and Megatron's model-parallel groups of size 1, seeded."""
+    from megatron.core import parallel_state, tensor_parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("MASTER_PORT", str(port))
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     torch.cuda.set_device(0)
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1)
+
+
+def main(export_dir, expected_path, out_path):
+    import megatron.core
+    from megatron.core import dist_checkpointing
+
+    init_one_gpu(29517)
     report = {"megatron_core": megatron.core.__version__, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(0), "export": export_dir}
     spec = json.load(open(os.path.join(export_dir, "mla_spec.json")))

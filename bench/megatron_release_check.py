@@ -1,6 +1,6 @@
 """Megatron-Core's own specs, through ``models.megatron_release``, load our ``mcore`` exports on the installed release.
 
-    python3 bench/megatron_release_check.py DIR OUT.json      # DIR: <variant>_{te,local}/ exports + <variant>_expected.pt
+    python3 bench/megatron_release_check.py DIR OUT.json   # DIR: <variant>_{te,local}/ + <variant>_expected.pt
 
 For every export in DIR (``mcore`` of a tiny HF checkpoint, TE or local names) and its variant's transformers logits
 (fp32): Megatron's GPTModel on its own layer spec of the same kind, (a) as the installed release builds it
@@ -11,7 +11,6 @@ Runs on the GPU machine, with Transformer Engine for the TE exports; no NeMo.
 """
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -66,14 +65,9 @@ def check(export: Path, expected: dict, use_te: bool, stock: bool) -> dict:
 
 def main(directory: str, out: str) -> int:
     import megatron.core
-    from megatron.core import parallel_state, tensor_parallel
+    from mcore019_check import init_one_gpu
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    init_one_gpu(29531)
     try:
         import transformer_engine  # noqa: F401
 

@@ -94,7 +94,8 @@ def write(args) -> dict:
 def flops_per_token(spec, seq: int) -> float:
     """Megatron-convention model FLOPs per token (see the module docstring)."""
     h, heads = spec.hidden_size, spec.num_heads
-    dn, dr, dv, c, rq = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank, spec.q_lora_rank
+    dn, dr, dv = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+    c, rq = spec.kv_lora_rank, spec.q_lora_rank
     q = heads * (dn + dr) * (h if rq is None else rq) + (0 if rq is None else rq * h)
     attention = q + (c + dr) * h + heads * (dn + dv) * c + h * heads * dv
     active = 0
@@ -228,7 +229,8 @@ def table(args) -> dict:
     targets = list(MLALoRA(placement="nemo_official").resolve(model))  # the leaves (b) wraps, for NeMo's LoRA
     fpt = flops_per_token(spec, args.seq)
     flags = te_flags(model)
-    result = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"card": card, "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
               "flops_per_token": fpt, "layer_spec": type(model.decoder.layers[0].self_attention.linear_proj).__name__,
               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
               "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},

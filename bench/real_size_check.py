@@ -14,7 +14,6 @@ strictness; logits on the same tokens. Bound: 2e-2 of the largest |logit| (bf16 
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -64,17 +63,12 @@ def expected(args) -> dict:
 @torch.no_grad()
 def load(args) -> dict:
     import megatron.core
-    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core import dist_checkpointing
 
     sys.path.insert(0, str(HERE))
-    from mcore019_check import build_model
+    from mcore019_check import build_model, init_one_gpu
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29523")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    init_one_gpu(29523)
     spec = json.loads((Path(args.export) / "mla_spec.json").read_text())
     want = torch.load(args.expected, weights_only=True)
     report = {"megatron_core": megatron.core.__version__, "card": torch.cuda.get_device_name(0),
