@@ -236,6 +236,9 @@ class ExportJobConfig:
         tokenizer: ``nemo``: the context's tokenizer (default: the base's own files, else byte).
         overwrite: replace a previous export (its ``manifest.json``) or an empty directory.
         budget_mb: experts read, merged and written as one unit (``export/units.py``).
+        weight_dtype: ``hf`` only: ``fp8_block`` writes the attention, MLP and expert linear weights as
+            DeepSeek-V3 ships them (float8_e4m3fn with 128x128 ``weight_scale_inv`` block scales and config.json's
+            ``quantization_config``); null: as merged (bf16/fp32).
     """
 
     base: str = MISSING
@@ -250,6 +253,7 @@ class ExportJobConfig:
     tolerance: float | None = None
     overwrite: bool = False
     budget_mb: int = 128  # experts read, merged and written as one unit (export/units.py)
+    weight_dtype: str | None = None  # hf: fp8_block (DeepSeek's FP8 with block scales) | null (as merged)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from nemo_mla_lora.data.tokenizer import copy_tokenizer
 from nemo_mla_lora.export import manifest, nemo_format, stages
 from nemo_mla_lora.export.integrity import manifest_checksums, read_export, verify_checksums  # noqa: F401 (read here)
 from nemo_mla_lora.export.peft_reference import open_reference
+from nemo_mla_lora.export.quantize import FP8Quantize, check_weight_dtype
 from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, check_hf_peft_writable, write_hf_peft
@@ -63,6 +64,7 @@ def export(
     tokenizer: str | None = None,
     verify_layers: list[int] | None = None,
     budget: int = DEFAULT_BUDGET,
+    weight_dtype: str | None = None,
 ) -> dict:
     """Merge ``adapter`` into ``base`` and write ``output`` in format ``fmt``, verified against the unmerged
     model; the output is written beside and renamed in only when everything passed.
@@ -84,6 +86,8 @@ def export(
             tokenizer).
         verify_layers: ``sample``'s layers (default: first, first MoE, last).
         budget: bytes of experts read, merged and written as one unit.
+        weight_dtype: ``hf`` only: ``fp8_block`` writes the linear weights in DeepSeek-V3's FP8 block format
+            (``export/quantize.py``); None: as merged.
 
     Returns:
         The manifest (also written as ``manifest.json``), with the verify report and the timing per phase.
@@ -91,6 +95,7 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
     verify = check_mode(verify)
+    check_weight_dtype(weight_dtype, fmt)
     names = names or DEFAULT_NAMES.get(fmt, "local")
     check_names(names)
     if names != "local" and fmt not in DEFAULT_NAMES:
@@ -133,7 +138,7 @@ def export(
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
         else:
-            writer = _writer(fmt, tmp, spec, source, names, tokenizer, check=verify != "none")
+            writer = _writer(fmt, tmp, spec, source, names, tokenizer, verify != "none", weight_dtype)
             verifier = StreamingVerify(
                 spec,
                 fmt in LATENT_FORMATS,
@@ -143,7 +148,8 @@ def export(
                 _dtype_name(source.layout()),
                 reading=open_reference(adapter),
             )
-            info = _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget)
+            quantize = FP8Quantize(spec, verify, verify_layers, verifier.dtype) if weight_dtype else None
+            info = _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget, quantize)
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
             if fmt in DEFAULT_NAMES:
                 info["names"] = names
@@ -166,15 +172,15 @@ def _dtype_name(layout: dict) -> str:
     return str(layout["embedding.word_embeddings.weight"][0]).removeprefix("torch.")
 
 
-def _writer(fmt, tmp, spec, source, names, tokenizer, check):
+def _writer(fmt, tmp, spec, source, names, tokenizer, check, weight_dtype=None):
     if fmt == "hf":
-        return HFWriter(tmp, spec, getattr(source, "config", None), check)
+        return HFWriter(tmp, spec, getattr(source, "config", None), check, fp8=weight_dtype == "fp8_block")
     if fmt == "nemo":
         return NemoWriter(tmp, spec, names, tokenizer, check)
     return DistCkptWriter(tmp, spec, names, check)
 
 
-def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget) -> dict:
+def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget, quantize=None) -> dict:
     layout = source.layout()
     units = plan(source.names, {n: d.itemsize * math.prod(shape) for n, (d, shape) in layout.items()}, budget)
     writer.begin(units, layout)
@@ -191,6 +197,10 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         if fmt == "absorbed" and unit.kind == "attention":
             tensors = absorb.absorb_layer(tensors, f"decoder.layers.{unit.group}.self_attention", spec, fold=fold)
         merge_seconds[0] += time.perf_counter() - start
+        if quantize is not None:  # written: FP8 in HF names; verified: those weights dequantized
+            written, tensors = quantize(unit, tensors)
+            verifier.export(unit, tensors)
+            return written
         verifier.export(unit, tensors)
         return tensors
 
@@ -212,6 +222,9 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
     )
     info["timing"] = timing
     report = verifier.report()
+    if quantize is not None:
+        report = quantize.widen(report)
+        info["fp8"] = quantize.report()
     info["verify"] = report
     if not report["passed"]:
         raise VerificationError(

@@ -18,6 +18,7 @@ import torch
 
 from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.arch.hf_config import hf_config_dict
+from nemo_mla_lora.checkpoints import fp8
 from nemo_mla_lora.checkpoints.checksums import tensor_checksum
 from nemo_mla_lora.checkpoints.dist_ckpt import named_sharded, write_json
 from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
@@ -84,10 +85,12 @@ class NemoWriter(DistCkptWriter):
 class HFWriter:
     """One safetensors shard per group (embedding, each decoder layer, final), its header written first
     from the layout (``begin``) and its tensors as their units come. ``source_config``: the HF base's own
-    config.json (kept, with the written dtype), None for our bases."""
+    config.json (kept, with the written dtype), None for our bases. ``fp8``: the linear weights in DeepSeek's
+    FP8 block format (``checkpoints/fp8.py``); ``add`` then gets each unit already in HF names, quantized."""
 
-    def __init__(self, directory: Path, spec, source_config: dict | None = None, check: bool = True):
+    def __init__(self, directory: Path, spec, source_config: dict | None = None, check: bool = True, fp8=False):
         self.directory, self.spec, self.source_config, self.check = Path(directory), spec, source_config, check
+        self.fp8 = fp8
         self.weight_map, self.checksums, self.dtype, self.shards, self.open = {}, {}, None, {}, {}
 
     def begin(self, units, layout: dict) -> None:
@@ -98,9 +101,10 @@ class HFWriter:
             meta = {n: torch.empty(layout[n][1], dtype=layout[n][0], device="meta") for n in u.names}
             by_group.setdefault(u.group, {}).update(keymap.megatron_to_hf(meta))
         for i, group in enumerate(order):
+            shard_layout = {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()}
             self.shards[group] = (
                 f"model-{i + 1:05d}-of-{len(order):05d}.safetensors",
-                {h: (t.dtype, tuple(t.shape)) for h, t in by_group[group].items()},
+                fp8.quantized_layout(shard_layout) if self.fp8 else shard_layout,
             )
 
     def add(self, unit, group: dict) -> None:
@@ -110,12 +114,13 @@ class HFWriter:
         if unit.group not in self.open:
             self.open[unit.group] = SafetensorsWriter(self.directory / shard, shard_layout, {"format": "pt"})
         out = self.open[unit.group]
-        for name, t in keymap.megatron_to_hf(group).items():
+        for name, t in (group if self.fp8 else keymap.megatron_to_hf(group)).items():
             out.write(name, t)
             self.checksums[name] = tensor_checksum(t)
             if self.check and out.checksum(name) != self.checksums[name]:
                 raise CheckpointError(f"{out.path}: {name} reads back different from what was written")
-            self.dtype = self.dtype or str(t.dtype).removeprefix("torch.")
+            if not name.endswith(fp8.SCALE_SUFFIX) and t.dtype != torch.float8_e4m3fn:
+                self.dtype = self.dtype or str(t.dtype).removeprefix("torch.")
             self.weight_map[name] = shard
         if unit.closes_group:
             self.open.pop(unit.group).close()
@@ -126,7 +131,10 @@ class HFWriter:
             self.directory / "model.safetensors.index.json",
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))},
         )
-        write_json(self.directory / "config.json", hf_config_dict(self.spec, self.dtype, self.source_config))
+        config = hf_config_dict(self.spec, self.dtype, self.source_config)
+        if self.fp8:
+            config["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
+        write_json(self.directory / "config.json", config)
 
 
 def check_hf_peft_writable(lora) -> None:

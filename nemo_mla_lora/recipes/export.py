@@ -4,6 +4,7 @@
         output=runs/finetune/export_hf format=hf [verify=full|sample|none] [verify_layers=[0,26]] [fold=false] \\
         [overwrite=false]
     ... format=nemo [names=te|local] [tokenizer=DIR]   # a NeMo 2 checkpoint for llm.generate / export_ckpt
+    ... format=hf weight_dtype=fp8_block   # linear weights in DeepSeek-V3's FP8 with 128x128 block scales
 
 ``base``: our Megatron dist-ckpt (+ mla_spec.json), an HF DeepSeek directory (bf16 or FP8) or a NeMo 2 checkpoint;
 ``adapter``: an MLALoRA adapter checkpoint or an HF PEFT directory; ``adapter=null`` exports the base alone
@@ -41,7 +42,7 @@ def main(cfg: DictConfig) -> None:
         info = _run(cfg)
     except (CheckpointError, ValueError, OSError) as err:  # ours name the file / field / path: one line
         sys.exit(f"error: {type(err).__name__}: {err}")
-    report = {k: info[k] for k in ("format", "kv_cache", "verify", "timing", "warnings") if k in info}
+    report = {k: info[k] for k in ("format", "kv_cache", "verify", "fp8", "timing", "warnings") if k in info}
     print(json.dumps(report, indent=2))
     print(f"wrote {cfg.output}")
 
@@ -64,6 +65,7 @@ def _run(cfg: DictConfig) -> dict:
         tokenizer=cfg.tokenizer,
         verify_layers=cfg.verify_layers,
         budget=cfg.budget_mb << 20,
+        weight_dtype=cfg.weight_dtype,
     )
 
 
