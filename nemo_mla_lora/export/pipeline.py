@@ -225,6 +225,7 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
     if quantize is not None:
         report = quantize.widen(report)
         info["fp8"] = quantize.report()
+        timing["fp8_quantize"] = round(quantize.seconds, 2)  # with the FP8-vs-merge forward
     info["verify"] = report
     if not report["passed"]:
         raise VerificationError(

@@ -4,6 +4,8 @@ export as written (the FP8 weights dequantized), and its bound is widened by the
 alone: the logits (``sample``: each layer's output) of the dequantized export against the bf16/fp32 merge,
 computed by a second verifier over the same units."""
 
+import time
+
 from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.checkpoints import fp8
 from nemo_mla_lora.export.verify import StreamingVerify
@@ -33,15 +35,17 @@ class FP8Quantize:
     Megatron names, for the verify); ``widen(report)`` and ``report()`` after the last unit."""
 
     def __init__(self, spec, mode: str, layers, dtype: str):
-        self.errors = {}
+        self.errors, self.seconds = {}, 0.0
         self.gap = StreamingVerify(spec, False, mode, layers, None, dtype)  # the bf16/fp32 merge vs the FP8 export
 
     def __call__(self, unit, merged: dict) -> tuple[dict, dict]:
+        start = time.perf_counter()
         written, dequantized, errors = fp8.quantize_hf(keymap.megatron_to_hf(merged))
         self.errors.update(errors)
         dequantized = keymap.hf_to_megatron(dequantized)
         self.gap.reference(unit, merged, {})
         self.gap.export(unit, dequantized)
+        self.seconds += time.perf_counter() - start
         return written, dequantized
 
     def widen(self, report: dict) -> dict:

@@ -105,6 +105,7 @@ def test_fp8_export_layout_config_and_manifest(exports):
     assert set(info["tensor_checksums"]) == set(written)
     report, measured = info["verify"], info["fp8"]
     assert measured["quantized_tensors"] == len(quantized)
+    assert info["timing"]["fp8_quantize"] >= 0
     assert 0 < measured["max_relative_error"] <= 2.0**-4
     gap = measured["logits_vs_merge"]["max_abs_logit_diff"]
     assert gap > 0 and report["passed"]
@@ -179,3 +180,37 @@ def test_fp8_option_refused_for_other_formats(exports, tmp_path, fmt, dtype, mes
     with pytest.raises(ValueError, match=message):
         export(root / "base", root / "adapter", tmp_path / "out", fmt=fmt, weight_dtype=dtype, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_sample_verify_widens_each_layer_bound(exports, tmp_path):
+    root = exports["root"]
+    info = export(
+        root / "base",
+        root / "adapter",
+        tmp_path / "sample",
+        fmt="hf",
+        weight_dtype="fp8_block",
+        verify="sample",
+        verify_layers=[0, 2],
+        progress=False,
+    )
+    report, gap = info["verify"], info["fp8"]["logits_vs_merge"]
+    assert report["passed"] and set(report["layers"]) == set(gap["layers"]) == {"0", "2"}
+    for layer, entry in report["layers"].items():
+        assert gap["layers"][layer] > 0
+        assert entry["bound"] == pytest.approx(entry["bound_unquantized"] + gap["layers"][layer])
+
+
+def test_transformers_reads_the_quantization_config_and_the_cli_takes_the_option(exports):
+    """transformers parses config.json's FP8 entry as its own FineGrainedFP8 config (loading the weights needs a
+    GPU there); the export CLI's config has the field."""
+    from transformers import AutoConfig
+
+    from nemo_mla_lora.config.compose import compose
+
+    quant = AutoConfig.from_pretrained(exports["root"] / "fp8").quantization_config
+    assert quant["quant_method"] == "fp8" and list(quant["weight_block_size"]) == [128, 128]
+    cfg = compose("export", ["base=a", "adapter=b", "output=c", "format=hf", "weight_dtype=fp8_block"])
+    assert (
+        cfg.weight_dtype == "fp8_block" and compose("export", ["base=a", "adapter=b", "output=c"]).weight_dtype is None
+    )
