@@ -24,7 +24,7 @@ from pathlib import Path
 import lightning as L
 
 from nemo_mla_lora.checkpoints import dist_ckpt
-from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_target
+from nemo_mla_lora.checkpoints.output_dir import MANIFEST, check_output, check_target
 from nemo_mla_lora.export.manifest import read_manifest
 from nemo_mla_lora.export.pipeline import export
 from nemo_mla_lora.peft.mla_lora import WRAPPERS
@@ -80,12 +80,16 @@ class MLAExportCallback(L.Callback):
     def check_outputs(self) -> None:
         """Before training: the outputs this callback will write (adapter, export, the saved base when
         ``base_dir`` is not readable) are refused now if they overlap the base, are not outputs of ours that
-        overwrite may replace, or have another writer's lock or a dead run's leftovers beside them."""
+        overwrite may replace, or have another writer's lock or a dead run's leftovers beside them (rank 0; under
+        torch.distributed a later rank may build its callback while rank 0 already writes)."""
         targets = [(self.output_dir / "adapter", (dist_ckpt.ADAPTER_FILE,)), (self.output_dir / "export", (MANIFEST,))]
         if not self._readable():
             targets.append((self.output_dir / "base", (dist_ckpt.SPEC_FILE,)))
         for target, replaces in targets:
-            check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
+            if parallel.rank() == 0:
+                check_target(target, (self.base_dir,), overwrite=True, replaces=replaces)
+            else:  # the lock and temp dirs beside a target are rank 0's (it writes, and shares its checks at the write)
+                check_output(target, (self.base_dir,))
 
     def _readable(self) -> bool:
         return self.base_dir is not None and any(
