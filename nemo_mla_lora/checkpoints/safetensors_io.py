@@ -20,6 +20,7 @@ import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 import xxhash
 
@@ -79,6 +80,7 @@ class SafetensorsFile:
         self.entries = {name: self._entry(name, e) for name, e in header.items()}
         self._check_tiling(size - self.data_start)
         self.digests = {}  # name -> sha256 of its bytes, for every tensor read so far
+        self._map = None  # a read-only memory map of the file, made by the first read_slice
 
     def _entry(self, name, e) -> tuple:
         """(dtype, shape, start, end) of one header entry, checked."""
@@ -134,6 +136,27 @@ class SafetensorsFile:
             os.close(fd)
         self.digests[name] = xxhash.xxh3_128(view).hexdigest()
         return t
+
+    def read_slice(self, name: str, index: tuple) -> torch.Tensor:
+        """``name``[``index``] as stored, copied out of a read-only memory map of the file: only the slice's pages
+        are read. Not digested (a slice is not the tensor).
+
+        Args:
+            name: the tensor.
+            index: one ``slice`` (step 1) per dimension.
+        """
+        dtype, shape, start, end = self.entries[name]
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        size = dtype.itemsize
+        data = self._map[self.data_start + start : self.data_start + end].reshape(*shape[:-1], shape[-1] * size)
+        last = index[-1]  # [..., in] as bytes: the last dimension's slice in bytes
+        part = np.ascontiguousarray(data[(*index[:-1], slice(last.start * size, last.stop * size))])
+        return torch.from_numpy(part).view(dtype)
+
+    def release_map(self) -> None:
+        """Drop the memory map ``read_slice`` made (the next slice maps the file again)."""
+        self._map = None
 
     def content_hash(self) -> str:
         """sha256 over the header and every tensor's xxh3-128 digest in offset order (tensors not read yet are

@@ -182,11 +182,16 @@ class HFBase:
         check_checksums({hf_name: t}, self.checksums, st.path)
         if not fp8:
             return t
+        scale_name = self.scale_name(hf_name)
+        scale = self.opened[self.files[scale_name]].read(scale_name)
+        return dequantize_fp8(t, scale, self.dtype, out, hf_name)
+
+    def scale_name(self, hf_name: str) -> str:
+        """The ``weight_scale_inv`` tensor of the FP8 weight ``hf_name`` (an error naming both when it is missing)."""
         scale_name = hf_name.replace(".weight", ".weight_scale_inv")
         if scale_name not in self.files:
             raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
-        scale = self.opened[self.files[scale_name]].read(scale_name)
-        return dequantize_fp8(t, scale, self.dtype, out, hf_name)
+        return scale_name
 
     def content_hash(self) -> str:
         """``checkpoint.file_hash`` of the directory, from the digests taken while reading."""

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 
 from nemo_mla_lora.arch import keymap
@@ -210,33 +209,24 @@ def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
 
 
 class _SliceReader:
-    """Slices of HF tensors through read-only memory maps of their shard files (one map per file)."""
+    """Slices of HF tensors through read-only memory maps of their shard files (``SafetensorsFile.read_slice``),
+    counting the bytes read per tensor."""
 
     def __init__(self, base: HFBase, report: LoadReport):
-        self.base, self.report, self.maps = base, report, {}
+        self.base, self.report = base, report
 
     def raw(self, hf_name: str, index: tuple) -> torch.Tensor:
         """``hf_name``[``index``] as stored (a copy in host memory: only the slice's pages are read)."""
-        file = self.base.files[hf_name]
-        st = self.base.opened[file]
-        dtype, shape, start, end = st.entries[hf_name]
-        if file not in self.maps:
-            self.maps[file] = np.memmap(st.path, dtype=np.uint8, mode="r")
-        size = dtype.itemsize
-        data = self.maps[file][st.data_start + start : st.data_start + end].reshape(*shape[:-1], shape[-1] * size)
-        last = index[-1]
-        part = np.ascontiguousarray(data[(*index[:-1], slice(last.start * size, last.stop * size))])
+        part = self.base.opened[self.base.files[hf_name]].read_slice(hf_name, index)
         self.report.bytes_read[hf_name] = self.report.bytes_read.get(hf_name, 0) + part.nbytes
-        return torch.from_numpy(part).view(dtype)
+        return part
 
     def read(self, hf_name: str, index: tuple) -> torch.Tensor:
         """The slice in a float dtype (FP8 dequantized at the slice's origin with the tensor's block scales)."""
         t = self.raw(hf_name, index)
         if t.dtype != torch.float8_e4m3fn:
             return t
-        scale_name = hf_name.replace(".weight", ".weight_scale_inv")
-        if scale_name not in self.base.files:
-            raise CheckpointError(f"{hf_name} is FP8 but {scale_name} is missing")
+        scale_name = self.base.scale_name(hf_name)
         scale = self.raw(
             scale_name, tuple(slice(0, n) for n in self.base.opened[self.base.files[scale_name]].shape(scale_name))
         )
@@ -246,7 +236,8 @@ class _SliceReader:
         )
 
     def close(self) -> None:
-        self.maps.clear()
+        for st in self.base.opened.values():
+            st.release_map()
 
 
 @torch.no_grad()
