@@ -26,16 +26,10 @@ adapters, m = n*r slots.
 import torch
 
 from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.peft.placements import ATTENTION
 
 KERNEL_MAX_SLOTS = 256  # lora_kernels' per-head kernels hold z [rows, slots] in registers; more take torch ops
-SUPPORTED = (
-    "linear_q_down_proj",
-    "linear_q_up_proj",
-    "linear_q_proj",
-    "linear_kv_down_proj",
-    "linear_kv_up_proj",
-    "linear_proj",
-)
+SUPPORTED = ATTENTION  # every MLA attention linear; MLP/expert adapters must be merged first
 
 
 class AdapterBank:

@@ -9,6 +9,8 @@ On models without q compression (``q_lora_rank=None``) the q down/up variants do
 
 from dataclasses import dataclass, field
 
+from nemo_mla_lora.peft.placements import ATTENTION
+
 MLA = "mla"
 TWIN = "twin"
 
@@ -73,14 +75,7 @@ TWIN_VARIANTS = {
 TWIN_COUNTERPART = {"attention": "nemo_official", "all_linear": "all_linear", "safe": "safe"}
 
 # Attention targets alone (claim 2) and the latent-bottleneck variants (claim 1).
-ATTENTION_SINGLES = (
-    "linear_q_down_proj",
-    "linear_q_up_proj",
-    "linear_q_proj",
-    "linear_kv_down_proj",
-    "linear_kv_up_proj",
-    "linear_proj",
-)
+ATTENTION_SINGLES = ATTENTION  # each MLA attention linear alone
 DOWN = ("down_only", "linear_q_down_proj", "linear_kv_down_proj", "kv_down_latent_only")
 
 
