@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 
-def build_model(spec: dict, use_te: bool = False, dtype=torch.float32):
+def build_model(spec: dict, use_te: bool = False, dtype=torch.float32, block_spec=None):
     """Megatron's GPTModel for ``spec`` (mla_spec.json) on its own layer spec (TE or local), corrected for the
-    installed release by ``megatron_release``; on the GPU, in eval mode."""
+    installed release by ``megatron_release`` (``block_spec(config, use_transformer_engine)`` builds another); on
+    the GPU, in eval mode."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
@@ -59,7 +60,7 @@ def build_model(spec: dict, use_te: bool = False, dtype=torch.float32):
         moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0, moe_permute_fusion=False,
         moe_shared_expert_overlap=False,
     )
-    block = mla_decoder_block_spec(config, use_transformer_engine=use_te)
+    block = (block_spec or mla_decoder_block_spec)(config, use_transformer_engine=use_te)
     positions = s.get("max_position_embeddings") or s["rope_original_max_positions"]
     model = GPTModel(config, transformer_layer_spec=block, vocab_size=s["vocab_size"],
                      max_sequence_length=positions, position_embedding_type="rope",
@@ -112,6 +113,15 @@ def init_one_gpu(port: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(1)
 
 
+@torch.no_grad()
+def model_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's logits [b, s, vocab] (float32, on the CPU) for ``tokens`` [b, s] run on its GPU, causal."""
+    b, s = tokens.shape
+    tokens = tokens.cuda()
+    mask = torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda").triu(1)  # True = masked, Megatron's convention
+    return model(tokens, torch.arange(s, device="cuda").expand(b, s), mask).float().cpu()
+
+
 def main(export_dir, expected_path, out_path):
     import megatron.core
     from megatron.core import dist_checkpointing
@@ -125,11 +135,7 @@ def main(export_dir, expected_path, out_path):
     loaded = dist_checkpointing.load(model.sharded_state_dict(), export_dir)  # default strictness
     model.load_state_dict(loaded)
     report["default_strictness_load"] = "ok"
-    tokens = expected["tokens"].cuda()
-    b, s = tokens.shape
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(s, device="cuda").expand(b, s),
-                       torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda").triu(1)).float().cpu()
+    logits = model_logits(model, expected["tokens"])
     diff = (logits - expected["unmerged_logits"]).abs()
     report.update(max_abs_logit_diff_vs_unmerged=diff.max().item(),
                   max_abs_logit=expected["unmerged_logits"].abs().max().item(),

@@ -28,15 +28,12 @@ def fixed_tokens(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, TOKENS, generator=torch.Generator().manual_seed(11))
 
 
-def causal_mask(s: int, device) -> torch.Tensor:
-    return torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), 1)
-
-
 @torch.no_grad()
 def expected(args) -> dict:
     from megatron.core import dist_checkpointing
 
     sys.path.insert(0, str(HERE))
+    from mcore019_check import model_logits
     from real_size import build_trainer_model
 
     from nemo_mla_lora.peft import MLALoRA
@@ -51,10 +48,9 @@ def expected(args) -> dict:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or not state:
         raise RuntimeError(f"adapter {args.adapter}: {len(state)} tensors, unexpected {unexpected[:5]}")
-    tokens = fixed_tokens(spec.vocab_size).cuda()
-    b, s = tokens.shape
-    logits = model(tokens, torch.arange(s, device="cuda").expand(b, s), causal_mask(s, "cuda")).float().cpu()
-    torch.save({"tokens": tokens.cpu(), "unmerged_logits": logits, "adapter_tensors": len(state)}, args.out)
+    tokens = fixed_tokens(spec.vocab_size)
+    logits = model_logits(model, tokens)
+    torch.save({"tokens": tokens, "unmerged_logits": logits, "adapter_tensors": len(state)}, args.out)
     report = {"adapter_tensors": len(state), "max_abs_logit": logits.abs().max().item()}
     print(json.dumps(report))
     return report
@@ -66,7 +62,7 @@ def load(args) -> dict:
     from megatron.core import dist_checkpointing
 
     sys.path.insert(0, str(HERE))
-    from mcore019_check import build_model, init_one_gpu
+    from mcore019_check import build_model, init_one_gpu, model_logits
 
     init_one_gpu(29523)
     spec = json.loads((Path(args.export) / "mla_spec.json").read_text())
@@ -79,9 +75,7 @@ def load(args) -> dict:
     report["q_proj"] = type(getattr(model.decoder.layers[0].self_attention, "linear_q_proj", None)).__name__
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.export))  # default strictness
     report.update(loaded=True, load_seconds=round(time.perf_counter() - start, 1))
-    tokens = want["tokens"].cuda()
-    b, s = tokens.shape
-    logits = model(tokens, torch.arange(s, device="cuda").expand(b, s), causal_mask(s, "cuda")).float().cpu()
+    logits = model_logits(model, want["tokens"])
     reference = want["unmerged_logits"]
     diff, scale = (logits - reference).abs().max().item(), reference.abs().max().item()
     report.update(max_abs_diff=diff, max_abs_logit=scale, max_rel=diff / scale, bound_rel=2e-2,

@@ -11,7 +11,6 @@
 #   te_overhead | te_profile              the same table on the TE spec beside the TE-free one; torch profiles
 # Real size (DeepSeek-V2-Lite from an HF directory, bench/prepare_real_size.sh):
 #   real_size_table                       the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA
-#   real_size_oneshot                     TE bring-up + the table in one call (when the carry fits 64 MiB)
 #   real_size_finetune                    recipes.finetune trainer=megatron from the HF directory, mcore export callback
 #   real_size_check | real_size_export | real_size_engine   Megatron 0.15.3/0.19.2 loads; export vs cp; engine decode
 # Export and its consumers:
@@ -325,8 +324,6 @@ RS_BASE=/dev/shm/v2lite  # DeepSeek-V2-Lite as an HF directory (31 GB) in tmpfs:
 real_size_base() {  # the HF checkpoint of the published config, once per warm machine
   df -h /dev/shm /tmp | tee -a "$OUT/real_size_machine.txt"; free -g | tee -a "$OUT/real_size_machine.txt"
   [ -f "$RS_BASE/config.json" ] && return 0
-  local tok=$REPO/.real_size/tokenizer  # carried gzipped where a call's 64 MiB are tight
-  [ -f "$tok/tokenizer.json" ] || gunzip -k "$tok/tokenizer.json.gz" || return 1
   timeout 300 python3 "$REPO/bench/real_size.py" write --out "$RS_BASE" --tokenizer "$REPO/.real_size/tokenizer" \
     2>&1 | tee "$OUT/real_size_write.log" | tail -n 3
 }
@@ -334,17 +331,9 @@ real_size_base() {  # the HF checkpoint of the published config, once per warm m
 real_size_table() {  # the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA (TE spec, seq 4096)
   te_env || return 1
   real_size_base || return 1
-  timeout "${TABLE_TIMEOUT:-480}" python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
+  timeout 480 python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
     --iters "${ITERS:-8}" 2>&1 | tee "$OUT/real_size_table.log" | grep -vE "Warning|warn" | tail -n 30
   return "${PIPESTATUS[0]}"
-}
-
-real_size_oneshot() {  # one call: Transformer Engine's bring-up (carried in $REPO/.te), the base, the step table
-  # (carry: a folder holding bench/, nemo_mla_lora/data, .gpu_wheels without the wheels .te/whl has, .te, .real_size)
-  TE="$REPO/.te" bash "$REPO/.te/bring_up_te.sh" "$REPO"/.te/slim/transformer_engine_cu13-*.whl /tmp/te_site \
-    > "$OUT/te_bringup.log" 2>&1 || { tail -n 20 "$OUT/te_bringup.log"; return 1; }
-  grep -E "^\[time\]" "$OUT/te_bringup.log" | tail -n 3; cp /tmp/te/dist/*.whl "$OUT/" 2>/dev/null
-  TABLE_TIMEOUT=${TABLE_TIMEOUT:-300} real_size_table
 }
 
 RS_RUN=/tmp/rs_run  # the finetune run (adapter, mcore export) on the disk
