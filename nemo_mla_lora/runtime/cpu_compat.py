@@ -8,10 +8,14 @@ failure seen without it (docs/stack.md):
    in dist-checkpoint save: both answer for the CPU.
 2. ``model_parallel_cuda_manual_seed`` asserts CUDA: ``seed()`` below uses the inference RNG tracker
    (plain ``torch.manual_seed``) instead.
+3. Pipeline parallelism: the schedules' CUDA token counter and the tied embeddings' ``.cuda()``
+   (``pipeline_shims``).
 
 Transformer-Engine-absent fixes are not CPU shims (the GPU machine lacks TE too): ``te_compat.py``
 and the TE-free layer spec in ``models/layer_spec.py``.
 """
+
+import types
 
 import torch
 
@@ -31,6 +35,7 @@ def apply() -> bool:
         return True
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    pipeline_shims()
     _APPLIED = True
     return True
 
@@ -45,3 +50,45 @@ def seed(value: int) -> None:
     else:
         tensor_parallel.model_parallel_cuda_manual_seed(value)
         torch.manual_seed(value)
+
+
+def pipeline_shims() -> None:
+    """Megatron-Core 0.15.3 under pipeline parallelism on a CPU-only torch (no-ops elsewhere). Idempotent.
+
+    1. Every pipeline schedule (``get_forward_backward_func``'s) makes its token counter with
+       ``torch.zeros([], device="cuda")``: the schedules module gets a ``torch`` whose ``zeros`` puts a ``"cuda"``
+       tensor on the CPU (everything else is torch itself).
+    2. With tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves the first and last stages'
+       copies of the word embeddings to the GPU (``weight.data.cuda()``) before summing them over the embedding
+       group: there ``Tensor.cuda`` leaves a tensor where it is.
+    """
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.pipeline_parallel import schedules
+
+    if not isinstance(schedules.torch, _CpuZerosTorch):
+        schedules.torch = _CpuZerosTorch("torch")
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(setup, "keeps_cpu_tensors", False):
+        return
+
+    def setup_on_cpu(self) -> None:
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+        try:
+            setup(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    setup_on_cpu.keeps_cpu_tensors = True
+    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
+
+
+class _CpuZerosTorch(types.ModuleType):
+    """``torch`` for a module that asks for CUDA tensors by name on a CPU-only build (``pipeline_shims``)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)

@@ -6,7 +6,6 @@ path and for tests that spawn gloo processes. One process or a ``torchrun``-styl
 
 import os
 import socket
-import types
 from contextlib import contextmanager
 
 import torch
@@ -36,14 +35,13 @@ def init_megatron(
 
     Args:
         tp: tensor parallel size.
-        pp: pipeline parallel size (on the CPU too: ``cpu_pipeline_shims``).
+        pp: pipeline parallel size (on the CPU too: ``cpu_compat``'s pipeline shims).
         ep: expert parallel size.
         etp: expert tensor parallel size (None: Megatron's default, ``tp``).
         seed: torch's and Megatron's RNG seed.
         port: the rendezvous port of a process of our own (default: a free one).
     """
-    if cpu_compat.apply():
-        cpu_pipeline_shims()
+    cpu_compat.apply()
     te_compat.apply()
     from megatron.core import parallel_state
 
@@ -71,48 +69,6 @@ def init_megatron(
     from nemo_mla_lora.runtime.processes import install_checkpoint_queue
 
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
-
-
-def cpu_pipeline_shims() -> None:
-    """Megatron-Core 0.15.3 under pipeline parallelism on a CPU-only torch (no-ops elsewhere). Idempotent.
-
-    1. Every pipeline schedule (``get_forward_backward_func``'s) makes its token counter with
-       ``torch.zeros([], device="cuda")``: the schedules module gets a ``torch`` whose ``zeros`` puts a ``"cuda"``
-       tensor on the CPU (everything else is torch itself).
-    2. With tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer`` moves the first and last stages'
-       copies of the word embeddings to the GPU (``weight.data.cuda()``) before summing them over the embedding
-       group: there ``Tensor.cuda`` leaves a tensor where it is.
-    """
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-    from megatron.core.pipeline_parallel import schedules
-
-    if not isinstance(schedules.torch, _CpuZerosTorch):
-        schedules.torch = _CpuZerosTorch("torch")
-    setup = LanguageModule.setup_embeddings_and_output_layer
-    if getattr(setup, "keeps_cpu_tensors", False):
-        return
-
-    def setup_on_cpu(self) -> None:
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *args, **kwargs: t
-        try:
-            setup(self)
-        finally:
-            torch.Tensor.cuda = cuda
-
-    setup_on_cpu.keeps_cpu_tensors = True
-    LanguageModule.setup_embeddings_and_output_layer = setup_on_cpu
-
-
-class _CpuZerosTorch(types.ModuleType):
-    """``torch`` for a module that asks for CUDA tensors by name on a CPU-only build (``cpu_pipeline_shims``)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def zeros(*args, device=None, **kwargs):
-        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
 def free_port() -> int:
