@@ -222,10 +222,11 @@ def save_adapter(model, peft, spec: MLASpec, directory, base_dir=None, overwrite
             "mla_spec": spec.to_dict(),
             "modules": adapter_names(model),  # every stage's and expert rank's, one-process names
             "base_checkpoint": str(base_dir) if base_dir else None,
-            "base_hash": file_hash(base_dir) if base_dir else None,
+            "base_hash": None,  # rank 0's, below: a hash reads the whole base, which the other ranks need not
             "producer": output_dir.PRODUCER,
         }
         dist_checkpointing.save(sharded, str(tmp))
         if rank() == 0:
+            info["base_hash"] = file_hash(base_dir) if base_dir else None
             write_json(tmp / ADAPTER_FILE, info)
     return Path(directory)
