@@ -6,6 +6,7 @@ layer; streaming units is a few units plus one tensor. The numbers at real size:
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def experts_heavy(tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("experts_heavy") / "base"
     info = _bench().write_checkpoint(out, config, rank=8, shard_bytes=64 << 20)
-    layer_experts_mib = 64 * 3 * 512 * 1024 * 2 / 2**20  # 96 MiB per layer
+    layer_experts_mib = 64 * 3 * 512 * 1024 * 2 / 2**20  # 192 MiB per layer
     assert info["bytes"] / 2**20 > 2 * layer_experts_mib
     return out, layer_experts_mib
 
@@ -78,11 +79,19 @@ def experts_heavy(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["hf", "mcore"])
 def test_export_peak_memory_is_units_not_layers(experts_heavy, tmp_path, fmt):
     base, layer_mib = experts_heavy
+    # the same threads and malloc arenas on every machine: each extra thread's arena keeps its own slack,
+    # which on a many-core CI machine added ~30 MiB to the same export
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", MALLOC_ARENA_MAX="2")
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(base), fmt, str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, str(base), fmt, str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["passed"] and result["units"] > 2 * 12  # each MoE layer is many units
-    # a few 8 MB units in flight, one tensor in fp32, allocator slack: well under one layer's experts
-    assert result["growth_mib"] < 0.6 * layer_mib, result
+    # a few 8 MB units in flight, one tensor in fp32, allocator slack, the pages of the files read:
+    # under 3/4 of one layer's experts (holding the layer, as the old export did, was ~6x the layer)
+    assert result["growth_mib"] < 0.75 * layer_mib, result
