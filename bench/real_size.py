@@ -39,20 +39,30 @@ CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "con
 SHARD_BYTES = 4 << 30
 
 
+def hf_layout(raw: dict) -> dict:
+    """HF tensor name -> shape for the config ``raw`` (config.json's fields), from the checkpoint layout the package
+    reads (Megatron's flat names through the key map, fc1 split into gate/up), not from the installed transformers'
+    modules: transformers 5 keeps routed experts fused in memory (``experts.gate_up_proj``), so its state dict is
+    not the layout of DeepSeek's released files. A CPU test holds this equal to transformers 4.57's state dict."""
+    from nemo_mla_lora.arch.hf_config import spec_from_hf
+    from nemo_mla_lora.arch.keymap import megatron_to_hf
+    from nemo_mla_lora.checkpoints.sources import expected_shapes
+
+    spec = spec_from_hf(raw)
+    meta = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(spec).items()}
+    return {name: tuple(t.shape) for name, t in megatron_to_hf(meta).items()}
+
+
 def write(args) -> dict:
-    """The HF directory: config.json, safetensors shards + index, the tokenizer's files."""
+    """The HF directory: config.json, safetensors shards + index, the tokenizer's files; with ``--adapter``, an
+    HF PEFT LoRA of rank ``--adapter-rank`` on every linear (the export's input when no training ran)."""
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or name another directory")
     raw = json.loads(Path(args.config).read_text())
-    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    del model
+    shapes = hf_layout(raw)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -67,6 +77,7 @@ def write(args) -> dict:
             save_file(shard, str(tmp / name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
             index, shard, shard_bytes = index + 1, {}, 0
+            print(f"shard {index}: {total / 1e9:.1f} GB, {time.perf_counter() - start:.0f} s", flush=True)
 
     for name, shape in shapes.items():
         if len(shape) == 1:
@@ -74,7 +85,7 @@ def write(args) -> dict:
         else:
             t = (torch.randn(shape, device=device, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
         shard[name], shard_bytes, total = t, shard_bytes + t.nbytes, total + t.nbytes
-        if shard_bytes >= SHARD_BYTES:
+        if shard_bytes >= args.shard_bytes:
             flush()
     flush()
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -87,6 +98,11 @@ def write(args) -> dict:
     tmp.rename(out)
     info = {"tensors": len(shapes), "bytes": total, "params": total // 2, "shards": index,
             "seconds": round(time.perf_counter() - start, 1)}
+    if args.adapter:
+        from export_scale import _make_adapter  # bench/ is this script's directory
+
+        _make_adapter(Path(args.adapter), shapes, args.adapter_rank)
+        info["adapter_seconds"] = round(time.perf_counter() - start - info["seconds"], 1)
     print(json.dumps(info))
     return info
 
@@ -263,6 +279,9 @@ def main(argv=None) -> int:
     w.add_argument("--tokenizer", required=True)
     w.add_argument("--config", default=str(CONFIG))
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--shard-bytes", type=int, default=SHARD_BYTES)
+    w.add_argument("--adapter", help="also write an HF PEFT LoRA on every linear into this directory")
+    w.add_argument("--adapter-rank", type=int, default=16)
     t = sub.add_parser("table")
     t.add_argument("--base", required=True)
     t.add_argument("--out", required=True)

@@ -13,6 +13,7 @@
 #   real_size_table                       the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA
 #   real_size_finetune                    recipes.finetune trainer=megatron from the HF directory, mcore export callback
 #   real_size_check | real_size_export | real_size_engine   Megatron 0.15.3/0.19.2 loads; export vs cp; engine decode
+#   real_size_io                          no training, no TE: the base + a LoRA on every linear, then real_size_export
 # Export and its consumers:
 #   export_cores                          bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   mcore019 | megatron_release           Megatron-Core 0.19.2 alone loads the mcore export (+ the q-side fix)
@@ -370,16 +371,33 @@ real_size_check() {  # the unmerged model's logits (NeMo's stack), then the expo
     | grep -vi warn | tail -n 3
 }
 
-real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of the same base onto the same disk
-  local cp_dir=/tmp/rs_cp out_dir=/tmp/rs_export; rm -rf "$cp_dir" "$out_dir"; sync
+real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of the same base onto the same disk, all
+  # cores (the adapter: the finetune run's, or RS_ADAPTER_DIR)
+  local cp_dir=/tmp/rs_cp out_dir=/tmp/rs_export adapter=${RS_ADAPTER_DIR:-$RS_RUN/adapter}
+  rm -rf "$cp_dir" "$out_dir"; sync; df -h /tmp | tail -1 | tee -a "$OUT/real_size_machine.txt"
   python3 "$REPO/bench/measure.py" --sync --out "$OUT/real_size_cp.json" -- cp -r "$RS_BASE" "$cp_dir"
   rm -rf "$cp_dir"; sync
-  python3 "$REPO/bench/measure.py" --sync --out "$OUT/real_size_export.json" --log "$OUT/real_size_export.log" \
-    -- timeout 500 python3 -m nemo_mla_lora.recipes.export "base=$RS_BASE" "adapter=$RS_RUN/adapter" \
-    "output=$out_dir" format=mcore verify=sample; local rc=$?
+  OMP_NUM_THREADS=$(nproc) python3 "$REPO/bench/measure.py" --sync --out "$OUT/real_size_export.json" \
+    --log "$OUT/real_size_export.log" -- timeout 400 python3 -m nemo_mla_lora.recipes.export "base=$RS_BASE" \
+    "adapter=$adapter" "output=$out_dir" format=mcore verify=sample; local rc=$?
   grep -E "wrote|verif|Error" "$OUT/real_size_export.log" | tail -n 5
   cp "$out_dir/manifest.json" "$OUT/real_size_export_manifest.json" 2>/dev/null; rm -rf "$out_dir"
   return "$rc"
+}
+
+RS_ADAPTER=/dev/shm/v2lite_adapter  # an HF PEFT LoRA, rank 16, on every linear: the export's input without training
+
+real_size_io() {  # no training, no TE: the base and RS_ADAPTER written here, then real_size_export
+  python3 -c "import peft, accelerate, xxhash" 2>/dev/null || python3 -m pip install -q --no-index --no-deps \
+    --no-compile --no-cache-dir --target "$SITE" "$REPO"/.real_size/extra/*.whl || return 1
+  nproc | tee -a "$OUT/real_size_machine.txt"; df -h /dev/shm | tee -a "$OUT/real_size_machine.txt"
+  if [ ! -f "$RS_BASE/config.json" ]; then
+    rm -rf "$RS_ADAPTER"
+    timeout 240 python3 "$REPO/bench/real_size.py" write --out "$RS_BASE" --tokenizer "$REPO/.real_size/tokenizer" \
+      --adapter "$RS_ADAPTER" --adapter-rank 16 2>&1 | tee "$OUT/real_size_write.log" | tail -n 3
+    [ -f "$RS_ADAPTER/adapter_config.json" ] || return 1
+  fi
+  RS_ADAPTER_DIR=$RS_ADAPTER real_size_export
 }
 
 real_size_engine() {  # the engine decodes the callback's export: batch 64, context 4,096, without and with 8 adapters

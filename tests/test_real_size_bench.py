@@ -1,0 +1,64 @@
+"""The real-size bench's inputs: ``bench/real_size.py write`` lays out the tensors of DeepSeek's released files
+(checked against transformers 4.57's own model, which keeps experts unfused; the GPU machine's transformers 5 does
+not, so the script cannot ask it), and the export step runs end to end on a shrunken copy of the config."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("real_size", ROOT / "bench" / "real_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layout_is_transformers_4_layout_of_v2_lite():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(CONFIG.read_text())
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    ours = _bench().hf_layout(raw)
+    assert sorted(set(ours) ^ set(theirs)) == []
+    assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
+    assert len(ours) == 5291  # 26 MoE layers x 64 experts x 3 linears and the rest
+
+
+@pytest.mark.slow  # spawns processes
+def test_write_then_export_verifies_on_a_shrunken_v2_lite(tmp_path):
+    raw = json.loads(CONFIG.read_text())
+    raw.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+               n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2,
+               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=256)
+    config, tokenizer = tmp_path / "config.json", tmp_path / "tokenizer"
+    config.write_text(json.dumps(raw))
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    write = [sys.executable, str(ROOT / "bench" / "real_size.py"), "write", "--out", str(base), "--tokenizer",
+             str(tokenizer), "--config", str(config), "--shard-bytes", str(200_000), "--adapter", str(adapter),
+             "--adapter-rank", "4"]
+    proc = subprocess.run(write, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["shards"] > 1 and (base / "tokenizer_config.json").is_file()
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert set(targets) == {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    export = [sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={base}", f"adapter={adapter}",
+              f"output={tmp_path / 'export'}", "format=mcore"]
+    proc = subprocess.run(export, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["verify"]["passed"], manifest["verify"]
