@@ -39,25 +39,58 @@ def test_layout_is_transformers_4_layout_of_v2_lite():
 @pytest.mark.slow  # spawns processes
 def test_write_then_export_verifies_on_a_shrunken_v2_lite(tmp_path):
     raw = json.loads(CONFIG.read_text())
-    raw.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-               n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2,
-               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=256)
+    raw.update(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        vocab_size=256,
+    )
     config, tokenizer = tmp_path / "config.json", tmp_path / "tokenizer"
     config.write_text(json.dumps(raw))
     tokenizer.mkdir()
     (tokenizer / "tokenizer_config.json").write_text("{}")
     base, adapter = tmp_path / "base", tmp_path / "adapter"
-    write = [sys.executable, str(ROOT / "bench" / "real_size.py"), "write", "--out", str(base), "--tokenizer",
-             str(tokenizer), "--config", str(config), "--shard-bytes", str(200_000), "--adapter", str(adapter),
-             "--adapter-rank", "4"]
+    write = [
+        sys.executable,
+        str(ROOT / "bench" / "real_size.py"),
+        "write",
+        "--out",
+        str(base),
+        "--tokenizer",
+        str(tokenizer),
+        "--config",
+        str(config),
+        "--shard-bytes",
+        str(200_000),
+        "--adapter",
+        str(adapter),
+        "--adapter-rank",
+        "4",
+    ]
     proc = subprocess.run(write, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["shards"] > 1 and (base / "tokenizer_config.json").is_file()
     targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
     assert set(targets) == {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    export = [sys.executable, "-m", "nemo_mla_lora.recipes.export", f"base={base}", f"adapter={adapter}",
-              f"output={tmp_path / 'export'}", "format=mcore"]
+    export = [
+        sys.executable,
+        "-m",
+        "nemo_mla_lora.recipes.export",
+        f"base={base}",
+        f"adapter={adapter}",
+        f"output={tmp_path / 'export'}",
+        "format=mcore",
+    ]
     proc = subprocess.run(export, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
