@@ -183,6 +183,20 @@ class MLALoRAAdapter(nn.Module):
             out.shape
         )
 
+    def around(self, x: torch.Tensor) -> bool:
+        """Whether ``lora_around`` runs this adapter beside its base: a TE linear (not the LayerNorm one, whose
+        adapter takes TE's normalised output) without TP communication of its own (TP size 1 or duplicated),
+        full rows, no dropout, x in the adapter's dtype."""
+        lay = self.layout
+        return (
+            lay.te
+            and self.mode == "plain"
+            and not lay.fused_norm
+            and not self.part_selective
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == self.lora_a.dtype
+        )
+
     def fused(self, base: nn.Module) -> bool:
         """Whether ``fused_forward`` computes base(x) + delta(x) as the adapter's own path does: Megatron's
         own Column/Row linear, frozen, without bias or FP8, a full-row adapter without dropout; at TP > 1
