@@ -2,7 +2,7 @@
 
     python bench/real_size.py write --out /dev/shm/v2lite --tokenizer TOKDIR      # HF dir, random weights, bf16
     python bench/real_size.py table --base /dev/shm/v2lite --out table.json       # the step table (TE spec)
-    python bench/real_size.py summary --results DIR --out summary.json           # gather the parts
+    python bench/real_size.py summary --results DIR --out summary.json           # gather the parts (PARTS)
 
 ``write``: every tensor transformers' ``DeepseekV2ForCausalLM`` has for ``models/configs/deepseek_v2_lite.json``
 (names and shapes from transformers on the meta device), drawn on the GPU (N(0, 0.02) for matrices, 1 for
@@ -271,6 +271,46 @@ def table(args) -> dict:
     return result
 
 
+PARTS = {  # summary field <- the file a run_gpu.sh step writes under $OUT
+    "table": "real_size_table.json",
+    "export": "real_size_export.json",
+    "cp": "real_size_cp.json",
+    "mcore_0_15": "real_size_load_mcore_0_15.json",
+    "mcore_0_19": "real_size_load_mcore_0_19.json",
+    "engine": "real_size_engine.json",
+    "v3_layers": "v3_layers.json",
+}
+
+
+def summary(args) -> dict:
+    """summary.json from the parts under ``--results``; a part not there is null and listed in ``missing``."""
+    results = Path(args.results)
+    parts = {k: json.loads((results / f).read_text()) if (results / f).is_file() else None for k, f in PARTS.items()}
+    table, export, cp, engine = parts["table"] or {}, parts["export"], parts["cp"], parts["engine"]
+    gpu = results / "gpu.txt"
+    out = {
+        "card": table.get("card") or (gpu.read_text().split(",")[0].strip() if gpu.is_file() else None),
+        "flops_per_token": table.get("flops_per_token"),
+        **{k: table.get(k) for k in ("tokens_per_s", "step_ms", "peak_gib", "tflops")},
+        "export": None
+        if export is None or cp is None
+        else {"seconds": export["seconds"], "cp_seconds": cp["seconds"], "peak_rss_gib": export["peak_rss_gib"],
+              "share_of_cp_rate": cp["seconds"] / export["seconds"], "rc": export["rc"]},
+        "megatron_load": {k: None if parts[k] is None else {"loaded": parts[k].get("loaded", False),
+                                                           "max_rel": parts[k].get("max_rel")}
+                          for k in ("mcore_0_15", "mcore_0_19")},
+        "engine": None
+        if engine is None or "engine" not in engine
+        else {"tokens_per_s": engine["engine"]["no_adapter"]["tokens_per_s"],
+              "tokens_per_s_8_adapters": engine["engine"]["multi_adapter"]["tokens_per_s"]},
+        "v3_layers": parts["v3_layers"],
+        "missing": sorted(f for k, f in PARTS.items() if parts[k] is None),
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -291,8 +331,11 @@ def main(argv=None) -> int:
     t.add_argument("--iters", type=int, default=8)
     t.add_argument("--variants", nargs="+", default=["frozen", "nemo_official", "all_linear_r64", "nemo_lora",
                                                      "frozen"])
+    m = sub.add_parser("summary")
+    m.add_argument("--results", required=True, help="a run's files from $OUT (run_gpu.sh real_size_* steps)")
+    m.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    {"write": write, "table": table}[args.cmd](args)
+    {"write": write, "table": table, "summary": summary}[args.cmd](args)
     return 0
 
 

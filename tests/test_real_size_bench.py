@@ -95,3 +95,24 @@ def test_write_then_export_verifies_on_a_shrunken_v2_lite(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["verify"]["passed"], manifest["verify"]
+
+
+def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
+    bench = _bench()
+    results = tmp_path / "results"
+    results.mkdir()
+    variants = ["frozen", "nemo_official", "all_linear_r64", "nemo_lora"]
+    table = {"card": "NVIDIA H200", "flops_per_token": 1.8e10, "tflops": dict.fromkeys(variants, 1.0)}
+    table.update({k: dict.fromkeys(variants, 2.0) for k in ("tokens_per_s", "step_ms", "peak_gib")})
+    (results / "real_size_table.json").write_text(json.dumps(table))
+    (results / "real_size_export.json").write_text(json.dumps({"seconds": 50.0, "peak_rss_gib": 1.5, "rc": 0}))
+    (results / "real_size_cp.json").write_text(json.dumps({"seconds": 40.0}))
+    (results / "real_size_load_mcore_0_15.json").write_text(json.dumps({"loaded": True, "max_rel": 0.004}))
+    out = tmp_path / "summary.json"
+    bench.main(["summary", "--results", str(results), "--out", str(out)])
+    s = json.loads(out.read_text())
+    assert s["card"] == "NVIDIA H200" and set(s["step_ms"]) == set(variants)
+    assert s["export"] == {"seconds": 50.0, "cp_seconds": 40.0, "peak_rss_gib": 1.5, "share_of_cp_rate": 0.8, "rc": 0}
+    assert s["megatron_load"] == {"mcore_0_15": {"loaded": True, "max_rel": 0.004}, "mcore_0_19": None}
+    assert s["engine"] is None and s["v3_layers"] is None
+    assert s["missing"] == ["real_size_engine.json", "real_size_load_mcore_0_19.json", "v3_layers.json"]

@@ -49,6 +49,11 @@ class ModelConfig:
         dtype: float32 | bfloat16 | float16 | float64.
         seq_length: the training sequence length (the positions the rope tables cover).
         parallel: the layout the model needs at scale.
+        fp8: the frozen linears compute in FP8 through Transformer Engine (``trainer=megatron``, bf16-mixed):
+            ``blockwise`` (128 x 128 weight blocks, E4M3, as DeepSeek-V3 ships; Hopper), ``tensorwise`` (current
+            scaling) or ``delayed`` (both E4M3 forward, E5M2 gradients); null: bf16. Adapters stay in bf16.
+        fp8_param: with ``fp8``, the frozen weights are also held in FP8 (half their bf16 memory; an HF directory,
+            FP8 or not, is read one parameter at a time into them).
     """
 
     name: str = MISSING
@@ -58,6 +63,8 @@ class ModelConfig:
     dtype: str = "bfloat16"
     seq_length: int = 4096  # training sequence length (positions the rope tables cover)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: str | None = None  # blockwise | tensorwise | delayed | null (bf16): Transformer Engine recipes
+    fp8_param: bool = True  # with fp8: frozen weights held in FP8
 
 
 @dataclass
@@ -374,7 +381,7 @@ def validate(cfg) -> None:
             f"data.kind=jsonl needs data.train and data.validation (JSONL files); got train={d.train}, "
             f"validation={d.validation}"
         )
-    errors += output_dir_errors(cfg)
+    errors += output_dir_errors(cfg) + fp8_errors(cfg)
     if t.global_batch_size % t.micro_batch_size:
         errors.append(
             f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -407,6 +414,32 @@ def validate(cfg) -> None:
         errors.append(f"peft: {err}")
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+FP8_RECIPES = ("blockwise", "tensorwise", "delayed")
+
+
+def fp8_errors(cfg) -> list[str]:
+    """``model.fp8`` against the trainer: Transformer Engine's FP8 GEMMs run in NeMo's trainer on a GPU, with bf16
+    for everything else.
+
+    Args:
+        cfg: the composed finetune config.
+    """
+    m, t = cfg.model, cfg.trainer
+    if m.get("fp8") is None:
+        return []
+    errors = []
+    if m.fp8 not in FP8_RECIPES:
+        errors.append(f"model.fp8={m.fp8!r}; expected one of {FP8_RECIPES} or null (bf16)")
+    if t.kind != "megatron":
+        errors.append(
+            f"model.fp8={m.fp8!r} runs Transformer Engine's FP8 GEMMs in NeMo's trainer on a GPU: trainer=megatron "
+            f"(got trainer.kind={t.kind!r})"
+        )
+    if t.precision != "bf16-mixed":
+        errors.append(f"model.fp8={m.fp8!r} needs trainer.precision=bf16-mixed (got {t.precision!r})")
+    return errors
 
 
 def output_dir_errors(cfg) -> list[str]:

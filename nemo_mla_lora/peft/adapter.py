@@ -137,11 +137,7 @@ class MLALoRAAdapter(nn.Module):
         communication, the B to apply [rows, r]); delta = scatter_rows(h B^T) * scale."""
         g = self.tp_group
         if self.mode == "column":
-            if self.sequence_parallel:
-                x = mappings.gather_from_sequence_parallel_region(x, group=g)
-            elif not self.explicit:
-                x = mappings.copy_to_tensor_model_parallel_region(x, group=g)
-            h = x @ mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g).T  # [s, b, r]
+            h = self._column_h(x)  # [s, b, r]
             b = (
                 mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
                 if self.b_replicated
@@ -157,6 +153,22 @@ class MLALoRAAdapter(nn.Module):
                 return h, mappings.copy_to_tensor_model_parallel_region(self.lora_b, group=g)
             return mappings.reduce_from_tensor_model_parallel_region(h, group=g), self.lora_b
         return x @ self.lora_a.T, self.lora_b
+
+    def _column_h(self, x: torch.Tensor) -> torch.Tensor:
+        """h = x A^T [s, b, r] on every TP rank of a column-parallel base, communicating h (r wide) rather than x:
+        with sequence parallelism each rank projects its sequence shard [s/tp, b, in] and h is gathered (backward:
+        dh reduce-scattered, so each rank's dA is its shard's part and A's gradient is all-reduced); without it x
+        is whole on every rank and h's gradient is all-reduced (each rank's B covers its own output rows), which
+        makes dA and the adapter's input gradient whole on every rank. The base gathers or all-reduces x's own
+        hidden-wide tensors as before; the adapter no longer does it a second time. Explicit expert communication:
+        the dispatcher gave every rank the same tokens; A's gradient is all-reduced."""
+        g = self.tp_group
+        if self.sequence_parallel:
+            a = mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g)
+            return mappings.gather_from_sequence_parallel_region(x @ a.T, group=g)  # [s/tp, b, r] -> [s, b, r]
+        if self.explicit:
+            return x @ mappings.copy_to_tensor_model_parallel_region(self.lora_a, group=g).T
+        return mappings.copy_to_tensor_model_parallel_region(x @ self.lora_a.T, group=g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [s, b, in] (in sharded for row-parallel) -> delta [s, b, out_local]."""
@@ -181,6 +193,20 @@ class MLALoRAAdapter(nn.Module):
         h, b = self._factors(self.dropout(x))  # h: [s, b, r] -> [t, r] below (t = s*b)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T, alpha=self.scale).view(
             out.shape
+        )
+
+    def around(self, x: torch.Tensor) -> bool:
+        """Whether ``lora_around`` runs this adapter beside its base: a TE linear (not the LayerNorm one, whose
+        adapter takes TE's normalised output) without TP communication of its own (TP size 1 or duplicated),
+        full rows, no dropout, x in the adapter's dtype."""
+        lay = self.layout
+        return (
+            lay.te
+            and self.mode == "plain"
+            and not lay.fused_norm
+            and not self.part_selective
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == self.lora_a.dtype
         )
 
     def fused(self, base: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from nemo_mla_lora.peft import placements, te_grouped
 from nemo_mla_lora.peft.adapter import MLALoRAAdapter
 from nemo_mla_lora.peft.grouped_experts import group_experts
 from nemo_mla_lora.peft.linear_layout import is_linear, is_te_grouped
+from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
 
 
 class MLALoRALinear(LoRALinear):
@@ -65,6 +66,10 @@ class MLALoRALinear(LoRALinear):
             return self.adapter.add_to(out, normed), bias
         if not args and not kwargs and self.adapter.fused(self.to_wrap):  # base + adapter: one autograd fn
             return self.adapter.fused_forward(self.to_wrap, x), None
+        if self.adapter.around(x):  # TE's linear, the adapter's GEMMs onto its output and input gradient
+            x1, hs = lora_fork(x, self.adapter.lora_a, self.adapter.scale)
+            out, bias = self.to_wrap(x1, *args, **kwargs)
+            return lora_onto(out, hs, self.adapter.lora_b), bias
         if hasattr(self.to_wrap, "finish_output"):  # e.g. KVDownProjection: the delta goes on the shard
             out_local, bias = self.to_wrap.local_forward(x)
             return self.to_wrap.finish_output(self.adapter.add_to(out_local, x)), bias

@@ -5,8 +5,9 @@ A ``TEGroupedLinear`` holds every local expert's weight (``weight0`` .. ``weight
 
     y = base(x, m_splits) + scale * (x_e A_e^T) B_e^T          for the rows x_e of each expert e
 
-the base in TE's own grouped GEMM, the adapters as grouped GEMMs (``lora_fn.frozen_lora_linear`` with no
-base weight: the delta alone, same autograd function as ``LoRASequentialMLP``'s). A [E, r, in],
+the base in TE's own grouped GEMM, the adapters as grouped GEMMs around it (``lora_around``: the delta added
+into TE's output, the adapter's input gradient into TE's; adapters of another dtype than x: the delta alone
+through ``lora_fn.frozen_lora_linear``, added out of place). A [E, r, in],
 B [E, out, r] (stacked each step from one parameter per expert). Its sharded checkpoint is interchangeable
 with ``SequentialMLP`` experts' adapters, as TE's grouped weights are with ``SequentialMLP``'s: each local
 expert's A and B become
@@ -23,7 +24,8 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from nemo_mla_lora.peft.adapter import grad_flags, init_a
-from nemo_mla_lora.peft.lora_fn import frozen_lora_linear
+from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
+from nemo_mla_lora.peft.lora_fn import frozen_lora_linear, group_offsets
 
 
 class GroupedLoRAAdapter(nn.Module):
@@ -111,8 +113,15 @@ class TEGroupedLoRALinear(nn.Module):
         self.to_wrap, self.adapter = to_wrap, adapter
 
     def forward(self, x: torch.Tensor, m_splits):
-        out, bias = self.to_wrap(x, m_splits)
-        return out + self.adapter.delta(x, m_splits).to(out.dtype), bias
+        a, b = self.adapter.stacked()  # [E, r, in], [E, out, r]
+        if a.dtype != x.dtype:
+            out, bias = self.to_wrap(x, m_splits)
+            return out + self.adapter.delta(x, m_splits).to(out.dtype), bias
+        counts = [int(n) for n in m_splits]
+        offs = group_offsets(counts, x.device)  # end rows, shared by both halves
+        x1, hs = lora_fork(x, a, self.adapter.scale, counts, offs)  # hs [t, r]
+        out, bias = self.to_wrap(x1, m_splits)
+        return lora_onto(out, hs, b, counts, offs), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The base's grouped weights as TE writes them, plus the adapters under ``prefix + 'adapter.'``."""

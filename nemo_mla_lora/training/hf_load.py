@@ -41,12 +41,16 @@ SHOWN = 6  # names listed per kind of problem
 
 @dataclass
 class Piece:
-    """One slice a rank owns: ``target`` (the parameter or a view of it) <- ``name``[``index``] (flat TP=1 name)."""
+    """One slice a rank owns: ``target`` (the parameter or a view of it) <- ``name``[``index``] (flat TP=1 name).
+    For a parameter held in FP8 (``owner``: TE's quantized tensor), ``target`` is a view of a meta tensor of the
+    parameter's shape: the load fills a high-precision copy of that one parameter through the same view, then
+    copies it into ``owner`` (TE quantizes), so no more than one parameter is ever held in bf16."""
 
     key: str
     name: str
     index: tuple
     target: torch.Tensor
+    owner: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,26 +84,45 @@ def megatron_chunks(modules) -> list:
     return out
 
 
+def is_quantized(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a parameter Transformer Engine holds in FP8 (``fp8_param``): Megatron's own check."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    return is_float8tensor(t)
+
+
+def _stand_in(item) -> tuple:
+    """(item, None), or for an item whose data is held in FP8: (the item over a meta tensor of the data's shape and
+    nominal dtype, the quantized tensor)."""
+    if not is_quantized(item.data):
+        return item, None
+    meta = torch.empty(tuple(item.data.shape), dtype=item.data.dtype, device="meta")
+    return dataclasses.replace(item, data=meta), item.data
+
+
 def _sharded_tensors(chunk) -> list:
-    """The ``ShardedTensor``s of a chunk's base model: factories built (the gated fc1's two halves), ``_extra_state``
-    objects and adapters left out."""
+    """(``ShardedTensor``, owner) of a chunk's base model: factories built (the gated fc1's two halves),
+    ``_extra_state`` objects and adapters left out; ``owner`` is the FP8 parameter behind a stand-in, else None."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    out, todo = [], list(chunk.sharded_state_dict().values())
+    out, todo = [], [(item, None) for item in chunk.sharded_state_dict().values()]
     while todo:
-        item = todo.pop()
+        item, owner = todo.pop()
+        if isinstance(item, (ShardedTensorFactory, ShardedTensor)) and owner is None:
+            item, owner = _stand_in(item)
         if isinstance(item, ShardedTensorFactory):
             built = item.build()
-            todo.extend(built.values() if isinstance(built, dict) else built if isinstance(built, list) else [built])
+            built = built.values() if isinstance(built, dict) else built if isinstance(built, list) else [built]
+            todo.extend((b, owner) for b in built)
         elif isinstance(item, ShardedTensor):
             if ".adapter." not in item.key:
-                out.append(item)
+                out.append((item, owner))
         elif not isinstance(item, ShardedObject):
             raise CheckpointError(f"model sharded state dict holds a {type(item).__name__}, not a tensor or object")
     return out
 
 
-def _piece(st, base: HFBase, problems: dict) -> tuple:
+def _piece(st, base: HFBase, problems: dict, owner: torch.Tensor | None = None) -> tuple:
     """(the HF-side flat name ``st`` has a place at, or None; its ``Piece``, or None with the problem recorded)."""
     p = st.prepend_axis_num
     if st.flattened_range is not None or p > 1 or (p == 1) != keymap.is_stacked_expert_key(st.key):
@@ -114,10 +137,12 @@ def _piece(st, base: HFBase, problems: dict) -> tuple:
         problems["shapes (model, HF)"].append(f"{name} {tuple(st.global_shape[p:])} vs {tuple(expected)}")
         return name, None
     index = tuple(slice(o, o + n) for o, n in zip(st.global_offset[p:], st.local_shape))
-    return name, Piece(st.key, name, index, st.data)
+    return name, Piece(st.key, name, index, st.data, owner)
 
 
-def _owner(t: torch.Tensor) -> int:
+def _owner(t: torch.Tensor, owner: torch.Tensor | None = None) -> int:
+    if owner is not None:
+        return id(owner)
     return id(t if t._base is None else t._base)
 
 
@@ -126,7 +151,7 @@ def _uncovered(chunk, pieces, reported: set) -> list[str]:
     that the pieces do not fill exactly once (element count per tensor: a piece is the tensor or a view of it)."""
     filled = {}
     for p in pieces:
-        filled[_owner(p.target)] = filled.get(_owner(p.target), 0) + p.target.numel()
+        filled[_owner(p.target, p.owner)] = filled.get(_owner(p.target, p.owner), 0) + p.target.numel()
     out = []
     for name, t in chunk.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state") or ".adapter." in name or not isinstance(t, torch.Tensor) or id(t) in reported:
@@ -171,10 +196,10 @@ def plan(chunks, base: HFBase) -> list:
     pieces, placed = [], set()
     for chunk in chunks:
         mine, reported = [], set()
-        for st in _sharded_tensors(chunk):
-            name, piece = _piece(st, base, problems)
+        for st, owner in _sharded_tensors(chunk):
+            name, piece = _piece(st, base, problems, owner)
             mine += [piece] if piece else []
-            reported |= set() if piece else {_owner(st.data)}
+            reported |= set() if piece else {_owner(st.data, owner)}
             placed |= {name} if name else set()
         problems["model tensors not filled exactly once"] += _uncovered(chunk, mine, reported)
         pieces += mine
@@ -241,15 +266,35 @@ class _SliceReader:
 
 
 @torch.no_grad()
-def _load_piece(reader: _SliceReader, p: Piece) -> None:
-    """Copy ``p`` in, HF part by part: a fused ``linear_fc1``'s rows are [gate; up], its slice's rows come from each."""
+def _load_pieces(reader: _SliceReader, pieces: list) -> None:
+    """Every piece copied in; the pieces of an FP8 parameter into one high-precision copy of it (the pieces' meta
+    views laid on it), then into the parameter, which TE quantizes, one parameter at a time."""
+    held = {}
+    for p in pieces:
+        if p.owner is None:
+            _load_piece(reader, p, p.target)
+        else:
+            held.setdefault(id(p.owner), []).append(p)
+    for group in held.values():
+        owner = group[0].owner
+        stage = torch.empty(tuple(owner.shape), dtype=owner.dtype, device=owner.device)
+        for p in group:
+            _load_piece(reader, p, stage.as_strided(p.target.size(), p.target.stride(), p.target.storage_offset()))
+        owner.copy_(stage)
+        del stage
+
+
+@torch.no_grad()
+def _load_piece(reader: _SliceReader, p: Piece, target: torch.Tensor) -> None:
+    """Copy ``p`` into ``target``, HF part by part: a fused ``linear_fc1``'s rows are [gate; up], its slice's rows
+    come from each."""
     row, rows = 0, p.index[0]
     for hf_name in reader.base.parts[p.name]:
         height = reader.base.opened[reader.base.files[hf_name]].shape(hf_name)[0]
         lo, hi = max(rows.start, row), min(rows.stop, row + height)
         if lo < hi:
             part = reader.read(hf_name, (slice(lo - row, hi - row), *p.index[1:]))
-            p.target[lo - rows.start : hi - rows.start].copy_(part)
+            target[lo - rows.start : hi - rows.start].copy_(part)
         row += height
 
 
@@ -273,8 +318,7 @@ def load_hf_checkpoint(chunks, directory) -> LoadReport:
     report = LoadReport(pieces=plan(chunks, base))
     reader = _SliceReader(base, report)
     try:
-        for p in report.pieces:
-            _load_piece(reader, p)
+        _load_pieces(reader, report.pieces)
     finally:
         reader.close()
     report.seconds = time.perf_counter() - start

@@ -67,6 +67,30 @@ def strategy(cfg):
     )
 
 
+FP8_FORMATS = {"blockwise": "e4m3", "tensorwise": "hybrid", "delayed": "hybrid"}  # TE's formats per recipe
+
+
+def precision_plugin(cfg):
+    """NeMo's ``MegatronMixedPrecision`` for the run: ``trainer.precision``, and with ``model.fp8`` Transformer
+    Engine's FP8 recipe for the frozen linears (Megatron enters TE's autocast per layer and, with
+    ``model.fp8_param``, builds the layers' weights in FP8); refused where Transformer Engine does not import."""
+    from nemo import lightning as nl
+
+    m, t = cfg.model, cfg.trainer
+    if m.get("fp8") is None:
+        return nl.MegatronMixedPrecision(precision=t.precision)
+    from nemo_mla_lora.runtime.te_compat import transformer_engine_absent
+
+    if transformer_engine_absent():
+        raise RuntimeError(
+            f"model.fp8={m.fp8!r} runs on Transformer Engine's layers, and transformer_engine does not import here: "
+            "install it (NeMo's containers have it) or set model.fp8=null"
+        )
+    return nl.MegatronMixedPrecision(
+        precision=t.precision, fp8=FP8_FORMATS[m.fp8], fp8_recipe=m.fp8, fp8_param_gather=bool(m.fp8_param)
+    )
+
+
 def trainer(cfg, max_steps: int, callbacks):
     from nemo import lightning as nl
 
@@ -80,7 +104,7 @@ def trainer(cfg, max_steps: int, callbacks):
         val_check_interval=t.val_check_interval,
         limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps,
-        plugins=nl.MegatronMixedPrecision(precision=t.precision),
+        plugins=precision_plugin(cfg),
         callbacks=list(callbacks),
         num_sanity_val_steps=0,
     )

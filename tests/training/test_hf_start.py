@@ -324,3 +324,34 @@ def _run(rank, world, port, dirs, tokens_path, out_dir):
     from hf_start_worker import worker
 
     worker(rank, world, port, dirs, tokens_path, out_dir)
+
+
+def test_parameters_held_in_fp8_load_through_one_parameter_copy_at_a_time(mcore, dirs, monkeypatch):
+    """Parameters TE holds in FP8 (``fp8_param``; here: every linear weight, marked as such) are filled through a
+    high-precision copy of one parameter at a time, the pieces' views (the gated fc1's [gate; up] halves included)
+    laid on it, then copied in; the model ends equal to the plain load. (TE's own quantizing copy runs on the GPU.)"""
+    from nemo_mla_lora.training import hf_load
+
+    directory = dirs["v3"]
+    plain = build(directory)
+    load_hf_checkpoint([plain], directory)
+    model = build(directory)
+    marked = {id(p) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2 and "linear" in n}
+    monkeypatch.setattr(hf_load, "is_quantized", lambda t: id(t) in marked)
+    stages = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if kwargs.get("device") is not None and str(kwargs["device"]) != "meta":
+            stages.append(t.shape)
+        return t
+
+    monkeypatch.setattr(hf_load.torch, "empty", counting_empty)
+    report = load_hf_checkpoint([model], directory)
+    held = [p for p in report.pieces if p.owner is not None]
+    assert {id(p.owner) for p in held} == marked and all(p.target.device.type == "meta" for p in held)
+    assert any(p.name.endswith("mlp.linear_fc1.weight") and p.index[0].start > 0 for p in held)  # a half of fc1
+    assert len(stages) == len(marked)  # one copy per parameter
+    ours, theirs = base_state_dict(model), base_state_dict(plain)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[n], theirs[n]) for n in ours)

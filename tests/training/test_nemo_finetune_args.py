@@ -1,6 +1,7 @@
 """The GPU path's llm.finetune arguments, built on CPU (fitting needs CUDA: bench/run_gpu.sh runs it)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,3 +83,32 @@ def test_strategy_reads_and_writes_checkpoints_without_the_fully_parallel_exchan
     s = nemo_finetune.strategy(cfg)
     assert not s.parallel_save and not s.parallel_load
     assert s.expert_model_parallel_size == 2 and s.tensor_model_parallel_size == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.fp8=e5m2"], "model.fp8='e5m2'; expected one of ('blockwise', 'tensorwise', 'delayed')"),
+        (["trainer=cpu", "model.fp8=blockwise"], "trainer=megatron (got trainer.kind='cpu')"),
+        (["model.fp8=blockwise", "trainer.precision=32"], "needs trainer.precision=bf16-mixed (got '32')"),
+    ],
+)
+def test_fp8_is_refused_where_it_cannot_run(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose("finetune", GPU_PROOF + ["trainer.precision=bf16-mixed"] + overrides)
+
+
+def test_fp8_reaches_nemo_s_precision_plugin(monkeypatch):
+    from nemo_mla_lora.runtime import te_compat
+
+    cfg = compose("finetune", GPU_PROOF + ["trainer.precision=bf16-mixed", "model.fp8=blockwise"])
+    with pytest.raises(RuntimeError, match="transformer_engine does not import here"):
+        nemo_finetune.precision_plugin(cfg)  # no TE on this machine
+    monkeypatch.setattr(te_compat, "transformer_engine_absent", lambda: False)
+    dtypes = nemo_finetune.precision_plugin(cfg).dtype_config
+    assert (dtypes.fp8, dtypes.fp8_recipe, dtypes.fp8_param, dtypes.bf16) == ("e4m3", "blockwise", True, True)
+    cfg.model.fp8, cfg.model.fp8_param = "tensorwise", False
+    dtypes = nemo_finetune.precision_plugin(cfg).dtype_config
+    assert (dtypes.fp8, dtypes.fp8_recipe, dtypes.fp8_param) == ("hybrid", "tensorwise", False)
+    cfg.model.fp8 = None
+    assert nemo_finetune.precision_plugin(cfg).dtype_config.fp8 is None

@@ -1,0 +1,151 @@
+"""``peft/lora_around.py``: the adapter's GEMMs around a base it does not compute (TE's linears), checked without TE.
+
+- Numerics: output and every gradient (x, A, B) against the equations in float64, B != 0, for one linear
+  ([s, b, i] input) and for grouped experts with an empty group.
+- Buffers: the output is the base's output buffer and the input gradient is the buffer the base's backward
+  returned (the point of the design: no second [t, i] gradient, no new [t, o] output).
+- Wiring: ``MLALoRALinear`` takes this path for a TE linear in plain mode (here a stand-in base with TE's
+  layout) and its results equal the three-op adapter's; the LayerNorm linear and part-selective adapters do not.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
+
+F64 = torch.float64
+
+
+class _RecordingLinear(torch.autograd.Function):
+    """y = x W^T with W frozen; records the data pointers of its output and of the input gradient it returns."""
+
+    seen: dict = {}
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        y = x @ w.T
+        _RecordingLinear.seen["y"] = y.data_ptr()
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (w,) = ctx.saved_tensors
+        gx = gy @ w
+        _RecordingLinear.seen["gx"] = gx.data_ptr()
+        return gx, None
+
+
+def _equations(x, w, a, b, scale, counts=None):
+    """y = x W^T + scale (x A^T) B^T per group of rows (float64, autograd for the reference gradients)."""
+    if counts is None:
+        return x @ w.T + scale * (x @ a.T) @ b.T
+    rows = x.split(counts)
+    return torch.cat([xe @ w[e].T + scale * (xe @ a[e].T) @ b[e].T for e, xe in enumerate(rows)])
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def test_one_linear_matches_the_equations_and_writes_into_the_bases_buffers():
+    torch.manual_seed(0)
+    s, bsz, i, o, r, scale = 5, 3, 12, 10, 4, 2.5
+    w = torch.randn(o, i, dtype=F64)
+    x, a, b = _leaves(torch.randn(s, bsz, i, dtype=F64), torch.randn(r, i, dtype=F64), torch.randn(o, r, dtype=F64))
+    x1, hs = lora_fork(x, a, scale)
+    y = lora_onto(_RecordingLinear.apply(x1, w), hs, b)
+    assert y.data_ptr() == _RecordingLinear.seen["y"]
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert x.grad.data_ptr() == _RecordingLinear.seen["gx"]
+
+    xr, ar, br = _leaves(x, a, b)
+    ref = _equations(xr, w, ar, br, scale)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_grouped_experts_match_the_equations_with_an_empty_group():
+    torch.manual_seed(1)
+    counts, i, o, r, scale = [4, 0, 6, 3], 8, 6, 2, 0.5
+    e = len(counts)
+    w = torch.randn(e, o, i, dtype=F64)
+    x, a, b = _leaves(
+        torch.randn(sum(counts), i, dtype=F64), torch.randn(e, r, i, dtype=F64), torch.randn(e, o, r, dtype=F64)
+    )
+    x1, hs = lora_fork(x, a, scale, counts)
+    base = torch.cat([xe @ w[g].T for g, xe in enumerate(x1.split(counts))])
+    y = lora_onto(base, hs, b, counts)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    xr, ar, br = _leaves(x, a, b)
+    _equations(xr, w, ar, br, scale, counts).backward(gy)
+    torch.testing.assert_close(y, _equations(xr, w, ar, br, scale, counts).detach(), rtol=0, atol=1e-12)
+    for got, want in ((x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert a.grad[1].abs().sum() == 0 and b.grad[1].abs().sum() == 0  # no tokens
+
+
+def test_adapter_alone_when_the_base_does_not_use_x():
+    """The base's gradient absent (a base that ignores x1): the input gradient is the adapter's alone."""
+    x, a, b = _leaves(torch.randn(6, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randn(3, 2, dtype=F64))
+    x1, hs = lora_fork(x, a, 1.5)
+    y = lora_onto(torch.zeros(6, 3, dtype=F64), hs, b)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, 1.5 * torch.ones(6, 3, dtype=F64) @ b.detach() @ a.detach())
+
+
+class _StandInTE(nn.Module):
+    """A frozen linear called as Megatron's TE wrappers are: x -> (x W^T, None)."""
+
+    def __init__(self, out_features, in_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64), requires_grad=False)
+        self.bias = None
+
+    def forward(self, x):
+        return _RecordingLinear.apply(x, self.weight), None
+
+
+@pytest.mark.parametrize(
+    "class_name, mask, expect_around",
+    [("TELinear", False, True), ("TERowParallelLinear", False, True), ("TELinear", True, False)],
+)
+def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, mask, expect_around):
+    from nemo_mla_lora.peft import adapter as adapter_module
+    from nemo_mla_lora.peft.linear_layout import te_layout
+    from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+
+    torch.manual_seed(2)
+    base = _StandInTE(10, 12)
+    monkeypatch.setattr(adapter_module, "layout", lambda m: te_layout(class_name, None, 10, 12, 1))
+    rows = torch.arange(10) < 6 if mask else None
+    adapter = adapter_module.MLALoRAAdapter(base, dim=4, alpha=8.0, row_mask=rows, dtype=F64)
+    with torch.no_grad():
+        adapter.lora_b.normal_()
+    wrapped = MLALoRALinear(base, adapter)
+    x = torch.randn(5, 2, 12, dtype=F64)
+    assert adapter.around(x) == expect_around
+    assert not adapter.around(x.float())  # another dtype than the adapter's: the three-op path
+
+    _RecordingLinear.seen.clear()
+    x_new = x.clone().requires_grad_(True)
+    y, bias = wrapped(x_new)
+    assert bias is None and (y.data_ptr() == _RecordingLinear.seen["y"]) == expect_around
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    grads = [x_new.grad] + [p.grad.clone() for p in (adapter.lora_a, adapter.lora_b)]
+    adapter.zero_grad()
+
+    x_ref = x.clone().requires_grad_(True)
+    out, _ = base(x_ref)
+    ref = adapter.add_to(out, x_ref) if not mask else out + adapter(x_ref)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    for got, want in zip(grads, [x_ref.grad, adapter.lora_a.grad, adapter.lora_b.grad]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
