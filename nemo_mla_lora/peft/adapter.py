@@ -4,7 +4,7 @@ Tensor parallelism follows the base linear (``to_wrap``), through Megatron-Core'
 
 | base | A [r, in] | B [rows, r] | communication |
 |---|---|---|---|
-| ColumnParallelLinear (output sharded) | full, replicated; grad all-reduced | local rows | copy (or sequence gather) |
+| ColumnParallelLinear (output sharded) | full, replicated | local rows | r-sized: h's grad all-reduced (or h gathered)|
 | RowParallelLinear (input sharded) | local input columns | full, replicated | r-sized all-reduce (or reduce-scatter)|
 | TP size 1 / duplicated | full | full | none |
 
