@@ -24,11 +24,21 @@ import torch
 from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * a @ b in one GEMM (beta = 0: the uninitialised C is ignored, as BLAS and torch.addmm define it)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
 class _Fork(torch.autograd.Function):
+    """x [..., i], a [r, i] (one linear) or [e, r, i] (groups of rows) -> (x viewed, hs = scale * x A^T [t, r])."""
+
     @staticmethod
     def forward(ctx, x, a, scale: float, counts: list[int], offs):
         x2 = x.reshape(-1, x.shape[-1])  # [t, i]
-        hs = grouped_mm(x2, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
+        if a.dim() == 2:
+            hs = _scaled_mm(x2, a.t(), scale)  # [t, r]
+        else:
+            hs = grouped_mm(x2, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
         ctx.save_for_backward(x2, a)
         ctx.scale, ctx.counts, ctx.offs, ctx.shape = scale, counts, offs, x.shape
         return x.view_as(x), hs
@@ -36,36 +46,43 @@ class _Fork(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gx1, ghs):
         x2, a = ctx.saved_tensors
-        counts, offs = ctx.counts, ctx.offs
-        ga = gx = None
-        if ghs is not None:
-            gh = ghs.contiguous() * ctx.scale  # d/d(x A^T): [t, r]
-            if ctx.needs_input_grad[1]:
-                ga = grouped_mm(gh.T, x2, offs, counts)  # [e, r, i]
-            if ctx.needs_input_grad[0]:
-                gx = _accumulate_input_grad(gx1, gh, a, counts, offs, ctx.shape)
-        elif ctx.needs_input_grad[0]:
-            gx = gx1
+        if ghs is None:
+            return gx1, None, None, None, None
+        ghs = ghs.contiguous()  # d/d(hs) [t, r]; d/d(x A^T) = scale * ghs
+        if a.dim() == 2:
+            ga = _scaled_mm(ghs.t(), x2, ctx.scale) if ctx.needs_input_grad[1] else None  # [r, i]
+            gx = _dense_input_grad(gx1, ghs, a, ctx.scale, ctx.shape) if ctx.needs_input_grad[0] else None
+            return gx, ga, None, None, None
+        gh = ghs * ctx.scale
+        ga = grouped_mm(gh.T, x2, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [e, r, i]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = grouped_mm(gh, a, ctx.offs, ctx.counts).view(ctx.shape)  # [t, i]
+            gx = gx if gx1 is None else gx.add_(gx1)
         return gx, ga, None, None, None
 
 
-def _accumulate_input_grad(gx1, gh, a, counts, offs, shape) -> torch.Tensor:
-    """gx1 + gh_e A_e per group, in gx1's buffer where it can be written: [*shape]."""
+def _dense_input_grad(gx1, ghs, a, scale: float, shape) -> torch.Tensor:
+    """gx1 + scale * ghs A [*shape], written into gx1's buffer (the GEMM's C, beta = 1) where it can be."""
     if gx1 is None:
-        return grouped_mm(gh, a, offs, counts).view(shape)  # [t, i]
-    g2 = gx1.reshape(-1, gx1.shape[-1])
-    if len(counts) == 1 and g2.is_contiguous() and g2.data_ptr() == gx1.data_ptr():
-        g2.addmm_(gh, a[0])  # the base's dgrad as the GEMM's C (beta = 1): no separate add
-        return gx1
-    return (g2 + grouped_mm(gh, a, offs, counts)).view(shape)
+        return _scaled_mm(ghs, a, scale).view(shape)
+    g2 = gx1.view(-1, gx1.shape[-1]) if gx1.is_contiguous() else None
+    if g2 is None:
+        return (gx1.reshape(-1, gx1.shape[-1]) + _scaled_mm(ghs, a, scale)).view(shape)
+    g2.addmm_(ghs, a, alpha=scale)
+    return gx1
 
 
 class _Onto(torch.autograd.Function):
+    """(y [..., o], hs [t, r], b [o, r] or [e, o, r]) -> y + hs B^T, in y's buffer."""
+
     @staticmethod
     def forward(ctx, y, hs, b, counts: list[int], offs):
         y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None  # [t, o]
-        if y2 is not None and len(counts) == 1:
-            y2.addmm_(hs, b[0].T)  # y + hs B^T, in y's buffer
+        if b.dim() == 2 and y2 is not None:
+            y2.addmm_(hs, b.t())  # y + hs B^T, in y's buffer
+        elif b.dim() == 2:
+            y.add_((hs @ b.t()).view(y.shape))
         else:
             y.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(y.shape))
         ctx.mark_dirty(y)
@@ -76,10 +93,13 @@ class _Onto(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         hs, b = ctx.saved_tensors
-        counts, offs = ctx.counts, ctx.offs
         g2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # [t, o]
-        ghs = grouped_mm(g2, b, offs, counts) if ctx.needs_input_grad[1] else None  # [t, r]
-        gb = grouped_mm(g2.T, hs, offs, counts) if ctx.needs_input_grad[2] else None  # [e, o, r]
+        if b.dim() == 2:
+            ghs = g2 @ b if ctx.needs_input_grad[1] else None  # [t, r]
+            gb = g2.t() @ hs if ctx.needs_input_grad[2] else None  # [o, r]
+        else:
+            ghs = grouped_mm(g2, b, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [t, r]
+            gb = grouped_mm(g2.T, hs, ctx.offs, ctx.counts) if ctx.needs_input_grad[2] else None  # [e, o, r]
         return gy, ghs, gb, None, None
 
 
@@ -96,9 +116,7 @@ def lora_fork(
         offs: ``lora_fn.group_offsets(counts)`` if already on x's device.
     """
     counts = [x.numel() // x.shape[-1]] if counts is None else [int(n) for n in counts]
-    if a.dim() == 2:
-        a = a.unsqueeze(0)  # [1, r, i]
-    if offs is None and len(counts) > 1:
+    if offs is None and a.dim() == 3 and len(counts) > 1:
         offs = group_offsets(counts, x.device)
     return _Fork.apply(x, a, scale, counts, offs)
 
@@ -113,8 +131,6 @@ def lora_onto(y: torch.Tensor, hs: torch.Tensor, b: torch.Tensor, counts: list[i
         counts, offs: as for ``lora_fork``.
     """
     counts = [hs.shape[0]] if counts is None else [int(n) for n in counts]
-    if b.dim() == 2:
-        b = b.unsqueeze(0)  # [1, o, r]
-    if offs is None and len(counts) > 1:
+    if offs is None and b.dim() == 3 and len(counts) > 1:
         offs = group_offsets(counts, hs.device)
     return _Onto.apply(y, hs, b, counts, offs)

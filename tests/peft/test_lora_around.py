@@ -149,3 +149,42 @@ def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, ma
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
     for got, want in zip(grads, [x_ref.grad, adapter.lora_a.grad, adapter.lora_b.grad]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def _op_counts(fn) -> dict:
+    """aten ops run by ``fn`` (forward + backward), by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {}
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+def test_around_runs_no_elementwise_pass_over_the_input_or_output():
+    """What the design saves, counted on the CPU: the three-op adapter's backward adds a second [t, i] input
+    gradient to the base's and its forward makes a new output; around the base, neither happens (the adds are
+    the GEMMs' beta = 1)."""
+    torch.manual_seed(4)
+    w = torch.randn(10, 12)
+    x, a, b = _leaves(torch.randn(6, 12), torch.randn(4, 12), torch.randn(10, 4))
+    gy = torch.randn(6, 10)
+
+    def around():
+        x1, hs = lora_fork(x, a, 2.0)
+        lora_onto(_RecordingLinear.apply(x1, w), hs, b).backward(gy)
+
+    def three_op():
+        out = _RecordingLinear.apply(x, w)
+        torch.addmm(out, x @ a.T, b.T, alpha=2.0).backward(gy)
+
+    ops_around, ops_three = _op_counts(around), _op_counts(three_op)
+    elementwise = ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::copy_")
+    assert sum(ops_three.get(k, 0) for k in elementwise) >= 1, ops_three  # autograd's sum of the input gradients
+    assert sum(ops_around.get(k, 0) for k in elementwise) == 0, ops_around  # scale and sums ride on the GEMMs
+    gemms = ("aten::mm", "aten::addmm", "aten::addmm_")
+    assert sum(ops_around.get(k, 0) for k in gemms) == 2 + 6  # the base's two, the adapter's six
+    assert sum(ops_around.values()) < sum(ops_three.values())  # fewer dispatches: less host time per step
