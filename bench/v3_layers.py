@@ -228,12 +228,36 @@ def layouts():
     return [official] + ep_layouts(official)
 
 
+def measured_markdown(result: dict) -> str:
+    """The measured rows as a Markdown table (the projection's input), stacks beside the sum of their layers."""
+    lines = [
+        f"## Measured on {result['card']}: {result['config']}, {result['dtype']}, sequence {result['seq']} x 1",
+        "",
+        "| kind | shard | variant | layers | fwd ms | fwd+bwd ms | sum of its layers ms | kept MiB | "
+        "peak MiB | weights GiB | trainable | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+
+        def num(key, scale=1.0, fmt=".2f", r=r):
+            return "-" if r.get(key) is None else format(r[key] / scale, fmt)
+
+        lines.append(
+            f"| {r['kind']} | {r['shard']} | {r['variant']} | {r['layers']} | {num('fwd_ms')} | "
+            f"{num('step_ms')} | {num('sum_of_layers_ms')} | {num('act_bytes', 2**20, ',.0f')} | "
+            f"{num('step_peak_bytes', 2**20, ',.0f')} | {num('weight_bytes', 2**30)} | "
+            f"{num('trainable', 1, ',.0f')} | {r.get('skipped') or r.get('error') or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def save(args, result: dict, spec) -> None:
-    """The JSON (+ the projection of the rows so far and its Markdown, for DeepSeek-V3's dims)."""
+    """The JSON and its Markdown (+ the projection of the rows so far, for DeepSeek-V3's dims)."""
+    text = measured_markdown(result)
     if args.dims == "v3":
-        proj = project(result["rows"], spec, layouts(), args.variants)
-        result["projection"] = proj
-        write_md(Path(args.out).with_suffix(".md"), markdown(proj, result["card"]))
+        result["projection"] = project(result["rows"], spec, layouts(), args.variants)
+        text = markdown(result["projection"], result["card"]) + "\n" + text
+    write_md(Path(args.out).with_suffix(".md"), text)
     write_json(Path(args.out), result)
 
 
