@@ -5,16 +5,33 @@
 
 One decoder layer with DeepSeek-V3's true attention dims (hidden 7168, 128 heads, q_lora_rank 1536,
 kv_lora_rank 512, qk_nope_head_dim 128, qk_rope_head_dim 64, v_head_dim 128) and its MoE shape with
-fewer routed experts (16, top-8, 8 groups top-4, shared expert), built from our TE-free layer spec.
+fewer routed experts (16, top-8, 8 groups top-4, shared expert), built from our TE-free layer spec (``--spec te``:
+Megatron's TE spec as NeMo builds it).
 Baseline: the frozen layer's forward + backward to the input gradient (what the base costs inside LoRA
 training). Each variant: the same layer (same seed) with MLALoRA on one target or one placement, forward
 + backward to the input and the adapter gradients. B != 0 (small random), so no GEMM runs on zeros.
 Timing: CUDA events around each step, warm-up first, median of --iters. Memory: peak allocated during
 the step minus what was allocated before it (activations, gradients, workspace), and the total peak.
+
+FP8 frozen base (``--fp8 blockwise|tensorwise``, ``--spec te``, a CUDA GPU with Transformer Engine): the layer's
+config gets ``fp8`` / ``fp8_recipe`` / ``fp8_param=True`` and is built inside Megatron's ``fp8_model_init`` context
+(what ``TransformerBlock`` does per layer: TE's linears then hold their weights as FP8 tensors), and each forward
+runs inside Megatron's ``fp8_autocast`` context for the layer (what ``TransformerBlock.forward`` enters per layer for
+these recipes), backward outside it, as Megatron's schedules run it. Adapters stay in ``--dtype``.
+
+    python bench/lora_overhead.py --spec te --fp8 blockwise --summary summary.json    # GPU: the bf16/FP8 cost table
+
+``--summary PATH`` (``lora_summary.py``): the frozen base, MLALoRA ``nemo_official`` r16, ``all_linear`` r16 and r64,
+and NeMo's own ``llm.peft.LoRA`` on ``nemo_official``'s targets (``--variants nemo_lora`` in the table), each on the
+``--dtype`` base and (with ``--fp8``) on the FP8 base, in one process; PATH gets ``card`` and ``step_ms`` /
+``peak_gib`` maps keyed ``<variant>_<bf16|fp8>``.
 """
 
 import argparse
+import contextlib
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -34,18 +51,54 @@ PLACEMENTS = ("nemo_official", "all_linear", "safe", "kv_up", "down_only")
 # (base GEMMs into one output, one activation over all tokens), so a LoRA ratio cannot flatter itself
 # with what that restructuring saves on the base.
 BASES = ("base", "base_grouped")
+# --fp8 -> (TransformerConfig.fp8, fp8_recipe). blockwise: DeepSeek-V3's own recipe (1x128 activation and 128x128
+# weight scales, E4M3 in both passes); tensorwise: current per-tensor scaling, E4M3 forward and E5M2 gradients
+# (NeMo's bf16_with_fp8_current_scaling_mixed).
+FP8 = {"blockwise": ("e4m3", "blockwise"), "tensorwise": ("hybrid", "tensorwise")}
 
 
-def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = None, spec: str = "local"):
+def fp8_refusal(fp8: str, spec: str) -> str | None:
+    """Why ``--fp8 fp8`` cannot run here (None: it can, or it is ``none``). Checked before anything is built."""
+    if fp8 == "none":
+        return None
+    if not torch.cuda.is_available():
+        return f"--fp8 {fp8}: FP8 needs a CUDA GPU with Transformer Engine, and this machine has no CUDA device"
+    from nemo_mla_lora.runtime import te_compat
+
+    if te_compat.transformer_engine_absent():
+        return f"--fp8 {fp8}: FP8 needs Transformer Engine, and transformer_engine.pytorch does not import here"
+    if spec != "te":
+        return f"--fp8 {fp8}: FP8 GEMMs are Transformer Engine's: use --spec te (got --spec {spec})"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return f"--fp8 {fp8}: FP8 GEMMs need compute capability 8.9 or newer; {torch.cuda.get_device_name()} has " \
+               f"{torch.cuda.get_device_capability()}"
+    return None
+
+
+def fp8_context(config, init: bool = False):
+    """Megatron's own FP8 context for layer 1 (``get_fp8_context``): ``fp8_model_init`` while it is built
+    (``init``; ``TransformerBlock`` builds each layer in it), ``fp8_autocast`` around its forward (what
+    ``TransformerBlock.forward`` enters per layer for the blockwise and tensorwise recipes). A null context
+    without FP8."""
+    if not config.fp8:
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config, 0, is_init=init)
+
+
+def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = None, spec: str = "local",
+                fp8: str = "none"):
     """One MoE decoder layer (layer_number 1) wrapped so module names read ``layer.self_attention...``.
     ``spec``: ``local`` (TE-free, SequentialMLP experts) or ``te`` (Megatron's TE spec as NeMo builds it,
-    routed experts as TE grouped GEMMs; needs Transformer Engine)."""
+    routed experts as TE grouped GEMMs; needs Transformer Engine). ``fp8``: ``none`` or a key of ``FP8``:
+    the frozen weights held in FP8 (``fp8_param``), the GEMMs in FP8 under ``fp8_context``."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from nemo_mla_lora.runtime import cpu_compat
-    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
     from nemo_mla_lora.models.from_spec import CPU_SAFE
+    from nemo_mla_lora.models.layer_spec import local_mla_block_spec, te_mla_block_spec
     from nemo_mla_lora.models.tiny import mla_config
+    from nemo_mla_lora.runtime import cpu_compat
 
     shape = dict(V3_LAYER if dims == "v3" else TINY_LAYER)
     if experts:
@@ -54,12 +107,15 @@ def build_layer(dims: str, seq: int, dtype, seed: int, experts: int | None = Non
         shape["moe_grouped_gemm"] = True
     else:  # the TE-free model as it is built where TE is absent, also where TE imports (same table either way)
         shape.update({k: v for k, v in CPU_SAFE.items() if k != "use_cpu_initialization"})
+    if fp8 != "none":
+        shape.update(fp8=FP8[fp8][0], fp8_recipe=FP8[fp8][1], fp8_param=True)
     config = mla_config(dtype, **shape, num_layers=1, moe_layer_freq=[1], seq_length=seq,
                         max_position_embeddings=seq, use_cpu_initialization=cpu_compat.cuda_absent())
     cpu_compat.seed(seed)
     holder = torch.nn.Module()
     block = (te_mla_block_spec if spec == "te" else local_mla_block_spec)(config)
-    holder.layer = build_module(block.layer_specs[0], config=config, layer_number=1)
+    with fp8_context(config, init=True):
+        holder.layer = build_module(block.layer_specs[0], config=config, layer_number=1)
     return holder.to(device()), config
 
 
@@ -72,6 +128,8 @@ def with_lora(holder, variant: str, rank: int):
     from nemo_mla_lora.peft.grouped_experts import group_experts
     from nemo_mla_lora.peft.state import randomize_b
 
+    if variant == "nemo_lora":
+        return nemo_lora(holder, rank)
     if variant in BASES:
         for p in holder.parameters():
             p.requires_grad_(False)
@@ -84,8 +142,33 @@ def with_lora(holder, variant: str, rank: int):
     return model
 
 
+def nemo_lora(holder, rank: int):
+    """NeMo's own ``llm.peft.LoRA`` (alpha = rank, no dropout) on the modules MLALoRA ``nemo_official`` wraps, B != 0
+    (NeMo's ``linear_out``, zero at start)."""
+    from nemo.collections.llm import fn
+    from nemo.collections.llm.peft import LoRA
+    from nemo.collections.llm.peft.utils import ParallelLinearAdapter
+
+    from nemo_mla_lora.peft import MLALoRA
+
+    targets = list(MLALoRA(placement="nemo_official").resolve(holder))
+    expected = sum(name.rsplit(".", 1)[-1] in targets for name, _ in holder.named_modules())
+    holder.requires_grad_(False)  # what LoRA.__call__ does to NeMo's own model (freeze), on a bare one
+    model = fn.walk(holder, LoRA(target_modules=targets, dim=rank, alpha=rank, dropout=0.0).transform)
+    adapters = [m for m in model.modules() if isinstance(m, ParallelLinearAdapter)]
+    if len(adapters) != expected:
+        raise RuntimeError(f"NeMo's LoRA wrapped {len(adapters)} modules, expected {expected} ({targets})")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in adapters:
+            w = a.linear_out.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 1e-3)
+    return model
+
+
 def step(model, x, grad):
-    out, _ = model.layer(x, attention_mask=None)  # [s, b, h]
+    with fp8_context(model.layer.config):
+        out, _ = model.layer(x, attention_mask=None)  # [s, b, h]
     out.backward(grad)
 
 
@@ -111,11 +194,14 @@ def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def prepare(args, variant: str, rank: int):
-    """(model with ``variant`` adapters, input x [s, b, hidden] requiring grad, output gradient), seeded."""
+def prepare(args, variant: str, rank: int, fp8: str | None = None):
+    """(model with ``variant`` adapters, input x [s, b, hidden] requiring grad, output gradient), seeded; the base
+    in FP8 per ``fp8`` (default ``args.fp8``)."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts, args.spec)
+    fp8 = args.fp8 if fp8 is None else fp8
+    holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts, args.spec, fp8)
     model = with_lora(holder, variant, rank)
+    check_precision(model, fp8, dtype)
     gen = torch.Generator(device=device()).manual_seed(args.seed)
     x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
                     generator=gen).requires_grad_()
@@ -123,20 +209,44 @@ def prepare(args, variant: str, rank: int):
     return model, x, grad
 
 
-def measure(args, variant: str, rank: int) -> dict:
-    model, x, grad = prepare(args, variant, rank)
+def fp8_weights(model) -> list[str]:
+    """The parameters held as FP8 tensors (Megatron's ``is_float8tensor``: TE's ``QuantizedTensor``)."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    return [n for n, p in model.named_parameters() if is_float8tensor(p)]
+
+
+def check_precision(model, fp8: str, dtype) -> None:
+    """Raises unless an FP8 base holds FP8 weights and every trainable parameter is a plain ``dtype`` tensor (the
+    adapters are not quantized)."""
+    from megatron.core.fp8_utils import is_float8tensor
+
+    if fp8 != "none" and not fp8_weights(model):
+        raise RuntimeError(f"--fp8 {fp8}: no parameter of the layer is an FP8 tensor (fp8_param had no effect)")
+    bad = {n: (type(p).__name__, p.dtype) for n, p in model.named_parameters()
+           if p.requires_grad and (is_float8tensor(p) or p.dtype != dtype)}
+    if bad:
+        raise RuntimeError(f"trainable parameters not plain {dtype}: {bad}")
+
+
+def measure(args, variant: str, rank: int, fp8: str | None = None) -> dict:
+    model, x, grad = prepare(args, variant, rank, fp8)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    held = len(fp8_weights(model))
     if x.is_cuda:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     times = timed_steps(model, x, grad, args.warmup, args.iters)
     row = {"variant": variant, "rank": None if variant in BASES else rank, "trainable": trainable,
-           "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+           "fp8_weights": held, "median_ms": statistics.median(times), "min_ms": min(times),
+           "max_ms": max(times)}
     if x.is_cuda:
+        row["resident_mib"] = before / 2**20
         row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         row["total_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     del model, x, grad
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
@@ -175,6 +285,46 @@ def table(rows: list[dict], base_ms: dict) -> str:
     return "\n".join(lines)
 
 
+def card() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_json(path: str, data: dict) -> None:
+    """``path`` replaced whole (a temporary beside it, then renamed): never half-written."""
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def overhead(args) -> None:
+    """The table: every ``--variants`` x ``--ranks`` against the frozen bases, interleaved; then the profiles."""
+    rows = [measure(args, b, 0) for b in BASES]
+    bases = {b: [r["median_ms"]] for b, r in zip(BASES, rows)}  # again between ranks and at the end: the noise
+    for rank in args.ranks:
+        for variant in args.variants:
+            rows.append(measure(args, variant, rank))
+            print(f"{variant} r={rank}: {rows[-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+        for b in BASES:
+            bases[b].append(measure(args, b, 0)["median_ms"])
+    base_ms = {b: statistics.median(v) for b, v in bases.items()}
+    result = {"card": card(), "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+              "fp8": args.fp8 if args.fp8 != "none" else None, "experts": args.experts, "legacy": args.legacy,
+              "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
+    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top)
+                          for spec in args.profile}
+    if args.out:
+        write_json(args.out, result)
+    runs = "; ".join(f"{b} {', '.join(f'{t:.2f}' for t in v)}" for b, v in bases.items())
+    print(f"card: {result['card']}; dims {args.dims}, experts {args.experts or 'default'}, seq {args.seq} x batch "
+          f"{args.batch}, {args.dtype}, FP8 base {args.fp8}; baseline runs (ms): {runs}; ratios against their medians")
+    print(table(rows, base_ms))
+    for spec, prof in result["profiles"].items():
+        print(f"\nprofile {spec}: CPU {prof['cpu_ms_per_step']:.1f} ms, GPU kernels "
+              f"{prof['gpu_kernel_ms_per_step']:.1f} ms, {prof['launches_per_step']:.0f} launches per step\n"
+              f"{prof['table']}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dims", choices=("v3", "tiny"), default="v3")
@@ -185,7 +335,12 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="LoRA ranks (peft.dim) to measure")
     p.add_argument("--spec", choices=("local", "te"), default="local",
                    help="te: Megatron's TE layer spec, routed experts as TE grouped GEMMs (needs Transformer Engine)")
-    p.add_argument("--variants", nargs="+", default=list(TARGETS + PLACEMENTS))
+    p.add_argument("--fp8", choices=("none",) + tuple(FP8), default="none",
+                   help="the frozen base in FP8 through Megatron's config (fp8, fp8_recipe, fp8_param; --spec te, GPU)")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"default: {' '.join(TARGETS + PLACEMENTS)} (none with --summary); also nemo_lora")
+    p.add_argument("--summary", default=None, metavar="PATH",
+                   help="also (without --variants: only) the bf16 / FP8 cost table of SUMMARY, written to PATH")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--seed", type=int, default=1234)
@@ -195,6 +350,10 @@ def main(argv=None) -> int:
                    help="the adapters before the fused path: three autograd ops per linear, one chain per expert")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    refusal = fp8_refusal(args.fp8, args.spec)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     if args.legacy:
         from nemo_mla_lora.peft import mla_lora
         from nemo_mla_lora.peft.adapter import MLALoRAAdapter
@@ -205,33 +364,13 @@ def main(argv=None) -> int:
     from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron(seed=args.seed)
-    rows = [measure(args, b, 0) for b in BASES]
-    bases = {b: [r["median_ms"]] for b, r in zip(BASES, rows)}  # again between ranks and at the end: the noise
-    for rank in args.ranks:
-        for variant in args.variants:
-            rows.append(measure(args, variant, rank))
-            print(f"{variant} r={rank}: {rows[-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
-        for b in BASES:
-            bases[b].append(measure(args, b, 0)["median_ms"])
-    base_ms = {b: statistics.median(v) for b, v in bases.items()}
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"card": card, "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
-              "experts": args.experts, "legacy": args.legacy,
-              "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
-    result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top)
-                          for spec in args.profile}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-    runs = "; ".join(f"{b} {', '.join(f'{t:.2f}' for t in v)}" for b, v in bases.items())
-    print(f"card: {card}; dims {args.dims}, experts {args.experts or 'default'}, seq {args.seq} x batch {args.batch}, "
-          f"{args.dtype}; baseline runs (ms): "
-          f"{runs}; ratios against their medians")
-    print(table(rows, base_ms))
-    for spec, prof in result["profiles"].items():
-        print(f"\nprofile {spec}: CPU {prof['cpu_ms_per_step']:.1f} ms, GPU kernels "
-              f"{prof['gpu_kernel_ms_per_step']:.1f} ms, {prof['launches_per_step']:.0f} launches per step\n"
-              f"{prof['table']}")
+    if args.variants is not None or args.summary is None:
+        args.variants = list(TARGETS + PLACEMENTS) if args.variants is None else args.variants
+        overhead(args)
+    if args.summary:
+        from lora_summary import summary  # bench/, this script's directory
+
+        return summary(args, sys.modules[__name__])
     return 0
 
 

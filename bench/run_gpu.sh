@@ -9,6 +9,8 @@
 # Training cost:
 #   overhead                              grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16, seq 4096)
 #   te_overhead | te_profile              the same table on the TE spec beside the TE-free one; torch profiles
+#   te_fp8                                TE spec, bf16 and FP8 frozen base in one process: summary.json (FP8
+#                                         blockwise), summary_tensorwise.json (TE bring-up first)
 # Real size (DeepSeek-V2-Lite from an HF directory, bench/prepare_real_size.sh):
 #   real_size_table                       the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA
 #   real_size_finetune                    recipes.finetune trainer=megatron from the HF directory, mcore export callback
@@ -294,6 +296,20 @@ te_overhead() {  # the LoRA overhead table on the TE spec (grouped-GEMM experts)
     timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters "${ITERS:-20}" --ranks 16 64 \
       --variants nemo_official all_linear --out "$OUT/lora_overhead_$spec.json" 2>&1 | grep -E "^\||^card|Error"
   done
+}
+
+te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen base (fp8_param), one process per
+  # FP8 recipe: blockwise (DeepSeek-V3's; $OUT/summary.json), then tensorwise ($OUT/summary_tensorwise.json). Each
+  # summary is rewritten after every cell, so a timeout keeps what finished. TE bring-up call first.
+  te_env || return 1
+  local rc=0 recipe file
+  for recipe in blockwise tensorwise; do
+    file=summary; [ "$recipe" = blockwise ] || file=summary_$recipe
+    timeout 260 python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" \
+      --summary "$OUT/$file.json" > "$OUT/te_fp8_$recipe.log" 2>&1 || rc=1
+    grep -E "^\||^card|Error|error" "$OUT/te_fp8_$recipe.log" | tail -n 30
+  done
+  return "$rc"
 }
 
 te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)

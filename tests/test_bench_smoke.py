@@ -2,6 +2,7 @@
 spent on a typo); its numbers here mean nothing."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ pytestmark = pytest.mark.slow  # spawns processes: more than 5 s a test
 
 
 def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
-    out = tmp_path / "overhead.json"
+    """The table (with NeMo's LoRA as a variant) and the --summary cells, in one process (--fp8 none on the CPU)."""
+    out, summary = tmp_path / "overhead.json", tmp_path / "summary.json"
     proc = subprocess.run(
         [
             sys.executable,
@@ -33,10 +35,13 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
             "--variants",
             "linear_kv_up_proj",
             "all_linear",
+            "nemo_lora",
             "--profile",
             "all_linear:2",
             "--out",
             str(out),
+            "--summary",
+            str(summary),
         ],
         capture_output=True,
         text=True,
@@ -50,6 +55,36 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert result["profiles"]["all_linear:2"]["cpu_ms_per_step"] > 0
     assert 0 < rows["linear_kv_up_proj"]["trainable"] < rows["all_linear"]["trainable"]
     assert "| all_linear | 2 |" in proc.stdout
+    # tiny dims (models/configs/tiny_mla.json): hidden 80, q_lora_rank 56, kv_lora_rank 40, 4 heads, qk_nope 24,
+    # qk_rope 8, v 28; NeMo's LoRA on the five attention linears (in, out): r x (in + out) each
+    attention = [(80, 56), (56, 4 * 32), (80, 40 + 8), (40, 4 * (24 + 28)), (4 * 28, 80)]
+    assert rows["nemo_lora"]["trainable"] == sum(2 * (i + o) for i, o in attention)
+
+    cells = json.loads(summary.read_text())
+    keys = {f"{n}_fp32" for n in ("frozen", "nemo_official_r16", "all_linear_r16", "all_linear_r64", "nemo_lora_r16")}
+    assert cells["complete"] and cells["errors"] == {} and cells["card"] == "cpu" and cells["fp8"] is None
+    assert set(cells["step_ms"]) == set(cells["peak_gib"]) == keys
+    assert all(ms > 0 for ms in cells["step_ms"].values())
+    assert len(cells["step_ms_runs"]["frozen_fp32"]) == 2  # first and last
+    assert cells["trainable"]["frozen_fp32"] == 0
+    trainable = cells["trainable"]
+    assert trainable["nemo_lora_r16_fp32"] == trainable["nemo_official_r16_fp32"] == 8 * rows["nemo_lora"]["trainable"]
+    assert trainable["all_linear_r64_fp32"] == 4 * trainable["all_linear_r16_fp32"]
+    assert "| nemo_lora_r16 | fp32 |" in proc.stdout
+
+
+def test_lora_overhead_fp8_refused_on_cpu():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "lora_overhead.py"), "--spec", "te", "--fp8", "blockwise"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = "--fp8 blockwise: FP8 needs a CUDA GPU with Transformer Engine, and this machine has no CUDA device"
+    assert proc.stderr.strip().splitlines()[-1] == message  # before it, at most torch's own import warnings
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
 def test_decode_bench_runs_on_tiny_dims(tmp_path):
