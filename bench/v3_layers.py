@@ -26,7 +26,8 @@ import sys
 from pathlib import Path
 
 import torch
-from v3_projection import markdown, project
+from v3_projection import project
+from v3_report import markdown, measured_markdown
 from v3_shapes import VARIANTS, ep_layouts, layer_params, layer_trainable, official_layout, padded_vocab, shard_name
 from v3_steps import device, fits, free_memory, inputs, timed_row, write_json, write_md
 
@@ -226,29 +227,6 @@ def stack_depth(args, rows: list) -> int:
 def layouts():
     official = official_layout()
     return [official] + ep_layouts(official)
-
-
-def measured_markdown(result: dict) -> str:
-    """The measured rows as a Markdown table (the projection's input), stacks beside the sum of their layers."""
-    lines = [
-        f"## Measured on {result['card']}: {result['config']}, {result['dtype']}, sequence {result['seq']} x 1",
-        "",
-        "| kind | shard | variant | layers | fwd ms | fwd+bwd ms | sum of its layers ms | kept MiB | "
-        "peak MiB | weights GiB | trainable | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-
-        def num(key, scale=1.0, fmt=".2f", r=r):
-            return "-" if r.get(key) is None else format(r[key] / scale, fmt)
-
-        lines.append(
-            f"| {r['kind']} | {r['shard']} | {r['variant']} | {r['layers']} | {num('fwd_ms')} | "
-            f"{num('step_ms')} | {num('sum_of_layers_ms')} | {num('act_bytes', 2**20, ',.0f')} | "
-            f"{num('step_peak_bytes', 2**20, ',.0f')} | {num('weight_bytes', 2**30)} | "
-            f"{num('trainable', 1, ',.0f')} | {r.get('skipped') or r.get('error') or ''} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def save(args, result: dict, spec) -> None:

@@ -69,7 +69,24 @@ ASSUMPTIONS = {
     ),
     "hbm_gbps": (3350.0, "H100 SXM HBM3, for the optimizer step (memory bound)"),
     "recompute_full_cost": ("+1 forward", "full recompute keeps each layer's input and runs its forward again"),
+    "dp_grad_allreduce": (
+        "all trainable, fp32, once per step",
+        "not overlapped; expert adapters (whose expert-DP "
+        "group is smaller) counted over the whole DP group: an upper bound",
+    ),
+    "not_timed": (
+        "embedding lookup, loss reduction over TP, optimizer kernels' launch",
+        "small beside a layer: left out",
+    ),
 }
+
+FORMULAS = (
+    "step = sum_s T_s + (m - 1) x max_s T_s + DP all-reduce + Adam (1F1B, m micro-batches, T_s: stage s per "
+    "micro-batch: its layers' measured fwd + bwd, TP / expert-TP / EP communication, pipeline sends)",
+    "bubble = 1 - m x max_s T_s / (sum_s T_s + (m - 1) x max_s T_s); equal stages: (p - 1) / (m + p - 1)",
+    "stage s keeps the activations of min(p - s, m) micro-batches; the last stage also the output layer's",
+    "ring collective over n ranks: bytes x (n - 1) / n / bandwidth; all-to-all: bytes leaving the rank / bandwidth",
+)
 
 
 def assumption(name: str, overrides: dict | None = None):
@@ -310,6 +327,7 @@ def project(rows: list[dict], spec: MLASpec, layouts: list[Layout], variants: li
         layout.check(spec)
     out = {
         "assumptions": {k: {"value": assumption(k, a), "why": why} for k, (_, why) in ASSUMPTIONS.items()},
+        "formulas": list(FORMULAS),
         "layouts": layouts_as_dicts(layouts),
         "stage_kinds": {lay.name: stage_kinds(spec, lay) for lay in layouts},
         "results": {},
@@ -321,76 +339,3 @@ def project(rows: list[dict], spec: MLASpec, layouts: list[Layout], variants: li
             "variants": {v: project_layout(spec, layout, v, table, a) for v in variants},
         }
     return out
-
-
-def _f(x, fmt: str = ".1f") -> str:
-    return "n/a" if x is None else format(x, fmt)
-
-
-def markdown(proj: dict, measured_on: str = "") -> str:
-    """The projection as Markdown: assumptions, layouts, per layout x variant, communication, stage memory."""
-    lines = [
-        f"# DeepSeek-V3 LoRA on paper{f' (per-layer table: {measured_on})' if measured_on else ''}",
-        "",
-        "| assumption | value | why |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {k} | {v['value']} | {v['why']} |" for k, v in proj["assumptions"].items()]
-    lines += [
-        "",
-        "| layout | GPUs | TP | PP | EP | ETP | DP | layers per stage | micro-batches | recompute | source |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for lay in proj["layouts"]:
-        kinds = " / ".join(f"{k['dense']}d+{k['moe']}m" for k in proj["stage_kinds"][lay["name"]])
-        lines.append(
-            f"| {lay['name']} | {lay['gpus']} | {lay['tp']} | {lay['pp']} | {lay['ep']} | {lay['etp']} | "
-            f"{lay['dp']} | {kinds} | {lay['microbatches']} | {lay['recompute']} | {lay['source']} |"
-        )
-    lines += [
-        "",
-        "| layout | variant | worst stage GiB (weights bf16 / FP8 / FP8 + transposes) | fits | step s | "
-        "bubble | tokens/s | tokens/s/GPU | missing |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    kinds = ("bf16", "fp8_rowwise", "fp8")
-    for name, res in proj["results"].items():
-        for variant, r in res["variants"].items():
-            t = r["time"]
-            worst = " / ".join(_f(r.get(f"worst_{w}_gib")) for w in kinds)
-            fits = " / ".join("n/a" if f"fits_{w}" not in r else "yes" if r[f"fits_{w}"] else "no" for w in kinds)
-            lines.append(
-                f"| {name} | {variant} | {worst} | "
-                f"{fits} | {_f(t['step_s'], '.2f')} | {_f(t.get('bubble_fraction'), '.3f')} | "
-                f"{_f(t.get('tokens_per_s'), ',.0f')} | {_f(t.get('tokens_per_s_per_gpu'), ',.0f')} | "
-                f"{'; '.join(r['missing']) or '-'} |"
-            )
-    lines += [
-        "",
-        "| layout | layer | TP MB | expert-TP MB | EP MB (link) | comm ms (fwd + bwd, per micro-batch) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, res in proj["results"].items():
-        for kind, c in res["comm_per_layer"].items():
-            lines.append(
-                f"| {name} | {kind} | {c['tp_bytes'] / 1e6:.1f} | {c['etp_bytes'] / 1e6:.1f} | "
-                f"{c['ep_bytes'] / 1e6:.1f} ({c['ep_link']}) | {c['ms']:.2f} |"
-            )
-    lines += [
-        "",
-        "| layout | variant | stage | weights GiB (bf16 / FP8 / FP8 + transposes) | LoRA + Adam GiB | "
-        "activations GiB (in flight) | head GiB | total GiB (same three) | stage ms per micro-batch |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, res in proj["results"].items():
-        for variant, r in res["variants"].items():
-            for i, st in enumerate(r["stages"]):
-                lines.append(
-                    f"| {name} | {variant} | {i} | {st['weights_bf16_gib']:.1f} / "
-                    f"{st['weights_fp8_rowwise_gib']:.1f} / {st['weights_fp8_gib']:.1f} | "
-                    f"{st['lora_states_gib']:.2f} | {_f(st['activations_gib'])} ({st['inflight_microbatches']}) | "
-                    f"{_f(st['head_activations_gib'], '.2f')} | {_f(st.get('total_bf16_gib'))} / "
-                    f"{_f(st.get('total_fp8_rowwise_gib'))} / {_f(st.get('total_fp8_gib'))} | "
-                    f"{_f(r['time']['stage_ms'][i], '.1f')} |"
-                )
-    return "\n".join(lines) + "\n"
