@@ -21,6 +21,7 @@ measured so far (``v3_projection``, V3 dims only) and its Markdown beside it.
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -224,16 +225,17 @@ def stack_depth(args, rows: list) -> int:
     return max(0, int(budget // (moe["weight_bytes"] + 2 * moe["adapter_bytes"] + moe["act_bytes"])))
 
 
-def layouts():
+@functools.cache
+def layouts() -> tuple:
     official = official_layout()
-    return [official] + ep_layouts(official)
+    return (official, *ep_layouts(official))
 
 
 def save(args, result: dict, spec) -> None:
     """The JSON and its Markdown (+ the projection of the rows so far, for DeepSeek-V3's dims)."""
     text = measured_markdown(result)
     if args.dims == "v3":
-        result["projection"] = project(result["rows"], spec, layouts(), args.variants)
+        result["projection"] = project(result["rows"], spec, list(layouts()), args.variants)
         text = markdown(result["projection"], result["card"]) + "\n" + text
     write_md(Path(args.out).with_suffix(".md"), text)
     write_json(Path(args.out), result)
@@ -329,7 +331,7 @@ def project_cmd(args) -> dict:
     for item in args.assume:
         name, _, value = item.partition("=")
         overrides[name] = json.loads(value)
-    proj = project(table["rows"], load_spec("v3"), layouts(), args.variants, overrides)
+    proj = project(table["rows"], load_spec("v3"), list(layouts()), args.variants, overrides)
     write_json(Path(args.out), proj)
     text = markdown(proj, table.get("card", args.table))
     write_md(Path(args.out).with_suffix(".md"), text)

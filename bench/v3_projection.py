@@ -111,7 +111,7 @@ def layer_time(table: Table, kind: str, layout: Layout, variant: str) -> tuple:
         return row["step_ms"], row.get("fwd_ms"), f"measured {kind} {shard_name(layout.tp, ep)}"
     full = table.get(kind, shard_name(1, 1), variant)
     if full is None:
-        return None, None, f"missing {kind} {shard_name(1, 1)} {variant}"
+        return None, None, f"missing {kind} {shard_name(1, 1)} {'frozen' if kind == 'head' else variant}"
     fwd = None if full.get("fwd_ms") is None else full["fwd_ms"] / layout.tp
     how = "full layer / tp" if layout.tp > 1 else "full layer (all experts: upper bound for EP)"
     return full["step_ms"] / layout.tp, fwd, f"{kind} tp1ep1: {how}"

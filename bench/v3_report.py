@@ -18,7 +18,7 @@ def measured_markdown(result: dict) -> str:
             return "-" if r.get(key) is None else format(r[key] / scale, fmt)
 
         lines.append(
-            f"| {r['kind']} | {r['shard']} | {r['variant']} | {r['layers']} | {num('fwd_ms')} | "
+            f"| {r['kind']} | {r['shard']} | {r['variant']} | {r.get('layers', '-')} | {num('fwd_ms')} | "
             f"{num('step_ms')} | {num('sum_of_layers_ms')} | {num('act_bytes', 2**20, ',.0f')} | "
             f"{num('step_peak_bytes', 2**20, ',.0f')} | {num('weight_bytes', 2**30)} | "
             f"{num('trainable', 1, ',.0f')} | {r.get('skipped') or r.get('error') or ''} |"

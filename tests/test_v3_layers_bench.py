@@ -192,3 +192,21 @@ def test_project_cli_writes_json_and_markdown(tmp_path):
     text = out.with_suffix(".md").read_text()
     assert "per-layer table: by hand" in text and "| reserve_gib | 6 |" in text
     assert all(f"| {name} |" in text for name in vp.ASSUMPTIONS)
+
+
+def test_v3_plan_and_partial_save_project_what_is_measured(v3, tmp_path):
+    args = v3_layers.argparse.Namespace(
+        dims="v3", shards=v3_layers.SHARDS["v3"], out=str(tmp_path / "v3.json"), variants=list(vs.VARIANTS)
+    )
+    shares = {shard: v3_layers.shard_spec(v3, *shard) for _, shard, _ in v3_layers.plan(args)}
+    assert sorted(shares) == [(1, 1), (1, 8), (1, 32), (8, 1)]
+    assert (shares[(8, 1)].num_heads, shares[(8, 1)].moe_ffn_hidden_size, shares[(8, 1)].num_experts) == (16, 256, 256)
+    assert (shares[(1, 8)].num_experts, shares[(1, 8)].moe_num_groups) == (32, 8)
+    assert (shares[(1, 32)].num_experts, shares[(1, 32)].moe_num_groups) == (8, 1)  # 8 groups of 1 hold 4 < top-8
+    rows = hand_table() + [dict(kind="moe", shard="tp1ep8", variant="frozen", layers=1, skipped="weights too big")]
+    result = {"card": "by hand", "config": "deepseek_v3", "dtype": "bfloat16", "seq": 2048, "rows": rows}
+    v3_layers.save(args, result, v3)
+    saved = json.loads((tmp_path / "v3.json").read_text())
+    official = saved["projection"]["results"]["nemo_official_tp8_pp5_ep1"]["variants"]["nemo_official"]
+    assert official["time"]["step_s"] > 0 and official["missing"] == []
+    assert "| moe | tp1ep8 | frozen | 1 | - |" in (tmp_path / "v3.md").read_text()
