@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from v3_projection import project
-from v3_report import markdown, measured_markdown
+from v3_report import markdown, measured_markdown, summary
 from v3_shapes import VARIANTS, ep_layouts, layer_params, layer_trainable, official_layout, padded_vocab, shard_name
 from v3_steps import device, fits, free_memory, inputs, timed_row, write_json, write_md
 
@@ -238,6 +238,7 @@ def save(args, result: dict, spec) -> None:
         result["projection"] = project(result["rows"], spec, list(layouts()), args.variants)
         text = markdown(result["projection"], result["card"]) + "\n" + text
     write_md(Path(args.out).with_suffix(".md"), text)
+    result["summary"] = summary(result)  # the part a results summary reads (as ``v3_layers``)
     write_json(Path(args.out), result)
 
 

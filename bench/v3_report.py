@@ -99,3 +99,38 @@ def markdown(proj: dict, measured_on: str = "") -> str:
                     f"{_f(r['time']['stage_ms'][i], '.1f')} |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def summary(result: dict) -> dict:
+    """The compact part a results summary reads: per row its times and memory, per layout and variant the step time
+    and the worst stage's memory (None where a measurement is missing)."""
+    mib = 2**20
+    rows = {}
+    for r in result["rows"]:
+        rows[f"{r['kind']}/{r['shard']}/{r['variant']}"] = {
+            "step_ms": r.get("step_ms"),
+            "fwd_ms": r.get("fwd_ms"),
+            "kept_mib": None if r.get("act_bytes") is None else r["act_bytes"] / mib,
+            "peak_mib": None if r.get("peak_bytes") is None else r["peak_bytes"] / mib,
+            "trainable": r.get("trainable"),
+            "note": r.get("skipped") or r.get("error"),
+        }
+    projection = {}
+    for name, res in result.get("projection", {}).get("results", {}).items():
+        projection[name] = {
+            v: {
+                "step_s": r["time"]["step_s"],
+                "tokens_per_s": r["time"].get("tokens_per_s"),
+                **{f"worst_{w}_gib": r.get(f"worst_{w}_gib") for w in ("bf16", "fp8_rowwise", "fp8")},
+                "missing": r["missing"],
+            }
+            for v, r in res["variants"].items()
+        }
+    spec = next((r["layer_spec"] for r in result["rows"] if r.get("layer_spec")), None)
+    return {
+        "card": result["card"],
+        "layer_spec": spec,
+        "complete": result.get("complete", False),
+        "rows": rows,
+        "projection": projection,
+    }

@@ -94,8 +94,9 @@ def memory_step(fwd, x, grad, params: list) -> dict:
             "act_bytes": retained,
             "act_from": "allocated after forward - before",
             "step_peak_bytes": torch.cuda.max_memory_allocated() - before,
+            "peak_bytes": torch.cuda.max_memory_allocated(),  # weights and input included
         }
-    return {"act_bytes": saved.bytes, "act_from": "saved tensors' storage", "step_peak_bytes": None}
+    return {"act_bytes": saved.bytes, "act_from": "saved tensors' storage", "step_peak_bytes": None, "peak_bytes": None}
 
 
 def timed_row(fwd, x, grad, model: torch.nn.Module, args) -> dict:

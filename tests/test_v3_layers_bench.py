@@ -210,3 +210,6 @@ def test_v3_plan_and_partial_save_project_what_is_measured(v3, tmp_path):
     official = saved["projection"]["results"]["nemo_official_tp8_pp5_ep1"]["variants"]["nemo_official"]
     assert official["time"]["step_s"] > 0 and official["missing"] == []
     assert "| moe | tp1ep8 | frozen | 1 | - |" in (tmp_path / "v3.md").read_text()
+    part = saved["summary"]
+    assert part["rows"]["moe/tp1ep8/frozen"]["note"] == "weights too big" and part["card"] == "by hand"
+    assert part["projection"]["nemo_official_tp8_pp5_ep1"]["nemo_official"]["step_s"] == official["time"]["step_s"]
