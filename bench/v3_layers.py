@@ -258,6 +258,9 @@ def measure(args) -> dict:
 
     if args.dims == "v3" and not torch.cuda.is_available():
         raise SystemExit("measure --dims v3 builds layers of 11.5 B parameters: it needs a GPU (--dims tiny on CPU)")
+    bad = [tp for _, (tp, _), _ in plan(args) if args.seq % tp]
+    if bad:
+        raise SystemExit(f"--seq {args.seq} does not divide by TP {bad[0]} (the down projections' sequence shard)")
     parallel.init_megatron(seed=args.seed)
     spec = load_spec(args.dims)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
@@ -330,7 +333,9 @@ def project_cmd(args) -> dict:
         raise SystemExit(f"{args.table}: measured on dims {table['dims']!r}; the projection is for DeepSeek-V3")
     overrides = {}
     for item in args.assume:
-        name, _, value = item.partition("=")
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--assume {item!r}: expected name=JSON value (e.g. reserve_gib=6)")
         overrides[name] = json.loads(value)
     proj = project(table["rows"], load_spec("v3"), list(layouts()), args.variants, overrides)
     write_json(Path(args.out), proj)
@@ -361,6 +366,8 @@ def main(argv=None) -> int:
     j.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     j.add_argument("--assume", nargs="*", default=[], help="assumption overrides: name=JSON value")
     args = p.parse_args(argv)
+    if not Path(args.out).resolve().parent.is_dir():
+        raise SystemExit(f"--out {args.out}: its folder does not exist")
     if args.cmd == "measure":
         args.shards = SHARDS[args.dims] if args.shards is None else args.shards
         measure(args)

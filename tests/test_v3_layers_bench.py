@@ -85,6 +85,17 @@ def test_shards_refused_with_their_reason():
         v3_layers.shard_spec(v3_layers.load_spec("tiny"), 1, 6)
 
 
+def test_bad_runs_refused_before_any_layer_is_built(tmp_path):
+    with pytest.raises(SystemExit, match="does not divide by TP 2"):
+        v3_layers.main(["measure", "--dims", "tiny", "--seq", "15", "--out", str(tmp_path / "t.json")])
+    with pytest.raises(SystemExit, match="its folder does not exist"):
+        v3_layers.main(["measure", "--dims", "tiny", "--out", str(tmp_path / "no" / "t.json")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            v3_layers.main(["measure", "--out", str(tmp_path / "v3.json")])
+    assert not list(tmp_path.iterdir())
+
+
 def hand_table(moe: bool = True) -> list[dict]:
     """Round numbers: a dense layer 8 ms and 2 GiB kept at TP 1, an MoE layer 16 ms and 4 GiB, the TP 8 head 4 ms."""
     rows = [dict(kind="head", shard="tp8ep1", variant="frozen", step_ms=4.0, fwd_ms=1.0, act_bytes=1 << 30)]
