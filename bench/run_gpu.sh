@@ -9,6 +9,7 @@
 # Training cost:
 #   overhead                              grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16, seq 4096)
 #   te_overhead | te_profile              the same table on the TE spec beside the TE-free one; torch profiles
+#   v3_layers                             DeepSeek-V3 layers at real width (bench/v3_layers.py), paper projection
 #   te_fp8                                TE spec, bf16 and FP8 frozen base in one process: summary.json (FP8
 #                                         blockwise), summary_tensorwise.json (TE bring-up first)
 # Real size (DeepSeek-V2-Lite from an HF directory, bench/prepare_real_size.sh):
@@ -334,6 +335,14 @@ nemo_engines() {  # NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec l
   local rc_local=$?; wait "$te_pid"; local rc_te=$?
   tail -n 25 "$OUT/nemo_te.log"; tail -n 12 "$OUT/nemo_local.log"
   echo "rc te=$rc_te local=$rc_local"; [ "$rc_te" = 0 ] && [ "$rc_local" = 0 ]
+}
+
+v3_layers() {  # DeepSeek-V3 at real width, layer by layer + the paper projection (TE spec when the bring-up call
+  # ran just before on this warm machine, else the TE-free spec): v3_layers.json, v3_layers.md
+  te_env || echo "TE-free spec"
+  timeout 500 python3 "$REPO/bench/v3_layers.py" measure --out "$OUT/v3_layers.json" --iters "${ITERS:-10}" \
+    > "$OUT/v3_layers.log" 2>&1; local rc=$?
+  grep -vE "Warning|warn" "$OUT/v3_layers.log" | tail -n 30; return "$rc"
 }
 
 RS_BASE=/dev/shm/v2lite  # DeepSeek-V2-Lite as an HF directory (31 GB) in tmpfs: the 64 GiB disk holds the outputs
