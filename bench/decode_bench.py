@@ -226,13 +226,13 @@ def adapter_section(d, b, t, dtype, device, iters, use_triton, n_adapters: int =
     return result
 
 
-def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, layers: int = 4,
+def engine_section(d, b, prompt: int, steps: int, dtype, device, backend: str, layers: int = 4,
                    n_adapters: int = 8, rank: int = 16, export: str | None = None) -> dict:
     """End-to-end greedy decode through ``AbsorbedMLAEngine`` (eager, as the engine runs): ``layers`` layers of
     V3's attention and dense MLP, V3's vocabulary, or (``export``) a merged export loaded as ``recipes.generate``
     loads it; batch ``b``, a ``prompt``-token prefill, then ``steps`` decode steps timed. No adapter (a merged
     checkpoint runs exactly this) vs ``n_adapters`` distinct unmerged adapters on every MLA target of every layer,
-    rows spread over them."""
+    rows spread over them. ``backend``: the engine's decode attention (torch, triton, flashmla)."""
     from dataclasses import replace
 
     from nemo_mla_lora.runtime import parallel
@@ -241,7 +241,6 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
     from nemo_mla_lora.models.tiny import build_model
 
     parallel.init_megatron()
-    backend = "triton" if use_triton else "torch"
     if export:
         start = time.perf_counter()
         engine = AbsorbedMLAEngine.load(export, "bfloat16" if dtype == torch.bfloat16 else "float32", device, backend)
@@ -259,7 +258,7 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
              "multi_adapter_torch": random_bank(spec, attn, n_adapters, rank, device, dtype, layers, kernels=False)}
     tokens = torch.randint(0, min(1000, spec.vocab_size), (b, prompt), device=device)
     out = {"layers": layers, "batch": b, "prompt": prompt, "steps": steps, "adapters": n_adapters, "rank": rank,
-           "export": export, "load_seconds": load_s}
+           "export": export, "load_seconds": load_s, "attention": backend}
     for name in ("no_adapter", "multi_adapter", "multi_adapter_torch"):
         cache, bank = engine.new_cache(b, prompt + steps + 4), banks.get(name)
         ids = (torch.arange(b, device=device) % n_adapters + 1) if bank else None
@@ -275,6 +274,14 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, use_triton, lay
     out["ratio"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter"]["tokens_per_s"]
     out["ratio_torch"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter_torch"]["tokens_per_s"]
     return out
+
+
+def flashmla_skipped() -> dict | None:
+    """{"skipped": why} where FlashMLA's decode cannot run (``kernels/flashmla.unavailable``), else None."""
+    from nemo_mla_lora.inference.kernels.flashmla import unavailable
+
+    why = unavailable()
+    return {"skipped": why} if why else None
 
 
 def fold_section(d, b, dtype, device, iters) -> dict:
@@ -328,8 +335,10 @@ def main(argv=None) -> int:
                 "attention_tp8": lambda: attention_section(d, a.batch, a.context, dtype, device, a.iters, tri,
                                                            heads=max(1, d["heads"] // 8), sweep=sweep),
                 "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, tri),
-                "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, tri,
-                                                export=a.export),
+                "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device,
+                                                "triton" if tri else "torch", export=a.export),
+                "engine_flashmla": lambda: flashmla_skipped() or engine_section(
+                    d, a.batch, a.prompt, a.steps, dtype, device, "flashmla", export=a.export),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers

@@ -10,9 +10,12 @@ c = 512, d = 64, every row at full length) each kernel runs each of its launch c
 from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps excluded), median of the
 replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
 (``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (``decode_attention``: what
-the engine runs, the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs). Each
-kernel's numerics are checked against the fp64 equations first. Bytes = the cache read (b x t x (c + d) x 2);
-FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
+the engine runs, the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs), and, where
+the ``flash_mla`` package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode,
+``inference/kernels/flashmla.py``: the peer, same cache, same process). The cache is the engine's
+(``LatentKVCache``: c_kv and k_rope side by side in one buffer, rows padded to 64 positions), read by every kernel
+in place. Each kernel's numerics are checked against the fp64 equations first. Bytes = the cache read
+(b x t x (c + d) x 2); FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
 """
 
 import argparse
@@ -58,15 +61,30 @@ def roofs() -> dict:
 def kernels():
     from functools import partial
 
+    from nemo_mla_lora.inference.kernels import flashmla
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention, latent_decode_attention_tma
     from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
-    return {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
-            "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
+    out = {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
+           "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
+    why = flashmla.unavailable()
+    if why is None:
+        out["flashmla"] = flashmla.flashmla_decode
+    else:
+        print(f"flashmla: not measured ({why})", flush=True)
+    return out
+
+
+def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
+    """(c_kv [b, t, C], k_rope [b, t, D]): views of the engine's cache buffer (one layer), N(0, 1) bf16."""
+    from nemo_mla_lora.inference.cache import PAGE
+
+    buffer = torch.randn(b, -(-t // PAGE) * PAGE, C + D, device="cuda", generator=g, dtype=torch.bfloat16)
+    return buffer[:, :t, :C], buffer[:, :t, C:]
 
 
 def launches(kind: str, h: int) -> list[dict]:
-    if kind in ("portable", "default"):
+    if kind in ("portable", "default", "flashmla"):
         return [{}]
     if kind == "tma":
         shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)] if h >= 64 else [(16, 64, 4, 2), (16, 32, 4, 3)]
@@ -82,7 +100,7 @@ def check(fn, h: int) -> float:
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, qr = (torch.randn(4, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
-    ck, kr = (torch.randn(4, 1000, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    ck, kr = latent_cache(4, 1000, g)
     lengths = torch.tensor([1000, 1, 777, 64], device="cuda", dtype=torch.int32)
     return (fn(q, qr, ck, kr, lengths, 0.05).double() - reference(q, qr, ck, kr, lengths, 0.05)).abs().max().item()
 
@@ -92,10 +110,10 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
 
     g = torch.Generator(device="cuda").manual_seed(1)
     q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
-    ck, kr = (torch.randn(b, t, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (C, D))
+    ck, kr = latent_cache(b, t, g)
     lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
     scale = 0.05
-    nbytes, flops = (ck.nbytes + kr.nbytes), 2 * b * h * t * (2 * C + D)
+    nbytes, flops = b * t * (C + D) * 2, 2 * b * h * t * (2 * C + D)
 
     def einsum():
         s = torch.einsum("bhc,btc->bht", q, ck) + torch.einsum("bhd,btd->bht", qr, kr)
@@ -133,7 +151,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
     ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
             label="goals: 70% copy, 50% matmul")
-    for kind, marker in (("portable", "o"), ("default", "s"), ("einsum", "x")):
+    for kind, marker in (("portable", "o"), ("default", "s"), ("flashmla", "^"), ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):
@@ -163,7 +181,7 @@ def main(argv=None) -> int:
     if args.one:
         kind, (h, b, t) = args.one[0], map(int, args.one[1:])
         q, qr = (torch.randn(b, h, n, device="cuda", dtype=torch.bfloat16) for n in (C, D))
-        ck, kr = (torch.randn(b, t, n, device="cuda", dtype=torch.bfloat16) for n in (C, D))
+        ck, kr = latent_cache(b, t, torch.Generator(device="cuda").manual_seed(1))
         lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
         for _ in range(5):
             kernels()[kind](q, qr, ck, kr, lengths, 0.05, max_length=t)

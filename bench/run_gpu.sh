@@ -98,13 +98,14 @@ export_cores() {  # the export at scale on this machine's 16 cores and on 2 of t
 }
 
 decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
-  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" -k gpu > "$OUT/decode_tests.log" 2>&1
-  tail -n 3 "$OUT/decode_tests.log"
+  python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" \
+    "$REPO/tests/inference/test_flashmla.py" -k "gpu or flashmla" -rs > "$OUT/decode_tests.log" 2>&1
+  tail -n 6 "$OUT/decode_tests.log"
   timeout 400 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 45
   local rc=${PIPESTATUS[0]}
   timeout 150 python3 "$REPO/bench/decode_bench.py" --no-sweep --out "$OUT/decode.json" \
     --sections attention attention_tp8 adapters > "$OUT/decode.log" 2>&1 || rc=1
-  timeout 200 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine.json" --sections engine \
+  timeout 200 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine.json" --sections engine engine_flashmla \
     > "$OUT/engine.log" 2>&1 || rc=1
   python3 -c "import json; print(json.load(open('$OUT/decode.json'))['adapters']); print(json.load(open('$OUT/engine.json'))['engine'])"
   [ "${NCU:-1}" = 0 ] && return "$rc"

@@ -47,16 +47,15 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     """hidden [s, b, hidden] -> attention output [s, b, hidden]; writes this layer's new latents to
     ``cache`` (each row after its cached tokens). w_uk [h, dn, c], w_uv [h, dv, c]; ``corr``: per-request
     adapter deltas (inference/adapters.py); ``backend="triton"``: decode steps through
-    ``hopper_decode.decode_attention`` (the TMA kernels on Hopper, else the portable Triton kernel; prefill
-    stays in einsums)."""
+    ``hopper_decode.decode_attention`` (the TMA kernels on Hopper, else the portable Triton kernel),
+    ``backend="flashmla"``: through FlashMLA's Hopper kernel (``kernels/flashmla.py``); prefill stays in einsums."""
     s, b, _ = hidden.shape
     positions = cache.positions(s)  # [b, s]
     q_nope, q_rope, c_kv, k_rope = project(hidden, attn, positions, cache.max_length, corr)
     c_all, k_all = cache.write(layer, c_kv, k_rope, positions)  # [b, t, c], [b, t, dr]
     q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
-    if backend == "triton" and s == 1:  # decode: one kernel over the cache, every head per tile load
-        from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
-
+    if backend in ("triton", "flashmla") and s == 1:  # decode: one kernel over the cache, every head per tile load
+        decode_attention = _decode_kernel(backend)
         lengths = (positions[:, 0] + 1).to(torch.int32)  # row i attends to its positions 0..p_i
         o_lat = decode_attention(
             q_lat[:, 0], q_rope[0], c_all, k_all, lengths, attn.softmax_scale, max_length=c_all.shape[1]
@@ -68,6 +67,16 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     out, bias = attn.linear_proj(o)
     out = corr.linear("linear_proj", o, out)
     return out if bias is None else out + bias
+
+
+def _decode_kernel(backend: str):
+    if backend == "flashmla":
+        from nemo_mla_lora.inference.kernels.flashmla import flashmla_decode
+
+        return flashmla_decode
+    from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
+
+    return decode_attention
 
 
 def _attend(q_lat, q_rope, c_all, k_all, positions, softmax_scale: float):

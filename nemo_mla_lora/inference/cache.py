@@ -3,13 +3,19 @@ roped shared key k_rope (qk_rope_head_dim values), preallocated for ``max_length
 
 Shapes: c_kv [L, b, T, c], k_rope [L, b, T, dr] (L layers, b batch, T max length, c latent, dr rope dim).
 Rows may hold different numbers of tokens (``lengths`` [b]): a right-padded prefill leaves row i valid up to
-its prompt length, and each decode step writes row i's new token at position ``lengths[i]``."""
+its prompt length, and each decode step writes row i's new token at position ``lengths[i]``.
+
+Both are views of one buffer ``latents`` [L, b, P, c + dr] (P: T rounded up to ``PAGE`` = 64 positions), each
+token's c_kv and k_rope side by side: the layout FlashMLA's paged decode reads (one layer's rows as pages of 64
+tokens, ``kernels/flashmla.py``), and one our kernels read through strides."""
 
 from dataclasses import dataclass
 
 import torch
 
 from nemo_mla_lora.arch.mla_spec import MLASpec
+
+PAGE = 64  # positions per page of the buffer (FlashMLA's page block size)
 
 
 @dataclass
@@ -21,10 +27,22 @@ class LatentKVCache:
 
     @classmethod
     def allocate(cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu") -> "LatentKVCache":
-        shape = (spec.num_layers, batch, max_length)
+        """Zeros for ``max_length`` tokens per row in every layer (module docstring: one buffer, two views).
+
+        Args:
+            spec: the model's MLA spec (layers, kv_lora_rank, qk_rope_head_dim).
+            batch: rows.
+            max_length: tokens per row (prompt and generated).
+            dtype, device: the cache's.
+        """
+        c = spec.kv_lora_rank
+        pages = -(-max_length // PAGE)
+        latents = torch.zeros(
+            spec.num_layers, batch, pages * PAGE, c + spec.qk_rope_head_dim, dtype=dtype, device=device
+        )  # [L, b, P, c + dr]
         return cls(
-            torch.zeros(*shape, spec.kv_lora_rank, dtype=dtype, device=device),
-            torch.zeros(*shape, spec.qk_rope_head_dim, dtype=dtype, device=device),
+            latents[:, :, :max_length, :c],  # [L, b, T, c]
+            latents[:, :, :max_length, c:],  # [L, b, T, dr]
             torch.zeros(batch, dtype=torch.long, device=device),
         )
 

@@ -17,6 +17,7 @@ from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
 
 PREFIX = "decoder.layers.{}.self_attention."
+BACKENDS = ("torch", "triton", "flashmla")  # decode attention: einsums, our kernels, FlashMLA's (Hopper)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -63,8 +64,18 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
 
 class AbsorbedMLAEngine:
     def __init__(self, model, spec: MLASpec, k_up: list, v_up: list, backend: str = "torch"):
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"attention backend {backend!r}; expected 'torch' or 'triton'")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}; expected one of {BACKENDS}")
+        if backend == "flashmla":
+            from nemo_mla_lora.inference.kernels.flashmla import LATENT, ROPE, unavailable
+
+            why = unavailable(next(model.parameters()).device)
+            if why is None and (spec.kv_lora_rank, spec.qk_rope_head_dim) != (LATENT, ROPE):
+                why = f"FlashMLA needs kv_lora_rank={LATENT}, qk_rope_head_dim={ROPE}; the model has " + (
+                    f"{spec.kv_lora_rank}, {spec.qk_rope_head_dim}"
+                )
+            if why is not None:
+                raise ValueError(f"attention backend 'flashmla': {why}; use 'triton' (our kernels) or 'torch'")
         self.model, self.spec, self.backend = model.eval(), spec, backend
         h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
         self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
@@ -83,7 +94,8 @@ class AbsorbedMLAEngine:
             export_dir: a merged export (``absorbed``, ``mcore``, ``nemo`` or ``hf``, with its ``manifest.json``).
             dtype: float32 | bfloat16 | float16 | float64; None: the dtype the export stores.
             device: where the model runs.
-            backend: decode attention in einsums (``torch``) or in the Triton kernel (``triton``).
+            backend: decode attention in einsums (``torch``), our kernels (``triton``: the TMA kernels on Hopper,
+                else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed).
             verify_checksums: check every tensor against the manifest as it is read.
 
         Returns:

@@ -1,0 +1,83 @@
+"""FlashMLA's Hopper dense decode (the ``flash_mla`` package, e.g. the ``sgl-flash-mla`` wheel: its legacy SM90
+kernels) over the engine's latent cache, as an optional backend beside ``hopper_decode`` / ``triton_decode``.
+
+FlashMLA reads a paged cache [pages, 64, 1, c + dr] (each token's c_kv and k_rope side by side) through a block
+table [b, pages per row] and queries [b, s_q, h, c + dr]. ``LatentKVCache`` keeps exactly that layout: one buffer
+[L, b, P, c + dr] (P a multiple of 64) whose c_kv / k_rope views the other kernels read, so one layer's buffer is
+FlashMLA's cache as it is (no copy), row i's pages being i * P/64 .. (i + 1) * P/64 - 1.
+
+    o_lat[b, h] = softmax_t(scale * (q_lat . c_kv(t) + q_rope . k_rope(t))) . c_kv(t)     [b, h, c]
+
+Only the decoding step (one new position per row) and DeepSeek's dims (c = 512, dr = 64) are FlashMLA's; the rest
+stays ours. Index legend: b batch, h heads, t cached positions, c latent, dr rope dim.
+"""
+
+import functools
+
+import torch
+
+PAGE = 64  # FlashMLA's page block size (the cache's, ``inference/cache.PAGE``)
+LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
+
+
+def unavailable(device: torch.device | str | None = None) -> str | None:
+    """Why FlashMLA's decode cannot run here (None: it can): the package, its SM90 kernels, a Hopper GPU."""
+    if not torch.cuda.is_available():
+        return "FlashMLA decodes on a CUDA GPU and this machine has none"
+    try:
+        import flash_mla
+    except Exception as err:  # ImportError, or an extension that does not load
+        return f"the flash_mla package does not import ({type(err).__name__}: {err}); install sgl-flash-mla"
+    if not flash_mla.has_legacy():
+        return "this flash_mla build has no SM90 (legacy) kernels, where its dense decode lives"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        return f"FlashMLA's dense decode is built for SM90 (Hopper); this GPU is SM{major}{minor}"
+    return None
+
+
+def paged(c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache [b * P/64, 64, 1, c + dr], block table [b, P/64] int32) over the buffer that one layer's views
+    c_kv [b, t, c] and k_rope [b, t, dr] (``LatentKVCache.write``'s, t <= P) come from; no copy. Raises if they
+    are not such views."""
+    b, _, c = c_kv.shape
+    width = c + k_rope.shape[-1]  # c + dr
+    rows = c_kv.stride(0) // width if width else 0  # P
+    same_buffer = (
+        c_kv.stride()[1:] == (width, 1)
+        and k_rope.stride() == c_kv.stride()
+        and k_rope.data_ptr() == c_kv.data_ptr() + c * c_kv.element_size()
+        and c_kv.stride(0) == rows * width
+        and rows % PAGE == 0
+    )
+    if not same_buffer:
+        raise ValueError(
+            f"FlashMLA reads c_kv and k_rope side by side in pages of {PAGE} positions: expected views of one "
+            f"[b, P, c + dr] buffer (LatentKVCache's), got c_kv {tuple(c_kv.shape)} strides {c_kv.stride()}, "
+            f"k_rope {tuple(k_rope.shape)} strides {k_rope.stride()}"
+        )
+    buffer = c_kv.as_strided((b, rows, width), (rows * width, width, 1))  # [b, P, c + dr]
+    return buffer.view(b * rows // PAGE, PAGE, 1, width), _block_table(b, rows // PAGE, str(c_kv.device))
+
+
+@functools.lru_cache(maxsize=16)
+def _block_table(b: int, pages: int, device: str) -> torch.Tensor:
+    return torch.arange(b * pages, dtype=torch.int32, device=device).view(b, pages)  # row i: its own pages
+
+
+def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
+    """q_lat [b, h, c], q_rope [b, h, dr], the cache views c_kv [b, t, c] / k_rope [b, t, dr] (``paged``), lengths
+    [b] (row i attends to its positions 0 .. lengths[i] - 1) -> o_lat [b, h, c]. ``max_length`` is accepted for
+    the other kernels' signature; FlashMLA schedules from ``lengths`` on the device."""
+    import flash_mla
+
+    if (q_lat.shape[-1], q_rope.shape[-1]) != (LATENT, ROPE):
+        got = (q_lat.shape[-1], q_rope.shape[-1])
+        raise ValueError(f"FlashMLA's MLA decode needs (c, dr) = ({LATENT}, {ROPE}); got {got}")
+    cache, table = paged(c_kv, k_rope)
+    q = torch.cat([q_lat, q_rope], dim=-1).unsqueeze(1)  # [b, 1, h, c + dr]
+    schedule, _ = flash_mla.get_mla_metadata()  # filled by the call from these lengths
+    out, _ = flash_mla.flash_mla_with_kvcache(
+        q, cache, table, lengths.to(torch.int32), LATENT, schedule, softmax_scale=scale, causal=False, use_legacy=True
+    )
+    return out[:, 0]  # [b, h, c]

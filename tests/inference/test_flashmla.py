@@ -1,0 +1,75 @@
+"""FlashMLA's Hopper decode as a backend (``inference/kernels/flashmla.py``).
+
+On every machine: the engine's cache is FlashMLA's paged layout as it is (page j of row i holds row i's
+positions 64j .. 64j + 63, c_kv and k_rope side by side, no copy), views that are not are refused, and the
+``flashmla`` backend is refused with the reason where it cannot run. On a Hopper GPU with the ``flash_mla``
+package: its decode against the float64 equations, and the engine's greedy decode equal to our kernels'."""
+
+import pytest
+import torch
+
+from nemo_mla_lora.arch.mla_spec import MLASpec
+from nemo_mla_lora.inference.cache import LatentKVCache
+from nemo_mla_lora.inference.kernels.flashmla import PAGE, paged, unavailable
+from nemo_mla_lora.reference.latent import decode_step as reference
+
+
+def _spec(layers: int = 2, c: int = 512, dr: int = 64) -> MLASpec:
+    import dataclasses
+
+    from nemo_mla_lora.models.architecture import builtin_spec
+
+    return dataclasses.replace(builtin_spec("tiny_mla"), num_layers=layers, kv_lora_rank=c, qk_rope_head_dim=dr)
+
+
+def test_the_cache_is_flashmla_s_paged_layout_without_a_copy():
+    torch.manual_seed(0)
+    b, s, c, dr = 3, 100, 32, 8
+    cache = LatentKVCache.allocate(_spec(c=c, dr=dr), b, 150, torch.float32)
+    positions = cache.positions(s)
+    c_new, k_new = torch.randn(b, s, c), torch.randn(b, s, dr)
+    c_all, k_all = cache.write(1, c_new, k_new, positions)  # [b, 100, c], [b, 100, dr]
+    pages, table = paged(c_all, k_all)
+    assert pages.shape == (b * 192 // PAGE, PAGE, 1, c + dr) and table.shape == (b, 192 // PAGE)  # 150 -> 192
+    assert pages.data_ptr() == c_all.data_ptr()  # the cache's own memory
+    for i in range(b):
+        for t in (0, 63, 64, 99):
+            page, k = table[i, t // PAGE].item(), t % PAGE
+            torch.testing.assert_close(pages[page, k, 0], torch.cat([c_new[i, t], k_new[i, t]]), rtol=0, atol=0)
+
+
+def test_views_of_separate_tensors_are_refused():
+    c_kv, k_rope = torch.zeros(2, 64, 512), torch.zeros(2, 64, 64)
+    with pytest.raises(ValueError, match="expected views of one \\[b, P, c \\+ dr\\] buffer"):
+        paged(c_kv, k_rope)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_engine_refuses_the_backend_where_it_cannot_run():
+    from nemo_mla_lora.inference.engine import AbsorbedMLAEngine
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="attention backend 'flashmla': FlashMLA decodes on a CUDA GPU"):
+        AbsorbedMLAEngine(model, _spec(), [], [], backend="flashmla")
+
+
+needs_flashmla = pytest.mark.skipif(unavailable() is not None, reason=f"FlashMLA cannot run here: {unavailable()}")
+
+
+@pytest.mark.gpu
+@needs_flashmla
+@pytest.mark.parametrize("heads", [16, 64, 128])
+def test_flashmla_decode_matches_the_equations(heads):
+    from nemo_mla_lora.inference.kernels.flashmla import flashmla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, t, lens = 4, 1000, [1000, 1, 777, 64]
+    cache = LatentKVCache.allocate(_spec(layers=1), b, t, torch.bfloat16, "cuda")
+    cache.c_kv.normal_(generator=g)
+    cache.k_rope.normal_(generator=g)
+    q, qr = (torch.randn(b, heads, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (512, 64))
+    lengths = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    ck, kr = cache.c_kv[0], cache.k_rope[0]
+    got = flashmla_decode(q, qr, ck, kr, lengths, 0.05).double()
+    want = reference(q, qr, ck, kr, lengths, 0.05)
+    assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
