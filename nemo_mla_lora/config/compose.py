@@ -4,7 +4,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import OmegaConf
 
-from nemo_mla_lora.config.schema import register, validate
+from nemo_mla_lora.config.schema import register
+from nemo_mla_lora.config.validate import validate
 
 CONFIG_MODULE = "nemo_mla_lora.conf"
 

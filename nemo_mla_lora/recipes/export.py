@@ -22,7 +22,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nemo_mla_lora.config.schema import FORMATS, check_known_keys, register
+from nemo_mla_lora.config.schema import register
+from nemo_mla_lora.config.validate import FORMATS, check_known_keys
 
 register()
 log = logging.getLogger("nemo_mla_lora.export")

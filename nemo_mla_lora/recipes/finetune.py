@@ -17,7 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_mla_lora.config.schema import register, validate
+from nemo_mla_lora.config.schema import register
+from nemo_mla_lora.config.validate import validate
 from nemo_mla_lora.runtime.parallel import rank as checkpoint_rank
 
 log = logging.getLogger("nemo_mla_lora.finetune")

@@ -26,7 +26,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from nemo_mla_lora.config.schema import check_known_keys, register
+from nemo_mla_lora.config.schema import register
+from nemo_mla_lora.config.validate import check_known_keys
 from nemo_mla_lora.data import tokenizer
 from nemo_mla_lora.data.tokenizer import prompt_ids
 from nemo_mla_lora.inference.engine import DTYPES, served

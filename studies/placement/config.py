@@ -12,7 +12,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from nemo_mla_lora.config.schema import DataConfig, ModelConfig, OptimConfig, PeftConfig, check_known_keys
+from nemo_mla_lora.config.schema import DataConfig, ModelConfig, OptimConfig, PeftConfig
+from nemo_mla_lora.config.validate import check_known_keys
 
 HERE = Path(__file__).resolve().parent
 CONF_DIR = HERE / "conf"

@@ -225,10 +225,10 @@ def test_export_config_takes_no_adapter():
 
 
 def test_light_schema_lists_match_the_export_code():
-    """schema.py keeps its own lists so that validating a config imports no torch; they must not drift."""
+    """config/validate.py keeps its own lists so that validating a config imports no torch; they must not drift."""
     from nemo_mla_lora.checkpoints import dist_ckpt
-    from nemo_mla_lora.config import schema
+    from nemo_mla_lora.config import validate
     from nemo_mla_lora.export import pipeline
 
-    assert schema.FORMATS == pipeline.FORMATS
-    assert schema.NAMES == dist_ckpt.NAMES
+    assert validate.FORMATS == pipeline.FORMATS
+    assert validate.NAMES == dist_ckpt.NAMES
