@@ -106,7 +106,8 @@ class _Onto(torch.autograd.Function):
 def lora_fork(
     x: torch.Tensor, a: torch.Tensor, scale: float, counts: list[int] | None = None, offs=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x1, hs): x [..., i] passed on as x1 (feed it to the base), hs = scale * x A^T [t, r].
+    """(x1, hs): x [..., i] passed on as x1 (feed it to the base; x itself where x needs no gradient, e.g. the
+    first layer's normalised embeddings, so the base skips its input-gradient GEMM), hs = scale * x A^T [t, r].
 
     Args:
         x: the base's input, [..., i] (rows grouped by expert when ``counts`` is given).
@@ -118,7 +119,8 @@ def lora_fork(
     counts = [x.numel() // x.shape[-1]] if counts is None else [int(n) for n in counts]
     if offs is None and a.dim() == 3 and len(counts) > 1:
         offs = group_offsets(counts, x.device)
-    return _Fork.apply(x, a, scale, counts, offs)
+    x1, hs = _Fork.apply(x, a, scale, counts, offs)
+    return (x1 if x.requires_grad else x), hs  # no gradient wanted for x: the base computes no dgrad for it
 
 
 def lora_onto(y: torch.Tensor, hs: torch.Tensor, b: torch.Tensor, counts: list[int] | None = None, offs=None):

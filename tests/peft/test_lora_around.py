@@ -91,6 +91,22 @@ def test_grouped_experts_match_the_equations_with_an_empty_group():
     assert a.grad[1].abs().sum() == 0 and b.grad[1].abs().sum() == 0  # no tokens
 
 
+def test_an_input_without_gradient_reaches_the_base_as_it_is():
+    """The first layer's input needs no gradient: the base gets x itself (no dgrad GEMM there), A and B still
+    get theirs."""
+    w = torch.randn(10, 12, dtype=F64)
+    a, b = _leaves(torch.randn(4, 12, dtype=F64), torch.randn(10, 4, dtype=F64))
+    x = torch.randn(6, 12, dtype=F64)
+    x1, hs = lora_fork(x, a, 2.0)
+    assert x1 is x and not x1.requires_grad
+    y = lora_onto(x1 @ w.T, hs, b)
+    y.sum().backward()
+    ar, br = _leaves(a, b)
+    _equations(x, w, ar, br, 2.0).sum().backward()
+    torch.testing.assert_close(a.grad, ar.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.grad, br.grad, rtol=0, atol=1e-12)
+
+
 def test_adapter_alone_when_the_base_does_not_use_x():
     """The base's gradient absent (a base that ignores x1): the input gradient is the adapter's alone."""
     x, a, b = _leaves(torch.randn(6, 5, dtype=F64), torch.randn(2, 5, dtype=F64), torch.randn(3, 2, dtype=F64))
