@@ -271,9 +271,32 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, backend: str, l
             nxt = engine.forward(nxt, cache, bank, ids)[:, -1:].argmax(-1)
         torch.cuda.synchronize() if device.type == "cuda" else None
         out[name] = {"tokens_per_s": b * steps / (time.perf_counter() - t0)}
+        out[name]["graphed"] = graphed_tokens_per_s(engine, tokens, bank, ids, steps)
     out["ratio"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter"]["tokens_per_s"]
     out["ratio_torch"] = out["no_adapter"]["tokens_per_s"] / out["multi_adapter_torch"]["tokens_per_s"]
     return out
+
+
+def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
+    """The same greedy decode with each step replayed from a CUDA graph (``inference/graphs.GraphedDecode``, static
+    cache): {"tokens_per_s": ...}, or {"skipped": why} where the step cannot be captured (CPU, MoE layers)."""
+    from nemo_mla_lora.inference.graphs import GraphedDecode, graph_unsafe
+
+    why = graph_unsafe(engine)
+    if why:
+        return {"skipped": why}
+    b, prompt = tokens.shape
+    cache = engine.new_cache(b, prompt + steps + 8, static=True)
+    nxt = engine.forward(tokens, cache, bank, ids)[:, -1].argmax(-1)  # [b]
+    graphed = GraphedDecode(engine, cache, bank, ids)
+    for _ in range(3):
+        nxt = graphed.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        nxt = graphed.step(nxt).argmax(-1)
+    torch.cuda.synchronize()
+    return {"tokens_per_s": b * steps / (time.perf_counter() - t0)}
 
 
 def flashmla_skipped() -> dict | None:

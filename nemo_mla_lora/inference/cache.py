@@ -24,9 +24,12 @@ class LatentKVCache:
     k_rope: torch.Tensor
     lengths: torch.Tensor  # [b] valid tokens per row
     length: int = 0  # the longest row's count, kept on the host: no device sync per layer
+    static: bool = False  # attention reads the whole allocation, masked by lengths: fixed shapes (CUDA graphs)
 
     @classmethod
-    def allocate(cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu") -> "LatentKVCache":
+    def allocate(
+        cls, spec: MLASpec, batch: int, max_length: int, dtype, device="cpu", static: bool = False
+    ) -> "LatentKVCache":
         """Zeros for ``max_length`` tokens per row in every layer (module docstring: one buffer, two views).
 
         Args:
@@ -34,6 +37,7 @@ class LatentKVCache:
             batch: rows.
             max_length: tokens per row (prompt and generated).
             dtype, device: the cache's.
+            static: attention reads the whole allocation (fixed shapes for CUDA graphs: ``inference/graphs.py``).
         """
         c = spec.kv_lora_rank
         pages = -(-max_length // PAGE)
@@ -44,6 +48,7 @@ class LatentKVCache:
             latents[:, :, :max_length, :c],  # [L, b, T, c]
             latents[:, :, :max_length, c:],  # [L, b, T, dr]
             torch.zeros(batch, dtype=torch.long, device=device),
+            static=static,
         )
 
     def positions(self, s: int) -> torch.Tensor:
@@ -58,15 +63,22 @@ class LatentKVCache:
 
     def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor):
         """Store c_kv [b, s, c] and k_rope [b, s, dr] of ``layer`` at ``positions`` [b, s] (from ``positions``);
-        returns that layer's cache up to the furthest position written, [b, t, c] and [b, t, dr]."""
-        end = self.length + c_kv.shape[1]
+        returns that layer's cache up to the furthest position written, [b, t, c] and [b, t, dr] (``static``:
+        the whole allocation, t = ``max_length``; positions past a row's own are masked by the attention)."""
+        end = self.max_length if self.static else self.length + c_kv.shape[1]
         rows = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None]  # [b, 1]
         self.c_kv[layer, rows, positions] = c_kv
         self.k_rope[layer, rows, positions] = k_rope
         return self.c_kv[layer, :, :end], self.k_rope[layer, :, :end]
 
-    def advance(self, new_lengths: torch.Tensor) -> None:
-        """After every layer wrote: row i now holds ``new_lengths[i]`` valid tokens."""
+    def advance(self, new_lengths: torch.Tensor | None = None, step: int | None = None) -> None:
+        """After every layer wrote: row i now holds ``new_lengths[i]`` valid tokens, or (``step``) every row
+        ``step`` more. ``step`` updates ``lengths`` in place and the host count without reading the device (no
+        sync; what a CUDA graph replays); ``new_lengths`` reads the longest row back once."""
+        if step is not None:
+            self.lengths.add_(step)
+            self.length += step
+            return
         self.lengths = new_lengths.to(self.lengths)
         self.length = int(self.lengths.max())
 

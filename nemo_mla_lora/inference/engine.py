@@ -120,9 +120,10 @@ class AbsorbedMLAEngine:
         load_weights(model, state, f"{export_dir} (format {fmt}, built from its MLA spec)", absent_ok=(KV_UP,))
         return cls(model, spec, k_up, v_up, backend)
 
-    def new_cache(self, batch: int, max_length: int) -> LatentKVCache:
+    def new_cache(self, batch: int, max_length: int, static: bool = False) -> LatentKVCache:
+        """A zeroed latent cache for this model (``LatentKVCache.allocate``; ``static``: for ``GraphedDecode``)."""
         p = next(self.model.parameters())
-        return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device)
+        return LatentKVCache.allocate(self.spec, batch, max_length, p.dtype, p.device, static=static)
 
     @torch.no_grad()
     def forward(
@@ -143,7 +144,10 @@ class AbsorbedMLAEngine:
             )
             mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
-        cache.advance(cache.lengths + (s if valid is None else valid.to(cache.lengths)))
+        if valid is None:
+            cache.advance(step=s)  # every row s more: no device read
+        else:
+            cache.advance(cache.lengths + valid.to(cache.lengths))
         tied = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
         logits, _ = m.output_layer(m.decoder.final_layernorm(x), weight=tied)  # [s, b, vocab]
         return logits.transpose(0, 1)
