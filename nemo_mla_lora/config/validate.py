@@ -36,17 +36,37 @@ def check_known_keys(cfg) -> None:
 
 
 def validate(cfg) -> None:
-    """Cross-field checks with expected-vs-actual messages. Raises ValueError."""
+    """Cross-field checks with expected-vs-actual messages, every problem listed at once. Raises ValueError.
+
+    Args:
+        cfg: the composed finetune config.
+    """
     check_known_keys(cfg)
-    m, t = cfg.model, cfg.trainer
-    errors = []
-    from nemo_mla_lora.checkpoints.kind import checkpoint_kind
     from nemo_mla_lora.models.architecture import resolve
 
     try:
-        spec = resolve(m)  # reads the checkpoint's config only
+        spec = resolve(cfg.model)  # reads the checkpoint's config only
     except (ValueError, OSError) as err:
         raise ValueError(f"invalid config:\n  - model: {err}") from err
+    errors = (
+        trainer_errors(cfg, spec)
+        + data_errors(cfg, spec)
+        + output_dir_errors(cfg)
+        + fp8_errors(cfg)
+        + export_and_peft_errors(cfg)
+    )
+    if errors:
+        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def trainer_errors(cfg, spec) -> list[str]:
+    """The trainer's kind, steps, batch sizes and parallel layout against the model (heads, experts).
+
+    Args:
+        cfg: the composed finetune config.
+        spec: the model's ``MLASpec``.
+    """
+    m, t, errors = cfg.model, cfg.trainer, []
     if t.kind not in ("cpu", "megatron"):
         errors.append(f"trainer.kind={t.kind!r}; expected 'cpu' or 'megatron'")
     if t.kind == "cpu" and (t.tensor_parallel, t.pipeline_parallel, t.expert_parallel) != (1, 1, 1):
@@ -68,7 +88,25 @@ def validate(cfg) -> None:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
     if t.max_steps < 1:
         errors.append(f"trainer.max_steps={t.max_steps}; expected >= 1 (0 steps train nothing: no adapter, no export)")
-    d = cfg.data
+    if t.global_batch_size % t.micro_batch_size:
+        errors.append(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"micro_batch_size={t.micro_batch_size}"
+        )
+    return errors
+
+
+def data_errors(cfg, spec) -> list[str]:
+    """Where the base and the data come from: base pretraining steps, JSONL files, the checkpoint kind
+    ``trainer=megatron`` starts from, the tokenizer against the model's vocabulary.
+
+    Args:
+        cfg: the composed finetune config.
+        spec: the model's ``MLASpec``.
+    """
+    from nemo_mla_lora.checkpoints.kind import checkpoint_kind
+
+    m, t, d, errors = cfg.model, cfg.trainer, cfg.data, []
     if not m.checkpoint and d.base_pretrain and d.base_pretrain_steps < 1:
         errors.append(
             f"data.base_pretrain_steps={d.base_pretrain_steps}; expected >= 1 to make the base from "
@@ -79,23 +117,27 @@ def validate(cfg) -> None:
             f"data.kind=jsonl needs data.train and data.validation (JSONL files); got train={d.train}, "
             f"validation={d.validation}"
         )
-    errors += output_dir_errors(cfg) + fp8_errors(cfg)
-    if t.global_batch_size % t.micro_batch_size:
-        errors.append(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"micro_batch_size={t.micro_batch_size}"
-        )
     if t.kind == "megatron" and m.checkpoint and checkpoint_kind(m.checkpoint) not in ("hf", "nemo"):
         errors.append(
             f"trainer=megatron starts from an HF directory (streamed into the sharded model) or a NeMo 2 "
             f"checkpoint (RestoreConfig); model.checkpoint={m.checkpoint} is one of our base checkpoints: "
             "export it with format=nemo first, or use trainer=cpu"
         )
-    if t.kind == "megatron" and not cfg.data.tokenizer and not m.checkpoint:
+    if t.kind == "megatron" and not d.tokenizer and not m.checkpoint:
         errors.append("trainer=megatron without model.checkpoint needs data.tokenizer (byte, or an HF id/path)")
     byte_ids = 512 if t.kind == "megatron" else 259  # NeMo's ByteLevelTokenizer / ours
-    if cfg.data.tokenizer == "byte" and spec.vocab_size < byte_ids:
+    if d.tokenizer == "byte" and spec.vocab_size < byte_ids:
         errors.append(f"data.tokenizer=byte has {byte_ids} ids; the model's vocab_size={spec.vocab_size} is smaller")
+    return errors
+
+
+def export_and_peft_errors(cfg) -> list[str]:
+    """The export's format and names, the adapters' rank, parts and placement.
+
+    Args:
+        cfg: the composed finetune config.
+    """
+    errors = []
     if cfg.export.format not in FORMATS:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
     if cfg.export.get("names") not in (None, *NAMES):
@@ -110,8 +152,7 @@ def validate(cfg) -> None:
             placements.get(cfg.peft.placement)
     except ValueError as err:
         errors.append(f"peft: {err}")
-    if errors:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+    return errors
 
 
 FP8_RECIPES = ("blockwise", "tensorwise", "delayed")
