@@ -2,8 +2,9 @@
 parallelism through Megatron's pipeline schedule (``get_forward_backward_func``, the one NeMo's trainer runs),
 first stage one layer more (``num_layers_in_first_pipeline_stage``, as NeMo's DeepSeek-V3 recipe splits 61 layers).
 
-Layouts over the four processes: PP=2 (x DP=2, both replicas fed the same micro-batches) and PP=2 x TP=2 with
-sequence parallelism (Megatron refuses MoE training at TP > 1 without it)."""
+Layouts over the four processes: PP=2 (x DP=2, both replicas fed the same micro-batches), PP=2 x TP=2 with
+sequence parallelism (Megatron refuses MoE training at TP > 1 without it) and PP=2 x EP=2 (each stage's routed
+experts split over its two data-parallel ranks, the token dispatcher between them)."""
 
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 DTYPE = torch.float64
-LAYOUTS = {"pp2": dict(pp=2), "pp2_tp2": dict(pp=2, tp=2, sequence_parallel=True)}
+LAYOUTS = {"pp2": dict(pp=2), "pp2_tp2": dict(pp=2, tp=2, sequence_parallel=True), "pp2_ep2": dict(pp=2, ep=2)}
 FIRST_STAGE_LAYERS = 2  # of the tiny models' 3: the dense layer 0 and MoE layer 1 on stage 0, MoE layer 2 on stage 1
 MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ = 3, 2, 8
 # every linear of both kinds of layer; part-selective B on two of them; one module excluded by its global layer
@@ -36,13 +37,18 @@ def micro_batches(vocab: int, seed: int = 0) -> list:
     ]
 
 
-def build(spec, tp: int = 1, pp: int = 1, sequence_parallel: bool = False):
+def build(spec, tp: int = 1, pp: int = 1, sequence_parallel: bool = False, ep: int = 1):
     """The adapted Megatron model of ``spec`` for this rank's stage (call after ``parallel.init_megatron``)."""
     from nemo_mla_lora.models.from_spec import config_from_spec
     from nemo_mla_lora.models.tiny import build_model
     from nemo_mla_lora.peft import MLALoRA
 
-    layout = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel)
+    layout = dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        expert_model_parallel_size=ep,
+    )
     if pp > 1:
         layout["num_layers_in_first_pipeline_stage"] = FIRST_STAGE_LAYERS
     return MLALoRA(**PEFT_KWARGS)(build_model(config_from_spec(spec, DTYPE, **layout))).train()
@@ -102,7 +108,7 @@ def global_grads(model) -> dict:
 
     from nemo_mla_lora.peft.state import global_names
 
-    grads = stage_grads(model)  # this stage's names
+    grads = stage_grads(model, global_experts=False)  # this stage's and this expert rank's names
     names = global_names(model, grads)
     out = {}
     for part in all_ranks({names[n]: g for n, g in grads.items()}):
@@ -139,7 +145,7 @@ def worker(rank: int, world: int, port: int, root: str, variants: list) -> None:
         d = Path(root) / variant
         spec = dist_ckpt.read_spec(d / "base")
         for layout, kw in LAYOUTS.items():
-            parallel.init_megatron(tp=kw.get("tp", 1), pp=kw["pp"])
+            parallel.init_megatron(tp=kw.get("tp", 1), pp=kw["pp"], ep=kw.get("ep", 1))
             model = build(spec, **kw)
             load(model, d / "base", d / "adapter")
             tensors = adapter_tensors(model) if layout == "pp2" else {}

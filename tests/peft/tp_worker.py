@@ -50,8 +50,8 @@ def run_step(model, tokens, positions, mask):
     return logits, loss.detach()
 
 
-def global_grads(model):
-    """{global module name: (dA, dB)} with TP shards gathered and local expert indices made global."""
+def global_grads(model, global_experts: bool = True):
+    """{module name: (dA, dB)} with TP shards gathered and (``global_experts``) local expert indices made global."""
     from megatron.core import parallel_state
 
     from nemo_mla_lora.peft.state import adapter_modules
@@ -69,7 +69,7 @@ def global_grads(model):
                 parts = [p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts]
             db = torch.cat(parts)
         m = re.search(r"local_experts\.(\d+)\.", name)
-        if m:
+        if m and global_experts:
             n_local = module.to_wrap.config.num_moe_experts // _ep()
             name = name.replace(m.group(0), f"local_experts.{ep_rank * n_local + int(m.group(1))}.")
         out[name] = (da.clone(), db.clone())
