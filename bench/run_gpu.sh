@@ -242,10 +242,10 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
     LD_LIBRARY_PATH="$sp/nvidia/cudnn/lib:$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
 
-te_tests() {  # tests/peft/test_te_gpu.py (Transformer Engine from the bring-up call; about 75 s)
+te_tests() {  # tests/peft/test_te_gpu.py and test_te_fp8_gpu.py (Transformer Engine from the bring-up call)
   te_env || return 1
-  NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    "$REPO/tests/peft/test_te_gpu.py" > "$OUT/te_tests.log" 2>&1
+  NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 400 python3 -m pytest -q -p no:cacheprovider \
+    "$REPO/tests/peft/test_te_gpu.py" "$REPO/tests/peft/test_te_fp8_gpu.py" > "$OUT/te_tests.log" 2>&1
   local rc=$?
   grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
   return "$rc"
