@@ -63,6 +63,7 @@ class MLAExportCallback(L.Callback):
         names: str | None = None,
         tokenizer: str | None = None,
         verify_layers=None,
+        weight_dtype: str | None = None,
     ):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
@@ -72,6 +73,7 @@ class MLAExportCallback(L.Callback):
             "names": names,
             "tokenizer": tokenizer,  # format=nemo's names and context tokenizer
             "verify_layers": list(verify_layers) if verify_layers else None,
+            "weight_dtype": weight_dtype,  # hf: fp8_block
         }
         self.every_checkpoint = every_checkpoint
         self.result = None
@@ -167,7 +169,17 @@ _LAUNCHER_ENV = (
 
 
 def export_in_child(
-    base, adapter, output, fmt: str, fold: bool, verify, tolerance, names=None, tokenizer=None, verify_layers=None
+    base,
+    adapter,
+    output,
+    fmt: str,
+    fold: bool,
+    verify,
+    tolerance,
+    names=None,
+    tokenizer=None,
+    verify_layers=None,
+    weight_dtype=None,
 ) -> dict:
     """``python -m nemo_mla_lora.recipes.export`` in a fresh single process on the CPU; returns the manifest."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
@@ -185,6 +197,7 @@ def export_in_child(
         f"names={null(names)}",
         f"tokenizer={null(tokenizer)}",
         f"verify_layers={null(verify_layers)}".replace(" ", ""),
+        f"weight_dtype={null(weight_dtype)}",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "nemo_mla_lora.recipes.export", *args], env=env, capture_output=True, text=True

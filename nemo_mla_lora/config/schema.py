@@ -197,6 +197,8 @@ class ExportConfig:
         verify_layers: ``sample``'s layers (default: first, first MoE, last).
         tolerance: the verify bound (default: by dtype).
         every_checkpoint: export at every checkpoint, not only at the end.
+        weight_dtype: ``hf`` only: ``fp8_block`` writes the linear weights in DeepSeek-V3's FP8 block format
+            (``recipes.export``'s option of the same name); null: as merged.
     """
 
     enabled: bool = True
@@ -207,6 +209,7 @@ class ExportConfig:
     verify_layers: list[int] | None = None  # sample: default first, first MoE, last
     tolerance: float | None = None
     every_checkpoint: bool = False
+    weight_dtype: str | None = None  # hf: fp8_block (DeepSeek's FP8 with block scales) | null (as merged)
 
 
 @dataclass

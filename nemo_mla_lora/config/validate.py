@@ -6,6 +6,7 @@ import dataclasses
 
 FORMATS = ("absorbed", "mcore", "nemo", "hf", "hf_peft")
 NAMES = ("te", "local")
+WEIGHT_DTYPES = ("fp8_block",)
 
 
 def unknown_keys(node, path: str = "") -> list[str]:
@@ -140,6 +141,14 @@ def export_and_peft_errors(cfg) -> list[str]:
     errors = []
     if cfg.export.format not in FORMATS:
         errors.append(f"export.format={cfg.export.format!r}; expected one of {FORMATS}")
+    weight_dtype = cfg.export.get("weight_dtype")
+    if weight_dtype not in (None, *WEIGHT_DTYPES):
+        errors.append(f"export.weight_dtype={weight_dtype!r}; expected one of {WEIGHT_DTYPES} or null (as merged)")
+    elif weight_dtype is not None and cfg.export.format != "hf":
+        errors.append(
+            f"export.weight_dtype={weight_dtype!r} writes DeepSeek's FP8 block format, which only export.format=hf "
+            f"holds (got export.format={cfg.export.format!r})"
+        )
     if cfg.export.get("names") not in (None, *NAMES):
         errors.append(f"export.names={cfg.export.names!r}; expected one of {NAMES} (or null: the format's default)")
     if cfg.peft.dim <= 0:

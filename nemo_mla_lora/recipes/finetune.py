@@ -58,6 +58,7 @@ def export_callback(cfg, peft, spec, base_dir, out: Path):
         every_checkpoint=e.every_checkpoint,
         names=e.names,
         tokenizer=nemo_context_tokenizer(cfg, spec) if e.format == "nemo" else None,
+        weight_dtype=e.weight_dtype,
     )
 
 

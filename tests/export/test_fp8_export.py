@@ -214,3 +214,22 @@ def test_transformers_reads_the_quantization_config_and_the_cli_takes_the_option
     assert (
         cfg.weight_dtype == "fp8_block" and compose("export", ["base=a", "adapter=b", "output=c"]).weight_dtype is None
     )
+
+
+def test_the_training_callback_writes_the_fp8_export_in_process_and_in_a_child(trained, tmp_path):
+    """``export.weight_dtype=fp8_block`` of the finetune recipe: the callback's one-process export and the child
+    process it uses under several ranks write the same FP8 files, verified, the quantization reported."""
+    from nemo_mla_lora.callbacks.export import MLAExportCallback, export_in_child
+
+    base, adapter = trained["root"] / "base", trained["root"] / "adapter"
+    callback = MLAExportCallback(None, trained["spec"], base, tmp_path / "run", fmt="hf", weight_dtype="fp8_block")
+    info = callback._export(adapter, tmp_path / "run" / "export")
+    child = export_in_child(
+        base, adapter, tmp_path / "child", fmt="hf", fold=False, verify="full", tolerance=None, weight_dtype="fp8_block"
+    )
+    for manifest in (info, child):
+        assert manifest["verify"]["passed"] and manifest["fp8"]["logits_vs_merge"]["max_abs_logit_diff"] > 0
+        assert 0 < manifest["fp8"]["max_relative_error"] <= 2.0**-4
+    written = tensors(tmp_path / "run" / "export")
+    assert any(t.dtype == torch.float8_e4m3fn for t in written.values())
+    assert info["tensor_checksums"] == child["tensor_checksums"]  # the same bytes either way

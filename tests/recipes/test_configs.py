@@ -228,7 +228,8 @@ def test_light_schema_lists_match_the_export_code():
     """config/validate.py keeps its own lists so that validating a config imports no torch; they must not drift."""
     from nemo_mla_lora.checkpoints import dist_ckpt
     from nemo_mla_lora.config import validate
-    from nemo_mla_lora.export import pipeline
+    from nemo_mla_lora.export import pipeline, quantize
 
     assert validate.FORMATS == pipeline.FORMATS
     assert validate.NAMES == dist_ckpt.NAMES
+    assert validate.WEIGHT_DTYPES == quantize.WEIGHT_DTYPES

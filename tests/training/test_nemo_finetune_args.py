@@ -91,6 +91,8 @@ def test_strategy_reads_and_writes_checkpoints_without_the_fully_parallel_exchan
         (["model.fp8=e5m2"], "model.fp8='e5m2'; expected one of ('blockwise', 'tensorwise', 'delayed')"),
         (["trainer=cpu", "model.fp8=blockwise"], "trainer=megatron (got trainer.kind='cpu')"),
         (["model.fp8=blockwise", "trainer.precision=32"], "needs trainer.precision=bf16-mixed (got '32')"),
+        (["export.weight_dtype=fp8_block"], "which only export.format=hf holds (got export.format='mcore')"),
+        (["export.format=hf", "export.weight_dtype=fp8"], "export.weight_dtype='fp8'; expected one of ('fp8_block',)"),
     ],
 )
 def test_fp8_is_refused_where_it_cannot_run(overrides, message):
