@@ -7,7 +7,7 @@
         --disk /data/disk.json --results bench/results/export_scale/v2lite
 
 ``make`` writes the checkpoint shard by shard (safetensors' own ``save_file``, shards of about 2 GB): the
-tensor names and shapes come from transformers' own DeepseekV2/V3 model built on the meta device, the
+tensor names and shapes are those of DeepSeek's released files (``hf_tensors``), in their order, the
 values are random (linears std 0.02, norms around 1; ``--fp8``: e4m3 weights with 128x128 block scales as
 DeepSeek-V3 ships them), plus an HF PEFT LoRA (rank 16, alpha 32, B != 0) on every linear, experts included,
 in ``<out>/adapter``. ``disk`` measures this disk: a file written and fsynced, then read back with its
@@ -22,6 +22,7 @@ read rate + export bytes at the write rate) and its share of the wall, the expor
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -65,13 +66,16 @@ def _config(shape: str, layers: int, dense: int | None):
     return config
 
 
-def _meta_tensors(config) -> dict:
-    """name -> shape of transformers' own model for ``config`` (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
+def hf_tensors(config) -> dict:
+    """HF tensor name -> shape for ``config`` (config.json's fields, or transformers' config object): the layout of
+    DeepSeek's released files as the package reads them (``checkpoints.hf_peft.hf_layout``), not the installed
+    transformers' modules: transformers 5 (the GPU image's) keeps routed experts fused in memory
+    (``experts.gate_up_proj``), so its state dict is not that layout. tests/test_real_size_bench.py holds it equal
+    to transformers 4.57's state dict."""
+    from nemo_mla_lora.arch.hf_config import spec_from_hf
+    from nemo_mla_lora.checkpoints.hf_peft import hf_layout
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    return hf_layout(spec_from_hf(config))
 
 
 def _random(name: str, shape: tuple, fp8: bool) -> dict:
@@ -103,9 +107,9 @@ def write_checkpoint(out: Path, config, fp8: bool = False, rank: int = 16, shard
         config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": [BLOCK, BLOCK]}
     config.to_json_file(out / "config.json")
-    tensors = _meta_tensors(config)
+    tensors = hf_tensors(config)
     count, current = 0, {}
-    for name, shape in tensors.items():  # transformers' order: embedding, layer by layer, norm, lm_head
+    for name, shape in sorted(tensors.items(), key=lambda kv: _file_order(kv[0])):
         current.update(_random(name, shape, fp8))
         if sum(t.numel() * t.element_size() for t in current.values()) >= shard_bytes:
             count += 1
@@ -123,6 +127,12 @@ def write_checkpoint(out: Path, config, fp8: bool = False, rank: int = 16, shard
     _make_adapter(out / "adapter", tensors, rank)
     return {"dir": str(out), "shards": count, "bytes": _size(out, "model-*.safetensors"),
             "adapter_bytes": _size(out / "adapter", "*")}
+
+
+def _file_order(name: str) -> tuple:
+    """Where a tensor goes in the shards, as DeepSeek's files have them: embedding, layer by layer, norm, lm_head."""
+    layer = re.search(r"\.layers\.(\d+)\.", name)
+    return (1, int(layer.group(1))) if layer else ((0, 0) if "embed_tokens" in name else (2, 0))
 
 
 def _write_shard(out: Path, index: int, tensors: dict, save_file) -> None:

@@ -39,20 +39,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "con
 SHARD_BYTES = 4 << 30
 
 
-def hf_layout(raw: dict) -> dict:
-    """HF tensor name -> shape for the config ``raw`` (config.json's fields), from the checkpoint layout the package
-    reads (Megatron's flat names through the key map, fc1 split into gate/up), not from the installed transformers'
-    modules: transformers 5 keeps routed experts fused in memory (``experts.gate_up_proj``), so its state dict is
-    not the layout of DeepSeek's released files. A CPU test holds this equal to transformers 4.57's state dict."""
-    from nemo_mla_lora.arch.hf_config import spec_from_hf
-    from nemo_mla_lora.arch.keymap import megatron_to_hf
-    from nemo_mla_lora.checkpoints.sources import expected_shapes
-
-    spec = spec_from_hf(raw)
-    meta = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(spec).items()}
-    return {name: tuple(t.shape) for name, t in megatron_to_hf(meta).items()}
-
-
 def write(args) -> dict:
     """The HF directory: config.json, safetensors shards + index, the tokenizer's files; with ``--adapter``, an
     HF PEFT LoRA of rank ``--adapter-rank`` on every linear (the export's input when no training ran)."""
@@ -61,8 +47,10 @@ def write(args) -> dict:
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or name another directory")
+    from export_scale import hf_tensors  # bench/ is this script's directory
+
     raw = json.loads(Path(args.config).read_text())
-    shapes = hf_layout(raw)
+    shapes = hf_tensors(raw)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -99,7 +87,7 @@ def write(args) -> dict:
     info = {"tensors": len(shapes), "bytes": total, "params": total // 2, "shards": index,
             "seconds": round(time.perf_counter() - start, 1)}
     if args.adapter:
-        from export_scale import _make_adapter  # bench/ is this script's directory
+        from export_scale import _make_adapter
 
         _make_adapter(Path(args.adapter), shapes, args.adapter_rank)
         info["adapter_seconds"] = round(time.perf_counter() - start - info["seconds"], 1)

@@ -1,6 +1,7 @@
-"""The real-size bench's inputs: ``bench/real_size.py write`` lays out the tensors of DeepSeek's released files
-(checked against transformers 4.57's own model, which keeps experts unfused; the GPU machine's transformers 5 does
-not, so the script cannot ask it), and the export step runs end to end on a shrunken copy of the config."""
+"""The real-size bench's inputs: ``bench/real_size.py write`` (and ``export_scale.py``) lay out the tensors of
+DeepSeek's released files (checked against transformers 4.57's own model, which keeps experts unfused; the GPU
+machine's transformers 5 does not, so the scripts cannot ask it), and the export step runs end to end on a shrunken
+copy of the config."""
 
 import importlib.util
 import json
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("real_size", ROOT / "bench" / "real_size.py")
+def _bench(name: str = "real_size"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,7 +31,7 @@ def test_layout_is_transformers_4_layout_of_v2_lite():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
-    ours = _bench().hf_layout(raw)
+    ours = _bench("export_scale").hf_tensors(raw)
     assert sorted(set(ours) ^ set(theirs)) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
     assert len(ours) == 5291  # 26 MoE layers x 64 experts x 3 linears and the rest
