@@ -68,8 +68,12 @@ class MLAExportCallback(L.Callback):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
         self.output_dir = Path(output_dir)
-        self.fmt, self.fold, self.verify, self.tolerance = fmt, fold, verify, tolerance
-        self.options = {
+        self.fmt = fmt
+        self.options = {  # export()'s and export_in_child's arguments after base, adapter and output
+            "fmt": fmt,
+            "fold": fold,
+            "verify": verify,
+            "tolerance": tolerance,
             "names": names,
             "tokenizer": tokenizer,  # format=nemo's names and context tokenizer
             "verify_layers": list(verify_layers) if verify_layers else None,
@@ -125,27 +129,8 @@ class MLAExportCallback(L.Callback):
 
     def _export(self, adapter_dir: Path, output: Path) -> dict:
         if parallel.world_size() == 1:
-            return export(
-                self.base_dir,
-                adapter_dir,
-                output,
-                fmt=self.fmt,
-                fold=self.fold,
-                overwrite=True,
-                verify=self.verify,
-                tolerance=self.tolerance,
-                **self.options,
-            )
-        return export_in_child(
-            self.base_dir,
-            adapter_dir,
-            output,
-            fmt=self.fmt,
-            fold=self.fold,
-            verify=self.verify,
-            tolerance=self.tolerance,
-            **self.options,
-        )
+            return export(self.base_dir, adapter_dir, output, overwrite=True, **self.options)
+        return export_in_child(self.base_dir, adapter_dir, output, **self.options)
 
     def on_train_end(self, trainer, pl_module):
         self.result = self.run(pl_module, "")
