@@ -6,8 +6,7 @@ A ``TEGroupedLinear`` holds every local expert's weight (``weight0`` .. ``weight
     y = base(x, m_splits) + scale * (x_e A_e^T) B_e^T          for the rows x_e of each expert e
 
 the base in TE's own grouped GEMM, the adapters as grouped GEMMs around it (``lora_around``: the delta added
-into TE's output, the adapter's input gradient into TE's; adapters of another dtype than x: the delta alone
-through ``lora_fn.frozen_lora_linear``, added out of place). A [E, r, in],
+into TE's output, the adapter's input gradient into TE's). A [E, r, in],
 B [E, out, r] (stacked each step from one parameter per expert). Its sharded checkpoint is interchangeable
 with ``SequentialMLP`` experts' adapters, as TE's grouped weights are with ``SequentialMLP``'s: each local
 expert's A and B become
@@ -25,7 +24,7 @@ from torch import nn
 
 from nemo_mla_lora.peft.adapter import grad_flags, init_a
 from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
-from nemo_mla_lora.peft.lora_fn import frozen_lora_linear, group_offsets
+from nemo_mla_lora.peft.lora_fn import group_offsets
 
 
 class GroupedLoRAAdapter(nn.Module):
@@ -65,11 +64,6 @@ class GroupedLoRAAdapter(nn.Module):
         """(A [E, r, in], B [E, out, r]) of every local expert."""
         a, b = zip(*(self.expert(e) for e in range(self.num_experts)))
         return torch.stack(a), torch.stack(b)
-
-    def delta(self, x: torch.Tensor, m_splits: list[int]) -> torch.Tensor:
-        """x [t, in] grouped by expert (``m_splits`` rows each) -> scale * (x_e A_e^T) B_e^T [t, out]."""
-        a, b = self.stacked()
-        return frozen_lora_linear(x, a, b, self.scale, (), counts=[int(n) for n in m_splits])
 
     def sharded_state_dict(
         self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0, ep_size: int = 1, edp_rank: int = 0
@@ -114,9 +108,6 @@ class TEGroupedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, m_splits):
         a, b = self.adapter.stacked()  # [E, r, in], [E, out, r]
-        if a.dtype != x.dtype:
-            out, bias = self.to_wrap(x, m_splits)
-            return out + self.adapter.delta(x, m_splits).to(out.dtype), bias
         counts = [int(n) for n in m_splits]
         offs = group_offsets(counts, x.device)  # end rows, shared by both halves
         x1, hs = lora_fork(x, a, self.adapter.scale, counts, offs)  # hs [t, r]
