@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nemo_mla_lora.arch.mla_spec import MLASpec
-
-PAGE = 64  # positions per page of the buffer (FlashMLA's page block size)
+from nemo_mla_lora.inference.kernels.flashmla import PAGE  # positions per page of the buffer
 
 
 @dataclass

@@ -67,13 +67,9 @@ class AbsorbedMLAEngine:
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r}; expected one of {BACKENDS}")
         if backend == "flashmla":
-            from nemo_mla_lora.inference.kernels.flashmla import LATENT, ROPE, unavailable
+            from nemo_mla_lora.inference.kernels.flashmla import unavailable
 
-            why = unavailable(next(model.parameters()).device)
-            if why is None and (spec.kv_lora_rank, spec.qk_rope_head_dim) != (LATENT, ROPE):
-                why = f"FlashMLA needs kv_lora_rank={LATENT}, qk_rope_head_dim={ROPE}; the model has " + (
-                    f"{spec.kv_lora_rank}, {spec.qk_rope_head_dim}"
-                )
+            why = unavailable(next(model.parameters()).device, (spec.kv_lora_rank, spec.qk_rope_head_dim))
             if why is not None:
                 raise ValueError(f"attention backend 'flashmla': {why}; use 'triton' (our kernels) or 'torch'")
         self.model, self.spec, self.backend = model.eval(), spec, backend

@@ -16,12 +16,21 @@ import functools
 
 import torch
 
-PAGE = 64  # FlashMLA's page block size (the cache's, ``inference/cache.PAGE``)
+PAGE = 64  # FlashMLA's page block size: the engine's cache (``inference/cache.py``) pads its rows to it
 LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
 
 
-def unavailable(device: torch.device | str | None = None) -> str | None:
-    """Why FlashMLA's decode cannot run here (None: it can): the package, its SM90 kernels, a Hopper GPU."""
+def _dims_problem(latent: int, rope: int) -> str | None:
+    if (latent, rope) == (LATENT, ROPE):
+        return None
+    return f"FlashMLA's MLA decode needs kv_lora_rank={LATENT}, qk_rope_head_dim={ROPE}; got {latent}, {rope}"
+
+
+def unavailable(device: torch.device | str | None = None, dims: tuple[int, int] | None = None) -> str | None:
+    """Why FlashMLA's decode cannot run here (None: it can): the package, its SM90 kernels, a Hopper GPU, and
+    (``dims``: the model's kv_lora_rank and qk_rope_head_dim) the dims its kernels are built for."""
+    if dims is not None and (problem := _dims_problem(*dims)):
+        return problem
     if not torch.cuda.is_available():
         return "FlashMLA decodes on a CUDA GPU and this machine has none"
     try:
@@ -71,9 +80,8 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
     the other kernels' signature; FlashMLA schedules from ``lengths`` on the device."""
     import flash_mla
 
-    if (q_lat.shape[-1], q_rope.shape[-1]) != (LATENT, ROPE):
-        got = (q_lat.shape[-1], q_rope.shape[-1])
-        raise ValueError(f"FlashMLA's MLA decode needs (c, dr) = ({LATENT}, {ROPE}); got {got}")
+    if problem := _dims_problem(q_lat.shape[-1], q_rope.shape[-1]):
+        raise ValueError(problem)
     cache, table = paged(c_kv, k_rope)
     q = torch.cat([q_lat, q_rope], dim=-1).unsqueeze(1)  # [b, 1, h, c + dr]
     schedule, _ = flash_mla.get_mla_metadata()  # filled by the call from these lengths
