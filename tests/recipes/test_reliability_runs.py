@@ -87,10 +87,9 @@ def test_every_prompt_beyond_seq_length_is_refused_before_anything_is_written(tm
     assert not out.exists() and listing(tmp_path) == []
 
 
-def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
-    train = write_jsonl(tmp_path / "train.jsonl", ["short"] * 4 + ["x" * 40] * 2)  # BOS + 5 / BOS + 40 tokens
-    val = write_jsonl(tmp_path / "val.jsonl", ["short"] * 2)
-    cfg = compose(
+def cpu_cfg(tmp_path, train, val):
+    """The CPU trainer on JSONL ``train`` / ``val`` at data.seq_length=16, micro-batches of 2."""
+    return compose(
         "finetune",
         [
             f"data.train={train}",
@@ -100,6 +99,12 @@ def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
             f"output_dir={tmp_path}/run",
         ],
     )
+
+
+def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", ["short"] * 4 + ["x" * 40] * 2)  # BOS + 5 / BOS + 40 tokens
+    val = write_jsonl(tmp_path / "val.jsonl", ["short"] * 2)
+    cfg = cpu_cfg(tmp_path, train, val)
     with caplog.at_level(logging.WARNING):
         prepared = finetune.prepare(cfg, tmp_path / "run")
     assert (
@@ -114,16 +119,7 @@ def test_some_prompts_beyond_seq_length_warn_with_the_count(tmp_path, caplog):
 def test_validation_set_without_answer_tokens_is_refused(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", ["short"] * 4)
     val = write_jsonl(tmp_path / "val.jsonl", ["y" * 30, "z" * 20])
-    cfg = compose(
-        "finetune",
-        [
-            f"data.train={train}",
-            f"data.validation={val}",
-            "data.seq_length=16",
-            "trainer.micro_batch_size=2",
-            f"output_dir={tmp_path}/run",
-        ],
-    )
+    cfg = cpu_cfg(tmp_path, train, val)
     with pytest.raises(
         DataError,
         match=rf"{val}: all 2 examples lose their answer to data.seq_length=16 \(the "
