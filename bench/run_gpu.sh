@@ -25,6 +25,7 @@
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
 # Placement study:
 #   placement_study [overrides] | placement_continue [overrides]
+# Several steps in one call: chain STEP [STEP ...]
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -442,6 +443,13 @@ megatron_release() {  # Megatron-Core 0.19.2's own specs load tiny mcore exports
   PYTHONPATH="/tmp/site019:/tmp/te_site:$REPO" NVIDIA_TF32_OVERRIDE=0 timeout 240 python3 \
     "$REPO/bench/megatron_release_check.py" "$REPO/.real_size/m019" "$OUT/megatron_release_0_19.json" 2>&1 \
     | grep -E '^\{|Error' | cut -c1-400
+}
+
+chain() {  # several steps in one call, in order, on one install (a step that fails does not stop the next):
+  # bash bench/run_gpu.sh chain te_tests te_fp8
+  local rc=0 step
+  for step in "$@"; do echo "== $step ($SECONDS s)"; "$step" || rc=1; done
+  return "$rc"
 }
 
 "$@"; rc=$?
