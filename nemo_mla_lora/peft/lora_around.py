@@ -74,21 +74,27 @@ def _dense_input_grad(gx1, ghs, a, scale: float, shape) -> torch.Tensor:
 
 
 class _Onto(torch.autograd.Function):
-    """(y [..., o], hs [t, r], b [o, r] or [e, o, r]) -> y + hs B^T, in y's buffer."""
+    """(y [..., o], hs [t, r], b [o, r] or [e, o, r]) -> y + hs B^T, in y's buffer.
+
+    Transformer Engine returns its output as a view made inside its autograd Function, and autograd refuses an
+    in-place write into such a view (it would rebase the view's history past TE's backward). Here autograd needs
+    no such rebase: this Function's backward passes gy on to y unchanged. So the sum is written through a
+    detached alias of y's buffer and returned as this Function's new output; the alias shares y's version
+    counter, so a base that saved its output for backward would fail autograd's version check loudly."""
 
     @staticmethod
     def forward(ctx, y, hs, b, counts: list[int], offs):
-        y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None  # [t, o]
+        out = y.detach()  # y's buffer, [..., o]
+        y2 = out.view(-1, out.shape[-1]) if out.is_contiguous() else None  # [t, o]
         if b.dim() == 2 and y2 is not None:
-            y2.addmm_(hs, b.t())  # y + hs B^T, in y's buffer
+            y2.addmm_(hs, b.t())  # y + hs B^T, one GEMM with beta = 1
         elif b.dim() == 2:
-            y.add_((hs @ b.t()).view(y.shape))
+            out.add_((hs @ b.t()).view(out.shape))
         else:
-            y.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(y.shape))
-        ctx.mark_dirty(y)
+            out.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(out.shape))
         ctx.save_for_backward(hs, b)
         ctx.counts, ctx.offs = counts, offs
-        return y
+        return out
 
     @staticmethod
     def backward(ctx, gy):
@@ -124,7 +130,7 @@ def lora_fork(
 
 
 def lora_onto(y: torch.Tensor, hs: torch.Tensor, b: torch.Tensor, counts: list[int] | None = None, offs=None):
-    """y + hs B^T written into y (the base's output, [..., o]); returns y.
+    """y + hs B^T written into y's buffer (the base's output, [..., o]); returns the sum (y must not be used after).
 
     Args:
         y: the base's output for ``lora_fork``'s x1, [..., o].

@@ -3,7 +3,8 @@
 - Numerics: output and every gradient (x, A, B) against the equations in float64, B != 0, for one linear
   ([s, b, i] input) and for grouped experts with an empty group.
 - Buffers: the output is the base's output buffer and the input gradient is the buffer the base's backward
-  returned (the point of the design: no second [t, i] gradient, no new [t, o] output).
+  returned (the point of the design: no second [t, i] gradient, no new [t, o] output), with the base returning,
+  as Transformer Engine's linears do, a view made inside its autograd Function.
 - Wiring: ``MLALoRALinear`` takes this path for a TE linear in plain mode (here a stand-in base with TE's
   layout) and its results equal the three-op adapter's; the LayerNorm linear and part-selective adapters do not.
 """
@@ -18,7 +19,9 @@ F64 = torch.float64
 
 
 class _RecordingLinear(torch.autograd.Function):
-    """y = x W^T with W frozen; records the data pointers of its output and of the input gradient it returns."""
+    """y = x W^T with W frozen; records the data pointers of its output and of the input gradient it returns.
+    Returns a view made inside the Function, as Transformer Engine's linears do (autograd then refuses an in-place
+    write into it)."""
 
     seen: dict = {}
 
@@ -27,7 +30,7 @@ class _RecordingLinear(torch.autograd.Function):
         ctx.save_for_backward(w)
         y = x @ w.T
         _RecordingLinear.seen["y"] = y.data_ptr()
-        return y
+        return y.view(y.shape)
 
     @staticmethod
     def backward(ctx, gy):
@@ -155,6 +158,7 @@ def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, ma
     assert bias is None and (y.data_ptr() == _RecordingLinear.seen["y"]) == expect_around
     gy = torch.randn_like(y)
     y.backward(gy)
+    assert (x_new.grad.data_ptr() == _RecordingLinear.seen["gx"]) == expect_around  # around: one gradient buffer
     grads = [x_new.grad] + [p.grad.clone() for p in (adapter.lora_a, adapter.lora_b)]
     adapter.zero_grad()
 

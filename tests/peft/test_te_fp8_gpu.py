@@ -10,6 +10,7 @@ the same kind of bound. Measured differences go to ``$TE_GPU_RECORD`` (bench/REA
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ LOGITS_BOUND, GRAD_BOUND, LOSS_BOUND = 0.1, 0.25, 0.02
 
 
 def _hf_dir(tmp_path: Path) -> Path:
+    if str(ROOT / "bench") not in sys.path:  # real_size.py imports its neighbour export_scale.py
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("real_size", ROOT / "bench" / "real_size.py")
     real_size = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real_size)
