@@ -9,10 +9,11 @@ matmul peak (8192^3, mean of 10 after warm-up). For each shape (heads x batch x 
 c = 512, d = 64, every row at full length) each kernel runs each of its launch configs, every call replayed
 from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps excluded), median of the
 replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
-(``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (``decode_attention``: what
-the engine runs, the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs), and, where
-the ``flash_mla`` package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode,
-``inference/kernels/flashmla.py``: the peer, same cache, same process). The cache is the engine's
+(``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (what the engine runs: where
+FlashMLA runs, its ``flashmla`` backend's choice per shape, ``flashmla_or_ours``; elsewhere ``decode_attention``,
+the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
+package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
+the peer, same cache, same process). The cache is the engine's
 (``LatentKVCache``: c_kv and k_rope side by side in one buffer, rows padded to 64 positions), read by every kernel
 in place. Each kernel's numerics are checked against the fp64 equations first. Bytes = the cache read
 (b x t x (c + d) x 2); FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
@@ -68,8 +69,8 @@ def kernels():
     out = {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
            "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
     why = flashmla.unavailable()
-    if why is None:
-        out["flashmla"] = flashmla.flashmla_decode
+    if why is None:  # the engine's choice where FlashMLA runs: its kernel for the shapes where it is faster
+        out["flashmla"], out["default"] = flashmla.flashmla_decode, flashmla.flashmla_or_ours
     else:
         print(f"flashmla: not measured ({why})", flush=True)
     return out

@@ -48,7 +48,8 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     ``cache`` (each row after its cached tokens). w_uk [h, dn, c], w_uv [h, dv, c]; ``corr``: per-request
     adapter deltas (inference/adapters.py); ``backend="triton"``: decode steps through
     ``hopper_decode.decode_attention`` (the TMA kernels on Hopper, else the portable Triton kernel),
-    ``backend="flashmla"``: through FlashMLA's Hopper kernel (``kernels/flashmla.py``); prefill stays in einsums."""
+    ``backend="flashmla"``: through FlashMLA's Hopper kernel where it is faster for the shape, ours elsewhere
+    (``kernels/flashmla.flashmla_or_ours``); prefill stays in einsums."""
     s, b, _ = hidden.shape
     positions = cache.positions(s)  # [b, s]
     q_nope, q_rope, c_kv, k_rope = project(hidden, attn, positions, cache.max_length, corr)
@@ -71,9 +72,9 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
 
 def _decode_kernel(backend: str):
     if backend == "flashmla":
-        from nemo_mla_lora.inference.kernels.flashmla import flashmla_decode
+        from nemo_mla_lora.inference.kernels.flashmla import flashmla_or_ours
 
-        return flashmla_decode
+        return flashmla_or_ours
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
     return decode_attention

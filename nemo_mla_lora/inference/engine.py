@@ -91,7 +91,8 @@ class AbsorbedMLAEngine:
             dtype: float32 | bfloat16 | float16 | float64; None: the dtype the export stores.
             device: where the model runs.
             backend: decode attention in einsums (``torch``), our kernels (``triton``: the TMA kernels on Hopper,
-                else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed).
+                else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed;
+                it decodes the shapes where it is faster, 64 heads and more, and ours the rest).
             verify_checksums: check every tensor against the manifest as it is read.
 
         Returns:

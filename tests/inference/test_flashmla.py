@@ -53,6 +53,20 @@ def test_the_engine_refuses_the_backend_where_it_cannot_run():
         AbsorbedMLAEngine(model, _spec(), [], [], backend="flashmla")
 
 
+@pytest.mark.parametrize("heads, expected", [(16, "ours"), (63, "ours"), (64, "flashmla"), (128, "flashmla")])
+def test_the_backend_takes_flashmla_only_for_the_shapes_where_it_is_faster(monkeypatch, heads, expected):
+    from nemo_mla_lora.inference.kernels import flashmla, hopper_decode
+
+    called = []
+    monkeypatch.setattr(flashmla, "flashmla_decode", lambda *args, **kw: called.append("flashmla"))
+    monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
+    b, t = 2, 64
+    q_lat, q_rope = torch.zeros(b, heads, 512), torch.zeros(b, heads, 64)
+    c_kv, k_rope = torch.zeros(b, t, 512), torch.zeros(b, t, 64)
+    flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
+    assert called == [expected] and flashmla.FASTER_FROM_HEADS == 64
+
+
 needs_flashmla = pytest.mark.skipif(unavailable() is not None, reason=f"FlashMLA cannot run here: {unavailable()}")
 
 

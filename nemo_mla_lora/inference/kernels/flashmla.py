@@ -18,6 +18,9 @@ import torch
 
 PAGE = 64  # FlashMLA's page block size: the engine's cache (``inference/cache.py``) pads its rows to it
 LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
+# From this many heads on, FlashMLA's decode is faster than ours (bench/README.md, "Hopper decode kernels": one
+# H100, batch 64, context 4,096: 0.98x ours at 16 heads, 1.30x at 64, 2.18x at 128).
+FASTER_FROM_HEADS = 64
 
 
 def _dims_problem(latent: int, rope: int) -> str | None:
@@ -89,3 +92,14 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
         q, cache, table, lengths.to(torch.int32), LATENT, schedule, softmax_scale=scale, causal=False, use_legacy=True
     )
     return out[:, 0]  # [b, h, c]
+
+
+def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
+    """The ``flashmla`` backend's choice per shape: FlashMLA's decode from ``FASTER_FROM_HEADS`` heads on (h =
+    q_lat.shape[1]), ours (``hopper_decode.decode_attention``) below, where ours is as fast or faster. Same
+    arguments and result as ``flashmla_decode``."""
+    if q_lat.shape[1] >= FASTER_FROM_HEADS:
+        return flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length)
+    from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
+
+    return decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
