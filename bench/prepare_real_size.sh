@@ -33,6 +33,7 @@ git archive HEAD | tar -x -C /tmp/gpu_snap_src
 cp .gpu_wheels/*.whl .gpu_snap/.gpu_wheels/ && rm -f .gpu_snap/.gpu_wheels/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/pulp-*.whl
 cp /tmp/gpu_snap_src/wheel/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/
 cp -r /tmp/gpu_snap_src/bench .gpu_snap/bench && rm -rf .gpu_snap/bench/results
+mkdir -p .gpu_snap/nemo_mla_lora/models && cp -r /tmp/gpu_snap_src/nemo_mla_lora/models/configs .gpu_snap/nemo_mla_lora/models/configs
 cp -r /tmp/gpu_snap_src/nemo_mla_lora/data .gpu_snap/nemo_mla_lora/data && cp -r .gpu_wheels019 .real_size .gpu_snap/
 rm -rf /tmp/gpu_snap_src
 du -sh .gpu_snap

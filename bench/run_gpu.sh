@@ -318,8 +318,10 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
 te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)
   te_env || return 1
   for spec in te local; do
+    local fp8=(); [ "$spec" = te ] && [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")  # FP8=blockwise: the FP8 base
     timeout 250 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 10 --ranks 16 --variants all_linear \
-      --profile base:0 all_linear:16 --profile-top 30 --out "$OUT/lora_profile_$spec.json" > "$OUT/lora_profile_$spec.log" 2>&1
+      --profile base:0 all_linear:16 --profile-top 30 "${fp8[@]}" --out "$OUT/lora_profile_$spec.json" \
+      > "$OUT/lora_profile_$spec.log" 2>&1
     grep -E "^\||^profile|Error" "$OUT/lora_profile_$spec.log"
   done
 }
