@@ -259,13 +259,19 @@ def profile(args, variant: str, rank: int, top: int = 12, steps: int = 2) -> dic
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         timed_steps(model, x, grad, 0, steps)
-    events = prof.key_averages()
+    return summarize(prof, steps, x.is_cuda, top)
+
+
+def summarize(prof, steps: int, cuda: bool, top: int) -> dict:
+    """A finished ``torch.profiler.profile`` of ``steps`` steps -> per step: host (CPU) ms, GPU kernel ms, kernel
+    launches, and the ``top`` ops by device time (CPU time without a GPU) as the profiler's table."""
     from torch.autograd import DeviceType
 
+    events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)  # kernels
     cpu_us = sum(e.self_cpu_time_total for e in events)
     launches = sum(e.count for e in events if "LaunchKernel" in e.key or "LaunchCooperativeKernel" in e.key)
-    key = "cuda_time_total" if x.is_cuda else "cpu_time_total"
+    key = "cuda_time_total" if cuda else "cpu_time_total"
     return {"cpu_ms_per_step": cpu_us / 1e3 / steps, "gpu_kernel_ms_per_step": device_us / 1e3 / steps,
             "launches_per_step": launches / steps, "table": events.table(sort_by=key, row_limit=top)}
 

@@ -164,8 +164,9 @@ def apply_variant(model, variant: str, targets: list[str]):
     return wrapped
 
 
-def run_steps(model, tokens, warmup: int, iters: int) -> tuple[list[float], float]:
-    """Per-step ms (CUDA events; wall clock on CPU) and the peak GiB allocated during the steps (0 on CPU)."""
+def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[list[float], float, dict | None]:
+    """Per-step ms (CUDA events; wall clock on CPU), the peak GiB allocated during the steps (0 on CPU), and with
+    ``trace`` > 0 a profile of that many more steps on the same optimizer (``lora_overhead.summarize``)."""
     cuda = tokens.is_cuda
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
@@ -177,9 +178,8 @@ def run_steps(model, tokens, warmup: int, iters: int) -> tuple[list[float], floa
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
+
+    def step():
         loss = model(tokens, position_ids, attention_mask=mask, labels=tokens).float().mean()
         loss.backward()
         if optimizer:
@@ -187,13 +187,27 @@ def run_steps(model, tokens, warmup: int, iters: int) -> tuple[list[float], floa
             optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        step()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    traced = None
+    if trace:
+        from lora_overhead import summarize  # bench/ is this script's directory
+
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(trace):
+                step()
+        traced = summarize(prof, trace, cuda, top=30)
     if hook:
         hook.remove()
     del optimizer
-    return times, peak
+    return times, peak, traced
 
 
 def device() -> torch.device:
@@ -242,7 +256,13 @@ def table(args) -> dict:
     for variant in args.variants:
         wrapped = apply_variant(model, variant, targets)
         result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        times, peak = run_steps(wrapped, tokens, args.warmup, args.iters)
+        trace = args.trace if variant in args.profile else 0
+        times, peak, traced = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
+        if traced:
+            result.setdefault("profile", {})[variant] = traced
+            print(f"{variant} profile: host {traced['cpu_ms_per_step']:.0f} ms, kernels "
+                  f"{traced['gpu_kernel_ms_per_step']:.0f} ms, {traced['launches_per_step']:.0f} launches per step\n"
+                  f"{traced['table']}", flush=True)
         unwrap(wrapped, flags)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -319,6 +339,9 @@ def main(argv=None) -> int:
     t.add_argument("--iters", type=int, default=8)
     t.add_argument("--variants", nargs="+", default=["frozen", "nemo_official", "all_linear_r64", "nemo_lora",
                                                      "frozen"])
+    t.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
+                   help="after its timed steps, profile --trace more steps of each of these variants")
+    t.add_argument("--trace", type=int, default=1)
     m = sub.add_parser("summary")
     m.add_argument("--results", required=True, help="a run's files from $OUT (run_gpu.sh real_size_* steps)")
     m.add_argument("--out", required=True)

@@ -117,3 +117,29 @@ def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
     assert s["megatron_load"] == {"mcore_0_15": {"loaded": True, "max_rel": 0.004}, "mcore_0_19": None}
     assert s["engine"] is None and s["v3_layers"] is None
     assert s["missing"] == ["real_size_engine.json", "real_size_load_mcore_0_19.json", "v3_layers.json"]
+
+
+def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
+    """The step table on the shrunken config (CPU, 32 tokens): each variant steps, NeMo's LoRA and MLALoRA
+    ``nemo_official`` train the same number of parameters, and a profiled variant carries its profile."""
+    raw = json.loads(CONFIG.read_text())
+    raw.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2)
+    raw.update(n_routed_experts=4, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2)
+    raw.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=256)
+    config, tokenizer, base, out = tmp_path / "config.json", tmp_path / "tok", tmp_path / "base", tmp_path / "t.json"
+    config.write_text(json.dumps(raw))
+    tokenizer.mkdir()
+    bench = [sys.executable, str(ROOT / "bench" / "real_size.py")]
+    write = [*bench, "write", "--out", str(base), "--tokenizer", str(tokenizer), "--config", str(config)]
+    assert subprocess.run(write, capture_output=True, text=True, cwd=ROOT).returncode == 0
+    variants = ["frozen", "nemo_official", "all_linear_r64", "nemo_lora"]
+    table = [*bench, "table", "--base", str(base), "--out", str(out), "--seq", "32", "--warmup", "1", "--iters", "1"]
+    proc = subprocess.run([*table, "--variants", *variants, "--profile", "nemo_official"], capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["step_ms"]) == set(variants) and all(ms > 0 for ms in result["step_ms"].values())
+    assert result["trainable"]["frozen"] == 0
+    assert result["trainable"]["nemo_official"] == result["trainable"]["nemo_lora"] > 0
+    assert result["trainable"]["all_linear_r64"] > result["trainable"]["nemo_official"]
+    assert list(result["profile"]) == ["nemo_official"] and result["profile"]["nemo_official"]["cpu_ms_per_step"] > 0
