@@ -29,8 +29,12 @@ def spans(counts: list[int]) -> list[tuple[int, int]]:
 
 
 def group_offsets(counts: list[int], device: torch.device | str) -> torch.Tensor:
-    """torch._grouped_mm's ``offs``: the end row of each group, int32."""
-    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    """torch._grouped_mm's ``offs``: the end row of each group, int32. To a GPU through pinned memory, without
+    blocking: a copy from pageable memory would synchronize the stream, once per grouped linear and step."""
+    ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    if torch.device(device).type == "cuda":
+        return ends.pin_memory().to(device, non_blocking=True)
+    return ends.to(device)
 
 
 def _native(a: torch.Tensor, b: torch.Tensor) -> bool:
