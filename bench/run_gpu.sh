@@ -29,6 +29,9 @@
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+for d in .gpu_wheels .gpu_wheels019 .real_size; do  # carry [".gpu_snap"] alone also serves steps run from the root
+  [ -e "$d" ] || [ ! -d ".gpu_snap/$d" ] || ln -s ".gpu_snap/$d" "$d"
+done
 SITE=/tmp/site
 case "${1:-}" in mcore019|megatron_release) ;; *)  # every other step runs NeMo 2.7.3 + megatron-core 0.15.3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu_wheels/*.whl \
