@@ -262,7 +262,7 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, backend: str, l
     for name in ("no_adapter", "multi_adapter", "multi_adapter_torch"):
         cache, bank = engine.new_cache(b, prompt + steps + 4), banks.get(name)
         ids = (torch.arange(b, device=device) % n_adapters + 1) if bank else None
-        nxt = engine.forward(tokens, cache, bank, ids)[:, -1:].argmax(-1)
+        nxt = prefill(engine, tokens, cache, bank, ids)[:, None]  # [b, 1]
         for _ in range(3):  # warm-up: the decode kernels compile on the first step
             nxt = engine.forward(nxt, cache, bank, ids)[:, -1:].argmax(-1)
         torch.cuda.synchronize() if device.type == "cuda" else None
@@ -277,6 +277,20 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, backend: str, l
     return out
 
 
+PREFILL_SCORES = 1 << 29  # score elements per prefill chunk: 2 GiB in fp32
+
+
+def prefill(engine, tokens, cache, bank=None, ids=None) -> torch.Tensor:
+    """The prompt tokens [b, s] into ``cache`` in chunks whose attention scores [b, h, chunk, T] (T the cache's
+    allocation) hold at most ``PREFILL_SCORES`` elements (batch 64 x 128 heads x 4,096 positions in one piece
+    would be 256 GiB); returns the greedy next token of each row, [b]."""
+    b, s = tokens.shape
+    chunk = max(1, min(s, PREFILL_SCORES // (b * engine.spec.num_heads * cache.max_length)))
+    for lo in range(0, s, chunk):
+        logits = engine.forward(tokens[:, lo : lo + chunk], cache, bank, ids)
+    return logits[:, -1].argmax(-1)
+
+
 def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
     """The same greedy decode with each step replayed from a CUDA graph (``inference/graphs.GraphedDecode``, static
     cache): {"tokens_per_s": ...}, or {"skipped": why} where the step cannot be captured (CPU, MoE layers)."""
@@ -287,7 +301,7 @@ def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
         return {"skipped": why}
     b, prompt = tokens.shape
     cache = engine.new_cache(b, prompt + steps + 8, static=True)
-    nxt = engine.forward(tokens, cache, bank, ids)[:, -1].argmax(-1)  # [b]
+    nxt = prefill(engine, tokens, cache, bank, ids)  # [b]
     graphed = GraphedDecode(engine, cache, bank, ids)
     for _ in range(3):
         nxt = graphed.step(nxt).argmax(-1)

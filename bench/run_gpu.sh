@@ -111,6 +111,9 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
     --sections attention attention_tp8 adapters > "$OUT/decode.log" 2>&1 || rc=1
   timeout 200 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine.json" --sections engine engine_flashmla \
     > "$OUT/engine.log" 2>&1 || rc=1
+  # the same at context 4,096 (prompt 4,032 + 64 decode steps): where FlashMLA's kernel and ours differ most
+  timeout 240 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" --sections engine engine_flashmla \
+    --prompt 4032 --steps 64 > "$OUT/engine_4k.log" 2>&1 || rc=1
   python3 -c "import json; print(json.load(open('$OUT/decode.json'))['adapters']); print(json.load(open('$OUT/engine.json'))['engine'])"
   [ "${NCU:-1}" = 0 ] && return "$rc"
   decode_ncu "default 16 64 4096" "default 128 64 4096"

@@ -81,3 +81,25 @@ def test_graphed_decode_equals_eager(trained, backend):
         graphed.step(tokens[:, 0])
     with pytest.raises(ValueError, match="the cache holds 16 tokens per row; 16 are used and 1 more"):
         graphed.step(tokens[:, 0])
+
+
+def test_the_benchs_chunked_prefill_matches_the_prompt_in_one_piece(trained, monkeypatch):
+    """``bench/decode_bench.prefill`` (chunks that keep the scores small at batch 64, context 4K) leaves the same
+    cache and next tokens as one forward over the whole prompt."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("decode_bench", bench / "decode_bench.py")
+    decode_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_bench)
+    engine = _engine(trained["spec"])
+    tokens, _, _ = batch(seq=11)
+    one = engine.new_cache(2, 16)
+    want = engine.forward(tokens, one)[:, -1].argmax(-1)
+    monkeypatch.setattr(decode_bench, "PREFILL_SCORES", 2 * engine.spec.num_heads * 16 * 3)  # chunks of 3
+    chunked = engine.new_cache(2, 16)
+    got = decode_bench.prefill(engine, tokens, chunked)
+    assert torch.equal(got, want) and chunked.length == one.length == 11
+    torch.testing.assert_close(chunked.c_kv, one.c_kv, atol=1e-5, rtol=0)
