@@ -51,8 +51,9 @@ class ModelConfig:
         fp8: the frozen linears compute in FP8 through Transformer Engine (``trainer=megatron``, bf16-mixed):
             ``blockwise`` (128 x 128 weight blocks, E4M3, as DeepSeek-V3 ships; Hopper), ``tensorwise`` (current
             scaling) or ``delayed`` (both E4M3 forward, E5M2 gradients); null: bf16. Adapters stay in bf16.
-        fp8_param: with ``fp8``, the frozen weights are also held in FP8 (half their bf16 memory; an HF directory,
-            FP8 or not, is read one parameter at a time into them).
+        fp8_param: with ``fp8``, the frozen weights are also held in FP8 (an HF directory, FP8 or not, is read
+            one parameter at a time into them). In training this saves no memory on Hopper: Transformer Engine
+            keeps each weight's FP8 data in both orientations (forward and input gradient) plus scales.
     """
 
     name: str = MISSING
