@@ -95,9 +95,19 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
 
 
 def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
-    """The ``flashmla`` backend's choice per shape: FlashMLA's decode from ``FASTER_FROM_HEADS`` heads on (h =
-    q_lat.shape[1]), ours (``hopper_decode.decode_attention``) below, where ours is as fast or faster. Same
-    arguments and result as ``flashmla_decode``."""
+    """The ``flashmla`` backend's choice per shape: FlashMLA's decode from ``FASTER_FROM_HEADS`` heads on, ours
+    (``hopper_decode.decode_attention``) below, where ours is as fast or faster.
+
+    Args:
+        q_lat, q_rope: the queries, [b, h, c] and [b, h, dr]; h decides the kernel.
+        c_kv, k_rope: one layer's cache views, [b, t, c] and [b, t, dr] (``LatentKVCache``'s).
+        lengths: [b] int32, row i attends to positions 0 .. lengths[i] - 1.
+        scale: the softmax scale.
+        max_length: positions the kernels may read (ours use it; FlashMLA schedules from ``lengths``).
+
+    Returns:
+        o_lat [b, h, c], as ``flashmla_decode``.
+    """
     if q_lat.shape[1] >= FASTER_FROM_HEADS:
         return flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
