@@ -195,15 +195,16 @@ class MLALoRAAdapter(nn.Module):
             out.shape
         )
 
-    def around(self, x: torch.Tensor) -> bool:
-        """Whether ``lora_around`` runs this adapter beside its base: a TE linear (not the LayerNorm one, whose
-        adapter takes TE's normalised output) without TP communication of its own (TP size 1 or duplicated),
-        full rows, no dropout, x in the adapter's dtype."""
+    def around(self, x: torch.Tensor, normed: bool = False) -> bool:
+        """Whether ``lora_around`` runs this adapter beside its base: a TE linear without TP communication of its
+        own (TP size 1 or duplicated), full rows, no dropout, x in the adapter's dtype. ``normed``: asked for the
+        LayerNorm linear, whose adapter takes TE's normalised output as x, so only ``lora_onto`` applies (the
+        delta into TE's output buffer); without it, for the other TE linears (``lora_fork`` and ``lora_onto``)."""
         lay = self.layout
         return (
             lay.te
             and self.mode == "plain"
-            and not lay.fused_norm
+            and lay.fused_norm == normed
             and not self.part_selective
             and isinstance(self.dropout, nn.Identity)
             and x.dtype == self.lora_a.dtype

@@ -83,17 +83,17 @@ class _Onto(torch.autograd.Function):
     counter, so a base that saved its output for backward would fail autograd's version check loudly."""
 
     @staticmethod
-    def forward(ctx, y, hs, b, counts: list[int], offs):
+    def forward(ctx, y, hs, b, counts: list[int], offs, scale: float):
         out = y.detach()  # y's buffer, [..., o]
         y2 = out.view(-1, out.shape[-1]) if out.is_contiguous() else None  # [t, o]
         if b.dim() == 2 and y2 is not None:
-            y2.addmm_(hs, b.t())  # y + hs B^T, one GEMM with beta = 1
+            y2.addmm_(hs, b.t(), alpha=scale)  # y + scale * hs B^T, one GEMM with beta = 1
         elif b.dim() == 2:
-            out.add_((hs @ b.t()).view(out.shape))
+            out.add_((hs @ b.t()).view(out.shape), alpha=scale)
         else:
-            out.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(out.shape))
+            out.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(out.shape), alpha=scale)
         ctx.save_for_backward(hs, b)
-        ctx.counts, ctx.offs = counts, offs
+        ctx.counts, ctx.offs, ctx.scale = counts, offs, scale
         return out
 
     @staticmethod
@@ -101,12 +101,14 @@ class _Onto(torch.autograd.Function):
         hs, b = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # [t, o]
         if b.dim() == 2:
-            ghs = g2 @ b if ctx.needs_input_grad[1] else None  # [t, r]
-            gb = g2.t() @ hs if ctx.needs_input_grad[2] else None  # [o, r]
+            ghs = _scaled_mm(g2, b, ctx.scale) if ctx.needs_input_grad[1] else None  # [t, r]
+            gb = _scaled_mm(g2.t(), hs, ctx.scale) if ctx.needs_input_grad[2] else None  # [o, r]
         else:
             ghs = grouped_mm(g2, b, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [t, r]
             gb = grouped_mm(g2.T, hs, ctx.offs, ctx.counts) if ctx.needs_input_grad[2] else None  # [e, o, r]
-        return gy, ghs, gb, None, None
+            if ctx.scale != 1.0:
+                ghs, gb = (g if g is None else g.mul_(ctx.scale) for g in (ghs, gb))
+        return gy, ghs, gb, None, None, None
 
 
 def lora_fork(
@@ -129,16 +131,21 @@ def lora_fork(
     return (x1 if x.requires_grad else x), hs  # no gradient wanted for x: the base computes no dgrad for it
 
 
-def lora_onto(y: torch.Tensor, hs: torch.Tensor, b: torch.Tensor, counts: list[int] | None = None, offs=None):
-    """y + hs B^T written into y's buffer (the base's output, [..., o]); returns the sum (y must not be used after).
+def lora_onto(
+    y: torch.Tensor, hs: torch.Tensor, b: torch.Tensor, counts: list[int] | None = None, offs=None, scale: float = 1.0
+):
+    """y + scale * hs B^T written into y's buffer (the base's output, [..., o]); returns the sum (y must not be
+    used after).
 
     Args:
         y: the base's output for ``lora_fork``'s x1, [..., o].
         hs: ``lora_fork``'s second output, [t, r].
         b: B [o, r], or [e, o, r] for groups.
         counts, offs: as for ``lora_fork``.
+        scale: multiplies hs B^T (on the GEMMs; 1 where ``lora_fork`` scaled hs already). The LayerNorm linear's
+            adapter passes alpha / r here: its hs is TE's normalised output times A^T.
     """
     counts = [hs.shape[0]] if counts is None else [int(n) for n in counts]
     if offs is None and b.dim() == 3 and len(counts) > 1:
         offs = group_offsets(counts, hs.device)
-    return _Onto.apply(y, hs, b, counts, offs)
+    return _Onto.apply(y, hs, b, counts, offs, scale)

@@ -171,6 +171,79 @@ def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, ma
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+class _NormLinear(torch.autograd.Function):
+    """TE's LayerNorm linear in miniature: x -> (out = (x * g) W^T, normed = x * g), both views made inside the
+    Function as TE returns them; the gradient of ``normed`` joins the GEMM's input gradient before the norm's."""
+
+    @staticmethod
+    def forward(ctx, x, g, w):
+        normed = x * g
+        ctx.save_for_backward(g, w)
+        out = normed @ w.T
+        _RecordingLinear.seen["y"] = out.data_ptr()
+        return out.view(out.shape), normed.view(normed.shape)
+
+    @staticmethod
+    def backward(ctx, gout, gnormed):
+        g, w = ctx.saved_tensors
+        gn = gout @ w if gnormed is None else gout @ w + gnormed
+        return gn * g, None, None
+
+
+class _StandInTENorm(nn.Module):
+    """Megatron's ``TELayerNormColumnParallelLinear`` as MLALoRALinear calls it with ``return_layernorm_output``:
+    x -> ((out, normed), None)."""
+
+    def __init__(self, out_features, in_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, dtype=F64), requires_grad=False)
+        self.norm = nn.Parameter(torch.rand(in_features, dtype=F64) + 0.5, requires_grad=False)
+        self.return_layernorm_output = False
+
+    def forward(self, x):
+        assert self.return_layernorm_output  # MLALoRALinear asks TE for the normalised input
+        return _NormLinear.apply(x, self.norm, self.weight), None
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_layernorm_linears_delta_goes_into_tes_output(monkeypatch, mask):
+    """The LayerNorm linear's adapter (it reads TE's normalised output): with full rows its delta is written into
+    TE's output buffer (``lora_onto`` with alpha / r on its GEMMs), and output and gradients equal the three-op
+    adapter's; a part-selective adapter keeps the three-op path."""
+    from nemo_mla_lora.peft import adapter as adapter_module
+    from nemo_mla_lora.peft.linear_layout import te_layout
+    from nemo_mla_lora.peft.mla_lora import MLALoRALinear
+
+    torch.manual_seed(5)
+    base = _StandInTENorm(10, 12)
+    monkeypatch.setattr(
+        adapter_module, "layout", lambda m: te_layout("TELayerNormColumnParallelLinear", None, 10, 12, 1)
+    )
+    rows = torch.arange(10) < 6 if mask else None
+    adapter = adapter_module.MLALoRAAdapter(base, dim=4, alpha=8.0, row_mask=rows, dtype=F64)
+    with torch.no_grad():
+        adapter.lora_b.normal_()
+    wrapped = MLALoRALinear(base, adapter)
+    x = torch.randn(5, 2, 12, dtype=F64)
+    assert adapter.around(x, normed=True) == (not mask) and not adapter.around(x)
+
+    x_new = x.clone().requires_grad_(True)
+    y, bias = wrapped(x_new)
+    assert bias is None and (y.data_ptr() == _RecordingLinear.seen["y"]) == (not mask)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    grads = [x_new.grad] + [p.grad.clone() for p in (adapter.lora_a, adapter.lora_b)]
+    adapter.zero_grad()
+
+    x_ref = x.clone().requires_grad_(True)
+    out, normed = _NormLinear.apply(x_ref, base.norm, base.weight)
+    ref = out + adapter(normed)  # the adapter's own three-op path on TE's normalised output
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    for got, want in zip(grads, [x_ref.grad, adapter.lora_a.grad, adapter.lora_b.grad]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def _op_counts(fn) -> dict:
     """aten ops run by ``fn`` (forward + backward), by name."""
     from torch.profiler import ProfilerActivity, profile
