@@ -131,23 +131,29 @@ class _StandInTE(nn.Module):
         return _RecordingLinear.apply(x, self.weight), None
 
 
-@pytest.mark.parametrize(
-    "class_name, mask, expect_around",
-    [("TELinear", False, True), ("TERowParallelLinear", False, True), ("TELinear", True, False)],
-)
-def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, mask, expect_around):
+def _wrap(monkeypatch, base: nn.Module, class_name: str, mask: bool):
+    """(adapter, MLALoRALinear) around ``base`` laid out as TE's ``class_name`` (out 10, in 12, TP 1), rank 4,
+    B != 0; ``mask``: the adapter covers output rows 0-5 only."""
     from nemo_mla_lora.peft import adapter as adapter_module
     from nemo_mla_lora.peft.linear_layout import te_layout
     from nemo_mla_lora.peft.mla_lora import MLALoRALinear
 
-    torch.manual_seed(2)
-    base = _StandInTE(10, 12)
     monkeypatch.setattr(adapter_module, "layout", lambda m: te_layout(class_name, None, 10, 12, 1))
     rows = torch.arange(10) < 6 if mask else None
     adapter = adapter_module.MLALoRAAdapter(base, dim=4, alpha=8.0, row_mask=rows, dtype=F64)
     with torch.no_grad():
         adapter.lora_b.normal_()
-    wrapped = MLALoRALinear(base, adapter)
+    return adapter, MLALoRALinear(base, adapter)
+
+
+@pytest.mark.parametrize(
+    "class_name, mask, expect_around",
+    [("TELinear", False, True), ("TERowParallelLinear", False, True), ("TELinear", True, False)],
+)
+def test_wrapper_takes_the_path_for_plain_te_linears(monkeypatch, class_name, mask, expect_around):
+    torch.manual_seed(2)
+    base = _StandInTE(10, 12)
+    adapter, wrapped = _wrap(monkeypatch, base, class_name, mask)
     x = torch.randn(5, 2, 12, dtype=F64)
     assert adapter.around(x) == expect_around
     assert not adapter.around(x.float())  # another dtype than the adapter's: the three-op path
@@ -210,20 +216,9 @@ def test_the_layernorm_linears_delta_goes_into_tes_output(monkeypatch, mask):
     """The LayerNorm linear's adapter (it reads TE's normalised output): with full rows its delta is written into
     TE's output buffer (``lora_onto`` with alpha / r on its GEMMs), and output and gradients equal the three-op
     adapter's; a part-selective adapter keeps the three-op path."""
-    from nemo_mla_lora.peft import adapter as adapter_module
-    from nemo_mla_lora.peft.linear_layout import te_layout
-    from nemo_mla_lora.peft.mla_lora import MLALoRALinear
-
     torch.manual_seed(5)
     base = _StandInTENorm(10, 12)
-    monkeypatch.setattr(
-        adapter_module, "layout", lambda m: te_layout("TELayerNormColumnParallelLinear", None, 10, 12, 1)
-    )
-    rows = torch.arange(10) < 6 if mask else None
-    adapter = adapter_module.MLALoRAAdapter(base, dim=4, alpha=8.0, row_mask=rows, dtype=F64)
-    with torch.no_grad():
-        adapter.lora_b.normal_()
-    wrapped = MLALoRALinear(base, adapter)
+    adapter, wrapped = _wrap(monkeypatch, base, "TELayerNormColumnParallelLinear", mask)
     x = torch.randn(5, 2, 12, dtype=F64)
     assert adapter.around(x, normed=True) == (not mask) and not adapter.around(x)
 
