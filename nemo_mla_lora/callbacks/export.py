@@ -68,7 +68,6 @@ class MLAExportCallback(L.Callback):
         self.peft, self.spec = peft, spec
         self.base_dir = Path(base_dir) if base_dir else None
         self.output_dir = Path(output_dir)
-        self.fmt = fmt
         self.options = {  # export()'s and export_in_child's arguments after base, adapter and output
             "fmt": fmt,
             "fold": fold,
@@ -123,7 +122,7 @@ class MLAExportCallback(L.Callback):
         if parallel.rank() == 0:
             info = self._export(adapter_dir, self.output_dir / f"export{tag}")
             if "max_abs_logit_diff" in info.get("verify", {}):
-                log.info("export %s: max |logit diff| %.3g", self.fmt, info["verify"]["max_abs_logit_diff"])
+                log.info("export %s: max |logit diff| %.3g", self.options["fmt"], info["verify"]["max_abs_logit_diff"])
         parallel.barrier()
         return {"adapter": str(adapter_dir), "export": str(self.output_dir / f"export{tag}"), "manifest": info}
 
