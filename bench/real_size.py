@@ -4,8 +4,8 @@
     python bench/real_size.py table --base /dev/shm/v2lite --out table.json       # the step table (TE spec)
     python bench/real_size.py summary --results DIR --out summary.json           # gather the parts (PARTS)
 
-``write``: every tensor transformers' ``DeepseekV2ForCausalLM`` has for ``models/configs/deepseek_v2_lite.json``
-(names and shapes from transformers on the meta device), drawn on the GPU (N(0, 0.02) for matrices, 1 for
+``write``: every tensor of DeepSeek's released file layout for ``models/configs/deepseek_v2_lite.json`` (names and
+shapes from ``export_scale.hf_tensors``, the package's key map), drawn on the GPU (N(0, 0.02) for matrices, 1 for
 norms), saved in bf16 as ~4 GiB safetensors shards with an index, beside the config and a real tokenizer's
 files (DeepSeek-V2's, ``TOKDIR``).
 
@@ -16,7 +16,8 @@ forward + loss + backward + AdamW on the trainable parameters: (a) ``frozen``: n
 embedding output (what the base costs inside LoRA training); (b) ``nemo_official``: MLALoRA with NeMo's DeepSeek-V3
 recipe values (dim 32, alpha 32); (c) ``all_linear_r64``; (d) ``nemo_lora``: NeMo's own ``llm.peft.LoRA`` on the
 modules (b) wraps, same dim and alpha. Adapters are unwrapped between variants (the base stays on the GPU).
-Time: CUDA events, median over ``--iters`` after ``--warmup``; memory: peak allocated during the variant's steps.
+Time: wall clock around each step with the GPU synchronized, median over ``--iters`` after ``--warmup``; memory:
+peak allocated during the variant's steps.
 
 FLOPs per token (stated, Megatron's convention, as Megatron-Bridge reports its TFLOP/s): 6 x the active parameters
 a token passes through (attention linears, the dense layer's MLP, the router, the shared experts and ``top-k``
@@ -139,7 +140,9 @@ def te_flags(model: torch.nn.Module) -> dict:
             if any(hasattr(m, k) for k in keys)}
 
 
-def apply_variant(model, variant: str, targets: list[str]):
+def apply_variant(model, variant: str):
+    from lora_overhead import nemo_lora  # bench/ is this script's directory
+
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
@@ -147,14 +150,9 @@ def apply_variant(model, variant: str, targets: list[str]):
         for p in model.parameters():
             p.requires_grad_(False)
         return model
-    if variant == "nemo_lora":
-        from nemo.collections.llm import fn
-        from nemo.collections.llm.peft import LoRA
-
-        lora = LoRA(target_modules=list(targets), dim=32, alpha=32, dropout=0.0)
-        model.requires_grad_(False)  # what LoRA.__call__ does to NeMo's own model (freeze), on a bare one
-        wrapped = fn.walk(model, lora.transform)
-    elif variant == "nemo_official":
+    if variant == "nemo_lora":  # on the modules (b) wraps, dim = alpha = 32, its B != 0
+        return nemo_lora(model, 32)
+    if variant == "nemo_official":
         wrapped = MLALoRA(placement="nemo_official", dim=32, alpha=32)(model)
     elif variant == "all_linear_r64":
         wrapped = MLALoRA(placement="all_linear", dim=64, alpha=64)(model)
@@ -165,7 +163,7 @@ def apply_variant(model, variant: str, targets: list[str]):
 
 
 def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[list[float], float, dict | None]:
-    """Per-step ms (CUDA events; wall clock on CPU), the peak GiB allocated during the steps (0 on CPU), and with
+    """Per-step ms (wall clock, the GPU synchronized after each step), the peak GiB allocated during the steps (0 on CPU), and with
     ``trace`` > 0 a profile of that many more steps on the same optimizer (``lora_overhead.summarize``)."""
     cuda = tokens.is_cuda
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,22 +237,23 @@ def build_trainer_model(base: str, seq: int):
 
 
 def table(args) -> dict:
+    from lora_overhead import card  # bench/ is this script's directory
+
     from nemo_mla_lora.peft import MLALoRA
 
     model, spec, config, load_s = build_trainer_model(args.base, args.seq)
     gen = torch.Generator(device=device()).manual_seed(0)
     tokens = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device=device(), generator=gen)
-    targets = list(MLALoRA(placement="nemo_official").resolve(model))  # the leaves (b) wraps, for NeMo's LoRA
+    targets = list(MLALoRA(placement="nemo_official").resolve(model))  # the leaves (b) and (d) wrap, recorded
     fpt = flops_per_token(spec, args.seq)
     flags = te_flags(model)
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"card": card, "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
+    result = {"card": card(), "seq": args.seq, "batch": args.batch, "load_seconds": load_s,
               "flops_per_token": fpt, "layer_spec": type(model.decoder.layers[0].self_attention.linear_proj).__name__,
               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
               "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},
               "nemo_lora_targets": targets}
     for variant in args.variants:
-        wrapped = apply_variant(model, variant, targets)
+        wrapped = apply_variant(model, variant)
         result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         trace = args.trace if variant in args.profile else 0
         times, peak, traced = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
