@@ -295,12 +295,17 @@ def card() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def write_json(path: str, data: dict) -> None:
+def write_text(path, text: str) -> None:
     """``path`` replaced whole (a temporary beside it, then renamed): never half-written."""
     tmp = f"{path}.partial"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, data: dict) -> None:
+    """``data`` as indented JSON, through ``write_text``."""
+    write_text(path, json.dumps(data, indent=2))
 
 
 def overhead(args) -> None:

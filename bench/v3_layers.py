@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 
 import torch
+from lora_overhead import device, write_json, write_text
 from v3_projection import project
 from v3_report import markdown, measured_markdown, summary
 from v3_shapes import VARIANTS, ep_layouts, layer_params, layer_trainable, official_layout, padded_vocab, shard_name
-from v3_steps import device, fits, free_memory, inputs, timed_row, write_json, write_md
+from v3_steps import fits, free_memory, inputs, timed_row
 
 CONFIGS = {"v3": "deepseek_v3", "tiny": "tiny_mla"}
 SHARDS = {"v3": ["tp8", "ep8", "ep32"], "tiny": ["tp2", "ep2"]}
@@ -237,7 +238,7 @@ def save(args, result: dict, spec) -> None:
     if args.dims == "v3":
         result["projection"] = project(result["rows"], spec, list(layouts()), args.variants)
         text = markdown(result["projection"], result["card"]) + "\n" + text
-    write_md(Path(args.out).with_suffix(".md"), text)
+    write_text(Path(args.out).with_suffix(".md"), text)
     result["summary"] = summary(result)  # the part a results summary reads (as ``v3_layers``)
     write_json(Path(args.out), result)
 
@@ -340,7 +341,7 @@ def project_cmd(args) -> dict:
     proj = project(table["rows"], load_spec("v3"), list(layouts()), args.variants, overrides)
     write_json(Path(args.out), proj)
     text = markdown(proj, table.get("card", args.table))
-    write_md(Path(args.out).with_suffix(".md"), text)
+    write_text(Path(args.out).with_suffix(".md"), text)
     print(text)
     return proj
 

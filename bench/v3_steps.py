@@ -1,17 +1,11 @@
 """One training step's time and memory on one device: the helpers of ``bench/v3_layers.py``."""
 
 import gc
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+from lora_overhead import device  # bench/ is this script's directory
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
@@ -126,16 +120,3 @@ def fits(nbytes: int) -> str | None:
         return None
     free = torch.cuda.mem_get_info()[0]
     return None if nbytes < 0.9 * free else f"weights {nbytes / 2**30:.1f} GiB > 0.9 x free {free / 2**30:.1f} GiB"
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Written whole: a temporary file beside ``path``, then a rename."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def write_md(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
