@@ -72,7 +72,9 @@ def test_one_linear_matches_the_equations_and_writes_into_the_bases_buffers():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_grouped_experts_match_the_equations_with_an_empty_group():
+@pytest.mark.parametrize("scaled_by", ["fork", "onto"])
+def test_grouped_experts_match_the_equations_with_an_empty_group(scaled_by):
+    """alpha / r applied by ``lora_fork`` (as the TE grouped experts do) or by ``lora_onto`` (its GEMMs)."""
     torch.manual_seed(1)
     counts, i, o, r, scale = [4, 0, 6, 3], 8, 6, 2, 0.5
     e = len(counts)
@@ -80,9 +82,9 @@ def test_grouped_experts_match_the_equations_with_an_empty_group():
     x, a, b = _leaves(
         torch.randn(sum(counts), i, dtype=F64), torch.randn(e, r, i, dtype=F64), torch.randn(e, o, r, dtype=F64)
     )
-    x1, hs = lora_fork(x, a, scale, counts)
+    x1, hs = lora_fork(x, a, scale if scaled_by == "fork" else 1.0, counts)
     base = torch.cat([xe @ w[g].T for g, xe in enumerate(x1.split(counts))])
-    y = lora_onto(base, hs, b, counts)
+    y = lora_onto(base, hs, b, counts, scale=scale if scaled_by == "onto" else 1.0)
     gy = torch.randn_like(y)
     y.backward(gy)
 
