@@ -3,7 +3,6 @@ DeepSeek's released files (checked against transformers 4.57's own model, which 
 machine's transformers 5 does not, so the scripts cannot ask it), and the export step runs end to end on a shrunken
 copy of the config."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,16 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.bench import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
-
-
-def _bench(name: str = "real_size"):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_layout_is_transformers_4_layout_of_v2_lite():
@@ -31,7 +24,7 @@ def test_layout_is_transformers_4_layout_of_v2_lite():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
-    ours = _bench("export_scale").hf_tensors(raw)
+    ours = bench_module("export_scale").hf_tensors(raw)
     assert sorted(set(ours) ^ set(theirs)) == []
     assert {k: v for k, v in ours.items() if theirs[k] != v} == {}
     assert len(ours) == 5291  # 26 MoE layers x 64 experts x 3 linears and the rest
@@ -99,7 +92,7 @@ def test_write_then_export_verifies_on_a_shrunken_v2_lite(tmp_path):
 
 
 def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
-    bench = _bench()
+    bench = bench_module("real_size")
     results = tmp_path / "results"
     results.mkdir()
     variants = ["frozen", "nemo_official", "all_linear_r64", "nemo_lora"]

@@ -2,19 +2,13 @@
 the config's arithmetic), and the paper projection of DeepSeek-V3 gives the numbers worked out here by hand."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support.bench import bench_module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-if str(BENCH) not in sys.path:  # appended: the bench scripts import their siblings by module name
-    sys.path.append(str(BENCH))
-
-import v3_layers  # noqa: E402
-import v3_projection as vp  # noqa: E402
-import v3_shapes as vs  # noqa: E402
+v3_layers, vp, vs = (bench_module(name) for name in ("v3_layers", "v3_projection", "v3_shapes"))
 
 # DeepSeek-V3 by hand (config.json: hidden 7168, 128 heads, q_lora 1536, kv_lora 512, rope 64, nope/v 128,
 # FFN 18432, 256 experts of 2048, one shared expert, vocab 129280, 3 dense + 58 MoE layers)

@@ -4,7 +4,6 @@ with 8 MB units, in a fresh process, its resident-memory high-water mark against
 the export. Holding one layer as the old export did (experts flat and stacked, verify in fp32) is ~6x the
 layer; streaming units is a few units plus one tensor. The numbers at real size: bench/README.md."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.bench import bench_module
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # spawns processes: more than 5 s a test
@@ -34,13 +34,6 @@ def main():
 if __name__ == "__main__":
     main()
 """
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("export_scale", ROOT / "bench" / "export_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +63,7 @@ def experts_heavy(tmp_path_factory):
         torch_dtype="bfloat16",
     )
     out = tmp_path_factory.mktemp("experts_heavy") / "base"
-    info = _bench().write_checkpoint(out, config, rank=8, shard_bytes=64 << 20)
+    info = bench_module("export_scale").write_checkpoint(out, config, rank=8, shard_bytes=64 << 20)
     layer_experts_mib = 64 * 3 * 512 * 1024 * 2 / 2**20  # 192 MiB per layer
     assert info["bytes"] / 2**20 > 2 * layer_experts_mib
     return out, layer_experts_mib

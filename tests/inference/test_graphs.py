@@ -86,14 +86,9 @@ def test_graphed_decode_equals_eager(trained, backend):
 def test_the_benchs_chunked_prefill_matches_the_prompt_in_one_piece(trained, monkeypatch):
     """``bench/decode_bench.prefill`` (chunks that keep the scores small at batch 64, context 4K) leaves the same
     cache and next tokens as one forward over the whole prompt."""
-    import importlib.util
-    from pathlib import Path
+    from support.bench import bench_module
 
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("decode_bench", bench / "decode_bench.py")
-    decode_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode_bench)
+    decode_bench = bench_module("decode_bench")
     engine = _engine(trained["spec"])
     tokens, _, _ = batch(seq=11)
     one = engine.new_cache(2, 16)

@@ -11,7 +11,6 @@ word embeddings on the last stage):
 - the export callback under PP=2 writes the same export, tensor for tensor, as a one-process export of the base
   and adapter saved at PP=1, and its verification passes."""
 
-import importlib.util
 import json
 from multiprocessing import forkserver
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 from pp_worker import DTYPE, LAYOUTS, PEFT_KWARGS, adapter_tensors, build, load, micro_batches
+from support.bench import bench_module
 from support.hf import MAKER
 from tp_worker import global_grads
 
@@ -166,7 +166,8 @@ def test_export_callback_under_pp2_matches_one_process_export(runs, variant):
     assert set(one) == set(two), sorted(set(one) ^ set(two))
     for name in one:
         assert torch.equal(two[name], one[name]), f"{variant}: {name}"
-    result = _compare_exports().compare(d / "export_pp1", d / "callback_pp2" / "export")  # as GPU runs compare
+    compare = bench_module("compare_exports").compare  # as the GPU runs compare
+    result = compare(d / "export_pp1", d / "callback_pp2" / "export")
     assert result["identical"] == result["tensors"] == len(one) and not result["names_in_one_only"], result
 
 
@@ -175,10 +176,3 @@ def _shapes(directory) -> dict:
     from megatron.core import dist_checkpointing
 
     return {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(directory)).items()}
-
-
-def _compare_exports():
-    spec = importlib.util.spec_from_file_location("compare_exports", ROOT / "bench" / "compare_exports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

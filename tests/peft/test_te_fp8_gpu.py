@@ -8,14 +8,13 @@ parameter). Same adapters (B != 0) on both. Checked: the FP8 model's linears rea
 gradients within FP8's precision of the bf16 model's; ten AdamW steps on the adapters give the same loss curve within
 the same kind of bound. Measured differences go to ``$TE_GPU_RECORD`` (bench/README quotes them). Skipped on CPU."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import batch
+from support.bench import bench_module
 from test_te_gpu import _te_and_cuda, record
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _te_and_cuda(), reason="needs CUDA and Transformer Engine")]
@@ -41,11 +40,7 @@ def _norm_rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _hf_dir(tmp_path: Path) -> Path:
-    if str(ROOT / "bench") not in sys.path:  # real_size.py imports its neighbour export_scale.py
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("real_size", ROOT / "bench" / "real_size.py")
-    real_size = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_size)
+    real_size = bench_module("real_size")
     raw = json.loads((ROOT / "nemo_mla_lora" / "models" / "configs" / "deepseek_v3.json").read_text())
     raw.update(FP8_FRIENDLY)
     raw.pop("quantization_config", None)
