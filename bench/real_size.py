@@ -162,9 +162,11 @@ def apply_variant(model, variant: str):
     return wrapped
 
 
-def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[list[float], float, dict | None]:
-    """Per-step ms (wall clock, the GPU synchronized after each step), the peak GiB allocated during the steps (0 on CPU), and with
-    ``trace`` > 0 a profile of that many more steps on the same optimizer (``lora_overhead.summarize``)."""
+def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[list[float], float, dict | None, dict]:
+    """Per-step ms (wall clock, the GPU synchronized after each step), the peak GiB allocated during the steps (0 on
+    CPU), with ``trace`` > 0 a profile of that many more steps on the same optimizer (``lora_overhead.summarize``),
+    and the caching allocator's view of the timed steps: peak GiB reserved and how often it freed its cache to retry
+    an allocation (each retry synchronizes the device; empty on CPU)."""
     cuda = tokens.is_cuda
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda) if params else None
@@ -176,6 +178,7 @@ def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[l
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) if cuda else 0
 
     def step():
         loss = model(tokens, position_ids, attention_mask=mask, labels=tokens).float().mean()
@@ -193,6 +196,11 @@ def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[l
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    allocator = {}
+    if cuda:
+        stats = torch.cuda.memory_stats()
+        allocator = {"peak_reserved_gib": stats["reserved_bytes.all.peak"] / 2**30,
+                     "alloc_retries": stats["num_alloc_retries"] - retries}
     traced = None
     if trace:
         from lora_overhead import summarize  # bench/ is this script's directory
@@ -205,7 +213,7 @@ def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[l
     if hook:
         hook.remove()
     del optimizer
-    return times, peak, traced
+    return times, peak, traced, allocator
 
 
 def device() -> torch.device:
@@ -256,7 +264,9 @@ def table(args) -> dict:
         wrapped = apply_variant(model, variant)
         result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         trace = args.trace if variant in args.profile else 0
-        times, peak, traced = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
+        times, peak, traced, allocator = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
+        if allocator:
+            result.setdefault("allocator", {}).setdefault(variant, []).append(allocator)
         if traced:
             result.setdefault("profile", {})[variant] = traced
             print(f"{variant} profile: host {traced['cpu_ms_per_step']:.0f} ms, kernels "
@@ -273,7 +283,7 @@ def table(args) -> dict:
         result["tokens_per_s"][variant], result["tflops"][variant] = tps, tps * fpt / 1e12
         result["peak_gib"][variant] = max(peak, result["peak_gib"].get(variant, 0.0))
         print(f"{variant}: {ms:.1f} ms/step, {tps:,.0f} tokens/s, {tps * fpt / 1e12:.1f} TFLOP/s, "
-              f"peak {peak:.1f} GiB, trainable {result['trainable'][variant]:,}", flush=True)
+              f"peak {peak:.1f} GiB, trainable {result['trainable'][variant]:,}, {allocator}", flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2))  # what finished survives a cut
     return result
 
