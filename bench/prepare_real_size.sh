@@ -24,13 +24,14 @@ if [ ! -f .real_size/tokenizer/tokenizer.json ]; then
   rm -rf "$tmp"
 fi
 du -sh .gpu_wheels .gpu_wheels019 .real_size
-# .gpu_snap/: the same inputs from HEAD in one folder (bench/, the data, the wheels without pulp, which NeMo's llm
-# path does not import), so that a call is not affected by uncommitted edits in the working tree that travels with it:
+# .gpu_snap/: the same inputs from HEAD in one folder (bench/, the data, the wheels; PuLP without its solver
+# binaries: nemo.collections.llm imports PuLP but runs no solver), so that a call is not affected by uncommitted edits in the working tree that travels with it:
 #   carry [".gpu_snap"]   cd .gpu_snap && bash bench/run_gpu.sh real_size_table
 rm -rf .gpu_snap /tmp/gpu_snap_src && mkdir -p .gpu_snap/.gpu_wheels .gpu_snap/nemo_mla_lora /tmp/gpu_snap_src
 git archive HEAD | tar -x -C /tmp/gpu_snap_src
 (cd /tmp/gpu_snap_src && "$OLDPWD"/.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w wheel .)
 cp .gpu_wheels/*.whl .gpu_snap/.gpu_wheels/ && rm -f .gpu_snap/.gpu_wheels/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/pulp-*.whl
+python3 bench/slim_wheel.py .gpu_wheels/pulp-*.whl .gpu_snap/.gpu_wheels --drop pulp/solverdir/ pulp/tests/
 cp /tmp/gpu_snap_src/wheel/nemo_mla_lora-*.whl .gpu_snap/.gpu_wheels/
 cp -r /tmp/gpu_snap_src/bench .gpu_snap/bench && rm -rf .gpu_snap/bench/results
 mkdir -p .gpu_snap/nemo_mla_lora/models && cp -r /tmp/gpu_snap_src/nemo_mla_lora/models/configs .gpu_snap/nemo_mla_lora/models/configs
