@@ -180,3 +180,33 @@ def test_tma_kernels_on_gpu_bf16_v3_dims(h, launch):
     ref = reference(q, qr, ck.nan_to_num(0), kr, lengths, 0.05)
     o = latent_decode_attention_tma(q, qr, ck, kr, lengths, 0.05, **launch)
     torch.testing.assert_close(o.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs a Hopper (sm_90) or newer GPU",
+)
+@pytest.mark.parametrize("kernel", ["portable", "heads", "positions"])
+def test_kernels_address_a_cache_past_2_31_elements(kernel):
+    """A layer's cache [b, P, c + d] of 2.4e9 elements (batch 64 x 65,600 positions, 4.8 GB): the last rows start
+    past 2^31 elements, where a 32-bit row offset wraps (an illegal address, or another row's cache)."""
+    from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
+    from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
+
+    b, h, c, d, p = 64, 16, 512, 64, 65600
+    assert b * p * (c + d) > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache = torch.empty(b, p, c + d, device="cuda", dtype=torch.bfloat16).normal_(generator=g)
+    ck, kr = cache[..., :c], cache[..., c:]  # views of one buffer, as the engine's cache
+    q, qr = (torch.randn(b, h, n, device="cuda", generator=g, dtype=torch.bfloat16) for n in (c, d))
+    lengths = torch.full((b,), 64, device="cuda", dtype=torch.int32)
+    lengths[-1] = p  # the last row reads to the buffer's end
+    if kernel == "portable":
+        o = latent_decode_attention(q, qr, ck, kr, lengths, 0.05)
+    else:
+        o = latent_decode_attention_tma(q, qr, ck, kr, lengths, 0.05, rows=kernel)
+    torch.cuda.synchronize()
+    rows = slice(b - 2, b)  # the float64 reference on the last two rows only (17 GB for all)
+    ref = reference(q[rows], qr[rows], ck[rows], kr[rows], lengths[rows], 0.05)
+    torch.testing.assert_close(o[rows].double(), ref, atol=2e-2, rtol=2e-2)

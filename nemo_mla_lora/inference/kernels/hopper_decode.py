@@ -57,7 +57,8 @@ def _tma_split_kernel(
     ONE_SPLIT: tl.constexpr,
 ):
     HALF: tl.constexpr = C // 2
-    hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hb, split = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # b x a row's stride passes 2^31 elements in a large cache
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     cs, ds = tl.arange(0, HALF), tl.arange(0, D)
     hmask = heads < H
@@ -141,7 +142,8 @@ def _tma_split_kernel_t(
     o^T [c/2, BH] += c_kv tile^T . p^T, so the few heads of a tensor-parallel rank (16) are the N of a
     64-row wgmma instead of padding its M."""
     HALF: tl.constexpr = C // 2
-    hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hb, split = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # b x a row's stride passes 2^31 elements in a large cache
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     cs, ds = tl.arange(0, HALF), tl.arange(0, D)
     hmask = heads < H

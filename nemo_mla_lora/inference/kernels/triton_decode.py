@@ -56,7 +56,8 @@ def _split_kernel(
     BLOCK_D: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
 ):
-    hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hb, split = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # b x a row's stride passes 2^31 elements in a large cache
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     cs, ds = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D)
     hmask = heads < H
@@ -120,7 +121,7 @@ def _merge_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    b, h = tl.program_id(0), tl.program_id(1)
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     ss, cs = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
     smask = ss < S
     m = tl.load(m_in + b * s_mb + h * s_mh + ss, mask=smask, other=float("-inf"))  # [BS]
