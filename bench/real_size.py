@@ -260,10 +260,14 @@ def table(args) -> dict:
               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
               "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},
               "nemo_lora_targets": targets}
-    for variant in args.variants:
+    result["rounds"] = args.rounds
+    profiled = set()
+    for variant in [v for _ in range(args.rounds) for v in args.variants]:  # round after round: host speed drifts
         wrapped = apply_variant(model, variant)
         result["trainable"][variant] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        trace = args.trace if variant in args.profile else 0
+        trace = args.trace if variant in set(args.profile) - profiled else 0  # each profiled once
+        if trace:
+            profiled.add(variant)
         times, peak, traced, allocator = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
         if allocator:
             result.setdefault("allocator", {}).setdefault(variant, []).append(allocator)
@@ -351,6 +355,8 @@ def main(argv=None) -> int:
     t.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
                    help="after its timed steps, profile --trace more steps of each of these variants")
     t.add_argument("--trace", type=int, default=1)
+    t.add_argument("--rounds", type=int, default=1,
+                   help="run the variants in turn this many times; each variant's step_ms is the median of its runs")
     m = sub.add_parser("summary")
     m.add_argument("--results", required=True, help="a run's files from $OUT (run_gpu.sh real_size_* steps)")
     m.add_argument("--out", required=True)

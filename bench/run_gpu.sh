@@ -367,9 +367,10 @@ real_size_base() {  # the HF checkpoint of the published config, once per warm m
 real_size_table() {  # the step table: frozen, MLALoRA nemo_official / all_linear r64, NeMo's LoRA (TE spec, seq 4096)
   te_env || return 1
   real_size_base || return 1
-  # PROFILE="frozen all_linear_r64": also a torch profile of one more step of those variants (in the JSON)
+  # PROFILE="frozen all_linear_r64": also a torch profile of one more step of those variants (in the JSON);
+  # ROUNDS=2: the variants in turn twice (medians over both); BATCH=2: two sequences per step
   timeout 480 python3 "$REPO/bench/real_size.py" table --base "$RS_BASE" --out "$OUT/real_size_table.json" \
-    --iters "${ITERS:-8}" ${PROFILE:+--profile $PROFILE} 2>&1 | tee "$OUT/real_size_table.log" \
+    --iters "${ITERS:-8}" --batch "${BATCH:-1}" --rounds "${ROUNDS:-1}" ${PROFILE:+--profile $PROFILE} 2>&1 | tee "$OUT/real_size_table.log" \
     | grep -vE "Warning|warn|Adding lora|Unknown MLP" | tail -n 40
   return "${PIPESTATUS[0]}"
 }

@@ -113,8 +113,9 @@ def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
 
 
 def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
-    """The step table on the shrunken config (CPU, 32 tokens): each variant steps, NeMo's LoRA and MLALoRA
-    ``nemo_official`` train the same number of parameters, and a profiled variant carries its profile."""
+    """The step table on the shrunken config (CPU, 32 tokens): each variant steps in each of two rounds, NeMo's
+    LoRA and MLALoRA ``nemo_official`` train the same number of parameters, and a profiled variant carries its
+    profile (taken once)."""
     raw = json.loads(CONFIG.read_text())
     raw.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2)
     raw.update(n_routed_experts=4, num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=2)
@@ -127,11 +128,12 @@ def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
     assert subprocess.run(write, capture_output=True, text=True, cwd=ROOT).returncode == 0
     variants = ["frozen", "nemo_official", "all_linear_r64", "nemo_lora"]
     table = [*bench, "table", "--base", str(base), "--out", str(out), "--seq", "32", "--warmup", "1", "--iters", "1"]
-    proc = subprocess.run([*table, "--variants", *variants, "--profile", "nemo_official"], capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run([*table, "--variants", *variants, "--profile", "nemo_official", "--rounds", "2"],
+                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["step_ms"]) == set(variants) and all(ms > 0 for ms in result["step_ms"].values())
+    assert all(len(runs) == 2 for runs in result["step_ms_runs"].values())  # two rounds, a median of two each
     assert result["trainable"]["frozen"] == 0
     assert result["trainable"]["nemo_official"] == result["trainable"]["nemo_lora"] > 0
     assert result["trainable"]["all_linear_r64"] > result["trainable"]["nemo_official"]
