@@ -199,7 +199,8 @@ def default_tma_launch(h: int, b: int, t: int) -> dict:
     Little work (b x t < 32K cached positions, or one row) wants many small programs: 16 heads per program,
     positions as the MMA's rows, twice the splits when b x t x h <= 256K; V3's 128 heads at b > 1 keep 64 x 64
     tiles on two warp groups; a tensor-parallel rank's few heads stream the cache in 16 x 32 tiles three stages
-    deep; 64 heads take 64 x 64 tiles."""
+    deep, with twice the splits from 1M cached positions on (batch 32 x 32K: 0.455 against 0.476 ms on an H100,
+    where FlashMLA takes 0.433); 64 heads take 64 x 64 tiles."""
     heads64 = dict(rows="heads", block_h=64, block_t=64, num_warps=8, num_stages=2)
     if h >= 128 and b > 1:
         return dict(heads64, split_factor=2 if b * t <= 8192 else 1)
@@ -213,7 +214,8 @@ def default_tma_launch(h: int, b: int, t: int) -> dict:
             split_factor=2 if b * t * h <= 262144 else 1,
         )
     if h <= 32:
-        return dict(rows="heads", block_h=16, block_t=32, num_warps=4, num_stages=3, split_factor=1)
+        split_factor = 2 if b * t >= 1 << 20 else 1
+        return dict(rows="heads", block_h=16, block_t=32, num_warps=4, num_stages=3, split_factor=split_factor)
     return dict(heads64, split_factor=1)
 
 
