@@ -23,6 +23,7 @@
 #   nemo_engines                          NeMo llm.generate + Megatron's TE-spec load (bench/prepare_nemo_proof.sh)
 # Decode:
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
+#   gluon_decode                          the warp-specialised Gluon kernel's GPU tests and timing
 # Placement study:
 #   placement_study [overrides] | placement_continue [overrides]
 # Several steps in one call: chain STEP [STEP ...]
@@ -118,6 +119,15 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
   [ "${NCU:-1}" = 0 ] && return "$rc"
   decode_ncu "default 16 64 4096" "default 128 64 4096"
   return "$rc"
+}
+
+gluon_decode() {  # the warp-specialised Gluon kernel: its GPU tests (a barrier bug would hang: timeouts), then its
+  # timing beside the TMA kernel (bench/gluon_compile.py --time)
+  timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
+    > "$OUT/gluon_tests.log" 2>&1; local rc=$?
+  tail -n 15 "$OUT/gluon_tests.log"
+  timeout -k 5 150 python3 "$REPO/bench/gluon_compile.py" --time 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
+  return $(( rc || PIPESTATUS[0] ))
 }
 
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument

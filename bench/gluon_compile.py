@@ -1,0 +1,157 @@
+"""Compile-only check of the Gluon warp-specialised decode kernel (``inference/kernels/gluon_decode.py``) for sm_90a,
+no GPU needed: binds the launcher's own arguments (CPU tensors of the real shapes, so the signature and the
+specialisation are what a launch on an H100 would compile), compiles through ``triton.compile`` for
+GPUTarget("cuda", 90, 32) with the wheel's ptxas, and prints registers, spills and shared memory per config.
+Exits non-zero when a config fails to compile, spills, or needs more shared memory than sm_90's 227 KiB.
+
+    python bench/gluon_compile.py [--ptx DIR]   # DIR: also write each config's PTX, TTGIR and ptxas log there
+    python bench/gluon_compile.py --time        # on an sm_90 GPU instead: time it beside hopper_decode's TMA kernel
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.knobs import nvidia as nvidia_tools
+from triton.runtime.jit import create_function_from_signature
+
+from nemo_mla_lora.inference.kernels import gluon_decode as gd
+from nemo_mla_lora.inference.kernels.triton_decode import split_buffers
+
+SM90_SMEM = 227 * 1024  # the opt-in shared memory per block on sm_90
+TARGET = GPUTarget("cuda", 90, 32)  # compiled as sm_90a (wgmma, setmaxnreg)
+CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one split (writes out) and several
+    (64, 4, 1000, 1),
+    (64, 4, 1000, 3),
+    (128, 4, 1000, 1),
+    (128, 4, 1000, 3),
+]
+
+
+def _tensors(h: int, b: int, t: int):
+    """The launcher's inputs on the CPU (bf16 cache as views of one [b, P, 576] buffer, as the engine's)."""
+    pad = triton.cdiv(t, 64) * 64
+    buf = torch.zeros(b, pad, gd.LATENT + gd.ROPE, dtype=torch.bfloat16)  # [b, P, c + d]
+    q_lat = torch.zeros(b, h, gd.LATENT, dtype=torch.bfloat16)  # [b, h, c]
+    q_rope = torch.zeros(b, h, gd.ROPE, dtype=torch.bfloat16)  # [b, h, d]
+    lengths = torch.full((b,), t, dtype=torch.int32)
+    return q_lat, q_rope, buf[:, :t, : gd.LATENT], buf[:, :t, gd.LATENT :], lengths
+
+
+def compile_config(h: int, b: int, t: int, splits: int):
+    """The compiled kernel for one launch config (raises on a compile error)."""
+    q_lat, q_rope, c_kv, k_rope, lengths = _tensors(h, b, t)
+    chunk, splits, _, acc, m, l_sum = split_buffers(q_lat, t, splits, gd.BLOCK_T)
+    _, args, kwargs = gd.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, 0.1, chunk, acc, m, l_sum)
+    kernel = gd._ws_decode_kernel
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    src = GluonASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=TARGET, options=options.__dict__)
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """Registers, spill bytes and static shared memory as the wheel's ptxas reports them for sm_90a (what the
+    driver would say at load time, which needs a GPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [nvidia_tools.ptxas.path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.o")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return dict(n_regs=int(regs.group(1)), n_spills=sum(spills), stack=int(stack.group(1)) if stack else 0, log=log)
+
+
+TIMED = [(64, 64, 4096), (128, 64, 4096), (128, 16, 4096), (128, 1, 16384)]  # (heads, batch, positions per row)
+PEAK_TFLOPS = 800.0  # bf16 dense matmul roof of an H100 / H200 SXM (about what a big cuBLAS GEMM reaches there)
+
+
+def _copy_bandwidth(do_bench) -> float:
+    """GB/s of a 512 MiB device-to-device copy, bytes read and written."""
+    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / do_bench(lambda: dst.copy_(src)) / 1e6
+
+
+def time_kernels() -> int:
+    """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel and
+    of ``latent_decode_attention_tma`` on full rows; the copy bandwidth (read + write) is measured here."""
+    from triton.testing import do_bench
+
+    from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
+
+    copy_gbs = _copy_bandwidth(do_bench)
+    print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write)")
+    for h, b, t in TIMED:
+        buf = torch.randn(b, t, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
+        q = torch.randn(b, h, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
+        args = (q[..., : gd.LATENT], q[..., gd.LATENT :], buf[..., : gd.LATENT], buf[..., gd.LATENT :])
+        lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
+        flops, nbytes = b * h * t * (2 * 576 + 2 * 512), buf.numel() * 2 + b * h * (576 + 512) * 2
+        ref = latent_decode_attention_tma(*args, lengths, 0.05, max_length=t).double()
+        for name, fn in (("gluon_ws", gd.latent_decode_attention_ws), ("triton_tma", latent_decode_attention_tma)):
+            err = (fn(*args, lengths, 0.05, max_length=t).double() - ref).abs().max().item()
+            ms = do_bench(lambda fn=fn, args=args, lengths=lengths, t=t: fn(*args, lengths, 0.05, max_length=t))
+            tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
+            print(
+                f"h={h:3d} b={b:2d} t={t:5d} {name:10s} {ms * 1e3:8.1f} us {tflops:6.1f} TFLOP/s "
+                f"({100 * tflops / PEAK_TFLOPS:4.1f}% of {PEAK_TFLOPS:.0f}) {gbs:6.0f} GB/s "
+                f"({100 * gbs / copy_gbs:4.1f}% of copy) max|diff vs tma| {err:.2e}"
+            )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ptx", type=Path, help="write each config's PTX, TTGIR and ptxas log here")
+    parser.add_argument("--time", action="store_true", help="time the kernel on this machine's sm_90 GPU instead")
+    opts = parser.parse_args()
+    if opts.time:
+        return time_kernels()
+    print(f"triton {triton.__version__}, target {TARGET}")
+    if gd._GLUON_ERROR:
+        print(f"FAILED: {gd._GLUON_ERROR}")
+        return 1
+    failed = []
+    for h, b, t, splits in CONFIGS:
+        name = f"h{h}_b{b}_t{t}_splits{splits}"
+        try:
+            k = compile_config(h, b, t, splits)
+        except Exception as err:  # report every config, then fail
+            print(f"{name}: FAILED to compile: {type(err).__name__}: {err}")
+            failed.append(name)
+            continue
+        md, use = k.metadata, ptxas_usage(k.asm["ptx"])
+        ok = use["n_spills"] == 0 and use["stack"] == 0 and md.shared <= SM90_SMEM
+        print(
+            f"{name}: n_regs={use['n_regs']} n_spills={use['n_spills']} stack={use['stack']} shared={md.shared} B "
+            f"({md.shared / 1024:.1f} KiB of {SM90_SMEM // 1024}) warps={md.num_warps} maxnreg={md.maxnreg} "
+            f"{'ok' if ok else 'FAILED'}"
+        )
+        if opts.ptx:
+            opts.ptx.mkdir(parents=True, exist_ok=True)
+            (opts.ptx / f"{name}.ptx").write_text(k.asm["ptx"])
+            (opts.ptx / f"{name}.ttgir").write_text(k.asm["ttgir"])
+            (opts.ptx / f"{name}.ptxas.log").write_text(use["log"])
+        if not ok:
+            failed.append(name)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

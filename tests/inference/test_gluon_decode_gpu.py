@@ -1,0 +1,102 @@
+"""The warp-specialised Gluon decode kernel (``inference/kernels/gluon_decode.py``) on a Hopper GPU: against the
+float64 equations (``reference.latent.decode_step``) and against the TMA Triton kernel (``hopper_decode``).
+
+The cache is what the engine keeps: views c_kv = buf[..., :512], k_rope = buf[..., 512:] of one [b, P, 576] bf16
+buffer, with NaN written past each row's length (the kernel must never let it in). Heads 64 and 128, batches 1, 3
+and 64, lengths 1, 63, 64, 65, 1000 and 4096 mixed per row, default / one / three splits. Bound: the largest
+absolute error at most 4e-3 of the output's largest magnitude (bf16 output and bf16 P). Skipped without an sm_90
+GPU or Gluon; the refusal test runs everywhere."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from nemo_mla_lora.inference.kernels import gluon_decode
+from nemo_mla_lora.reference.latent import decode_step as reference
+
+SCALE = 0.05  # about 1 / sqrt(192 + 64), V3's
+BOUND = 4e-3  # of max |o_lat|
+
+
+def _sm90_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"needs a Hopper (sm_90) GPU, this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+    return gluon_decode._GLUON_ERROR
+
+
+needs_sm90 = pytest.mark.skipif(_sm90_problem() is not None, reason=str(_sm90_problem()))
+
+LENGTHS = {  # batch -> lengths per row
+    1: [4096],
+    3: [1, 65, 1000],
+    64: [[1, 63, 64, 65, 1000, 4096][i % 6] if i < 12 else 1 + (i * 379) % 4096 for i in range(64)],
+}
+
+
+def _inputs(heads: int, lens: list[int], seed: int = 0):
+    """q_lat [b, h, 512], q_rope [b, h, 64] as non-contiguous views of one [b, h, 576] tensor; the cache views of
+    one [b, P, 576] buffer (P: the longest row rounded up to 64, plus a page) with NaN past each row's length."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b, c, d = len(lens), gluon_decode.LATENT, gluon_decode.ROPE
+    q = torch.randn(b, heads, c + d, device="cuda", dtype=torch.bfloat16, generator=g)  # [b, h, c + d]
+    pages = -(-max(lens) // 64) + 1
+    buf = torch.randn(b, pages * 64, c + d, device="cuda", dtype=torch.bfloat16, generator=g)  # [b, P, c + d]
+    for i, n in enumerate(lens):
+        buf[i, n:] = float("nan")
+    lengths = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    return q[..., :c], q[..., c:], buf[..., :c], buf[..., c:], lengths
+
+
+def _want(q_lat, q_rope, c_kv, k_rope, lengths):
+    """The float64 equations on the cache with its NaN zeroed (masked positions weigh 0 either way)."""
+    return reference(q_lat, q_rope, c_kv.nan_to_num(0.0), k_rope.nan_to_num(0.0), lengths, SCALE)  # [b, h, c]
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+@pytest.mark.parametrize("heads", [64, 128])
+def test_matches_the_equations_and_the_tma_kernel(heads, batch, splits):
+    from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
+
+    q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, LENGTHS[batch])
+    got = gluon_decode.latent_decode_attention_ws(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits)
+    assert got.shape == q_lat.shape and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
+    peak = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= BOUND * peak, f"max |error| {err:.3e} > {BOUND} x max |o| {peak:.3e}"
+    tma = latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits)
+    assert (got.double() - tma.double()).abs().max().item() <= 2 * BOUND * peak
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_host_max_length_and_rows_of_one_position():
+    """``max_length`` from the host (no device sync) above every row's length; rows of 1 position in every split."""
+    q_lat, q_rope, c_kv, k_rope, lengths = _inputs(128, [1, 64, 1, 4096, 1], seed=1)
+    want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
+    for splits in (None, 7):
+        got = gluon_decode.latent_decode_attention_ws(
+            q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits, max_length=c_kv.shape[1]
+        )
+        assert (got.double() - want).abs().max().item() <= BOUND * want.abs().max().item()
+
+
+def test_refuses_with_the_reason():
+    """What the kernel is not built for is refused with expected-vs-actual, before anything is launched."""
+    c_kv, k_rope = torch.zeros(2, 64, 256, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    if gluon_decode._GLUON_ERROR:
+        assert gluon_decode.unavailable(c_kv, k_rope, 64) == gluon_decode._GLUON_ERROR
+        return
+    assert "built for c = 512, d = 64; got c = 256, d = 64" in gluon_decode.unavailable(c_kv, k_rope, 64)
+    c_kv = torch.zeros(2, 64, 512, dtype=torch.bfloat16)
+    assert "heads in blocks of 64; got 96 heads" in gluon_decode.unavailable(c_kv, k_rope, 96)
+    assert "expected a sm_90 GPU, got cpu" in gluon_decode.unavailable(c_kv, k_rope, 128)
+    with pytest.raises(ValueError, match="latent_decode_attention_ws: the Gluon decode kernel takes heads"):
+        q = torch.zeros(2, 96, 512, dtype=torch.bfloat16)
+        gluon_decode.latent_decode_attention_ws(q, q[..., :64], c_kv, k_rope, torch.tensor([64, 64]), SCALE)
