@@ -75,25 +75,18 @@ def ptxas_usage(ptx: str) -> dict:
 
 
 TIMED = [(64, 64, 4096), (128, 64, 4096), (128, 16, 4096), (128, 1, 16384)]  # (heads, batch, positions per row)
-PEAK_TFLOPS = 800.0  # bf16 dense matmul roof of an H100 / H200 SXM (about what a big cuBLAS GEMM reaches there)
-
-
-def _copy_bandwidth(do_bench) -> float:
-    """GB/s of a 512 MiB device-to-device copy, bytes read and written."""
-    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / do_bench(lambda: dst.copy_(src)) / 1e6
-
-
 def time_kernels() -> int:
     """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel and
-    of ``latent_decode_attention_tma`` on full rows; the copy bandwidth (read + write) is measured here."""
+    of ``latent_decode_attention_tma`` on full rows, against the roofs measured here (``decode_roofline.roofs``:
+    the copy bandwidth, read + write, and the bf16 matmul peak)."""
+    from decode_roofline import roofs  # bench/ is this script's directory
     from triton.testing import do_bench
 
     from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
-    copy_gbs = _copy_bandwidth(do_bench)
-    print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write)")
+    roof = roofs()
+    copy_gbs, peak_tflops = roof["copy_GBps"], roof["matmul_bf16_TFLOPs"]
+    print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write), matmul {peak_tflops:.0f}")
     for h, b, t in TIMED:
         buf = torch.randn(b, t, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
         q = torch.randn(b, h, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
@@ -107,7 +100,7 @@ def time_kernels() -> int:
             tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
             print(
                 f"h={h:3d} b={b:2d} t={t:5d} {name:10s} {ms * 1e3:8.1f} us {tflops:6.1f} TFLOP/s "
-                f"({100 * tflops / PEAK_TFLOPS:4.1f}% of {PEAK_TFLOPS:.0f}) {gbs:6.0f} GB/s "
+                f"({100 * tflops / peak_tflops:4.1f}% of {peak_tflops:.0f}) {gbs:6.0f} GB/s "
                 f"({100 * gbs / copy_gbs:4.1f}% of copy) max|diff vs tma| {err:.2e}"
             )
     return 0

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from lora_overhead import card, device, nemo_lora, summarize  # bench/ is this script's directory
 
 CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
 SHARD_BYTES = 4 << 30
@@ -141,8 +142,6 @@ def te_flags(model: torch.nn.Module) -> dict:
 
 
 def apply_variant(model, variant: str):
-    from lora_overhead import nemo_lora  # bench/ is this script's directory
-
     from nemo_mla_lora.peft import MLALoRA
     from nemo_mla_lora.peft.state import randomize_b
 
@@ -203,8 +202,6 @@ def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[l
                      "alloc_retries": stats["num_alloc_retries"] - retries}
     traced = None
     if trace:
-        from lora_overhead import summarize  # bench/ is this script's directory
-
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(trace):
@@ -214,10 +211,6 @@ def run_steps(model, tokens, warmup: int, iters: int, trace: int = 0) -> tuple[l
         hook.remove()
     del optimizer
     return times, peak, traced, allocator
-
-
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def build_trainer_model(base: str, seq: int):
@@ -245,8 +238,6 @@ def build_trainer_model(base: str, seq: int):
 
 
 def table(args) -> dict:
-    from lora_overhead import card  # bench/ is this script's directory
-
     from nemo_mla_lora.peft import MLALoRA
 
     model, spec, config, load_s = build_trainer_model(args.base, args.seq)
@@ -259,8 +250,7 @@ def table(args) -> dict:
               "flops_per_token": fpt, "layer_spec": type(model.decoder.layers[0].self_attention.linear_proj).__name__,
               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
               "step_ms": {}, "step_ms_runs": {}, "tokens_per_s": {}, "tflops": {}, "peak_gib": {}, "trainable": {},
-              "nemo_lora_targets": targets}
-    result["rounds"] = args.rounds
+              "nemo_lora_targets": targets, "rounds": args.rounds}
     profiled = set()
     for variant in [v for _ in range(args.rounds) for v in args.variants]:  # round after round: host speed drifts
         wrapped = apply_variant(model, variant)
