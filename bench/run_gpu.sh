@@ -365,7 +365,7 @@ nemo_engines() {  # NeMo 2.7.3's llm.generate (TE spec) and Megatron's TE-spec l
 v3_layers() {  # DeepSeek-V3 at real width, layer by layer + the paper projection (TE spec when the bring-up call
   # ran just before on this warm machine, else the TE-free spec): v3_layers.json, v3_layers.md
   te_env || echo "TE-free spec"
-  timeout 500 python3 "$REPO/bench/v3_layers.py" measure --out "$OUT/v3_layers.json" --iters "${ITERS:-10}" \
+  timeout 500 python3 "$REPO/bench/v3_layers.py" measure --out "$OUT/v3_layers.json" --iters "${ITERS:-10}" --rounds "${ROUNDS:-1}" \
     > "$OUT/v3_layers.log" 2>&1; local rc=$?
   grep -vE "Warning|warn" "$OUT/v3_layers.log" | tail -n 30; return "$rc"
 }

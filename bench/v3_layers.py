@@ -11,7 +11,8 @@ spec), random bf16 weights, one layer kind at a time: a dense layer, an MoE laye
 FFN / 8, experts' FFN / 8, the q/kv down projections on s / 8 tokens as sequence parallelism runs them; ``ep8`` = 32
 experts), then as many layers as the GPU holds in one stack (dense + MoE), to check that layers add up. Per kind and
 variant (``frozen``; ``nemo_official``: MLALoRA r32 alpha 32, NeMo's V3 recipe; ``all_linear_r64``), sequence
-``--seq`` x micro-batch 1: forward and forward + backward ms (CUDA events, median of ``--iters`` after ``--warmup``;
+``--seq`` x micro-batch 1: forward and forward + backward ms (CUDA events, median of ``--iters`` after ``--warmup``,
+the variants in turn ``--rounds`` times with the medians over all rounds;
 the frozen base runs backward to its input, as inside LoRA training), the bytes kept for backward (allocated after
 the forward minus before, on the GPU; the saved tensors' storage on the CPU), the peak, weight bytes and trainable
 parameters beside their counts from the config (``v3_shapes``). A kind whose weights do not fit the free memory is
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -183,6 +185,29 @@ def measure_layers(args, spec, kind: str, shard: tuple, pattern: list, variant: 
     return row
 
 
+def measure_rounds(args, spec, kind: str, shard: tuple, pattern: list, dtype) -> list[dict]:
+    """One row per variant, the variants measured in turn ``--rounds`` times (host speed drifts within a process):
+    ``fwd_ms`` / ``step_ms`` are medians over every round's timed steps, memory is the last round's."""
+    rounds: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            rounds[variant].append(measure_layers(args, spec, kind, shard, pattern, variant, dtype))
+            free_memory()
+    rows = []
+    for variant, runs in rounds.items():
+        row = runs[-1]
+        timed = [r for r in runs if r.get("step_ms") is not None]
+        if len(timed) > 1:
+            row["step_ms_runs"] = [ms for r in timed for ms in r["step_ms_runs"]]
+            row["fwd_ms_runs"] = [ms for r in timed for ms in r["fwd_ms_runs"]]
+            row["step_ms"] = statistics.median(row["step_ms_runs"])
+            row["fwd_ms"] = statistics.median(row["fwd_ms_runs"])
+            row["step_ms_by_round"] = [r["step_ms"] for r in timed]
+        row["rounds"] = len(timed)
+        rows.append(row)
+    return rows
+
+
 def measure_head(args, spec, tp: int, dtype) -> dict:
     """The output layer's vocabulary shard at TP ``tp`` (frozen) + cross entropy in fp32, backward to its input."""
     vocab = padded_vocab(spec.vocab_size, tp) // tp
@@ -278,6 +303,7 @@ def measure(args) -> dict:
         "micro_batch": 1,
         "warmup": args.warmup,
         "iters": args.iters,
+        "rounds": args.rounds,
         "torch": torch.__version__,
         "variants": {v: VARIANTS[v] for v in args.variants},
         "shards": args.shards,
@@ -292,8 +318,8 @@ def measure(args) -> dict:
         save(args, result, spec)
 
     for kind, shard, pattern in plan(args):
-        for variant in args.variants:
-            add(measure_layers(args, spec, kind, shard, pattern, variant, dtype))
+        for row in measure_rounds(args, spec, kind, shard, pattern, dtype):
+            add(row)
         if (kind, shard) == ("moe", (1, 1)):
             for tp in args.head_tp or HEAD_TP[args.dims]:
                 add(measure_head(args, spec, tp, dtype))
@@ -360,6 +386,7 @@ def main(argv=None) -> int:
     m.add_argument("--stack", default="auto", help="MoE layers stacked after the dense one: N or auto (GPU memory)")
     m.add_argument("--warmup", type=int, default=3)
     m.add_argument("--iters", type=int, default=10)
+    m.add_argument("--rounds", type=int, default=1, help="the variants in turn this many times (medians over all)")
     m.add_argument("--seed", type=int, default=1234)
     j = sub.add_parser("project")
     j.add_argument("--table", required=True)

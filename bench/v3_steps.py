@@ -101,6 +101,7 @@ def timed_row(fwd, x, grad, model: torch.nn.Module, args) -> dict:
         "fwd_ms": statistics.median(fwd_ms),
         "step_ms": statistics.median(step_ms),
         "step_ms_runs": step_ms,
+        "fwd_ms_runs": fwd_ms,
         "base_params": sum(p.numel() for p in params if not p.requires_grad),
         "weight_bytes": sum(p.nbytes for p in params if not p.requires_grad),
         "trainable": sum(p.numel() for p in params if p.requires_grad),
