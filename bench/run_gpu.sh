@@ -126,9 +126,18 @@ decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode st
   grep -vi warn "$OUT/engine_4k.log" | tail -n 5; return "$rc"
 }
 
+GLUON_SMOKE='import torch; from nemo_mla_lora.inference.kernels import gluon_decode as g
+q = torch.randn(2, 64, 576, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
+buf = torch.randn(2, 128, 576, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
+n = torch.tensor([100, 128], device="cuda", dtype=torch.int32)
+o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf[..., 512:], n, 0.05)
+torch.cuda.synchronize(); print("gluon smoke: ran, max |o|", o.float().abs().max().item())'
+
 gluon_decode() {  # the warp-specialised Gluon kernel: its GPU tests (a barrier bug would hang: timeouts), then its
-  # timing beside the TMA kernel (bench/gluon_compile.py --time)
-  timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
+  # timing beside the TMA kernel (bench/gluon_compile.py --time); first one small launch, 60 s at most
+  timeout -k 5 60 python3 -c "$GLUON_SMOKE" 2>&1 | tee "$OUT/gluon_smoke.log" | tail -n 3
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke failed or hung"; return 1; }
+  timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
   tail -n 15 "$OUT/gluon_tests.log"
   timeout -k 5 150 python3 "$REPO/bench/gluon_compile.py" --time 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
