@@ -27,7 +27,7 @@
 #   decode_engine_4k                      the engine at context 4,096, ours and FlashMLA's kernel
 # Placement study:
 #   placement_study [overrides] | placement_continue [overrides]
-# Several steps in one call: chain STEP [STEP ...]
+# Several steps in one call: chain STEP [STEP ...]; two at once: beside STEP STEP
 # Installs .gpu_wheels/ (made by bench/prepare_gpu.sh) into a scratch site; results go under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -478,6 +478,14 @@ megatron_release() {  # Megatron-Core 0.19.2's own specs load tiny mcore exports
   PYTHONPATH="/tmp/site019:/tmp/te_site:$REPO" NVIDIA_TF32_OVERRIDE=0 timeout 240 python3 \
     "$REPO/bench/megatron_release_check.py" "$REPO/.real_size/m019" "$OUT/megatron_release_0_19.json" 2>&1 \
     | grep -E '^\{|Error' | cut -c1-400
+}
+
+beside() {  # two steps at once, the first in the background: a disk-bound step beside a GPU-bound one
+  # (bash bench/run_gpu.sh beside real_size_export gluon_decode); the first's output follows the second's
+  "$1" > "$OUT/beside_$1.log" 2>&1 & local pid=$!
+  echo "== $2 (beside $1)"; "$2"; local rc2=$?
+  wait "$pid"; local rc1=$?
+  echo "== $1"; tail -n 30 "$OUT/beside_$1.log"; return $(( rc1 || rc2 ))
 }
 
 chain() {  # several steps in one call, in order, on one install (a step that fails does not stop the next):
