@@ -27,6 +27,7 @@ weight gradients of the base), so this is the figure to compare with others' num
 """
 
 import argparse
+import gc
 import json
 import shutil
 import statistics
@@ -258,7 +259,18 @@ def table(args) -> dict:
         trace = args.trace if variant in set(args.profile) - profiled else 0  # each profiled once
         if trace:
             profiled.add(variant)
-        times, peak, traced, allocator = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
+        oom = None
+        try:
+            times, peak, traced, allocator = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
+        except torch.cuda.OutOfMemoryError as err:  # recorded; the other variants still run
+            oom = str(err).splitlines()[0]
+        if oom:  # out of the except block: its traceback (and the step's tensors) released
+            result.setdefault("out_of_memory", {})[variant] = oom
+            print(f"{variant}: out of memory at batch {args.batch}: {oom}", flush=True)
+            unwrap(wrapped, flags)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         if allocator:
             result.setdefault("allocator", {}).setdefault(variant, []).append(allocator)
         if traced:
