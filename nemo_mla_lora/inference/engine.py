@@ -99,7 +99,8 @@ class AbsorbedMLAEngine:
             The engine, its model in eval mode with the absorbed K/V up projections beside it.
         """
         from nemo_mla_lora.export.pipeline import read_export
-        from nemo_mla_lora.models.from_spec import config_from_spec
+        from nemo_mla_lora.models.from_spec import CPU_SAFE, config_from_spec
+        from nemo_mla_lora.models.layer_spec import local_mla_block_spec
         from nemo_mla_lora.models.tiny import build_model
 
         export_dir = Path(export_dir)
@@ -113,7 +114,11 @@ class AbsorbedMLAEngine:
                 state = absorb_layer(state, PREFIX.format(i).rstrip("."), spec)
         k_up = [state.pop(PREFIX.format(i) + K_UP).to(device) for i in range(spec.num_layers)]
         v_up = [state.pop(PREFIX.format(i) + V_UP).to(device) for i in range(spec.num_layers)]
-        model = build_model(config_from_spec(spec, dt)).to(device)
+        # Megatron's local spec, Transformer Engine importable or not: the state is under its names (the reader's
+        # flat Megatron names) and the engine runs its own attention, so TE's fused norms and grouped experts
+        # would only rename what it loads
+        config = config_from_spec(spec, dt, **CPU_SAFE, transformer_layer_spec=local_mla_block_spec)
+        model = build_model(config).to(device)
         load_weights(model, state, f"{export_dir} (format {fmt}, built from its MLA spec)", absent_ok=(KV_UP,))
         return cls(model, spec, k_up, v_up, backend)
 

@@ -95,6 +95,25 @@ def test_engine_absorbs_standard_layouts_at_load(trained, absorbed, fmt):
         AbsorbedMLAEngine.load(peft_out)
 
 
+def test_engine_builds_megatrons_local_spec_where_transformer_engine_imports(trained, absorbed, monkeypatch):
+    """Where Transformer Engine imports, ``config_from_spec`` picks Megatron's TE spec (fused latent norms, grouped
+    experts: other state names); the engine asks for the local spec, so an mcore export (local names) still loads
+    and decodes as the absorbed export does."""
+    from nemo_mla_lora.runtime import te_compat
+
+    out = trained["root"] / "export_mcore_for_engine"
+    if not out.exists():
+        export(trained["root"] / "base", trained["root"] / "adapter", out, fmt="mcore", progress=False)
+    want = AbsorbedMLAEngine.load(absorbed)
+    monkeypatch.setattr(te_compat, "apply", lambda: False)  # what it returns where Transformer Engine imports
+    engine = AbsorbedMLAEngine.load(out)
+    attention = engine.model.decoder.layers[0].self_attention
+    assert type(attention.kv_layernorm).__name__ != "IdentityOp", "the latent norm is a module of its own"
+    tokens = batch(seq=5)[0]
+    got = engine.forward(tokens, engine.new_cache(batch=2, max_length=5))
+    torch.testing.assert_close(got, want.forward(tokens, want.new_cache(batch=2, max_length=5)), atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):
     dump, prompts = tmp_path / "logits.pt", tmp_path / "prompts.txt"
