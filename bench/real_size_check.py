@@ -57,7 +57,25 @@ def expected(args) -> dict:
 
 
 @torch.no_grad()
+def nvrx_version_attribute() -> str | None:
+    """megatron-core 0.19.2's ``is_nvrx_min_version`` reads ``nvidia_resiliency_ext.__version__``, which
+    nvidia-resiliency-ext 0.4.1 (NeMo 2.7.3's pin, a namespace package) does not define, so its checkpoint load
+    raises AttributeError where both are installed: set it from the distribution's metadata. Returns what was
+    set (None: nothing to do)."""
+    try:
+        import nvidia_resiliency_ext as nvrx
+    except ImportError:
+        return None
+    if hasattr(nvrx, "__version__"):
+        return None
+    from importlib.metadata import version
+
+    nvrx.__version__ = version("nvidia-resiliency-ext")
+    return nvrx.__version__
+
+
 def load(args) -> dict:
+    nvrx_set = nvrx_version_attribute()
     import megatron.core
     from megatron.core import dist_checkpointing
 
@@ -68,9 +86,11 @@ def load(args) -> dict:
     spec = json.loads((Path(args.export) / "mla_spec.json").read_text())
     want = torch.load(args.expected, weights_only=True)
     report = {"megatron_core": megatron.core.__version__, "card": torch.cuda.get_device_name(0),
-              "export": args.export, "loaded": False}
+              "export": args.export, "loaded": False, "nvrx_version_set": nvrx_set}
     start = time.perf_counter()
     model = build_model(spec, use_te=True, dtype=torch.bfloat16)
+    report["build_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"model built in {report['build_seconds']} s; loading {args.export}", flush=True)
     report["attention"] = type(model.decoder.layers[0].self_attention).__name__
     report["q_proj"] = type(getattr(model.decoder.layers[0].self_attention, "linear_q_proj", None)).__name__
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), args.export))  # default strictness

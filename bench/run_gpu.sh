@@ -419,18 +419,25 @@ real_size_finetune() {  # recipes.finetune from the HF directory on the TE spec;
   return "$rc"
 }
 
-real_size_check() {  # the unmerged model's logits (NeMo's stack), then the export in Megatron 0.15.3's and 0.19.2's
-  # own TE-spec models at default strictness (0.19.2 from its own site, with Transformer Engine)
+real_size_check() {  # the unmerged model's logits (NeMo's stack), then the export in Megatron 0.15.3's own TE-spec
+  # model at default strictness; real_size_check019 then loads it in 0.19.2's (its own site, with Transformer Engine)
   te_env || return 1
   timeout 240 python3 "$REPO/bench/real_size_check.py" expected --base "$RS_BASE" --adapter "$RS_RUN/adapter" \
-    --out /tmp/rs_expected.pt 2>&1 | grep -vi warn | tail -n 3
-  timeout 200 python3 "$REPO/bench/real_size_check.py" load --export "$RS_RUN/export" --expected /tmp/rs_expected.pt \
-    --out "$OUT/real_size_load_mcore_0_15.json" 2>&1 | grep -vi warn | tail -n 3
+    --out /tmp/rs_expected.pt > "$OUT/real_size_expected.log" 2>&1
+  grep -vi warn "$OUT/real_size_expected.log" | tail -n 3
+  timeout 420 python3 "$REPO/bench/real_size_check.py" load --export "$RS_RUN/export" --expected /tmp/rs_expected.pt \
+    --out "$OUT/real_size_load_mcore_0_15.json" > "$OUT/real_size_load_0_15.log" 2>&1; local rc=$?
+  grep -vi warn "$OUT/real_size_load_0_15.log" | tail -n 5; echo "rc $rc"; return "$rc"
+}
+
+real_size_check019() {  # after real_size_check (its /tmp/rs_expected.pt): the export in Megatron 0.19.2's TE spec
+  te_env || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site019 \
     "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || return 1
-  PYTHONPATH="/tmp/site019:/tmp/te_site:$SITE" timeout 200 python3 "$REPO/bench/real_size_check.py" load \
-    --export "$RS_RUN/export" --expected /tmp/rs_expected.pt --out "$OUT/real_size_load_mcore_0_19.json" 2>&1 \
-    | grep -vi warn | tail -n 3
+  PYTHONPATH="/tmp/site019:/tmp/te_site:$SITE" timeout 420 python3 "$REPO/bench/real_size_check.py" load \
+    --export "$RS_RUN/export" --expected /tmp/rs_expected.pt --out "$OUT/real_size_load_mcore_0_19.json" \
+    > "$OUT/real_size_load_0_19.log" 2>&1; local rc=$?
+  grep -vi warn "$OUT/real_size_load_0_19.log" | tail -n 5; echo "rc $rc"; return "$rc"
 }
 
 real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of the same base onto the same disk, all
