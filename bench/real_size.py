@@ -302,7 +302,22 @@ PARTS = {  # summary field <- the file a run_gpu.sh step writes under $OUT
     "mcore_0_19": "real_size_load_mcore_0_19.json",
     "engine": "real_size_engine.json",
     "v3_layers": "v3_layers.json",
+    "finetune": "real_size_finetune_summary.json",  # recipes.finetune's summary.json (run_gpu.sh collect)
+    "finetune_run": "real_size_finetune.json",
 }
+
+
+def finetune_summary(run: dict | None, measured: dict | None) -> dict | None:
+    """The ``trainer=megatron`` run from the HF directory: losses, its export's verify, wall seconds, peak RSS."""
+    if run is None:
+        return None
+    verify = run.get("verify") or {}
+    return {"trainer": run.get("trainer"), "placement": run.get("placement"), "steps": run.get("steps"),
+            "train_loss_first_last": run.get("train_loss_first_last"), "export_format": run.get("export_format"),
+            "verify_passed": verify.get("passed"), "verify_max_abs_logit_diff": verify.get("max_abs_logit_diff"),
+            "verify_bound": verify.get("bound"),
+            **({} if measured is None else {"seconds": measured["seconds"], "peak_rss_gib": measured["peak_rss_gib"],
+                                            "rc": measured["rc"]})}
 
 
 def summary(args) -> dict:
@@ -327,6 +342,7 @@ def summary(args) -> dict:
         else {"tokens_per_s": engine["engine"]["no_adapter"]["tokens_per_s"],
               "tokens_per_s_8_adapters": engine["engine"]["multi_adapter"]["tokens_per_s"]},
         "v3_layers": parts["v3_layers"],
+        "finetune": finetune_summary(parts["finetune"], parts["finetune_run"]),
         "missing": sorted(f for k, f in PARTS.items() if parts[k] is None),
     }
     Path(args.out).write_text(json.dumps(out, indent=2))

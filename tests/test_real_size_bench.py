@@ -109,7 +109,24 @@ def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
     assert s["export"] == {"seconds": 50.0, "cp_seconds": 40.0, "peak_rss_gib": 1.5, "share_of_cp_rate": 0.8, "rc": 0}
     assert s["megatron_load"] == {"mcore_0_15": {"loaded": True, "max_rel": 0.004}, "mcore_0_19": None}
     assert s["engine"] is None and s["v3_layers"] is None
-    assert s["missing"] == ["real_size_engine.json", "real_size_load_mcore_0_19.json", "v3_layers.json"]
+    assert s["finetune"] is None
+    assert s["missing"] == [
+        "real_size_engine.json",
+        "real_size_finetune.json",
+        "real_size_finetune_summary.json",
+        "real_size_load_mcore_0_19.json",
+        "v3_layers.json",
+    ]
+    run = {
+        "trainer": "nemo llm.finetune",
+        "steps": 10,
+        "train_loss_first_last": [11.7, 11.0],
+        "verify": {"passed": True, "max_abs_logit_diff": 0.004, "bound": 0.09},
+    }
+    (results / "real_size_finetune_summary.json").write_text(json.dumps(run))
+    bench.main(["summary", "--results", str(results), "--out", str(out)])
+    f = json.loads(out.read_text())["finetune"]
+    assert f["verify_passed"] and f["verify_max_abs_logit_diff"] == 0.004 and "seconds" not in f
 
 
 def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
