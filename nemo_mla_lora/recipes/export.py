@@ -33,8 +33,8 @@ log = logging.getLogger("nemo_mla_lora.export")
 
 def keep_off_gpus() -> bool:
     """Hide the GPUs from this process (``CUDA_VISIBLE_DEVICES=""``) before anything initialises CUDA: the export
-    reads, merges, writes and verifies on the host, so a CUDA context and NCCL (about 1 GiB of host memory on an
-    H100 machine, and seconds of start-up) buy it nothing, and a job training on the same GPUs is left alone.
+    reads, merges, writes and verifies on the host, so a CUDA context and NCCL (host memory for the CUDA libraries
+    and the context, and seconds of start-up) buy it nothing, and a job training on the same GPUs is left alone.
     Returns whether the GPUs are hidden (False where CUDA was initialised earlier in the process)."""
     import torch
 
