@@ -1,6 +1,6 @@
 """``recipes.export`` runs on the host alone: it hides the GPUs from its own process before CUDA starts (a CUDA
-context and NCCL cost about 1 GiB of host memory on an H100 machine and buy the export nothing), and says when it
-could not because CUDA had started earlier in the process."""
+context and NCCL cost host memory and start-up time and buy the export nothing), and says when it could not
+because CUDA had started earlier in the process."""
 
 import subprocess
 import sys
