@@ -12,8 +12,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints import output_dir
@@ -44,13 +42,15 @@ def _expert_indices(key: str, indices, num_experts: int | None) -> int:
 def sharded_tensors(
     flat: dict, num_experts: int | None = None, consume: bool = False, max_bytes: int | None = None
 ) -> dict:
-    """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (routed experts stacked on a leading axis).
-    A group holding consecutive experts first..first+n-1 of a layer's ``num_experts`` (None: all of them)
-    gets the chunk [n, out, in] under ``{key}@axis0from{first}of{E}``, which ``dist_stream`` places at its
-    offset of the stacked key when it merges the parts' metadata; with ``max_bytes``, a larger tensor is cut
-    the same way into row chunks (as tensor parallelism shards a vocabulary), so that each can be saved and
-    read back on its own. ``consume``: each expert is popped from ``flat`` as it is copied into the stacked
-    tensor (memory: the chunk plus one expert, not twice the chunk)."""
+    """Flat TP=1 tensors -> ShardedTensors under Megatron's keys (routed experts stacked on a leading axis of
+    a layer's ``num_experts``, None: the experts given, which must be 0..n-1). Each expert e is its own chunk
+    [1, out, in] under ``{key}@axis0from{e}of{E}``, which ``dist_stream`` places at its offset of the stacked
+    key when it merges the parts' metadata: Megatron's expert layers read one expert per request, and a chunk of
+    several experts would be read whole for each of them (a load 5x slower, measured). With ``max_bytes``, a
+    larger tensor is cut the same way into row chunks (as tensor parallelism shards a vocabulary), so that each
+    can be saved and read back on its own. ``consume``: each expert is popped from ``flat`` (no copy). The
+    chunk keys are for ``dist_stream.StreamingDistCkpt``, which places them; a plain ``dist_checkpointing.save``
+    would keep them as keys of their own."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     stacked, out = {}, {}
@@ -68,15 +68,11 @@ def sharded_tensors(
         else:
             out[name] = ShardedTensor.from_rank_offsets(name, t.contiguous(), replica_id=0)
     for key, experts in stacked.items():
-        count, first = _expert_indices(key, experts, num_experts), min(experts)
-        if sorted(experts) != list(range(first, first + len(experts))):
-            raise CheckpointError(f"{key}: experts {sorted(experts)} are not consecutive")
-        stored = key if len(experts) == count else f"{key}@axis0from{first}of{count}"
-        one = flat[experts[first]]
-        chunk = torch.empty(len(experts), *one.shape, dtype=one.dtype)  # [n, out, in]
-        for i, e in enumerate(sorted(experts)):
-            chunk[i] = flat.pop(experts[e]) if consume else flat[experts[e]]
-        out[stored] = ShardedTensor.from_rank_offsets(stored, chunk, replica_id=0)
+        count = _expert_indices(key, experts, num_experts)
+        for e in sorted(experts):  # one chunk [1, out, in] per expert: what Megatron's expert layers ask for
+            stored = f"{key}@axis0from{e}of{count}"
+            t = flat.pop(experts[e]) if consume else flat[experts[e]]
+            out[stored] = ShardedTensor.from_rank_offsets(stored, t.contiguous().unsqueeze(0), replica_id=0)
     return out
 
 

@@ -33,11 +33,30 @@ def load_all(directory) -> dict:
     return dict(dist_checkpointing.load(request, str(directory)).items())
 
 
+def one_call(flat: dict) -> dict:
+    """Megatron ShardedTensors of ``flat`` built here, not by ``sharded_tensors``: each tensor whole, the routed
+    experts of a layer stacked into one [E, out, in] tensor, as one ``dist_checkpointing.save`` stores them."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    out, experts = {}, {}
+    for name, t in flat.items():
+        if ".local_experts." in name:
+            head, rest = name.split(".local_experts.")
+            e, leaf = rest.split(".", 1)
+            experts.setdefault(f"{head}.experts.{leaf}", {})[int(e)] = t  # SequentialMLP's stacked key
+        else:
+            out[name] = ShardedTensor.from_rank_offsets(name, t, replica_id=0)
+    for key, by_expert in experts.items():
+        stacked = torch.stack([by_expert[e] for e in sorted(by_expert)])  # [E, out, in]
+        out[key] = ShardedTensor.from_rank_offsets(key, stacked, replica_id=0)
+    return out
+
+
 def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):
     from megatron.core import dist_checkpointing
 
     (tmp_path / "one").mkdir()
-    dist_checkpointing.save(sharded_tensors({k: v for g in groups() for k, v in g.items()}), str(tmp_path / "one"))
+    dist_checkpointing.save(one_call({k: v for g in groups() for k, v in g.items()}), str(tmp_path / "one"))
     stream = StreamingDistCkpt(tmp_path / "streamed")
     for group in groups():
         stream.add(sharded_tensors(group))
@@ -49,6 +68,8 @@ def test_streamed_checkpoint_equals_one_save(mcore, tmp_path):
         assert torch.equal(one[key], streamed[key]), key
     stacked = [k for k in streamed if "experts" in k]
     assert len(stacked) == 1 and streamed[stacked[0]].shape == (3, 4, 6)
+    chunks = stream.metadata.state_dict_metadata[stacked[0]].chunks  # one per expert: what expert layers request
+    assert sorted(tuple(c.offsets) for c in chunks) == [(e, 0, 0) for e in range(3)]
 
 
 def test_parts_are_written_in_this_process_and_a_failed_write_is_raised(mcore, tmp_path, monkeypatch):
@@ -91,7 +112,7 @@ def test_experts_split_over_parts_equal_one_save_and_a_missing_expert_fails(mcor
     layer = groups()[2]
     experts = {k: v for k, v in layer.items() if "local_experts" in k}
     (tmp_path / "one").mkdir()
-    dist_checkpointing.save(sharded_tensors(layer), str(tmp_path / "one"))
+    dist_checkpointing.save(one_call(layer), str(tmp_path / "one"))
     stream = StreamingDistCkpt(tmp_path / "chunks")
     stream.add(sharded_tensors({k: v for k, v in layer.items() if k not in experts}, 3), check=True)
     for e in (2, 0, 1):  # in any order

@@ -11,6 +11,7 @@ from nemo_mla_lora.arch import absorb, hf_config
 from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints import dist_ckpt
 from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
+from nemo_mla_lora.checkpoints.dist_stream import StreamingDistCkpt
 from nemo_mla_lora.export.pipeline import VerificationError, export, read_export
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
 from nemo_mla_lora.peft import MLALoRA
@@ -375,8 +376,6 @@ def test_megatron_default_strictness_load(trained, tmp_path, kind):
 def test_te_named_base_reads_as_local(trained, tmp_path):
     """A base saved by a Transformer-Engine-spec model (NeMo's DeepSeek recipes) names the q/kv and dense
     pre-MLP norms after the linear they are fused into; it reads, and exports, as the local-spec base does."""
-    from megatron.core import dist_checkpointing
-
     from nemo_mla_lora.arch import keymap
     from nemo_mla_lora.checkpoints.sources import open_base
 
@@ -393,8 +392,9 @@ def test_te_named_base_reads_as_local(trained, tmp_path):
     assert "decoder.layers.1.pre_mlp_layernorm.weight" in te_state  # an MoE layer keeps its norm
     assert {keymap.from_te_name(n) for n in te_state} == set(state)
     te_dir = tmp_path / "te_base"
-    te_dir.mkdir()
-    dist_checkpointing.save(dist_ckpt.sharded_tensors(te_state), str(te_dir))
+    stream = StreamingDistCkpt(te_dir)  # the writer our base checkpoints go through (experts one chunk each)
+    stream.add(dist_ckpt.sharded_tensors(te_state))
+    stream.finish()
     (te_dir / dist_ckpt.SPEC_FILE).write_text((trained["root"] / "base" / dist_ckpt.SPEC_FILE).read_text())
     te = open_base(te_dir)
     assert sorted(te.names) == sorted(local.names)
