@@ -6,8 +6,8 @@ embedding, a layer's attention, its MLP head, a chunk of its experts, ...) goes 
 a part directory of its own; its data files then move into the checkpoint under names unique to the part,
 and its PyTorch DCP metadata (``.metadata``: Megatron's ``MCoreMetadata``, with each tensor's shape, chunks
 and storage location) is merged into the one written at the end, beside Megatron's ``metadata.json`` and
-``common.pt``. A stacked expert tensor gets its chunks (a unit's consecutive experts each) from several
-parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every tensor's chunks
+``common.pt``. A stacked expert tensor gets one chunk per expert (what Megatron's expert layers request)
+from several parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every tensor's chunks
 cover it exactly once. With ``check``, each part is read back right after it is written (from the page
 cache): every tensor's stored bytes compared with what was saved, and every 16th part (the first included)
 loaded through Megatron's own loader and compared (about a third of the time loading every part takes;
