@@ -7,8 +7,8 @@ a part directory of its own; its data files then move into the checkpoint under 
 and its PyTorch DCP metadata (``.metadata``: Megatron's ``MCoreMetadata``, with each tensor's shape, chunks
 and storage location) is merged into the one written at the end, beside Megatron's ``metadata.json`` and
 ``common.pt``. A stacked expert tensor gets one chunk per expert (what Megatron's expert layers request)
-from several parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every tensor's chunks
-cover it exactly once. With ``check``, each part is read back right after it is written (from the page
+from several parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every
+tensor's chunks cover it exactly once. With ``check``, each part is read back right after it is written (from the page
 cache): every tensor's stored bytes compared with what was saved, and every 16th part (the first included)
 loaded through Megatron's own loader and compared (about a third of the time loading every part takes;
 bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the result
