@@ -23,6 +23,7 @@ import shutil
 import struct
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ import torch
 from nemo_mla_lora.checkpoints.dist_ckpt import AXIS0_CHUNK
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 
+WRITER_THREADS = 4  # files of a part written at once (threads: the writes release the GIL)
 MEGATRON_READ_BACK_EVERY = 16  # parts 0, 16, 32, ... are read back through Megatron's loader, the rest by bytes
 
 
@@ -61,7 +63,9 @@ class StreamingDistCkpt:
         saved = {k: (v.key, v.data) for k, v in sharded.items() if hasattr(v, "local_shape")}  # save may rewrap
         # a part may hold some chunks of a tensor (experts, rows): whole-tensor coverage is checked in finish()
         start = time.perf_counter()
-        request = dist_checkpointing.save(sharded, str(part), validate_access_integrity=False, async_sharded_save=True)
+        request = dist_checkpointing.save(
+            sharded, str(part), _save_strategy(), validate_access_integrity=False, async_sharded_save=True
+        )
         _write_here(request)
         saved_at = time.perf_counter()
         self.seconds["save"] += saved_at - start
@@ -123,6 +127,14 @@ class StreamingDistCkpt:
         os.replace(tmp, self.directory / ".metadata")
 
 
+def _save_strategy():
+    """Megatron's ``torch_dist`` save with one file (bucket) per writer thread of ``_write_here``: Megatron's
+    default 2 on a machine of 2 cores, up to ``WRITER_THREADS`` where there are more."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=max(2, min(WRITER_THREADS, os.cpu_count() or 2)))
+
+
 def _write_here(request) -> None:
     """Carry out Megatron's save request (its plan, its buckets, its per-file writer, its finalize: the
     ``.metadata`` and ``metadata.json``) in this process, without the fsync of each file: Megatron's own
@@ -137,15 +149,20 @@ def _write_here(request) -> None:
     if request.async_fn is not None:  # None: nothing to write
         transform_list, use_msc = request.async_fn.args
         _, buckets, results_queue = request.async_fn_args
-        results = {}
-        for index, bucket in enumerate(buckets):
+
+        def one(index: int, bucket):  # one file of the part: its own stream, queues and results
             done, count = queue.SimpleQueue(), queue.Queue()
             count.put(index)
             write(transform_list, index, bucket, done, count, use_fsync=False, use_msc=use_msc)
             _, out = done.get()
             if isinstance(out, Exception):
                 raise CheckpointError(f"writing {bucket[0]} failed: {out}") from out
-            results[index] = out
+            return out
+
+        # the part's files (Megatron's buckets) at once, one thread each: the writes release the GIL
+        with ThreadPoolExecutor(max_workers=max(1, len(buckets))) as pool:
+            futures = [pool.submit(one, index, bucket) for index, bucket in enumerate(buckets)]
+            results = {index: future.result() for index, future in enumerate(futures)}
         results_queue.put(results)
     for finalize in request.finalize_fns:
         finalize()
