@@ -56,7 +56,6 @@ def expected(args) -> dict:
     return report
 
 
-@torch.no_grad()
 def nvrx_version_attribute() -> str | None:
     """megatron-core 0.19.2's ``is_nvrx_min_version`` reads ``nvidia_resiliency_ext.__version__``, which
     nvidia-resiliency-ext 0.4.1 (NeMo 2.7.3's pin, a namespace package) does not define, so its checkpoint load
@@ -74,6 +73,7 @@ def nvrx_version_attribute() -> str | None:
     return nvrx.__version__
 
 
+@torch.no_grad()
 def load(args) -> dict:
     nvrx_set = nvrx_version_attribute()
     import megatron.core
