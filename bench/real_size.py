@@ -264,12 +264,13 @@ def table(args) -> dict:
             times, peak, traced, allocator = run_steps(wrapped, tokens, args.warmup, args.iters, trace)
         except torch.cuda.OutOfMemoryError as err:  # recorded; the other variants still run
             oom = str(err).splitlines()[0]
-        if oom:  # out of the except block: its traceback (and the step's tensors) released
+        unwrap(wrapped, flags)  # the base alone again, after the steps or their out-of-memory error
+        gc.collect()  # out of the except block: an error's traceback (and the step's tensors) is garbage now
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if oom:
             result.setdefault("out_of_memory", {})[variant] = oom
             print(f"{variant}: out of memory at batch {args.batch}: {oom}", flush=True)
-            unwrap(wrapped, flags)
-            gc.collect()
-            torch.cuda.empty_cache()
             continue
         if allocator:
             result.setdefault("allocator", {}).setdefault(variant, []).append(allocator)
@@ -278,9 +279,6 @@ def table(args) -> dict:
             print(f"{variant} profile: host {traced['cpu_ms_per_step']:.0f} ms, kernels "
                   f"{traced['gpu_kernel_ms_per_step']:.0f} ms, {traced['launches_per_step']:.0f} launches per step\n"
                   f"{traced['table']}", flush=True)
-        unwrap(wrapped, flags)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         runs = result["step_ms_runs"].setdefault(variant, [])
         runs.append(statistics.median(times))  # a variant listed twice (the frozen base): the median of its runs
         ms = statistics.median(runs)
