@@ -75,6 +75,8 @@ def ptxas_usage(ptx: str) -> dict:
 
 
 TIMED = [(64, 64, 4096), (128, 64, 4096), (128, 16, 4096), (128, 1, 16384)]  # (heads, batch, positions per row)
+
+
 def time_kernels() -> int:
     """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel and
     of ``latent_decode_attention_tma`` on full rows, against the roofs measured here (``decode_roofline.roofs``:

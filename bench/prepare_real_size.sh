@@ -25,7 +25,8 @@ if [ ! -f .real_size/tokenizer/tokenizer.json ]; then
 fi
 du -sh .gpu_wheels .gpu_wheels019 .real_size
 # .gpu_snap/: the same inputs from HEAD in one folder (bench/, the data, the wheels; PuLP without its solver
-# binaries: nemo.collections.llm imports PuLP but runs no solver), so that a call is not affected by uncommitted edits in the working tree that travels with it:
+# binaries: nemo.collections.llm imports PuLP but runs no solver), so that a call is not affected by uncommitted
+# edits in the working tree that travels with it:
 #   carry [".gpu_snap"]   cd .gpu_snap && bash bench/run_gpu.sh real_size_table
 rm -rf .gpu_snap /tmp/gpu_snap_src && mkdir -p .gpu_snap/.gpu_wheels .gpu_snap/nemo_mla_lora /tmp/gpu_snap_src
 git archive HEAD | tar -x -C /tmp/gpu_snap_src
