@@ -425,19 +425,21 @@ real_size_check() {  # the unmerged model's logits (NeMo's stack), then the expo
   timeout 240 python3 "$REPO/bench/real_size_check.py" expected --base "$RS_BASE" --adapter "$RS_RUN/adapter" \
     --out /tmp/rs_expected.pt > "$OUT/real_size_expected.log" 2>&1
   grep -vi warn "$OUT/real_size_expected.log" | tail -n 3
+  real_size_load 0_15
+}
+
+real_size_load() {  # $1 = 0_15 | 0_19: the export in the TE-spec model of the Megatron on the path, at default
+  # strictness, against real_size_check's /tmp/rs_expected.pt: real_size_load_mcore_$1.json and its log
   timeout 420 python3 "$REPO/bench/real_size_check.py" load --export "$RS_RUN/export" --expected /tmp/rs_expected.pt \
-    --out "$OUT/real_size_load_mcore_0_15.json" > "$OUT/real_size_load_0_15.log" 2>&1; local rc=$?
-  grep -vi warn "$OUT/real_size_load_0_15.log" | tail -n 5; echo "rc $rc"; return "$rc"
+    --out "$OUT/real_size_load_mcore_$1.json" > "$OUT/real_size_load_$1.log" 2>&1; local rc=$?
+  grep -vi warn "$OUT/real_size_load_$1.log" | tail -n 5; echo "rc $rc"; return "$rc"
 }
 
 real_size_check019() {  # after real_size_check (its /tmp/rs_expected.pt): the export in Megatron 0.19.2's TE spec
   te_env || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site019 \
     "$REPO"/.gpu_wheels019/megatron_core-0.19.2-*.whl || return 1
-  PYTHONPATH="/tmp/site019:/tmp/te_site:$SITE" timeout 420 python3 "$REPO/bench/real_size_check.py" load \
-    --export "$RS_RUN/export" --expected /tmp/rs_expected.pt --out "$OUT/real_size_load_mcore_0_19.json" \
-    > "$OUT/real_size_load_0_19.log" 2>&1; local rc=$?
-  grep -vi warn "$OUT/real_size_load_0_19.log" | tail -n 5; echo "rc $rc"; return "$rc"
+  PYTHONPATH="/tmp/site019:/tmp/te_site:$SITE" real_size_load 0_19
 }
 
 real_size_export() {  # the 31 GB export (verify=sample) against cp -r + sync of the same base onto the same disk, all
