@@ -23,26 +23,12 @@ DENSE_MLP = 3 * H * 18432
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, mcore):
     out = tmp_path_factory.mktemp("v3") / "tiny.json"
-    argv = [
-        "measure",
-        "--dims",
-        "tiny",
-        "--seq",
-        "16",
-        "--iters",
-        "1",
-        "--warmup",
-        "0",
-        "--stack",
-        "1",
-        "--rounds",
-        "2",
-    ]
+    argv = "measure --dims tiny --seq 16 --iters 1 --warmup 0 --stack 1 --rounds 2".split()
     assert v3_layers.main(argv + ["--out", str(out)]) == 0
     return json.loads(out.read_text()) | {"out": str(out)}
 
 
-@pytest.mark.slow  # builds 19 tiny layer stacks: ~10 s on 2 busy cores
+@pytest.mark.slow  # builds 34 tiny layer stacks (the layer rows twice): ~30 s on 2 busy cores
 def test_measure_tiny_writes_every_row_with_the_configs_counts(measured):
     assert measured["schema"] == "v3_layers/1" and measured["complete"] and measured["dims"] == "tiny"
     layer_rows = [r for r in measured["rows"] if r["kind"] in ("dense", "moe")]
