@@ -23,7 +23,8 @@ DENSE_MLP = 3 * H * 18432
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, mcore):
     out = tmp_path_factory.mktemp("v3") / "tiny.json"
-    argv = "measure --dims tiny --seq 16 --iters 1 --warmup 0 --stack 1 --rounds 2".split()
+    argv = ["measure", "--dims", "tiny", "--seq", "16", "--iters", "1", "--warmup", "0", "--stack", "1"]
+    argv += ["--rounds", "2"]  # the variants in turn twice
     assert v3_layers.main(argv + ["--out", str(out)]) == 0
     return json.loads(out.read_text()) | {"out": str(out)}
 
