@@ -9,9 +9,10 @@ and storage location) is merged into the one written at the end, beside Megatron
 ``common.pt``. A stacked expert tensor gets one chunk per expert (what Megatron's expert layers request)
 from several parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every
 tensor's chunks cover it exactly once. With ``check``, each part is read back right after it is written (from the page
-cache): every tensor's stored bytes compared with what was saved, and every 16th part (the first included)
-loaded through Megatron's own loader and compared (about a third of the time loading every part takes;
-bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the result
+cache): every tensor's stored bytes compared with what was saved, on a thread of its own while the next part is
+saved (an error surfaces at the next part or at ``finish``), and every 16th part (the first included) loaded
+through Megatron's own loader and compared before the next one starts (about a third of the time loading every
+part takes; bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the result
 equals a one-call save of every tensor.
 """
 
@@ -38,7 +39,9 @@ MEGATRON_READ_BACK_EVERY = 16  # parts 0, 16, 32, ... are read back through Mega
 class StreamingDistCkpt:
     def __init__(self, directory):
         self.directory, self.metadata, self.parts = Path(directory), None, 0
-        self.seconds = {"save": 0.0, "read_back": 0.0}
+        self.seconds = {"save": 0.0, "read_back": 0.0}  # read_back: what the saving thread spent on it or waited
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back")
+        self._pending = None  # the last part's stored-bytes check, running beside the next save
 
     def add(self, sharded: dict, check: bool = False, max_bytes: int | None = None) -> None:
         """Save ``sharded`` (key -> Megatron ShardedTensor/ShardedObject; a tensor chunk not saved by an earlier
@@ -70,9 +73,11 @@ class StreamingDistCkpt:
         saved_at = time.perf_counter()
         self.seconds["save"] += saved_at - start
         metadata = FileSystemReader(str(part)).read_metadata()
-        if check:
-            _check_part(sharded, saved, part, metadata, self.parts % MEGATRON_READ_BACK_EVERY == 0)
-            self.seconds["read_back"] += time.perf_counter() - saved_at
+        stored = _stored_records(saved, metadata) if check else None
+        if check and (stored is None or self.parts % MEGATRON_READ_BACK_EVERY == 0):
+            _load_and_compare(sharded, saved, part)  # Megatron's loader, from the part directory, before the next part
+            stored = None
+        self._wait_read_back()
         _place_chunks(metadata)
         renamed = {}
         for data_file in sorted(part.glob("*.distcp")):
@@ -80,6 +85,10 @@ class StreamingDistCkpt:
             data_file.rename(self.directory / renamed[data_file.name])
         for info in metadata.storage_data.values():
             info.relative_path = renamed[info.relative_path]
+        if stored:
+            records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored]  # renamed
+            self._pending = self._reader.submit(_compare_records, records)
+        self.seconds["read_back"] += time.perf_counter() - saved_at
         if self.metadata is None:
             for name in ("metadata.json", "common.pt"):  # the same for every part: Megatron's format header
                 (part / name).rename(self.directory / name)
@@ -115,8 +124,16 @@ class StreamingDistCkpt:
             merged = {**(getattr(self.metadata, field, None) or {}), **(getattr(metadata, field, None) or {})}
             setattr(self.metadata, field, merged or getattr(self.metadata, field, None))
 
+    def _wait_read_back(self) -> None:
+        """The previous part's stored-bytes check, finished (its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def finish(self) -> None:
         """Write the merged metadata; until then the directory is not a loadable checkpoint."""
+        self._wait_read_back()
+        self._reader.shutdown()
         if self.metadata is None:
             raise CheckpointError(f"{self.directory}: no tensors were written")
         _check_coverage(self.metadata, self.directory)
@@ -205,23 +222,24 @@ def _check_coverage(metadata, where) -> None:
             )
 
 
-def _check_part(sharded: dict, saved: dict, part, metadata, through_megatron: bool) -> None:
-    """Every tensor of a just-written part against ``saved`` (key -> (stored key, the data given to save)),
-    from the page cache: its stored bytes compared with the tensor's (``_compare_stored``); with
-    ``through_megatron``, or where a tensor is not one plain stored record, loaded back through
-    Megatron's loader and compared (``_load_and_compare``)."""
+def _stored_records(saved: dict, metadata) -> list | None:
+    """(stored key, its storage record, the data given to save) for each tensor of ``saved`` (key -> (stored
+    key, data)); None where a tensor is not one plain stored record (then only Megatron's loader checks it)."""
     entries = {}
     for index, info in metadata.storage_data.items():
         entries.setdefault(index.fqn, []).append(info)
-    plain = all(len(entries.get(key, ())) == 1 and data.is_contiguous() for key, data in saved.values())
-    if through_megatron or not plain:
-        _load_and_compare(sharded, saved, part)
-        return
+    if not all(len(entries.get(key, ())) == 1 and data.is_contiguous() for key, data in saved.values()):
+        return None
+    return [(key, entries[key][0], data) for key, data in saved.values()]
+
+
+def _compare_records(records: list) -> None:
+    """Each (stored key, file, storage record, data) of a written part: the file's stored bytes against the
+    data's, from the page cache (``_compare_stored``)."""
     buf = torch.empty(8 << 20, dtype=torch.uint8)
-    for key, data in saved.values():
-        info = entries[key][0]
-        if not _compare_stored(part / info.relative_path, info.offset, info.length, data, buf):
-            raise CheckpointError(f"{part}: {key} reads back different from what was written")
+    for key, path, info, data in records:
+        if not _compare_stored(path, info.offset, info.length, data, buf):
+            raise CheckpointError(f"{path}: {key} reads back different from what was written")
 
 
 def _load_and_compare(sharded: dict, saved: dict, part) -> None:

@@ -156,7 +156,8 @@ def test_a_large_tensor_is_saved_in_row_chunks_and_loads_whole(mcore, tmp_path):
 @pytest.mark.parametrize("part", [0, 1], ids=["megatron_loader", "stored_bytes"])
 def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch, part):
     """The read-back of each part: part 0 (every 16th) through Megatron's loader, the others by comparing
-    each tensor's stored bytes; a byte changed on disk between the write and the check fails either way."""
+    each tensor's stored bytes (beside the next save, at the latest in ``finish``); a byte changed on disk
+    between the write and the check fails either way, and no ``.metadata`` is written."""
     from nemo_mla_lora.checkpoints import dist_stream
 
     written = dist_stream._write_here
@@ -177,6 +178,8 @@ def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch
                 f.write(bytes([byte[0] ^ 0x10]))
 
     monkeypatch.setattr(dist_stream, "_write_here", write_then_corrupt)
-    with pytest.raises(CheckpointError, match="reads back different"):
+    with pytest.raises(CheckpointError, match="reads back different"):  # part 1's check runs beside the next save
         for group in groups()[:2]:
             stream.add(sharded_tensors(group), check=True)
+        stream.finish()
+    assert not (tmp_path / "out" / ".metadata").exists()  # never a loadable checkpoint
