@@ -12,6 +12,7 @@ Megatron's own loader, bit for bit.
 | hf | HF DeepSeek-V3 safetensors, a shard per group (layout known up front) + index + config.json | tensor by tensor |
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class DistCkptWriter:
         self.directory, self.spec, self.names, self.checksums, self.dtype = Path(directory), spec, names, {}, None
         self.check = check
         self.stream = StreamingDistCkpt(self.weights_dir())
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksums")
 
     def begin(self, units, layout: dict) -> None:
         pass
@@ -53,11 +55,14 @@ class DistCkptWriter:
 
     def add(self, unit, group: dict) -> None:
         self.dtype = self.dtype or next(iter(group.values())).dtype
-        for name, t in group.items():  # under the flat local names, whatever the stored names
-            self.checksums[name] = tensor_checksum(t)
+        tensors = list(group.items())  # under the flat local names, whatever the stored names
+        # hashed beside the save (xxhash releases the GIL): a pass over every byte off the writer's path
+        hashed = self._hasher.submit(lambda: {name: tensor_checksum(t) for name, t in tensors})
         self.stream.add(self.sharded(group), check=self.check, max_bytes=PART_BYTES)
+        self.checksums.update(hashed.result())
 
     def finish(self) -> None:
+        self._hasher.shutdown()
         self.stream.finish()
         write_json(self.directory / "mla_spec.json", self.spec.to_dict())
 
