@@ -183,3 +183,25 @@ def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch
             stream.add(sharded_tensors(group), check=True)
         stream.finish()
     assert not (tmp_path / "out" / ".metadata").exists()  # never a loadable checkpoint
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+def test_every_data_file_is_synced_before_finish_returns(mcore, tmp_path, monkeypatch, check):
+    """Each part's files are synced on the settling thread as the parts go (the export's final sync then finds
+    them clean): by the time ``finish`` returns, every data file of the checkpoint was synced, checked or not."""
+    import os
+
+    synced, real_fsync = set(), os.fsync
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    stream = StreamingDistCkpt(tmp_path / "out")
+    for group in groups():
+        stream.add(sharded_tensors(group), check=check)
+    stream.finish()
+    data_files = {os.path.realpath(p) for p in (tmp_path / "out").glob("*.distcp")}
+    assert len(data_files) >= len(groups())
+    assert data_files <= synced, sorted(data_files - synced)
