@@ -32,6 +32,7 @@ import torch
 
 from nemo_mla_lora.checkpoints.dist_ckpt import AXIS0_CHUNK
 from nemo_mla_lora.checkpoints.errors import CheckpointError
+from nemo_mla_lora.checkpoints.output_dir import fsync_path
 
 WRITER_THREADS = 4  # files of a part written at once (threads: the writes release the GIL)
 MEGATRON_READ_BACK_EVERY = 16  # parts 0, 16, 32, ... are read back through Megatron's loader, the rest by bytes
@@ -246,11 +247,7 @@ def _settle(records: list, files: list) -> None:
         if not _compare_stored(path, info.offset, info.length, data, buf):
             raise CheckpointError(f"{path}: {key} reads back different from what was written")
     for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def _load_and_compare(sharded: dict, saved: dict, part) -> None:

@@ -361,16 +361,25 @@ def _abandon(tmp: Path, lock: Path, created) -> None:
     _remove_empty(created)
 
 
+def fsync_path(path) -> None:
+    """A file's (or directory's) data and metadata on disk.
+
+    Args:
+        path: the file or directory.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _sync_tree(root: Path) -> None:
-    """Every file under ``root`` on disk (the writers leave fsync to this one pass), then the directories,
+    """Every file under ``root`` on disk (files a writer synced already cost little), then the directories,
     innermost first."""
     paths = list(root.rglob("*"))
     for p in [*(p for p in paths if p.is_file()), *reversed([root, *(p for p in paths if p.is_dir())])]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 def _swap_in(tmp: Path, path: Path, old: Path) -> None:
