@@ -57,20 +57,29 @@ def expected(args) -> dict:
 
 
 def nvrx_version_attribute() -> str | None:
-    """megatron-core 0.19.2's ``is_nvrx_min_version`` reads ``nvidia_resiliency_ext.__version__``, which
-    nvidia-resiliency-ext 0.4.1 (NeMo 2.7.3's pin, a namespace package) does not define, so its checkpoint load
-    raises AttributeError where both are installed: set it from the distribution's metadata. Returns what was
-    set (None: nothing to do)."""
+    """Make nvidia-resiliency-ext fit the Megatron on the path, before Megatron is imported. megatron-core 0.19.2's
+    ``has_nvrx_async_support`` asserts nvrx >= 0.6.0 wherever nvrx imports, and reads
+    ``nvidia_resiliency_ext.__version__``, which 0.4.1 (NeMo 2.7.3's pin, a namespace package) lacks: where the
+    installed nvrx is older than the Megatron needs, it is hidden (its import fails, as where it is not
+    installed, and Megatron goes without it); otherwise ``__version__`` is set from the metadata where missing.
+    Returns what was done (None: nothing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
     try:
-        import nvidia_resiliency_ext as nvrx
-    except ImportError:
+        installed = version("nvidia-resiliency-ext")
+    except PackageNotFoundError:
         return None
+    if Version(version("megatron-core")) >= Version("0.19") and Version(installed) < Version("0.6.0"):
+        sys.modules["nvidia_resiliency_ext"] = None  # import raises ImportError
+        return f"hidden: {installed} < 0.6.0"
+    import nvidia_resiliency_ext as nvrx
+
     if hasattr(nvrx, "__version__"):
         return None
-    from importlib.metadata import version
-
-    nvrx.__version__ = version("nvidia-resiliency-ext")
-    return nvrx.__version__
+    nvrx.__version__ = installed
+    return installed
 
 
 @torch.no_grad()

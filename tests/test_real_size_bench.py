@@ -157,9 +157,10 @@ def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
     assert list(result["profile"]) == ["nemo_official"] and result["profile"]["nemo_official"]["cpu_ms_per_step"] > 0
 
 
-def test_nvrx_version_is_set_for_megatron_0_19_where_nvrx_lacks_it():
-    """megatron-core 0.19.2's ``is_nvrx_min_version`` reads ``nvidia_resiliency_ext.__version__``; nvrx 0.4.1 (NeMo
-    2.7.3's pin, installed here) has none. The check sets it from the distribution's metadata, in a fresh process."""
+def test_nvrx_version_is_set_where_nvrx_lacks_it():
+    """megatron-core's ``is_nvrx_min_version`` reads ``nvidia_resiliency_ext.__version__``; nvrx 0.4.1 (NeMo 2.7.3's
+    pin, installed here) has none. Beside the installed megatron-core (0.15.3: any nvrx will do) the check sets it
+    from the distribution's metadata, in a fresh process."""
     code = (
         "import sys; sys.path.insert(0, 'bench'); from real_size_check import nvrx_version_attribute as f; "
         "import nvidia_resiliency_ext as n; before = hasattr(n, '__version__'); print(before, f(), n.__version__, f())"
@@ -176,3 +177,29 @@ def test_nvrx_version_is_set_for_megatron_0_19_where_nvrx_lacks_it():
         assert set_to == again == "None"
         return
     assert set_to == now == want and again == "None"  # set once, from the metadata
+
+
+def test_nvrx_older_than_megatron_0_19_needs_is_hidden():
+    """megatron-core 0.19.2 asserts nvrx >= 0.6.0 wherever nvrx imports (its checkpoint load then fails); beside
+    it, an older nvrx (0.4.1 here) is hidden, so that Megatron goes without it as where none is installed. The
+    installed megatron-core is reported as 0.19.2 in a fresh process."""
+    code = (
+        "import sys, importlib.metadata as md; real = md.version; "
+        "md.version = lambda name: '0.19.2' if name == 'megatron-core' else real(name); "
+        "sys.path.insert(0, 'bench'); from real_size_check import nvrx_version_attribute as f; print(f())\n"
+        "try:\n    import nvidia_resiliency_ext\nexcept ImportError:\n    print('hidden')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("nvidia-resiliency-ext")
+    except PackageNotFoundError:
+        assert proc.stdout.split() == ["None", "hidden"]
+        return
+    from packaging.version import Version
+
+    if Version(installed) >= Version("0.6.0"):
+        pytest.skip(f"nvidia-resiliency-ext {installed} fits megatron-core 0.19")
+    assert proc.stdout.splitlines() == [f"hidden: {installed} < 0.6.0", "hidden"]
