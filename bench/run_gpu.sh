@@ -17,6 +17,7 @@
 #   real_size_finetune                    recipes.finetune trainer=megatron from the HF directory, mcore export callback
 #   real_size_check | real_size_export | real_size_engine   Megatron 0.15.3/0.19.2 loads; export vs cp; engine decode
 #   real_size_io                          no training, no TE: the base + a LoRA on every linear, then real_size_export
+#   real_size_floor                       the load check on the base alone (run before real_size_check: its bound)
 # Export and its consumers:
 #   export_cores                          bench/export_scale.py (V2-Lite shape, 6 layers) on 16 and 2 cores
 #   mcore019 | megatron_release           Megatron-Core 0.19.2 alone loads the mcore export (+ the q-side fix)
@@ -429,10 +430,26 @@ real_size_check() {  # the unmerged model's logits (NeMo's stack), then the expo
 }
 
 real_size_load() {  # $1 = 0_15 | 0_19: the export in the TE-spec model of the Megatron on the path, at default
-  # strictness, against real_size_check's /tmp/rs_expected.pt: real_size_load_mcore_$1.json and its log
+  # strictness, against real_size_check's /tmp/rs_expected.pt: real_size_load_mcore_$1.json and its log (with
+  # real_size_floor's report where it ran first: the bound from the floor)
+  local floor=(); [ -f "$OUT/real_size_floor_mcore_0_15.json" ] && floor=(--floor "$OUT/real_size_floor_mcore_0_15.json")
   timeout 420 python3 "$REPO/bench/real_size_check.py" load --export "$RS_RUN/export" --expected /tmp/rs_expected.pt \
-    --out "$OUT/real_size_load_mcore_$1.json" > "$OUT/real_size_load_$1.log" 2>&1; local rc=$?
+    --out "$OUT/real_size_load_mcore_$1.json" "${floor[@]}" > "$OUT/real_size_load_$1.log" 2>&1; local rc=$?
   grep -vi warn "$OUT/real_size_load_$1.log" | tail -n 5; echo "rc $rc"; return "$rc"
+}
+
+real_size_floor() {  # the same check on the base alone: an adapter=null mcore export of the HF base (no merge) in
+  # Megatron 0.15.3's TE-spec model against the trainer's model without adapters: what the two stacks differ by
+  te_env || return 1
+  real_size_base || return 1
+  rm -rf /tmp/rs_base_export
+  timeout 300 python3 -m nemo_mla_lora.recipes.export "base=$RS_BASE" adapter=null output=/tmp/rs_base_export \
+    format=mcore verify=none > "$OUT/real_size_floor_export.log" 2>&1 || { tail -n 5 "$OUT/real_size_floor_export.log"; return 1; }
+  timeout 240 python3 "$REPO/bench/real_size_check.py" expected --base "$RS_BASE" --out /tmp/rs_expected_base.pt \
+    > "$OUT/real_size_floor_expected.log" 2>&1 || { tail -n 5 "$OUT/real_size_floor_expected.log"; return 1; }
+  timeout 300 python3 "$REPO/bench/real_size_check.py" load --export /tmp/rs_base_export \
+    --expected /tmp/rs_expected_base.pt --out "$OUT/real_size_floor_mcore_0_15.json" > "$OUT/real_size_floor_load.log" 2>&1
+  grep -vi warn "$OUT/real_size_floor_load.log" | tail -n 3; rm -rf /tmp/rs_base_export
 }
 
 real_size_check019() {  # after real_size_check (its /tmp/rs_expected.pt): the export in Megatron 0.19.2's TE spec
