@@ -38,6 +38,7 @@ from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, check_hf_peft_writable, write_hf_peft
 from nemo_mla_lora.peft.merge import MergeError, merge_unit
+from nemo_mla_lora.runtime.processes import process_age
 
 log = logging.getLogger(__name__)
 MERGED_FORMATS = ("absorbed", "mcore", "nemo", "hf")  # merged weights: verified, served by recipes.generate
@@ -92,6 +93,7 @@ def export(
     Returns:
         The manifest (also written as ``manifest.json``), with the verify report and the timing per phase.
     """
+    entered, age = time.perf_counter(), process_age()  # the process's start (imports, config) before export()
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
     verify = check_mode(verify)
@@ -161,7 +163,11 @@ def export(
             "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None,
         }
         if "timing" in info:
-            info["timing"]["source_hash"] = round(time.perf_counter() - start, 2)
+            timing = info["timing"]
+            timing["source_hash"] = round(time.perf_counter() - start, 2)
+            # before_export: process start to export(); outside_stages: export()'s own setup and finish to here
+            timing["before_export"] = age
+            timing["outside_stages"] = round(time.perf_counter() - entered - timing["wall"], 2)
         info["architecture_checksums"] = manifest.architecture_checksums(tmp, info)  # every file written by now
         (tmp / manifest.MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))
     return info

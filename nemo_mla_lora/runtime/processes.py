@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,3 +50,13 @@ def install_checkpoint_queue() -> None:
     server.start(initializer=die_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = server.Queue()
     install_checkpoint_queue.manager = server  # kept alive for the process's lifetime
+
+
+def process_age() -> float | None:
+    """Seconds since this process started, from ``/proc`` (Linux); None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command name: field 3 on
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 2)  # field 22: start time in ticks
+    except (OSError, ValueError, IndexError):
+        return None

@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,6 +426,8 @@ def test_export_verify_modes(trained, tmp_path):
     assert sample["layers"]["1"]["max_abs_diff"] <= sample["layers"]["1"]["bound"]
     none = export(root / "base", root / "adapter", tmp_path / "none", fmt="hf", verify=False, progress=False)
     assert none["verify"] == {"mode": "none", "passed": True} and "timing" in none
+    timing = none["timing"]  # where a run's time went: the process before export(), export() around its stages
+    assert timing["before_export"] > 0 and timing["outside_stages"] >= 0 and timing["wall"] > 0
     with pytest.raises(ValueError, match=r"verify layers \[7\]"):
         export(
             root / "base",
@@ -452,3 +457,13 @@ def test_expert_units_smaller_than_a_layer_read_from_a_dist_checkpoint(trained, 
     assert one["timing"]["units"] > whole["timing"]["units"]
     a, b = read_export(tmp_path / "one", "mcore"), read_export(tmp_path / "whole", "mcore")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_process_age_counts_from_the_process_start():
+    """``process_age`` (the export manifest's ``before_export``) from ``/proc``: a fresh process that sleeps 1 s
+    first reports at least that and far less than a minute."""
+    code = "import time; time.sleep(1); from nemo_mla_lora.runtime.processes import process_age; print(process_age())"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 1.0 <= float(proc.stdout) < 60
