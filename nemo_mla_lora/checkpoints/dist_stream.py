@@ -8,10 +8,11 @@ and its PyTorch DCP metadata (``.metadata``: Megatron's ``MCoreMetadata``, with 
 and storage location) is merged into the one written at the end, beside Megatron's ``metadata.json`` and
 ``common.pt``. A stacked expert tensor gets one chunk per expert (what Megatron's expert layers request)
 from several parts, and a tensor over the writer's row-chunk size its row chunks; ``finish`` checks every
-tensor's chunks cover it exactly once. Each written part settles on a thread of its own while the next one is
-saved: with ``check``, every tensor's stored bytes are compared with what was saved (from the page cache); then
-its files are synced to disk, so the disk writes as the export goes rather than all at the end. An error there
-surfaces at the next part or at ``finish``. With ``check``, every 16th part (the first included) is also loaded
+tensor's chunks cover it exactly once. Each written part's files are synced to disk by a pool of threads as the
+parts go (the disk writes while the export runs, several files at once, rather than all at the end; ``finish``
+waits for them), and with ``check`` every tensor's stored bytes are compared with what was saved (from the page
+cache) on a thread of its own while the next part is saved. An error there surfaces at the next part or at
+``finish``. With ``check``, every 16th part (the first included) is also loaded
 through Megatron's own loader and compared before the next one starts (about a third of the time loading every
 part takes; bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the
 result equals a one-call save of every tensor.
@@ -42,10 +43,11 @@ class StreamingDistCkpt:
     def __init__(self, directory):
         self.directory, self.metadata, self.parts = Path(directory), None, 0
         # save: Megatron's plan and the file writes; read_back: Megatron's loader on every 16th part; waited: for
-        # the previous part to settle (its bytes compared, its files synced), which runs beside the next save
-        self.seconds = {"save": 0.0, "read_back": 0.0, "waited": 0.0}
-        self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
-        self._pending = None  # the last part's settling
+        # the previous part's bytes to be compared (beside the next save); synced: finish waiting for the syncs
+        self.seconds = {"save": 0.0, "read_back": 0.0, "waited": 0.0, "synced": 0.0}
+        self._comparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back")
+        self._syncer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="sync")
+        self._pending, self._syncs = None, []  # the last part's comparison; every file's sync
 
     def add(self, sharded: dict, check: bool = False, max_bytes: int | None = None) -> None:
         """Save ``sharded`` (key -> Megatron ShardedTensor/ShardedObject; a tensor chunk not saved by an earlier
@@ -83,7 +85,7 @@ class StreamingDistCkpt:
             stored = None
         waited = time.perf_counter()
         self.seconds["read_back"] += waited - saved_at
-        self._wait_settled()
+        self._wait_compared()
         self.seconds["waited"] += time.perf_counter() - waited
         _place_chunks(metadata)
         renamed = {}
@@ -92,8 +94,10 @@ class StreamingDistCkpt:
             data_file.rename(self.directory / renamed[data_file.name])
         for info in metadata.storage_data.values():
             info.relative_path = renamed[info.relative_path]
-        records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored or ()]
-        self._pending = self._settler.submit(_settle, records, [self.directory / n for n in renamed.values()])
+        self._syncs += [self._syncer.submit(fsync_path, self.directory / n) for n in renamed.values()]
+        if stored:
+            records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored]
+            self._pending = self._comparer.submit(_compare_records, records)
         if self.metadata is None:
             for name in ("metadata.json", "common.pt"):  # the same for every part: Megatron's format header
                 (part / name).rename(self.directory / name)
@@ -129,16 +133,21 @@ class StreamingDistCkpt:
             merged = {**(getattr(self.metadata, field, None) or {}), **(getattr(metadata, field, None) or {})}
             setattr(self.metadata, field, merged or getattr(self.metadata, field, None))
 
-    def _wait_settled(self) -> None:
-        """The previous part settled (``_settle``; its error raised here)."""
+    def _wait_compared(self) -> None:
+        """The previous part's stored bytes compared (``_compare_records``; its error raised here)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 
     def finish(self) -> None:
         """Write the merged metadata; until then the directory is not a loadable checkpoint."""
-        self._wait_settled()
-        self._settler.shutdown()
+        self._wait_compared()
+        start, syncs, self._syncs = time.perf_counter(), self._syncs, []
+        for sync in syncs:
+            sync.result()
+        self.seconds["synced"] += time.perf_counter() - start
+        self._comparer.shutdown()
+        self._syncer.shutdown()
         if self.metadata is None:
             raise CheckpointError(f"{self.directory}: no tensors were written")
         _check_coverage(self.metadata, self.directory)
@@ -238,16 +247,13 @@ def _stored_records(saved: dict, metadata) -> list | None:
     return [(key, entries[key][0], data) for key, data in saved.values()]
 
 
-def _settle(records: list, files: list) -> None:
-    """A written part, on the settling thread: each (stored key, file, storage record, data) of ``records``
-    compared with the file's stored bytes, from the page cache (``_compare_stored``); then ``files`` synced
-    to disk, so that the disk writes while the next parts are made rather than all at the end."""
-    buf = torch.empty(8 << 20, dtype=torch.uint8) if records else None
+def _compare_records(records: list) -> None:
+    """Each (stored key, file, storage record, data) of a written part: the file's stored bytes against the
+    data's, from the page cache (``_compare_stored``)."""
+    buf = torch.empty(8 << 20, dtype=torch.uint8)
     for key, path, info, data in records:
         if not _compare_stored(path, info.offset, info.length, data, buf):
             raise CheckpointError(f"{path}: {key} reads back different from what was written")
-    for path in files:
-        fsync_path(path)
 
 
 def _load_and_compare(sharded: dict, saved: dict, part) -> None:

@@ -187,7 +187,7 @@ def test_a_changed_byte_in_a_written_part_is_caught(mcore, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
 def test_every_data_file_is_synced_before_finish_returns(mcore, tmp_path, monkeypatch, check):
-    """Each part's files are synced on the settling thread as the parts go (the export's final sync then finds
+    """Each part's files are synced by the sync threads as the parts go (the export's final sync then finds
     them clean): by the time ``finish`` returns, every data file of the checkpoint was synced, checked or not."""
     import os
 
