@@ -63,7 +63,7 @@ def expected(args) -> dict:
     return report
 
 
-def nvrx_version_attribute() -> str | None:
+def fit_nvrx_to_megatron() -> str | None:
     """Make nvidia-resiliency-ext fit the Megatron on the path, before Megatron is imported. megatron-core 0.19.2's
     ``has_nvrx_async_support`` asserts nvrx >= 0.6.0 wherever nvrx imports, and reads
     ``nvidia_resiliency_ext.__version__``, which 0.4.1 (NeMo 2.7.3's pin, a namespace package) lacks: where the
@@ -91,7 +91,7 @@ def nvrx_version_attribute() -> str | None:
 
 @torch.no_grad()
 def load(args) -> dict:
-    nvrx_set = nvrx_version_attribute()
+    nvrx_set = fit_nvrx_to_megatron()
     import megatron.core
     from megatron.core import dist_checkpointing
 

@@ -162,7 +162,7 @@ def test_nvrx_version_is_set_where_nvrx_lacks_it():
     pin, installed here) has none. Beside the installed megatron-core (0.15.3: any nvrx will do) the check sets it
     from the distribution's metadata, in a fresh process."""
     code = (
-        "import sys; sys.path.insert(0, 'bench'); from real_size_check import nvrx_version_attribute as f; "
+        "import sys; sys.path.insert(0, 'bench'); from real_size_check import fit_nvrx_to_megatron as f; "
         "import nvidia_resiliency_ext as n; before = hasattr(n, '__version__'); print(before, f(), n.__version__, f())"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -186,7 +186,7 @@ def test_nvrx_older_than_megatron_0_19_needs_is_hidden():
     code = (
         "import sys, importlib.metadata as md; real = md.version; "
         "md.version = lambda name: '0.19.2' if name == 'megatron-core' else real(name); "
-        "sys.path.insert(0, 'bench'); from real_size_check import nvrx_version_attribute as f; print(f())\n"
+        "sys.path.insert(0, 'bench'); from real_size_check import fit_nvrx_to_megatron as f; print(f())\n"
         "try:\n    import nvidia_resiliency_ext\nexcept ImportError:\n    print('hidden')"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
