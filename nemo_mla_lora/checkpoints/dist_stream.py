@@ -12,10 +12,10 @@ tensor's chunks cover it exactly once. Each written part's files are synced to d
 parts go (the disk writes while the export runs, several files at once, rather than all at the end; ``finish``
 waits for them), and with ``check`` every tensor's stored bytes are compared with what was saved (from the page
 cache) on a thread of its own while the next part is saved. An error there surfaces at the next part or at
-``finish``. With ``check``, every 16th part (the first included) is also loaded
-through Megatron's own loader and compared before the next one starts (about a third of the time loading every
-part takes; bench/README.md). Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the
-result equals a one-call save of every tensor.
+``finish``. With ``check``, every 16th part (the first included) is also loaded through Megatron's own loader and
+compared before the next one starts (about a third of the time loading every part takes; bench/README.md).
+Loading is Megatron's own; ``tests/checkpoints/test_dist_stream.py`` checks the result equals a one-call save of
+every tensor.
 """
 
 import io
@@ -35,7 +35,7 @@ from nemo_mla_lora.checkpoints.dist_ckpt import AXIS0_CHUNK
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.checkpoints.output_dir import fsync_path
 
-WRITER_THREADS = 4  # files of a part written at once (threads: the writes release the GIL)
+WRITER_THREADS = 4  # files of a part written at once, and files synced at once (threads: both release the GIL)
 MEGATRON_READ_BACK_EVERY = 16  # parts 0, 16, 32, ... are read back through Megatron's loader, the rest by bytes
 
 
