@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from lora_overhead import card, device, nemo_lora, summarize  # bench/ is this script's directory
+from real_size_check import bound_rel
 
 CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "configs" / "deepseek_v2_lite.json"
 SHARD_BYTES = 4 << 30
@@ -298,6 +299,7 @@ PARTS = {  # summary field <- the file a run_gpu.sh step writes under $OUT
     "cp": "real_size_cp.json",
     "mcore_0_15": "real_size_load_mcore_0_15.json",
     "mcore_0_19": "real_size_load_mcore_0_19.json",
+    "floor": "real_size_floor_mcore_0_15.json",  # the base alone in 0.15.3's model: both loads' bound
     "engine": "real_size_engine.json",
     "v3_layers": "v3_layers.json",
     "finetune": "real_size_finetune_summary.json",  # recipes.finetune's summary.json (run_gpu.sh collect)
@@ -318,6 +320,20 @@ def finetune_summary(run: dict | None, measured: dict | None) -> dict | None:
                                             "rc": measured["rc"]})}
 
 
+def megatron_load(report: dict | None, floor: dict | None) -> dict | None:
+    """One release's load: loaded, max_rel against the unmerged model, and (where the floor ran) the floor, the bound
+    ``real_size_check.bound_rel`` draws from it and whether max_rel is within; the floor is measured in 0.15.3's
+    model and bounds both releases (a load run in another call never saw it, so the bound is drawn here)."""
+    if report is None:
+        return None
+    out = {"loaded": report.get("loaded", False), "max_rel": report.get("max_rel")}
+    if floor is not None and out["max_rel"] is not None:
+        bound = bound_rel(floor["max_rel"])
+        out.update(floor_rel=floor["max_rel"], bound_rel=bound, within=out["max_rel"] <= bound,
+                   argmax_agreement=report.get("argmax_agreement"))
+    return out
+
+
 def summary(args) -> dict:
     """summary.json from the parts under ``--results``; a part not there is null and listed in ``missing``."""
     results = Path(args.results)
@@ -332,9 +348,7 @@ def summary(args) -> dict:
         if export is None or cp is None
         else {"seconds": export["seconds"], "cp_seconds": cp["seconds"], "peak_rss_gib": export["peak_rss_gib"],
               "share_of_cp_rate": cp["seconds"] / export["seconds"], "rc": export["rc"]},
-        "megatron_load": {k: None if parts[k] is None else {"loaded": parts[k].get("loaded", False),
-                                                           "max_rel": parts[k].get("max_rel")}
-                          for k in ("mcore_0_15", "mcore_0_19")},
+        "megatron_load": {k: megatron_load(parts[k], parts["floor"]) for k in ("mcore_0_15", "mcore_0_19")},
         "engine": None
         if engine is None or "engine" not in engine
         else {"tokens_per_s": engine["engine"]["no_adapter"]["tokens_per_s"],

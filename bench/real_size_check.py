@@ -26,6 +26,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 TOKENS = (2, 64)
+BOUND_REL = 2e-2  # of the largest |logit|: bf16 on both sides, different kernels
+
+
+def bound_rel(floor: float | None) -> float:
+    """The logits bound relative to the largest |logit|: 2e-2, or twice the floor (the base alone) where larger."""
+    return BOUND_REL if floor is None else max(BOUND_REL, 2 * floor)
 
 
 def fixed_tokens(vocab: int) -> torch.Tensor:
@@ -114,10 +120,9 @@ def load(args) -> dict:
     logits = model_logits(model, want["tokens"])
     reference = want["unmerged_logits"]
     diff, scale = (logits - reference).abs().max().item(), reference.abs().max().item()
-    bound, floor = 2e-2, None
-    if args.floor:  # the same comparison on the base alone: what the two stacks differ by without any merge
-        floor = json.loads(Path(args.floor).read_text())["max_rel"]
-        bound = max(bound, 2 * floor)
+    # --floor: the same comparison on the base alone: what the two stacks differ by without any merge
+    floor = json.loads(Path(args.floor).read_text())["max_rel"] if args.floor else None
+    bound = bound_rel(floor)
     report.update(max_abs_diff=diff, max_abs_logit=scale, max_rel=diff / scale, floor_rel=floor, bound_rel=bound,
                   within=diff <= bound * scale, mean_abs_diff=(logits - reference).abs().mean().item(),
                   argmax_agreement=(logits.argmax(-1) == reference.argmax(-1)).float().mean().item())

@@ -114,6 +114,7 @@ def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
         "real_size_engine.json",
         "real_size_finetune.json",
         "real_size_finetune_summary.json",
+        "real_size_floor_mcore_0_15.json",
         "real_size_load_mcore_0_19.json",
         "v3_layers.json",
     ]
@@ -127,6 +128,34 @@ def test_summary_gathers_the_parts_and_names_the_missing(tmp_path):
     bench.main(["summary", "--results", str(results), "--out", str(out)])
     f = json.loads(out.read_text())["finetune"]
     assert f["verify_passed"] and f["verify_max_abs_logit_diff"] == 0.004 and "seconds" not in f
+
+
+def test_summary_bounds_both_loads_by_the_floor(tmp_path):
+    """The floor (the base alone in 0.15.3's model) bounds both releases' loads, whichever call ran them."""
+    bench = bench_module("real_size")
+    results = tmp_path / "results"
+    results.mkdir()
+    load = {"loaded": True, "max_rel": 0.06, "argmax_agreement": 0.9, "floor_rel": None, "bound_rel": 0.02}
+    (results / "real_size_load_mcore_0_15.json").write_text(json.dumps(load))
+    (results / "real_size_load_mcore_0_19.json").write_text(json.dumps({**load, "max_rel": 0.07}))
+    out = tmp_path / "summary.json"
+    bench.main(["summary", "--results", str(results), "--out", str(out)])
+    assert json.loads(out.read_text())["megatron_load"]["mcore_0_19"] == {"loaded": True, "max_rel": 0.07}
+    (results / "real_size_floor_mcore_0_15.json").write_text(json.dumps({"loaded": True, "max_rel": 0.0325}))
+    bench.main(["summary", "--results", str(results), "--out", str(out)])
+    loads = json.loads(out.read_text())["megatron_load"]
+    assert loads["mcore_0_15"] == {
+        "loaded": True,
+        "max_rel": 0.06,
+        "floor_rel": 0.0325,
+        "bound_rel": 0.065,
+        "within": True,
+        "argmax_agreement": 0.9,
+    }
+    assert loads["mcore_0_19"]["bound_rel"] == 0.065 and not loads["mcore_0_19"]["within"]
+    (results / "real_size_floor_mcore_0_15.json").write_text(json.dumps({"loaded": True, "max_rel": 0.001}))
+    bench.main(["summary", "--results", str(results), "--out", str(out)])
+    assert json.loads(out.read_text())["megatron_load"]["mcore_0_15"]["bound_rel"] == 0.02  # never below 2e-2
 
 
 def test_table_steps_every_variant_and_profiles_on_cpu(tmp_path):
