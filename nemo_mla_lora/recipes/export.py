@@ -46,6 +46,9 @@ def keep_off_gpus() -> bool:
 
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
+    from nemo_mla_lora.runtime.processes import process_age
+
+    started = {"main": process_age()}  # the interpreter, Hydra and the config: process age at this line
     keep_off_gpus()
     check_known_keys(cfg)
     if cfg.format not in FORMATS:
@@ -56,19 +59,23 @@ def main(cfg: DictConfig) -> None:
     sources = (cfg.base, cfg.adapter, cfg.tokenizer if cfg.tokenizer and Path(cfg.tokenizer).exists() else None)
     try:  # the output first, before Megatron starts: one that must not be written is refused at once
         check_target(cfg.output, sources, cfg.overwrite, replaces=(MANIFEST,))
-        info = _run(cfg)
+        info = _run(cfg, started)
     except (CheckpointError, ValueError, OSError) as err:  # ours name the file / field / path: one line
         sys.exit(f"error: {type(err).__name__}: {err}")
     report = {k: info[k] for k in ("format", "kv_cache", "verify", "fp8", "timing", "warnings") if k in info}
+    report["started"] = started  # process age at main() and once Megatron is up; the manifest has before_export
     print(json.dumps(report, indent=2))
     print(f"wrote {cfg.output}")
 
 
-def _run(cfg: DictConfig) -> dict:
+def _run(cfg: DictConfig, started: dict) -> dict:
     from nemo_mla_lora.export.pipeline import export
     from nemo_mla_lora.runtime import parallel
+    from nemo_mla_lora.runtime.processes import process_age
 
+    started["imports"] = process_age()  # the export's modules: torch, Megatron-Core, the readers and writers
     parallel.init_megatron()
+    started["megatron"] = process_age()  # torch.distributed (gloo) and Megatron's parallel state
     return export(
         cfg.base,
         cfg.adapter,

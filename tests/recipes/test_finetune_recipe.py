@@ -69,3 +69,6 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
         ]
     )
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() and '"passed": true' in proc.stdout
+    report = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.rindex("wrote ")])
+    started = report["started"]  # the process's start, in order: main(), the imports, Megatron up, export()
+    assert 0 < started["main"] <= started["imports"] <= started["megatron"] <= report["timing"]["before_export"]
