@@ -26,12 +26,12 @@ FP8_FRIENDLY = dict(
     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
     qk_rope_head_dim=64, v_head_dim=64, vocab_size=512, max_position_embeddings=512, rope_scaling=None,
 )  # fmt: skip
-# Measured on one H100 (2026-12-07, tensorwise; seeded: two runs gave the same figures): the 10-step loss curves agree within 0.34% (LOSS_BOUND
-# 2%). The largest single-element differences are not a precision measure here: E4M3 moves the router's scores
-# enough to change a token's top-2 experts, and such a token's output moves by whole expert outputs (max-element
-# logits 0.42, worst adapter gradient 1.86 of its largest element). The bounds are on norms (||fp8 - bf16|| /
-# ||bf16||, over the logits and over all adapter gradients together): measured 0.196 (logits) and 0.199 (adapter
-# gradients), bounded at 1.5x that.
+# Measured on one H100 (2026-12-07, tensorwise; seeded: two runs gave the same figures): the 10-step loss curves
+# agree within 0.34% (LOSS_BOUND 2%). The largest single-element differences are not a precision measure here: E4M3
+# moves the router's scores enough to change a token's top-2 experts, and such a token's output moves by whole
+# expert outputs (max-element logits 0.42, worst adapter gradient 1.86 of its largest element). The bounds are on
+# norms (||fp8 - bf16|| / ||bf16||, over the logits and over all adapter gradients together): measured 0.196
+# (logits) and 0.199 (adapter gradients), bounded at 1.5x that.
 LOGITS_BOUND, GRAD_BOUND, LOSS_BOUND = 0.3, 0.3, 0.02
 
 
