@@ -18,9 +18,14 @@ import torch
 
 PAGE = 64  # FlashMLA's page block size: the engine's cache (``inference/cache.py``) pads its rows to it
 LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
-# From this many heads on, FlashMLA's decode is faster than ours (bench/README.md, "Hopper decode kernels": one
-# H100, batch 64, context 4,096: 0.98x ours at 16 heads, 1.30x at 64, 2.18x at 128).
+# Where FlashMLA's decode is faster than ours (bench/README.md, "Hopper decode kernels": the full sweep on one H100,
+# 16/64/128 heads x batch 1-128 x context 1K-32K): from 64 heads on, once there is work for its persistent grid,
+# h x b x t >= 4M (batch 8 x 4K at 128 heads: 0.048 against 0.063 ms) or one row of 32K positions or more (which
+# ours spreads over too few programs: 0.076 against 0.159 ms at 64 heads). Below that ours launch faster (64 heads,
+# batch 1, 4K: 0.013 against FlashMLA's 0.049 ms); at 16 heads ours are within 5% everywhere.
 FASTER_FROM_HEADS = 64
+FASTER_FROM_WORK = 1 << 22  # h x b x t
+FASTER_FROM_POSITIONS = 1 << 15  # t, at any batch
 
 
 def _dims_problem(latent: int, rope: int) -> str | None:
@@ -94,21 +99,29 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
     return out[:, 0]  # [b, h, c]
 
 
+def flashmla_is_faster(h: int, b: int, t: int) -> bool:
+    """Whether FlashMLA's decode beats ours for h heads, b rows and t positions read per row (measured: the constants
+    above); a function of host integers, so a CUDA graph captures one choice per shape."""
+    return h >= FASTER_FROM_HEADS and (h * b * t >= FASTER_FROM_WORK or t >= FASTER_FROM_POSITIONS)
+
+
 def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
-    """The ``flashmla`` backend's choice per shape: FlashMLA's decode from ``FASTER_FROM_HEADS`` heads on, ours
-    (``hopper_decode.decode_attention``) below, where ours is as fast or faster.
+    """The ``flashmla`` backend's choice per shape (``flashmla_is_faster``): FlashMLA's decode where it is faster,
+    ours (``hopper_decode.decode_attention``) elsewhere.
 
     Args:
-        q_lat, q_rope: the queries, [b, h, c] and [b, h, dr]; h decides the kernel.
+        q_lat, q_rope: the queries, [b, h, c] and [b, h, dr]; h and b decide the kernel, with t.
         c_kv, k_rope: one layer's cache views, [b, t, c] and [b, t, dr] (``LatentKVCache``'s).
         lengths: [b] int32, row i attends to positions 0 .. lengths[i] - 1.
         scale: the softmax scale.
-        max_length: positions the kernels may read (ours use it; FlashMLA schedules from ``lengths``).
+        max_length: positions the kernels may read (ours use it; FlashMLA schedules from ``lengths``): the t of
+            the choice (default: the views' t).
 
     Returns:
         o_lat [b, h, c], as ``flashmla_decode``.
     """
-    if q_lat.shape[1] >= FASTER_FROM_HEADS:
+    b, h, _ = q_lat.shape
+    if flashmla_is_faster(h, b, max_length or c_kv.shape[1]):
         return flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
