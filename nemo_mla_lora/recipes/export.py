@@ -73,9 +73,9 @@ def _run(cfg: DictConfig, started: dict) -> dict:
     from nemo_mla_lora.runtime import parallel
     from nemo_mla_lora.runtime.processes import process_age
 
-    started["imports"] = process_age()  # the export's modules: torch, Megatron-Core, the readers and writers
+    started["imports"] = process_age()  # the export's modules with torch, their readers and writers
     parallel.init_megatron()
-    started["megatron"] = process_age()  # torch.distributed (gloo) and Megatron's parallel state
+    started["megatron"] = process_age()  # Megatron-Core's import, torch.distributed (gloo), its parallel state
     return export(
         cfg.base,
         cfg.adapter,
