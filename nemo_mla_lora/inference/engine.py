@@ -15,6 +15,7 @@ from nemo_mla_lora.arch.mla_spec import MLASpec
 from nemo_mla_lora.checkpoints.dist_ckpt import load_weights
 from nemo_mla_lora.inference.attention import NONE, absorbed_attention
 from nemo_mla_lora.inference.cache import LatentKVCache
+from nemo_mla_lora.inference.moe import GroupedMoE, unsupported
 
 PREFIX = "decoder.layers.{}.self_attention."
 BACKENDS = ("torch", "triton", "flashmla")  # decode attention: einsums, our kernels, FlashMLA's (Hopper)
@@ -76,6 +77,8 @@ class AbsorbedMLAEngine:
         h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
         self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
         self.w_uv = [w.view(h, dv, c) for w in v_up]  # [h, dv, c] per layer
+        # MoE layers as grouped GEMMs with no host read (``moe.py``); None: the layer's own forward
+        self.moe = [None if unsupported(layer.mlp) else GroupedMoE(layer.mlp) for layer in model.decoder.layers]
 
     @classmethod
     def load(
@@ -144,7 +147,7 @@ class AbsorbedMLAEngine:
             x = x + absorbed_attention(
                 layer.input_layernorm(x), layer.self_attention, self.w_uk[i], self.w_uv[i], cache, i, corr, self.backend
             )
-            mlp_out, mlp_bias = layer.mlp(layer.pre_mlp_layernorm(x))
+            mlp_out, mlp_bias = (self.moe[i] or layer.mlp)(layer.pre_mlp_layernorm(x))
             x = x + (mlp_out if mlp_bias is None else mlp_out + mlp_bias)
         if valid is None:
             cache.advance(step=s)  # every row s more: no device read

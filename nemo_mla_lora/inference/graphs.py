@@ -4,8 +4,10 @@ run decode (the host launches one graph instead of every layer's kernels).
 A graph replays fixed shapes at fixed addresses, so the cache runs ``static`` (attention over the whole
 allocation, each row masked by its own length on the device) and advances in place (``advance(step=1)``), the
 tokens go through one input buffer and the logits come out of one output buffer. The host keeps the cache's
-count itself (no Python runs inside a replay). Megatron's MoE token dispatcher reads expert counts back to the
-host, which a graph cannot replay: models with MoE layers decode eagerly.
+count itself (no Python runs inside a replay). MoE layers run as the engine's grouped GEMMs (``moe.py``), which
+never read the device back; where ``torch._grouped_mm`` cannot run their operands (not bf16 on sm_90+), or the
+layer is one ``GroupedMoE`` does not stand in for, Megatron's token dispatcher would read expert counts back to
+the host, which a graph cannot replay: such models decode eagerly.
 
 Index legend: b batch, v vocabulary.
 """
@@ -18,9 +20,15 @@ def graph_unsafe(engine) -> str | None:
     device = next(engine.model.parameters()).device
     if device.type != "cuda":
         return f"CUDA graphs need the model on a GPU; it is on {device}"
-    moe = [i for i, layer in enumerate(engine.model.decoder.layers) if hasattr(layer.mlp, "router")]
-    if moe:
-        return f"layers {moe[:4]}{' ...' if len(moe) > 4 else ''} are MoE: the token dispatcher syncs with the host"
+    p = next(engine.model.parameters())
+    probe = torch.empty(1, engine.spec.hidden_size, dtype=p.dtype, device=device)  # a row of the MoE input
+    for i, layer in enumerate(engine.model.decoder.layers):
+        if not hasattr(layer.mlp, "router"):
+            continue
+        moe = engine.moe[i]
+        why = "the token dispatcher syncs with the host" if moe is None else moe.graph_problem(probe)
+        if why is not None:
+            return f"layer {i} is MoE and {why}"
     return None
 
 
@@ -29,7 +37,7 @@ class GraphedDecode:
     replayed from a CUDA graph.
 
     Args:
-        engine: an ``AbsorbedMLAEngine`` on a GPU, without MoE layers.
+        engine: an ``AbsorbedMLAEngine`` on a GPU (``graph_unsafe`` says why not where it cannot be captured).
         cache: its ``LatentKVCache`` with ``static=True``, prefilled; every row advances one token per step.
         bank, adapter_ids: per-row unmerged adapters, fixed for the graph's life.
         warmup: eager steps before the capture (kernels compiled, workspaces allocated); their cache writes lie

@@ -37,7 +37,7 @@ def group_offsets(counts: list[int], device: torch.device | str) -> torch.Tensor
     return ends.to(device)
 
 
-def _native(a: torch.Tensor, b: torch.Tensor) -> bool:
+def grouped_mm_native(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether torch._grouped_mm runs these operands: CPU fp32/bf16/fp16, CUDA bf16 on sm90+; each operand
     row- or column-major in its last two dims with 16-byte aligned strides and start (otherwise one mm per
     group computes the same product)."""
@@ -70,7 +70,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: lis
     """
     if len(counts) == 1:
         return a @ b[0] if b.dim() == 3 else (a @ b).unsqueeze(0)
-    if _native(a, b):
+    if grouped_mm_native(a, b):
         return torch._grouped_mm(a, b, offs)
     if b.dim() == 3:
         out = a.new_empty(a.shape[0], b.shape[2])
