@@ -293,7 +293,8 @@ def prefill(engine, tokens, cache, bank=None, ids=None) -> torch.Tensor:
 
 def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
     """The same greedy decode with each step replayed from a CUDA graph (``inference/graphs.GraphedDecode``, static
-    cache): {"tokens_per_s": ...}, or {"skipped": why} where the step cannot be captured (CPU, MoE layers)."""
+    cache): {"tokens_per_s": ...}, {"skipped": why} where ``graph_unsafe`` refuses the capture, or {"failed":
+    error} where the capture itself raised (the eager figures of the section stand)."""
     from nemo_mla_lora.inference.graphs import GraphedDecode, graph_unsafe
 
     why = graph_unsafe(engine)
@@ -302,7 +303,10 @@ def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
     b, prompt = tokens.shape
     cache = engine.new_cache(b, prompt + steps + 8, static=True)
     nxt = prefill(engine, tokens, cache, bank, ids)  # [b]
-    graphed = GraphedDecode(engine, cache, bank, ids)
+    try:
+        graphed = GraphedDecode(engine, cache, bank, ids)
+    except RuntimeError as err:  # e.g. an op that syncs with the host inside the capture
+        return {"failed": f"{type(err).__name__}: {str(err)[:500]}"}
     for _ in range(3):
         nxt = graphed.step(nxt).argmax(-1)
     torch.cuda.synchronize()
