@@ -106,7 +106,8 @@ export_cores() {  # the export at scale on this machine's 16 cores and on 2 of t
 
 decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapters, engine), ncu profiles
   python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_triton_decode.py" \
-    "$REPO/tests/inference/test_flashmla.py" -k "gpu or flashmla" -rs > "$OUT/decode_tests.log" 2>&1
+    "$REPO/tests/inference/test_flashmla.py" "$REPO/tests/inference/test_moe_decode.py" -k "gpu or flashmla" -rs \
+    > "$OUT/decode_tests.log" 2>&1
   tail -n 6 "$OUT/decode_tests.log"
   timeout 400 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 45
   local rc=${PIPESTATUS[0]}
