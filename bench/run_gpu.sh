@@ -26,6 +26,7 @@
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
 #   gluon_decode                          the warp-specialised Gluon kernel's GPU tests and timing
 #   decode_engine_4k                      the engine at context 4,096, ours and FlashMLA's kernel
+#   moe_decode                            a V2-Lite MoE layer at decode batches: Megatron's layer vs GroupedMoE
 # Placement study:
 #   placement_study [overrides] | placement_continue [overrides]
 # Several steps in one call: chain STEP [STEP ...]; two at once: beside STEP STEP
@@ -126,6 +127,15 @@ decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode st
   timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" --sections engine engine_flashmla \
     --prompt 4032 --steps 64 > "$OUT/engine_4k.log" 2>&1; local rc=$?
   grep -vi warn "$OUT/engine_4k.log" | tail -n 5; return "$rc"
+}
+
+moe_decode() {  # one V2-Lite MoE layer, bf16, at decode batch sizes: Megatron's own layer against the engine's
+  # GroupedMoE (bench/moe_decode.py), then the MoE graph test (tests/inference/test_moe_decode.py)
+  timeout 200 python3 "$REPO/bench/moe_decode.py" --device cuda --dtype bfloat16 --batches 1 8 64 256 \
+    --out "$OUT/moe_decode.json" 2>&1 | grep -E "batch|Error" ; local rc=${PIPESTATUS[0]}
+  timeout 200 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_moe_decode.py" -k gpu -rs \
+    > "$OUT/moe_tests.log" 2>&1 || rc=1
+  tail -n 3 "$OUT/moe_tests.log"; return "$rc"
 }
 
 GLUON_SMOKE='import torch; from nemo_mla_lora.inference.kernels import gluon_decode as g
