@@ -5,6 +5,7 @@ experts, the routed experts as two grouped GEMMs, no host read), same weights, s
 first.
 
     python bench/moe_decode.py [--device cuda --dtype bfloat16] [--batches 1 8 64] [--out moe_decode.json]
+    ... --config CONFIG_JSON   # another HF config of the family (the smoke test's tiny one)
 
 Times: the median of ``--iters`` calls after 3 of warm-up (CUDA: synchronized per call), ms per layer call on
 [1, b, hidden] (one decode step of b rows).
@@ -22,8 +23,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "nemo_mla_lora" / "models" / "con
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build(device: str, dtype: torch.dtype):
-    """(spec, the MoE layer) of a 2-layer V2-Lite (dense + MoE), Megatron's local spec as the engine builds it."""
+def build(device: str, dtype: torch.dtype, config_json: Path = CONFIG):
+    """(spec, the MoE layer) of a 2-layer model of the config (dense + MoE), Megatron's local spec as the engine
+    builds it."""
     from nemo_mla_lora.arch import hf_config
     from nemo_mla_lora.models.from_spec import CPU_SAFE, config_from_spec
     from nemo_mla_lora.models.layer_spec import local_mla_block_spec
@@ -31,7 +33,7 @@ def build(device: str, dtype: torch.dtype):
     from nemo_mla_lora.runtime import parallel
 
     parallel.init_megatron()
-    raw = json.loads(CONFIG.read_text())
+    raw = json.loads(Path(config_json).read_text())
     raw.update(num_hidden_layers=2, first_k_dense_replace=1, vocab_size=1024)
     spec = hf_config.spec_from_hf(raw)
     torch.manual_seed(0)
@@ -63,8 +65,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out")
+    p.add_argument("--config", default=str(CONFIG), help="an HF config.json (default: DeepSeek-V2-Lite's)")
     args = p.parse_args(argv)
-    spec, mlp = build(args.device, DTYPES[args.dtype])
+    spec, mlp = build(args.device, DTYPES[args.dtype], args.config)
     grouped = GroupedMoE(mlp)
     tol = 1e-4 if args.dtype == "float32" else 3e-2
     device = torch.device(args.device)

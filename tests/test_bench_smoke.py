@@ -119,3 +119,17 @@ def test_decode_bench_runs_on_tiny_dims(tmp_path):
     assert result["adapters"]["adapters"] == 8
     assert result["adapters"]["attention"]["ms_multi_adapter"] > 0 and result["adapters"]["layer"]["ratio"] > 0
     assert result["fold"]["bytes_folded"] == 4 * result["fold"]["cost"]["folded"]["params_per_layer"]
+
+
+def test_moe_decode_bench_runs_on_a_tiny_config(tmp_path):
+    """``bench/moe_decode.py`` on the tiny V3 variant: both layers run, outputs checked equal, a row per batch."""
+    from support.hf import MAKER
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MAKER.hf_config("v3_noaux_yarn_q").to_dict()))
+    out = tmp_path / "moe.json"
+    script = [sys.executable, str(ROOT / "bench" / "moe_decode.py"), "--config", str(config), "--out", str(out)]
+    proc = subprocess.run([*script, "--batches", "1", "4", "--iters", "2"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["megatron_ms"] > 0 and r["grouped_ms"] > 0 for r in rows)
