@@ -119,6 +119,32 @@ def test_each_feature_matches_peft_merge(bases, tmp_path, feature):
     assert_export_matches(bases[VARIANT], tmp_path / "adapter", tmp_path / "hf", expected)
 
 
+@pytest.mark.parametrize("feature", ["dora", "embedding", "lm_head"])
+def test_verify_adapts_the_vocabulary_tensors_by_rows_as_whole(bases, tmp_path, feature):
+    """Verify's reference reads the adapted embedding / output layer a block of rows at a time: each block equal
+    to the same rows of the whole adapted tensor (float64), for LoRA, DoRA (lm_head: norms of rows) and embedding
+    LoRA; the embedding under DoRA (norms of columns) stays whole."""
+    from nemo_mla_lora.export.peft_reference import ROWS, PeftReference
+
+    make_adapter(bases[VARIANT], tmp_path / "adapter", merge=False, **FEATURES[feature])
+    reference, base = PeftReference(tmp_path / "adapter"), HFBase(bases[VARIANT])
+    names = ["output_layer.weight", "embedding.word_embeddings.weight"]
+    state = {n: base.load([n])[n].double() for n in names}
+    view = reference.view(state, torch.float64)
+    rows = torch.tensor([[5, 0, 261], [5, 7, 7]])  # as the prompts' tokens index the embedding
+    for name in names:
+        if name not in reference.touched:
+            continue
+        whole = reference.tensor(name, state[name], torch.float64)
+        got = view[name]
+        assert type(got).__name__ == "_AdaptedRows" and got.shape == whole.shape
+        torch.testing.assert_close(got[100:228], whole[100:228], atol=1e-12, rtol=0)
+        torch.testing.assert_close(got[rows], whole[rows], atol=1e-12, rtol=0)
+        assert (whole - state[name]).abs().max() > 1e-3  # the adapter changes it
+    reference.config.use_dora = True  # as if the embedding's LoRA were DoRA: its norms are of columns
+    assert not reference.by_rows(ROWS["embedding.word_embeddings.weight"]) or feature != "embedding"
+
+
 def test_all_features_together_hf_and_latent(mcore, bases, tmp_path):
     config = dict(
         target_modules=[
