@@ -29,7 +29,11 @@ from nemo_mla_lora.peft.lora_fn import grouped_mm, grouped_mm_native
 
 def unsupported(mlp: torch.nn.Module) -> str | None:
     """Why ``GroupedMoE`` cannot stand in for ``mlp`` (None: it can): a Megatron MoE layer with ``SequentialMLP``
-    experts (gated SiLU, no bias), no token dropping, one expert-parallel rank."""
+    experts (gated SiLU, no bias), no token dropping, one expert-parallel rank.
+
+    Args:
+        mlp: a decoder layer's ``mlp`` (a dense MLP gives its reason too).
+    """
     experts = getattr(mlp, "experts", None)
     if not hasattr(mlp, "router") or experts is None or not hasattr(experts, "local_experts"):
         return f"{type(mlp).__name__} is not a MoE layer with SequentialMLP experts"
@@ -62,7 +66,11 @@ class GroupedMoE:
         self.w2 = _stack([e.linear_fc2 for e in experts]).transpose(1, 2)  # [E, f, hidden]
 
     def graph_problem(self, x: torch.Tensor) -> str | None:
-        """Why a CUDA graph cannot replay this layer for inputs like x [..., hidden] (None: it can)."""
+        """Why a CUDA graph cannot replay this layer for inputs like x [..., hidden] (None: it can).
+
+        Args:
+            x: an input of the dtype and device the layer will run on (one row is enough).
+        """
         if not x.is_cuda:
             return f"the layer runs on {x.device}"
         probe = x.reshape(-1, x.shape[-1])[:1].contiguous()  # [1, hidden]: dtype, device, alignment of x's rows
@@ -71,6 +79,7 @@ class GroupedMoE:
         return None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """x [s, b, hidden] -> (the layer's output [s, b, hidden], None: no bias), as ``mlp(x)`` returns."""
         shape, k = x.shape, self.topk
         x2 = x.reshape(-1, shape[-1])  # [t, hidden]
         probs, routing_map = self.router(x)  # [t, E] each, k experts per row

@@ -101,7 +101,11 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
 
 def flashmla_is_faster(h: int, b: int, t: int) -> bool:
     """Whether FlashMLA's decode beats ours for h heads, b rows and t positions read per row (measured: the constants
-    above); a function of host integers, so a CUDA graph captures one choice per shape."""
+    above); a function of host integers, so a CUDA graph captures one choice per shape.
+
+    Args:
+        h: query heads; b: rows of the batch; t: cached positions each row's decode reads.
+    """
     return h >= FASTER_FROM_HEADS and (h * b * t >= FASTER_FROM_WORK or t >= FASTER_FROM_POSITIONS)
 
 
