@@ -38,6 +38,7 @@ from nemo_mla_lora.export.units import DEFAULT_BUDGET, plan
 from nemo_mla_lora.export.verify import StreamingVerify, check_mode
 from nemo_mla_lora.export.writers import DistCkptWriter, HFWriter, NemoWriter, check_hf_peft_writable, write_hf_peft
 from nemo_mla_lora.peft.merge import MergeError, merge_unit
+from nemo_mla_lora.runtime.memory import release_freed_memory
 from nemo_mla_lora.runtime.processes import process_age
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,12 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         return tensors
 
     timing = stages.run(
-        units, lambda u: source.load(u.names), process, writer.add, on_done=lambda u: bar.update(u.nbytes)
+        units,
+        lambda u: source.load(u.names),
+        process,
+        writer.add,
+        on_done=lambda u: (release_freed_memory(), bar.update(u.nbytes)),  # the unit's freed tensors to the OS
+        alone=lambda u: u.nbytes > budget,  # the embedding, the output layer: by themselves
     )
     bar.close()
     writer.finish()

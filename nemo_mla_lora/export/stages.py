@@ -3,8 +3,11 @@
 Reading the next unit and writing the previous one overlap the work on the current one (file I/O, hashing
 and torch's kernels release the GIL). A unit is handed over, not queued: a stage starts on its next unit
 only once the one after it has taken the last, so memory holds three units (reading, working, writing),
-not five. The first error in any stage stops the others and is raised in the caller; so is Ctrl-C.
-``run`` returns each stage's busy seconds and the wall time.
+not five. A unit ``alone`` says is large (the embedding, the output layer: a vocabulary's rows, several times the
+budget of the others) is in memory by itself: the reader starts it once every unit before it is written, and the
+next once it is written, so the peak is the largest unit, not the largest plus two others. The first error in any
+stage stops the others and is raised in the caller; so is Ctrl-C. ``run`` returns each stage's busy seconds and
+the wall time.
 """
 
 import queue
@@ -39,12 +42,21 @@ def _get(q: queue.Queue, stop: threading.Event):
     return _DONE
 
 
-def run(units, read, process, write, on_done=None) -> dict:
+def run(units, read, process, write, on_done=None, alone=None) -> dict:
     """``read(unit) -> tensors`` (reader thread), ``process(unit, tensors) -> tensors`` (here),
-    ``write(unit, tensors)`` (writer thread), ``on_done(unit)`` after each write."""
+    ``write(unit, tensors)`` (writer thread), ``on_done(unit)`` after each write; ``alone(unit)``: whether the
+    unit is in memory by itself (default: none is)."""
     to_process, to_write = queue.Queue(1), queue.Queue(1)
     stop, errors = threading.Event(), []
     busy = {"read": 0.0, "process": 0.0, "write": 0.0}
+    written, progress = [0], threading.Condition()  # units written so far; notified after each
+
+    def wait_written(count: int) -> bool:
+        """Until ``count`` units are written (False if stopped first)."""
+        with progress:
+            while written[0] < count and not stop.is_set():
+                progress.wait(0.1)
+        return not stop.is_set()
 
     def guarded(body):
         def target():
@@ -57,7 +69,12 @@ def run(units, read, process, write, on_done=None) -> dict:
         return target
 
     def reader():
-        for unit in units:
+        after_alone = False  # the unit before was alone: this one waits for it to be written
+        for index, unit in enumerate(units):
+            by_itself = bool(alone and alone(unit))
+            if (by_itself or after_alone) and not wait_written(index):
+                return
+            after_alone = by_itself
             start = time.perf_counter()
             tensors = read(unit)
             busy["read"] += time.perf_counter() - start
@@ -73,6 +90,9 @@ def run(units, read, process, write, on_done=None) -> dict:
             write(unit, tensors)
             busy["write"] += time.perf_counter() - start
             del item, tensors
+            with progress:
+                written[0] += 1
+                progress.notify_all()
             if on_done:
                 on_done(unit)
 
