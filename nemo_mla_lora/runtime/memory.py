@@ -3,8 +3,8 @@
 glibc's malloc keeps what a thread frees in that thread's arena for reuse. The export frees each unit's tensors
 (most of them a few MB: heap memory, below malloc's mmap threshold) once the unit is written, and those free
 chunks stayed resident: on a 6-layer DeepSeek-V2-Lite-shaped export the process's resident memory had grown to
-about 1.5 GB with no unit in memory, and peaked at 1.9-2.0 GB. ``release_freed_memory`` after each unit
-(``malloc_trim``) keeps the peak at the units actually held: 1.36 GB there (bench/README.md, History).
+about 1.5 GiB with no unit in memory, and peaked at 1.8-2.0 GiB. ``release_freed_memory`` after each unit
+(``malloc_trim``) keeps the peak at the units actually held: 1.36 GiB there (bench/README.md, History).
 """
 
 import ctypes
