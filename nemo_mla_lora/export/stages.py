@@ -90,11 +90,11 @@ def run(units, read, process, write, on_done=None, alone=None) -> dict:
             write(unit, tensors)
             busy["write"] += time.perf_counter() - start
             del item, tensors
+            if on_done:
+                on_done(unit)  # before the count: a unit waiting to be alone finds this one's memory released
             with progress:
                 written[0] += 1
                 progress.notify_all()
-            if on_done:
-                on_done(unit)
 
     threads = [threading.Thread(target=guarded(f), name=f"export-{f.__name__}", daemon=True) for f in (reader, writer)]
     wall = time.perf_counter()
