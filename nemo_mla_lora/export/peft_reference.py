@@ -114,7 +114,7 @@ class PeftReference:
         keys = self.lora.get(name.rpartition(".")[0], {})
         return not ("eA" in keys and self.config.use_dora)
 
-    def rows(self, name: str, base: torch.Tensor, index, dtype) -> torch.Tensor:
+    def rows(self, name: str, base: torch.Tensor, index, dtype, factors=None) -> torch.Tensor:
         """Rows ``index`` (a slice or an index tensor) of the adapted HF tensor ``name`` whose base is ``base``,
         in ``dtype`` (``by_rows`` says where this is exact).
 
@@ -122,12 +122,14 @@ class PeftReference:
             name: the HF tensor (``lm_head.weight``, ``model.embed_tokens.weight``); base: its tensor as read.
             index: the rows, as for ``base[index]`` (a slice, or an index tensor of any shape).
             dtype: the compute dtype.
+            factors: the module's ``_factors`` in ``dtype`` where already read (a reader of many row blocks reads
+                them once); None: read here.
         """
         w = (self._replaced_rows(name, index) if name in self.replaced else base[index]).to(dtype)  # [n, in]
         module = name.rpartition(".")[0]
         if module not in self.lora:
             return w
-        s, t = self._factors(module, dtype)
+        s, t = factors or self._factors(module, dtype)
         if "eA" in t:  # W' rows = W rows + s (eA^T)[rows] eB^T: eA [r, vocab], eB [hidden, r]
             return w + s * t["eA"].T[index] @ t["eB"].T
         w = w + s * t["B"][index] @ t["A"]  # B [vocab, r], A [r, in]
@@ -177,6 +179,8 @@ class _AdaptedRows:
     def __init__(self, reference: PeftReference, name: str, base: torch.Tensor, dtype):
         self.reference, self.name, self.base, self.dtype = reference, name, base, dtype
         self.shape = base.shape
+        module = name.rpartition(".")[0]  # its A and B (B [vocab, r]) read once, not per block of rows
+        self.factors = reference._factors(module, dtype) if module in reference.lora else None
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self.reference.rows(self.name, self.base, index, self.dtype)
+        return self.reference.rows(self.name, self.base, index, self.dtype, self.factors)

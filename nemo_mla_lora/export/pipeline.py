@@ -211,12 +211,16 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         verifier.export(unit, tensors)
         return tensors
 
+    def written(unit) -> None:
+        release_freed_memory()  # the unit's freed tensors back to the OS before the next one is read
+        bar.update(unit.nbytes)
+
     timing = stages.run(
         units,
         lambda u: source.load(u.names),
         process,
         writer.add,
-        on_done=lambda u: (release_freed_memory(), bar.update(u.nbytes)),  # the unit's freed tensors to the OS
+        on_done=written,
         alone=lambda u: u.nbytes > budget,  # the embedding, the output layer: by themselves
     )
     bar.close()

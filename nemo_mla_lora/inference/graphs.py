@@ -17,11 +17,10 @@ import torch
 
 def graph_unsafe(engine) -> str | None:
     """Why ``engine``'s decode step cannot be captured (None: it can)."""
-    device = next(engine.model.parameters()).device
-    if device.type != "cuda":
-        return f"CUDA graphs need the model on a GPU; it is on {device}"
     p = next(engine.model.parameters())
-    probe = torch.empty(1, engine.spec.hidden_size, dtype=p.dtype, device=device)  # a row of the MoE input
+    if p.device.type != "cuda":
+        return f"CUDA graphs need the model on a GPU; it is on {p.device}"
+    probe = torch.empty(1, engine.spec.hidden_size, dtype=p.dtype, device=p.device)  # a row of the MoE input
     for i, layer in enumerate(engine.model.decoder.layers):
         if not hasattr(layer.mlp, "router"):
             continue

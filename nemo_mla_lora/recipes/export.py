@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from nemo_mla_lora.config.schema import register
 from nemo_mla_lora.config.validate import FORMATS, check_known_keys
+from nemo_mla_lora.runtime.processes import process_age
 
 register()
 log = logging.getLogger("nemo_mla_lora.export")
@@ -46,8 +47,6 @@ def keep_off_gpus() -> bool:
 
 @hydra.main(config_path="pkg://nemo_mla_lora.conf", config_name="export", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from nemo_mla_lora.runtime.processes import process_age
-
     started = {"main": process_age()}  # the interpreter, Hydra and the config: process age at this line
     keep_off_gpus()
     check_known_keys(cfg)
@@ -71,7 +70,6 @@ def main(cfg: DictConfig) -> None:
 def _run(cfg: DictConfig, started: dict) -> dict:
     from nemo_mla_lora.export.pipeline import export
     from nemo_mla_lora.runtime import parallel
-    from nemo_mla_lora.runtime.processes import process_age
 
     started["imports"] = process_age()  # the export's modules with torch, their readers and writers
     parallel.init_megatron()
