@@ -288,7 +288,8 @@ te_env() {  # Transformer Engine from /tmp/te_site (the bring-up call just befor
 te_tests() {  # tests/peft/test_te_gpu.py and test_te_fp8_gpu.py (Transformer Engine from the bring-up call)
   te_env || return 1
   NVIDIA_TF32_OVERRIDE=0 TE_GPU_RECORD="$OUT/te_gpu_tests.jsonl" timeout 400 python3 -m pytest -q -p no:cacheprovider \
-    "$REPO/tests/peft/test_te_gpu.py" "$REPO/tests/peft/test_te_fp8_gpu.py" > "$OUT/te_tests.log" 2>&1
+    "$REPO/tests/peft/test_te_gpu.py" "$REPO/tests/peft/test_te_fp8_gpu.py" "$REPO/tests/peft/test_lora_around.py" \
+    > "$OUT/te_tests.log" 2>&1
   local rc=$?
   grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
   return "$rc"

@@ -12,6 +12,9 @@ write a second [t, i] gradient and add the two (an elementwise pass over the lay
 memory). ``lora_onto`` adds the adapter's output into the base's output buffer (``addmm_``; for grouped
 experts one grouped GEMM and an in-place add), instead of a new [t, o] tensor.
 
+Under Megatron's DDP the dense factors' gradients go into their ``main_grad`` buffers inside the GEMM, as
+Megatron's own linears do with gradient accumulation fusion (``_weight_grad``).
+
 The base must return a fresh input gradient (a linear's dgrad GEMM does; TE's do) and must not save its
 output for backward (a linear does not): the first is written into, the second would fail autograd's
 version check loudly. Experts: A [e, r, i], B [e, o, r] per group of rows (``counts``), as in ``lora_fn``.
@@ -27,6 +30,36 @@ from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """scale * a @ b in one GEMM (beta = 0: the uninitialised C is ignored, as BLAS and torch.addmm define it)."""
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
+_NO_OUT_DTYPE: set = set()  # (device type, operand dtype, main_grad dtype) where addmm's out_dtype is missing
+
+
+def _weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
+
+    Where Megatron's DDP gave ``param`` a ``main_grad`` buffer (``grad_added_to_main_grad`` is its flag), the
+    GEMM accumulates into that buffer (beta = 1; bf16 operands into an fp32 buffer through ``out_dtype``) and an
+    uninitialised tensor is returned with the flag set, so DDP's hook adds nothing: what Megatron's own linears do
+    with gradient accumulation fusion, one launch and one [p, q] temporary less per factor and step."""
+    main = getattr(param, "main_grad", None)
+    if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
+        return _scaled_mm(m1, m2, scale)
+    key = (m1.device.type, m1.dtype, main.dtype)
+    if main.shape != param.shape or not main.is_contiguous() or key in _NO_OUT_DTYPE:
+        return _scaled_mm(m1, m2, scale)
+    if main.dtype == m1.dtype:
+        main.addmm_(m1, m2, alpha=scale)
+    else:
+        try:
+            torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
+        except (RuntimeError, NotImplementedError, TypeError):  # not on this backend / dtype: DDP's hook adds
+            _NO_OUT_DTYPE.add(key)
+            return _scaled_mm(m1, m2, scale)
+    param.grad_added_to_main_grad = True
+    if getattr(param, "zero_out_wgrad", False):  # DDP's hook adds the returned gradient regardless
+        return torch.zeros_like(param)
+    return torch.empty_like(param)
 
 
 class _Fork(torch.autograd.Function):
@@ -50,7 +83,7 @@ class _Fork(torch.autograd.Function):
             return gx1, None, None, None, None
         ghs = ghs.contiguous()  # d/d(hs) [t, r]; d/d(x A^T) = scale * ghs
         if a.dim() == 2:
-            ga = _scaled_mm(ghs.t(), x2, ctx.scale) if ctx.needs_input_grad[1] else None  # [r, i]
+            ga = _weight_grad(a, ghs.t(), x2, ctx.scale) if ctx.needs_input_grad[1] else None  # [r, i]
             gx = _dense_input_grad(gx1, ghs, a, ctx.scale, ctx.shape) if ctx.needs_input_grad[0] else None
             return gx, ga, None, None, None
         gh = ghs * ctx.scale
@@ -102,7 +135,7 @@ class _Onto(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # [t, o]
         if b.dim() == 2:
             ghs = _scaled_mm(g2, b, ctx.scale) if ctx.needs_input_grad[1] else None  # [t, r]
-            gb = _scaled_mm(g2.t(), hs, ctx.scale) if ctx.needs_input_grad[2] else None  # [o, r]
+            gb = _weight_grad(b, g2.t(), hs, ctx.scale) if ctx.needs_input_grad[2] else None  # [o, r]
         else:
             ghs = grouped_mm(g2, b, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [t, r]
             gb = grouped_mm(g2.T, hs, ctx.offs, ctx.counts) if ctx.needs_input_grad[2] else None  # [e, o, r]

@@ -278,3 +278,65 @@ def test_around_runs_no_elementwise_pass_over_the_input_or_output():
     gemms = ("aten::mm", "aten::addmm", "aten::addmm_")
     assert sum(ops_around.get(k, 0) for k in gemms) == 2 + 6  # the base's two, the adapter's six
     assert sum(ops_around.values()) < sum(ops_three.values())  # fewer dispatches: less host time per step
+
+
+def _megatron_ddp_grads(params, main_dtype):
+    """What Megatron's DDP does to trainable parameters, on the CPU: a ``main_grad`` buffer each (filled here, as
+    an earlier micro-batch would leave it), ``grad_added_to_main_grad`` False, and Megatron's own backward hook on
+    each parameter's gradient accumulator (as its DDP registers it). Returns the filled values and the accumulators
+    (kept alive)."""
+    import types
+
+    from megatron.core.distributed.distributed_data_parallel import DistributedDataParallel
+
+    bucket = types.SimpleNamespace(ready=[], register_grad_ready=lambda p: bucket.ready.append(p))
+    ddp = types.SimpleNamespace(  # overlap on: the hook asserts a gradient came (None would hang a real bucket)
+        param_to_bucket_group=dict.fromkeys(params, bucket), ddp_config=types.SimpleNamespace(overlap_grad_reduce=True)
+    )
+    before, accs = [], []
+    for p in params:
+        p.main_grad = torch.randn(p.shape, dtype=main_dtype, device=p.device)
+        p.grad_added_to_main_grad = False
+        before.append(p.main_grad.clone())
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+        acc.register_hook(DistributedDataParallel._make_backward_post_hook(ddp, p))
+        accs.append(acc)
+    return before, (accs, bucket)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize(
+    "dtype,main_dtype,device",
+    [
+        (F64, F64, "cpu"),
+        (torch.bfloat16, torch.float32, "cpu"),
+        pytest.param(torch.bfloat16, torch.float32, "cuda", marks=[pytest.mark.gpu, _CUDA]),
+    ],
+)
+def test_factor_gradients_go_into_megatrons_main_grad(dtype, main_dtype, device):
+    """Under Megatron's DDP hook: after two micro-batches each factor's ``main_grad`` holds what it held plus both
+    gradients (the equations in float64), ``.grad`` is None as DDP leaves it, and where the GEMM can write the
+    buffer's dtype (same dtype here; bf16 into fp32 needs CUDA's addmm out_dtype, so on the CPU DDP's hook adds)
+    the flag says the GEMM did; on CUDA it does)."""
+    torch.manual_seed(5)
+    w = torch.randn(10, 12, dtype=dtype, device=device)
+    x, a, b = _leaves(*(torch.randn(*s, dtype=dtype, device=device) for s in ((6, 12), (4, 12), (10, 4))))
+    a, b = nn.Parameter(a.detach()), nn.Parameter(b.detach())
+    before, (_accs, bucket) = _megatron_ddp_grads((a, b), main_dtype)
+    gys = [torch.randn(6, 10, dtype=dtype, device=device) for _ in range(2)]
+    for gy in gys:
+        x1, hs = lora_fork(x, a, 2.0)
+        lora_onto(_RecordingLinear.apply(x1, w), hs, b).backward(gy)
+    assert a.grad is None and b.grad is None and len(bucket.ready) == 4
+    fused = dtype == main_dtype or device == "cuda"
+    assert a.grad_added_to_main_grad is fused and b.grad_added_to_main_grad is fused
+
+    xr, ar, br = _leaves(*(t.detach().cpu().to(F64) for t in (x, a, b)))
+    for gy in gys:
+        _equations(xr, w.cpu().to(F64), ar, br, 2.0).backward(gy.cpu().to(F64))
+    tol = 1e-12 if dtype == F64 else 0.1
+    for p, start, ref in ((a, before[0], ar.grad), (b, before[1], br.grad)):
+        assert p.main_grad.dtype == main_dtype
+        torch.testing.assert_close(p.main_grad.cpu().to(F64), start.cpu().to(F64) + ref, rtol=0.02, atol=tol)
