@@ -166,10 +166,23 @@ def nemo_lora(holder, rank: int):
     return model
 
 
+def megatron_ddp(model, config):
+    """The model under Megatron's DDP as NeMo's ``llm.finetune`` wraps it (MegatronStrategy's default DDP config,
+    bf16-mixed's ``grad_reduce_in_fp32``): trainable parameters' gradients go to fp32 ``main_grad`` buffers through
+    DDP's hooks (or inside the GEMM where a layer fuses the accumulation) and are all-reduced at the step's end."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(check_for_nan_in_grad=True, grad_reduce_in_fp32=True)
+    return DistributedDataParallel(config, ddp_config, module=model)
+
+
 def step(model, x, grad):
-    with fp8_context(model.layer.config):
-        out, _ = model.layer(x, attention_mask=None)  # [s, b, h]
+    layer = getattr(model, "module", model).layer  # under DDP: its module
+    with fp8_context(layer.config):
+        out, _ = layer(x, attention_mask=None)  # [s, b, h]
     out.backward(grad)
+    if hasattr(model, "finish_grad_sync"):  # DDP: the gradients' all-reduce, as the trainer's step ends
+        model.finish_grad_sync()
 
 
 def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
@@ -177,6 +190,8 @@ def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
     times = []
     for i in range(warmup + iters):
         x.grad = None
+        if hasattr(model, "zero_grad_buffer"):  # DDP: the trainer zeroes its main_grad buffers each step
+            model.zero_grad_buffer()
         model.zero_grad(set_to_none=True)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -202,6 +217,8 @@ def prepare(args, variant: str, rank: int, fp8: str | None = None):
     holder, config = build_layer(args.dims, args.seq, dtype, args.seed, args.experts, args.spec, fp8)
     model = with_lora(holder, variant, rank)
     check_precision(model, fp8, dtype)
+    if getattr(args, "ddp", False) and any(p.requires_grad for p in model.parameters()):
+        model = megatron_ddp(model, config)
     gen = torch.Generator(device=device()).manual_seed(args.seed)
     x = torch.randn(args.seq, args.batch, config.hidden_size, device=device(), dtype=dtype,
                     generator=gen).requires_grad_()
@@ -320,7 +337,7 @@ def overhead(args) -> None:
             bases[b].append(measure(args, b, 0)["median_ms"])
     base_ms = {b: statistics.median(v) for b, v in bases.items()}
     result = {"card": card(), "dims": args.dims, "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
-              "fp8": args.fp8 if args.fp8 != "none" else None, "experts": args.experts, "legacy": args.legacy,
+              "fp8": args.fp8 if args.fp8 != "none" else None, "experts": args.experts, "legacy": args.legacy, "ddp": args.ddp,
               "rows": rows, "base_runs_ms": bases, "base_ms": base_ms, "torch": torch.__version__}
     result["profiles"] = {spec: profile(args, spec.split(":")[0], int(spec.split(":")[1]), args.profile_top)
                           for spec in args.profile}
@@ -359,9 +376,13 @@ def main(argv=None) -> int:
     p.add_argument("--profile-top", type=int, default=12, help="ops per profile table")
     p.add_argument("--legacy", action="store_true",
                    help="the adapters before the fused path: three autograd ops per linear, one chain per expert")
+    p.add_argument("--ddp", action="store_true",
+                   help="adapters under Megatron's DDP as llm.finetune wraps them (fp32 main_grad; CUDA)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     refusal = fp8_refusal(args.fp8, args.spec)
+    if args.ddp and not torch.cuda.is_available():
+        refusal = "--ddp: Megatron's DDP puts its gradient buffers on a CUDA device"
     if refusal:
         print(refusal, file=sys.stderr)
         return 2

@@ -27,7 +27,8 @@ def header(args, bench) -> dict:
     fp8 = args.fp8 if args.fp8 != "none" else None
     result = {"card": bench.card(), "spec": args.spec, "dims": args.dims, "seq": args.seq, "batch": args.batch,
               "dtype": args.dtype, "fp8": fp8, "fp8_config": dict(zip(("fp8", "fp8_recipe"), bench.FP8[fp8]))
-              if fp8 else None, "experts": args.experts, "warmup": args.warmup, "iters": args.iters,
+              if fp8 else None, "experts": args.experts, "ddp": getattr(args, "ddp", False), "warmup": args.warmup,
+              "iters": args.iters,
               "torch": torch.__version__, "step_ms": {}, "peak_gib": {}, "step_peak_gib": {}, "resident_gib": {},
               "trainable": {}, "fp8_weights": {}, "step_ms_runs": {}, "errors": {}, "complete": False}
     if args.spec == "te":

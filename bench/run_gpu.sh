@@ -339,19 +339,20 @@ te_finetune_ep2() { te_two_gpus te_finetune_ep2 trainer.expert_parallel=2; }
 te_overhead() {  # the LoRA overhead table on the TE spec (grouped-GEMM experts) beside the TE-free one
   te_env || return 1
   for spec in te local; do
-    timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters "${ITERS:-20}" --ranks 16 64 \
+    timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters "${ITERS:-20}" --ranks 16 64 ${DDP:+--ddp} \
       --variants nemo_official all_linear --out "$OUT/lora_overhead_$spec.json" 2>&1 | grep -E "^\||^card|Error"
   done
 }
 
 te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen base (fp8_param), one process per
-  # FP8 recipe: blockwise (DeepSeek-V3's; $OUT/summary.json), then tensorwise ($OUT/summary_tensorwise.json). Each
+  # FP8 recipe (DDP=1: adapters under Megatron's DDP, as llm.finetune trains them): blockwise (DeepSeek-V3's;
+  # $OUT/summary.json), then tensorwise ($OUT/summary_tensorwise.json). Each
   # summary is rewritten after every cell, so a timeout keeps what finished. TE bring-up call first.
   te_env || return 1
   local rc=0 recipe file
   for recipe in blockwise tensorwise; do
     file=summary; [ "$recipe" = blockwise ] || file=summary_$recipe
-    timeout 260 python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" \
+    timeout 260 python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" ${DDP:+--ddp} \
       --summary "$OUT/$file.json" > "$OUT/te_fp8_$recipe.log" 2>&1 || rc=1
     grep -E "^\||^card|Error|error" "$OUT/te_fp8_$recipe.log" | tail -n 30
   done
