@@ -75,3 +75,27 @@ def trained(request, mcore, tmp_path_factory):
     randomize_b(model)
     dist_ckpt.save_adapter(model, peft, spec, root / "adapter", base_dir=root / "base")
     return dict(root=root, model=model, spec=spec, peft=peft)
+
+
+def megatron_ddp_hooks(params, main_dtype):
+    """What Megatron's DDP does to trainable parameters, on the CPU: a ``main_grad`` buffer each (filled here, as
+    an earlier micro-batch would leave it), ``grad_added_to_main_grad`` False, and Megatron's own backward hook on
+    each parameter's gradient accumulator (as its DDP registers it). Returns (the filled values, (the accumulators,
+    kept alive, and the bucket stand-in whose ``ready`` lists the parameters the hook reported))."""
+    import types
+
+    from megatron.core.distributed.distributed_data_parallel import DistributedDataParallel
+
+    bucket = types.SimpleNamespace(ready=[], register_grad_ready=lambda p: bucket.ready.append(p))
+    ddp = types.SimpleNamespace(  # overlap on: the hook asserts a gradient came (None would hang a real bucket)
+        param_to_bucket_group=dict.fromkeys(params, bucket), ddp_config=types.SimpleNamespace(overlap_grad_reduce=True)
+    )
+    before, accs = [], []
+    for p in params:
+        p.main_grad = torch.randn(p.shape, dtype=main_dtype, device=p.device)
+        p.grad_added_to_main_grad = False
+        before.append(p.main_grad.clone())
+        acc = p.expand_as(p).grad_fn.next_functions[0][0]
+        acc.register_hook(DistributedDataParallel._make_backward_post_hook(ddp, p))
+        accs.append(acc)
+    return before, (accs, bucket)

@@ -13,7 +13,7 @@ memory). ``lora_onto`` adds the adapter's output into the base's output buffer (
 experts one grouped GEMM and an in-place add), instead of a new [t, o] tensor.
 
 Under Megatron's DDP the dense factors' gradients go into their ``main_grad`` buffers inside the GEMM, as
-Megatron's own linears do with gradient accumulation fusion (``_weight_grad``).
+Megatron's own linears do with gradient accumulation fusion (``lora_fn.weight_grad``).
 
 The base must return a fresh input gradient (a linear's dgrad GEMM does; TE's do) and must not save its
 output for backward (a linear does not): the first is written into, the second would fail autograd's
@@ -24,42 +24,7 @@ Index legend: t tokens (rows), i in_features, o out_features, r LoRA rank, e gro
 
 import torch
 
-from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * a @ b in one GEMM (beta = 0: the uninitialised C is ignored, as BLAS and torch.addmm define it)."""
-    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
-
-
-_NO_OUT_DTYPE: set = set()  # (device type, operand dtype, main_grad dtype) where addmm's out_dtype is missing
-
-
-def _weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
-    """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
-
-    Where Megatron's DDP gave ``param`` a ``main_grad`` buffer (``grad_added_to_main_grad`` is its flag), the
-    GEMM accumulates into that buffer (beta = 1; bf16 operands into an fp32 buffer through ``out_dtype``) and an
-    uninitialised tensor is returned with the flag set, so DDP's hook adds nothing: what Megatron's own linears do
-    with gradient accumulation fusion, one launch and one [p, q] temporary less per factor and step."""
-    main = getattr(param, "main_grad", None)
-    if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
-        return _scaled_mm(m1, m2, scale)
-    key = (m1.device.type, m1.dtype, main.dtype)
-    if main.shape != param.shape or not main.is_contiguous() or key in _NO_OUT_DTYPE:
-        return _scaled_mm(m1, m2, scale)
-    if main.dtype == m1.dtype:
-        main.addmm_(m1, m2, alpha=scale)
-    else:
-        try:
-            torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
-        except (RuntimeError, NotImplementedError, TypeError):  # not on this backend / dtype: DDP's hook adds
-            _NO_OUT_DTYPE.add(key)
-            return _scaled_mm(m1, m2, scale)
-    param.grad_added_to_main_grad = True
-    if getattr(param, "zero_out_wgrad", False):  # DDP's hook adds the returned gradient regardless
-        return torch.zeros_like(param)
-    return torch.empty_like(param)
+from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm, scaled_mm, weight_grad
 
 
 class _Fork(torch.autograd.Function):
@@ -69,7 +34,7 @@ class _Fork(torch.autograd.Function):
     def forward(ctx, x, a, scale: float, counts: list[int], offs):
         x2 = x.reshape(-1, x.shape[-1])  # [t, i]
         if a.dim() == 2:
-            hs = _scaled_mm(x2, a.t(), scale)  # [t, r]
+            hs = scaled_mm(x2, a.t(), scale)  # [t, r]
         else:
             hs = grouped_mm(x2, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
         ctx.save_for_backward(x2, a)
@@ -83,7 +48,7 @@ class _Fork(torch.autograd.Function):
             return gx1, None, None, None, None
         ghs = ghs.contiguous()  # d/d(hs) [t, r]; d/d(x A^T) = scale * ghs
         if a.dim() == 2:
-            ga = _weight_grad(a, ghs.t(), x2, ctx.scale) if ctx.needs_input_grad[1] else None  # [r, i]
+            ga = weight_grad(a, ghs.t(), x2, ctx.scale) if ctx.needs_input_grad[1] else None  # [r, i]
             gx = _dense_input_grad(gx1, ghs, a, ctx.scale, ctx.shape) if ctx.needs_input_grad[0] else None
             return gx, ga, None, None, None
         gh = ghs * ctx.scale
@@ -98,10 +63,10 @@ class _Fork(torch.autograd.Function):
 def _dense_input_grad(gx1, ghs, a, scale: float, shape) -> torch.Tensor:
     """gx1 + scale * ghs A [*shape], written into gx1's buffer (the GEMM's C, beta = 1) where it can be."""
     if gx1 is None:
-        return _scaled_mm(ghs, a, scale).view(shape)
+        return scaled_mm(ghs, a, scale).view(shape)
     g2 = gx1.view(-1, gx1.shape[-1]) if gx1.is_contiguous() else None
     if g2 is None:
-        return (gx1.reshape(-1, gx1.shape[-1]) + _scaled_mm(ghs, a, scale)).view(shape)
+        return (gx1.reshape(-1, gx1.shape[-1]) + scaled_mm(ghs, a, scale)).view(shape)
     g2.addmm_(ghs, a, alpha=scale)
     return gx1
 
@@ -134,8 +99,8 @@ class _Onto(torch.autograd.Function):
         hs, b = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1]).contiguous()  # [t, o]
         if b.dim() == 2:
-            ghs = _scaled_mm(g2, b, ctx.scale) if ctx.needs_input_grad[1] else None  # [t, r]
-            gb = _weight_grad(b, g2.t(), hs, ctx.scale) if ctx.needs_input_grad[2] else None  # [o, r]
+            ghs = scaled_mm(g2, b, ctx.scale) if ctx.needs_input_grad[1] else None  # [t, r]
+            gb = weight_grad(b, g2.t(), hs, ctx.scale) if ctx.needs_input_grad[2] else None  # [o, r]
         else:
             ghs = grouped_mm(g2, b, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [t, r]
             gb = grouped_mm(g2.T, hs, ctx.offs, ctx.counts) if ctx.needs_input_grad[2] else None  # [e, o, r]

@@ -83,9 +83,44 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: lis
     return out
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * a @ b in one GEMM (beta = 0: the uninitialised C is ignored, as BLAS and torch.addmm define it)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
+
+
+_NO_OUT_DTYPE: set = set()  # (device type, operand dtype, main_grad dtype) where addmm's out_dtype is missing
+
+
+def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
+
+    Where Megatron's DDP gave ``param`` a ``main_grad`` buffer (``grad_added_to_main_grad`` is its flag), the
+    GEMM accumulates into that buffer (beta = 1; bf16 operands into an fp32 buffer through ``out_dtype``) and an
+    uninitialised tensor is returned with the flag set, so DDP's hook adds nothing: what Megatron's own linears do
+    with gradient accumulation fusion, one launch and one [p, q] temporary less per factor and step."""
+    main = getattr(param, "main_grad", None)
+    if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
+        return scaled_mm(m1, m2, scale)
+    key = (m1.device.type, m1.dtype, main.dtype)
+    if main.shape != param.shape or not main.is_contiguous() or key in _NO_OUT_DTYPE:
+        return scaled_mm(m1, m2, scale)
+    if main.dtype == m1.dtype:
+        main.addmm_(m1, m2, alpha=scale)
+    else:
+        try:
+            torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
+        except (RuntimeError, NotImplementedError, TypeError):  # not on this backend / dtype: DDP's hook adds
+            _NO_OUT_DTYPE.add(key)
+            return scaled_mm(m1, m2, scale)
+    param.grad_added_to_main_grad = True
+    if getattr(param, "zero_out_wgrad", False):  # DDP's hook adds the returned gradient regardless
+        return torch.zeros_like(param)
+    return torch.empty_like(param)
+
+
 class FrozenLoRALinear(torch.autograd.Function):
-    """x [t, i], a [e, r, i], b [e, o, r] (or both None: the frozen base alone) -> y [t, o].
-    ``weights``: e frozen [o, i] tensors; ``counts``: rows of x per group (sums to t)."""
+    """x [t, i], a [e, r, i], b [e, o, r] (or [r, i], [o, r]: one linear; or both None: the frozen base alone)
+    -> y [t, o]. ``weights``: e frozen [o, i] tensors; ``counts``: rows of x per group (sums to t)."""
 
     @staticmethod
     def forward(ctx, x, a, b, scale: float, weights: tuple, counts: list[int], offs: torch.Tensor | None):
@@ -96,6 +131,9 @@ class FrozenLoRALinear(torch.autograd.Function):
             y = x.new_empty(x.shape[0], weights[0].shape[0])  # [t, o]
             for (lo, hi), w in zip(spans(counts), weights):
                 torch.mm(x[lo:hi], w.T, out=y[lo:hi])
+        elif a.dim() == 2:
+            hs = scaled_mm(x, a.t(), scale)  # [t, r]
+            y = (hs @ b.t()).addmm_(x, weights[0].T)  # [t, o]: + x W^T onto the adapter's output
         else:
             hs = grouped_mm(x, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
             y = grouped_mm(hs, b.transpose(1, 2), offs, counts)  # [t, o]
@@ -111,7 +149,13 @@ class FrozenLoRALinear(torch.autograd.Function):
         counts, offs = ctx.counts, ctx.offs
         gy = gy.contiguous()  # [t, o]
         gx = ga = gb = None
-        if a is not None:
+        if a is not None and a.dim() == 2:  # one linear: the factors' gradients into main_grad where DDP gave one
+            gh = gy @ b  # d/d(hs): [t, r]
+            gb = weight_grad(b, gy.T, hs, 1.0) if ctx.needs_input_grad[2] else None  # [o, r]
+            gh.mul_(ctx.scale)  # d/d(x A^T): [t, r]
+            ga = weight_grad(a, gh.T, x, 1.0) if ctx.needs_input_grad[1] else None  # [r, i]
+            gx = gh @ a if ctx.needs_input_grad[0] else None  # [t, i]
+        elif a is not None:
             gh = grouped_mm(gy, b, offs, counts)  # d/d(hs): [t, r]
             if ctx.needs_input_grad[2]:
                 gb = grouped_mm(gy.T, hs, offs, counts)  # [e, o, r]
@@ -149,7 +193,5 @@ def frozen_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])  # [t, i]
     if counts is None:
         counts = [x2.shape[0]]
-    if a is not None and a.dim() == 2:
-        a, b = a.unsqueeze(0), b.unsqueeze(0)  # [1, r, i], [1, o, r]
     y = FrozenLoRALinear.apply(x2, a, b, scale, tuple(weights), list(counts), offs)
     return y.view(*lead, y.shape[-1])

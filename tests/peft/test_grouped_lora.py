@@ -3,7 +3,7 @@ path they replace and against the equations: outputs and every gradient, B != 0,
 
 import pytest
 import torch
-from conftest import batch, perturb_norms_and_bias
+from conftest import batch, megatron_ddp_hooks, perturb_norms_and_bias
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from nemo_mla_lora.models.tiny import build_model, tiny_mla_config
@@ -54,6 +54,30 @@ def test_fused_function_equals_the_equations(dtype, atol, counts):
         assert (g - r).abs().max().item() < atol * max(1.0, r.abs().max().item()), name
     if len(counts) > 1:
         assert got[2][1].abs().max() == 0 and got[3][1].abs().max() == 0  # the expert without tokens
+
+
+@pytest.mark.parametrize("under_ddp", [False, True], ids=["autograd", "megatron_ddp"])
+def test_one_linear_with_2d_factors_equals_the_equations(under_ddp):
+    """One linear (A [r, i], B [o, r], as the adapter passes its parameters) in float64; under Megatron's DDP hook
+    the factors' gradients land in ``main_grad`` (added to what it held), inside the GEMM: the flag is set."""
+    x, a, b, weights, gy = leaves(torch.float64, counts=[7])
+    a, b = torch.nn.Parameter(a.detach()[0]), torch.nn.Parameter(b.detach()[0])
+    before, _kept = megatron_ddp_hooks((a, b), torch.float64) if under_ddp else (None, None)
+    x.grad = None
+    y = lora_fn.frozen_lora_linear(x.view(7, 1, -1), a, b, 0.7, weights[:1])
+    y.backward(gy.view(7, 1, -1))
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    ref = equations(xr, ar[None], br[None], 0.7, weights, [7])
+    ref.backward(gy)
+    torch.testing.assert_close(y.view(7, -1), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-12)
+    if not under_ddp:
+        got = (a.grad, b.grad)
+    else:
+        assert a.grad is None and b.grad is None and a.grad_added_to_main_grad and b.grad_added_to_main_grad
+        got = (a.main_grad - before[0], b.main_grad - before[1])
+    for g, r in zip(got, (ar.grad, br.grad)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
 
 
 def test_frozen_base_alone_and_trainable_base_refused():

@@ -11,6 +11,7 @@
 
 import pytest
 import torch
+from conftest import megatron_ddp_hooks
 from torch import nn
 
 from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
@@ -280,30 +281,6 @@ def test_around_runs_no_elementwise_pass_over_the_input_or_output():
     assert sum(ops_around.values()) < sum(ops_three.values())  # fewer dispatches: less host time per step
 
 
-def _megatron_ddp_grads(params, main_dtype):
-    """What Megatron's DDP does to trainable parameters, on the CPU: a ``main_grad`` buffer each (filled here, as
-    an earlier micro-batch would leave it), ``grad_added_to_main_grad`` False, and Megatron's own backward hook on
-    each parameter's gradient accumulator (as its DDP registers it). Returns the filled values and the accumulators
-    (kept alive)."""
-    import types
-
-    from megatron.core.distributed.distributed_data_parallel import DistributedDataParallel
-
-    bucket = types.SimpleNamespace(ready=[], register_grad_ready=lambda p: bucket.ready.append(p))
-    ddp = types.SimpleNamespace(  # overlap on: the hook asserts a gradient came (None would hang a real bucket)
-        param_to_bucket_group=dict.fromkeys(params, bucket), ddp_config=types.SimpleNamespace(overlap_grad_reduce=True)
-    )
-    before, accs = [], []
-    for p in params:
-        p.main_grad = torch.randn(p.shape, dtype=main_dtype, device=p.device)
-        p.grad_added_to_main_grad = False
-        before.append(p.main_grad.clone())
-        acc = p.expand_as(p).grad_fn.next_functions[0][0]
-        acc.register_hook(DistributedDataParallel._make_backward_post_hook(ddp, p))
-        accs.append(acc)
-    return before, (accs, bucket)
-
-
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -324,7 +301,7 @@ def test_factor_gradients_go_into_megatrons_main_grad(dtype, main_dtype, device)
     w = torch.randn(10, 12, dtype=dtype, device=device)
     x, a, b = _leaves(*(torch.randn(*s, dtype=dtype, device=device) for s in ((6, 12), (4, 12), (10, 4))))
     a, b = nn.Parameter(a.detach()), nn.Parameter(b.detach())
-    before, (_accs, bucket) = _megatron_ddp_grads((a, b), main_dtype)
+    before, (_accs, bucket) = megatron_ddp_hooks((a, b), main_dtype)
     gys = [torch.randn(6, 10, dtype=dtype, device=device) for _ in range(2)]
     for gy in gys:
         x1, hs = lora_fork(x, a, 2.0)
