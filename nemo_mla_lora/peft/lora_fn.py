@@ -88,30 +88,41 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
 
 
-_NO_OUT_DTYPE: set = set()  # (device type, operand dtype, main_grad dtype) where addmm's out_dtype is missing
+@functools.cache
+def accumulates_across_dtypes(device: torch.device, dtype: torch.dtype, main_dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, m1, m2, out_dtype=c.dtype, out=c)`` adds dtype operands into a main_dtype ``c`` on
+    this device, checked once on a small product against the same sum in float64 (the CUDA kernel exists for
+    bf16/fp16 into fp32; CPU builds lack it)."""
+    gen = torch.Generator().manual_seed(0)
+    m1, m2, c = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((5, 24), (24, 3), (5, 3)))
+    want = c + 0.5 * (m1.to(dtype).double() @ m2.to(dtype).double())
+    got = c.to(device, main_dtype)
+    try:
+        torch.addmm(got, m1.to(device, dtype), m2.to(device, dtype), alpha=0.5, out_dtype=main_dtype, out=got)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return bool(torch.allclose(got.double().cpu(), want, rtol=1e-3, atol=1e-3))
 
 
 def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
     """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
 
     Where Megatron's DDP gave ``param`` a ``main_grad`` buffer (``grad_added_to_main_grad`` is its flag), the
-    GEMM accumulates into that buffer (beta = 1; bf16 operands into an fp32 buffer through ``out_dtype``) and an
-    uninitialised tensor is returned with the flag set, so DDP's hook adds nothing: what Megatron's own linears do
-    with gradient accumulation fusion, one launch and one [p, q] temporary less per factor and step."""
+    GEMM accumulates into that buffer (beta = 1; bf16 operands into an fp32 buffer through ``out_dtype`` where
+    ``accumulates_across_dtypes``) and an uninitialised tensor is returned with the flag set, so DDP's hook adds
+    nothing: what Megatron's own linears do with gradient accumulation fusion, one launch and one [p, q]
+    temporary less per factor and step. Elsewhere the gradient is returned and DDP's hook adds it."""
     main = getattr(param, "main_grad", None)
     if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
         return scaled_mm(m1, m2, scale)
-    key = (m1.device.type, m1.dtype, main.dtype)
-    if main.shape != param.shape or not main.is_contiguous() or key in _NO_OUT_DTYPE:
+    if main.shape != param.shape or not main.is_contiguous() or main.device != m1.device:
         return scaled_mm(m1, m2, scale)
     if main.dtype == m1.dtype:
         main.addmm_(m1, m2, alpha=scale)
+    elif accumulates_across_dtypes(m1.device, m1.dtype, main.dtype):
+        torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
     else:
-        try:
-            torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
-        except (RuntimeError, NotImplementedError, TypeError):  # not on this backend / dtype: DDP's hook adds
-            _NO_OUT_DTYPE.add(key)
-            return scaled_mm(m1, m2, scale)
+        return scaled_mm(m1, m2, scale)
     param.grad_added_to_main_grad = True
     if getattr(param, "zero_out_wgrad", False):  # DDP's hook adds the returned gradient regardless
         return torch.zeros_like(param)

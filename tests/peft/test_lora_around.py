@@ -317,3 +317,31 @@ def test_factor_gradients_go_into_megatrons_main_grad(dtype, main_dtype, device)
     for p, start, ref in ((a, before[0], ar.grad), (b, before[1], br.grad)):
         assert p.main_grad.dtype == main_dtype
         torch.testing.assert_close(p.main_grad.cpu().to(F64), start.cpu().to(F64) + ref, rtol=0.02, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["missing", "wrong", "right"])
+def test_cross_dtype_accumulation_is_used_only_where_it_adds_correctly(monkeypatch, kernel):
+    """``addmm``'s ``out_dtype`` form is checked once per (device, dtypes) before gradients go through it: a kernel
+    that is missing (this CPU build) or that drops what ``main_grad`` held is not used."""
+    from nemo_mla_lora.peft import lora_fn
+
+    real = torch.addmm
+
+    def fake(c, m1, m2, *, alpha=1, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return (
+                real(c, m1, m2, alpha=alpha, out=out, **kw) if out is not None else real(c, m1, m2, alpha=alpha, **kw)
+            )
+        if kernel == "missing":
+            raise RuntimeError("Could not run 'aten::addmm.dtype_out'")
+        product = alpha * (m1.to(out_dtype) @ m2.to(out_dtype))
+        return out.copy_(product if kernel == "wrong" else c + product)  # "wrong": beta = 0
+
+    lora_fn.accumulates_across_dtypes.cache_clear()
+    monkeypatch.setattr(torch, "addmm", fake)
+    try:
+        assert lora_fn.accumulates_across_dtypes(torch.device("cpu"), torch.bfloat16, torch.float32) is (
+            kernel == "right"
+        )
+    finally:
+        lora_fn.accumulates_across_dtypes.cache_clear()
