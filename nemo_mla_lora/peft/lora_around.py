@@ -39,6 +39,7 @@ class _Fork(torch.autograd.Function):
             hs = grouped_mm(x2, a.transpose(1, 2), offs, counts).mul_(scale)  # [t, r]
         ctx.save_for_backward(x2, a)
         ctx.scale, ctx.counts, ctx.offs, ctx.shape = scale, counts, offs, x.shape
+        ctx.set_materialize_grads(False)  # x1 unused (LayerNorm linear: TE's normalised output): None, not zeros
         return x.view_as(x), hs
 
     @staticmethod
@@ -140,8 +141,7 @@ def lora_onto(
         hs: ``lora_fork``'s second output, [t, r].
         b: B [o, r], or [e, o, r] for groups.
         counts, offs: as for ``lora_fork``.
-        scale: multiplies hs B^T (on the GEMMs; 1 where ``lora_fork`` scaled hs already). The LayerNorm linear's
-            adapter passes alpha / r here: its hs is TE's normalised output times A^T.
+        scale: multiplies hs B^T (on the GEMMs; 1 where ``lora_fork`` scaled hs already, as the adapters' hs is).
     """
     counts = [hs.shape[0]] if counts is None else [int(n) for n in counts]
     if offs is None and b.dim() == 3 and len(counts) > 1:

@@ -63,9 +63,9 @@ class MLALoRALinear(LoRALinear):
     def forward(self, x, *args, **kwargs):
         if self.adapter.layout.fused_norm:
             out, normed, bias = te_norm_linear_outputs(self.to_wrap, self.to_wrap(x, *args, **kwargs))
-            if self.adapter.around(normed, normed=True):  # h = normed A^T [t, r]; out += scale * h B^T in place
-                h = normed.reshape(-1, normed.shape[-1]) @ self.adapter.lora_a.T
-                return lora_onto(out, h, self.adapter.lora_b, scale=self.adapter.scale), bias
+            if self.adapter.around(normed, normed=True):  # hs = scale * normed A^T [t, r]; out += hs B^T in place
+                _, hs = lora_fork(normed, self.adapter.lora_a, self.adapter.scale)  # the base does not read normed
+                return lora_onto(out, hs, self.adapter.lora_b), bias
             return self.adapter.add_to(out, normed), bias
         if not args and not kwargs and self.adapter.fused(self.to_wrap):  # base + adapter: one autograd fn
             return self.adapter.fused_forward(self.to_wrap, x), None

@@ -217,8 +217,8 @@ class _StandInTENorm(nn.Module):
 @pytest.mark.parametrize("mask", [False, True])
 def test_the_layernorm_linears_delta_goes_into_tes_output(monkeypatch, mask):
     """The LayerNorm linear's adapter (it reads TE's normalised output): with full rows its delta is written into
-    TE's output buffer (``lora_onto`` with alpha / r on its GEMMs), and output and gradients equal the three-op
-    adapter's; a part-selective adapter keeps the three-op path."""
+    TE's output buffer (``lora_fork`` on the normalised output, then ``lora_onto``), and output and gradients equal
+    the three-op adapter's; a part-selective adapter keeps the three-op path."""
     torch.manual_seed(5)
     base = _StandInTENorm(10, 12)
     adapter, wrapped = _wrap(monkeypatch, base, "TELayerNormColumnParallelLinear", mask)
