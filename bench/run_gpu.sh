@@ -5,6 +5,7 @@
 #   finetune | finetune_grouped           1 GPU, TE-free spec: base stage then MLALoRA (all_linear: grouped experts)
 #   finetune_tp2 | finetune_ep2           2 GPUs, TE-free spec: TP=2 + SP / EP=2, callback export vs one-process export
 #   te_finetune | te_tests                1 GPU, Transformer Engine spec (bring-up call first); tests/peft/test_te_gpu.py
+#   peft_gpu_tests                        the adapter tests that need no TE (lora_around, grouped LoRA), on CUDA
 #   te_finetune_tp2 | te_finetune_ep2     2 GPUs, TE spec (bring-up call first)
 # Training cost:
 #   overhead                              grouped LoRA GPU tests; bench/lora_overhead.py (V3 layer, bf16, seq 4096)
@@ -293,6 +294,13 @@ te_tests() {  # tests/peft/test_te_gpu.py and test_te_fp8_gpu.py (Transformer En
   local rc=$?
   grep -E "^(FAILED|ERROR)|Error|assert|passed|failed" "$OUT/te_tests.log" | tail -n 25
   return "$rc"
+}
+
+peft_gpu_tests() {  # the adapters' CPU + CUDA tests that need no Transformer Engine (the factor gradients into
+  # Megatron's main_grad: bf16 into fp32 through addmm's out_dtype on CUDA)
+  timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/peft/test_lora_around.py" \
+    "$REPO/tests/peft/test_grouped_lora.py" -rs > "$OUT/peft_gpu_tests.log" 2>&1; local rc=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/peft_gpu_tests.log" | tail -n 8; return "$rc"
 }
 
 te_finetune() {  # the TE GPU tests; NeMo's TE spec (grouped-GEMM experts) trains MLALoRA through
