@@ -115,6 +115,7 @@ def test_engine_builds_megatrons_local_spec_where_transformer_engine_imports(tra
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("trained", ["q_lora"], indirect=True)  # the CLI's plumbing; both layouts in-process above
 def test_generate_cli_batches_prompts_of_different_lengths(absorbed, tmp_path):
     dump, prompts = tmp_path / "logits.pt", tmp_path / "prompts.txt"
     prompts.write_text("copy: abc =\ncopy: abcdefg =\n")

@@ -110,6 +110,7 @@ def test_bank_refuses_mlp_adapters_and_unknown_names(served, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("served", ["q_lora"], indirect=True)  # the CLI's plumbing; both layouts in-process
 def test_generate_cli_serves_an_adapter_on_the_absorbed_base(served, tmp_path):
     import subprocess
     import sys
