@@ -43,8 +43,9 @@ class StreamingDistCkpt:
     def __init__(self, directory):
         self.directory, self.metadata, self.parts = Path(directory), None, 0
         # save: Megatron's plan and the file writes; read_back: Megatron's loader on every 16th part; waited: for
-        # the previous part's bytes to be compared (beside the next save); synced: finish waiting for the syncs
-        self.seconds = {"save": 0.0, "read_back": 0.0, "waited": 0.0, "synced": 0.0}
+        # the previous part's bytes to be compared (beside the next save); synced: finish waiting for the syncs;
+        # sharded, hash_wait: the writer's own (the units' ShardedTensors; waiting for a unit's checksums)
+        self.seconds = {"save": 0.0, "read_back": 0.0, "waited": 0.0, "synced": 0.0, "sharded": 0.0, "hash_wait": 0.0}
         self._comparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back")
         self._syncer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="sync")
         self._pending, self._syncs = None, []  # the last part's comparison; every file's sync
