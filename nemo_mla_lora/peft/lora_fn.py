@@ -104,6 +104,11 @@ def accumulates_across_dtypes(device: torch.device, dtype: torch.dtype, main_dty
     return bool(torch.allclose(got.double().cpu(), want, rtol=1e-3, atol=1e-3))
 
 
+def _not_capturing(m: torch.Tensor) -> bool:
+    """False only while a CUDA graph is being captured on m's device: the check reads its result on the host."""
+    return not (m.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
     """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
 
@@ -119,7 +124,7 @@ def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: 
         return scaled_mm(m1, m2, scale)
     if main.dtype == m1.dtype:
         main.addmm_(m1, m2, alpha=scale)
-    elif accumulates_across_dtypes(m1.device, m1.dtype, main.dtype):
+    elif _not_capturing(m1) and accumulates_across_dtypes(m1.device, m1.dtype, main.dtype):
         torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
     else:
         return scaled_mm(m1, m2, scale)
