@@ -345,3 +345,30 @@ def test_cross_dtype_accumulation_is_used_only_where_it_adds_correctly(monkeypat
         )
     finally:
         lora_fn.accumulates_across_dtypes.cache_clear()
+
+
+def test_fused_factor_gradients_leave_ddps_hook_nothing_to_add(monkeypatch):
+    """What the fusion saves, counted on the CPU under Megatron's hook: with the factors' gradients returned (as
+    before), the hook runs one ``add_`` per factor into ``main_grad``; accumulated in the GEMMs, none, and no more
+    ops in all."""
+    from nemo_mla_lora.peft import lora_around, lora_fn
+
+    w = torch.randn(10, 12, dtype=F64)
+    gy = torch.randn(6, 10, dtype=F64)
+
+    def run():
+        x = torch.randn(6, 12, dtype=F64, requires_grad=True)
+        a, b = nn.Parameter(torch.randn(4, 12, dtype=F64)), nn.Parameter(torch.randn(10, 4, dtype=F64))
+        _, _alive = megatron_ddp_hooks((a, b), F64)  # the hooks live with their accumulators
+
+        def step():
+            x1, hs = lora_fork(x, a, 2.0)
+            lora_onto(_RecordingLinear.apply(x1, w), hs, b).backward(gy)
+
+        return _op_counts(step)
+
+    fused = run()
+    monkeypatch.setattr(lora_around, "weight_grad", lambda p, m1, m2, s: lora_fn.scaled_mm(m1, m2, s))
+    returned = run()
+    assert returned.get("aten::add_", 0) == 2 and fused.get("aten::add_", 0) == 0, (returned, fused)
+    assert sum(fused.values()) < sum(returned.values())
