@@ -69,7 +69,7 @@ class PeftReference:
 
     def view(self, state: dict, dtype) -> Mapping:
         """``state`` with the adapter applied: a tensor the adapter changes is computed in ``dtype`` when it is read
-        (the whole tensor: an adapted embedding or output layer costs its size in ``dtype``), the others are
+        (the embedding and output layer by the rows read, where ``by_rows``; any other whole), the others are
         handed out as read.
 
         Args:

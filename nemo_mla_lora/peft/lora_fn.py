@@ -166,9 +166,8 @@ class FrozenLoRALinear(torch.autograd.Function):
         gy = gy.contiguous()  # [t, o]
         gx = ga = gb = None
         if a is not None and a.dim() == 2:  # one linear: the factors' gradients into main_grad where DDP gave one
-            gh = gy @ b  # d/d(hs): [t, r]
+            gh = scaled_mm(gy, b, ctx.scale)  # d/d(x A^T) = scale * d/d(hs): [t, r]
             gb = weight_grad(b, gy.T, hs, 1.0) if ctx.needs_input_grad[2] else None  # [o, r]
-            gh.mul_(ctx.scale)  # d/d(x A^T): [t, r]
             ga = weight_grad(a, gh.T, x, 1.0) if ctx.needs_input_grad[1] else None  # [r, i]
             gx = gh @ a if ctx.needs_input_grad[0] else None  # [t, i]
         elif a is not None:
