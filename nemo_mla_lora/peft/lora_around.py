@@ -9,8 +9,10 @@ Autograd runs ``lora_fork``'s backward once both of its outputs have their gradi
 gradient gx1 [t, i] and the adapter's ghs = gy B [t, r]. It then accumulates gx = gx1 + scale * ghs A into
 gx1's buffer (one GEMM with beta = 1), where the three-op adapter (``MLALoRAAdapter.add_to``) makes autograd
 write a second [t, i] gradient and add the two (an elementwise pass over the layer's input, twice the
-memory). ``lora_onto`` adds the adapter's output into the base's output buffer (``addmm_``; for grouped
-experts one grouped GEMM and an in-place add), instead of a new [t, o] tensor.
+memory). ``lora_onto`` adds the adapter's output into the base's output buffer (``addmm_``), instead of a new
+[t, o] tensor. Grouped experts have no accumulating grouped GEMM (``torch._grouped_mm`` writes a new tensor):
+there both sums are one Triton launch on CUDA that reads and writes each tile once (``grouped_add``), else a
+grouped GEMM and an in-place add.
 
 Under Megatron's DDP the dense factors' gradients go into their ``main_grad`` buffers inside the GEMM, as
 Megatron's own linears do with gradient accumulation fusion (``lora_fn.weight_grad``).
@@ -25,6 +27,8 @@ Index legend: t tokens (rows), i in_features, o out_features, r LoRA rank, e gro
 import torch
 
 from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm, scaled_mm, weight_grad
+
+GROUPED_ADD = True  # grouped experts: the delta and the input gradient added by one Triton launch where it runs
 
 
 class _Fork(torch.autograd.Function):
@@ -56,9 +60,28 @@ class _Fork(torch.autograd.Function):
         ga = grouped_mm(gh.T, x2, ctx.offs, ctx.counts) if ctx.needs_input_grad[1] else None  # [e, r, i]
         gx = None
         if ctx.needs_input_grad[0]:
+            g2 = gx1.view(-1, gx1.shape[-1]) if gx1 is not None and gx1.is_contiguous() else None  # [t, i]
+            if g2 is not None and _add_grouped(g2, gh, a, ctx.offs):  # gx1 + gh_e A_e, in gx1's buffer
+                return gx1, ga, None, None, None
             gx = grouped_mm(gh, a, ctx.offs, ctx.counts).view(ctx.shape)  # [t, i]
             gx = gx if gx1 is None else gx.add_(gx1)
         return gx, ga, None, None, None
+
+
+def _add_grouped(out2: torch.Tensor, left: torch.Tensor, right: torch.Tensor, offs, scale: float = 1.0) -> bool:
+    """out2 [t, n] += scale * left_e [t_e, r] right[e] [r, n] per group, in place, by ``grouped_add``'s one
+    launch (each tile of out2 read and written once) where it runs these operands (several groups, CUDA,
+    Triton, ``GROUPED_ADD`` on); False where it does not, and nothing is written."""
+    if not GROUPED_ADD or offs is None:
+        return False
+    try:
+        from nemo_mla_lora.peft import grouped_add
+    except ImportError:  # no Triton
+        return False
+    if not grouped_add.runs(out2, left, right):
+        return False
+    grouped_add.grouped_lowrank_add_(out2, left, right, offs, scale)
+    return True
 
 
 def _dense_input_grad(gx1, ghs, a, scale: float, shape) -> torch.Tensor:
@@ -89,7 +112,7 @@ class _Onto(torch.autograd.Function):
             y2.addmm_(hs, b.t(), alpha=scale)  # y + scale * hs B^T, one GEMM with beta = 1
         elif b.dim() == 2:
             out.add_((hs @ b.t()).view(out.shape), alpha=scale)
-        else:
+        elif y2 is None or not _add_grouped(y2, hs, b.transpose(1, 2), offs, scale):
             out.add_(grouped_mm(hs, b.transpose(1, 2), offs, counts).view(out.shape), alpha=scale)
         ctx.save_for_backward(hs, b)
         ctx.counts, ctx.offs, ctx.scale = counts, offs, scale

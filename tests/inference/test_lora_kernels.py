@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from test_triton_decode import _interpreted, child
+from support.child import child
+from support.child import interpreted as _interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 

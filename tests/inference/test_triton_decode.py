@@ -4,12 +4,10 @@ one. The engine with ``backend="triton"`` decodes the same logits as with einsum
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from support.child import interpreted as _interpreted
 
 from nemo_mla_lora.reference.latent import decode_step as reference  # the fp64 equations
 
@@ -29,19 +27,6 @@ for b, h, c, d, t, lens in [(2, 4, 40, 8, 12, [12, 5]), (3, 20, 512, 64, 300, [3
         out.append((o.double() - reference(q, qr, ck, kr, lengths, 0.1)).abs().max().item())
 print(json.dumps(out))
 """
-
-
-def child(code: str, *args, interpret: bool, timeout: int = 600) -> str:
-    """``code`` run in a fresh Python (Triton's interpreter, where asked, must be on before triton is imported):
-    its last line of output."""
-    env = dict(os.environ, TRITON_INTERPRET="1") if interpret else None
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def _interpreted(code: str, *args) -> str:
-    return child(code, *args, interpret=True)
 
 
 TMA_CHECK = """
