@@ -246,7 +246,29 @@ def check_precision(model, fp8: str, dtype) -> None:
         raise RuntimeError(f"trainable parameters not plain {dtype}: {bad}")
 
 
+@contextlib.contextmanager
+def grouped_adds(variant: str):
+    """``<variant>@torchadd``: the grouped experts' adapter sums through ``torch._grouped_mm`` and an add instead of
+    ``peft/grouped_add``'s one launch (the A/B of that kernel in one process); yields the plain variant name."""
+    from nemo_mla_lora.peft import lora_around
+
+    name, _, option = variant.partition("@")
+    if option not in ("", "torchadd"):
+        raise SystemExit(f"variant {variant!r}: the only option after '@' is 'torchadd'")
+    saved, lora_around.GROUPED_ADD = lora_around.GROUPED_ADD, option != "torchadd"
+    try:
+        yield name
+    finally:
+        lora_around.GROUPED_ADD = saved
+
+
 def measure(args, variant: str, rank: int, fp8: str | None = None) -> dict:
+    with grouped_adds(variant) as name:
+        row = _measure(args, name, rank, fp8)
+    return {**row, "variant": variant}
+
+
+def _measure(args, variant: str, rank: int, fp8: str | None = None) -> dict:
     model, x, grad = prepare(args, variant, rank, fp8)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     held = len(fp8_weights(model))
@@ -271,7 +293,12 @@ def measure(args, variant: str, rank: int, fp8: str | None = None) -> dict:
 
 def profile(args, variant: str, rank: int, top: int = 12, steps: int = 2) -> dict:
     """One step's CPU time, GPU kernel time and kernel launches, and the top ops (what a ratio is made of)."""
-    model, x, grad = prepare(args, variant, rank)
+    with grouped_adds(variant) as name:
+        model, x, grad = prepare(args, name, rank)
+        return _profile(model, x, grad, top, steps)
+
+
+def _profile(model, x, grad, top: int, steps: int) -> dict:
     timed_steps(model, x, grad, 2, 1)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if x.is_cuda else [])
     with torch.profiler.profile(activities=acts) as prof:

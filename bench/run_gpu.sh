@@ -297,9 +297,10 @@ te_tests() {  # tests/peft/test_te_gpu.py and test_te_fp8_gpu.py (Transformer En
 }
 
 peft_gpu_tests() {  # the adapters' CPU + CUDA tests that need no Transformer Engine (the factor gradients into
-  # Megatron's main_grad: bf16 into fp32 through addmm's out_dtype on CUDA)
+  # Megatron's main_grad: bf16 into fp32 through addmm's out_dtype on CUDA; the grouped adds' Triton kernel)
   timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/peft/test_lora_around.py" \
-    "$REPO/tests/peft/test_grouped_lora.py" -rs > "$OUT/peft_gpu_tests.log" 2>&1; local rc=$?
+    "$REPO/tests/peft/test_grouped_lora.py" "$REPO/tests/peft/test_grouped_add.py" -rs \
+    > "$OUT/peft_gpu_tests.log" 2>&1; local rc=$?
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/peft_gpu_tests.log" | tail -n 8; return "$rc"
 }
 
@@ -365,6 +366,16 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
     grep -E "^\||^card|Error|error" "$OUT/te_fp8_$recipe.log" | tail -n 30
   done
   return "$rc"
+}
+
+grouped_add_ab() {  # the grouped experts' adapter sums, peft/grouped_add's one launch against torch._grouped_mm
+  # and an add (variant@torchadd), interleaved in one process on the TE spec, with profiles (FP8=blockwise: FP8 base)
+  te_env || return 1
+  local fp8=(); [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")
+  timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec te --iters "${ITERS:-20}" --ranks 16 64 ${DDP:+--ddp} \
+    --variants all_linear all_linear@torchadd --profile all_linear:16 all_linear@torchadd:16 --profile-top 30 \
+    "${fp8[@]}" --out "$OUT/grouped_add_ab.json" > "$OUT/grouped_add_ab.log" 2>&1; local rc=$?
+  grep -E "^\||^profile|Error" "$OUT/grouped_add_ab.log"; return "$rc"
 }
 
 te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)

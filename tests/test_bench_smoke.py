@@ -35,9 +35,11 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
             "--variants",
             "linear_kv_up_proj",
             "all_linear",
+            "all_linear@torchadd",
             "nemo_lora",
             "--profile",
             "all_linear:2",
+            "all_linear@torchadd:2",
             "--out",
             str(out),
             "--summary",
@@ -54,6 +56,8 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert [len(v) for v in result["base_runs_ms"].values()] == [2, 2]
     assert result["profiles"]["all_linear:2"]["cpu_ms_per_step"] > 0
     assert 0 < rows["linear_kv_up_proj"]["trainable"] < rows["all_linear"]["trainable"]
+    assert rows["all_linear@torchadd"]["trainable"] == rows["all_linear"]["trainable"]  # the same adapters, other adds
+    assert result["profiles"]["all_linear@torchadd:2"]["cpu_ms_per_step"] > 0
     assert "| all_linear | 2 |" in proc.stdout
     # tiny dims (models/configs/tiny_mla.json): hidden 80, q_lora_rank 56, kv_lora_rank 40, 4 heads, qk_nope 24,
     # qk_rope 8, v 28; NeMo's LoRA on the five attention linears (in, out): r x (in + out) each
