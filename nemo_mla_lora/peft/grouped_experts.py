@@ -19,7 +19,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from torch import nn
 
 from nemo_mla_lora.peft.adapter import frozen_plain
-from nemo_mla_lora.peft.lora_fn import frozen_lora_linear, group_offsets
+from nemo_mla_lora.peft.lora_fn import StackFactors, frozen_lora_linear, group_offsets
 
 
 def _base_and_adapter(linear: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -112,8 +112,8 @@ def _grouped(x: torch.Tensor, plan, counts: list[int], offs: torch.Tensor) -> to
     weights = tuple(m.weight for m in bases)
     if adapters is None:
         return frozen_lora_linear(x, None, None, 0.0, weights, counts, offs)
-    a = torch.stack([ad.lora_a for ad in adapters])  # [e, r, i]
-    b = torch.stack([ad.lora_b for ad in adapters])  # [e, o, r]
+    a = StackFactors.apply(*(ad.lora_a for ad in adapters))  # [e, r, i]; gradients into main_grad in one add
+    b = StackFactors.apply(*(ad.lora_b for ad in adapters))  # [e, o, r]
     return frozen_lora_linear(x, a, b, adapters[0].scale, weights, counts, offs)
 
 

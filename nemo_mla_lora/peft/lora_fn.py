@@ -109,6 +109,27 @@ def _not_capturing(m: torch.Tensor) -> bool:
     return not (m.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _main_grad(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """``param``'s ``main_grad`` where Megatron's DDP gave it one (``grad_added_to_main_grad`` is its flag; not
+    Megatron-FSDP's) that a kernel on ``like``'s device can add into: contiguous, ``param``'s shape."""
+    main = getattr(param, "main_grad", None)
+    if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
+        return None
+    if main.shape != param.shape or not main.is_contiguous() or main.device != like.device:
+        return None
+    return main
+
+
+def _handed_to_ddp(params, like: torch.Tensor) -> torch.Tensor:
+    """After the gradients went into ``main_grad``: the flag set, and what DDP's hook gets (it adds nothing
+    while the flag is set; zeros where ``zero_out_wgrad`` asks for them)."""
+    for p in params:
+        p.grad_added_to_main_grad = True
+    if any(getattr(p, "zero_out_wgrad", False) for p in params):  # DDP's hook adds the returned gradient regardless
+        return torch.zeros_like(like)
+    return torch.empty_like(like)
+
+
 def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
     """The gradient scale * m1 @ m2 of the factor ``param`` [p, q] (m1 [p, t], m2 [t, q]).
 
@@ -117,10 +138,8 @@ def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: 
     ``accumulates_across_dtypes``) and an uninitialised tensor is returned with the flag set, so DDP's hook adds
     nothing: what Megatron's own linears do with gradient accumulation fusion, one launch and one [p, q]
     temporary less per factor and step. Elsewhere the gradient is returned and DDP's hook adds it."""
-    main = getattr(param, "main_grad", None)
-    if main is None or not hasattr(param, "grad_added_to_main_grad") or hasattr(param, "__fsdp_param__"):
-        return scaled_mm(m1, m2, scale)
-    if main.shape != param.shape or not main.is_contiguous() or main.device != m1.device:
+    main = _main_grad(param, m1)
+    if main is None:
         return scaled_mm(m1, m2, scale)
     if main.dtype == m1.dtype:
         main.addmm_(m1, m2, alpha=scale)
@@ -128,10 +147,28 @@ def weight_grad(param: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, scale: 
         torch.addmm(main, m1, m2, alpha=scale, out_dtype=main.dtype, out=main)
     else:
         return scaled_mm(m1, m2, scale)
-    param.grad_added_to_main_grad = True
-    if getattr(param, "zero_out_wgrad", False):  # DDP's hook adds the returned gradient regardless
-        return torch.zeros_like(param)
-    return torch.empty_like(param)
+    return _handed_to_ddp((param,), param)
+
+
+class StackFactors(torch.autograd.Function):
+    """(p_0, .., p_{e-1}), each [p, q] -> [e, p, q] (``torch.stack``), for per-expert factors held as separate
+    parameters. Backward: the gradient g [e, p, q] of the stack goes to every p_e; where Megatron's DDP gave all
+    of them ``main_grad`` buffers, it is added into them by one multi-tensor add (``torch._foreach_add_``; one cast
+    first where the buffers are fp32 and g is not) and DDP's hooks get nothing to add, instead of e separate
+    gradients that DDP's hooks add one by one (e launches per factor and step)."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.params = params
+        return torch.stack(params)
+
+    @staticmethod
+    def backward(ctx, g):
+        mains = [_main_grad(p, g) for p in ctx.params]
+        if any(m is None for m in mains) or len({m.dtype for m in mains}) != 1:
+            return g.unbind(0)
+        torch._foreach_add_(mains, g.to(mains[0].dtype).unbind(0))  # main_grad_e += g_e
+        return _handed_to_ddp(ctx.params, g).unbind(0)
 
 
 class FrozenLoRALinear(torch.autograd.Function):

@@ -24,7 +24,7 @@ from torch import nn
 
 from nemo_mla_lora.peft.adapter import grad_flags, init_a
 from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
-from nemo_mla_lora.peft.lora_fn import group_offsets
+from nemo_mla_lora.peft.lora_fn import StackFactors, group_offsets
 
 
 class GroupedLoRAAdapter(nn.Module):
@@ -61,9 +61,10 @@ class GroupedLoRAAdapter(nn.Module):
         return getattr(self, f"lora_a{e}"), getattr(self, f"lora_b{e}")
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [E, r, in], B [E, out, r]) of every local expert."""
+        """(A [E, r, in], B [E, out, r]) of every local expert (their gradients into Megatron's ``main_grad`` as
+        one multi-tensor add per factor: ``lora_fn.StackFactors``)."""
         a, b = zip(*(self.expert(e) for e in range(self.num_experts)))
-        return torch.stack(a), torch.stack(b)
+        return StackFactors.apply(*a), StackFactors.apply(*b)
 
     def sharded_state_dict(
         self, prefix="", sharded_offsets=(), metadata=None, ep_rank: int = 0, ep_size: int = 1, edp_rank: int = 0

@@ -28,6 +28,61 @@ class _GroupedBase(nn.Module):
         return {}
 
 
+def _ddp_steps(dtype, main_dtype, stack_each: bool = False):
+    """Two micro-batches through ``TEGroupedLoRALinear`` under Megatron's DDP hooks (conftest); ``stack_each``:
+    the factors stacked by plain ``torch.stack`` (their gradients returned per expert, as before). Returns the
+    adapter, main_grad before, the bucket, the float64 reference adapter's gradients, and the op counts."""
+    from conftest import megatron_ddp_hooks
+    from test_lora_around import _op_counts
+
+    torch.manual_seed(1)
+    experts, din, dout, r, splits = 3, 12, 10, 4, [2, 0, 5]
+    base = _GroupedBase(torch.randn(experts, dout, din, dtype=torch.float64).to(dtype))
+    adapter = GroupedLoRAAdapter(experts, din, dout, dim=r, alpha=8.0, dtype=dtype)
+    with torch.no_grad():
+        for e in range(experts):
+            adapter.expert(e)[1].normal_()
+    ref = GroupedLoRAAdapter(experts, din, dout, dim=r, alpha=8.0, dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in adapter.state_dict().items()})
+    before, (_accs, bucket) = megatron_ddp_hooks(list(adapter.parameters()), main_dtype)
+    if stack_each:
+        adapter.stacked = lambda: tuple(torch.stack(f) for f in zip(*map(adapter.expert, range(experts))))
+    xs = [torch.randn(sum(splits), din, dtype=torch.float64) for _ in range(2)]
+    gys = [torch.randn(sum(splits), dout, dtype=torch.float64) for _ in range(2)]
+
+    def steps(module, cast):
+        for x, gy in zip(xs, gys):
+            TEGroupedLoRALinear(base if cast is dtype else _GroupedBase(base.weights.double()), module)(
+                x.to(cast).requires_grad_(), splits
+            )[0].backward(gy.to(cast))
+
+    ops = _op_counts(lambda: steps(adapter, dtype), top_level=True)
+    steps(ref, torch.float64)
+    return adapter, before, bucket, ref, ops
+
+
+@pytest.mark.parametrize("dtype,main_dtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_expert_factor_gradients_go_into_megatrons_main_grad(dtype, main_dtype):
+    """Under Megatron's DDP hook, two micro-batches: each expert's factors' ``main_grad`` holds what it held plus
+    both gradients (float64 equations), ``.grad`` is None, the flag set, every factor reported ready both times."""
+    adapter, before, bucket, ref, _ = _ddp_steps(dtype, main_dtype)
+    params, refs = list(adapter.parameters()), list(ref.parameters())
+    assert len(bucket.ready) == 2 * len(params) == 2 * 6
+    tol = 1e-12 if dtype == torch.float64 else 0.1
+    for p, start, r in zip(params, before, refs):
+        assert p.grad is None and p.grad_added_to_main_grad and p.main_grad.dtype == main_dtype
+        torch.testing.assert_close(p.main_grad.double(), start.double() + r.grad, rtol=0.02, atol=tol)
+
+
+def test_expert_factor_gradients_leave_ddps_hooks_nothing_to_add():
+    """Counted on the CPU: stacked by ``torch.stack`` the factors' gradients reach DDP's hooks one per expert (an
+    ``add_`` each); through ``StackFactors``, one multi-tensor add per factor and micro-batch instead."""
+    *_, fused = _ddp_steps(torch.float64, torch.float64)
+    *_, each = _ddp_steps(torch.float64, torch.float64, stack_each=True)
+    assert each.get("aten::add_", 0) - fused.get("aten::add_", 0) == 2 * 6, (each, fused)  # (the rest: the deltas)
+    assert fused.get("aten::_foreach_add_", 0) == 2 * 2, fused
+
+
 def test_grouped_lora_matches_the_equations_in_float64():
     torch.manual_seed(0)
     experts, din, dout, r, splits = 4, 12, 10, 3, [5, 0, 7, 2]
