@@ -373,7 +373,7 @@ grouped_add_ab() {  # the grouped experts' adapter sums, peft/grouped_add's one 
   te_env || return 1
   local fp8=(); [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")
   timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec te --iters "${ITERS:-20}" --ranks 16 64 ${DDP:+--ddp} \
-    --variants all_linear all_linear@torchadd --profile all_linear:16 all_linear@torchadd:16 --profile-top 30 \
+    --variants ${VARIANTS:-all_linear all_linear@torchadd} --profile all_linear:16 all_linear@torchadd:16 --profile-top 30 \
     "${fp8[@]}" --out "$OUT/grouped_add_ab.json" > "$OUT/grouped_add_ab.log" 2>&1; local rc=$?
   grep -E "^\||^profile|Error" "$OUT/grouped_add_ab.log"; return "$rc"
 }

@@ -72,8 +72,8 @@ def _run(cfg: DictConfig, started: dict) -> dict:
     from nemo_mla_lora.runtime import parallel
 
     started["imports"] = process_age()  # the export's modules with torch, their readers and writers
-    parallel.init_megatron()
-    started["megatron"] = process_age()  # Megatron-Core's import, torch.distributed (gloo), its parallel state
+    parallel.init_megatron(marks=started)  # megatron_import, process_group (gloo), parallel_state
+    started["megatron"] = process_age()  # all of Megatron's set-up done
     return export(
         cfg.base,
         cfg.adapter,

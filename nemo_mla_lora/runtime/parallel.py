@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_mla_lora.runtime import cpu_compat, te_compat
+from nemo_mla_lora.runtime.processes import process_age
 
 
 def rank() -> int:
@@ -29,7 +30,13 @@ def barrier() -> None:
 
 
 def init_megatron(
-    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234, port: int | None = None
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    seed: int = 1234,
+    port: int | None = None,
+    marks: dict | None = None,
 ) -> None:
     """Initialise torch.distributed (gloo on CPU, nccl on GPU) and Megatron's model-parallel groups.
 
@@ -40,15 +47,20 @@ def init_megatron(
         etp: expert tensor parallel size (None: Megatron's default, ``tp``).
         seed: torch's and Megatron's RNG seed.
         port: the rendezvous port of a process of our own (default: a free one).
+        marks: if given, gets the process's age (s) after Megatron's import (``megatron_import``), after the
+            process group (``process_group``) and after Megatron's parallel state (``parallel_state``).
     """
+    mark = (lambda name: marks.__setitem__(name, process_age())) if marks is not None else (lambda name: None)
     cpu_compat.apply()
     te_compat.apply()
     from megatron.core import parallel_state
 
+    mark("megatron_import")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "WORLD_SIZE" not in os.environ:  # one process of our own: never reuse an inherited port
             os.environ["MASTER_PORT"] = str(port or free_port())
+            loopback_for_gloo()
         elif port:
             os.environ["MASTER_PORT"] = str(port)
         rank = int(os.environ.get("RANK", 0))
@@ -57,6 +69,7 @@ def init_megatron(
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    mark("process_group")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -69,6 +82,20 @@ def init_megatron(
     from nemo_mla_lora.runtime.processes import install_checkpoint_queue
 
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
+    mark("parallel_state")
+
+
+def loopback_for_gloo() -> None:
+    """For a world of one process of our own: gloo's groups (the world's on the CPU, Megatron's gloo groups
+    everywhere) on the loopback interface. Without ``GLOO_SOCKET_IFNAME`` gloo picks its interface by resolving
+    this host's name, which waits out the resolver's timeouts where the name is not in /etc/hosts and no DNS
+    answers (a machine without network). A ``GLOO_SOCKET_IFNAME`` already set is kept."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    names = {name for _, name in socket.if_nameindex()}
+    loopback = next((name for name in ("lo", "lo0") if name in names), None)
+    if loopback is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
 
 
 def free_port() -> int:

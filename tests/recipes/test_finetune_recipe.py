@@ -71,4 +71,6 @@ def test_finetune_writes_summary_adapter_and_verified_export(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() and '"passed": true' in proc.stdout
     report = json.loads(proc.stdout[proc.stdout.index("{\n") : proc.stdout.rindex("wrote ")])
     started = report["started"]  # the process's start, in order: main(), the imports, Megatron up, export()
-    assert 0 < started["main"] <= started["imports"] <= started["megatron"] <= report["timing"]["before_export"]
+    order = ["main", "imports", "megatron_import", "process_group", "parallel_state", "megatron"]
+    assert started["main"] > 0 and [started[k] for k in order] == sorted(started[k] for k in order), started
+    assert started["megatron"] <= report["timing"]["before_export"]
