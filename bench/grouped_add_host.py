@@ -1,3 +1,10 @@
+"""One grouped expert linear with LoRA around it (``lora_fork`` / base ``torch._grouped_mm`` / ``lora_onto``), forward +
+backward, with ``lora_around.GROUPED_ADD`` on (the Triton add) and off (``_grouped_mm`` + ``add_``), bf16 on one GPU:
+host time per step (until the last launch returns) and wall time (after a synchronize), mean of 30 steps; a tiny
+shape (8 rows per expert: host-bound) and two V3-sized ones. Prints one JSON line.
+
+    PYTHONPATH=. python3 bench/grouped_add_host.py
+"""
 import time, torch, json
 from nemo_mla_lora.peft import lora_around
 from nemo_mla_lora.peft.lora_fn import group_offsets

@@ -296,10 +296,10 @@ te_tests() {  # tests/peft/test_te_gpu.py and test_te_fp8_gpu.py (Transformer En
   return "$rc"
 }
 
-peft_gpu_tests() {  # the adapters' CPU + CUDA tests that need no Transformer Engine (the factor gradients into
+peft_gpu_tests() {  # the adapters' CUDA tests that need no Transformer Engine (the factor gradients into
   # Megatron's main_grad: bf16 into fp32 through addmm's out_dtype on CUDA; the grouped adds' Triton kernel)
   timeout 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/peft/test_lora_around.py" \
-    "$REPO/tests/peft/test_grouped_lora.py" "$REPO/tests/peft/test_grouped_add.py" -rs \
+    "$REPO/tests/peft/test_grouped_lora.py" "$REPO/tests/peft/test_grouped_add.py" -m gpu -rs \
     > "$OUT/peft_gpu_tests.log" 2>&1; local rc=$?
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/peft_gpu_tests.log" | tail -n 8; return "$rc"
 }
