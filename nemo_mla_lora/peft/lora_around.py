@@ -24,6 +24,8 @@ version check loudly. Experts: A [e, r, i], B [e, o, r] per group of rows (``cou
 Index legend: t tokens (rows), i in_features, o out_features, r LoRA rank, e group (expert).
 """
 
+import functools
+
 import torch
 
 from nemo_mla_lora.peft.lora_fn import group_offsets, grouped_mm, scaled_mm, weight_grad
@@ -72,16 +74,21 @@ def _add_grouped(out2: torch.Tensor, left: torch.Tensor, right: torch.Tensor, of
     """out2 [t, n] += scale * left_e [t_e, r] right[e] [r, n] per group, in place, by ``grouped_add``'s one
     launch (each tile of out2 read and written once) where it runs these operands (several groups, CUDA,
     Triton, ``GROUPED_ADD`` on); False where it does not, and nothing is written."""
-    if not GROUPED_ADD or offs is None:
-        return False
-    try:
-        from nemo_mla_lora.peft import grouped_add
-    except ImportError:  # no Triton
-        return False
-    if not grouped_add.runs(out2, left, right):
+    grouped_add = _grouped_add_module() if GROUPED_ADD and offs is not None else None
+    if grouped_add is None or not grouped_add.runs(out2, left, right):
         return False
     grouped_add.grouped_lowrank_add_(out2, left, right, offs, scale)
     return True
+
+
+@functools.cache
+def _grouped_add_module():
+    """``peft.grouped_add``, imported once; None where Triton does not import."""
+    try:
+        from nemo_mla_lora.peft import grouped_add
+    except ImportError:
+        return None
+    return grouped_add
 
 
 def _dense_input_grad(gx1, ghs, a, scale: float, shape) -> torch.Tensor:
