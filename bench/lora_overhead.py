@@ -365,14 +365,34 @@ def write_json(path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
+def rounds(items: list, n: int) -> list[list]:
+    """``n`` orders of ``items``, forward and reversed in turn: a variant measured first in one round is measured
+    last in the next, so what the position in a run adds (the first variant after the frozen bases ran 3-5 ms
+    slower on the TE layer) falls on every variant alike."""
+    return [list(items) if i % 2 == 0 else list(reversed(items)) for i in range(n)]
+
+
+def merge_rounds(rows: list[dict]) -> dict:
+    """One variant's rows from several rounds -> one row: the median of the rounds' medians (``median_ms``), each
+    round's in ``round_ms``, the memory of the first round."""
+    merged = dict(rows[0])
+    merged["round_ms"] = [r["median_ms"] for r in rows]
+    merged["median_ms"] = statistics.median(merged["round_ms"])
+    merged["min_ms"], merged["max_ms"] = min(r["min_ms"] for r in rows), max(r["max_ms"] for r in rows)
+    return merged
+
+
 def overhead(args) -> None:
     """The table: every ``--variants`` x ``--ranks`` against the frozen bases, interleaved; then the profiles."""
     rows = [measure(args, b, 0) for b in BASES]
     bases = {b: [r["median_ms"]] for b, r in zip(BASES, rows)}  # again between ranks and at the end: the noise
     for rank in args.ranks:
-        for variant in args.variants:
-            rows.append(measure(args, variant, rank))
-            print(f"{variant} r={rank}: {rows[-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+        runs = {}
+        for order in rounds(args.variants, args.rounds):
+            for variant in order:
+                runs.setdefault(variant, []).append(measure(args, variant, rank))
+                print(f"{variant} r={rank}: {runs[variant][-1]['median_ms']:.2f} ms", file=sys.stderr, flush=True)
+        rows.extend(merge_rounds(runs[v]) for v in args.variants)
         for b in BASES:
             bases[b].append(measure(args, b, 0)["median_ms"])
     base_ms = {b: statistics.median(v) for b, v in bases.items()}
@@ -411,6 +431,9 @@ def main(argv=None) -> int:
                    help="also (without --variants: only) the bf16 / FP8 cost table of SUMMARY, written to PATH")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure the variants (the --summary cells) this many times, in forward and reversed order "
+                        "in turn; each figure the median over the rounds")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", nargs="*", default=[], help="variant:rank pairs to profile after the table")
     p.add_argument("--profile-top", type=int, default=12, help="ops per profile table")

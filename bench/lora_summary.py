@@ -28,7 +28,7 @@ def header(args, bench) -> dict:
     result = {"card": bench.card(), "spec": args.spec, "dims": args.dims, "seq": args.seq, "batch": args.batch,
               "dtype": args.dtype, "fp8": fp8, "fp8_config": dict(zip(("fp8", "fp8_recipe"), bench.FP8[fp8]))
               if fp8 else None, "experts": args.experts, "ddp": getattr(args, "ddp", False), "warmup": args.warmup,
-              "iters": args.iters,
+              "iters": args.iters, "rounds": getattr(args, "rounds", 1),
               "torch": torch.__version__, "step_ms": {}, "peak_gib": {}, "step_peak_gib": {}, "resident_gib": {},
               "trainable": {}, "fp8_weights": {}, "step_ms_runs": {}, "errors": {}, "complete": False}
     if args.spec == "te":
@@ -57,7 +57,8 @@ def summary(args, bench) -> int:
         args: ``lora_overhead.py``'s parsed arguments (``summary``, ``fp8``, ``dtype``, shapes, steps).
         bench: the ``lora_overhead`` module (``measure``, ``card``, ``write_json``, ``FP8``).
 
-    The frozen base is measured first and last. PATH is rewritten after each cell, so a cut run keeps what
+    The frozen base is measured first and last; with ``args.rounds`` > 1 every cell once per round, in forward and
+    reversed order in turn, each cell's figure the median of its runs. PATH is rewritten after each cell, so a cut run keeps what
     finished. A cell that raises is recorded under ``errors`` (its traceback on stderr) and the run goes on to the
     others, so that one GPU call measures them all; the exit code is 1 while a cell is missing.
     """
@@ -65,7 +66,8 @@ def summary(args, bench) -> int:
     bases = [(high, "none")] + ([("fp8", args.fp8)] if args.fp8 != "none" else [])
     expected = [f"{name}_{label}" for name, _, _ in SUMMARY for label, _ in bases]
     result = header(args, bench)
-    for name, variant, rank in SUMMARY + SUMMARY[:1]:
+    cells = [c for order in bench.rounds(SUMMARY, getattr(args, "rounds", 1)) for c in order]
+    for name, variant, rank in cells + list(SUMMARY[:1]):
         for label, fp8 in bases:
             key = f"{name}_{label}"
             try:

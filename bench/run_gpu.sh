@@ -362,6 +362,7 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
   for recipe in blockwise tensorwise; do
     file=summary; [ "$recipe" = blockwise ] || file=summary_$recipe
     timeout 260 python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" ${DDP:+--ddp} \
+      --rounds "${ROUNDS:-1}" \
       --summary "$OUT/$file.json" > "$OUT/te_fp8_$recipe.log" 2>&1 || rc=1
     grep -E "^\||^card|Error|error" "$OUT/te_fp8_$recipe.log" | tail -n 30
   done
@@ -369,10 +370,12 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
 }
 
 grouped_add_ab() {  # the grouped experts' adapter sums, peft/grouped_add's one launch against torch._grouped_mm
-  # and an add (variant@torchadd), interleaved in one process on the TE spec, with profiles (FP8=blockwise: FP8 base)
+  # and an add (variant@torchadd), in one process on the TE spec, ROUNDS (default 2) rounds in forward and reversed
+  # order, with profiles (FP8=blockwise: FP8 base)
   te_env || return 1
   local fp8=(); [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")
   timeout 280 python3 "$REPO/bench/lora_overhead.py" --spec te --iters "${ITERS:-20}" --ranks 16 64 ${DDP:+--ddp} \
+    --rounds "${ROUNDS:-2}" \
     --variants ${VARIANTS:-all_linear all_linear@torchadd} --profile all_linear:16 all_linear@torchadd:16 --profile-top 30 \
     "${fp8[@]}" --out "$OUT/grouped_add_ab.json" > "$OUT/grouped_add_ab.log" 2>&1; local rc=$?
   grep -E "^\||^profile|Error" "$OUT/grouped_add_ab.log"; return "$rc"

@@ -32,6 +32,8 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
             "0",
             "--ranks",
             "2",
+            "--rounds",
+            "2",
             "--variants",
             "linear_kv_up_proj",
             "all_linear",
@@ -57,6 +59,7 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert result["profiles"]["all_linear:2"]["cpu_ms_per_step"] > 0
     assert 0 < rows["linear_kv_up_proj"]["trainable"] < rows["all_linear"]["trainable"]
     assert rows["all_linear@torchadd"]["trainable"] == rows["all_linear"]["trainable"]  # the same adapters, other adds
+    assert all(len(rows[v]["round_ms"]) == 2 for v in ("linear_kv_up_proj", "all_linear", "nemo_lora"))
     assert result["profiles"]["all_linear@torchadd:2"]["cpu_ms_per_step"] > 0
     assert "| all_linear | 2 |" in proc.stdout
     # tiny dims (models/configs/tiny_mla.json): hidden 80, q_lora_rank 56, kv_lora_rank 40, 4 heads, qk_nope 24,
@@ -69,7 +72,8 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert cells["complete"] and cells["errors"] == {} and cells["card"] == "cpu" and cells["fp8"] is None
     assert set(cells["step_ms"]) == set(cells["peak_gib"]) == keys
     assert all(ms > 0 for ms in cells["step_ms"].values())
-    assert len(cells["step_ms_runs"]["frozen_fp32"]) == 2  # first and last
+    assert len(cells["step_ms_runs"]["frozen_fp32"]) == 3  # in each of the two rounds, and last
+    assert len(cells["step_ms_runs"]["all_linear_r64_fp32"]) == 2 and cells["rounds"] == 2
     assert cells["trainable"]["frozen_fp32"] == 0
     trainable = cells["trainable"]
     assert trainable["nemo_lora_r16_fp32"] == trainable["nemo_official_r16_fp32"] == 8 * rows["nemo_lora"]["trainable"]
