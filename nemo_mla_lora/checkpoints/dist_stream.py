@@ -27,6 +27,7 @@ import struct
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,8 +45,12 @@ class StreamingDistCkpt:
         self.directory, self.metadata, self.parts = Path(directory), None, 0
         # save: Megatron's plan and the file writes; read_back: Megatron's loader on every 16th part; waited: for
         # the previous part's bytes to be compared (beside the next save); synced: finish waiting for the syncs;
-        # sharded, hash_wait: the writer's own (the units' ShardedTensors; waiting for a unit's checksums)
-        self.seconds = {"save": 0.0, "read_back": 0.0, "waited": 0.0, "synced": 0.0, "sharded": 0.0, "hash_wait": 0.0}
+        # sharded, hash_wait: the writer's own (the units' ShardedTensors; waiting for a unit's checksums);
+        # metadata: reading each part's metadata and merging it; files: each part's directory made, its files
+        # renamed into place, the directory removed
+        self.seconds = dict.fromkeys(
+            ("save", "read_back", "waited", "synced", "sharded", "hash_wait", "metadata", "files"), 0.0
+        )
         self._comparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-back")
         self._syncer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="sync")
         self._pending, self._syncs = None, []  # the last part's comparison; every file's sync
@@ -69,25 +74,42 @@ class StreamingDistCkpt:
         from torch.distributed.checkpoint import FileSystemReader
 
         part = self.directory / f".part{self.parts:05d}"
-        part.mkdir(parents=True)
+        with self._timed("files"):
+            part.mkdir(parents=True)
         saved = {k: (v.key, v.data) for k, v in sharded.items() if hasattr(v, "local_shape")}  # save may rewrap
         # a part may hold some chunks of a tensor (experts, rows): whole-tensor coverage is checked in finish()
-        start = time.perf_counter()
-        request = dist_checkpointing.save(
-            sharded, str(part), _save_strategy(), validate_access_integrity=False, async_sharded_save=True
-        )
-        _write_here(request)
-        saved_at = time.perf_counter()
-        self.seconds["save"] += saved_at - start
-        metadata = FileSystemReader(str(part)).read_metadata()
-        stored = _stored_records(saved, metadata) if check else None
-        if check and (stored is None or self.parts % MEGATRON_READ_BACK_EVERY == 0):
-            _load_and_compare(sharded, saved, part)  # Megatron's loader, from the part directory, before the next part
-            stored = None
-        waited = time.perf_counter()
-        self.seconds["read_back"] += waited - saved_at
-        self._wait_compared()
-        self.seconds["waited"] += time.perf_counter() - waited
+        with self._timed("save"):
+            request = dist_checkpointing.save(
+                sharded, str(part), _save_strategy(), validate_access_integrity=False, async_sharded_save=True
+            )
+            _write_here(request)
+        with self._timed("metadata"):
+            metadata = FileSystemReader(str(part)).read_metadata()
+            stored = _stored_records(saved, metadata) if check else None
+        with self._timed("read_back"):
+            if check and (stored is None or self.parts % MEGATRON_READ_BACK_EVERY == 0):
+                _load_and_compare(sharded, saved, part)  # Megatron's loader, from the part, before the next part
+                stored = None
+        with self._timed("waited"):
+            self._wait_compared()
+        with self._timed("files"):
+            renamed = self._move_into_place(part, metadata)
+        if stored:
+            records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored]
+            self._pending = self._comparer.submit(_compare_records, records)
+        with self._timed("metadata"):
+            if self.metadata is None:
+                self.metadata = metadata
+            else:
+                self._merge(metadata)
+        with self._timed("files"):
+            shutil.rmtree(part)
+        self._syncs += [self._syncer.submit(fsync_path, self.directory / n) for n in renamed]
+        self.parts += 1
+
+    def _move_into_place(self, part: Path, metadata) -> list[str]:
+        """The part's data files renamed into the checkpoint (``g<part>`` prefixed, ``metadata`` pointed at them),
+        the format header's files too for the first part; returns the new file names."""
         _place_chunks(metadata)
         renamed = {}
         for data_file in sorted(part.glob("*.distcp")):
@@ -95,18 +117,19 @@ class StreamingDistCkpt:
             data_file.rename(self.directory / renamed[data_file.name])
         for info in metadata.storage_data.values():
             info.relative_path = renamed[info.relative_path]
-        self._syncs += [self._syncer.submit(fsync_path, self.directory / n) for n in renamed.values()]
-        if stored:
-            records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored]
-            self._pending = self._comparer.submit(_compare_records, records)
         if self.metadata is None:
             for name in ("metadata.json", "common.pt"):  # the same for every part: Megatron's format header
                 (part / name).rename(self.directory / name)
-            self.metadata = metadata
-        else:
-            self._merge(metadata)
-        shutil.rmtree(part)
-        self.parts += 1
+        return list(renamed.values())
+
+    @contextmanager
+    def _timed(self, field: str):
+        """Adds the block's wall time to ``seconds[field]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[field] += time.perf_counter() - start
 
     def _merge(self, metadata) -> None:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
