@@ -29,9 +29,9 @@ def test_merged_formats_round_trip_and_match_unmerged(trained, fmt):
     info = export(trained["root"] / "base", trained["root"] / "adapter", out, fmt=fmt, progress=False)
     assert info["verify"]["passed"] and info["verify"]["max_abs_logit_diff"] < 2e-5
     if fmt in ("absorbed", "mcore"):  # verify decoded with a cache of c_kv + k_rope only
-        timing = info["timing"]  # the dist-ckpt writer's time, by what it did
-        assert timing["write_save"] > 0 and timing["write_metadata"] > 0 and timing["write_files"] > 0
-        assert timing["write_save"] + timing["write_metadata"] + timing["write_files"] <= timing["write"]
+        timing = info["timing"]  # the dist-ckpt writer's time, by what it did (each rounded to 10 ms)
+        parts = [timing[f"write_{k}"] for k in ("save", "metadata", "files")]
+        assert timing["write_save"] > 0 and min(parts) >= 0 and sum(parts) <= timing["write"] + 0.03, timing
         spec_ = trained["spec"]
         assert info["verify"]["cached_values_per_token"] == spec_.num_layers * (
             spec_.kv_lora_rank + spec_.qk_rope_head_dim
