@@ -369,6 +369,10 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
   return "$rc"
 }
 
+read_alloc() {  # the export reader's allocation cost: fresh tensors against one reused buffer, from /dev/shm
+  python3 "$REPO/bench/read_alloc.py" --gib 4 | tee "$OUT/read_alloc.txt"
+}
+
 grouped_add_ab() {  # the grouped experts' adapter sums, peft/grouped_add's one launch against torch._grouped_mm
   # and an add (variant@torchadd), in one process on the TE spec, ROUNDS (default 2) rounds in forward and reversed
   # order, with profiles (FP8=blockwise: FP8 base)
