@@ -12,6 +12,7 @@
 import pytest
 import torch
 from conftest import megatron_ddp_hooks
+from support.ops import op_counts
 from torch import nn
 
 from nemo_mla_lora.peft.lora_around import lora_fork, lora_onto
@@ -242,29 +243,6 @@ def test_the_layernorm_linears_delta_goes_into_tes_output(monkeypatch, mask):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def _op_counts(fn, top_level: bool = False) -> dict:
-    """aten ops run by ``fn`` (forward + backward), by name; ``top_level``: only those not run inside another aten
-    op (a CPU multi-tensor op runs one op per tensor inside itself)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts = {}
-    for event in prof.events():
-        if event.name.startswith("aten::") and not (top_level and _inside_aten(event)):
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return counts
-
-
-def _inside_aten(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return True
-        parent = parent.cpu_parent
-    return False
-
-
 def test_around_runs_no_elementwise_pass_over_the_input_or_output():
     """What the design saves, counted on the CPU: the three-op adapter's backward adds a second [t, i] input
     gradient to the base's and its forward makes a new output; around the base, neither happens (the adds are
@@ -282,7 +260,7 @@ def test_around_runs_no_elementwise_pass_over_the_input_or_output():
         out = _RecordingLinear.apply(x, w)
         torch.addmm(out, x @ a.T, b.T, alpha=2.0).backward(gy)
 
-    ops_around, ops_three = _op_counts(around), _op_counts(three_op)
+    ops_around, ops_three = op_counts(around), op_counts(three_op)
     elementwise = ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::copy_")
     assert sum(ops_three.get(k, 0) for k in elementwise) >= 1, ops_three  # autograd's sum of the input gradients
     assert sum(ops_around.get(k, 0) for k in elementwise) == 0, ops_around  # scale and sums ride on the GEMMs
@@ -375,7 +353,7 @@ def test_fused_factor_gradients_leave_ddps_hook_nothing_to_add(monkeypatch):
             x1, hs = lora_fork(x, a, 2.0)
             lora_onto(_RecordingLinear.apply(x1, w), hs, b).backward(gy)
 
-        return _op_counts(step)
+        return op_counts(step)
 
     fused = run()
     monkeypatch.setattr(lora_around, "weight_grad", lambda p, m1, m2, s: lora_fn.scaled_mm(m1, m2, s))

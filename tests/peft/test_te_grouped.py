@@ -9,6 +9,7 @@ The TE module itself is covered by the GPU run (bench/run_gpu.sh)."""
 
 import pytest
 import torch
+from support.ops import op_counts
 from torch import nn
 
 from nemo_mla_lora.peft.te_grouped import GroupedLoRAAdapter, TEGroupedLoRALinear
@@ -33,7 +34,6 @@ def _ddp_steps(dtype, main_dtype, stack_each: bool = False):
     the factors stacked by plain ``torch.stack`` (their gradients returned per expert, as before). Returns the
     adapter, main_grad before, the bucket, the float64 reference adapter's gradients, and the op counts."""
     from conftest import megatron_ddp_hooks
-    from test_lora_around import _op_counts
 
     torch.manual_seed(1)
     experts, din, dout, r, splits = 3, 12, 10, 4, [2, 0, 5]
@@ -56,7 +56,7 @@ def _ddp_steps(dtype, main_dtype, stack_each: bool = False):
                 x.to(cast).requires_grad_(), splits
             )[0].backward(gy.to(cast))
 
-    ops = _op_counts(lambda: steps(adapter, dtype), top_level=True)
+    ops = op_counts(lambda: steps(adapter, dtype), top_level=True)
     steps(ref, torch.float64)
     return adapter, before, bucket, ref, ops
 
