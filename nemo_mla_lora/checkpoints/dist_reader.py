@@ -30,7 +30,6 @@ from nemo_mla_lora.arch import keymap
 from nemo_mla_lora.checkpoints.checksums import check_checksums
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.checkpoints.safe_load import check_dist_checkpoint
-from nemo_mla_lora.runtime.memory import advise_huge_pages
 
 _STACKED = re.compile(r"^(.*\.mlp\.experts)\.experts\.(linear_fc[12]\..+)$")
 
@@ -90,10 +89,9 @@ class CheckpointReader:
             key, expert, shape = self.flat[n]
             meta = self.metadata[key]
             if expert is None:
-                buffer = advise_huge_pages(torch.empty(shape, dtype=meta.dtype))
-                request[n] = ShardedTensor.from_rank_offsets(key, buffer, replica_id=0)
+                request[n] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=meta.dtype), replica_id=0)
             else:  # [out, in] at index ``expert`` of the stacked [E, out, in]
-                out[n] = rows.setdefault(key, {})[expert] = advise_huge_pages(torch.empty(shape, dtype=meta.dtype))
+                out[n] = rows.setdefault(key, {})[expert] = torch.empty(shape, dtype=meta.dtype)
         try:
             if request:
                 out.update(dist_checkpointing.load(request, str(self.directory)))

@@ -26,7 +26,6 @@ import xxhash
 
 from nemo_mla_lora.checkpoints.checksums import CHECKSUM
 from nemo_mla_lora.checkpoints.errors import CheckpointError
-from nemo_mla_lora.runtime.memory import advise_huge_pages
 
 DTYPES = {
     "F64": torch.float64,
@@ -126,7 +125,7 @@ class SafetensorsFile:
         """Tensor ``name`` (into ``out`` when given: contiguous, same dtype and number of elements); its
         xxh3-128 digest goes into ``digests``."""
         dtype, shape, start, end = self.entries[name]
-        t = advise_huge_pages(torch.empty(shape, dtype=dtype)) if out is None else out
+        t = torch.empty(shape, dtype=dtype) if out is None else out
         if t.dtype != dtype or t.numel() * t.element_size() != end - start or not t.is_contiguous():
             raise CheckpointError(f"{self.path}: {name} is {shape} {dtype}; target is {tuple(t.shape)} {t.dtype}")
         view = _bytes_of(t)

@@ -20,7 +20,6 @@ from nemo_mla_lora.checkpoints.dist_reader import CheckpointReader
 from nemo_mla_lora.checkpoints.errors import CheckpointError
 from nemo_mla_lora.peft.merge import expand_rows
 from nemo_mla_lora.peft.parts import row_mask
-from nemo_mla_lora.runtime.memory import advise_huge_pages
 
 FP8_BLOCK = 128
 
@@ -163,7 +162,7 @@ class HFBase:
                 out[n] = self._read(hs[0])
                 continue
             dtype, shape = self.layout_of(n)
-            fused, row = advise_huge_pages(torch.empty(shape, dtype=dtype)), 0  # gate and up read into its halves
+            fused, row = torch.empty(shape, dtype=dtype), 0  # gate and up read into its two halves
             for h in hs:
                 rows = self.opened[self.files[h]].shape(h)[0]
                 self._read(h, fused[row : row + rows])
