@@ -24,17 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nemo_mla_lora.inference.kernels.tiles import dot, pow2
+
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_RANK = 256  # one k tile per group; larger ranks take torch's path
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b in fp32; fp32 operands in full fp32 (``IEEE``), as torch's matmul takes them by default."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -92,17 +85,13 @@ def _grouped_add_kernel(
             mask=kmask[:, None] & cmask[None, :],
             other=0.0,
         )  # [BK, BN]
-        acc += _dot(tl.where(mine[:, None], lt, tl.zeros_like(lt)), rt, IEEE)  # [BT, BK] @ [BK, BN]
+        acc += dot(tl.where(mine[:, None], lt, tl.zeros_like(lt)), rt, IEEE)  # [BT, BK] @ [BK, BN]
         start = end
         g += 1
     ptr = out + rows64[:, None] * s_ot + cols[None, :]
     keep = rmask[:, None] & cmask[None, :]
     total = tl.load(ptr, mask=keep, other=0.0).to(tl.float32) + scale * acc
     tl.store(ptr, total.to(out.dtype.element_ty), mask=keep)
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
 
 
 def runs(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
@@ -137,8 +126,8 @@ def grouped_lowrank_add_(
         )
     if t == 0 or n == 0:
         return out
-    block_t = 64 if t >= 64 else _pow2(t)
-    block_n = 128 if n >= 128 else _pow2(n)
+    block_t = 64 if t >= 64 else pow2(t)
+    block_n = 128 if n >= 128 else pow2(n)
     grid = (triton.cdiv(t, block_t), triton.cdiv(n, block_n))
     _grouped_add_kernel[grid](
         out,
@@ -157,7 +146,7 @@ def grouped_lowrank_add_(
         right.stride(2),
         BLOCK_T=block_t,
         BLOCK_N=block_n,
-        BLOCK_K=_pow2(k),
+        BLOCK_K=pow2(k),
         IEEE=out.dtype == torch.float32,
     )
     return out

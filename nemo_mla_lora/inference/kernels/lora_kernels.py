@@ -21,15 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b with fp32 accumulation; fp32 operands in full fp32 (``IEEE``) as torch's matmul takes them by default,
-    not rounded to TF32 as ``tl.dot`` does by default on tensor cores."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from nemo_mla_lora.inference.kernels.tiles import dot, pow2
 
 
 @triton.jit
@@ -65,7 +57,7 @@ def _expand_kernel(
         zt = tl.load(z + ts[:, None] * s_zt + js[None, :], mask=tmask[:, None] & jmask[None, :], other=0.0)
         mt = tl.load(mask + rows[:, None] * s_mb + js[None, :], mask=tmask[:, None] & jmask[None, :], other=0.0)
         b = tl.load(bt + js[:, None] * s_bj + os_[None, :], mask=jmask[:, None] & omask[None, :], other=0.0)
-        acc += _dot((zt * mt).to(b.dtype), b, IEEE)  # [BT, BJ] @ [BJ, BO]
+        acc += dot((zt * mt).to(b.dtype), b, IEEE)  # [BT, BJ] @ [BJ, BO]
     out = y + ts[:, None] * s_yt + os_[None, :]
     keep = tmask[:, None] & omask[None, :]
     tl.store(out, (tl.load(out, mask=keep, other=0.0).to(tl.float32) + acc).to(y.dtype.element_ty), mask=keep)
@@ -125,11 +117,11 @@ def _q_lat_kernel(
     kt = tl.load(
         b_k + h * s_kh + ds[:, None] * s_kd + js[None, :], mask=(ds[:, None] < D) & jmask[None, :], other=0.0
     )  # [BD, BJ]
-    z = (_dot(qt, kt, IEEE) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
+    z = (dot(qt, kt, IEEE) * mt).to(kt.dtype)  # [BR, BJ]: the row's own slots only
     at = tl.load(a + js[:, None] * s_aj + cs[None, :], mask=jmask[:, None] & cmask[None, :], other=0.0)  # [BJ, BC]
     out = q_lat + bs[:, None] * s_lb + ss[:, None] * s_ls + h * s_lh + cs[None, :]
     keep = rmask[:, None] & cmask[None, :]
-    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + _dot(z, at, IEEE)
+    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + dot(z, at, IEEE)
     tl.store(out, acc.to(q_lat.dtype.element_ty), mask=keep)
 
 
@@ -178,16 +170,12 @@ def _o_kernel(
         at = tl.load(
             a + js[None, :] * s_aj + cs[:, None], mask=jmask[None, :] & (cs[:, None] < C), other=0.0
         )  # [BC, BJ]
-        z += _dot(lt, at, IEEE)
+        z += dot(lt, at, IEEE)
     vt = tl.load(b_v + h * s_vh + js[:, None] * s_vj + es[None, :], mask=jmask[:, None] & emask[None, :], other=0.0)
     out = o + ss[:, None] * s_os + bs[:, None] * s_ob + h * s_oh + es[None, :]
     keep = rmask[:, None] & emask[None, :]
-    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + _dot((z * mt).to(vt.dtype), vt, IEEE)
+    acc = tl.load(out, mask=keep, other=0.0).to(tl.float32) + dot((z * mt).to(vt.dtype), vt, IEEE)
     tl.store(out, acc.to(o.dtype.element_ty), mask=keep)
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
 
 
 def _inner_contiguous(*tensors: torch.Tensor) -> None:
@@ -202,8 +190,8 @@ def expand_add(y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, b_t: torch.
     m = z.shape[-1]
     y2, z2 = y.view(s * b, o), z.view(s * b, m)  # rows t = (s, b): mask row t % b
     _inner_contiguous(y2, z2, mask, b_t)
-    block_t = _pow2(min(s * b, 64))
-    block_o = 128 if o >= 128 else _pow2(o)
+    block_t = pow2(min(s * b, 64))
+    block_o = 128 if o >= 128 else pow2(o)
     grid = (triton.cdiv(s * b, block_t), triton.cdiv(o, block_o))
     _expand_kernel[grid](
         z2,
@@ -221,7 +209,7 @@ def expand_add(y: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, b_t: torch.
         y2.stride(0),
         BLOCK_T=block_t,
         BLOCK_O=block_o,
-        BLOCK_J=min(_pow2(m), 64),
+        BLOCK_J=min(pow2(m), 64),
         IEEE=y.dtype == torch.float32,
     )
     return y
@@ -234,7 +222,7 @@ def q_lat_add(
     b, s, h, c = q_lat.shape
     d, m = b_k.shape[1], b_k.shape[2]
     _inner_contiguous(q_lat, q_nope, b_k, a, mask)
-    block_r, block_c = _pow2(min(b * s, 64)), min(_pow2(c), 128)
+    block_r, block_c = pow2(min(b * s, 64)), min(pow2(c), 128)
     grid = (h, triton.cdiv(b * s, block_r), triton.cdiv(c, block_c))
     _q_lat_kernel[grid](
         q_nope,
@@ -258,8 +246,8 @@ def q_lat_add(
         q_lat.stride(1),
         q_lat.stride(2),
         BLOCK_R=block_r,
-        BLOCK_D=_pow2(d),
-        BLOCK_J=_pow2(m),
+        BLOCK_D=pow2(d),
+        BLOCK_J=pow2(m),
         BLOCK_C=block_c,
         IEEE=q_lat.dtype == torch.float32,
     )
@@ -271,7 +259,7 @@ def o_add(o: torch.Tensor, o_lat: torch.Tensor, a: torch.Tensor, b_v: torch.Tens
     s, b, h, e = o.shape
     c, m = o_lat.shape[-1], a.shape[0]
     _inner_contiguous(o, o_lat, a, b_v, mask)
-    block_r, block_e = _pow2(min(b * s, 64)), min(_pow2(e), 128)
+    block_r, block_e = pow2(min(b * s, 64)), min(pow2(e), 128)
     grid = (h, triton.cdiv(b * s, block_r), triton.cdiv(e, block_e))
     _o_kernel[grid](
         o_lat,
@@ -295,8 +283,8 @@ def o_add(o: torch.Tensor, o_lat: torch.Tensor, a: torch.Tensor, b_v: torch.Tens
         o.stride(1),
         o.stride(2),
         BLOCK_R=block_r,
-        BLOCK_C=min(_pow2(c), 128),
-        BLOCK_J=_pow2(m),
+        BLOCK_C=min(pow2(c), 128),
+        BLOCK_J=pow2(m),
         BLOCK_E=block_e,
         IEEE=o.dtype == torch.float32,
     )

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemo_mla_lora.inference.kernels.tiles import pow2
+
 
 @triton.jit
 def _split_kernel(
@@ -137,10 +139,6 @@ def _merge_kernel(
     tl.store(out + b * s_ob + h * s_oh + cs, o, mask=cs < C)
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(n))
-
-
 def split_buffers(q_lat: torch.Tensor, t_max: int, splits: int, block_t: int):
     """(chunk, splits, out [b, h, c], acc, m, l_sum) for ``splits`` about-equal chunks of ``t_max`` positions, each
     a multiple of ``block_t``: acc [b, h, splits, c] and m, l_sum [b, h, splits] in float32; with one split,
@@ -173,8 +171,8 @@ def merge_splits(acc, m, l_sum, out) -> None:
         m.stride(1),
         out.stride(0),
         out.stride(1),
-        BLOCK_C=_pow2(c),
-        BLOCK_S=_pow2(splits, 2),
+        BLOCK_C=pow2(c),
+        BLOCK_S=pow2(splits, 2),
     )
 
 
@@ -222,7 +220,7 @@ def latent_decode_attention(
     splits = splits or default_splits(b, h, t_max, block_h, q_lat.device)
     chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, block_t)
     one = splits == 1
-    block_c, block_d = _pow2(c), _pow2(d)
+    block_c, block_d = pow2(c), pow2(d)
     s_as = 0 if one else acc.stride(2)
     _split_kernel[(triton.cdiv(h, block_h), splits, b)](
         q_lat,
