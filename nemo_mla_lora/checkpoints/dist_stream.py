@@ -74,35 +74,35 @@ class StreamingDistCkpt:
         from torch.distributed.checkpoint import FileSystemReader
 
         part = self.directory / f".part{self.parts:05d}"
-        with self._timed("files"):
+        with self.timed("files"):
             part.mkdir(parents=True)
         saved = {k: (v.key, v.data) for k, v in sharded.items() if hasattr(v, "local_shape")}  # save may rewrap
         # a part may hold some chunks of a tensor (experts, rows): whole-tensor coverage is checked in finish()
-        with self._timed("save"):
+        with self.timed("save"):
             request = dist_checkpointing.save(
                 sharded, str(part), _save_strategy(), validate_access_integrity=False, async_sharded_save=True
             )
             _write_here(request)
-        with self._timed("metadata"):
+        with self.timed("metadata"):
             metadata = FileSystemReader(str(part)).read_metadata()
             stored = _stored_records(saved, metadata) if check else None
-        with self._timed("read_back"):
+        with self.timed("read_back"):
             if check and (stored is None or self.parts % MEGATRON_READ_BACK_EVERY == 0):
                 _load_and_compare(sharded, saved, part)  # Megatron's loader, from the part, before the next part
                 stored = None
-        with self._timed("waited"):
+        with self.timed("waited"):
             self._wait_compared()
-        with self._timed("files"):
+        with self.timed("files"):
             renamed = self._move_into_place(part, metadata)
         if stored:
             records = [(key, self.directory / info.relative_path, info, data) for key, info, data in stored]
             self._pending = self._comparer.submit(_compare_records, records)
-        with self._timed("metadata"):
+        with self.timed("metadata"):
             if self.metadata is None:
                 self.metadata = metadata
             else:
                 self._merge(metadata)
-        with self._timed("files"):
+        with self.timed("files"):
             shutil.rmtree(part)
         self._syncs += [self._syncer.submit(fsync_path, self.directory / n) for n in renamed]
         self.parts += 1
@@ -123,7 +123,7 @@ class StreamingDistCkpt:
         return list(renamed.values())
 
     @contextmanager
-    def _timed(self, field: str):
+    def timed(self, field: str):
         """Adds the block's wall time to ``seconds[field]``."""
         start = time.perf_counter()
         try:

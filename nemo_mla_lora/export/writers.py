@@ -12,7 +12,6 @@ Megatron's own loader, bit for bit.
 | hf | HF DeepSeek-V3 safetensors, a shard per group (layout known up front) + index + config.json | tensor by tensor |
 """
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,13 +58,11 @@ class DistCkptWriter:
         tensors = list(group.items())  # under the flat local names, whatever the stored names
         # hashed beside the save (xxhash releases the GIL): a pass over every byte off the writer's path
         hashed = self._hasher.submit(lambda: {name: tensor_checksum(t) for name, t in tensors})
-        start = time.perf_counter()
-        sharded = self.sharded(group)
-        self.stream.seconds["sharded"] += time.perf_counter() - start
+        with self.stream.timed("sharded"):
+            sharded = self.sharded(group)
         self.stream.add(sharded, check=self.check, max_bytes=PART_BYTES)
-        start = time.perf_counter()
-        self.checksums.update(hashed.result())
-        self.stream.seconds["hash_wait"] += time.perf_counter() - start  # the checksums behind the save
+        with self.stream.timed("hash_wait"):  # the checksums behind the save
+            self.checksums.update(hashed.result())
 
     def finish(self) -> None:
         self._hasher.shutdown()

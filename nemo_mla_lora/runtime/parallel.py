@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_mla_lora.runtime import cpu_compat, te_compat
-from nemo_mla_lora.runtime.processes import process_age
+from nemo_mla_lora.runtime.processes import install_checkpoint_queue, process_age
 
 
 def rank() -> int:
@@ -50,7 +50,11 @@ def init_megatron(
         marks: if given, gets the process's age (s) after Megatron's import (``megatron_import``), after the
             process group (``process_group``) and after Megatron's parallel state (``parallel_state``).
     """
-    mark = (lambda name: marks.__setitem__(name, process_age())) if marks is not None else (lambda name: None)
+
+    def mark(name: str) -> None:
+        if marks is not None:
+            marks[name] = process_age()
+
     cpu_compat.apply()
     te_compat.apply()
     from megatron.core import parallel_state
@@ -79,8 +83,6 @@ def init_megatron(
         expert_tensor_parallel_size=etp,
     )
     cpu_compat.seed(seed)
-    from nemo_mla_lora.runtime.processes import install_checkpoint_queue
-
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
     mark("parallel_state")
 
