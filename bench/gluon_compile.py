@@ -5,10 +5,12 @@ GPUTarget("cuda", 90, 32) with the wheel's ptxas, and prints registers, spills a
 Exits non-zero when a config fails to compile, spills, or needs more shared memory than sm_90's 227 KiB.
 
     python bench/gluon_compile.py [--ptx DIR]   # DIR: also write each config's PTX, TTGIR and ptxas log there
-    python bench/gluon_compile.py --time        # on an sm_90 GPU instead: time it beside hopper_decode's TMA kernel
+    python bench/gluon_compile.py --time [--json F]  # on an sm_90 GPU instead: time it beside hopper_decode's TMA
+                                                     # kernel and FlashMLA's
 """
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -74,47 +76,70 @@ def ptxas_usage(ptx: str) -> dict:
     return dict(n_regs=int(regs.group(1)), n_spills=sum(spills), stack=int(stack.group(1)) if stack else 0, log=log)
 
 
-TIMED = [(64, 64, 4096), (128, 64, 4096), (128, 16, 4096), (128, 1, 16384)]  # (heads, batch, positions per row)
+TIMED = [  # (heads, batch, positions per row): 64 heads where ours were furthest from copy bandwidth, 128 from the roof
+    (64, 64, 4096), (64, 128, 32768), (128, 64, 4096), (128, 16, 4096), (128, 1, 16384), (128, 32, 32768)
+]
 
 
-def time_kernels() -> int:
-    """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel and
-    of ``latent_decode_attention_tma`` on full rows, against the roofs measured here (``decode_roofline.roofs``:
-    the copy bandwidth, read + write, and the bf16 matmul peak)."""
+def time_kernels(out: Path | None = None) -> int:
+    """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel, of
+    ``latent_decode_attention_tma`` and, where it imports, FlashMLA's SM90 decode (``kernels/flashmla.py``), on full
+    rows of the engine's cache buffer, against the roofs measured here (``decode_roofline.roofs``: the copy
+    bandwidth, read + write, and the bf16 matmul peak). A kernel that raises is reported and the others go on;
+    ``out``: also write the rows and roofs there as JSON. Returns 1 when a kernel failed."""
     from decode_roofline import roofs  # bench/ is this script's directory
     from triton.testing import do_bench
 
+    from nemo_mla_lora.inference.kernels import flashmla
     from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
+    fns = {"triton_tma": latent_decode_attention_tma}
+    if (why := flashmla.unavailable()) is None:
+        fns["flashmla"] = flashmla.flashmla_decode
+    else:
+        print(f"flashmla: not timed ({why})")
+    fns["gluon_ws"] = gd.latent_decode_attention_ws  # last: a fault in a new kernel would poison the context
     roof = roofs()
     copy_gbs, peak_tflops = roof["copy_GBps"], roof["matmul_bf16_TFLOPs"]
     print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write), matmul {peak_tflops:.0f}")
+    rows, failed = [], 0
     for h, b, t in TIMED:
-        buf = torch.randn(b, t, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
+        pad = triton.cdiv(t, flashmla.PAGE) * flashmla.PAGE  # FlashMLA reads whole pages
+        buf = torch.randn(b, pad, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
         q = torch.randn(b, h, gd.LATENT + gd.ROPE, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
-        args = (q[..., : gd.LATENT], q[..., gd.LATENT :], buf[..., : gd.LATENT], buf[..., gd.LATENT :])
+        args = (q[..., : gd.LATENT], q[..., gd.LATENT :], buf[:, :t, : gd.LATENT], buf[:, :t, gd.LATENT :])
         lengths = torch.full((b,), t, device="cuda", dtype=torch.int32)
-        flops, nbytes = b * h * t * (2 * 576 + 2 * 512), buf.numel() * 2 + b * h * (576 + 512) * 2
+        flops, nbytes = b * h * t * (2 * 576 + 2 * 512), b * t * (gd.LATENT + gd.ROPE) * 2 + b * h * (576 + 512) * 2
         ref = latent_decode_attention_tma(*args, lengths, 0.05, max_length=t).double()
-        for name, fn in (("gluon_ws", gd.latent_decode_attention_ws), ("triton_tma", latent_decode_attention_tma)):
-            err = (fn(*args, lengths, 0.05, max_length=t).double() - ref).abs().max().item()
-            ms = do_bench(lambda fn=fn, args=args, lengths=lengths, t=t: fn(*args, lengths, 0.05, max_length=t))
+        for name, fn in fns.items():
+            try:
+                err = (fn(*args, lengths, 0.05, max_length=t).double() - ref).abs().max().item()
+                ms = do_bench(lambda fn=fn, args=args, lengths=lengths, t=t: fn(*args, lengths, 0.05, max_length=t))
+            except Exception as error:  # a compile or launch error: report it, time the rest
+                print(f"h={h:3d} b={b:2d} t={t:5d} {name:10s} FAILED: {type(error).__name__}: {error}"[:600])
+                failed = 1
+                continue
             tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
+            rows.append(dict(heads=h, batch=b, positions=t, kernel=name, us=ms * 1e3, TFLOPs=tflops, GBps=gbs,
+                             max_diff_vs_tma=err))
             print(
                 f"h={h:3d} b={b:2d} t={t:5d} {name:10s} {ms * 1e3:8.1f} us {tflops:6.1f} TFLOP/s "
                 f"({100 * tflops / peak_tflops:4.1f}% of {peak_tflops:.0f}) {gbs:6.0f} GB/s "
                 f"({100 * gbs / copy_gbs:4.1f}% of copy) max|diff vs tma| {err:.2e}"
             )
-    return 0
+    if out is not None:
+        out.write_text(json.dumps(dict(card=torch.cuda.get_device_name(), roofs=roof, rows=rows), indent=1))
+    return failed
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ptx", type=Path, help="write each config's PTX, TTGIR and ptxas log here")
     parser.add_argument("--time", action="store_true", help="time the kernel on this machine's sm_90 GPU instead")
+    parser.add_argument("--json", type=Path, help="with --time: also write the timings there")
     opts = parser.parse_args()
     if opts.time:
-        return time_kernels()
+        return time_kernels(opts.json)
     print(f"triton {triton.__version__}, target {TARGET}")
     if gd._GLUON_ERROR:
         print(f"FAILED: {gd._GLUON_ERROR}")

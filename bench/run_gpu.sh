@@ -153,7 +153,7 @@ gluon_decode() {  # the warp-specialised Gluon kernel: its GPU tests (a barrier 
   timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
   tail -n 15 "$OUT/gluon_tests.log"
-  timeout -k 5 150 python3 "$REPO/bench/gluon_compile.py" --time 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
+  timeout -k 5 200 python3 "$REPO/bench/gluon_compile.py" --time --json "$OUT/gluon_time.json" 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
   return $(( rc || PIPESTATUS[0] ))
 }
 
@@ -357,11 +357,12 @@ te_fp8() {  # the LoRA cost table on the TE spec with a bf16 and an FP8 frozen b
   # FP8 recipe (DDP=1: adapters under Megatron's DDP, as llm.finetune trains them): blockwise (DeepSeek-V3's;
   # $OUT/summary.json), then tensorwise ($OUT/summary_tensorwise.json). Each
   # summary is rewritten after every cell, so a timeout keeps what finished. TE bring-up call first.
+  # RECIPES="blockwise" runs that process alone; TE_FP8_TIMEOUT (default 260 s) bounds each process.
   te_env || return 1
   local rc=0 recipe file
-  for recipe in blockwise tensorwise; do
+  for recipe in ${RECIPES:-blockwise tensorwise}; do
     file=summary; [ "$recipe" = blockwise ] || file=summary_$recipe
-    timeout 260 python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" ${DDP:+--ddp} \
+    timeout "${TE_FP8_TIMEOUT:-260}" python3 "$REPO/bench/lora_overhead.py" --spec te --fp8 "$recipe" --iters "${ITERS:-20}" ${DDP:+--ddp} \
       --rounds "${ROUNDS:-1}" \
       --summary "$OUT/$file.json" > "$OUT/te_fp8_$recipe.log" 2>&1 || rc=1
     grep -E "^\||^card|Error|error" "$OUT/te_fp8_$recipe.log" | tail -n 30
@@ -385,12 +386,15 @@ grouped_add_ab() {  # the grouped experts' adapter sums, peft/grouped_add's one 
   grep -E "^\||^profile|Error" "$OUT/grouped_add_ab.log"; return "$rc"
 }
 
-te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler)
+te_profile() {  # where the adapters' time goes on the TE spec and on the TE-free one (torch profiler);
+  # SPECS (default "te local"), VARIANTS (default all_linear), RANKS (default 16), PROFILE (default
+  # "base:0 all_linear:16"), DDP=1 (under Megatron's DDP), FP8=blockwise (the TE spec's FP8 base)
   te_env || return 1
-  for spec in te local; do
-    local fp8=(); [ "$spec" = te ] && [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")  # FP8=blockwise: the FP8 base
-    timeout 250 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 10 --ranks 16 --variants all_linear \
-      --profile base:0 all_linear:16 --profile-top 30 "${fp8[@]}" --out "$OUT/lora_profile_$spec.json" \
+  for spec in ${SPECS:-te local}; do
+    local fp8=(); [ "$spec" = te ] && [ -n "${FP8:-}" ] && fp8=(--fp8 "$FP8")
+    timeout 250 python3 "$REPO/bench/lora_overhead.py" --spec "$spec" --iters 10 --ranks ${RANKS:-16} \
+      --variants ${VARIANTS:-all_linear} ${DDP:+--ddp} --profile ${PROFILE:-base:0 all_linear:16} --profile-top 30 \
+      "${fp8[@]}" --out "$OUT/lora_profile_$spec.json" \
       > "$OUT/lora_profile_$spec.log" 2>&1
     grep -E "^\||^profile|Error" "$OUT/lora_profile_$spec.log"
   done
