@@ -109,6 +109,10 @@ class TrainerConfig:
         use_distributed_optimizer: Megatron's distributed optimizer.
         cross_entropy_loss_fusion: Megatron's fused cross entropy.
         resume_if_exists: resume from ``output_dir``'s last checkpoint.
+        gc_interval: training steps between Python garbage collections, with the automatic collector off in
+            between (NeMo's ``GarbageCollectionCallback``, which NeMo's DeepSeek-V3 recipe adds at 60 steps with
+            ``performance_mode=True``: a full collection over a Megatron process's objects is a pause of its own in
+            a host-bound step); 0 (that recipe's default) leaves Python's collector as it is.
     """
 
     kind: str = "cpu"  # cpu: plain Lightning over the Megatron-Core model; megatron: NeMo llm.finetune
@@ -132,6 +136,7 @@ class TrainerConfig:
     use_distributed_optimizer: bool = False
     cross_entropy_loss_fusion: bool = False
     resume_if_exists: bool = True
+    gc_interval: int = 0
 
 
 @dataclass

@@ -87,6 +87,8 @@ def trainer_errors(cfg, spec) -> list[str]:
         )
     if not spec.num_experts and t.expert_parallel > 1:
         errors.append(f"trainer.expert_parallel={t.expert_parallel} but model {m.name} has no experts")
+    if t.gc_interval < 0:
+        errors.append(f"trainer.gc_interval={t.gc_interval}; expected >= 0 (0: Python's own garbage collector)")
     if t.max_steps < 1:
         errors.append(f"trainer.max_steps={t.max_steps}; expected >= 1 (0 steps train nothing: no adapter, no export)")
     if t.global_batch_size % t.micro_batch_size:

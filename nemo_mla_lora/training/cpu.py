@@ -99,7 +99,9 @@ def make_trainer(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    cbs = list(callbacks)
+    from nemo_mla_lora.training.garbage import gc_callbacks
+
+    cbs = [*callbacks, *gc_callbacks(trainer_cfg)]
     if checkpoints:
         cbs.append(
             ModelCheckpoint(

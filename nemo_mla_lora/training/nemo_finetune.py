@@ -124,6 +124,7 @@ def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = No
     base on ``data.base_pretrain``)."""
     from nemo import lightning as nl
 
+    from nemo_mla_lora.training.garbage import gc_callbacks
     from nemo_mla_lora.training.hf_load import HFBaseLoad
 
     t, d, out = cfg.trainer, cfg.data, Path(cfg.output_dir)
@@ -148,7 +149,7 @@ def build(cfg, peft, callbacks=(), stage: str = "lora", restore: str | None = No
     return dict(
         model=lightning_model(cfg, tokenizer),
         data=data_module(cfg, tokenizer, train, validation, out / "nemo_data" / stage),
-        trainer=trainer(cfg, steps, [*loaders, metrics, *callbacks]),
+        trainer=trainer(cfg, steps, [*loaders, metrics, *callbacks, *gc_callbacks(t)]),
         optim=optimizer(cfg, lr, steps),
         peft=None if base else peft,
         log=logger,

@@ -80,6 +80,7 @@ def test_deepseek_v3_megatron_is_nemo_official_lora_recipe():
     assert (t.global_batch_size, t.micro_batch_size) == (128, 1)
     assert (t.max_steps, t.val_check_interval, t.checkpoint_every_n_steps) == (1000, 30, 50)
     assert t.use_distributed_optimizer is False and t.cross_entropy_loss_fusion is False
+    assert t.gc_interval == 0  # no GarbageCollectionCallback unless performance_mode=True (then 60)
     spec = resolve(m)  # DeepSeek-V3's own config.json (models/configs/deepseek_v3.json)
     assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.q_lora_rank, spec.kv_lora_rank) == (
         61,
@@ -136,6 +137,7 @@ def test_bad_overrides_fail_at_composition(override, error, message):
             "does not divide the model's n_routed_experts=256",
         ),
         (["trainer.tensor_parallel=2"], "trainer=cpu runs one process"),
+        (["trainer.gc_interval=-1"], "trainer.gc_interval=-1; expected >= 0"),
         (["export.format=onnx"], "export.format='onnx'"),
         (["+peft.parts.linear_kv_up_proj=latent"], "expected one of"),
         (["peft.placement=everywhere"], "unknown placement"),
