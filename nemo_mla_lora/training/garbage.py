@@ -4,9 +4,10 @@ the fit it belongs to.
 
 A Megatron process holds millions of Python objects; a full automatic collection lands in whichever step allocates
 past the collector's threshold, as a pause in a step that is host-bound as often as GPU-bound, and on each rank at a
-different step. NeMo's DeepSeek-V3 recipe with ``performance_mode=True`` collects every 60 steps instead. NeMo's callback switches the
-collector off when it is constructed and never back on; here it is off from the fit's ``setup`` to its ``teardown``
-only, so that the recipe's export and verify after training run with the collector as the process had it.
+different step. NeMo's DeepSeek-V3 recipe with ``performance_mode=True`` collects every 60 steps instead. NeMo's
+callback switches the collector off when it is constructed and never back on; here it is off from the fit's ``setup``
+to its ``teardown`` only, so that the recipe's export and verify after training run with the collector as the
+process had it.
 """
 
 import gc
