@@ -195,6 +195,20 @@ def step(model, x, grad):
 
 
 def timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
+    """ms per step; Python's automatic garbage collector off meanwhile (one collection first), as training runs
+    with ``trainer.gc_interval`` (NeMo's GarbageCollectionCallback): a full collection over this process's
+    objects would otherwise land in whichever step crosses its threshold."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _timed_steps(model, x, grad, warmup, iters)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _timed_steps(model, x, grad, warmup: int, iters: int) -> list[float]:
     cuda = x.is_cuda
     times = []
     for i in range(warmup + iters):
