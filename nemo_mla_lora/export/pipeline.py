@@ -95,48 +95,20 @@ def export(
         The manifest (also written as ``manifest.json``), with the verify report and the timing per phase.
     """
     entered, age = time.perf_counter(), process_age()  # the process's start (imports, config) before export()
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
-    verify = check_mode(verify)
-    check_weight_dtype(weight_dtype, fmt)
-    names = names or DEFAULT_NAMES.get(fmt, "local")
-    check_names(names)
-    if names != "local" and fmt not in DEFAULT_NAMES:
-        raise ValueError(f"names={names} applies to formats {sorted(DEFAULT_NAMES)}; {fmt} has its own names")
-    if adapter is None and fmt == "hf_peft":
-        raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
-    if fold and fmt != "absorbed":
-        raise ValueError("fold=true applies to format=absorbed only")
+    verify, names = _check_request(fmt, verify, weight_dtype, names, adapter, fold)
     sources = (base, adapter, tokenizer if tokenizer and Path(tokenizer).exists() else None)
     # before any reading: a bad output (a source, not ours to overwrite, another writer's) is refused at once
     check_target(output, sources, overwrite, replaces=(manifest.MANIFEST,))
     source = open_base(base)
     spec = source.spec
     check_complete(source, spec, base)  # every tensor the model needs, with its shape, before anything is written
+    nemo_info = None
     if fmt == "nemo":
         tokenizer = nemo_format.export_tokenizer(base, tokenizer, spec)
-        differs = nemo_format.stock_differences(spec) if names == "te" else []
-        for d in differs:
-            log.warning(
-                "NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
-                "nemo_mla_lora's exact layer spec into the context",
-                d,
-            )
-    lora = open_adapter(adapter, spec)  # every field and tensor of an HF PEFT adapter judged here, before writing
-    if fmt == "hf_peft":
-        check_hf_peft_writable(lora)
-    unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
-    if unknown:
-        raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
+        nemo_info = {"tokenizer": tokenizer, "differs_from_deepseek": _stock_differences(spec, names)}
+    lora = _open_lora(adapter, spec, source, fmt)
     if fold:
-        cost = absorb.fold_cost(spec)
-        log.warning(
-            "folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
-            cost["folded"]["params_per_layer"],
-            cost["split"]["params_per_layer"],
-            cost["folded_over_split"],
-            cost["folding_pays_when"],
-        )
+        _warn_fold_cost(spec)
     with atomic_dir(output, overwrite, sources=sources, replaces=(manifest.MANIFEST,)) as tmp:
         if fmt == "hf_peft":
             info = _export_hf_peft(source, lora, spec, tmp)
@@ -156,22 +128,80 @@ def export(
             info["tokenizer_files"] = copy_tokenizer(base, tmp)
             if fmt in DEFAULT_NAMES:
                 info["names"] = names
-            if fmt == "nemo":
-                info["nemo"] = {"tokenizer": tokenizer, "differs_from_deepseek": differs}
-        start = time.perf_counter()
-        info["source"] = {
-            "base": {"path": str(base), "hash": source.content_hash()},  # HF: digests taken while reading
-            "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None,
-        }
-        if "timing" in info:
-            timing = info["timing"]
-            timing["source_hash"] = round(time.perf_counter() - start, 2)
-            # before_export: process start to export(); outside_stages: export()'s own setup and finish to here
-            timing["before_export"] = age
-            timing["outside_stages"] = round(time.perf_counter() - entered - timing["wall"], 2)
-        info["architecture_checksums"] = manifest.architecture_checksums(tmp, info)  # every file written by now
-        (tmp / manifest.MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))
+            if nemo_info is not None:
+                info["nemo"] = nemo_info
+        _finish_manifest(info, tmp, source, base, adapter, entered, age)
     return info
+
+
+def _check_request(fmt, verify, weight_dtype, names, adapter, fold) -> tuple[str, str]:
+    """(verify mode, layer-spec names) of an export request whose arguments agree; raises ValueError otherwise."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}; expected one of {FORMATS}")
+    verify = check_mode(verify)
+    check_weight_dtype(weight_dtype, fmt)
+    names = names or DEFAULT_NAMES.get(fmt, "local")
+    check_names(names)
+    if names != "local" and fmt not in DEFAULT_NAMES:
+        raise ValueError(f"names={names} applies to formats {sorted(DEFAULT_NAMES)}; {fmt} has its own names")
+    if adapter is None and fmt == "hf_peft":
+        raise ValueError("format=hf_peft writes an adapter; adapter=null gives none")
+    if fold and fmt != "absorbed":
+        raise ValueError("fold=true applies to format=absorbed only")
+    return verify, names
+
+
+def _stock_differences(spec, names: str) -> list[str]:
+    """Where NeMo's stock DeepSeek model (TE spec names) differs from DeepSeek's, each logged as a warning."""
+    differs = nemo_format.stock_differences(spec) if names == "te" else []
+    for d in differs:
+        log.warning(
+            "NeMo's DeepSeek model (TE spec) differs from DeepSeek's here: %s; names=local writes "
+            "nemo_mla_lora's exact layer spec into the context",
+            d,
+        )
+    return differs
+
+
+def _open_lora(adapter, spec, source, fmt: str):
+    """The adapter, every field and tensor of an HF PEFT adapter judged before anything is written, and every
+    module of it present in the base."""
+    lora = open_adapter(adapter, spec)
+    if fmt == "hf_peft":
+        check_hf_peft_writable(lora)
+    unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
+    if unknown:
+        raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
+    return lora
+
+
+def _warn_fold_cost(spec) -> None:
+    cost = absorb.fold_cost(spec)
+    log.warning(
+        "folding: %s params/layer (folded) vs %s (split), x%.2f; decode FLOPs likewise; %s",
+        cost["folded"]["params_per_layer"],
+        cost["split"]["params_per_layer"],
+        cost["folded_over_split"],
+        cost["folding_pays_when"],
+    )
+
+
+def _finish_manifest(info: dict, tmp: Path, source, base, adapter, entered: float, age: float) -> None:
+    """The sources' hashes, the timing outside the stages and the written files' checksums into ``info``, then
+    ``info`` as ``manifest.json`` in ``tmp``."""
+    start = time.perf_counter()
+    info["source"] = {
+        "base": {"path": str(base), "hash": source.content_hash()},  # HF: digests taken while reading
+        "adapter": {"path": str(adapter), "hash": file_hash(adapter)} if adapter else None,
+    }
+    if "timing" in info:
+        timing = info["timing"]
+        timing["source_hash"] = round(time.perf_counter() - start, 2)
+        # before_export: process start to export(); outside_stages: export()'s own setup and finish to here
+        timing["before_export"] = age
+        timing["outside_stages"] = round(time.perf_counter() - entered - timing["wall"], 2)
+    info["architecture_checksums"] = manifest.architecture_checksums(tmp, info)  # every file written by now
+    (tmp / manifest.MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def _dtype_name(layout: dict) -> str:
