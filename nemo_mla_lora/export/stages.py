@@ -46,79 +46,95 @@ def run(units, read, process, write, on_done=None, alone=None) -> dict:
     """``read(unit) -> tensors`` (reader thread), ``process(unit, tensors) -> tensors`` (here),
     ``write(unit, tensors)`` (writer thread), ``on_done(unit)`` after each write; ``alone(unit)``: whether the
     unit is in memory by itself (default: none is)."""
-    to_process, to_write = queue.Queue(1), queue.Queue(1)
-    stop, errors = threading.Event(), []
-    busy = {"read": 0.0, "process": 0.0, "write": 0.0}
-    written, progress = [0], threading.Condition()  # units written so far; notified after each
+    return _Stages(read, process, write, on_done, alone).run(units)
 
-    def wait_written(count: int) -> bool:
-        """Until ``count`` units are written (False if stopped first)."""
-        with progress:
-            while written[0] < count and not stop.is_set():
-                progress.wait(0.1)
-        return not stop.is_set()
 
-    def guarded(body):
+class _Stages:
+    """One run's hand-over queues, stop flag, first errors, busy seconds and count of units written."""
+
+    def __init__(self, read, process, write, on_done, alone):
+        self.read, self.process, self.write, self.on_done, self.alone = read, process, write, on_done, alone
+        self.to_process, self.to_write = queue.Queue(1), queue.Queue(1)
+        self.stop, self.errors = threading.Event(), []
+        self.busy = {"read": 0.0, "process": 0.0, "write": 0.0}
+        self.written, self.progress = 0, threading.Condition()  # units written so far; notified after each
+
+    def run(self, units) -> dict:
+        threads = [
+            threading.Thread(target=self._guarded(body), name=f"export-{name}", daemon=True)
+            for name, body in (("reader", lambda: self._reader(units)), ("writer", self._writer))
+        ]
+        wall = time.perf_counter()
+        for t in threads:
+            t.start()
+        try:
+            self._process_all()
+            threads[1].join()
+        except BaseException as err:
+            self.errors.append(err)
+        finally:
+            self.stop.set()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise self.errors[0]
+        return {**{k: round(v, 2) for k, v in self.busy.items()}, "wall": round(time.perf_counter() - wall, 2)}
+
+    def _guarded(self, body):
         def target():
             try:
                 body()
             except BaseException as err:  # handed to the caller
-                errors.append(err)
-                stop.set()
+                self.errors.append(err)
+                self.stop.set()
 
         return target
 
-    def reader():
+    def _wait_written(self, count: int) -> bool:
+        """Until ``count`` units are written (False if stopped first)."""
+        with self.progress:
+            while self.written < count and not self.stop.is_set():
+                self.progress.wait(0.1)
+        return not self.stop.is_set()
+
+    def _reader(self, units) -> None:
         after_alone = False  # the unit before was alone: this one waits for it to be written
         for index, unit in enumerate(units):
-            by_itself = bool(alone and alone(unit))
-            if (by_itself or after_alone) and not wait_written(index):
+            by_itself = bool(self.alone and self.alone(unit))
+            if (by_itself or after_alone) and not self._wait_written(index):
                 return
             after_alone = by_itself
             start = time.perf_counter()
-            tensors = read(unit)
-            busy["read"] += time.perf_counter() - start
-            if not _put(to_process, (unit, tensors), stop):
+            tensors = self.read(unit)
+            self.busy["read"] += time.perf_counter() - start
+            if not _put(self.to_process, (unit, tensors), self.stop):
                 return
             del tensors
-        _put(to_process, _DONE, stop)
+        _put(self.to_process, _DONE, self.stop)
 
-    def writer():
-        while (item := _get(to_write, stop)) is not _DONE:
-            unit, tensors = item
-            start = time.perf_counter()
-            write(unit, tensors)
-            busy["write"] += time.perf_counter() - start
-            del item, tensors
-            if on_done:
-                on_done(unit)  # before the count: a unit waiting to be alone finds this one's memory released
-            with progress:
-                written[0] += 1
-                progress.notify_all()
-
-    threads = [threading.Thread(target=guarded(f), name=f"export-{f.__name__}", daemon=True) for f in (reader, writer)]
-    wall = time.perf_counter()
-    for t in threads:
-        t.start()
-    try:
-        while (item := _get(to_process, stop)) is not _DONE:
+    def _process_all(self) -> None:
+        """The calling thread's stage, until the reader's last unit is handed to the writer."""
+        while (item := _get(self.to_process, self.stop)) is not _DONE:
             unit, tensors = item
             del item
             start = time.perf_counter()
-            out = process(unit, tensors)
+            out = self.process(unit, tensors)
             del tensors
-            busy["process"] += time.perf_counter() - start
-            if not _put(to_write, (unit, out), stop):
+            self.busy["process"] += time.perf_counter() - start
+            if not _put(self.to_write, (unit, out), self.stop):
                 break
             del out
-        _put(to_write, _DONE, stop)
-        threads[1].join()
-    except BaseException as err:
-        errors.append(err)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
-    return {**{k: round(v, 2) for k, v in busy.items()}, "wall": round(time.perf_counter() - wall, 2)}
+        _put(self.to_write, _DONE, self.stop)
+
+    def _writer(self) -> None:
+        while (item := _get(self.to_write, self.stop)) is not _DONE:
+            unit, tensors = item
+            start = time.perf_counter()
+            self.write(unit, tensors)
+            self.busy["write"] += time.perf_counter() - start
+            del item, tensors
+            if self.on_done:
+                self.on_done(unit)  # before the count: a unit waiting to be alone finds this one's memory released
+            with self.progress:
+                self.written += 1
+                self.progress.notify_all()
