@@ -218,6 +218,8 @@ def _writer(fmt, tmp, spec, source, names, tokenizer, check, weight_dtype=None):
 
 
 def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, budget, quantize=None) -> dict:
+    """Every unit read, merged (absorbed, quantized), verified and written through ``stages.run``; the manifest
+    with the timing per phase and the verify report (raises ``VerificationError`` where it failed)."""
     layout = source.layout()
     units = plan(source.names, {n: d.itemsize * math.prod(shape) for n, (d, shape) in layout.items()}, budget)
     writer.begin(units, layout)
@@ -225,6 +227,36 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         total=sum(u.nbytes for u in units), desc=f"export {fmt}", unit="B", unit_scale=True, disable=not progress
     )
     merge_seconds = [0.0]
+
+    def written(unit) -> None:
+        release_freed_memory()  # the unit's freed tensors back to the OS before the next one is read
+        bar.update(unit.nbytes)
+
+    timing = stages.run(
+        units,
+        lambda u: source.load(u.names),
+        _unit_processor(lora, spec, fmt, fold, verifier, quantize, merge_seconds),
+        writer.add,
+        on_done=written,
+        alone=lambda u: u.nbytes > budget,  # the embedding, the output layer: by themselves
+    )
+    bar.close()
+    writer.finish()
+    timing.update(
+        merge=round(merge_seconds[0], 2),
+        verify=round(verifier.seconds, 2),
+        units=len(units),
+        largest_unit_bytes=max(u.nbytes for u in units),
+    )
+    if hasattr(writer, "stream"):  # the dist-ckpt writers: Megatron's save and the read-back, apart
+        timing.update({f"write_{k}": round(v, 2) for k, v in writer.stream.seconds.items()})
+    return _merged_manifest(fmt, spec, fold, lora, writer, verifier, quantize, timing)
+
+
+def _unit_processor(lora, spec, fmt, fold, verifier, quantize, merge_seconds: list[float]):
+    """``process(unit, tensors) -> tensors to write`` for ``stages.run``: the unmerged reference, the merge in
+    place, the absorption (``absorbed``), the FP8 quantization, the export's side of the verify; the merge's
+    seconds added into ``merge_seconds[0]``."""
 
     def process(unit, tensors):
         factors = lora.factors(_modules(unit.names))
@@ -241,28 +273,12 @@ def _export_merged(source, lora, spec, fmt, fold, writer, verifier, progress, bu
         verifier.export(unit, tensors)
         return tensors
 
-    def written(unit) -> None:
-        release_freed_memory()  # the unit's freed tensors back to the OS before the next one is read
-        bar.update(unit.nbytes)
+    return process
 
-    timing = stages.run(
-        units,
-        lambda u: source.load(u.names),
-        process,
-        writer.add,
-        on_done=written,
-        alone=lambda u: u.nbytes > budget,  # the embedding, the output layer: by themselves
-    )
-    bar.close()
-    writer.finish()
-    timing.update(
-        merge=round(merge_seconds[0], 2),
-        verify=round(verifier.seconds, 2),
-        units=len(units),
-        largest_unit_bytes=max(u.nbytes for u in units),
-    )
-    if hasattr(writer, "stream"):  # the dist-ckpt writers: Megatron's save and the read-back, apart
-        timing.update({f"write_{k}": round(v, 2) for k, v in writer.stream.seconds.items()})
+
+def _merged_manifest(fmt, spec, fold, lora, writer, verifier, quantize, timing: dict) -> dict:
+    """The manifest of a merged export with ``timing``, the verify report and the FP8 report; raises
+    ``VerificationError`` where the export differs from the unmerged model past the bound."""
     info = manifest.build(
         fmt, spec, verifier.dtype, lora.scales, writer.checksums, absorb.fold_cost(spec) if fold else None
     )
