@@ -61,18 +61,7 @@ def init_megatron(
 
     mark("megatron_import")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "WORLD_SIZE" not in os.environ:  # one process of our own: never reuse an inherited port
-            os.environ["MASTER_PORT"] = str(port or free_port())
-            loopback_for_gloo()
-        elif port:
-            os.environ["MASTER_PORT"] = str(port)
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        backend = "gloo" if cpu_compat.cuda_absent() else "nccl"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        _init_process_group(port)
     mark("process_group")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -85,6 +74,23 @@ def init_megatron(
     cpu_compat.seed(seed)
     install_checkpoint_queue()  # Megatron's checkpoint writer's helper process dies with this one
     mark("parallel_state")
+
+
+def _init_process_group(port: int | None) -> None:
+    """torch.distributed's world from the launcher's environment (torchrun's RANK / WORLD_SIZE / LOCAL_RANK), or a
+    world of one process of our own on a free port (never an inherited one); gloo on CPU, nccl on GPU."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "WORLD_SIZE" not in os.environ:  # one process of our own: never reuse an inherited port
+        os.environ["MASTER_PORT"] = str(port or free_port())
+        loopback_for_gloo()
+    elif port:
+        os.environ["MASTER_PORT"] = str(port)
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    backend = "gloo" if cpu_compat.cuda_absent() else "nccl"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
 
 def loopback_for_gloo() -> None:
