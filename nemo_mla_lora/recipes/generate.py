@@ -210,18 +210,7 @@ def run(cfg) -> list[dict]:
         prompt_lengths=lengths,
         prompt_logits=prefill,
     )
-    new, records = tokens[:, prompt.shape[1] :].tolist(), []
-    for i, text in enumerate(texts):
-        row = new[i][: new[i].index(stop) + 1] if stop in new[i] else new[i]  # up to this row's stop token
-        print(f"{text}{tok.decode(row)}")
-        records.append(
-            {
-                "prompt": text,
-                "tokens": torch.tensor(ids[i] + row),
-                "prompt_logits": prefill[0][i, : len(ids[i])].cpu(),
-                "logits": logits[i, : len(row)].cpu(),
-            }
-        )
+    records = _records(texts, ids, tokens[:, prompt.shape[1] :].tolist(), prefill[0], logits, tok)
     log.info(
         "%d prompts in one batch; latent cache %d bytes per token (%d layers)",
         len(texts),
@@ -231,6 +220,24 @@ def run(cfg) -> list[dict]:
     if cfg.dump_logits:
         save_whole(records, Path(cfg.dump_logits))
         print(f"logits: {cfg.dump_logits}")
+    return records
+
+
+def _records(texts, ids, new, prompt_logits, logits, tok) -> list[dict]:
+    """Each prompt's completion printed and recorded: its generated tokens up to its stop token, prompt + those
+    ``tokens``, the ``prompt_logits`` at its own positions [len(prompt), vocab], each step's ``logits``."""
+    records = []
+    for i, text in enumerate(texts):
+        row = new[i][: new[i].index(tok.eos) + 1] if tok.eos in new[i] else new[i]  # up to this row's stop token
+        print(f"{text}{tok.decode(row)}")
+        records.append(
+            {
+                "prompt": text,
+                "tokens": torch.tensor(ids[i] + row),
+                "prompt_logits": prompt_logits[i, : len(ids[i])].cpu(),
+                "logits": logits[i, : len(row)].cpu(),
+            }
+        )
     return records
 
 
