@@ -3,6 +3,7 @@ defaults, ``check_target_module_exists``, ``get_pattern_key``): every field hono
 with its name. Used by ``hf_peft.HFPeftAdapter``.
 """
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -79,6 +80,40 @@ def read_config(path: Path) -> dict:
         path: the adapter's ``adapter_config.json``.
     """
     raw = json.loads(path.read_text())
+    _check_fields(raw, path)
+    config = copy.deepcopy(PEFT_DEFAULTS)  # its {} patterns are this config's own
+    config.update({k: v for k, v in raw.items() if k in config and v is not None})
+    _check_values(config, raw, path)
+    return config
+
+
+PEFT_DEFAULTS = {  # peft's LoraConfig defaults of the fields this reader honours
+    "r": 8,
+    "lora_alpha": 8,
+    "use_rslora": False,
+    "target_modules": None,
+    "exclude_modules": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_dora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+}
+REFUSED_VALUES = {  # field -> why a value other than the plain one is refused
+    "fan_in_fan_out": "DeepSeek's linears store W as [out, in]",
+    "bias": "DeepSeek's linears have no bias to train",
+    "target_modules": "peft would guess targets",
+    "init_lora_weights": "this initialisation rewrites the base weights or makes another layer type",
+}
+
+
+def _check_fields(raw: dict, path: Path) -> None:
+    """The adapter's kind and task, the fields refused when set, and no set field this reader does not know."""
     if raw.get("peft_type") != "LORA":
         raise AdapterRefused(f"{path}: peft_type={raw.get('peft_type')!r}; only LORA adapters are read")
     if raw.get("task_type") not in (None, "CAUSAL_LM"):
@@ -95,24 +130,10 @@ def read_config(path: Path) -> dict:
         raise AdapterRefused(
             f"{path}: fields unknown to this reader are set: " + ", ".join(f"{k}={unknown[k]!r}" for k in set_unknown)
         )
-    config = {
-        "r": 8,
-        "lora_alpha": 8,
-        "use_rslora": False,
-        "target_modules": None,
-        "exclude_modules": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "lora_bias": False,
-    }
-    config.update({k: v for k, v in raw.items() if k in config and v is not None})
+
+
+def _check_values(config: dict, raw: dict, path: Path) -> None:
+    """The honoured fields' values this export reproduces (``REFUSED_VALUES``), and a positive rank and alpha."""
     checks = {
         "fan_in_fan_out": config["fan_in_fan_out"] is False,
         "bias": config["bias"] == "none",
@@ -121,19 +142,12 @@ def read_config(path: Path) -> dict:
         ),
         "target_modules": config["target_modules"] is not None,
     }
-    why = {
-        "fan_in_fan_out": "DeepSeek's linears store W as [out, in]",
-        "bias": "DeepSeek's linears have no bias to train",
-        "target_modules": "peft would guess targets",
-        "init_lora_weights": "this initialisation rewrites the base weights or makes another layer type",
-    }
     for name, ok in checks.items():
         if not ok:
-            raise AdapterRefused(f"{path}: {name}={raw.get(name)!r} is refused ({why[name]})")
+            raise AdapterRefused(f"{path}: {name}={raw.get(name)!r} is refused ({REFUSED_VALUES[name]})")
     for name in ("r", "lora_alpha"):
         if not isinstance(config[name], (int, float)) or config[name] <= 0:
             raise AdapterRefused(f"{path}: {name}={config[name]!r}; expected a positive number")
-    return config
 
 
 def pattern_value(patterns: dict, key: str, default):
