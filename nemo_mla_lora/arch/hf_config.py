@@ -190,25 +190,8 @@ def hf_config_dict(spec: MLASpec, dtype: str, source: dict | None = None) -> dic
 
 
 def _config_from_spec(spec: MLASpec) -> dict:
-    rope_scaling = None
-    if spec.rope_type == "yarn":
-        rope_scaling = {
-            "type": "yarn",
-            "rope_type": "yarn",
-            "factor": spec.rope_factor,
-            "original_max_position_embeddings": spec.rope_original_max_positions,
-            "beta_fast": spec.rope_beta_fast,
-            "beta_slow": spec.rope_beta_slow,
-            "mscale": spec.rope_mscale,
-            "mscale_all_dim": spec.rope_mscale_all_dim,
-        }
-    moe = spec.num_experts > 0
-    shared = spec.shared_expert_ffn_hidden_size // spec.moe_ffn_hidden_size if moe else 0
-    if moe and shared * spec.moe_ffn_hidden_size != spec.shared_expert_ffn_hidden_size:
-        raise ValueError(
-            f"shared expert width {spec.shared_expert_ffn_hidden_size} is not a multiple of the expert "
-            f"width {spec.moe_ffn_hidden_size}: HF DeepSeek cannot express it"
-        )
+    rope_scaling = _rope_scaling(spec)
+    shared = _shared_experts(spec)
     arch = "DeepseekV2ForCausalLM" if spec.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
     return {
         "architectures": [arch],
@@ -245,6 +228,35 @@ def _config_from_spec(spec: MLASpec) -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
     }
+
+
+def _rope_scaling(spec: MLASpec) -> dict | None:
+    """HF's ``rope_scaling`` of a YaRN spec (None for plain RoPE)."""
+    if spec.rope_type != "yarn":
+        return None
+    return {
+        "type": "yarn",
+        "rope_type": "yarn",
+        "factor": spec.rope_factor,
+        "original_max_position_embeddings": spec.rope_original_max_positions,
+        "beta_fast": spec.rope_beta_fast,
+        "beta_slow": spec.rope_beta_slow,
+        "mscale": spec.rope_mscale,
+        "mscale_all_dim": spec.rope_mscale_all_dim,
+    }
+
+
+def _shared_experts(spec: MLASpec) -> int:
+    """HF's ``n_shared_experts``: the shared expert's width in routed-expert widths (0 without experts)."""
+    if spec.num_experts <= 0:
+        return 0
+    shared = spec.shared_expert_ffn_hidden_size // spec.moe_ffn_hidden_size
+    if shared * spec.moe_ffn_hidden_size != spec.shared_expert_ffn_hidden_size:
+        raise ValueError(
+            f"shared expert width {spec.shared_expert_ffn_hidden_size} is not a multiple of the expert "
+            f"width {spec.moe_ffn_hidden_size}: HF DeepSeek cannot express it"
+        )
+    return shared
 
 
 def hf_model_config(spec: MLASpec, source: dict | None = None):
