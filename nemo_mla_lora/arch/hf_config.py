@@ -70,6 +70,26 @@ def _moe_fields(c: dict, family: str, source: str) -> dict:
     method = c.get("topk_method", "greedy" if family == "deepseek_v2" else "noaux_tc")
     norm = bool(c.get("norm_topk_prob", family != "deepseek_v2"))
     groups, group_topk, topk = c.get("n_group") or 1, c.get("topk_group") or 1, c["num_experts_per_tok"]
+    _check_routing(source, experts, score, method, norm, groups, group_topk, topk)
+    freq, first_dense = c.get("moe_layer_freq", 1), c.get("first_k_dense_replace", 0)
+    return {
+        "num_experts": experts,
+        "moe_ffn_hidden_size": c["moe_intermediate_size"],
+        "shared_expert_ffn_hidden_size": c["moe_intermediate_size"] * (c.get("n_shared_experts") or 0),
+        "moe_topk": topk,
+        "moe_num_groups": groups,
+        "moe_group_topk": group_topk,
+        "moe_scaling_factor": float(c.get("routed_scaling_factor") or 1.0),
+        "moe_layer_pattern": tuple(int(i >= first_dense and i % freq == 0) for i in range(layers)),
+        "moe_score_function": score,
+        "moe_topk_method": method if groups > 1 or method == "noaux_tc" else "greedy",
+        "moe_norm_topk_prob": norm,
+    }
+
+
+def _check_routing(source: str, experts, score, method, norm, groups, group_topk, topk) -> None:
+    """The router's settings that DeepSeek's models pair and Megatron-Core computes as DeepSeek does; refuses
+    the others, naming the field."""
     if method not in TOPK_METHODS:
         _refuse(source, "topk_method", method, f"expected one of {sorted(TOPK_METHODS)}")
     if (score, method) not in {("softmax", "greedy"), ("softmax", "group_limited_greedy"), ("sigmoid", "noaux_tc")}:
@@ -99,20 +119,6 @@ def _moe_fields(c: dict, family: str, source: str) -> dict:
             f"DeepSeek-V3 ranks groups by their 2 best experts, Megatron-Core "
             f"by num_experts_per_tok // topk_group = {topk // group_topk}",
         )
-    freq, first_dense = c.get("moe_layer_freq", 1), c.get("first_k_dense_replace", 0)
-    return {
-        "num_experts": experts,
-        "moe_ffn_hidden_size": c["moe_intermediate_size"],
-        "shared_expert_ffn_hidden_size": c["moe_intermediate_size"] * (c.get("n_shared_experts") or 0),
-        "moe_topk": topk,
-        "moe_num_groups": groups,
-        "moe_group_topk": group_topk,
-        "moe_scaling_factor": float(c.get("routed_scaling_factor") or 1.0),
-        "moe_layer_pattern": tuple(int(i >= first_dense and i % freq == 0) for i in range(layers)),
-        "moe_score_function": score,
-        "moe_topk_method": method if groups > 1 or method == "noaux_tc" else "greedy",
-        "moe_norm_topk_prob": norm,
-    }
 
 
 def spec_from_hf(config, source: str = "config.json") -> MLASpec:
