@@ -25,7 +25,7 @@
 #   nemo_engines                          NeMo llm.generate + Megatron's TE-spec load (bench/prepare_nemo_proof.sh)
 # Decode:
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
-#   gluon_decode                          the warp-specialised Gluon kernel's GPU tests and timing
+#   gluon_decode | gluon_time             the warp-specialised Gluon kernel's GPU tests and timing | timing alone
 #   decode_engine_4k                      the engine at context 4,096, ours and FlashMLA's kernel
 #   moe_decode                            a V2-Lite MoE layer at decode batches: Megatron's layer vs GroupedMoE
 # Placement study:
@@ -155,6 +155,15 @@ gluon_decode() {  # the warp-specialised Gluon kernel: its GPU tests (a barrier 
   tail -n 15 "$OUT/gluon_tests.log"
   timeout -k 5 200 python3 "$REPO/bench/gluon_compile.py" --time --json "$OUT/gluon_time.json" 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
   return $(( rc || PIPESTATUS[0] ))
+}
+
+gluon_time() {  # the Gluon kernel's smoke launch, then its timing beside the TMA kernel and FlashMLA's (no tests):
+  # the shortest first run of it
+  timeout -k 5 60 python3 -c "$GLUON_SMOKE" 2>&1 | tee "$OUT/gluon_smoke.log" | tail -n 3
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke failed or hung"; return 1; }
+  timeout -k 5 200 python3 "$REPO/bench/gluon_compile.py" --time --json "$OUT/gluon_time.json" 2>&1 \
+    | tee "$OUT/gluon_time.log" | tail -n 25
+  return "${PIPESTATUS[0]}"
 }
 
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
