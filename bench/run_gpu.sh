@@ -146,24 +146,28 @@ n = torch.tensor([100, 128], device="cuda", dtype=torch.int32)
 o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf[..., 512:], n, 0.05)
 torch.cuda.synchronize(); print("gluon smoke: ran, max |o|", o.float().abs().max().item())'
 
-gluon_decode() {  # the warp-specialised Gluon kernel: its GPU tests (a barrier bug would hang: timeouts), then its
-  # timing beside the TMA kernel (bench/gluon_compile.py --time); first one small launch, 60 s at most
+gluon_smoke() {  # one small launch of the Gluon kernel, 60 s at most (a barrier bug would hang)
   timeout -k 5 60 python3 -c "$GLUON_SMOKE" 2>&1 | tee "$OUT/gluon_smoke.log" | tail -n 3
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke failed or hung"; return 1; }
-  timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
-    > "$OUT/gluon_tests.log" 2>&1; local rc=$?
-  tail -n 15 "$OUT/gluon_tests.log"
-  timeout -k 5 200 python3 "$REPO/bench/gluon_compile.py" --time --json "$OUT/gluon_time.json" 2>&1 | tee "$OUT/gluon_time.log" | tail -n 20
-  return $(( rc || PIPESTATUS[0] ))
 }
 
-gluon_time() {  # the Gluon kernel's smoke launch, then its timing beside the TMA kernel and FlashMLA's (no tests):
-  # the shortest first run of it
-  timeout -k 5 60 python3 -c "$GLUON_SMOKE" 2>&1 | tee "$OUT/gluon_smoke.log" | tail -n 3
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke failed or hung"; return 1; }
+gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and FlashMLA's, same process
   timeout -k 5 200 python3 "$REPO/bench/gluon_compile.py" --time --json "$OUT/gluon_time.json" 2>&1 \
     | tee "$OUT/gluon_time.log" | tail -n 25
   return "${PIPESTATUS[0]}"
+}
+
+gluon_decode() {  # the warp-specialised Gluon kernel: the smoke launch, its GPU tests (timeouts: a barrier bug would
+  # hang), then its timing
+  gluon_smoke || return 1
+  timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" -rs \
+    > "$OUT/gluon_tests.log" 2>&1; local rc=$?
+  tail -n 15 "$OUT/gluon_tests.log"
+  gluon_timing; return $(( rc || $? ))
+}
+
+gluon_time() {  # the smoke launch and the timing without the tests: the shortest first run of the kernel
+  gluon_smoke && gluon_timing
 }
 
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
