@@ -128,8 +128,8 @@ def with_lora(holder, variant: str, rank: int):
     from nemo_mla_lora.peft.grouped_experts import group_experts
     from nemo_mla_lora.peft.state import randomize_b
 
-    if variant == "nemo_lora":
-        return nemo_lora(holder, rank)
+    if variant in ("nemo_lora", "nemo_lora_fused"):
+        return nemo_lora(holder, rank, fused=variant == "nemo_lora_fused")
     if variant in BASES:
         for p in holder.parameters():
             p.requires_grad_(False)
@@ -142,11 +142,15 @@ def with_lora(holder, variant: str, rank: int):
     return model
 
 
-def nemo_lora(holder, rank: int):
+def nemo_lora(holder, rank: int, fused: bool = False):
     """NeMo's own ``llm.peft.LoRA`` (alpha = rank, no dropout) on the modules MLALoRA ``nemo_official`` wraps, B != 0
-    (NeMo's ``linear_out``, zero at start)."""
+    (NeMo's ``linear_out``, zero at start). ``fused`` (``nemo_lora_fused``): NeMo's ``TEFusedLoRALinear``, its LoRA
+    through Transformer Engine's op fuser (the base's and the adapter's GEMMs as ``te.ops`` with beta = 1 sums), which
+    ``LoRA.transform`` picks for a TE linear whose config has ``use_transformer_engine_op_fuser`` at TP 1; set here on
+    the layer's config (megatron-core 0.15 has no such field; later versions do), refused unless every target got it."""
     from nemo.collections.llm import fn
     from nemo.collections.llm.peft import LoRA
+    from nemo.collections.llm.peft import lora as nemo_lora_module
     from nemo.collections.llm.peft.utils import ParallelLinearAdapter
 
     from nemo_mla_lora.peft import MLALoRA
@@ -154,10 +158,18 @@ def nemo_lora(holder, rank: int):
     targets = list(MLALoRA(placement="nemo_official").resolve(holder))
     expected = sum(name.rsplit(".", 1)[-1] in targets for name, _ in holder.named_modules())
     holder.requires_grad_(False)  # what LoRA.__call__ does to NeMo's own model (freeze), on a bare one
+    if fused:
+        holder.layer.config.use_transformer_engine_op_fuser = True  # every module of the layer shares this config
     model = fn.walk(holder, LoRA(target_modules=targets, dim=rank, alpha=rank, dropout=0.0).transform)
     adapters = [m for m in model.modules() if isinstance(m, ParallelLinearAdapter)]
     if len(adapters) != expected:
         raise RuntimeError(f"NeMo's LoRA wrapped {len(adapters)} modules, expected {expected} ({targets})")
+    fused_cls = getattr(nemo_lora_module, "TEFusedLoRALinear", None)
+    wrapped = 0 if fused_cls is None else sum(isinstance(m, fused_cls) for m in model.modules())
+    if fused and wrapped != expected:
+        why = "NeMo defines no TEFusedLoRALinear here (it needs Transformer Engine >= 2.7)" if fused_cls is None else (
+            "the others are plain LoRALinear: TE linears at TP 1 only")
+        raise RuntimeError(f"nemo_lora_fused: {wrapped} of {expected} targets got NeMo's TEFusedLoRALinear; {why}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for a in adapters:
@@ -440,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp8", choices=("none",) + tuple(FP8), default="none",
                    help="the frozen base in FP8 through Megatron's config (fp8, fp8_recipe, fp8_param; --spec te, GPU)")
     p.add_argument("--variants", nargs="+", default=None,
-                   help=f"default: {' '.join(TARGETS + PLACEMENTS)} (none with --summary); also nemo_lora")
+                   help=f"default: {' '.join(TARGETS + PLACEMENTS)} (none with --summary); also nemo_lora, "
+                        "nemo_lora_fused (NeMo's LoRA through TE's op fuser; --spec te)")
     p.add_argument("--summary", default=None, metavar="PATH",
                    help="also (without --variants: only) the bf16 / FP8 cost table of SUMMARY, written to PATH")
     p.add_argument("--warmup", type=int, default=3)

@@ -7,7 +7,8 @@ times forward + backward (``lora_overhead.measure``: median of ``--iters`` steps
 peak GPU memory. PATH: ``card``, ``step_ms`` and ``peak_gib`` (the peak allocated during the steps, the layer's
 weights, adapters and inputs included) per cell, plus ``step_peak_gib`` (the peak minus what was allocated before
 the steps), ``resident_gib``, ``trainable``, ``fp8_weights`` (parameters held as FP8 tensors), ``step_ms_runs``,
-``errors`` and ``complete``.
+``errors`` and ``complete``. On the TE spec (``PEERS_TE``) also NeMo's LoRA through Transformer Engine's op fuser
+(``nemo_lora_fused_r16``), which does not count toward ``complete``.
 """
 
 import statistics
@@ -19,6 +20,9 @@ import torch
 # (name, variant of lora_overhead.with_lora, rank)
 SUMMARY = (("frozen", "base", 0), ("nemo_official_r16", "nemo_official", 16), ("all_linear_r16", "all_linear", 16),
            ("all_linear_r64", "all_linear", 64), ("nemo_lora_r16", "nemo_lora", 16))
+# On the TE spec also NeMo's LoRA through TE's op fuser (``TEFusedLoRALinear``): measured beside the cells above, in
+# the same rounds, under ``nemo_lora_fused_r16_<base>``; a failure there is recorded in ``errors`` and leaves ``complete``
+PEERS_TE = (("nemo_lora_fused_r16", "nemo_lora_fused", 16),)
 MEMORY = (("peak_gib", "total_peak_mib"), ("step_peak_gib", "step_peak_mib"), ("resident_gib", "resident_mib"))
 
 
@@ -66,7 +70,8 @@ def summary(args, bench) -> int:
     bases = [(high, "none")] + ([("fp8", args.fp8)] if args.fp8 != "none" else [])
     expected = [f"{name}_{label}" for name, _, _ in SUMMARY for label, _ in bases]
     result = header(args, bench)
-    cells = [c for order in bench.rounds(SUMMARY, getattr(args, "rounds", 1)) for c in order]
+    measured = SUMMARY + (PEERS_TE if args.spec == "te" else ())
+    cells = [c for order in bench.rounds(measured, getattr(args, "rounds", 1)) for c in order]
     for name, variant, rank in cells + list(SUMMARY[:1]):
         for label, fp8 in bases:
             key = f"{name}_{label}"
@@ -81,7 +86,7 @@ def summary(args, bench) -> int:
             result["complete"] = all(k in result["step_ms"] for k in expected)
             bench.write_json(args.summary, result)
     bench.write_json(args.summary, result)
-    print(table(result, [label for label, _ in bases]))
+    print(table(result, [label for label, _ in bases], measured))
     missing = [k for k in expected if k not in result["step_ms"]]
     if missing:
         print(f"summary {args.summary}: no result for {missing}; errors: {result['errors']}", file=sys.stderr)
@@ -89,7 +94,7 @@ def summary(args, bench) -> int:
     return 0
 
 
-def table(result: dict, labels: list[str]) -> str:
+def table(result: dict, labels: list[str], cells=SUMMARY) -> str:
     """One row per cell: step time, its ratio to the frozen base of the same precision, memory."""
     lines = [(f"card: {result['card']}; spec {result['spec']}, seq {result['seq']} x batch {result['batch']}, "
               f"FP8 {result['fp8_config']}; step ms: median of {result['iters']} steps"),
@@ -99,7 +104,7 @@ def table(result: dict, labels: list[str]) -> str:
     def gib(v):
         return "-" if v is None else f"{v:.2f}"
 
-    for name, _, _ in SUMMARY:
+    for name, _, _ in cells:
         for label in labels:
             key, frozen = f"{name}_{label}", result["step_ms"].get(f"frozen_{label}")
             if key not in result["step_ms"]:

@@ -81,6 +81,24 @@ def test_lora_overhead_bench_runs_on_tiny_layer(tmp_path):
     assert "| nemo_lora_r16 | fp32 |" in proc.stdout
 
 
+def test_nemo_lora_fused_refused_where_nemo_falls_back(mcore):
+    """``nemo_lora_fused`` (NeMo's LoRA through TE's op fuser) refuses a layer where NeMo's ``LoRA.transform`` wrapped
+    the targets in its plain ``LoRALinear`` instead (here: no Transformer Engine), rather than timing the wrong peer."""
+    import torch
+    from support.bench import bench_module
+
+    bench = bench_module("lora_overhead")
+    holder, config = bench.build_layer("tiny", 16, torch.float32, 0)
+    with pytest.raises(RuntimeError, match=r"nemo_lora_fused: 0 of 5 targets got NeMo's TEFusedLoRALinear"):
+        bench.with_lora(holder, "nemo_lora_fused", 2)
+    assert config.use_transformer_engine_op_fuser is True  # what NeMo's LoRA.transform reads from the linear's config
+    from nemo.collections.llm.peft.lora import LoRALinear
+
+    plain, config = bench.build_layer("tiny", 16, torch.float32, 0)
+    assert sum(isinstance(m, LoRALinear) for m in bench.with_lora(plain, "nemo_lora", 2).modules()) == 5
+    assert not hasattr(config, "use_transformer_engine_op_fuser")  # the plain peer leaves the config as built
+
+
 def test_lora_overhead_fp8_refused_on_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "lora_overhead.py"), "--spec", "te", "--fp8", "blockwise"],
