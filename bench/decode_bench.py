@@ -232,7 +232,7 @@ def engine_section(d, b, prompt: int, steps: int, dtype, device, backend: str, l
     V3's attention and dense MLP, V3's vocabulary, or (``export``) a merged export loaded as ``recipes.generate``
     loads it; batch ``b``, a ``prompt``-token prefill, then ``steps`` decode steps timed. No adapter (a merged
     checkpoint runs exactly this) vs ``n_adapters`` distinct unmerged adapters on every MLA target of every layer,
-    rows spread over them. ``backend``: the engine's decode attention (torch, triton, flashmla)."""
+    rows spread over them. ``backend``: the engine's decode attention (torch, triton, flashmla, gluon)."""
     from dataclasses import replace
 
     from nemo_mla_lora.runtime import parallel
@@ -325,6 +325,15 @@ def flashmla_skipped() -> dict | None:
     return {"skipped": why} if why else None
 
 
+def gluon_skipped(d) -> dict | None:
+    """{"skipped": why} where the Gluon decode kernel cannot serve these dims here (``gluon_backend.engine_problem``)."""
+    from nemo_mla_lora.inference.kernels.gluon_backend import engine_problem
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    why = engine_problem(device, d["kv_lora_rank"], d["rope"], d["heads"])
+    return {"skipped": why} if why else None
+
+
 def fold_section(d, b, dtype, device, iters) -> dict:
     """Decode-step projections around the attention, split weights vs folded per-head products."""
     from nemo_mla_lora.arch.absorb import fold_cost
@@ -380,6 +389,8 @@ def main(argv=None) -> int:
                                                 "triton" if tri else "torch", export=a.export),
                 "engine_flashmla": lambda: flashmla_skipped() or engine_section(
                     d, a.batch, a.prompt, a.steps, dtype, device, "flashmla", export=a.export),
+                "engine_gluon": lambda: gluon_skipped(d) or engine_section(
+                    d, a.batch, a.prompt, a.steps, dtype, device, "gluon", export=a.export),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers

@@ -26,7 +26,7 @@
 # Decode:
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
 #   gluon_decode | gluon_time             the warp-specialised Gluon kernel's GPU tests and timing | timing alone
-#   decode_engine_4k                      the engine at context 4,096, ours and FlashMLA's kernel
+#   decode_engine_4k                      the engine at context 4,096: ours, FlashMLA's and the Gluon kernel
 #   moe_decode                            a V2-Lite MoE layer at decode batches: Megatron's layer vs GroupedMoE
 # Placement study:
 #   placement_study [overrides] | placement_continue [overrides]
@@ -123,9 +123,10 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
   return "$rc"
 }
 
-decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode steps), ours and FlashMLA's kernel:
-  # where the two differ most (did not finish in 240 s inside decode_hopper: its own call)
-  timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" --sections engine engine_flashmla \
+decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode steps), ours, FlashMLA's and the Gluon
+  # kernel: where they differ most (did not finish in 240 s inside decode_hopper: its own call)
+  timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" \
+    --sections engine engine_flashmla engine_gluon \
     --prompt 4032 --steps 64 > "$OUT/engine_4k.log" 2>&1; local rc=$?
   grep -vi warn "$OUT/engine_4k.log" | tail -n 5; return "$rc"
 }

@@ -286,7 +286,8 @@ class GenerateConfig:
         adapters: name -> adapter directory, served unmerged on the merged base.
         adapter: which of ``adapters`` the prompts use (none: the checkpoint as it is).
         attention: decode attention: ``torch`` (einsums) | ``triton`` (our kernels, ``inference/kernels/``) |
-            ``flashmla`` (FlashMLA's Hopper kernel, where the ``flash_mla`` package is installed).
+            ``flashmla`` (FlashMLA's Hopper kernel, where the ``flash_mla`` package is installed) | ``gluon`` (our
+            warp-specialised Hopper kernel, heads in blocks of 64).
         verify_checksums: check every tensor read against ``manifest.json`` (false: skip, faster).
     """
 
@@ -304,7 +305,7 @@ class GenerateConfig:
     dump_logits: str | None = None  # torch.save {tokens, logits} here, for comparison
     adapters: dict[str, str] = field(default_factory=dict)  # name -> adapter dir, served unmerged on the base
     adapter: str | None = None  # which of ``adapters`` the prompts use (none: the checkpoint as is)
-    attention: str = "torch"  # decode attention: torch (einsums) | triton (our kernels) | flashmla (FlashMLA's)
+    attention: str = "torch"  # decode attention: torch (einsums) | triton (our kernels) | flashmla | gluon (Hopper)
     verify_checksums: bool = True  # every tensor read is checked against manifest.json (false: skip, faster)
 
 

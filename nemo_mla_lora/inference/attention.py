@@ -49,13 +49,14 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     adapter deltas (inference/adapters.py); ``backend="triton"``: decode steps through
     ``hopper_decode.decode_attention`` (the TMA kernels on Hopper, else the portable Triton kernel),
     ``backend="flashmla"``: through FlashMLA's Hopper kernel where it is faster for the shape, ours elsewhere
-    (``kernels/flashmla.flashmla_or_ours``); prefill stays in einsums."""
+    (``kernels/flashmla.flashmla_or_ours``), ``backend="gluon"``: through the warp-specialised Gluon kernel where
+    it runs (``kernels/gluon_backend.gluon_or_ours``); prefill stays in einsums."""
     s, b, _ = hidden.shape
     positions = cache.positions(s)  # [b, s]
     q_nope, q_rope, c_kv, k_rope = project(hidden, attn, positions, cache.max_length, corr)
     c_all, k_all = cache.write(layer, c_kv, k_rope, positions)  # [b, t, c], [b, t, dr]
     q_lat = corr.q_lat(q_nope, torch.einsum("sbhd,hdc->bshc", q_nope, w_uk))
-    if backend in ("triton", "flashmla") and s == 1:  # decode: one kernel over the cache, every head per tile load
+    if backend != "torch" and s == 1:  # decode: one kernel over the cache, every head per tile load
         decode_attention = _decode_kernel(backend)
         lengths = (positions[:, 0] + 1).to(torch.int32)  # row i attends to its positions 0..p_i
         o_lat = decode_attention(
@@ -75,6 +76,10 @@ def _decode_kernel(backend: str):
         from nemo_mla_lora.inference.kernels.flashmla import flashmla_or_ours
 
         return flashmla_or_ours
+    if backend == "gluon":
+        from nemo_mla_lora.inference.kernels.gluon_backend import gluon_or_ours
+
+        return gluon_or_ours
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
     return decode_attention

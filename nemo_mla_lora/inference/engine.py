@@ -18,7 +18,8 @@ from nemo_mla_lora.inference.cache import LatentKVCache
 from nemo_mla_lora.inference.moe import GroupedMoE, unsupported
 
 PREFIX = "decoder.layers.{}.self_attention."
-BACKENDS = ("torch", "triton", "flashmla")  # decode attention: einsums, our kernels, FlashMLA's (Hopper)
+BACKENDS = ("torch", "triton", "flashmla", "gluon")  # decode attention: einsums, our kernels, FlashMLA's (Hopper),
+# our warp-specialised Gluon kernel (Hopper, 64 / 128 heads)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -73,6 +74,13 @@ class AbsorbedMLAEngine:
             why = unavailable(next(model.parameters()).device, (spec.kv_lora_rank, spec.qk_rope_head_dim))
             if why is not None:
                 raise ValueError(f"attention backend 'flashmla': {why}; use 'triton' (our kernels) or 'torch'")
+        if backend == "gluon":
+            from nemo_mla_lora.inference.kernels.gluon_backend import engine_problem
+
+            device = next(model.parameters()).device
+            why = engine_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
+            if why is not None:
+                raise ValueError(f"attention backend 'gluon': {why}; use 'triton' (our Triton kernels) or 'torch'")
         self.model, self.spec, self.backend = model.eval(), spec, backend
         h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
         self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
@@ -95,7 +103,9 @@ class AbsorbedMLAEngine:
             device: where the model runs.
             backend: decode attention in einsums (``torch``), our kernels (``triton``: the TMA kernels on Hopper,
                 else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed;
-                it decodes the shapes where it is faster, 64 heads and more, and ours the rest).
+                it decodes the shapes where it is faster, 64 heads and more, and ours the rest) or our
+                warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks of 64; ours where a step's cache
+                is not bf16).
             verify_checksums: check every tensor against the manifest as it is read.
 
         Returns:

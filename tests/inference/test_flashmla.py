@@ -3,7 +3,7 @@
 On every machine: the engine's cache is FlashMLA's paged layout as it is (page j of row i holds row i's
 positions 64j .. 64j + 63, c_kv and k_rope side by side, no copy), views that are not are refused, and the
 ``flashmla`` backend is refused with the reason where it cannot run. On a Hopper GPU with the ``flash_mla``
-package: its decode against the float64 equations, and the engine's greedy decode equal to our kernels'."""
+package: its decode against the float64 equations (the engine decoding through it: ``test_decode_backends.py``)."""
 
 import pytest
 import torch

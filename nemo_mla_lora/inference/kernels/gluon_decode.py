@@ -314,6 +314,28 @@ def launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, chunk: int, 
     return (h // BLOCK_H, splits, b), args, dict(ONE_SPLIT=splits == 1, NSTAGE=STAGES, **LAUNCH)
 
 
+def device_problem(device: torch.device | str, latent: int, rope: int, heads: int) -> str | None:
+    """Why the kernel cannot run for a model of these dims on ``device`` (None: it can, given a cache laid out as
+    ``unavailable`` asks): Triton's Gluon, c = 512 and d = 64, heads in blocks of 64, a sm_90 GPU.
+
+    Args:
+        device: where the cache lives.
+        latent, rope: the model's kv_lora_rank (c) and qk_rope_head_dim (d).
+        heads: query heads per batch row.
+    """
+    if _GLUON_ERROR:
+        return _GLUON_ERROR
+    if (latent, rope) != (LATENT, ROPE):
+        return f"the Gluon decode kernel is built for c = {LATENT}, d = {ROPE}; got c = {latent}, d = {rope}"
+    if heads % BLOCK_H:
+        return f"the Gluon decode kernel takes heads in blocks of {BLOCK_H}; got {heads} heads"
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        where = device if device.type != "cuda" else f"sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+        return f"the Gluon decode kernel is compiled for sm_90a (Hopper); expected a sm_90 GPU, got {where}"
+    return None
+
+
 def unavailable(c_kv: torch.Tensor, k_rope: torch.Tensor, heads: int) -> str | None:
     """Why ``latent_decode_attention_ws`` cannot run on this cache (None: it can).
 
@@ -322,22 +344,10 @@ def unavailable(c_kv: torch.Tensor, k_rope: torch.Tensor, heads: int) -> str | N
         k_rope: [b, t, 64] bf16 cache view with the same positions per row as c_kv.
         heads: query heads per batch row (a multiple of 64).
     """
-    if _GLUON_ERROR:
-        return _GLUON_ERROR
-    dims = (c_kv.shape[-1], k_rope.shape[-1])
-    if dims != (LATENT, ROPE):
-        return f"the Gluon decode kernel is built for c = {LATENT}, d = {ROPE}; got c = {dims[0]}, d = {dims[1]}"
-    if heads % BLOCK_H:
-        return f"the Gluon decode kernel takes heads in blocks of {BLOCK_H}; got {heads} heads"
+    if problem := device_problem(c_kv.device, c_kv.shape[-1], k_rope.shape[-1], heads):
+        return problem
     if c_kv.dtype != torch.bfloat16 or k_rope.dtype != torch.bfloat16:
         return f"the Gluon decode kernel reads a bf16 cache; got c_kv {c_kv.dtype}, k_rope {k_rope.dtype}"
-    if c_kv.device.type != "cuda" or torch.cuda.get_device_capability(c_kv.device) != (9, 0):
-        where = (
-            c_kv.device
-            if c_kv.device.type != "cuda"
-            else f"sm_{''.join(map(str, torch.cuda.get_device_capability(c_kv.device)))}"
-        )
-        return f"the Gluon decode kernel is compiled for sm_90a (Hopper); expected a sm_90 GPU, got {where}"
     return _layout_problem(c_kv, k_rope)
 
 

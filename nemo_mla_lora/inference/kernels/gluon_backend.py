@@ -1,0 +1,43 @@
+"""The engine's ``gluon`` decode backend: the warp-specialised Gluon kernel (``gluon_decode``) for every decode step
+it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for the rest.
+
+The kernel is built for Hopper at 64 and 128 heads (blocks of 64 heads), DeepSeek's c = 512 and d = 64 and a bf16
+cache laid out for TMA; ``engine_problem`` refuses the backend up front where it could never run, and
+``gluon_or_ours`` takes ours for a step whose tensors it cannot read (a float32 cache, a layout TMA refuses).
+Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
+"""
+
+import torch
+
+from nemo_mla_lora.inference.kernels import gluon_decode
+
+
+def engine_problem(device: torch.device | str, latent: int, rope: int, heads: int) -> str | None:
+    """Why an engine of these dims on ``device`` cannot decode through the Gluon kernel (None: it can).
+
+    Args:
+        device: the engine's device.
+        latent, rope: kv_lora_rank (c) and qk_rope_head_dim (d) of the served model.
+        heads: the model's attention heads (the engine serves all of them on one GPU).
+    """
+    return gluon_decode.device_problem(device, latent, rope, heads)
+
+
+def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
+    """o_lat [b, h, c] by the Gluon kernel where ``gluon_decode.unavailable`` finds nothing against these tensors,
+    else by ``hopper_decode.decode_attention``; the choice reads shapes, dtypes and strides only (no device sync:
+    a CUDA graph captures one choice per shape).
+
+    Args:
+        q_lat, q_rope: the queries, [b, h, c] and [b, h, d].
+        c_kv, k_rope: one layer's cache views, [b, t, c] and [b, t, d] (``LatentKVCache``'s).
+        lengths: [b] int32, row i attends to positions 0 .. lengths[i] - 1.
+        scale: the softmax scale.
+        max_length: positions the kernels may read (default: the views' t).
+    """
+    if gluon_decode.unavailable(c_kv, k_rope, q_lat.shape[1]) is None and q_lat.dtype == torch.bfloat16:
+        ws = gluon_decode.latent_decode_attention_ws
+        return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
+    from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
+
+    return decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
