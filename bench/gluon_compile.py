@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.knobs import nvidia as nvidia_tools
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime.jit import create_function_from_signature
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
@@ -64,11 +64,12 @@ def compile_config(h: int, b: int, t: int, splits: int):
 
 def ptxas_usage(ptx: str) -> dict:
     """Registers, spill bytes and static shared memory as the wheel's ptxas reports them for sm_90a (what the
-    driver would say at load time, which needs a GPU)."""
+    driver would say at load time, which needs a GPU); the ptxas Triton itself compiled with for this arch (Triton
+    3.9 takes its CUDA 13 one from sm_90 on, whose PTX version the CUDA 12 one refuses)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [nvidia_tools.ptxas.path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.o")]
+        cmd = [get_ptxas(TARGET.arch).path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.o")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]

@@ -36,7 +36,7 @@ import triton
 
 from nemo_mla_lora.inference.kernels.triton_decode import merge_splits, split_buffers
 
-try:  # Gluon's Hopper API as Triton 3.6 ships it
+try:  # Gluon's Hopper API as Triton 3.6 (torch 2.11's) and 3.9 ship it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -48,6 +48,10 @@ try:  # Gluon's Hopper API as Triton 3.6 ships it
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # the TMA load into shared memory: ``async_load`` in newer Triton (3.9, where the old name raises),
+    # ``async_copy_global_to_shared`` in Triton 3.6 (torch 2.11's); the same arguments (desc, coord, barrier, dest)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the threads' barrier: 3.6's name, then 3.9's
     _GLUON_ERROR = None
 except ImportError as err:  # an older Triton: ``unavailable`` says so
     gluon = gl = None
@@ -72,9 +76,9 @@ def _producer(descs, bufs, bars, q_row, kv_row, n):
     TILE_T: gl.constexpr = kv_desc.block_type.shape[0]
     WIDTH: gl.constexpr = kv_desc.block_type.shape[1]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_bufs.index(0))  # [64 h, 256 c]
-    tma.async_copy_global_to_shared(q_desc, [q_row, WIDTH], q_bar, q_bufs.index(1))
-    tma.async_copy_global_to_shared(qr_desc, [q_row, 0], q_bar, qr_buf)  # [64 h, 64 d]
+    _tma_load(q_desc, [q_row, 0], q_bar, q_bufs.index(0))  # [64 h, 256 c]
+    _tma_load(q_desc, [q_row, WIDTH], q_bar, q_bufs.index(1))
+    _tma_load(qr_desc, [q_row, 0], q_bar, qr_buf)  # [64 h, 64 d]
     tile_bytes: gl.constexpr = 2 * kv_desc.block_type.nbytes + kr_desc.block_type.nbytes
     for j in range(n):
         s = j % NSTAGE
@@ -82,9 +86,9 @@ def _producer(descs, bufs, bars, q_row, kv_row, n):
         bar = ready.index(s)
         mbarrier.expect(bar, tile_bytes)
         row = kv_row + j * TILE_T
-        tma.async_copy_global_to_shared(kv_desc, [row, 0], bar, kv_bufs.index(2 * s))  # [64 t, 256 c]
-        tma.async_copy_global_to_shared(kv_desc, [row, WIDTH], bar, kv_bufs.index(2 * s + 1))
-        tma.async_copy_global_to_shared(kr_desc, [row, 0], bar, kr_bufs.index(s))  # [64 t, 64 d]
+        _tma_load(kv_desc, [row, 0], bar, kv_bufs.index(2 * s))  # [64 t, 256 c]
+        _tma_load(kv_desc, [row, WIDTH], bar, kv_bufs.index(2 * s + 1))
+        _tma_load(kr_desc, [row, 0], bar, kr_bufs.index(s))  # [64 t, 64 d]
 
 
 @_jit
@@ -164,7 +168,7 @@ def _own_tile(bufs, bars, j, t0, t_end, qk_scale, o, m, l_sum, W: gl.constexpr):
     m_buf.store(m_new)
     r_buf.store(row_sum)
     fence_async_shared()  # P's generic stores before the other warpgroup's wgmma reads it
-    gl.thread_barrier()
+    _cta_barrier()
     mbarrier.arrive(p_ready, count=1)
     p_a = gl.convert_layout(p, gl.DotOperandLayout(operand_index=0, parent=o.type.layout, k_width=2))
     o = warpgroup_mma(p_a, kv_bufs.index(2 * s + W), o)  # [64 h, 64 t] . [64 t, 256 c] -> [64 h, 256 c]
