@@ -13,10 +13,7 @@ shared-memory allocations and layout conversions in the TTGIR, shared bytes, reg
 import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 
 _TMA_INTS = "H chunk s_qb s_qh s_rb s_rh s_cb s_ct s_kb s_kt s_ab s_ah s_as s_mb s_mh"
 INTS = {"portable": "H C D chunk s_qb s_qh s_rb s_rh s_cb s_ct s_kb s_kt s_ab s_ah s_as s_mb s_mh",
@@ -51,22 +48,13 @@ def compile_kernel(kind: str, block_h: int, block_t: int, num_warps: int, num_st
 
 def report(compiled) -> dict:
     import triton
+    from sm90_compile import ptxas_usage  # bench/; imported after --triton-site put its Triton first
 
     ttgir = compiled.asm["ttgir"]
     out = {k: ttgir.count(v) for k, v in COUNTS.items()}
     out["shared_bytes"] = compiled.metadata.shared
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        info = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True).stderr
-    for line in info.splitlines():
-        if "Used" in line and "registers" in line:
-            out["registers"] = int(line.split("Used")[1].split("registers")[0])
-        if "spill stores" in line:
-            out["spill_store_bytes"] = int(line.split("bytes spill stores")[0].split(",")[-1])
+    usage = ptxas_usage(compiled.asm["ptx"])  # the ptxas Triton compiles with for sm_90 (raises if it refuses)
+    out.update(registers=usage["n_regs"], spill_bytes=usage["n_spills"], stack_bytes=usage["stack"])
     out["triton"] = triton.__version__
     return out
 

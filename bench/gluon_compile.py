@@ -11,25 +11,16 @@ Exits non-zero when a config fails to compile, spills, or needs more shared memo
 
 import argparse
 import json
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler.compiler import make_backend
-from triton.experimental.gluon._runtime import GluonASTSource
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.runtime.jit import create_function_from_signature
+from sm90_compile import SM90_SMEM, TARGET, compile_for, ptxas_usage  # bench/, this script's directory
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
 from nemo_mla_lora.inference.kernels.triton_decode import split_buffers
 
-SM90_SMEM = 227 * 1024  # the opt-in shared memory per block on sm_90
-TARGET = GPUTarget("cuda", 90, 32)  # compiled as sm_90a (wgmma, setmaxnreg)
 CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one split (writes out) and several
     (64, 4, 1000, 1),
     (64, 4, 1000, 3),
@@ -53,28 +44,7 @@ def compile_config(h: int, b: int, t: int, splits: int):
     q_lat, q_rope, c_kv, k_rope, lengths = _tensors(h, b, t)
     chunk, splits, _, acc, m, l_sum = split_buffers(q_lat, t, splits, gd.BLOCK_T)
     _, args, kwargs = gd.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, 0.1, chunk, acc, m, l_sum)
-    kernel = gd._ws_decode_kernel
-    backend = make_backend(TARGET)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    src = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=TARGET, options=options.__dict__)
-
-
-def ptxas_usage(ptx: str) -> dict:
-    """Registers, spill bytes and static shared memory as the wheel's ptxas reports them for sm_90a (what the
-    driver would say at load time, which needs a GPU); the ptxas Triton itself compiled with for this arch (Triton
-    3.9 takes its CUDA 13 one from sm_90 on, whose PTX version the CUDA 12 one refuses)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
-        src.write_text(ptx)
-        cmd = [get_ptxas(TARGET.arch).path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "kernel.o")]
-        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    return dict(n_regs=int(regs.group(1)), n_spills=sum(spills), stack=int(stack.group(1)) if stack else 0, log=log)
+    return compile_for(gd._ws_decode_kernel, args, kwargs)
 
 
 TIMED = [  # (heads, batch, positions per row): 64 heads where ours were furthest from copy bandwidth, 128 from the roof
