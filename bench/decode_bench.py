@@ -326,11 +326,11 @@ def flashmla_skipped() -> dict | None:
 
 
 def gluon_skipped(d) -> dict | None:
-    """{"skipped": why} where the Gluon decode kernel cannot serve these dims here (``gluon_backend.engine_problem``)."""
-    from nemo_mla_lora.inference.kernels.gluon_backend import engine_problem
+    """{"skipped": why} where the Gluon decode kernel cannot serve these dims here (``gluon_decode.device_problem``)."""
+    from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    why = engine_problem(device, d["kv_lora_rank"], d["rope"], d["heads"])
+    why = device_problem(device, d["kv_lora_rank"], d["rope"], d["heads"])
     return {"skipped": why} if why else None
 
 

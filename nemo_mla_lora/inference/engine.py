@@ -75,10 +75,10 @@ class AbsorbedMLAEngine:
             if why is not None:
                 raise ValueError(f"attention backend 'flashmla': {why}; use 'triton' (our kernels) or 'torch'")
         if backend == "gluon":
-            from nemo_mla_lora.inference.kernels.gluon_backend import engine_problem
+            from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
 
             device = next(model.parameters()).device
-            why = engine_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
+            why = device_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
             if why is not None:
                 raise ValueError(f"attention backend 'gluon': {why}; use 'triton' (our Triton kernels) or 'torch'")
         self.model, self.spec, self.backend = model.eval(), spec, backend

@@ -59,7 +59,7 @@ def _hopper_problem(backend: str) -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
     if backend == "gluon":
-        return gluon_backend.engine_problem("cuda", 512, 64, 64)
+        return gluon_decode.device_problem("cuda", 512, 64, 64)
     from nemo_mla_lora.inference.kernels.flashmla import unavailable
 
     return unavailable("cuda", (512, 64))

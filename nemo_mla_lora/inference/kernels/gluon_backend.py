@@ -2,25 +2,15 @@
 it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for the rest.
 
 The kernel is built for Hopper at 64 and 128 heads (blocks of 64 heads), DeepSeek's c = 512 and d = 64 and a bf16
-cache laid out for TMA; ``engine_problem`` refuses the backend up front where it could never run, and
-``gluon_or_ours`` takes ours for a step whose tensors it cannot read (a float32 cache, a layout TMA refuses).
+cache laid out for TMA; the engine refuses the backend up front where it could never run
+(``gluon_decode.device_problem``), and ``gluon_or_ours`` takes ours for a step whose tensors it cannot read (a
+float32 cache, a layout TMA refuses).
 Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
 """
 
 import torch
 
 from nemo_mla_lora.inference.kernels import gluon_decode
-
-
-def engine_problem(device: torch.device | str, latent: int, rope: int, heads: int) -> str | None:
-    """Why an engine of these dims on ``device`` cannot decode through the Gluon kernel (None: it can).
-
-    Args:
-        device: the engine's device.
-        latent, rope: kv_lora_rank (c) and qk_rope_head_dim (d) of the served model.
-        heads: the model's attention heads (the engine serves all of them on one GPU).
-    """
-    return gluon_decode.device_problem(device, latent, rope, heads)
 
 
 def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
