@@ -64,23 +64,37 @@ def served(directory, verify_checksums: bool = True) -> tuple[str, MLASpec, str]
     )
 
 
+def backend_problem(backend: str, device, spec: MLASpec, dtype: torch.dtype) -> str | None:
+    """Why the engine cannot decode with attention ``backend`` (None: it can), known before any weight is read: the
+    name, and for the Hopper kernels the package or Triton's Gluon, the GPU, the model's dims and the cache dtype.
+
+    Args:
+        backend: one of ``BACKENDS``.
+        device: where the engine runs.
+        spec: the served model's MLA dims.
+        dtype: the engine's (and its cache's) dtype.
+    """
+    if backend not in BACKENDS:
+        return f"attention backend {backend!r}; expected one of {BACKENDS}"
+    why = None
+    if backend == "flashmla":
+        from nemo_mla_lora.inference.kernels.flashmla import unavailable
+
+        why = unavailable(device, (spec.kv_lora_rank, spec.qk_rope_head_dim))
+    elif backend == "gluon":
+        from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
+
+        why = device_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
+    if why is None and backend in ("flashmla", "gluon") and dtype != torch.bfloat16:
+        why = f"its decode kernel reads a bf16 cache and the engine runs in {str(dtype).removeprefix('torch.')}"
+    return None if why is None else f"attention backend {backend!r}: {why}; use 'triton' (our kernels) or 'torch'"
+
+
 class AbsorbedMLAEngine:
     def __init__(self, model, spec: MLASpec, k_up: list, v_up: list, backend: str = "torch"):
-        if backend not in BACKENDS:
-            raise ValueError(f"attention backend {backend!r}; expected one of {BACKENDS}")
-        if backend == "flashmla":
-            from nemo_mla_lora.inference.kernels.flashmla import unavailable
-
-            why = unavailable(next(model.parameters()).device, (spec.kv_lora_rank, spec.qk_rope_head_dim))
-            if why is not None:
-                raise ValueError(f"attention backend 'flashmla': {why}; use 'triton' (our kernels) or 'torch'")
-        if backend == "gluon":
-            from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
-
-            device = next(model.parameters()).device
-            why = device_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
-            if why is not None:
-                raise ValueError(f"attention backend 'gluon': {why}; use 'triton' (our Triton kernels) or 'torch'")
+        p = next(model.parameters())
+        if problem := backend_problem(backend, p.device, spec, p.dtype):
+            raise ValueError(problem)
         self.model, self.spec, self.backend = model.eval(), spec, backend
         h, dn, dv, c = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
         self.w_uk = [w.view(h, dn, c) for w in k_up]  # [h, dn, c] per layer
@@ -104,8 +118,8 @@ class AbsorbedMLAEngine:
             backend: decode attention in einsums (``torch``), our kernels (``triton``: the TMA kernels on Hopper,
                 else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed;
                 it decodes the shapes where it is faster, 64 heads and more, and ours the rest) or our
-                warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks of 64; ours where a step's cache
-                is not bf16).
+                warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks of 64); both bf16 only, refused
+                with the reason before any weight is read (``backend_problem``).
             verify_checksums: check every tensor against the manifest as it is read.
 
         Returns:
@@ -121,6 +135,8 @@ class AbsorbedMLAEngine:
         if (dtype or stored) not in DTYPES:
             raise ValueError(f"{export_dir}: weights stored in {stored}; pass dtype= one of {sorted(DTYPES)}")
         dt = DTYPES[dtype or stored]
+        if problem := backend_problem(backend, torch.device(device), spec, dt):  # before hours of reading at size
+            raise ValueError(f"{export_dir}: {problem}")
         state = {k: v.to(dt) for k, v in read_export(export_dir, fmt, verify_checksums).items()}
         if fmt != "absorbed":
             for i in range(spec.num_layers):

@@ -1,7 +1,8 @@
 """The engine's Hopper decode backends beside our Triton kernels: ``gluon`` (``kernels/gluon_backend.py``, the
 warp-specialised kernel) and ``flashmla`` (``kernels/flashmla.py``).
 
-On every machine: the ``gluon`` backend is refused with the reason where it could never run, and its choice per step
+On every machine: the ``gluon`` backend is refused with the reason where it could never run (from an export's manifest,
+before any weight is read), both Hopper backends refuse an engine that is not bf16, and the ``gluon`` choice per step
 takes our kernels for what the Gluon kernel cannot read. On a Hopper GPU: the engine's logits with each backend, step
 for step over a prefill and decode steps, equal those with our Triton kernels within bf16's rounding (a model of 64
 heads and DeepSeek's c = 512, d = 64; random weights)."""
@@ -35,6 +36,34 @@ def test_the_engine_refuses_the_gluon_backend_where_it_cannot_run():
             AbsorbedMLAEngine(model, _spec(c=40), [], [], backend="gluon")
         with pytest.raises(ValueError, match="heads in blocks of 64; got 4 heads"):
             AbsorbedMLAEngine(model, _spec(heads=4), [], [], backend="gluon")
+
+
+def test_an_export_is_refused_before_any_weight_is_read(monkeypatch, tmp_path):
+    """A backend the engine cannot use is refused from the export's manifest alone: at real size, reading the weights
+    first would cost the whole load before the refusal."""
+    from nemo_mla_lora.export import pipeline
+    from nemo_mla_lora.inference import engine
+
+    monkeypatch.setattr(engine, "served", lambda directory, verify=True: ("mcore", _spec(), "bfloat16"))
+    monkeypatch.setattr(pipeline, "read_export", lambda *a, **k: pytest.fail("weights read before the backend check"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: attention backend 'nope'; expected one of")):
+        engine.AbsorbedMLAEngine.load(tmp_path, backend="nope")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: attention backend 'gluon': ")):
+        engine.AbsorbedMLAEngine.load(tmp_path, backend="gluon")
+
+
+@pytest.mark.parametrize("backend", ["gluon", "flashmla"])
+def test_the_hopper_backends_refuse_an_engine_that_is_not_bf16(monkeypatch, backend):
+    from nemo_mla_lora.inference import engine
+    from nemo_mla_lora.inference.kernels import flashmla
+
+    monkeypatch.setattr(gluon_decode, "device_problem", lambda *args: None)  # as on a Hopper GPU
+    monkeypatch.setattr(flashmla, "unavailable", lambda *args: None)
+    assert engine.backend_problem(backend, "cuda", _spec(), torch.bfloat16) is None
+    assert engine.backend_problem(backend, "cuda", _spec(), torch.float32) == (
+        f"attention backend '{backend}': its decode kernel reads a bf16 cache and the engine runs in float32; "
+        "use 'triton' (our kernels) or 'torch'"
+    )
 
 
 @pytest.mark.parametrize(
