@@ -99,6 +99,51 @@ def test_nemo_lora_fused_refused_where_nemo_falls_back(mcore):
     assert not hasattr(config, "use_transformer_engine_op_fuser")  # the plain peer leaves the config as built
 
 
+def test_the_te_summary_measures_the_op_fuser_peer_after_the_required_cells(monkeypatch, tmp_path):
+    """On the TE spec the summary also measures NeMo's op-fuser LoRA, once per round after every required cell (then
+    the frozen base again); its failure is recorded and leaves the summary complete (the measurements faked)."""
+    import argparse
+    import types
+
+    from support.bench import bench_module
+
+    bench, lora_summary = bench_module("lora_overhead"), bench_module("lora_summary")
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.SimpleNamespace(__version__="2.20.2"))
+    calls = []
+
+    def measure(args, variant, rank, fp8=None):
+        calls.append(variant)
+        if variant == "nemo_lora_fused":
+            raise RuntimeError("nemo_lora_fused: 0 of 5 targets got NeMo's TEFusedLoRALinear")
+        return {"median_ms": 1.0 + len(calls), "trainable": rank, "fp8_weights": 0}
+
+    fake = types.SimpleNamespace(
+        measure=measure, rounds=bench.rounds, card=lambda: "cpu", FP8=bench.FP8, write_json=bench.write_json
+    )
+    args = argparse.Namespace(
+        summary=str(tmp_path / "s.json"),
+        fp8="none",
+        dtype="bf16",
+        spec="te",
+        dims="v3",
+        seq=4096,
+        batch=1,
+        experts=None,
+        warmup=0,
+        iters=1,
+        rounds=2,
+        ddp=False,
+    )
+    assert lora_summary.summary(args, fake) == 0
+    required = [variant for _, variant, _ in lora_summary.SUMMARY]
+    assert calls == required + required[::-1] + ["nemo_lora_fused"] * 2 + ["base"]
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["complete"] and "nemo_lora_fused_r16_bf16" not in result["step_ms"]
+    assert result["errors"] == {
+        "nemo_lora_fused_r16_bf16": "RuntimeError: nemo_lora_fused: 0 of 5 targets got NeMo's TEFusedLoRALinear"
+    }
+
+
 def test_lora_overhead_fp8_refused_on_cpu():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "lora_overhead.py"), "--spec", "te", "--fp8", "blockwise"],
