@@ -91,18 +91,22 @@ def _decode_inputs(heads: int, batch: int = 4, positions: int = 1000):
     return q[..., :c], q[..., c:], buf[:, :positions, :c], buf[:, :positions, c:], lengths, 0.05
 
 
-def _decode(kind: str, heads: int):
+def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
+    """A decode entry: ``kind`` ``heads`` / ``positions`` (the TMA kernels, with ``default_tma_launch``'s tiles for
+    the shape; ``heads`` at 16 heads and 64K cached positions takes the tensor-parallel rank's 16 x 32 tiles),
+    ``portable`` or ``gluon``."""
+
     def launch():
         from nemo_mla_lora.inference.kernels import gluon_decode, hopper_decode, triton_decode
 
-        args = _decode_inputs(heads)
+        args = _decode_inputs(heads, batch, positions)
         if kind == "portable":
-            return triton_decode.latent_decode_attention(*args, max_length=1000)
+            return triton_decode.latent_decode_attention(*args, max_length=positions)
         if kind == "gluon":  # its launcher refuses a CPU cache (Hopper only): the launch it would make, directly
-            chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(args[0], 1000, 3, gluon_decode.BLOCK_T)
+            chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(args[0], positions, 3, gluon_decode.BLOCK_T)
             grid, kernel_args, kwargs = gluon_decode.launch_args(*args, chunk, acc, m, l_sum)
             return gluon_decode._ws_decode_kernel[grid](*kernel_args, **kwargs)
-        return hopper_decode.latent_decode_attention_tma(*args, max_length=1000, rows=kind)
+        return hopper_decode.latent_decode_attention_tma(*args, max_length=positions, rows=kind)
 
     return launch
 
@@ -123,13 +127,13 @@ def _adapters():
                        torch.zeros(m, 512, dtype=bf16), torch.zeros(h, m, 128, dtype=bf16), mask)
 
 
-def _grouped_add():
-    """The grouped experts' adapter sum at V3's width: 16 experts of 1,024 rows, width 7,168, rank 16."""
+def _grouped_add(r: int):
+    """The grouped experts' adapter sum at V3's width: 16 experts of 1,024 rows, width 7,168, rank ``r``."""
     import torch
 
     from nemo_mla_lora.peft import grouped_add
 
-    e, rows, n, r, bf16 = 16, 1024, 7168, 16, torch.bfloat16
+    e, rows, n, bf16 = 16, 1024, 7168, torch.bfloat16
     ends = torch.arange(1, e + 1, dtype=torch.int32) * rows
     b = torch.zeros(e, n, r, dtype=bf16)  # B [e, n, r], passed as B^T [e, r, n] (a view)
     grouped_add.grouped_lowrank_add_(torch.zeros(e * rows, n, dtype=bf16), torch.zeros(e * rows, r, dtype=bf16),
@@ -139,11 +143,13 @@ def _grouped_add():
 # name -> a call of the package's own entry point with CPU tensors; each launch in it compiles for sm_90a
 ENTRIES = {
     "decode_tma_heads_h128": _decode("heads", 128),
+    "decode_tma_heads_h16_b8_t8k": _decode("heads", 16, batch=8, positions=8192),
     "decode_tma_positions_h16": _decode("positions", 16),
     "decode_portable_h128": _decode("portable", 128),
     "decode_gluon_ws_h128": _decode("gluon", 128),
     "decode_adapters": _adapters,
-    "grouped_add": _grouped_add,
+    "grouped_add_r16": lambda: _grouped_add(16),
+    "grouped_add_r64": lambda: _grouped_add(64),
 }
 
 
