@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 import triton
-from sm90_compile import SM90_SMEM, TARGET, compile_for, ptxas_usage  # bench/, this script's directory
+from sm90_compile import SM90_SMEM, TARGET, compiled_launches, gluon_launch, ptxas_usage  # bench/
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
-from nemo_mla_lora.inference.kernels.triton_decode import split_buffers
 
 CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one split (writes out) and several
     (64, 4, 1000, 1),
@@ -29,22 +28,11 @@ CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one s
 ]
 
 
-def _tensors(h: int, b: int, t: int):
-    """The launcher's inputs on the CPU (bf16 cache as views of one [b, P, 576] buffer, as the engine's)."""
-    pad = triton.cdiv(t, 64) * 64
-    buf = torch.zeros(b, pad, gd.LATENT + gd.ROPE, dtype=torch.bfloat16)  # [b, P, c + d]
-    q_lat = torch.zeros(b, h, gd.LATENT, dtype=torch.bfloat16)  # [b, h, c]
-    q_rope = torch.zeros(b, h, gd.ROPE, dtype=torch.bfloat16)  # [b, h, d]
-    lengths = torch.full((b,), t, dtype=torch.int32)
-    return q_lat, q_rope, buf[:, :t, : gd.LATENT], buf[:, :t, gd.LATENT :], lengths
-
-
 def compile_config(h: int, b: int, t: int, splits: int):
     """The compiled kernel for one launch config (raises on a compile error)."""
-    q_lat, q_rope, c_kv, k_rope, lengths = _tensors(h, b, t)
-    chunk, splits, _, acc, m, l_sum = split_buffers(q_lat, t, splits, gd.BLOCK_T)
-    _, args, kwargs = gd.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, 0.1, chunk, acc, m, l_sum)
-    return compile_for(gd._ws_decode_kernel, args, kwargs)
+    with compiled_launches() as launches:
+        gluon_launch(h, b, t, splits)
+    return launches[0][2]
 
 
 TIMED = [  # (heads, batch, positions per row): 64 heads where ours were furthest from copy bandwidth, 128 from the roof

@@ -164,12 +164,13 @@ def nemo_lora(holder, rank: int, fused: bool = False):
     adapters = [m for m in model.modules() if isinstance(m, ParallelLinearAdapter)]
     if len(adapters) != expected:
         raise RuntimeError(f"NeMo's LoRA wrapped {len(adapters)} modules, expected {expected} ({targets})")
-    fused_cls = getattr(nemo_lora_module, "TEFusedLoRALinear", None)
-    wrapped = 0 if fused_cls is None else sum(isinstance(m, fused_cls) for m in model.modules())
-    if fused and wrapped != expected:
-        why = "NeMo defines no TEFusedLoRALinear here (it needs Transformer Engine >= 2.7)" if fused_cls is None else (
-            "the others are plain LoRALinear: TE linears at TP 1 only")
-        raise RuntimeError(f"nemo_lora_fused: {wrapped} of {expected} targets got NeMo's TEFusedLoRALinear; {why}")
+    if fused:
+        fused_cls = getattr(nemo_lora_module, "TEFusedLoRALinear", None)
+        wrapped = 0 if fused_cls is None else sum(isinstance(m, fused_cls) for m in model.modules())
+        if wrapped != expected:
+            why = "NeMo defines no TEFusedLoRALinear here (it needs Transformer Engine >= 2.7)" if fused_cls is None \
+                else "the others are plain LoRALinear: TE linears at TP 1 only"
+            raise RuntimeError(f"nemo_lora_fused: {wrapped} of {expected} targets got NeMo's TEFusedLoRALinear; {why}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for a in adapters:

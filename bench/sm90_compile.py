@@ -97,18 +97,34 @@ def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
     ``portable`` or ``gluon``."""
 
     def launch():
-        from nemo_mla_lora.inference.kernels import gluon_decode, hopper_decode, triton_decode
+        from nemo_mla_lora.inference.kernels import hopper_decode, triton_decode
 
         args = _decode_inputs(heads, batch, positions)
         if kind == "portable":
             return triton_decode.latent_decode_attention(*args, max_length=positions)
-        if kind == "gluon":  # its launcher refuses a CPU cache (Hopper only): the launch it would make, directly
-            chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(args[0], positions, 3, gluon_decode.BLOCK_T)
-            grid, kernel_args, kwargs = gluon_decode.launch_args(*args, chunk, acc, m, l_sum)
-            return gluon_decode._ws_decode_kernel[grid](*kernel_args, **kwargs)
+        if kind == "gluon":
+            return gluon_launch(heads, batch, positions, splits=3)
         return hopper_decode.latent_decode_attention_tma(*args, max_length=positions, rows=kind)
 
     return launch
+
+
+def gluon_launch(heads: int, batch: int, positions: int, splits: int):
+    """The launch ``gluon_decode.latent_decode_attention_ws`` makes for these shapes (queries made contiguous as it
+    makes them), made directly: its launcher refuses a CPU cache (Hopper only). Inside ``compiled_launches`` it
+    compiles.
+
+    Args:
+        heads, batch, positions: the decode step's shape (every row at ``positions``).
+        splits: splits of the positions (1: the kernel writes the output itself).
+    """
+    from nemo_mla_lora.inference.kernels import gluon_decode, triton_decode
+
+    q_lat, q_rope, c_kv, k_rope, lengths, scale = _decode_inputs(heads, batch, positions)
+    q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
+    chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(q_lat, positions, splits, gluon_decode.BLOCK_T)
+    grid, args, kwargs = gluon_decode.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale, chunk, acc, m, l_sum)
+    return gluon_decode._ws_decode_kernel[grid](*args, **kwargs)
 
 
 def _adapters():
