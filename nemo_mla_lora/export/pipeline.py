@@ -169,7 +169,8 @@ def _open_lora(adapter, spec, source, fmt: str):
     lora = open_adapter(adapter, spec)
     if fmt == "hf_peft":
         check_hf_peft_writable(lora)
-    unknown = [m for m in lora.modules if f"{m}.weight" not in set(source.names)]
+    names = set(source.names)  # once: the comprehension would rebuild it per module (V3's experts: tens of thousands)
+    unknown = [m for m in lora.modules if f"{m}.weight" not in names]
     if unknown:
         raise MergeError(f"adapter {adapter} has modules the base lacks: {unknown[:5]} (adapter for another model?)")
     return lora
