@@ -317,20 +317,12 @@ def graphed_tokens_per_s(engine, tokens, bank, ids, steps: int) -> dict:
     return {"tokens_per_s": b * steps / (time.perf_counter() - t0)}
 
 
-def flashmla_skipped() -> dict | None:
-    """{"skipped": why} where FlashMLA's decode cannot run (``kernels/flashmla.unavailable``), else None."""
-    from nemo_mla_lora.inference.kernels.flashmla import unavailable
+def backend_skipped(backend: str, d: dict, dtype, device) -> dict | None:
+    """{"skipped": why} where the engine refuses attention ``backend`` for these dims, dtype and device
+    (``engine.backend_problem``: FlashMLA's package, the Gluon kernel's terms, bf16), else None."""
+    from nemo_mla_lora.inference.engine import backend_problem
 
-    why = unavailable()
-    return {"skipped": why} if why else None
-
-
-def gluon_skipped(d) -> dict | None:
-    """{"skipped": why} where the Gluon decode kernel cannot serve these dims here (``gluon_decode.device_problem``)."""
-    from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    why = device_problem(device, d["kv_lora_rank"], d["rope"], d["heads"])
+    why = backend_problem(backend, device, spec_of(d), dtype)
     return {"skipped": why} if why else None
 
 
@@ -387,9 +379,9 @@ def main(argv=None) -> int:
                 "adapters": lambda: adapter_section(d, a.batch, a.context, dtype, device, a.iters, tri),
                 "engine": lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device,
                                                 "triton" if tri else "torch", export=a.export),
-                "engine_flashmla": lambda: flashmla_skipped() or engine_section(
+                "engine_flashmla": lambda: backend_skipped("flashmla", d, dtype, device) or engine_section(
                     d, a.batch, a.prompt, a.steps, dtype, device, "flashmla", export=a.export),
-                "engine_gluon": lambda: gluon_skipped(d) or engine_section(
+                "engine_gluon": lambda: backend_skipped("gluon", d, dtype, device) or engine_section(
                     d, a.batch, a.prompt, a.steps, dtype, device, "gluon", export=a.export),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
