@@ -204,3 +204,28 @@ def test_moe_decode_bench_runs_on_a_tiny_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 4] and all(r["megatron_ms"] > 0 and r["grouped_ms"] > 0 for r in rows)
+
+
+def test_lora_traffic_widths_are_the_layer_the_gpu_trained():
+    """``bench/lora_traffic.py``'s widths of the V3-shaped layer against the trainable parameters ``lora_overhead.py``
+    counted on the Megatron layer it built on an H100 (r x (i + o) per adapter, each routed expert its own), and its
+    floor against the passes counted by hand for one linear."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import lora_traffic
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    layer, rank = lora_traffic.V3_LAYER, 16
+    linears = lora_traffic.adapted_linears(layer, tokens=4096)
+    trained = json.loads((ROOT / "bench/results/h100_te_fp8/rounds_ddp/summary.json").read_text())["trainable"]
+    for placement, leaves in lora_traffic.PLACEMENT_LEAVES.items():
+        chosen = leaves or tuple(linears)
+        params = sum(
+            rank * (i + o) * (layer["num_moe_experts"] if leaf.startswith("experts.") else 1)
+            for leaf, (_, i, o) in linears.items()
+            if leaf in chosen
+        )
+        assert params == trained[f"{placement}_r16_bf16"], placement
+    t, i, o = 4096, 7168, 1536  # linear_q_down_proj: forward x, y twice; backward g twice, dx twice, x: bf16
+    forward, backward = 2 * (t * i + 2 * t * o), 2 * (2 * t * o + 2 * t * i + t * i)
+    assert lora_traffic.floor_bytes({"q": (t, i, o)}) == forward + backward
