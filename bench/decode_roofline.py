@@ -13,7 +13,8 @@ replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` 
 FlashMLA runs, its ``flashmla`` backend's choice per shape, ``flashmla_or_ours``; elsewhere ``decode_attention``,
 the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
 package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
-the peer, same cache, same process). The cache is the engine's
+the peer, same cache, same process), and, where it compiles for the card, ``gluon`` (``gluon_decode``: the
+warp-specialised kernel, at its default splits and twice them; heads in blocks of 64, so not at 16 heads). The cache is the engine's
 (``LatentKVCache``: c_kv and k_rope side by side in one buffer, rows padded to 64 positions), read by every kernel
 in place. Each kernel's numerics are checked against the fp64 equations first. Bytes = the cache read
 (b x t x (c + d) x 2); FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from decode_bench import graphed, timed  # bench/ is this script's directory
+
+from nemo_mla_lora.inference.kernels import gluon_decode
 
 C, D = 512, 64
 HEADS, BATCHES, CONTEXTS = (16, 64, 128), (1, 8, 32, 128), (1024, 4096, 32768)
@@ -73,7 +76,16 @@ def kernels():
         out["flashmla"], out["default"] = flashmla.flashmla_decode, flashmla.flashmla_or_ours
     else:
         print(f"flashmla: not measured ({why})", flush=True)
+    if (why := gluon_decode.device_problem("cuda", C, D, 64)) is None:
+        out["gluon"] = gluon_decode.latent_decode_attention_ws
+    else:
+        print(f"gluon: not measured ({why})", flush=True)
     return out
+
+
+def runs_at(kind: str, h: int) -> bool:
+    """Whether kernel ``kind`` takes ``h`` heads (the Gluon kernel: blocks of 64)."""
+    return kind != "gluon" or h % gluon_decode.BLOCK_H == 0
 
 
 def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
@@ -87,6 +99,8 @@ def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
 def launches(kind: str, h: int) -> list[dict]:
     if kind in ("portable", "default", "flashmla"):
         return [{}]
+    if kind == "gluon":
+        return [{}, {"splits": "2x"}]
     if kind == "tma":
         shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)] if h >= 64 else [(16, 64, 4, 2), (16, 32, 4, 3)]
     else:
@@ -121,11 +135,13 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
         return torch.einsum("bht,btc->bhc", torch.softmax(s.float() * scale, -1).to(q.dtype), ck)
 
     runs = [{"kernel": "einsum", "ms": graphed_ms(einsum)}]
-    for kind, fn in fns.items():
+    for kind, fn in ((k, f) for k, f in fns.items() if runs_at(k, h)):
         for cfg in launches(kind, h):
             kw = dict(cfg, max_length=t)
             if kind.startswith("tma"):  # 1x or 2x the portable kernel's split count for this block
                 kw["splits"] = (2 if kw.get("splits") == "2x" else 1) * default_splits(b, h, t, kw["block_h"], q.device)
+            if kind == "gluon" and kw.get("splits") == "2x":
+                kw["splits"] = 2 * gluon_decode.default_ws_splits(b, h, t, q.device)
             try:
                 runs.append(dict(kernel=kind, **cfg, ms=graphed_ms(lambda: fn(q, qr, ck, kr, lengths, scale, **kw))))
             except Exception as err:  # e.g. shared memory over the limit
@@ -135,7 +151,8 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
         r["share_copy"] = r["GBps"] / roof["copy_GBps"]
         r["TFLOPs"] = flops / r["ms"] / 1e9
         r["share_matmul"] = r["TFLOPs"] / roof["matmul_bf16_TFLOPs"]
-    best = {k: min((r for r in runs if r["kernel"] == k), key=lambda r: r["ms"]) for k in ["einsum", *fns]}
+    best = {k: min((r for r in runs if r["kernel"] == k), key=lambda r: r["ms"]) for k in ["einsum", *fns]
+            if runs_at(k, h)}
     return {"heads": h, "batch": b, "context": t, "bytes": nbytes, "flops": flops, "flop_per_byte": flops / nbytes,
             "best": best, "runs": runs}
 
@@ -152,7 +169,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
     ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
             label="goals: 70% copy, 50% matmul")
-    for kind, marker in (("portable", "o"), ("default", "s"), ("flashmla", "^"), ("einsum", "x")):
+    for kind, marker in (("portable", "o"), ("default", "s"), ("flashmla", "^"), ("gluon", "D"), ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):
@@ -192,7 +209,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     fns = kernels()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "roofs": roofs(),
-               "checks": {f"{k}_{h}": check(fn, h) for k, fn in fns.items() for h in HEADS}, "shapes": []}
+               "checks": {f"{k}_{h}": check(fn, h) for k, fn in fns.items() for h in HEADS if runs_at(k, h)},
+               "shapes": []}
     print(json.dumps({k: results[k] for k in ("device", "roofs", "checks")}), flush=True)
     shapes = [(64, h, 4096) for h in HEADS] if args.quick else \
         [(b, h, t) for h in HEADS for b in BATCHES for t in CONTEXTS]
