@@ -26,6 +26,7 @@
 # Decode:
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
 #   gluon_decode | gluon_time             the warp-specialised Gluon kernel's GPU tests and timing | timing alone
+#   backend_tests                         the engine through the gluon and flashmla backends against our kernels
 #   decode_engine_4k                      the engine at context 4,096: ours, FlashMLA's and the Gluon kernel
 #   moe_decode                            a V2-Lite MoE layer at decode batches: Megatron's layer vs GroupedMoE
 # Placement study:
@@ -166,6 +167,12 @@ gluon_decode() {  # the warp-specialised Gluon kernel: the smoke launch, its GPU
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
   tail -n 15 "$OUT/gluon_tests.log"
   gluon_timing; return $(( rc || $? ))
+}
+
+backend_tests() {  # the engine's logits through the gluon and flashmla backends against our Triton kernels'
+  timeout -k 5 240 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/inference/test_decode_backends.py" -rs \
+    > "$OUT/backend_tests.log" 2>&1; local rc=$?
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/backend_tests.log" | tail -n 8; return "$rc"
 }
 
 gluon_time() {  # the smoke launch and the timing without the tests: the shortest first run of the kernel
