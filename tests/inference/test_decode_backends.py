@@ -140,3 +140,11 @@ def test_the_engine_decodes_as_with_our_triton_kernels(mcore, monkeypatch, backe
     peak = want.abs().amax(dim=(0, 2))
     assert err[0] <= 1e-2 * peak[0], f"the prefill (einsums, no decode kernel) differs by {err[0]}: not the backend"
     assert bool((err <= BOUND * peak).all()), f"per-step max |error| {err.tolist()} against {BOUND} x {peak.tolist()}"
+
+
+def test_decode_attention_takes_the_gluon_kernel_from_64_head_blocks():
+    """The shapes where the Gluon kernel beat our TMA kernel on an H100 (64 to 128 blocks of 64 heads) and where
+    it lost (2 and 32 blocks); 16 heads never (the kernel takes heads in blocks of 64)."""
+    faster = gluon_backend.gluon_is_faster
+    assert faster(64, 64) and faster(32, 128) and faster(64, 128) and faster(128, 64)
+    assert not faster(16, 128) and not faster(1, 128) and not faster(128, 16) and not faster(256, 16)

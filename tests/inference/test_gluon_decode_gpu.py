@@ -100,3 +100,20 @@ def test_refuses_with_the_reason():
     with pytest.raises(ValueError, match="latent_decode_attention_ws: the Gluon decode kernel takes heads"):
         q = torch.zeros(2, 96, 512, dtype=torch.bfloat16)
         gluon_decode.latent_decode_attention_ws(q, q[..., :64], c_kv, k_rope, torch.tensor([64, 64]), SCALE)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@pytest.mark.parametrize("heads, batch, takes_gluon", [(64, 64, True), (128, 3, False)])
+def test_decode_attention_takes_the_kernel_where_it_is_faster(monkeypatch, heads, batch, takes_gluon):
+    """``hopper_decode.decode_attention`` (the engine's ``triton`` backend) runs the Gluon kernel at 64 head blocks
+    and the TMA kernel below, with the same result as the equations either way."""
+    from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
+
+    calls, kernel = [], gluon_decode.latent_decode_attention_ws
+    monkeypatch.setattr(gluon_decode, "latent_decode_attention_ws", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, LENGTHS[64][:batch])
+    got = decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=c_kv.shape[1])
+    want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
+    assert bool(calls) == takes_gluon
+    assert (got.double() - want).abs().max().item() <= BOUND * want.abs().max().item()

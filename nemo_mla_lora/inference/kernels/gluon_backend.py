@@ -1,5 +1,6 @@
 """The engine's ``gluon`` decode backend: the warp-specialised Gluon kernel (``gluon_decode``) for every decode step
-it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for the rest.
+it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for the rest; and the per-shape choice
+``decode_attention`` itself makes (``gluon_is_faster``: the shapes where the kernel beat our TMA kernel).
 
 The kernel is built for Hopper at 64 and 128 heads (blocks of 64 heads), DeepSeek's c = 512 and d = 64 and a bf16
 cache laid out for TMA; the engine refuses the backend up front where it could never run
@@ -11,6 +12,26 @@ Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
 import torch
 
 from nemo_mla_lora.inference.kernels import gluon_decode
+
+# Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel: on an H100 (bench/README.md, 4.3) it was
+# 1.10-1.53x faster at 64-128 blocks (64 and 128 heads, contexts 4K-32K) and 1.7x slower at 2 and 32 blocks,
+# where its one-CTA-per-SM splits leave the card short of work.
+FASTER_FROM_BLOCKS = 64
+
+
+def gluon_is_faster(b: int, h: int) -> bool:
+    """Whether ``decode_attention`` takes the Gluon kernel for b rows of h heads (a function of host integers: a
+    CUDA graph captures one choice per shape).
+
+    Args:
+        b: rows of the batch; h: query heads.
+    """
+    return h % gluon_decode.BLOCK_H == 0 and b * (h // gluon_decode.BLOCK_H) >= FASTER_FROM_BLOCKS
+
+
+def gluon_reads(q_lat, c_kv, k_rope) -> bool:
+    """Whether the Gluon kernel can run on these tensors (shapes, dtypes and strides only: no device sync)."""
+    return q_lat.dtype == torch.bfloat16 and gluon_decode.unavailable(c_kv, k_rope, q_lat.shape[1]) is None
 
 
 def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
@@ -25,7 +46,7 @@ def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length
         scale: the softmax scale.
         max_length: positions the kernels may read (default: the views' t).
     """
-    if gluon_decode.unavailable(c_kv, k_rope, q_lat.shape[1]) is None and q_lat.dtype == torch.bfloat16:
+    if gluon_reads(q_lat, c_kv, k_rope):
         ws = gluon_decode.latent_decode_attention_ws
         return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
