@@ -47,7 +47,7 @@ def absorbed_attention(hidden, attn, w_uk, w_uv, cache, layer: int, corr=NONE, b
     """hidden [s, b, hidden] -> attention output [s, b, hidden]; writes this layer's new latents to
     ``cache`` (each row after its cached tokens). w_uk [h, dn, c], w_uv [h, dv, c]; ``corr``: per-request
     adapter deltas (inference/adapters.py); ``backend="triton"``: decode steps through
-    ``hopper_decode.decode_attention`` (the TMA kernels on Hopper, else the portable Triton kernel),
+    ``hopper_decode.decode_attention`` (on Hopper the Gluon or the TMA kernels by shape, else the portable one),
     ``backend="flashmla"``: through FlashMLA's Hopper kernel where it is faster for the shape, ours elsewhere
     (``kernels/flashmla.flashmla_or_ours``), ``backend="gluon"``: through the warp-specialised Gluon kernel where
     it runs (``kernels/gluon_backend.gluon_or_ours``); prefill stays in einsums."""

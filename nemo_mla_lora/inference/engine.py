@@ -115,8 +115,8 @@ class AbsorbedMLAEngine:
             export_dir: a merged export (``absorbed``, ``mcore``, ``nemo`` or ``hf``, with its ``manifest.json``).
             dtype: float32 | bfloat16 | float16 | float64; None: the dtype the export stores.
             device: where the model runs.
-            backend: decode attention in einsums (``torch``), our kernels (``triton``: the TMA kernels on Hopper,
-                else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed;
+            backend: decode attention in einsums (``torch``), our kernels (``triton``: on Hopper the Gluon kernel
+                from 64 head blocks and the TMA kernels below, else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it is installed;
                 it decodes the shapes where it is faster, 64 heads and more, and ours the rest) or our
                 warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks of 64); both bf16 only, refused
                 with the reason before any weight is read (``backend_problem``).
