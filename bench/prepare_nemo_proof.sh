@@ -2,7 +2,8 @@
 # Here (no GPU), after `make run`: the inputs of the NeMo/TE engines proof on the GPU machine.
 #   runs/gpu_proof/nemo/{nemo_te, nemo_local, mcore_te}   the default run exported three ways
 #   runs/gpu_proof/nemo/expected.pt                       recipes.generate on nemo_te: greedy tokens + logits
-#   .te_carry/   Transformer Engine 2.20.2 for one call (slim sm_90 core wheel: scripts/gpu/te)
+#   .te_carry/   Transformer Engine 2.20.2 for one call (slim sm_90 core wheel: scripts/gpu/te); put the torch
+#                extension wheel a bring-up returns under $OUT/built/ in .te_carry/built/ and the next skips its build
 # Then two device calls, the second within 30 s of the first (the machine keeps /tmp while warm):
 #   carry [".te_carry"]                         TE=.te_carry bash .te_carry/bring_up_te.sh .te_carry/slim/*.whl /tmp/te_site
 #   carry [".gpu_wheels", "runs/gpu_proof"]     bash bench/run_gpu.sh nemo_engines
@@ -15,6 +16,7 @@ if [ ! -f .te_carry/slim/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_
   python3 scripts/gpu/te/slim_wheel.py .te/core/transformer_engine_cu13-2.20.2-*.whl \
     .te_carry/slim/transformer_engine_cu13-2.20.2-py3-none-manylinux_2_28_x86_64.whl
 fi
+cp scripts/gpu/te/bring_up_te.sh .te_carry/  # this tree's bring-up, not the one copied when the carry was made
 P=runs/gpu_proof/nemo; rm -rf "$P"; mkdir -p "$P"
 for f in "nemo te" "nemo local" "mcore te"; do
   set -- $f
