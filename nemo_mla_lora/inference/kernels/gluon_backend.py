@@ -14,8 +14,9 @@ import torch
 from nemo_mla_lora.inference.kernels import gluon_decode
 
 # Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel: on an H100 (bench/README.md, 4.3) it was
-# 1.10-1.53x faster at 64-128 blocks (64 and 128 heads, contexts 4K-32K) and 1.7x slower at 2 and 32 blocks,
-# where its one-CTA-per-SM splits leave the card short of work.
+# 1.10-1.53x faster at 64-128 blocks (64 and 128 heads, contexts 4K-32K) and 1.7x slower at 2 and 32 blocks, where
+# those eager timings are mostly host time (the cache read is 6-25 us at copy bandwidth) and the Gluon kernel's
+# host path per call (four TMA descriptors, the split buffers, the merge launch) is the longer one.
 FASTER_FROM_BLOCKS = 64
 
 
