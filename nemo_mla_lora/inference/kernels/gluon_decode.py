@@ -29,6 +29,7 @@ consumers normalise and write ``out`` directly. ``bench/gluon_compile.py`` compi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -294,10 +295,15 @@ def _ws_decode_kernel(
     )
 
 
+@functools.cache
+def _shared_layout(block: tuple[int, int]):
+    """The bf16 shared-memory layout of one TMA box (built once per box: it is most of a descriptor's host cost)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16)
+
+
 def _descriptor(t: torch.Tensor, rows: int, block: list[int]):
     """A 2-D TMA descriptor over t's rows (last dim contiguous, uniform row stride t.stride(-2))."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], block, layout)
+    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], block, _shared_layout(tuple(block)))
 
 
 def launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, chunk: int, acc, m, l_sum):
