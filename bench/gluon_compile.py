@@ -41,12 +41,14 @@ TIMED = [  # (heads, batch, positions per row): 64 heads where ours were furthes
 
 
 def time_kernels(out: Path | None = None) -> int:
-    """us per call, TFLOP/s (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s of the Gluon kernel, of
+    """us per call replayed from a CUDA graph (``decode_roofline.graphed_ms``: the GPU's time, as serving engines
+    run decode) and per eager call (``eager_us``, ``do_bench``: host work included where it is the longer), TFLOP/s
+    (2 x 576 + 2 x 512 FLOPs per position and head) and cache GB/s from the graphed time, of the Gluon kernel, of
     ``latent_decode_attention_tma`` and, where it imports, FlashMLA's SM90 decode (``kernels/flashmla.py``), on full
     rows of the engine's cache buffer, against the roofs measured here (``decode_roofline.roofs``: the copy
     bandwidth, read + write, and the bf16 matmul peak). A kernel that raises is reported and the others go on;
     ``out``: also write the rows and roofs there as JSON. Returns 1 when a kernel failed."""
-    from decode_roofline import roofs  # bench/ is this script's directory
+    from decode_roofline import graphed_ms, roofs  # bench/ is this script's directory
     from triton.testing import do_bench
 
     from nemo_mla_lora.inference.kernels import flashmla
@@ -73,16 +75,17 @@ def time_kernels(out: Path | None = None) -> int:
         for name, fn in fns.items():
             try:
                 err = (fn(*args, lengths, 0.05, max_length=t).double() - ref).abs().max().item()
-                ms = do_bench(lambda fn=fn, args=args, lengths=lengths, t=t: fn(*args, lengths, 0.05, max_length=t))
+                call = lambda fn=fn, args=args, lengths=lengths, t=t: fn(*args, lengths, 0.05, max_length=t)  # noqa: E731
+                eager_ms, ms = do_bench(call), graphed_ms(call)
             except Exception as error:  # a compile or launch error: report it, time the rest
                 print(f"h={h:3d} b={b:2d} t={t:5d} {name:10s} FAILED: {type(error).__name__}: {error}"[:600])
                 failed = 1
                 continue
             tflops, gbs = flops / ms / 1e9, nbytes / ms / 1e6
-            rows.append(dict(heads=h, batch=b, positions=t, kernel=name, us=ms * 1e3, TFLOPs=tflops, GBps=gbs,
-                             max_diff_vs_tma=err))
+            rows.append(dict(heads=h, batch=b, positions=t, kernel=name, us=ms * 1e3, eager_us=eager_ms * 1e3,
+                             TFLOPs=tflops, GBps=gbs, max_diff_vs_tma=err))
             print(
-                f"h={h:3d} b={b:2d} t={t:5d} {name:10s} {ms * 1e3:8.1f} us {tflops:6.1f} TFLOP/s "
+                f"h={h:3d} b={b:2d} t={t:5d} {name:10s} {ms * 1e3:8.1f} us (eager {eager_ms * 1e3:7.1f}) {tflops:6.1f} TFLOP/s "
                 f"({100 * tflops / peak_tflops:4.1f}% of {peak_tflops:.0f}) {gbs:6.0f} GB/s "
                 f"({100 * gbs / copy_gbs:4.1f}% of copy) max|diff vs tma| {err:.2e}"
             )
