@@ -44,17 +44,21 @@ def adapted_linears(layer: dict, tokens: int) -> dict[str, tuple[int, int, int]]
     }
 
 
-PLACEMENT_LEAVES = {  # lora_overhead.py's placements on this layer (peft/placements.py)
-    "nemo_official": ("linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
-                      "linear_proj"),
-    "all_linear": None,  # every linear of adapted_linears
-}
+PLACEMENTS = ("nemo_official", "all_linear")  # lora_overhead.py's summary placements
+
+
+def placement_leaves(linears: dict[str, tuple[int, int, int]], placement: str) -> tuple[str, ...]:
+    """The linears of ``linears`` that ``placement`` adapts: their Megatron leaf name among its targets
+    (``peft.placements``, what MLALoRA wraps)."""
+    from nemo_mla_lora.peft import placements
+
+    targets = placements.get(placement).targets
+    return tuple(name for name in linears if name.rsplit(".", 1)[-1] in targets)
 
 
 def floor_bytes(linears: dict[str, tuple[int, int, int]], leaves=None, element: int = 2) -> int:
     """8 t (i + o) bytes (``element`` bytes per value: 2 for bf16) summed over ``leaves`` (None: every linear)."""
-    chosen = linears if leaves is None else {k: linears[k] for k in leaves}
-    return sum(4 * element * t * (i + o) for t, i, o in chosen.values())
+    return sum(4 * element * t * (i + o) for name, (t, i, o) in linears.items() if leaves is None or name in leaves)
 
 
 def main(argv=None) -> int:
@@ -65,8 +69,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     linears = adapted_linears(V3_LAYER, args.tokens)
     rows = {}
-    for name, leaves in PLACEMENT_LEAVES.items():
-        gb = floor_bytes(linears, leaves) / 1e9
+    for name in PLACEMENTS:
+        gb = floor_bytes(linears, placement_leaves(linears, name)) / 1e9
         row = {"GB": round(gb, 3)}
         if args.copy_gbps:
             row["ms"] = round(1e3 * gb / args.copy_gbps, 3)

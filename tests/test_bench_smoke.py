@@ -218,8 +218,8 @@ def test_lora_traffic_widths_are_the_layer_the_gpu_trained():
     layer, rank = lora_traffic.V3_LAYER, 16
     linears = lora_traffic.adapted_linears(layer, tokens=4096)
     trained = json.loads((ROOT / "bench/results/h100_te_fp8/rounds_ddp/summary.json").read_text())["trainable"]
-    for placement, leaves in lora_traffic.PLACEMENT_LEAVES.items():
-        chosen = leaves or tuple(linears)
+    for placement in lora_traffic.PLACEMENTS:
+        chosen = lora_traffic.placement_leaves(linears, placement)
         params = sum(
             rank * (i + o) * (layer["num_moe_experts"] if leaf.startswith("experts.") else 1)
             for leaf, (_, i, o) in linears.items()
