@@ -210,11 +210,9 @@ def test_lora_traffic_widths_are_the_layer_the_gpu_trained():
     """``bench/lora_traffic.py``'s widths of the V3-shaped layer against the trainable parameters ``lora_overhead.py``
     counted on the Megatron layer it built on an H100 (r x (i + o) per adapter, each routed expert its own), and its
     floor against the passes counted by hand for one linear."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import lora_traffic
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    from support.bench import bench_module
+
+    lora_traffic = bench_module("lora_traffic")
     layer, rank = lora_traffic.V3_LAYER, 16
     linears = lora_traffic.adapted_linears(layer, tokens=4096)
     trained = json.loads((ROOT / "bench/results/h100_te_fp8/rounds_ddp/summary.json").read_text())["trainable"]
