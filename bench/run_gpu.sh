@@ -124,6 +124,14 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
   return "$rc"
 }
 
+decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and the Gluon kernel's
+  # included), then ncu of the Gluon kernel at 128 heads: a short and a long context
+  timeout -k 5 420 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 40
+  local rc=${PIPESTATUS[0]}
+  [ "${NCU:-1}" = 0 ] || decode_ncu "gluon 128 64 4096" "gluon 128 32 32768"
+  return "$rc"
+}
+
 decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode steps), ours, FlashMLA's and the Gluon
   # kernel: where they differ most (did not finish in 240 s inside decode_hopper: its own call)
   timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" \
@@ -182,7 +190,8 @@ gluon_time() {  # the smoke launch and the timing without the tests: the shortes
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
   # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": the 64-head case)
   for one in "$@"; do
-    timeout 60 ncu --clock-control none --kernel-name regex:split --launch-skip 2 --launch-count 1 \
+    local kernel=split; [ "${one%% *}" = gluon ] && kernel=ws_decode  # the Gluon kernel's own name, not its merge
+    timeout 60 ncu --clock-control none --kernel-name "regex:$kernel" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 "$REPO/bench/decode_roofline.py" --out "$OUT" --one $one \
       > "$OUT/ncu_${one// /_}.txt" 2>&1
