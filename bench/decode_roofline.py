@@ -30,7 +30,7 @@ import torch
 
 from decode_bench import graphed, timed  # bench/ is this script's directory
 
-from nemo_mla_lora.inference.kernels import gluon_decode
+from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
 
 C, D = 512, 64
 HEADS, BATCHES, CONTEXTS = (16, 64, 128), (1, 8, 32, 128), (1024, 4096, 32768)
@@ -76,8 +76,8 @@ def kernels():
         out["flashmla"], out["default"] = flashmla.flashmla_decode, flashmla.flashmla_or_ours
     else:
         print(f"flashmla: not measured ({why})", flush=True)
-    if (why := gluon_decode.device_problem("cuda", C, D, 64)) is None:
-        out["gluon"] = gluon_decode.latent_decode_attention_ws
+    if (why := gluon_launch.device_problem("cuda", C, D, 64)) is None:
+        out["gluon"] = gluon_launch.latent_decode_attention_ws
     else:
         print(f"gluon: not measured ({why})", flush=True)
     return out
@@ -141,7 +141,7 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
             if kind.startswith("tma"):  # 1x or 2x the portable kernel's split count for this block
                 kw["splits"] = (2 if kw.get("splits") == "2x" else 1) * default_splits(b, h, t, kw["block_h"], q.device)
             if kind == "gluon" and kw.get("splits") == "2x":
-                kw["splits"] = 2 * gluon_decode.default_ws_splits(b, h, t, q.device)
+                kw["splits"] = 2 * gluon_launch.default_ws_splits(b, h, t, q.device)
             try:
                 runs.append(dict(kernel=kind, **cfg, ms=graphed_ms(lambda: fn(q, qr, ck, kr, lengths, scale, **kw))))
             except Exception as err:  # e.g. shared memory over the limit

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import triton
-from sm90_compile import SM90_SMEM, TARGET, compiled_launches, gluon_launch, ptxas_usage  # bench/
+from sm90_compile import SM90_SMEM, TARGET, compiled_launches, gluon_kernel_launch, ptxas_usage  # bench/
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
+from nemo_mla_lora.inference.kernels import gluon_launch
 
 CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one split (writes out) and several
     (64, 4, 1000, 1),
@@ -31,7 +32,7 @@ CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one s
 def compile_config(h: int, b: int, t: int, splits: int):
     """The compiled kernel for one launch config (raises on a compile error)."""
     with compiled_launches() as launches:
-        gluon_launch(h, b, t, splits)
+        gluon_kernel_launch(h, b, t, splits)
     return launches[0][2]
 
 
@@ -59,7 +60,7 @@ def time_kernels(out: Path | None = None) -> int:
         fns["flashmla"] = flashmla.flashmla_decode
     else:
         print(f"flashmla: not timed ({why})")
-    fns["gluon_ws"] = gd.latent_decode_attention_ws  # last: a fault in a new kernel would poison the context
+    fns["gluon_ws"] = gluon_launch.latent_decode_attention_ws  # last: a fault in a new kernel would poison the context
     roof = roofs()
     copy_gbs, peak_tflops = roof["copy_GBps"], roof["matmul_bf16_TFLOPs"]
     print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write), matmul {peak_tflops:.0f}")

@@ -149,7 +149,7 @@ moe_decode() {  # one V2-Lite MoE layer, bf16, at decode batch sizes: Megatron's
   tail -n 3 "$OUT/moe_tests.log"; return "$rc"
 }
 
-GLUON_SMOKE='import torch; from nemo_mla_lora.inference.kernels import gluon_decode as g
+GLUON_SMOKE='import torch; from nemo_mla_lora.inference.kernels import gluon_launch as g
 q = torch.randn(2, 64, 576, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
 buf = torch.randn(2, 128, 576, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
 n = torch.tensor([100, 128], device="cuda", dtype=torch.int32)

@@ -103,14 +103,14 @@ def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
         if kind == "portable":
             return triton_decode.latent_decode_attention(*args, max_length=positions)
         if kind == "gluon":
-            return gluon_launch(heads, batch, positions, splits=3)
+            return gluon_kernel_launch(heads, batch, positions, splits=3)
         return hopper_decode.latent_decode_attention_tma(*args, max_length=positions, rows=kind)
 
     return launch
 
 
-def gluon_launch(heads: int, batch: int, positions: int, splits: int):
-    """The launch ``gluon_decode.latent_decode_attention_ws`` makes for these shapes (queries made contiguous as it
+def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int):
+    """The launch ``gluon_launch.latent_decode_attention_ws`` makes for these shapes (queries made contiguous as it
     makes them), made directly: its launcher refuses a CPU cache (Hopper only). Inside ``compiled_launches`` it
     compiles.
 

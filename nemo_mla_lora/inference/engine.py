@@ -82,7 +82,7 @@ def backend_problem(backend: str, device, spec: MLASpec, dtype: torch.dtype) -> 
 
         why = unavailable(device, (spec.kv_lora_rank, spec.qk_rope_head_dim))
     elif backend == "gluon":
-        from nemo_mla_lora.inference.kernels.gluon_decode import device_problem
+        from nemo_mla_lora.inference.kernels.gluon_launch import device_problem
 
         why = device_problem(device, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.num_heads)
     if why is None and backend in ("flashmla", "gluon") and dtype != torch.bfloat16:

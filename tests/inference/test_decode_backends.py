@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from nemo_mla_lora.inference.kernels import gluon_backend, gluon_decode
+from nemo_mla_lora.inference.kernels import gluon_backend, gluon_decode, gluon_launch
 from nemo_mla_lora.models.architecture import builtin_spec
 
 BOUND = 3e-2  # of the step's largest |logit|: two bf16 kernels, different summation orders, through 2 layers
@@ -57,7 +57,7 @@ def test_the_hopper_backends_refuse_an_engine_that_is_not_bf16(monkeypatch, back
     from nemo_mla_lora.inference import engine
     from nemo_mla_lora.inference.kernels import flashmla
 
-    monkeypatch.setattr(gluon_decode, "device_problem", lambda *args: None)  # as on a Hopper GPU
+    monkeypatch.setattr(gluon_launch, "device_problem", lambda *args: None)  # as on a Hopper GPU
     monkeypatch.setattr(flashmla, "unavailable", lambda *args: None)
     assert engine.backend_problem(backend, "cuda", _spec(), torch.bfloat16) is None
     assert engine.backend_problem(backend, "cuda", _spec(), torch.float32) == (
@@ -74,8 +74,8 @@ def test_each_step_takes_the_gluon_kernel_only_where_it_reads_the_tensors(monkey
     from nemo_mla_lora.inference.kernels import hopper_decode
 
     called = []
-    monkeypatch.setattr(gluon_decode, "unavailable", lambda c_kv, k_rope, heads: None if kernel_runs else "no")
-    monkeypatch.setattr(gluon_decode, "latent_decode_attention_ws", lambda *args, **kw: called.append("gluon"))
+    monkeypatch.setattr(gluon_launch, "unavailable", lambda c_kv, k_rope, heads: None if kernel_runs else "no")
+    monkeypatch.setattr(gluon_launch, "latent_decode_attention_ws", lambda *args, **kw: called.append("gluon"))
     monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
     b, h, t = 2, 64, 128
     q_lat, q_rope = torch.zeros(b, h, 512, dtype=dtype), torch.zeros(b, h, 64, dtype=dtype)
@@ -88,7 +88,7 @@ def _hopper_problem(backend: str) -> str | None:
     if not torch.cuda.is_available():
         return "needs a CUDA GPU"
     if backend == "gluon":
-        return gluon_decode.device_problem("cuda", 512, 64, 64)
+        return gluon_launch.device_problem("cuda", 512, 64, 64)
     from nemo_mla_lora.inference.kernels.flashmla import unavailable
 
     return unavailable("cuda", (512, 64))

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from nemo_mla_lora.inference.kernels import gluon_decode
+from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
 from nemo_mla_lora.reference.latent import decode_step as reference
 
 SCALE = 0.05  # about 1 / sqrt(192 + 64), V3's
@@ -64,7 +64,7 @@ def test_matches_the_equations_and_the_tma_kernel(heads, batch, splits):
     from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, LENGTHS[batch])
-    got = gluon_decode.latent_decode_attention_ws(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits)
+    got = gluon_launch.latent_decode_attention_ws(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits)
     assert got.shape == q_lat.shape and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
     peak = want.abs().max().item()
@@ -81,7 +81,7 @@ def test_host_max_length_and_rows_of_one_position():
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(128, [1, 64, 1, 4096, 1], seed=1)
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
     for splits in (None, 7):
-        got = gluon_decode.latent_decode_attention_ws(
+        got = gluon_launch.latent_decode_attention_ws(
             q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits, max_length=c_kv.shape[1]
         )
         assert (got.double() - want).abs().max().item() <= BOUND * want.abs().max().item()
@@ -91,15 +91,15 @@ def test_refuses_with_the_reason():
     """What the kernel is not built for is refused with expected-vs-actual, before anything is launched."""
     c_kv, k_rope = torch.zeros(2, 64, 256, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
     if gluon_decode._GLUON_ERROR:
-        assert gluon_decode.unavailable(c_kv, k_rope, 64) == gluon_decode._GLUON_ERROR
+        assert gluon_launch.unavailable(c_kv, k_rope, 64) == gluon_decode._GLUON_ERROR
         return
-    assert "built for c = 512, d = 64; got c = 256, d = 64" in gluon_decode.unavailable(c_kv, k_rope, 64)
+    assert "built for c = 512, d = 64; got c = 256, d = 64" in gluon_launch.unavailable(c_kv, k_rope, 64)
     c_kv = torch.zeros(2, 64, 512, dtype=torch.bfloat16)
-    assert "heads in blocks of 64; got 96 heads" in gluon_decode.unavailable(c_kv, k_rope, 96)
-    assert "expected a sm_90 GPU, got cpu" in gluon_decode.unavailable(c_kv, k_rope, 128)
+    assert "heads in blocks of 64; got 96 heads" in gluon_launch.unavailable(c_kv, k_rope, 96)
+    assert "expected a sm_90 GPU, got cpu" in gluon_launch.unavailable(c_kv, k_rope, 128)
     with pytest.raises(ValueError, match="latent_decode_attention_ws: the Gluon decode kernel takes heads"):
         q = torch.zeros(2, 96, 512, dtype=torch.bfloat16)
-        gluon_decode.latent_decode_attention_ws(q, q[..., :64], c_kv, k_rope, torch.tensor([64, 64]), SCALE)
+        gluon_launch.latent_decode_attention_ws(q, q[..., :64], c_kv, k_rope, torch.tensor([64, 64]), SCALE)
 
 
 @pytest.mark.gpu
@@ -110,8 +110,8 @@ def test_decode_attention_takes_the_kernel_where_it_is_faster(monkeypatch, heads
     and the TMA kernel below, with the same result as the equations either way."""
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
-    calls, kernel = [], gluon_decode.latent_decode_attention_ws
-    monkeypatch.setattr(gluon_decode, "latent_decode_attention_ws", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    calls, kernel = [], gluon_launch.latent_decode_attention_ws
+    monkeypatch.setattr(gluon_launch, "latent_decode_attention_ws", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, LENGTHS[64][:batch])
     got = decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=c_kv.shape[1])
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)

@@ -4,14 +4,14 @@ it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for 
 
 The kernel is built for Hopper at 64 and 128 heads (blocks of 64 heads), DeepSeek's c = 512 and d = 64 and a bf16
 cache laid out for TMA; the engine refuses the backend up front where it could never run
-(``gluon_decode.device_problem``), and ``gluon_or_ours`` takes ours for a step whose tensors it cannot read (a
+(``gluon_launch.device_problem``), and ``gluon_or_ours`` takes ours for a step whose tensors it cannot read (a
 float32 cache, a layout TMA refuses).
 Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
 """
 
 import torch
 
-from nemo_mla_lora.inference.kernels import gluon_decode
+from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
 
 # Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel: on an H100 (bench/README.md, 4.3) it was
 # 1.10-1.53x faster at 64-128 blocks (64 and 128 heads, contexts 4K-32K) and 1.7x slower at 2 and 32 blocks, where
@@ -32,11 +32,11 @@ def gluon_is_faster(b: int, h: int) -> bool:
 
 def gluon_reads(q_lat, c_kv, k_rope) -> bool:
     """Whether the Gluon kernel can run on these tensors (shapes, dtypes and strides only: no device sync)."""
-    return q_lat.dtype == torch.bfloat16 and gluon_decode.unavailable(c_kv, k_rope, q_lat.shape[1]) is None
+    return q_lat.dtype == torch.bfloat16 and gluon_launch.unavailable(c_kv, k_rope, q_lat.shape[1]) is None
 
 
 def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
-    """o_lat [b, h, c] by the Gluon kernel where ``gluon_decode.unavailable`` finds nothing against these tensors,
+    """o_lat [b, h, c] by the Gluon kernel where ``gluon_launch.unavailable`` finds nothing against these tensors,
     else by ``hopper_decode.decode_attention``; the choice reads shapes, dtypes and strides only (no device sync:
     a CUDA graph captures one choice per shape).
 
@@ -48,7 +48,7 @@ def gluon_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length
         max_length: positions the kernels may read (default: the views' t).
     """
     if gluon_reads(q_lat, c_kv, k_rope):
-        ws = gluon_decode.latent_decode_attention_ws
+        ws = gluon_launch.latent_decode_attention_ws
         return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 

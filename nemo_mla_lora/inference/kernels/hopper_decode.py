@@ -322,7 +322,7 @@ def decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_len
         from nemo_mla_lora.inference.kernels import gluon_backend
 
         if gluon_backend.gluon_is_faster(*q_lat.shape[:2]) and gluon_backend.gluon_reads(q_lat, c_kv, k_rope):
-            ws = gluon_backend.gluon_decode.latent_decode_attention_ws
+            ws = gluon_backend.gluon_launch.latent_decode_attention_ws
             return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
         return latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
     from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
