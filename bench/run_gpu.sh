@@ -167,13 +167,17 @@ gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and Fla
   return "${PIPESTATUS[0]}"
 }
 
-gluon_decode() {  # the warp-specialised Gluon kernel: the smoke launch, its GPU tests and the engine through it and
-  # through FlashMLA's (timeouts: a barrier bug would hang), then its timing
+gluon_tests() {  # the warp-specialised Gluon kernel: the smoke launch, its GPU tests and the engine through it and
+  # through FlashMLA's (timeouts: a barrier bug would hang)
   gluon_smoke || return 1
   timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" \
     "$REPO/tests/inference/test_decode_backends.py" -rs \
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
-  tail -n 15 "$OUT/gluon_tests.log"
+  tail -n 15 "$OUT/gluon_tests.log"; return "$rc"
+}
+
+gluon_decode() {  # gluon_tests, then the kernel's timing
+  gluon_tests; local rc=$?
   gluon_timing; return $(( rc || $? ))
 }
 
