@@ -11,7 +11,8 @@ from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps 
 replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
 (``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (what the engine runs: where
 FlashMLA runs, its ``flashmla`` backend's choice per shape, ``flashmla_or_ours``; elsewhere ``decode_attention``,
-the TMA kernels with ``default_tma_launch``), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
+the TMA kernels with ``default_tma_launch``), ``ours`` (``decode_attention``, the engine's ``triton`` backend: the
+Gluon kernel where ``gluon_backend.gluon_is_faster``, the TMA kernels elsewhere), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
 package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
 the peer, same cache, same process), and, where it compiles for the card, ``gluon`` (``gluon_decode``: the
 warp-specialised kernel, at its default splits and twice them; heads in blocks of 64, so not at 16 heads). The cache is the engine's
@@ -70,7 +71,8 @@ def kernels():
     from nemo_mla_lora.inference.kernels.triton_decode import latent_decode_attention
 
     out = {"portable": latent_decode_attention, "tma": partial(latent_decode_attention_tma, rows="heads"),
-           "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention}
+           "tma_t": partial(latent_decode_attention_tma, rows="positions"), "default": decode_attention,
+           "ours": decode_attention}
     why = flashmla.unavailable()
     if why is None:  # the engine's choice where FlashMLA runs: its kernel for the shapes where it is faster
         out["flashmla"], out["default"] = flashmla.flashmla_decode, flashmla.flashmla_or_ours
@@ -97,7 +99,7 @@ def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
 
 
 def launches(kind: str, h: int) -> list[dict]:
-    if kind in ("portable", "default", "flashmla"):
+    if kind in ("portable", "default", "ours", "flashmla"):
         return [{}]
     if kind == "gluon":
         return [{}, {"splits": "2x"}]
@@ -169,7 +171,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
     ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
             label="goals: 70% copy, 50% matmul")
-    for kind, marker in (("portable", "o"), ("default", "s"), ("flashmla", "^"), ("gluon", "D"), ("einsum", "x")):
+    for kind, marker in (("portable", "o"), ("ours", "s"), ("flashmla", "^"), ("gluon", "D"), ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):
