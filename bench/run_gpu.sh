@@ -126,8 +126,9 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
 
 decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and the Gluon kernel's
   # included), then ncu of the Gluon kernel at 128 heads: a short and a long context
-  timeout -k 5 420 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 40
+  timeout -k 5 420 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 3
   local rc=${PIPESTATUS[0]}
+  python3 "$REPO/bench/decode_goals.py" "$OUT/decode_roofline.json" --json "$OUT/goals.json" | tail -n 45
   [ "${NCU:-1}" = 0 ] || decode_ncu "gluon 128 64 4096" "gluon 128 32 32768"
   return "$rc"
 }

@@ -227,3 +227,24 @@ def test_lora_traffic_widths_are_the_layer_the_gpu_trained():
     t, i, o = 4096, 7168, 1536  # linear_q_down_proj: forward x, y twice; backward g twice, dx twice, x: bf16
     forward, backward = 2 * (t * i + 2 * t * o), 2 * (2 * t * o + 2 * t * i + t * i)
     assert lora_traffic.floor_bytes({"q": (t, i, o)}) == forward + backward
+
+
+def test_decode_goals_read_a_committed_sweep():
+    """The goal table of a committed H100 sweep (FlashMLA's row beside ours): each goal checked against the rows'
+    own shares and times, misses listed apart where FlashMLA meets the bar."""
+    from support.bench import bench_module
+
+    goals = bench_module("decode_goals")
+    sweep = json.loads((ROOT / "bench/results/h100_decode_flashmla/sweep_all_heads/decode_roofline.json").read_text())
+    s = goals.summary(sweep)
+    assert len(s["rows"]) == len(sweep["shapes"]) == 36
+    for shape, row in zip(sweep["shapes"], s["rows"]):
+        ours = [shape["best"][k]["ms"] for k in goals.OURS if k in shape["best"]]
+        assert row["ours_us"] == pytest.approx(min(ours) * 1e3)
+        assert row["vs_flashmla"] == pytest.approx(shape["best"]["flashmla"]["ms"] / min(ours))
+    missed = s["misses"]["flashmla_goal_met"]
+    assert missed and all(r["vs_flashmla"] < 0.95 for r in s["rows"] if f"h{r['h']} b{r['b']} t{r['t']}" in missed)
+    assert set(s["misses"]["copy_goal_met_where_flashmla_meets_it"]) <= set(s["misses"]["copy_goal_met"])
+    assert "| 64 | 128 | 32768 |" in goals.table(s)
+    with pytest.raises(ValueError, match="expected decode_roofline.py's JSON"):
+        goals.summary({"rows": []})
