@@ -276,31 +276,12 @@ def latent_decode_attention_tma(
     one = splits == 1
     if q_lat.device.type == "cuda":
         triton.set_allocator(_scratch)
+    # the row strides (batch, then head / position) of each tensor, in the kernel's argument order
+    strides = (*q_lat.stride()[:2], *q_rope.stride()[:2], *c_kv.stride()[:2], *k_rope.stride()[:2])
+    strides += (acc.stride(0), acc.stride(1), 0 if one else acc.stride(2), m.stride(0), m.stride(1))
+    args = (q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, chunk, *strides)
     kernel[(triton.cdiv(h, block_h), splits, b)](
-        q_lat,
-        q_rope,
-        c_kv,
-        k_rope,
-        lengths,
-        acc,
-        m,
-        l_sum,
-        scale,
-        h,
-        chunk,
-        q_lat.stride(0),
-        q_lat.stride(1),
-        q_rope.stride(0),
-        q_rope.stride(1),
-        c_kv.stride(0),
-        c_kv.stride(1),
-        k_rope.stride(0),
-        k_rope.stride(1),
-        acc.stride(0),
-        acc.stride(1),
-        0 if one else acc.stride(2),
-        m.stride(0),
-        m.stride(1),
+        *args,
         C=c,
         D=d,
         BLOCK_H=block_h,
