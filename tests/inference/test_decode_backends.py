@@ -143,8 +143,11 @@ def test_the_engine_decodes_as_with_our_triton_kernels(mcore, monkeypatch, backe
 
 
 def test_decode_attention_takes_the_gluon_kernel_from_64_head_blocks():
-    """The shapes where the Gluon kernel beat our TMA kernel on an H100 (64 to 128 blocks of 64 heads) and where
-    it lost (2 and 32 blocks); 16 heads never (the kernel takes heads in blocks of 64)."""
+    """The shapes where the Gluon kernel beat our TMA kernel on an H100 in eager calls (64 to 128 blocks of 64 heads)
+    and where it lost (2 and 32 blocks); replayed from a CUDA graph every shape of 64-head blocks; 16 heads never
+    (the kernel takes heads in blocks of 64)."""
     faster = gluon_backend.gluon_is_faster
     assert faster(64, 64) and faster(32, 128) and faster(64, 128) and faster(128, 64)
     assert not faster(16, 128) and not faster(1, 128) and not faster(128, 16) and not faster(256, 16)
+    assert faster(1, 64, graphed=True) and faster(16, 128, graphed=True) and faster(64, 128, graphed=True)
+    assert not faster(256, 16, graphed=True) and not faster(8, 96, graphed=True)

@@ -1,6 +1,6 @@
 """The engine's ``gluon`` decode backend: the warp-specialised Gluon kernel (``gluon_decode``) for every decode step
 it can run, our TMA / portable kernels (``hopper_decode.decode_attention``) for the rest; and the per-shape choice
-``decode_attention`` itself makes (``gluon_is_faster``: the shapes where the kernel beat our TMA kernel).
+``decode_attention`` itself makes (``gluon_is_faster``: where the kernel beat our TMA kernel, eager and graphed).
 
 The kernel is built for Hopper at 64 and 128 heads (blocks of 64 heads), DeepSeek's c = 512 and d = 64 and a bf16
 cache laid out for TMA; the engine refuses the backend up front where it could never run
@@ -13,21 +13,26 @@ import torch
 
 from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
 
-# Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel: on an H100 (bench/README.md, 4.3) it was
-# 1.10-1.53x faster at 64-128 blocks (64 and 128 heads, contexts 4K-32K) and 1.7x slower at 2 and 32 blocks, where
-# those eager timings are mostly host time (the cache read is 6-25 us at copy bandwidth) and the Gluon kernel's
-# host path per call (four TMA descriptors, the split buffers, the merge launch) is the longer one.
+# Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel in eager calls: on an H100 (bench/README.md,
+# 4.3) it was 1.10-1.53x faster at 64-128 blocks and 1.7x slower at 2 and 32 blocks, where an eager call is mostly
+# host time and the Gluon kernel's host path (four TMA descriptors, the split buffers, the merge launch) is the longer.
+# Replayed from a CUDA graph (no host work per call), with ``gluon_launch.default_ws_splits``, it was as fast as the
+# TMA kernel at batch 1 with 1K positions (within 1%) and faster at every other 64- and 128-head shape of the H100
+# sweep, up to 2.4x.
 FASTER_FROM_BLOCKS = 64
 
 
-def gluon_is_faster(b: int, h: int) -> bool:
-    """Whether ``decode_attention`` takes the Gluon kernel for b rows of h heads (a function of host integers: a
+def gluon_is_faster(b: int, h: int, graphed: bool = False) -> bool:
+    """Whether ``decode_attention`` takes the Gluon kernel for b rows of h heads (a function of host values: a
     CUDA graph captures one choice per shape).
 
     Args:
         b: rows of the batch; h: query heads.
+        graphed: whether the call is being captured into a CUDA graph (then every shape of 64-head blocks).
     """
-    return h % gluon_decode.BLOCK_H == 0 and b * (h // gluon_decode.BLOCK_H) >= FASTER_FROM_BLOCKS
+    if h % gluon_decode.BLOCK_H:
+        return False
+    return graphed or b * (h // gluon_decode.BLOCK_H) >= FASTER_FROM_BLOCKS
 
 
 def gluon_reads(q_lat, c_kv, k_rope) -> bool:
