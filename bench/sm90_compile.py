@@ -157,12 +157,29 @@ def _grouped_add(r: int):
 
 
 # name -> a call of the package's own entry point with CPU tensors; each launch in it compiles for sm_90a
+def _merge(splits: int, heads: int = 64):
+    """The merge pass over ``splits`` partial sums of one long row (batch 1): the split counts a 32K-position row
+    takes at 64 heads on an H100 (128 with the Gluon kernel)."""
+
+    def launch():
+        import torch
+
+        from nemo_mla_lora.inference.kernels import triton_decode
+
+        acc = torch.zeros(1, heads, splits, 512)  # [b, h, S, c] fp32
+        m = torch.zeros(1, heads, splits)  # [b, h, S]
+        return triton_decode.merge_splits(acc, m, torch.zeros_like(m), torch.zeros(1, heads, 512, dtype=torch.bfloat16))
+
+    return launch
+
+
 ENTRIES = {
     "decode_tma_heads_h128": _decode("heads", 128),
     "decode_tma_heads_h16_b8_t8k": _decode("heads", 16, batch=8, positions=8192),
     "decode_tma_positions_h16": _decode("positions", 16),
     "decode_portable_h128": _decode("portable", 128),
     "decode_gluon_ws_h128": _decode("gluon", 128),
+    "decode_merge_128_splits": _merge(128),
     "decode_adapters": _adapters,
     "grouped_add_r16": lambda: _grouped_add(16),
     "grouped_add_r64": lambda: _grouped_add(64),

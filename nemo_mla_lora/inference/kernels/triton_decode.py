@@ -122,6 +122,7 @@ def _merge_kernel(
     s_oh,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    GROUP_S: tl.constexpr,
 ):
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     ss, cs = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_C)
@@ -130,12 +131,19 @@ def _merge_kernel(
     l_sum = tl.load(l_in + b * s_mb + h * s_mh + ss, mask=smask, other=0.0)
     m_all = tl.max(m, axis=0)
     w = tl.where(smask & (m > float("-inf")), tl.exp(m - m_all), 0.0)  # [BS]; empty splits weigh 0
-    acc = tl.load(
-        acc_in + b * s_ab + h * s_ah + ss[:, None] * s_as + cs[None, :],
-        mask=smask[:, None] & (cs[None, :] < C),
-        other=0.0,
-    )  # [BS, BC]
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+    o = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, S, GROUP_S):  # GROUP_S splits at a time: a [BS, BC] tile would spill at 64+ splits
+        sg = s0 + tl.arange(0, GROUP_S)
+        gmask = sg < S
+        mg = tl.load(m_in + b * s_mb + h * s_mh + sg, mask=gmask, other=float("-inf"))  # [GS]
+        wg = tl.where(gmask & (mg > float("-inf")), tl.exp(mg - m_all), 0.0)  # [GS]
+        acc = tl.load(
+            acc_in + b * s_ab + h * s_ah + sg[:, None] * s_as + cs[None, :],
+            mask=gmask[:, None] & (cs[None, :] < C),
+            other=0.0,
+        )  # [GS, BC]
+        o += tl.sum(acc * wg[:, None], axis=0)
+    o = o / tl.sum(l_sum * w, axis=0)
     tl.store(out + b * s_ob + h * s_oh + cs, o, mask=cs < C)
 
 
@@ -150,6 +158,11 @@ def split_buffers(q_lat: torch.Tensor, t_max: int, splits: int, block_t: int):
     acc = out if splits == 1 else torch.empty(b, h, splits, c, dtype=torch.float32, device=q_lat.device)
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q_lat.device)
     return chunk, splits, out, acc, m, torch.empty_like(m)
+
+
+# Splits the merge pass sums at a time: [8, 512] fp32 is 32 values a thread at 4 warps. Holding every split at once
+# spilled 10-26 KB a thread at 66-256 splits (ptxas for sm_90a), the splits a single long row takes.
+MERGE_GROUP = 8
 
 
 def merge_splits(acc, m, l_sum, out) -> None:
@@ -173,6 +186,7 @@ def merge_splits(acc, m, l_sum, out) -> None:
         out.stride(1),
         BLOCK_C=pow2(c),
         BLOCK_S=pow2(splits, 2),
+        GROUP_S=min(pow2(splits, 2), MERGE_GROUP),
     )
 
 
