@@ -127,7 +127,7 @@ def test_the_engine_decodes_as_with_our_triton_kernels(mcore, monkeypatch, backe
     if backend == "flashmla":  # FlashMLA at every step (its backend takes it only for large shapes)
         from nemo_mla_lora.inference.kernels import flashmla
 
-        monkeypatch.setattr(flashmla, "flashmla_is_faster", lambda h, b, t: True)
+        monkeypatch.setattr(flashmla, "flashmla_is_faster", lambda *args: True)
     spec = _spec()
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, spec.vocab_size, (3, 140), generator=gen).cuda()  # decode past two 64-position tiles

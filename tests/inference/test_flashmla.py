@@ -80,6 +80,33 @@ def test_the_backend_takes_flashmla_only_for_the_shapes_where_it_is_faster(monke
     assert called == [expected]
 
 
+MEASURED_GRAPHED = [  # heads, batch, t, the faster replayed from a CUDA graph (ours: the Gluon kernel), ms
+    (16, 128, 32768, "ours"),
+    (64, 32, 4096, "ours"),  # 0.073 against 0.096
+    (64, 128, 4096, "ours"),  # 0.216 against 0.256
+    (128, 1, 32768, "ours"),  # 0.042 against 0.056
+    (128, 8, 4096, "ours"),  # 0.040 against 0.049
+    (128, 32, 4096, "flashmla"),  # 0.098 against 0.110
+    (128, 8, 32768, "flashmla"),  # 0.147 against 0.202
+]
+
+
+@pytest.mark.parametrize("heads, b, t, expected", MEASURED_GRAPHED)
+def test_inside_a_graph_capture_the_backend_weighs_flashmla_against_the_gluon_kernel(
+    monkeypatch, heads, b, t, expected
+):
+    from nemo_mla_lora.inference.kernels import flashmla, hopper_decode
+
+    called = []
+    monkeypatch.setattr(flashmla, "_capturing", lambda x: True)  # as inside torch.cuda.graph(...)
+    monkeypatch.setattr(flashmla, "flashmla_decode", lambda *args, **kw: called.append("flashmla"))
+    monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
+    q_lat, q_rope = torch.zeros(b, heads, 512), torch.zeros(b, heads, 64)
+    c_kv, k_rope = torch.zeros(b, 64, 512), torch.zeros(b, 64, 64)
+    flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
+    assert called == [expected]
+
+
 def test_without_max_length_the_choice_reads_the_views_positions(monkeypatch):
     from nemo_mla_lora.inference.kernels import flashmla, hopper_decode
 

@@ -26,6 +26,13 @@ LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
 FASTER_FROM_HEADS = 64
 FASTER_FROM_WORK = 1 << 22  # h x b x t
 FASTER_FROM_POSITIONS = 1 << 15  # t, at any batch
+# Inside a CUDA-graph capture ours is the Gluon kernel at every shape of 64-head blocks (``hopper_decode``), and the
+# graphed H100 sweep with it (bench/README.md, 4.3) has FlashMLA ahead only from 128 heads with h x b x t >= 16M
+# (batch 32 x 4K: 0.098 against 0.110 ms; 8 x 32K: 0.147 against 0.202; 128 x 1K even) and at two 64-head shapes
+# taken as ours: one row of 32K positions (0.077 against 0.117 ms, where ours were held back by the merge pass since
+# rewritten) and 128 x 32K (1.676 against 1.720). Below it ours are faster (128 heads, 8 x 4K: 0.040 against 0.049).
+GRAPHED_FROM_HEADS = 128
+GRAPHED_FROM_WORK = 1 << 24  # h x b x t
 
 
 def _dims_problem(latent: int, rope: int) -> str | None:
@@ -99,19 +106,27 @@ def flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_leng
     return out[:, 0]  # [b, h, c]
 
 
-def flashmla_is_faster(h: int, b: int, t: int) -> bool:
+def flashmla_is_faster(h: int, b: int, t: int, graphed: bool = False) -> bool:
     """Whether FlashMLA's decode beats ours for h heads, b rows and t positions read per row (measured: the constants
-    above); a function of host integers, so a CUDA graph captures one choice per shape.
+    above); a function of host values, so a CUDA graph captures one choice per shape.
 
     Args:
         h: query heads; b: rows of the batch; t: cached positions each row's decode reads.
+        graphed: whether the call is being captured into a CUDA graph (where ours is the Gluon kernel).
     """
+    if graphed:
+        return h >= GRAPHED_FROM_HEADS and h * b * t >= GRAPHED_FROM_WORK
     return h >= FASTER_FROM_HEADS and (h * b * t >= FASTER_FROM_WORK or t >= FASTER_FROM_POSITIONS)
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether x's device stream is being captured into a CUDA graph (a host query; False off CUDA)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
-    """The ``flashmla`` backend's choice per shape (``flashmla_is_faster``): FlashMLA's decode where it is faster,
-    ours (``hopper_decode.decode_attention``) elsewhere.
+    """The ``flashmla`` backend's choice per shape (``flashmla_is_faster``, eager or inside a CUDA-graph capture):
+    FlashMLA's decode where it is faster, ours (``hopper_decode.decode_attention``) elsewhere.
 
     Args:
         q_lat, q_rope: the queries, [b, h, c] and [b, h, dr]; h and b decide the kernel, with t.
@@ -125,7 +140,7 @@ def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_len
         o_lat [b, h, c], as ``flashmla_decode``.
     """
     b, h, _ = q_lat.shape
-    if flashmla_is_faster(h, b, max_length or c_kv.shape[1]):
+    if flashmla_is_faster(h, b, max_length or c_kv.shape[1], _capturing(q_lat)):
         return flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
