@@ -14,6 +14,8 @@ Index legend: b batch, v vocabulary.
 
 import torch
 
+from nemo_mla_lora.inference.kernels import graph_choice
+
 
 def graph_unsafe(engine) -> str | None:
     """Why ``engine``'s decode step cannot be captured (None: it can)."""
@@ -55,7 +57,7 @@ class GraphedDecode:
         lengths, length = cache.lengths.clone(), cache.length
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), graph_choice.graphed_choice():  # the kernels the capture will launch
             for _ in range(warmup):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)

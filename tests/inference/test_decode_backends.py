@@ -151,3 +151,17 @@ def test_decode_attention_takes_the_gluon_kernel_from_64_head_blocks():
     assert not faster(16, 128) and not faster(1, 128) and not faster(128, 16) and not faster(256, 16)
     assert faster(1, 64, graphed=True) and faster(16, 128, graphed=True) and faster(64, 128, graphed=True)
     assert not faster(256, 16, graphed=True) and not faster(8, 96, graphed=True)
+
+
+def test_kernels_are_chosen_for_a_graph_only_inside_graphed_choice_or_a_capture():
+    """``graph_choice.for_graph``: off by default (no capture here), on inside ``graphed_choice`` (GraphedDecode's
+    warm-up), off again after it, nested or not; ``decode_attention``'s and the ``flashmla`` backend's choices read it."""
+    from nemo_mla_lora.inference.kernels import graph_choice
+
+    assert not graph_choice.for_graph()
+    with graph_choice.graphed_choice():
+        assert graph_choice.for_graph()
+        with graph_choice.graphed_choice():
+            assert graph_choice.for_graph()
+        assert graph_choice.for_graph()
+    assert not graph_choice.for_graph()

@@ -92,18 +92,16 @@ MEASURED_GRAPHED = [  # heads, batch, t, the faster replayed from a CUDA graph (
 
 
 @pytest.mark.parametrize("heads, b, t, expected", MEASURED_GRAPHED)
-def test_inside_a_graph_capture_the_backend_weighs_flashmla_against_the_gluon_kernel(
-    monkeypatch, heads, b, t, expected
-):
-    from nemo_mla_lora.inference.kernels import flashmla, hopper_decode
+def test_for_a_graph_the_backend_weighs_flashmla_against_the_gluon_kernel(monkeypatch, heads, b, t, expected):
+    from nemo_mla_lora.inference.kernels import flashmla, graph_choice, hopper_decode
 
     called = []
-    monkeypatch.setattr(flashmla, "_capturing", lambda x: True)  # as inside torch.cuda.graph(...)
     monkeypatch.setattr(flashmla, "flashmla_decode", lambda *args, **kw: called.append("flashmla"))
     monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
     q_lat, q_rope = torch.zeros(b, heads, 512), torch.zeros(b, heads, 64)
     c_kv, k_rope = torch.zeros(b, 64, 512), torch.zeros(b, 64, 64)
-    flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
+    with graph_choice.graphed_choice():  # as GraphedDecode's warm-up and capture
+        flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
     assert called == [expected]
 
 

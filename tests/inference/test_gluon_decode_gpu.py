@@ -122,22 +122,24 @@ def test_decode_attention_takes_the_kernel_where_it_is_faster(monkeypatch, heads
 @pytest.mark.gpu
 @needs_sm90
 def test_decode_attention_takes_the_kernel_at_small_batches_in_a_cuda_graph(monkeypatch):
-    """Captured into a CUDA graph, ``decode_attention`` runs the Gluon kernel at 2 head blocks too (128 heads, batch
-    1), where an eager call takes the TMA kernel; the replay equals the equations."""
+    """For a CUDA graph, ``decode_attention`` runs the Gluon kernel at 2 head blocks too (128 heads, batch 1), where
+    an eager call takes the TMA kernel: in the warm-up under ``graphed_choice`` (which compiles it) and in the
+    capture; the replay equals the equations."""
+    from nemo_mla_lora.inference.kernels import graph_choice
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(128, LENGTHS[1])
-    kernel, t = gluon_launch.latent_decode_attention_ws, c_kv.shape[1]
-    kernel(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=t)  # compiled before the capture
-    calls = []
+    kernel, t, calls = gluon_launch.latent_decode_attention_ws, c_kv.shape[1], []
     monkeypatch.setattr(gluon_launch, "latent_decode_attention_ws", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=t)
     assert calls == []  # eager: below 64 head blocks, the TMA kernel
+    with graph_choice.graphed_choice():  # GraphedDecode's warm-up
+        decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=t)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, max_length=t)
     graph.replay()
     torch.cuda.synchronize()
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
-    assert calls == [1]
+    assert calls == [1, 1]
     assert (got.double() - want).abs().max().item() <= BOUND * want.abs().max().item()

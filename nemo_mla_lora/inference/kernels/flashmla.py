@@ -16,6 +16,8 @@ import functools
 
 import torch
 
+from nemo_mla_lora.inference.kernels import graph_choice
+
 PAGE = 64  # FlashMLA's page block size: the engine's cache (``inference/cache.py``) pads its rows to it
 LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
 # Where FlashMLA's decode is faster than ours (bench/README.md, "Hopper decode kernels": the full sweep on one H100,
@@ -119,14 +121,9 @@ def flashmla_is_faster(h: int, b: int, t: int, graphed: bool = False) -> bool:
     return h >= FASTER_FROM_HEADS and (h * b * t >= FASTER_FROM_WORK or t >= FASTER_FROM_POSITIONS)
 
 
-def _capturing(x: torch.Tensor) -> bool:
-    """Whether x's device stream is being captured into a CUDA graph (a host query; False off CUDA)."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
-    """The ``flashmla`` backend's choice per shape (``flashmla_is_faster``, eager or inside a CUDA-graph capture):
-    FlashMLA's decode where it is faster, ours (``hopper_decode.decode_attention``) elsewhere.
+    """The ``flashmla`` backend's choice per shape (``flashmla_is_faster``, eager or for a CUDA graph as
+    ``graph_choice`` says): FlashMLA's decode where it is faster, ours (``hopper_decode.decode_attention``) elsewhere.
 
     Args:
         q_lat, q_rope: the queries, [b, h, c] and [b, h, dr]; h and b decide the kernel, with t.
@@ -140,7 +137,7 @@ def flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_len
         o_lat [b, h, c], as ``flashmla_decode``.
     """
     b, h, _ = q_lat.shape
-    if flashmla_is_faster(h, b, max_length or c_kv.shape[1], _capturing(q_lat)):
+    if flashmla_is_faster(h, b, max_length or c_kv.shape[1], graph_choice.for_graph()):
         return flashmla_decode(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length)
     from nemo_mla_lora.inference.kernels.hopper_decode import decode_attention
 

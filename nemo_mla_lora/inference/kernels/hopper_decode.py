@@ -296,14 +296,14 @@ def latent_decode_attention_tma(
 
 def decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_length: int | None = None):
     """The decode kernel for this cache: on Hopper the warp-specialised Gluon kernel for the shapes where it is
-    faster (``gluon_backend.gluon_is_faster``: all 64-head blocks under CUDA-graph capture, 64 blocks and more in
-    eager calls; where it reads the tensors), the TMA kernels elsewhere where
+    faster (``gluon_backend.gluon_is_faster``: all 64-head blocks for a CUDA graph, as ``graph_choice`` says, 64
+    blocks and more in eager calls; where it reads the tensors), the TMA kernels elsewhere where
     ``supported`` (Hopper and newer), else the portable Triton kernel (``triton_decode``). Same arguments and result
     as each."""
     if c_kv.device.type == "cuda" and supported(c_kv, k_rope):
-        from nemo_mla_lora.inference.kernels import gluon_backend
+        from nemo_mla_lora.inference.kernels import gluon_backend, graph_choice
 
-        graphed = torch.cuda.is_current_stream_capturing()
+        graphed = graph_choice.for_graph()
         if gluon_backend.gluon_is_faster(*q_lat.shape[:2], graphed) and gluon_backend.gluon_reads(q_lat, c_kv, k_rope):
             ws = gluon_backend.gluon_launch.latent_decode_attention_ws
             return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
