@@ -155,7 +155,7 @@ def test_decode_attention_takes_the_gluon_kernel_from_64_head_blocks():
 
 def test_kernels_are_chosen_for_a_graph_only_inside_graphed_choice_or_a_capture():
     """``graph_choice.for_graph``: off by default (no capture here), on inside ``graphed_choice`` (GraphedDecode's
-    warm-up), off again after it, nested or not; ``decode_attention``'s and the ``flashmla`` backend's choices read it."""
+    warm-up), off again after it, nested or not; ``decode_attention`` and the ``flashmla`` backend read it."""
     from nemo_mla_lora.inference.kernels import graph_choice
 
     assert not graph_choice.for_graph()
