@@ -28,7 +28,7 @@ LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
 FASTER_FROM_HEADS = 64
 FASTER_FROM_WORK = 1 << 22  # h x b x t
 FASTER_FROM_POSITIONS = 1 << 15  # t, at any batch
-# Inside a CUDA-graph capture ours is the Gluon kernel at every shape of 64-head blocks (``hopper_decode``), and the
+# For a CUDA graph (``graph_choice``) ours is the Gluon kernel at every shape of 64-head blocks (``hopper_decode``), and the
 # graphed H100 sweep with it (bench/README.md, 4.3) has FlashMLA ahead only from 128 heads with h x b x t >= 16M
 # (batch 32 x 4K: 0.098 against 0.110 ms; 8 x 32K: 0.147 against 0.202; 128 x 1K even) and at two 64-head shapes
 # taken as ours: one row of 32K positions (0.077 against 0.117 ms, where ours were held back by the merge pass since
@@ -114,7 +114,7 @@ def flashmla_is_faster(h: int, b: int, t: int, graphed: bool = False) -> bool:
 
     Args:
         h: query heads; b: rows of the batch; t: cached positions each row's decode reads.
-        graphed: whether the call is being captured into a CUDA graph (where ours is the Gluon kernel).
+        graphed: whether kernels are chosen for a CUDA graph (``graph_choice.for_graph``; ours: the Gluon kernel).
     """
     if graphed:
         return h >= GRAPHED_FROM_HEADS and h * b * t >= GRAPHED_FROM_WORK

@@ -28,7 +28,8 @@ def gluon_is_faster(b: int, h: int, graphed: bool = False) -> bool:
 
     Args:
         b: rows of the batch; h: query heads.
-        graphed: whether the call is being captured into a CUDA graph (then every shape of 64-head blocks).
+        graphed: whether kernels are chosen for a CUDA graph (``graph_choice.for_graph``): then every shape of
+            64-head blocks.
     """
     if h % gluon_decode.BLOCK_H:
         return False
