@@ -28,9 +28,9 @@ LATENT, ROPE = 512, 64  # the dims FlashMLA's MLA kernels are built for
 FASTER_FROM_HEADS = 64
 FASTER_FROM_WORK = 1 << 22  # h x b x t
 FASTER_FROM_POSITIONS = 1 << 15  # t, at any batch
-# For a CUDA graph (``graph_choice``) ours is the Gluon kernel at every shape of 64-head blocks (``hopper_decode``), and the
-# graphed H100 sweep with it (bench/README.md, 4.3) has FlashMLA ahead only from 128 heads with h x b x t >= 16M
-# (batch 32 x 4K: 0.098 against 0.110 ms; 8 x 32K: 0.147 against 0.202; 128 x 1K even) and at two 64-head shapes
+# For a CUDA graph (``graph_choice``) ours is the Gluon kernel at every shape of 64-head blocks (``hopper_decode``),
+# and the graphed H100 sweep with it (bench/README.md, 4.3) has FlashMLA ahead only from 128 heads with h x b x t >=
+# 16M (batch 32 x 4K: 0.098 against 0.110 ms; 8 x 32K: 0.147 against 0.202; 128 x 1K even) and at two 64-head shapes
 # taken as ours: one row of 32K positions (0.077 against 0.117 ms, where ours were held back by the merge pass since
 # rewritten) and 128 x 32K (1.676 against 1.720). Below it ours are faster (128 heads, 8 x 4K: 0.040 against 0.049).
 GRAPHED_FROM_HEADS = 128
