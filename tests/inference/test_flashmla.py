@@ -5,6 +5,8 @@ positions 64j .. 64j + 63, c_kv and k_rope side by side, no copy), views that ar
 ``flashmla`` backend is refused with the reason where it cannot run. On a Hopper GPU with the ``flash_mla``
 package: its decode against the float64 equations (the engine decoding through it: ``test_decode_backends.py``)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -67,20 +69,7 @@ MEASURED = [
 ]
 
 
-@pytest.mark.parametrize("heads, b, t, expected", MEASURED)
-def test_the_backend_takes_flashmla_only_for_the_shapes_where_it_is_faster(monkeypatch, heads, b, t, expected):
-    from nemo_mla_lora.inference.kernels import flashmla, hopper_decode
-
-    called = []
-    monkeypatch.setattr(flashmla, "flashmla_decode", lambda *args, **kw: called.append("flashmla"))
-    monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
-    q_lat, q_rope = torch.zeros(b, heads, 512), torch.zeros(b, heads, 64)
-    c_kv, k_rope = torch.zeros(b, 64, 512), torch.zeros(b, 64, 64)  # the choice reads t from max_length
-    flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
-    assert called == [expected]
-
-
-MEASURED_GRAPHED = [  # heads, batch, t, the faster replayed from a CUDA graph (ours: the Gluon kernel), ms
+MEASURED_GRAPHED = [  # the same for a CUDA graph (ours: the Gluon kernel), the graphed H100 sweep, ms
     (16, 128, 32768, "ours"),
     (64, 32, 4096, "ours"),  # 0.073 against 0.096
     (64, 128, 4096, "ours"),  # 0.216 against 0.256
@@ -91,16 +80,20 @@ MEASURED_GRAPHED = [  # heads, batch, t, the faster replayed from a CUDA graph (
 ]
 
 
-@pytest.mark.parametrize("heads, b, t, expected", MEASURED_GRAPHED)
-def test_for_a_graph_the_backend_weighs_flashmla_against_the_gluon_kernel(monkeypatch, heads, b, t, expected):
+@pytest.mark.parametrize(
+    "graphed, heads, b, t, expected", [(False, *m) for m in MEASURED] + [(True, *m) for m in MEASURED_GRAPHED]
+)
+def test_the_backend_takes_flashmla_only_for_the_shapes_where_it_is_faster(monkeypatch, graphed, heads, b, t, expected):
+    """Eager against our TMA kernel; for a CUDA graph (``graph_choice``, as GraphedDecode's warm-up and capture)
+    against the Gluon kernel."""
     from nemo_mla_lora.inference.kernels import flashmla, graph_choice, hopper_decode
 
     called = []
     monkeypatch.setattr(flashmla, "flashmla_decode", lambda *args, **kw: called.append("flashmla"))
     monkeypatch.setattr(hopper_decode, "decode_attention", lambda *args, **kw: called.append("ours"))
     q_lat, q_rope = torch.zeros(b, heads, 512), torch.zeros(b, heads, 64)
-    c_kv, k_rope = torch.zeros(b, 64, 512), torch.zeros(b, 64, 64)
-    with graph_choice.graphed_choice():  # as GraphedDecode's warm-up and capture
+    c_kv, k_rope = torch.zeros(b, 64, 512), torch.zeros(b, 64, 64)  # the choice reads t from max_length
+    with graph_choice.graphed_choice() if graphed else contextlib.nullcontext():
         flashmla.flashmla_or_ours(q_lat, q_rope, c_kv, k_rope, torch.full((b,), t), 0.1, max_length=t)
     assert called == [expected]
 
