@@ -235,13 +235,15 @@ def test_decode_goals_read_a_committed_sweep():
     from support.bench import bench_module
 
     goals = bench_module("decode_goals")
-    sweep = json.loads((ROOT / "bench/results/h100_decode_flashmla/sweep_all_heads/decode_roofline.json").read_text())
+    sweep = json.loads((ROOT / "bench/results/h100_decode_gluon_sweep/decode_roofline.json").read_text())
     s = goals.summary(sweep)
     assert len(s["rows"]) == len(sweep["shapes"]) == 36
     for shape, row in zip(sweep["shapes"], s["rows"]):
         ours = [shape["best"][k]["ms"] for k in goals.OURS if k in shape["best"]]
         assert row["ours_us"] == pytest.approx(min(ours) * 1e3)
         assert row["vs_flashmla"] == pytest.approx(shape["best"]["flashmla"]["ms"] / min(ours))
+        engine = shape["best"]["ours"]["ms"]  # what the engine's triton backend ran
+        assert row["engine_vs_flashmla"] == pytest.approx(shape["best"]["flashmla"]["ms"] / engine)
     missed = s["misses"]["flashmla_goal_met"]
     assert missed and all(r["vs_flashmla"] < 0.95 for r in s["rows"] if f"h{r['h']} b{r['b']} t{r['t']}" in missed)
     assert set(s["misses"]["copy_goal_met_where_flashmla_meets_it"]) <= set(s["misses"]["copy_goal_met"])
