@@ -11,7 +11,7 @@ from a CUDA graph of ``REPS`` calls (as serving engines run decode; launch gaps 
 replays. Kernels: ``portable`` (``triton_decode``, its default launch), ``tma`` and ``tma_t``
 (``hopper_decode``: heads as the MMA's rows, positions as its rows), ``default`` (what the engine runs: where
 FlashMLA runs, its ``flashmla`` backend's choice per shape, ``flashmla_or_ours``; elsewhere ``decode_attention``,
-the TMA kernels with ``default_tma_launch``), ``ours`` (``decode_attention``, the engine's ``triton`` backend: the
+as ``ours``), ``ours`` (``decode_attention``, the engine's ``triton`` backend: the
 Gluon kernel where ``gluon_backend.gluon_is_faster``, the TMA kernels elsewhere), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
 package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
 the peer, same cache, same process), and, where it compiles for the card, ``gluon`` (``gluon_decode``: the

@@ -26,7 +26,8 @@
 # Decode:
 #   decode [--no-sweep] | decode_hopper [--quick] | decode_ncu "default 64 64 4096" | decode_adapters
 #   gluon_decode | gluon_time             the warp-specialised Gluon kernel's GPU tests and timing | timing alone
-#   backend_tests                         the engine through the gluon and flashmla backends against our kernels
+#   gluon_tests | backend_tests           the Gluon kernel's and the engine backends' GPU tests | the latter alone
+#   decode_sweep [--quick]                the roofline sweep alone, its goals (decode_goals.py), ncu of the Gluon kernel
 #   decode_engine_4k                      the engine at context 4,096: ours, FlashMLA's and the Gluon kernel
 #   moe_decode                            a V2-Lite MoE layer at decode batches: Megatron's layer vs GroupedMoE
 # Placement study:

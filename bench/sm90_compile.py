@@ -156,7 +156,6 @@ def _grouped_add(r: int):
                                      b.transpose(1, 2), ends)
 
 
-# name -> a call of the package's own entry point with CPU tensors; each launch in it compiles for sm_90a
 def _merge(splits: int, heads: int = 64):
     """The merge pass over ``splits`` partial sums of one long row (batch 1): the split counts a 32K-position row
     takes at 64 heads on an H100 (128 with the Gluon kernel)."""
@@ -173,6 +172,7 @@ def _merge(splits: int, heads: int = 64):
     return launch
 
 
+# name -> a call of the package's own entry point with CPU tensors; each launch in it compiles for sm_90a
 ENTRIES = {
     "decode_tma_heads_h128": _decode("heads", 128),
     "decode_tma_heads_h16_b8_t8k": _decode("heads", 16, batch=8, positions=8192),
