@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from nemo_mla_lora.inference.kernels import gluon_backend, gluon_decode, gluon_launch
+from nemo_mla_lora.inference.kernels import gluon_backend, gluon_decode, gluon_launch, graph_choice
 from nemo_mla_lora.models.architecture import builtin_spec
 
 BOUND = 3e-2  # of the step's largest |logit|: two bf16 kernels, different summation orders, through 2 layers
@@ -149,6 +149,9 @@ def test_decode_attention_takes_the_gluon_kernel_from_64_head_blocks():
     faster = gluon_backend.gluon_is_faster
     assert faster(64, 64) and faster(32, 128) and faster(64, 128) and faster(128, 64)
     assert not faster(16, 128) and not faster(1, 128) and not faster(128, 16) and not faster(256, 16)
+    assert not faster(16, 128, graphed=False) and not faster(1, 128, graphed=False)
+    with graph_choice.graphed_choice():  # graphed=None asks graph_choice
+        assert faster(16, 128) and faster(1, 64) and not faster(256, 16)
     assert faster(1, 64, graphed=True) and faster(16, 128, graphed=True) and faster(64, 128, graphed=True)
     assert not faster(256, 16, graphed=True) and not faster(8, 96, graphed=True)
 

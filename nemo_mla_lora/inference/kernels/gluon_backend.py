@@ -11,7 +11,7 @@ Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
 
 import torch
 
-from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
+from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch, graph_choice
 
 # Head blocks (b x h / 64) from which the Gluon kernel beat our TMA kernel in eager calls: on an H100 (bench/README.md,
 # 4.3) it was 1.10-1.53x faster at 64-128 blocks and 1.7x slower at 2 and 32 blocks, where an eager call is mostly
@@ -22,18 +22,20 @@ from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch
 FASTER_FROM_BLOCKS = 64
 
 
-def gluon_is_faster(b: int, h: int, graphed: bool = False) -> bool:
+def gluon_is_faster(b: int, h: int, graphed: bool | None = None) -> bool:
     """Whether ``decode_attention`` takes the Gluon kernel for b rows of h heads (a function of host values: a
     CUDA graph captures one choice per shape).
 
     Args:
         b: rows of the batch; h: query heads.
-        graphed: whether kernels are chosen for a CUDA graph (``graph_choice.for_graph``): then every shape of
-            64-head blocks.
+        graphed: whether kernels are chosen for a CUDA graph (then every shape of 64-head blocks); None: ask
+            ``graph_choice.for_graph``, only where the batch alone does not decide.
     """
     if h % gluon_decode.BLOCK_H:
         return False
-    return graphed or b * (h // gluon_decode.BLOCK_H) >= FASTER_FROM_BLOCKS
+    if b * (h // gluon_decode.BLOCK_H) >= FASTER_FROM_BLOCKS:
+        return True
+    return graph_choice.for_graph() if graphed is None else graphed
 
 
 def gluon_reads(q_lat, c_kv, k_rope) -> bool:

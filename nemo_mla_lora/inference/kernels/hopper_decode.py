@@ -301,10 +301,9 @@ def decode_attention(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, max_len
     ``supported`` (Hopper and newer), else the portable Triton kernel (``triton_decode``). Same arguments and result
     as each."""
     if c_kv.device.type == "cuda" and supported(c_kv, k_rope):
-        from nemo_mla_lora.inference.kernels import gluon_backend, graph_choice
+        from nemo_mla_lora.inference.kernels import gluon_backend
 
-        graphed = graph_choice.for_graph()
-        if gluon_backend.gluon_is_faster(*q_lat.shape[:2], graphed) and gluon_backend.gluon_reads(q_lat, c_kv, k_rope):
+        if gluon_backend.gluon_is_faster(*q_lat.shape[:2]) and gluon_backend.gluon_reads(q_lat, c_kv, k_rope):
             ws = gluon_backend.gluon_launch.latent_decode_attention_ws
             return ws(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
         return latent_decode_attention_tma(q_lat, q_rope, c_kv, k_rope, lengths, scale, max_length=max_length)
