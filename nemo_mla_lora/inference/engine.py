@@ -116,9 +116,10 @@ class AbsorbedMLAEngine:
             dtype: float32 | bfloat16 | float16 | float64; None: the dtype the export stores.
             device: where the model runs.
             backend: decode attention in einsums (``torch``), our kernels (``triton``: on Hopper the Gluon kernel
-                from 64 head blocks and the TMA kernels below, else the portable Triton one) or FlashMLA's Hopper
-                kernel (``flashmla``, where it is installed; it decodes the shapes where it is faster, 64 heads and
-                more, and ours the rest) or our warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks
+                for heads in blocks of 64, eagerly from 64 head blocks, in a CUDA graph at every batch, and the TMA
+                kernels elsewhere; else the portable Triton one) or FlashMLA's Hopper kernel (``flashmla``, where it
+                is installed; it decodes the shapes where it is faster, from 64 heads eagerly and 128 in a CUDA
+                graph, and ours the rest) or our warp-specialised Gluon kernel (``gluon``: Hopper, heads in blocks
                 of 64, at every step); both bf16 only, refused with the reason before any weight is read
                 (``backend_problem``).
             verify_checksums: check every tensor against the manifest as it is read.
