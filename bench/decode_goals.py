@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-OURS = ("portable", "tma", "tma_t", "gluon", "ours")  # our kernels; "default" may be FlashMLA's choice
+OURS = ("portable", "tma", "tma_t", "gluon", "gluon_seesaw", "ours")  # our kernels; "default" may be FlashMLA's choice
 COPY_AT_64, MATMUL_AT_128, VS_FLASHMLA = 0.70, 0.50, 0.95
 
 

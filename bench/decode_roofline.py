@@ -15,7 +15,8 @@ as ``ours``), ``ours`` (``decode_attention``, the engine's ``triton`` backend: t
 Gluon kernel where ``gluon_backend.gluon_is_faster``, the TMA kernels elsewhere), ``einsum`` (cuBLAS batched GEMMs), and, where the ``flash_mla``
 package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
 the peer, same cache, same process), and, where it compiles for the card, ``gluon`` (``gluon_decode``: the
-warp-specialised kernel, at its default splits and twice them; heads in blocks of 64, so not at 16 heads). The cache is the engine's
+warp-specialised kernel, at its default splits and twice them; heads in blocks of 64, so not at 16 heads) and
+``gluon_seesaw`` (the same kernel's seesaw schedule, ``gluon_seesaw``; ``--skip gluon_seesaw`` leaves it out). The cache is the engine's
 (``LatentKVCache``: c_kv and k_rope side by side in one buffer, rows padded to 64 positions), read by every kernel
 in place. Each kernel's numerics are checked against the fp64 equations first. Bytes = the cache read
 (b x t x (c + d) x 2); FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
@@ -79,15 +80,16 @@ def kernels():
     else:
         print(f"flashmla: not measured ({why})", flush=True)
     if (why := gluon_launch.device_problem("cuda", C, D, 64)) is None:
-        out["gluon"] = gluon_launch.latent_decode_attention_ws
+        out["gluon"] = partial(gluon_launch.latent_decode_attention_ws, schedule="pingpong")
+        out["gluon_seesaw"] = partial(gluon_launch.latent_decode_attention_ws, schedule="seesaw")
     else:
         print(f"gluon: not measured ({why})", flush=True)
     return out
 
 
 def runs_at(kind: str, h: int) -> bool:
-    """Whether kernel ``kind`` takes ``h`` heads (the Gluon kernel: blocks of 64)."""
-    return kind != "gluon" or h % gluon_decode.BLOCK_H == 0
+    """Whether kernel ``kind`` takes ``h`` heads (the Gluon kernels: blocks of 64)."""
+    return not kind.startswith("gluon") or h % gluon_decode.BLOCK_H == 0
 
 
 def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
@@ -101,7 +103,7 @@ def latent_cache(b: int, t: int, g: torch.Generator) -> tuple:
 def launches(kind: str, h: int) -> list[dict]:
     if kind in ("portable", "default", "ours", "flashmla"):
         return [{}]
-    if kind == "gluon":
+    if kind.startswith("gluon"):
         return [{}, {"splits": "2x"}]
     if kind == "tma":
         shapes = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3)] if h >= 64 else [(16, 64, 4, 2), (16, 32, 4, 3)]
@@ -142,7 +144,7 @@ def shape_rows(b: int, h: int, t: int, fns: dict, roof: dict) -> dict:
             kw = dict(cfg, max_length=t)
             if kind.startswith("tma"):  # 1x or 2x the portable kernel's split count for this block
                 kw["splits"] = (2 if kw.get("splits") == "2x" else 1) * default_splits(b, h, t, kw["block_h"], q.device)
-            if kind == "gluon" and kw.get("splits") == "2x":
+            if kind.startswith("gluon") and kw.get("splits") == "2x":
                 kw["splits"] = 2 * gluon_launch.default_ws_splits(b, h, t, q.device)
             try:
                 runs.append(dict(kernel=kind, **cfg, ms=graphed_ms(lambda: fn(q, qr, ck, kr, lengths, scale, **kw))))
@@ -171,7 +173,8 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [min(roof["matmul_bf16_TFLOPs"], roof["copy_GBps"] * x / 1e3) for x in xs], "k-", label="roofs")
     ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
             label="goals: 70% copy, 50% matmul")
-    for kind, marker in (("portable", "o"), ("ours", "s"), ("flashmla", "^"), ("gluon", "D"), ("einsum", "x")):
+    for kind, marker in (("portable", "o"), ("ours", "s"), ("flashmla", "^"), ("gluon", "D"), ("gluon_seesaw", "P"),
+                         ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip", nargs="+", default=[], metavar="KERNEL", help="kernels not to run (e.g. gluon_seesaw)")
     p.add_argument("--plot", metavar="JSON", help="redraw roofline.png in --out from a results file and exit")
     p.add_argument("--one", nargs=4, metavar=("KERNEL", "H", "B", "T"), help="run one kernel's default launch "
                    "5 times on one shape and exit (for ncu)")
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fns = kernels()
+    fns = {k: f for k, f in kernels().items() if k not in args.skip}
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "roofs": roofs(),
                "checks": {f"{k}_{h}": check(fn, h) for k, fn in fns.items() for h in HEADS if runs_at(k, h)},
                "shapes": []}

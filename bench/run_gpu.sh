@@ -125,12 +125,16 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
   return "$rc"
 }
 
-decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and the Gluon kernel's
-  # included), then ncu of the Gluon kernel at 128 heads: a short and a long context
-  timeout -k 5 420 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/roofline.log" | tail -n 3
+decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and both Gluon schedules'
+  # included; the seesaw one only if its smoke launch ran), then ncu of the Gluon kernels at 128 heads: a short and a
+  # long context
+  local skip=(); gluon_smoke seesaw || skip=(--skip gluon_seesaw)
+  timeout -k 5 480 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "${skip[@]}" "$@" 2>&1 \
+    | tee "$OUT/roofline.log" | tail -n 3
   local rc=${PIPESTATUS[0]}
   python3 "$REPO/bench/decode_goals.py" "$OUT/decode_roofline.json" --json "$OUT/goals.json" | tail -n 45
   [ "${NCU:-1}" = 0 ] || decode_ncu "gluon 128 64 4096" "gluon 128 32 32768"
+  [ "${NCU:-1}" = 0 ] || [ ${#skip[@]} != 0 ] || decode_ncu "gluon_seesaw 128 64 4096" "gluon_seesaw 128 32 32768"
   return "$rc"
 }
 
@@ -155,12 +159,17 @@ GLUON_SMOKE='import torch; from nemo_mla_lora.inference.kernels import gluon_lau
 q = torch.randn(2, 64, 576, device="cuda", dtype=torch.bfloat16)  # [b, h, c + d]
 buf = torch.randn(2, 128, 576, device="cuda", dtype=torch.bfloat16)  # [b, P, c + d]
 n = torch.tensor([100, 128], device="cuda", dtype=torch.int32)
-o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf[..., 512:], n, 0.05)
-torch.cuda.synchronize(); print("gluon smoke: ran, max |o|", o.float().abs().max().item())'
+import sys; schedule = sys.argv[1]
+o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf[..., 512:], n, 0.05, schedule=schedule)
+torch.cuda.synchronize(); print(f"gluon smoke ({schedule}): ran, max |o|", o.float().abs().max().item())'
 
-gluon_smoke() {  # one small launch of the Gluon kernel, 60 s at most (a barrier bug would hang)
-  timeout -k 5 60 python3 -c "$GLUON_SMOKE" 2>&1 | tee "$OUT/gluon_smoke.log" | tail -n 3
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke failed or hung"; return 1; }
+gluon_smoke() {  # one small launch of the Gluon kernel per schedule named (default both), 60 s at most each (a
+  # barrier bug would hang)
+  local s schedules=("$@"); [ $# = 0 ] && schedules=(pingpong seesaw)
+  for s in "${schedules[@]}"; do
+    timeout -k 5 60 python3 -c "$GLUON_SMOKE" "$s" 2>&1 | tee "$OUT/gluon_smoke_$s.log" | tail -n 3
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke ($s) failed or hung"; return 1; }
+  done
 }
 
 gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and FlashMLA's, same process
@@ -169,13 +178,14 @@ gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and Fla
   return "${PIPESTATUS[0]}"
 }
 
-gluon_tests() {  # the warp-specialised Gluon kernel: the smoke launch, its GPU tests and the engine through it and
-  # through FlashMLA's (timeouts: a barrier bug would hang)
-  gluon_smoke || return 1
-  timeout -k 5 240 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" \
-    "$REPO/tests/inference/test_decode_backends.py" -rs \
+gluon_tests() {  # the warp-specialised Gluon kernels: the smoke launches, their GPU tests and the engine through them
+  # and through FlashMLA's (timeouts: a barrier bug would hang; a seesaw kernel that fails its smoke launch is left out)
+  gluon_smoke pingpong || return 1
+  local only=(); gluon_smoke seesaw || only=(-k "not seesaw")
+  timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" \
+    "$REPO/tests/inference/test_decode_backends.py" "${only[@]}" -rs \
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
-  tail -n 15 "$OUT/gluon_tests.log"; return "$rc"
+  tail -n 15 "$OUT/gluon_tests.log"; [ ${#only[@]} = 0 ] && return "$rc"; return 1
 }
 
 gluon_decode() {  # gluon_tests, then the kernel's timing
@@ -189,14 +199,15 @@ backend_tests() {  # the engine's logits through the gluon and flashmla backends
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/backend_tests.log" | tail -n 8; return "$rc"
 }
 
-gluon_time() {  # the smoke launch and the timing without the tests: the shortest first run of the kernel
+gluon_time() {  # the smoke launches and the timing without the tests: the shortest first run of the kernels
   gluon_smoke && gluon_timing
 }
 
 decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch heads batch context" argument
   # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": the 64-head case)
   for one in "$@"; do
-    local kernel=split; [ "${one%% *}" = gluon ] && kernel=ws_decode  # the Gluon kernel's own name, not its merge
+    local kernel=split  # the Gluon kernels' own names, not their merge pass
+    case "${one%% *}" in gluon) kernel=ws_decode ;; gluon_seesaw) kernel=seesaw_decode ;; esac
     timeout 60 ncu --clock-control none --kernel-name "regex:$kernel" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 "$REPO/bench/decode_roofline.py" --out "$OUT" --one $one \

@@ -94,7 +94,7 @@ def _decode_inputs(heads: int, batch: int = 4, positions: int = 1000):
 def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
     """A decode entry: ``kind`` ``heads`` / ``positions`` (the TMA kernels, with ``default_tma_launch``'s tiles for
     the shape; ``heads`` at 16 heads and 64K cached positions takes the tensor-parallel rank's 16 x 32 tiles),
-    ``portable`` or ``gluon``."""
+    ``portable``, ``gluon`` (the ping-pong schedule) or ``gluon_seesaw``."""
 
     def launch():
         from nemo_mla_lora.inference.kernels import hopper_decode, triton_decode
@@ -102,14 +102,14 @@ def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
         args = _decode_inputs(heads, batch, positions)
         if kind == "portable":
             return triton_decode.latent_decode_attention(*args, max_length=positions)
-        if kind == "gluon":
-            return gluon_kernel_launch(heads, batch, positions, splits=3)
+        if kind.startswith("gluon"):
+            return gluon_kernel_launch(heads, batch, positions, 3, "seesaw" if kind == "gluon_seesaw" else "pingpong")
         return hopper_decode.latent_decode_attention_tma(*args, max_length=positions, rows=kind)
 
     return launch
 
 
-def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int):
+def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int, schedule: str = "pingpong"):
     """The launch ``gluon_launch.latent_decode_attention_ws`` makes for these shapes (queries made contiguous as it
     makes them), made directly: its launcher refuses a CPU cache (Hopper only). Inside ``compiled_launches`` it
     compiles.
@@ -117,14 +117,15 @@ def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int):
     Args:
         heads, batch, positions: the decode step's shape (every row at ``positions``).
         splits: splits of the positions (1: the kernel writes the output itself).
+        schedule: the consumers' schedule (a key of ``gluon_launch.KERNELS``).
     """
-    from nemo_mla_lora.inference.kernels import gluon_decode, triton_decode
+    from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch, triton_decode
 
     q_lat, q_rope, c_kv, k_rope, lengths, scale = _decode_inputs(heads, batch, positions)
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(q_lat, positions, splits, gluon_decode.BLOCK_T)
     grid, args, kwargs = gluon_decode.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale, chunk, acc, m, l_sum)
-    return gluon_decode._ws_decode_kernel[grid](*args, **kwargs)
+    return gluon_launch.KERNELS[schedule][grid](*args, **kwargs)
 
 
 def _adapters():
@@ -179,6 +180,7 @@ ENTRIES = {
     "decode_tma_positions_h16": _decode("positions", 16),
     "decode_portable_h128": _decode("portable", 128),
     "decode_gluon_ws_h128": _decode("gluon", 128),
+    "decode_gluon_seesaw_h128": _decode("gluon_seesaw", 128),
     "decode_merge_128_splits": _merge(128),
     "decode_adapters": _adapters,
     "grouped_add_r16": lambda: _grouped_add(16),

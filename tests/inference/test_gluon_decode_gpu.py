@@ -1,5 +1,6 @@
-"""The warp-specialised Gluon decode kernel (``inference/kernels/gluon_decode.py``) on a Hopper GPU: against the
-float64 equations (``reference.latent.decode_step``) and against the TMA Triton kernel (``hopper_decode``).
+"""The warp-specialised Gluon decode kernels (``inference/kernels/gluon_decode.py``, the ping-pong schedule, and
+``gluon_seesaw.py``) on a Hopper GPU: against the float64 equations (``reference.latent.decode_step``) and against the
+TMA Triton kernel (``hopper_decode``).
 
 The cache is what the engine keeps: views c_kv = buf[..., :512], k_rope = buf[..., 512:] of one [b, P, 576] bf16
 buffer, with NaN written past each row's length (the kernel must never let it in). Heads 64 and 128, batches 1, 3
@@ -60,11 +61,13 @@ def _want(q_lat, q_rope, c_kv, k_rope, lengths):
 @pytest.mark.parametrize("splits", [None, 1, 3])
 @pytest.mark.parametrize("batch", [1, 3, 64])
 @pytest.mark.parametrize("heads", [64, 128])
-def test_matches_the_equations_and_the_tma_kernel(heads, batch, splits):
+@pytest.mark.parametrize("schedule", list(gluon_launch.KERNELS))
+def test_matches_the_equations_and_the_tma_kernel(schedule, heads, batch, splits):
     from nemo_mla_lora.inference.kernels.hopper_decode import latent_decode_attention_tma
 
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, LENGTHS[batch])
-    got = gluon_launch.latent_decode_attention_ws(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits)
+    ws = gluon_launch.latent_decode_attention_ws
+    got = ws(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits, schedule=schedule)
     assert got.shape == q_lat.shape and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
     peak = want.abs().max().item()
@@ -76,13 +79,15 @@ def test_matches_the_equations_and_the_tma_kernel(heads, batch, splits):
 
 @pytest.mark.gpu
 @needs_sm90
-def test_host_max_length_and_rows_of_one_position():
-    """``max_length`` from the host (no device sync) above every row's length; rows of 1 position in every split."""
-    q_lat, q_rope, c_kv, k_rope, lengths = _inputs(128, [1, 64, 1, 4096, 1], seed=1)
+@pytest.mark.parametrize("schedule", list(gluon_launch.KERNELS))
+def test_host_max_length_and_rows_of_one_position(schedule):
+    """``max_length`` from the host (no device sync) above every row's length; rows of 1 position in every split;
+    splits of 0 to 5 tiles (both consumers' last-tile cases)."""
+    q_lat, q_rope, c_kv, k_rope, lengths = _inputs(128, [1, 64, 1, 4096, 1, 129, 320], seed=1)
     want = _want(q_lat, q_rope, c_kv, k_rope, lengths)
-    for splits in (None, 7):
+    for splits in (None, 7, 13):
         got = gluon_launch.latent_decode_attention_ws(
-            q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits, max_length=c_kv.shape[1]
+            q_lat, q_rope, c_kv, k_rope, lengths, SCALE, splits=splits, max_length=c_kv.shape[1], schedule=schedule
         )
         assert (got.double() - want).abs().max().item() <= BOUND * want.abs().max().item()
 
@@ -90,6 +95,9 @@ def test_host_max_length_and_rows_of_one_position():
 def test_refuses_with_the_reason():
     """What the kernel is not built for is refused with expected-vs-actual, before anything is launched."""
     c_kv, k_rope = torch.zeros(2, 64, 256, dtype=torch.bfloat16), torch.zeros(2, 64, 64, dtype=torch.bfloat16)
+    q, lengths = torch.zeros(2, 64, 512, dtype=torch.bfloat16), torch.tensor([64, 64])
+    with pytest.raises(ValueError, match=r"schedule must be one of \['pingpong', 'seesaw'\]; got 'zigzag'"):
+        gluon_launch.latent_decode_attention_ws(q, q[..., :64], c_kv, k_rope, lengths, SCALE, schedule="zigzag")
     if gluon_decode._GLUON_ERROR:
         assert gluon_launch.unavailable(c_kv, k_rope, 64) == gluon_decode._GLUON_ERROR
         return

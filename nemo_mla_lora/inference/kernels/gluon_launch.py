@@ -18,7 +18,14 @@ from nemo_mla_lora.inference.kernels.gluon_decode import (
     _ws_decode_kernel,
     launch_args,
 )
+from nemo_mla_lora.inference.kernels.gluon_seesaw import _seesaw_decode_kernel
 from nemo_mla_lora.inference.kernels.triton_decode import merge_splits, split_buffers
+
+# The kernel of each schedule of the two consumer warpgroups (same arguments): ``gluon_decode``'s ping-pong (each
+# softmax waits for the other's P) and ``gluon_seesaw``'s (a softmax waits for the other's row max alone; stages
+# loaded and released in halves). The default is the one measured faster on a GPU.
+KERNELS = {"pingpong": _ws_decode_kernel, "seesaw": _seesaw_decode_kernel}
+SCHEDULE = "pingpong"
 
 
 def device_problem(device: torch.device | str, latent: int, rope: int, heads: int) -> str | None:
@@ -89,7 +96,15 @@ def default_ws_splits(b: int, h: int, t_max: int, device) -> int:
 
 
 def latent_decode_attention_ws(
-    q_lat, q_rope, c_kv, k_rope, lengths, scale: float, splits: int | None = None, max_length: int | None = None
+    q_lat,
+    q_rope,
+    c_kv,
+    k_rope,
+    lengths,
+    scale: float,
+    splits: int | None = None,
+    max_length: int | None = None,
+    schedule: str | None = None,
 ) -> torch.Tensor:
     """The warp-specialised Gluon decode (module docstring): same arguments and result as
     ``hopper_decode.latent_decode_attention_tma``.
@@ -102,11 +117,15 @@ def latent_decode_attention_ws(
         scale: the softmax scale.
         splits: splits of the positions (default ``default_ws_splits``); one split writes the output directly.
         max_length: an upper bound of ``lengths`` known on the host (no device sync: CUDA-graph safe).
+        schedule: the consumers' schedule, a key of ``KERNELS`` (default ``SCHEDULE``).
 
     Returns:
         o_lat [b, h, 512] bf16. Raises ValueError with the reason where ``unavailable`` says no.
     """
     b, h, c = q_lat.shape
+    kernel = KERNELS.get(schedule or SCHEDULE)
+    if kernel is None:
+        raise ValueError(f"latent_decode_attention_ws: schedule must be one of {sorted(KERNELS)}; got {schedule!r}")
     if problem := unavailable(c_kv, k_rope, h):
         raise ValueError(f"latent_decode_attention_ws: {problem}")
     if q_rope.shape != (b, h, ROPE) or c_kv.shape[0] != b or q_lat.dtype != torch.bfloat16:
@@ -122,7 +141,7 @@ def latent_decode_attention_ws(
     splits = splits or default_ws_splits(b, h, t_max, q_lat.device)
     chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, BLOCK_T)
     grid, args, kwargs = launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale, chunk, acc, m, l_sum)
-    _ws_decode_kernel[grid](*args, **kwargs)
+    kernel[grid](*args, **kwargs)
     merge_splits(acc, m, l_sum, out)
     return out
 
