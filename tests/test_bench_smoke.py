@@ -248,6 +248,12 @@ def test_decode_goals_read_a_committed_sweep():
     assert missed and all(r["vs_flashmla"] < 0.95 for r in s["rows"] if f"h{r['h']} b{r['b']} t{r['t']}" in missed)
     assert set(s["misses"]["copy_goal_met_where_flashmla_meets_it"]) <= set(s["misses"]["copy_goal_met"])
     assert "| 64 | 128 | 32768 |" in goals.table(s)
+    assert s["failed_checks"] == []
+    sweep["checks"]["gluon_128"] = 0.5  # a kernel off the equations does not count, at that head count only
+    wrong = goals.summary(sweep)
+    assert wrong["failed_checks"] == ["gluon_128"]
+    assert all(r["best_ours"] != "gluon" for r in wrong["rows"] if r["h"] == 128)
+    assert any(r["best_ours"] == "gluon" for r in wrong["rows"] if r["h"] == 64)
     with pytest.raises(ValueError, match="expected decode_roofline.py's JSON"):
         goals.summary({"rows": []})
 
