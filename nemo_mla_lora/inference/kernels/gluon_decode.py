@@ -67,18 +67,26 @@ LAUNCH = dict(num_warps=4, maxnreg=168)
 
 
 @_jit
+def _load_q(descs, bufs, q_bar, q_row):
+    """TMA loads of this program's Q [64 h, 576] on ``q_bar``: two [64 h, 256 c] halves and [64 h, 64 d]."""
+    q_desc, qr_desc = descs[0], descs[1]
+    q_bufs, qr_buf = bufs[0], bufs[1]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
+    _tma_load(q_desc, [q_row, 0], q_bar, q_bufs.index(0))
+    _tma_load(q_desc, [q_row, q_desc.block_type.shape[1]], q_bar, q_bufs.index(1))
+    _tma_load(qr_desc, [q_row, 0], q_bar, qr_buf)
+
+
+@_jit
 def _producer(descs, bufs, bars, q_row, kv_row, n):
     """TMA loads: Q once, then n cache tiles through the stage ring (wait "free", expect bytes, copy)."""
     q_desc, qr_desc, kv_desc, kr_desc = descs
     q_bar, ready, free = bars[0], bars[1], bars[2]
-    q_bufs, qr_buf, kv_bufs, kr_bufs = bufs[0], bufs[1], bufs[2], bufs[3]
+    kv_bufs, kr_bufs = bufs[2], bufs[3]
     NSTAGE: gl.constexpr = ready.shape[0]
     TILE_T: gl.constexpr = kv_desc.block_type.shape[0]
     WIDTH: gl.constexpr = kv_desc.block_type.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row, 0], q_bar, q_bufs.index(0))  # [64 h, 256 c]
-    _tma_load(q_desc, [q_row, WIDTH], q_bar, q_bufs.index(1))
-    _tma_load(qr_desc, [q_row, 0], q_bar, qr_buf)  # [64 h, 64 d]
+    _load_q(descs, bufs, q_bar, q_row)
     tile_bytes: gl.constexpr = 2 * kv_desc.block_type.nbytes + kr_desc.block_type.nbytes
     for j in range(n):
         s = j % NSTAGE
@@ -198,12 +206,21 @@ def _store(o, m, l_sum, outs, W: gl.constexpr, ONE_SPLIT: gl.constexpr):
 
 
 @_jit
-def _allocate(q_desc, qr_desc, kv_desc, kr_desc, NSTAGE: gl.constexpr):
-    """The shared buffers: Q halves, Q rope, NSTAGE x (two c_kv halves, one k_rope), P, row max and row sum."""
+def _allocate_tiles(descs, NSTAGE: gl.constexpr):
+    """The shared buffers the TMA boxes land in: Q halves, Q rope, NSTAGE x (two c_kv halves, one k_rope)."""
+    q_desc, qr_desc, kv_desc, kr_desc = descs
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)  # [2, 64 h, 256]
     qr_buf = gl.allocate_shared_memory(qr_desc.dtype, qr_desc.block_type.shape, qr_desc.layout)  # [64 h, 64 d]
     kv_bufs = gl.allocate_shared_memory(kv_desc.dtype, [2 * NSTAGE] + kv_desc.block_type.shape, kv_desc.layout)
     kr_bufs = gl.allocate_shared_memory(kr_desc.dtype, [NSTAGE] + kr_desc.block_type.shape, kr_desc.layout)
+    return q_bufs, qr_buf, kv_bufs, kr_bufs
+
+
+@_jit
+def _allocate(descs, NSTAGE: gl.constexpr):
+    """The shared buffers: ``_allocate_tiles``', then P, row max and row sum."""
+    q_desc, kv_desc = descs[0], descs[2]
+    q_bufs, qr_buf, kv_bufs, kr_bufs = _allocate_tiles(descs, NSTAGE)
     p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     p_buf = gl.allocate_shared_memory(gl.bfloat16, [q_desc.block_type.shape[0], kv_desc.block_type.shape[0]], p_layout)
     row_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -249,6 +266,18 @@ def _consumer(bufs, bars, span, outs, W: gl.constexpr, ONE_SPLIT: gl.constexpr):
 
 
 @_jit
+def _program_span(descs, lengths, chunk, rows_per_batch):
+    """This program's split of its batch row: tiles n (0 for a split past the row's length), positions [start, end),
+    the row of its queries in q_lat viewed as [b * h, c] and of its first position in the cache viewed as [b * R, c]."""
+    hb, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
+    start = split * chunk
+    end = gl.minimum(start + chunk, gl.load(lengths + b))
+    n = gl.cdiv(gl.maximum(end - start, 0), descs[2].block_type.shape[0])
+    q_row = (b * gl.num_programs(0) + hb) * descs[0].block_type.shape[0]
+    return n, start, end, q_row, b * rows_per_batch + start
+
+
+@_jit
 def _ws_decode_kernel(
     q_desc,
     qr_desc,
@@ -270,22 +299,15 @@ def _ws_decode_kernel(
     NSTAGE: gl.constexpr,
 ):
     """Grid (h / 64, splits, b). Allocates the shared buffers and barriers, then forks the three partitions."""
-    TILE_H: gl.constexpr = q_desc.block_type.shape[0]
-    TILE_T: gl.constexpr = kv_desc.block_type.shape[0]
-    hb, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
-    start = split * chunk
-    end = gl.minimum(start + chunk, gl.load(lengths + b))
-    n = gl.cdiv(gl.maximum(end - start, 0), TILE_T)  # 0 for a split past this row's length
-    bufs = _allocate(q_desc, qr_desc, kv_desc, kr_desc, NSTAGE)
+    descs = (q_desc, qr_desc, kv_desc, kr_desc)
+    n, start, end, q_row, kv_row = _program_span(descs, lengths, chunk, rows_per_batch)
+    bufs = _allocate(descs, NSTAGE)
     bars = _barriers(NSTAGE)
     span = (n, start, end, qk_scale)
     outs = (acc_out, m_out, l_out, s_ab, s_ah, s_as, s_mb, s_mh)
-    descs = (q_desc, qr_desc, kv_desc, kr_desc)
-    q_row = (b * gl.num_programs(0) + hb) * TILE_H  # row of q_lat viewed as [b * h, c]
-    producer_args = (descs, bufs, bars, q_row, b * rows_per_batch + start, n)
     gl.warp_specialize(
         [
-            (_producer, producer_args),
+            (_producer, (descs, bufs, bars, q_row, kv_row, n)),
             (_consumer, (bufs, bars, span, outs, gl.constexpr(0), ONE_SPLIT)),
             (_consumer, (bufs, bars, span, outs, gl.constexpr(1), ONE_SPLIT)),
         ],

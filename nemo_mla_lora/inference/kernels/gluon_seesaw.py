@@ -23,7 +23,15 @@ Host side, split count and merge pass: ``gluon_launch`` (``schedule="seesaw"``).
 from __future__ import annotations
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
-from nemo_mla_lora.inference.kernels.gluon_decode import _jit, _rescale, _store, _zero_tail
+from nemo_mla_lora.inference.kernels.gluon_decode import (
+    _allocate_tiles,
+    _jit,
+    _load_q,
+    _program_span,
+    _rescale,
+    _store,
+    _zero_tail,
+)
 
 if gd.gl is not None:  # Gluon's Hopper API (``gluon_decode`` says which Triton has it)
     from triton.experimental.gluon import language as gl
@@ -42,16 +50,13 @@ def _producer(descs, bufs, bars, q_row, kv_row, n):
     """TMA loads: Q once; then, for k = 0 .. n, tile k's part A (its owner's c_kv half, k % 2) once the stage's
     previous part A is free, and tile k - 1's part B (the other c_kv half and k_rope) once the stage's previous part B
     is: the order in which the consumers release them."""
-    q_desc, qr_desc, kv_desc, kr_desc = descs
-    q_bufs, qr_buf, kv_bufs, kr_bufs = bufs[0], bufs[1], bufs[2], bufs[3]
+    kv_desc, kr_desc = descs[2], descs[3]
+    kv_bufs, kr_bufs = bufs[2], bufs[3]
     q_bar, ready_a, ready_b, free_a, free_b = bars[0], bars[1], bars[2], bars[3], bars[4]
     NSTAGE: gl.constexpr = ready_a.shape[0]
     TILE_T: gl.constexpr = kv_desc.block_type.shape[0]
     WIDTH: gl.constexpr = kv_desc.block_type.shape[1]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row, 0], q_bar, q_bufs.index(0))  # [64 h, 256 c]
-    _tma_load(q_desc, [q_row, WIDTH], q_bar, q_bufs.index(1))
-    _tma_load(qr_desc, [q_row, 0], q_bar, qr_buf)  # [64 h, 64 d]
+    _load_q(descs, bufs, q_bar, q_row)
     for k in range(n + 1):
         if k < n:  # part A of tile k
             s = k % NSTAGE
@@ -207,12 +212,10 @@ def _consumer(bufs, bars, span, outs, W: gl.constexpr, ONE_SPLIT: gl.constexpr):
 
 
 @_jit
-def _allocate(q_desc, qr_desc, kv_desc, kr_desc, NSTAGE: gl.constexpr):
-    """Q halves, Q rope, NSTAGE x (two c_kv halves, one k_rope box: later P), row max and row sum per stage."""
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)  # [2, 64 h, 256]
-    qr_buf = gl.allocate_shared_memory(qr_desc.dtype, qr_desc.block_type.shape, qr_desc.layout)  # [64 h, 64 d]
-    kv_bufs = gl.allocate_shared_memory(kv_desc.dtype, [2 * NSTAGE] + kv_desc.block_type.shape, kv_desc.layout)
-    kr_bufs = gl.allocate_shared_memory(kr_desc.dtype, [NSTAGE] + kr_desc.block_type.shape, kr_desc.layout)
+def _allocate(descs, NSTAGE: gl.constexpr):
+    """``gluon_decode._allocate_tiles``' buffers (the k_rope boxes later carry P), row max and row sum per stage."""
+    q_desc = descs[0]
+    q_bufs, qr_buf, kv_bufs, kr_bufs = _allocate_tiles(descs, NSTAGE)
     row_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])  # of one [64 h] row
     m_bufs = gl.allocate_shared_memory(gl.float32, [NSTAGE, q_desc.block_type.shape[0]], row_layout)  # [S, 64 h]
     r_bufs = gl.allocate_shared_memory(gl.float32, [NSTAGE, q_desc.block_type.shape[0]], row_layout)  # [S, 64 h]
@@ -267,21 +270,15 @@ def _seesaw_decode_kernel(
 ):
     """Grid (h / 64, splits, b), the arguments of ``gluon_decode.launch_args``. Allocates the shared buffers and
     barriers, then forks the producer and the two consumers."""
-    TILE_H: gl.constexpr = q_desc.block_type.shape[0]
-    TILE_T: gl.constexpr = kv_desc.block_type.shape[0]
-    hb, split, b = gl.program_id(0), gl.program_id(1), gl.program_id(2)
-    start = split * chunk
-    end = gl.minimum(start + chunk, gl.load(lengths + b))
-    n = gl.cdiv(gl.maximum(end - start, 0), TILE_T)  # 0 for a split past this row's length
-    bufs = _allocate(q_desc, qr_desc, kv_desc, kr_desc, NSTAGE)
+    descs = (q_desc, qr_desc, kv_desc, kr_desc)
+    n, start, end, q_row, kv_row = _program_span(descs, lengths, chunk, rows_per_batch)
+    bufs = _allocate(descs, NSTAGE)
     bars = _barriers(NSTAGE)
     span = (n, start, end, qk_scale)
     outs = (acc_out, m_out, l_out, s_ab, s_ah, s_as, s_mb, s_mh)
-    q_row = (b * gl.num_programs(0) + hb) * TILE_H  # row of q_lat viewed as [b * h, c]
-    producer_args = ((q_desc, qr_desc, kv_desc, kr_desc), bufs, bars, q_row, b * rows_per_batch + start, n)
     gl.warp_specialize(
         [
-            (_producer, producer_args),
+            (_producer, (descs, bufs, bars, q_row, kv_row, n)),
             (_consumer, (bufs, bars, span, outs, gl.constexpr(0), ONE_SPLIT)),
             (_consumer, (bufs, bars, span, outs, gl.constexpr(1), ONE_SPLIT)),
         ],
