@@ -8,7 +8,9 @@
    SDPA; achieved bandwidth (cache bytes read per step / time) as a share of the card's copy bandwidth
    measured in the same run; at V3's 128 heads and at one tensor-parallel rank's 16 (TP=8). Optionally a
    sweep of the kernel's launch configs.
-3. (and ``engine``: end-to-end decode tokens/s of a 4-layer V3-shaped model through the engine.)
+3. (and ``engine``: end-to-end decode tokens/s of a 4-layer V3-shaped model through the engine; ``engine_flashmla``,
+   ``engine_gluon``, ``engine_gluon_seesaw``: the same through those attention backends, the last with the Gluon
+   kernel's seesaw schedule.)
    A decode step with eight distinct rank-16 adapters on every MLA target, rows spread over them, vs the
    same batch with no adapter (what a merged checkpoint costs): the attention alone and the whole decoder
    layer (V3's dense MLP), eager and replayed from a CUDA graph.
@@ -326,6 +328,18 @@ def backend_skipped(backend: str, d: dict, dtype, device) -> dict | None:
     return {"skipped": why} if why else None
 
 
+def with_schedule(schedule: str, section):
+    """``section()`` with the Gluon kernel's default schedule set to ``schedule`` (``gluon_launch.SCHEDULE``: what
+    the engine's gluon and triton backends launch), restored after."""
+    from nemo_mla_lora.inference.kernels import gluon_launch
+
+    saved, gluon_launch.SCHEDULE = gluon_launch.SCHEDULE, schedule
+    try:
+        return section()
+    finally:
+        gluon_launch.SCHEDULE = saved
+
+
 def fold_section(d, b, dtype, device, iters) -> dict:
     """Decode-step projections around the attention, split weights vs folded per-head products."""
     from nemo_mla_lora.arch.absorb import fold_cost
@@ -383,6 +397,9 @@ def main(argv=None) -> int:
                     d, a.batch, a.prompt, a.steps, dtype, device, "flashmla", export=a.export),
                 "engine_gluon": lambda: backend_skipped("gluon", d, dtype, device) or engine_section(
                     d, a.batch, a.prompt, a.steps, dtype, device, "gluon", export=a.export),
+                "engine_gluon_seesaw": lambda: backend_skipped("gluon", d, dtype, device) or with_schedule(
+                    "seesaw", lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, "gluon",
+                                                     export=a.export)),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers
@@ -394,10 +411,10 @@ def main(argv=None) -> int:
             result[name] = {"error": f"{type(e).__name__}: {e}"}
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if a.out:  # after every section: a run cut short by its time limit keeps what it measured
+            with open(a.out, "w") as f:
+                json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

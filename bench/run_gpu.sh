@@ -139,9 +139,11 @@ decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashM
 }
 
 decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode steps), ours, FlashMLA's and the Gluon
-  # kernel: where they differ most (did not finish in 240 s inside decode_hopper: its own call)
+  # kernel (both schedules; the seesaw one if its smoke launch ran): where they differ most (did not finish in 240 s
+  # inside decode_hopper: its own call)
+  local seesaw=(); gluon_smoke seesaw && seesaw=(engine_gluon_seesaw)
   timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" \
-    --sections engine engine_flashmla engine_gluon \
+    --sections engine engine_flashmla engine_gluon "${seesaw[@]}" \
     --prompt 4032 --steps 64 > "$OUT/engine_4k.log" 2>&1; local rc=$?
   grep -vi warn "$OUT/engine_4k.log" | tail -n 5; return "$rc"
 }

@@ -190,6 +190,24 @@ def test_decode_bench_runs_on_tiny_dims(tmp_path):
     assert result["adapters"]["adapters"] == 8
     assert result["adapters"]["attention"]["ms_multi_adapter"] > 0 and result["adapters"]["layer"]["ratio"] > 0
     assert result["fold"]["bytes_folded"] == 4 * result["fold"]["cost"]["folded"]["params_per_layer"]
+    assert "attention backend 'gluon'" in result["engine_gluon_seesaw"]["skipped"]  # tiny dims: refused, with why
+
+
+def test_a_section_under_another_gluon_schedule_restores_the_default():
+    """``decode_bench.with_schedule``: the engine sections see the schedule asked for, and the default comes back
+    after, also when the section raises."""
+    from support.bench import bench_module
+
+    from nemo_mla_lora.inference.kernels import gluon_launch
+
+    def failing():
+        raise RuntimeError("section failed")
+
+    bench, default = bench_module("decode_bench"), gluon_launch.SCHEDULE
+    assert bench.with_schedule("seesaw", lambda: gluon_launch.SCHEDULE) == "seesaw"
+    with pytest.raises(RuntimeError, match="section failed"):
+        bench.with_schedule("seesaw", failing)
+    assert default == gluon_launch.SCHEDULE
 
 
 def test_moe_decode_bench_runs_on_a_tiny_config(tmp_path):
