@@ -274,18 +274,3 @@ def test_decode_goals_read_a_committed_sweep():
     assert any(r["best_ours"] == "gluon" for r in wrong["rows"] if r["h"] == 64)
     with pytest.raises(ValueError, match="expected decode_roofline.py's JSON"):
         goals.summary({"rows": []})
-
-
-def test_the_seesaw_protocol_model_holds_and_catches_known_mistakes(monkeypatch):
-    """``bench/seesaw_protocol.py``, the thread model of the seesaw Gluon kernel's barriers and buffers: softmax
-    attention's result and no deadlock for 0 to 6 tiles per split; releasing the other's half after waiting for the
-    next row max deadlocks, handing P over unscaled gives a wrong result wherever the row max grows after a tile."""
-    from support.bench import bench_module
-
-    model = bench_module("seesaw_protocol")
-    assert model.check(max_tiles=6, seeds=6) == {}
-    monkeypatch.setattr(model, "WAIT_S", 0.3)
-    late = model.check(max_tiles=4, seeds=1, mutate="late_release")
-    assert late and all("deadlock" in " ".join(p) for p in late.values())
-    unscaled = model.check(max_tiles=4, seeds=4, mutate="unscaled_p")
-    assert unscaled and all("result off" in " ".join(p) for p in unscaled.values())

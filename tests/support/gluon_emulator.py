@@ -8,21 +8,31 @@ with phases, arrival counts and transaction bytes (``expect`` arrives and expect
 wait on parity P passes once phase P has completed, and times out as a deadlock); TMA loads as copies of the
 descriptor's rows, zero past its last row; wgmma as an fp32 matmul, an asynchronous one evaluated only at its wait
 (so a buffer reused too early shows in the result); bf16 casts as torch's rounding; pointers as flat numpy arrays
-with offsets. What it does not: layouts (ignored), register pressure, the async proxy and its fences, timing, or any
+with offsets; a random pause before each barrier operation and copy, for other thread interleavings. What it does
+not: layouts (ignored), register pressure, the async proxy and its fences, timing, or any
 interleaving a GPU would produce that Python's threads do not.
 """
 
 from __future__ import annotations
 
 import importlib
+import random
 import sys
 import threading
+import time
 import types
 
 import numpy as np
 import torch
 
 WAIT_S = 10.0  # a barrier wait longer than this is a deadlock
+JITTER_S = 5e-5  # at most this random pause before each barrier operation and TMA copy: other interleavings
+_rng = random.Random(0)
+
+
+def _jitter():
+    if JITTER_S:
+        time.sleep(_rng.random() * JITTER_S)
 
 
 class Deadlock(RuntimeError):
@@ -111,6 +121,7 @@ class _Barrier:
             self.cv.notify_all()
 
     def arrive(self, expect_bytes: int = 0):
+        _jitter()
         with self.cv:
             self.pending -= 1
             self.tx += expect_bytes
@@ -122,6 +133,7 @@ class _Barrier:
             self._step()
 
     def wait(self, parity: int):
+        _jitter()
         with self.cv:
             if not self.cv.wait_for(lambda: (self.phase - int(parity)) % 2 == 1, WAIT_S):
                 raise Deadlock(f"barrier wait on parity {int(parity)} did not pass (phase {self.phase})")
@@ -199,6 +211,7 @@ def _warp_specialize(partitions, worker_warps, worker_regs):
 
 
 def _tma_load(desc, coord, bar, dest: Smem, pred=True):
+    _jitter()
     rows, cols = desc.block_type.shape
     r0, c0 = int(coord[0]), int(coord[1])
     box = np.zeros((rows, cols), dtype=np.float32)  # rows past the descriptor's last are zero
