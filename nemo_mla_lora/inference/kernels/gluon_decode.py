@@ -25,7 +25,8 @@ Design as built (one CTA per (64-head block, split of the positions, batch row);
   compiled (224.8 KiB of sm_90's 227), so one CTA per SM; 3 warpgroups x 168 registers fill the register file.
 Splits and the merge pass are ``triton_decode``'s (``split_buffers``, ``merge_splits``): with one split the
 consumers normalise and write ``out`` directly. The host side (where the kernel runs, the split count, the call) is
-``gluon_launch``; ``bench/gluon_compile.py`` compiles the kernel for sm_90a without a GPU.
+``gluon_launch``; ``bench/gluon_compile.py`` compiles the kernel for sm_90a without a GPU. ``gluon_seesaw`` is the
+same kernel with another schedule of the two consumers, built from the pieces here.
 """
 
 from __future__ import annotations

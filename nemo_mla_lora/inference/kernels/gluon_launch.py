@@ -23,7 +23,8 @@ from nemo_mla_lora.inference.kernels.triton_decode import merge_splits, split_bu
 
 # The kernel of each schedule of the two consumer warpgroups (same arguments): ``gluon_decode``'s ping-pong (each
 # softmax waits for the other's P) and ``gluon_seesaw``'s (a softmax waits for the other's row max alone; stages
-# loaded and released in halves). The default is the one measured faster on a GPU.
+# loaded and released in halves). The default is the one that has run on a GPU; the seesaw kernel has not yet (its
+# source is checked on the CPU through tests/support/gluon_emulator.py, its speed is not known).
 KERNELS = {"pingpong": _ws_decode_kernel, "seesaw": _seesaw_decode_kernel}
 SCHEDULE = "pingpong"
 
