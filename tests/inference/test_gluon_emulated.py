@@ -1,7 +1,7 @@
 """The Gluon decode kernels' own source (both schedules of ``gluon_launch.KERNELS``), run on the CPU through
 ``support.gluon_emulator`` (numpy shared memory, mbarriers with phases and transaction bytes, TMA copies, wgmma as
 fp32 matmuls evaluated at their wait, one thread per partition): against the float64 decode step, with NaN in the
-cache past each row's length, rows of 1 to 300 positions, one split and several (0 to 5 tiles per split, both
+cache past each row's length, rows of 1 to 2,000 positions, one split and several (0 to 32 tiles per split, both
 consumers' last-tile cases), 64 and 128 heads. A wrong tile index, barrier phase, release order or softmax scale in a
 kernel fails here, before a GPU is lent; compiler and hardware matters (layouts, proxies, registers) do not show."""
 
@@ -57,7 +57,14 @@ def modules():
 @pytest.mark.parametrize("schedule", ["pingpong", "seesaw"])
 @pytest.mark.parametrize(
     "heads, lens, splits",
-    [(64, [300], 1), (128, [1, 65, 200], 1), (64, [1, 63, 64, 65, 300], 3), (128, [129, 320, 1], 7)],
+    [
+        (64, [300], 1),
+        (128, [1, 65, 200], 1),
+        (64, [1, 63, 64, 65, 300], 3),
+        (128, [129, 320, 1], 7),
+        (64, [2000], 1),  # 32 tiles through the two stages: every barrier's phase wraps many times
+        (128, [1500, 7], 2),
+    ],
 )
 def test_the_kernel_source_matches_the_equations(modules, schedule, heads, lens, splits):
     assert set(modules["gluon_launch"].KERNELS) == {"pingpong", "seesaw"}
