@@ -2,8 +2,7 @@
 ``gluon_seesaw.py``, one per schedule of ``gluon_launch.KERNELS``) for sm_90a, no GPU needed: binds the launcher's own arguments (CPU tensors of the real shapes, so the signature and the
 specialisation are what a launch on an H100 would compile), compiles through ``triton.compile`` for
 GPUTarget("cuda", 90, 32) with the wheel's ptxas, and prints registers, spills and shared memory per config.
-Exits non-zero when a config fails to compile, spills more than ``SPILLS_ALLOWED``, or needs more shared memory than
-sm_90's 227 KiB.
+Exits non-zero when a config fails to compile, spills, or needs more shared memory than sm_90's 227 KiB.
 
     python bench/gluon_compile.py [--ptx DIR]   # DIR: also write each config's PTX, TTGIR and ptxas log there
     python bench/gluon_compile.py --time [--json F]  # on an sm_90 GPU instead: time it beside hopper_decode's TMA
@@ -29,9 +28,6 @@ CONFIGS = [  # (heads, batch, cached positions, splits): both head counts, one s
     (128, 4, 1000, 1),
     (128, 4, 1000, 3),
 ]
-# spill bytes allowed per schedule: the seesaw kernel spills one 4-byte register with Triton 3.6 (8-16 bytes as ptxas
-# counts them: one store before the loop, one load per tile), none with 3.9
-SPILLS_ALLOWED = {"pingpong": 0, "seesaw": 16}
 
 
 def compile_config(h: int, b: int, t: int, splits: int, schedule: str = "pingpong"):
@@ -124,7 +120,7 @@ def main() -> int:
             failed.append(name)
             continue
         md, use = k.metadata, ptxas_usage(k.asm["ptx"])
-        ok = use["n_spills"] <= SPILLS_ALLOWED[schedule] and md.shared <= SM90_SMEM
+        ok = use["n_spills"] == 0 and use["stack"] == 0 and md.shared <= SM90_SMEM
         print(
             f"{name}: n_regs={use['n_regs']} n_spills={use['n_spills']} stack={use['stack']} shared={md.shared} B "
             f"({md.shared / 1024:.1f} KiB of {SM90_SMEM // 1024}) warps={md.num_warps} maxnreg={md.maxnreg} "

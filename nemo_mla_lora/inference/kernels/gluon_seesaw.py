@@ -5,17 +5,16 @@ qk_rope_head_dim = 64), with two changes to how the two consumer warpgroups shar
 1. The softmaxes hand over the running row max alone. Warpgroup W = j % 2 owns tile j: scores S_j, then
    m_j = max(m_{j-1}, rowmax S_j), published at once (the other warpgroup's next softmax waits on nothing else), then
    P_j = exp2(S_j - m_j) and O_W += P_j V_j[:, W half]. Its P_j reaches the other warpgroup scaled by
-   exp2(m_j - m_{j+1}) (its owner waits for m_{j+1}), so the other adds P_j V_j[:, other half] after its own tile
-   j + 1, with O already in units of m_{j+1}: the rescale rides on the tile the other warpgroup owns. In the
+   exp2(m_j - m_{j+1}) (its owner waits for m_{j+1}), so the other adds P_j V_j[:, other half] in its tile j + 1
+   right after publishing m_{j+1}, with O already in units of m_{j+1}: the rescale rides on its own tile's. In the
    ping-pong schedule of ``gluon_decode`` a warpgroup's softmax waits for the other's whole softmax, its P and its
    P V; here only for a row max. (FlashMLA's SM90 kernel calls this schedule "seesaw".)
 2. A stage is loaded and released in two parts, in the order the consumers let go of them: part A is the owner's
    c_kv half (its scores start on it, its own P V reads it), part B the other c_kv half and the rope box (the rope box
    then carries P_j to the other warpgroup: P [64 h, 64 t] bf16 is the size of k_rope [64 t, 64 d], so it needs no
-   buffer of its own). The producer loads tile k's part A as soon as tile k - 2's owner is done with its P V, and
-   tile k - 1's part B as soon as the other warpgroup has added tile k - 3, so the next tile's first bytes stream
-   while the current one is still being finished.
-
+   buffer of its own). A consumer adds the other's tile j - 1 right after publishing m_j, before its own
+   exponentials and P V, so tile j - 1's part B is refilled as soon as the exchange allows; the producer loads tile
+   k's part A once tile k - 2's owner is done with it, and tile k - 1's part B once tile k - 3's is released.
 Shared memory: Q 72 KiB + 2 stages x 72 KiB + row max and row sum per stage (1 KiB) + barriers, about 222 KiB.
 Host side, split count and merge pass: ``gluon_launch`` (``schedule="seesaw"``).
 """
@@ -124,25 +123,27 @@ def _hand_over(kr_bufs, r_bufs, p_ready, s, p, row_sum, scale):
 @_jit
 def _add_other(bufs, bars, i, o, l_sum, W: gl.constexpr):
     """The other warpgroup's tile i, handed over in units of this warpgroup's running max: l += its row sums,
-    O += P_i V_i[:, W half] (issued, not waited: the caller waits and releases the part)."""
+    O += P_i V_i[:, W half]; then tile i's part B is released."""
     kv_bufs, kr_bufs, r_bufs = bufs[2], bufs[3], bufs[5]
     ready_b, p_ready = bars[2], bars[6]
     s = i % ready_b.shape[0]
     mbarrier.wait(ready_b.index(s), (i // ready_b.shape[0]) & 1)  # its owner waited too; here for the async proxy
     mbarrier.wait(p_ready.index(s), (i // ready_b.shape[0]) & 1)
     l_sum = l_sum + r_bufs.index(s).load(l_sum.type.layout)
-    o = warpgroup_mma(kr_bufs.index(s), kv_bufs.index(2 * s + W), o, is_async=True)  # [64 h, 64 t] . [64 t, 256 c]
+    o = warpgroup_mma(kr_bufs.index(s), kv_bufs.index(2 * s + W), o)  # [64 h, 64 t] . [64 t, 256 c]
+    mbarrier.arrive(bars[4].index(s), count=1)  # free_b: the producer may refill this half and the P box
     return o, l_sum
 
 
 @_jit
 def _own_tile(bufs, bars, j, span, state, W: gl.constexpr):
-    """Tile j = W, W + 2, ...: scores, running max (published), softmax, O += P V_j[:, W half] and the other's tile
-    j - 1; then P_j handed over scaled to the max after tile j + 1. ``state``: (O, row sum, O's max, m_{j-1})."""
+    """Tile j = W, W + 2, ...: scores, running max (published), the other's tile j - 1 (its part B is refilled from
+    then on), softmax, O += P V_j[:, W half]; then P_j handed over scaled to the max after tile j + 1. ``state``: (O,
+    row sum, O's max, m_{j-1})."""
     n, t_start, t_end, qk_scale = span
     o, l_sum, m_ref, m_prev = state
     kv_bufs, kr_bufs, m_bufs, r_bufs = bufs[2], bufs[3], bufs[4], bufs[5]
-    free_a, free_b, m_ready, p_ready = bars[3], bars[4], bars[5], bars[6]
+    free_a, m_ready, p_ready = bars[3], bars[5], bars[6]
     s = j % free_a.shape[0]
     t0 = t_start + j * kv_bufs.shape[1]
     scores = _scores(bufs, bars, j, W, (t_end - t0) >> 31)  # [64 h, 64 t]; t0 < t_end, so the shift is 0
@@ -152,20 +153,18 @@ def _own_tile(bufs, bars, j, span, state, W: gl.constexpr):
     scores = gl.where(gl.expand_dims(ts < t_end, 0), scores * qk_scale, float("-inf"))  # log2 units
     m_j = gl.maximum(m_prev, gl.max(scores, axis=1))  # [64 h]
     _publish_max(m_bufs, m_ready, s, m_j)
+    alpha = gl.exp2(m_ref - m_j)
+    o = _rescale(o, alpha)  # O and l in units of m_j, those of the other's P_{j-1}
+    l_sum = l_sum * alpha
+    if j > 0:  # the other's tile j - 1 first (its owner scales it as soon as m_j is out): its part B goes sooner
+        o, l_sum = _add_other(bufs, bars, j - 1, o, l_sum, W)
     p = gl.exp2(scores - gl.expand_dims(m_j, 1))  # [64 h, 64 t]
     row_sum = gl.sum(p, axis=1)
-    alpha = gl.exp2(m_ref - m_j)
-    l_sum = l_sum * alpha + row_sum
-    o = _rescale(o, alpha)
+    l_sum = l_sum + row_sum
     p = p.to(gl.bfloat16)  # held in bf16 until the hand-over (in fp32 it spills)
     p_a = gl.convert_layout(p, gl.DotOperandLayout(operand_index=0, parent=o.type.layout, k_width=2))
-    o = warpgroup_mma(p_a, kv_bufs.index(2 * s + W), o, is_async=True)  # [64 h, 64 t] . [64 t, 256 c]
-    if j > 0:  # the other's tile j - 1, scaled by its owner to m_j
-        o, l_sum = _add_other(bufs, bars, j - 1, o, l_sum, W)
-    o, _ = warpgroup_mma_wait(0, deps=(o, p_a))
+    o = warpgroup_mma(p_a, kv_bufs.index(2 * s + W), o)  # [64 h, 64 t] . [64 t, 256 c]
     mbarrier.arrive(free_a.index(s), count=1)
-    if j > 0:
-        mbarrier.arrive(free_b.index((j - 1) % free_a.shape[0]), count=1)
     m_next = m_j
     if j + 1 < n:  # the last tile hands over unscaled
         m_next = _read_max(m_bufs, m_ready, j + 1, m_j)
@@ -179,10 +178,7 @@ def _last_other(bufs, bars, i, o, l_sum, m_ref, m_i, W: gl.constexpr):
     O += P_i V_i[:, W half]."""
     alpha = gl.exp2(m_ref - m_i)
     o = _rescale(o, alpha)
-    o, l_sum = _add_other(bufs, bars, i, o, l_sum * alpha, W)
-    o = warpgroup_mma_wait(0, deps=(o,))
-    mbarrier.arrive(bars[4].index(i % bars[4].shape[0]), count=1)
-    return o, l_sum
+    return _add_other(bufs, bars, i, o, l_sum * alpha, W)
 
 
 @_jit
