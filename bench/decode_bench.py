@@ -9,8 +9,8 @@
    measured in the same run; at V3's 128 heads and at one tensor-parallel rank's 16 (TP=8). Optionally a
    sweep of the kernel's launch configs.
 3. (and ``engine``: end-to-end decode tokens/s of a 4-layer V3-shaped model through the engine; ``engine_flashmla``,
-   ``engine_gluon``, ``engine_gluon_seesaw``: the same through those attention backends, the last with the Gluon
-   kernel's seesaw schedule.)
+   ``engine_gluon``, ``engine_gluon_seesaw``, ``engine_gluon_seesaw_t32``: the same through those attention backends,
+   the last two with the Gluon kernel's seesaw schedules.)
    A decode step with eight distinct rank-16 adapters on every MLA target, rows spread over them, vs the
    same batch with no adapter (what a merged checkpoint costs): the attention alone and the whole decoder
    layer (V3's dense MLP), eager and replayed from a CUDA graph.
@@ -28,6 +28,7 @@ import torch
 V3 = dict(hidden=7168, heads=128, q_lora_rank=1536, kv_lora_rank=512, nope=128, rope=64, v=128, ffn=18432)
 TINY = dict(hidden=80, heads=4, q_lora_rank=56, kv_lora_rank=40, nope=24, rope=8, v=28, ffn=320)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SEESAW_SCHEDULES = ("seesaw", "seesaw_t32")  # gluon_launch.KERNELS beside the default ping-pong one
 
 
 def timed(fn, iters: int, warmup: int = 3) -> float:
@@ -397,10 +398,11 @@ def main(argv=None) -> int:
                     d, a.batch, a.prompt, a.steps, dtype, device, "flashmla", export=a.export),
                 "engine_gluon": lambda: backend_skipped("gluon", d, dtype, device) or engine_section(
                     d, a.batch, a.prompt, a.steps, dtype, device, "gluon", export=a.export),
-                "engine_gluon_seesaw": lambda: backend_skipped("gluon", d, dtype, device) or with_schedule(
-                    "seesaw", lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, "gluon",
-                                                     export=a.export)),
                 "fold": lambda: fold_section(d, a.batch, dtype, device, a.iters)}
+    for schedule in SEESAW_SCHEDULES:  # the engine's gluon backend under the Gluon kernel's other schedules
+        sections[f"engine_gluon_{schedule}"] = lambda s=schedule: backend_skipped("gluon", d, dtype, device) or (
+            with_schedule(s, lambda: engine_section(d, a.batch, a.prompt, a.steps, dtype, device, "gluon",
+                                                    export=a.export)))
     sections = {k: v for k, v in sections.items() if not a.sections or k in a.sections}
     for name, section in sections.items():  # one section failing on the GPU still leaves the others' numbers
         try:

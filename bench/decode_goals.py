@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-OURS = ("portable", "tma", "tma_t", "gluon", "gluon_seesaw", "ours")  # our kernels; "default" may be FlashMLA's choice
+OURS = ("portable", "tma", "tma_t", "gluon", "gluon_seesaw", "gluon_seesaw_t32", "ours")  # our kernels; "default" may be FlashMLA's choice
 COPY_AT_64, MATMUL_AT_128, VS_FLASHMLA = 0.70, 0.50, 0.95
 # a kernel whose result in the sweep's own check (max |kernel - fp64 equations| on 4 rows of mixed lengths) is above
 # this does not count: every correct kernel measured so far gave 0.0038-0.0040 there (bf16 output)

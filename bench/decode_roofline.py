@@ -16,7 +16,8 @@ Gluon kernel where ``gluon_backend.gluon_is_faster``, the TMA kernels elsewhere)
 package imports on a Hopper card, ``flashmla`` (FlashMLA's SM90 dense decode, ``inference/kernels/flashmla.py``:
 the peer, same cache, same process), and, where it compiles for the card, ``gluon`` (``gluon_decode``: the
 warp-specialised kernel, at its default splits and twice them; heads in blocks of 64, so not at 16 heads) and
-``gluon_seesaw`` (the same kernel's seesaw schedule, ``gluon_seesaw``; ``--skip gluon_seesaw`` leaves it out). The cache is the engine's
+``gluon_seesaw``, ``gluon_seesaw_t32`` (the seesaw schedule, ``gluon_seesaw.py``, with 64-position tiles in two
+stages and 32-position tiles in four; ``--skip KERNEL`` leaves one out). The cache is the engine's
 (``LatentKVCache``: c_kv and k_rope side by side in one buffer, rows padded to 64 positions), read by every kernel
 in place. Each kernel's numerics are checked against the fp64 equations first. Bytes = the cache read
 (b x t x (c + d) x 2); FLOPs = 2 b h t (2c + d). Index legend: b batch, h heads, t context, c latent, d rope dim.
@@ -80,8 +81,9 @@ def kernels():
     else:
         print(f"flashmla: not measured ({why})", flush=True)
     if (why := gluon_launch.device_problem("cuda", C, D, 64)) is None:
-        out["gluon"] = partial(gluon_launch.latent_decode_attention_ws, schedule="pingpong")
-        out["gluon_seesaw"] = partial(gluon_launch.latent_decode_attention_ws, schedule="seesaw")
+        for schedule in gluon_launch.KERNELS:  # gluon (the ping-pong schedule), gluon_seesaw, gluon_seesaw_t32
+            name = "gluon" if schedule == "pingpong" else f"gluon_{schedule}"
+            out[name] = partial(gluon_launch.latent_decode_attention_ws, schedule=schedule)
     else:
         print(f"gluon: not measured ({why})", flush=True)
     return out
@@ -174,7 +176,7 @@ def plot(results: dict, path: Path) -> None:
     ax.plot(xs, [min(0.5 * roof["matmul_bf16_TFLOPs"], 0.7 * roof["copy_GBps"] * x / 1e3) for x in xs], "k:",
             label="goals: 70% copy, 50% matmul")
     for kind, marker in (("portable", "o"), ("ours", "s"), ("flashmla", "^"), ("gluon", "D"), ("gluon_seesaw", "P"),
-                         ("einsum", "x")):
+                         ("gluon_seesaw_t32", "*"), ("einsum", "x")):
         pts = [(s["flop_per_byte"], s["best"][kind]["TFLOPs"], s["heads"]) for s in results["shapes"]
                if kind in s["best"]]
         for h, color in zip(HEADS, ("C0", "C1", "C2")):

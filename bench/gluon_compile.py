@@ -62,8 +62,8 @@ def time_kernels(out: Path | None = None) -> int:
     else:
         print(f"flashmla: not timed ({why})")
     # last: a fault in a new kernel would poison the context
-    fns["gluon_ws"] = gluon_launch.latent_decode_attention_ws
-    fns["gluon_seesaw"] = functools.partial(gluon_launch.latent_decode_attention_ws, schedule="seesaw")
+    for schedule in gluon_launch.KERNELS:
+        fns[f"gluon_{schedule}"] = functools.partial(gluon_launch.latent_decode_attention_ws, schedule=schedule)
     roof = roofs()
     copy_gbs, peak_tflops = roof["copy_GBps"], roof["matmul_bf16_TFLOPs"]
     print(f"{torch.cuda.get_device_name()}: device copy {copy_gbs:.0f} GB/s (read + write), matmul {peak_tflops:.0f}")

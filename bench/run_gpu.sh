@@ -125,25 +125,27 @@ decode_hopper() {  # kernel tests, roofline sweep, decode_bench (tables, adapter
   return "$rc"
 }
 
-decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and both Gluon schedules'
-  # included; the seesaw one only if its smoke launch ran), then ncu of the Gluon kernels at 128 heads: a short and a
-  # long context
-  local skip=(); gluon_smoke seesaw || skip=(--skip gluon_seesaw)
-  timeout -k 5 480 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" "${skip[@]}" "$@" 2>&1 \
+decode_sweep() {  # the roofline sweep alone (every kernel's graphed row, FlashMLA's and the Gluon schedules'
+  # included, each seesaw one only if its smoke launch ran), then ncu of the Gluon kernels at 128 heads
+  local s skip=() ran=(); for s in "${GLUON_SCHEDULES_ALL[@]:1}"; do
+    if gluon_smoke "$s"; then ran+=("gluon_$s"); else skip+=("gluon_$s"); fi
+  done
+  timeout -k 5 540 python3 "$REPO/bench/decode_roofline.py" --out "$OUT" ${skip[@]:+--skip "${skip[@]}"} "$@" 2>&1 \
     | tee "$OUT/roofline.log" | tail -n 3
   local rc=${PIPESTATUS[0]}
   python3 "$REPO/bench/decode_goals.py" "$OUT/decode_roofline.json" --json "$OUT/goals.json" | tail -n 45
-  [ "${NCU:-1}" = 0 ] || decode_ncu "gluon 128 64 4096" "gluon 128 32 32768"
-  [ "${NCU:-1}" = 0 ] || [ ${#skip[@]} != 0 ] || decode_ncu "gluon_seesaw 128 64 4096" "gluon_seesaw 128 32 32768"
+  [ "${NCU:-1}" = 0 ] && return "$rc"
+  decode_ncu "gluon 128 64 4096" "gluon 128 32 32768"
+  for s in "${ran[@]}"; do decode_ncu "$s 128 64 4096"; done
   return "$rc"
 }
 
 decode_engine_4k() {  # the engine at context 4,096 (prompt 4,032 + 64 decode steps), ours, FlashMLA's and the Gluon
-  # kernel (both schedules; the seesaw one if its smoke launch ran): where they differ most (did not finish in 240 s
-  # inside decode_hopper: its own call)
-  local seesaw=(); gluon_smoke seesaw && seesaw=(engine_gluon_seesaw)
+  # kernel (every schedule whose smoke launch ran): where they differ most (did not finish in 240 s inside
+  # decode_hopper: its own call)
+  local s extra=(); for s in "${GLUON_SCHEDULES_ALL[@]:1}"; do gluon_smoke "$s" && extra+=("engine_gluon_$s"); done
   timeout -k 5 540 python3 "$REPO/bench/decode_bench.py" --out "$OUT/engine_4k.json" \
-    --sections engine engine_flashmla engine_gluon "${seesaw[@]}" \
+    --sections engine engine_flashmla engine_gluon "${extra[@]}" \
     --prompt 4032 --steps 64 > "$OUT/engine_4k.log" 2>&1; local rc=$?
   grep -vi warn "$OUT/engine_4k.log" | tail -n 5; return "$rc"
 }
@@ -165,13 +167,21 @@ import sys; schedule = sys.argv[1]
 o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf[..., 512:], n, 0.05, schedule=schedule)
 torch.cuda.synchronize(); print(f"gluon smoke ({schedule}): ran, max |o|", o.float().abs().max().item())'
 
-gluon_smoke() {  # one small launch of the Gluon kernel per schedule named (default both), 60 s at most each (a
-  # barrier bug would hang)
-  local s schedules=("$@"); [ $# = 0 ] && schedules=(pingpong seesaw)
+GLUON_SCHEDULES_ALL=(pingpong seesaw seesaw_t32)  # gluon_launch.KERNELS, the default first
+
+gluon_smoke() {  # one small launch of the Gluon kernel per schedule named (default all), 60 s at most each (a
+  # barrier bug would hang); a schedule that ran once in this call is not launched again
+  local s schedules=("$@"); [ $# = 0 ] && schedules=("${GLUON_SCHEDULES_ALL[@]}")
   for s in "${schedules[@]}"; do
+    [ -f "$OUT/gluon_smoke_$s.ok" ] && continue
     timeout -k 5 60 python3 -c "$GLUON_SMOKE" "$s" 2>&1 | tee "$OUT/gluon_smoke_$s.log" | tail -n 3
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke ($s) failed or hung"; return 1; }
+    touch "$OUT/gluon_smoke_$s.ok"
   done
+}
+
+gluon_running() {  # the schedules whose smoke launch ran, space-separated (their output on stderr)
+  local s ok=(); for s in "${GLUON_SCHEDULES_ALL[@]}"; do gluon_smoke "$s" >&2 && ok+=("$s"); done; echo "${ok[*]}"
 }
 
 gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and FlashMLA's, same process
@@ -181,13 +191,16 @@ gluon_timing() {  # bench/gluon_compile.py --time: beside the TMA kernel and Fla
 }
 
 gluon_tests() {  # the warp-specialised Gluon kernels: the smoke launches, their GPU tests and the engine through them
-  # and through FlashMLA's (timeouts: a barrier bug would hang; a seesaw kernel that fails its smoke launch is left out)
-  gluon_smoke pingpong || return 1
-  local only=(); gluon_smoke seesaw || only=(-k "not seesaw")
-  timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider "$REPO/tests/inference/test_gluon_decode_gpu.py" \
-    "$REPO/tests/inference/test_decode_backends.py" "${only[@]}" -rs \
+  # and through FlashMLA's (timeouts: a barrier bug would hang; a schedule that fails its smoke launch is left out of
+  # the tests, and the step fails)
+  local ok; ok=$(gluon_running)
+  [[ " $ok " == *" pingpong "* ]] || return 1
+  GLUON_SCHEDULES="${ok// /,}" timeout -k 5 360 python3 -m pytest -q -x -p no:cacheprovider \
+    "$REPO/tests/inference/test_gluon_decode_gpu.py" "$REPO/tests/inference/test_decode_backends.py" -rs \
     > "$OUT/gluon_tests.log" 2>&1; local rc=$?
-  tail -n 15 "$OUT/gluon_tests.log"; [ ${#only[@]} = 0 ] && return "$rc"; return 1
+  tail -n 15 "$OUT/gluon_tests.log"
+  [ "$ok" = "${GLUON_SCHEDULES_ALL[*]}" ] || { echo "tested $ok only: the others' smoke launch failed"; return 1; }
+  return "$rc"
 }
 
 gluon_decode() {  # gluon_tests, then the kernel's timing
@@ -209,7 +222,7 @@ decode_ncu() {  # ncu profiles of the Hopper decode kernel, one per "launch head
   # (e.g. bash bench/run_gpu.sh decode_ncu "default 64 64 4096": the 64-head case)
   for one in "$@"; do
     local kernel=split  # the Gluon kernels' own names, not their merge pass
-    case "${one%% *}" in gluon) kernel=ws_decode ;; gluon_seesaw) kernel=seesaw_decode ;; esac
+    case "${one%% *}" in gluon) kernel=ws_decode ;; gluon_seesaw*) kernel=seesaw_decode ;; esac
     timeout 60 ncu --clock-control none --kernel-name "regex:$kernel" --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 "$REPO/bench/decode_roofline.py" --out "$OUT" --one $one \

@@ -94,7 +94,7 @@ def _decode_inputs(heads: int, batch: int = 4, positions: int = 1000):
 def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
     """A decode entry: ``kind`` ``heads`` / ``positions`` (the TMA kernels, with ``default_tma_launch``'s tiles for
     the shape; ``heads`` at 16 heads and 64K cached positions takes the tensor-parallel rank's 16 x 32 tiles),
-    ``portable``, ``gluon`` (the ping-pong schedule) or ``gluon_seesaw``."""
+    ``portable``, ``gluon`` (the ping-pong schedule) or ``gluon_<schedule>`` (``gluon_launch.KERNELS``)."""
 
     def launch():
         from nemo_mla_lora.inference.kernels import hopper_decode, triton_decode
@@ -103,7 +103,7 @@ def _decode(kind: str, heads: int, batch: int = 4, positions: int = 1000):
         if kind == "portable":
             return triton_decode.latent_decode_attention(*args, max_length=positions)
         if kind.startswith("gluon"):
-            return gluon_kernel_launch(heads, batch, positions, 3, "seesaw" if kind == "gluon_seesaw" else "pingpong")
+            return gluon_kernel_launch(heads, batch, positions, 3, "pingpong" if kind == "gluon" else kind[6:])
         return hopper_decode.latent_decode_attention_tma(*args, max_length=positions, rows=kind)
 
     return launch
@@ -123,9 +123,11 @@ def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int, sch
 
     q_lat, q_rope, c_kv, k_rope, lengths, scale = _decode_inputs(heads, batch, positions)
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
-    chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(q_lat, positions, splits, gluon_decode.BLOCK_T)
-    grid, args, kwargs = gluon_decode.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale, chunk, acc, m, l_sum)
-    return gluon_launch.KERNELS[schedule][grid](*args, **kwargs)
+    kernel = gluon_launch.KERNELS[schedule]
+    chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(q_lat, positions, splits, kernel.block_t)
+    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
+    grid, args, kwargs = gluon_decode.launch_args(*tensors, scale, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    return kernel.kernel[grid](*args, **kwargs)
 
 
 def _adapters():
@@ -181,6 +183,7 @@ ENTRIES = {
     "decode_portable_h128": _decode("portable", 128),
     "decode_gluon_ws_h128": _decode("gluon", 128),
     "decode_gluon_seesaw_h128": _decode("gluon_seesaw", 128),
+    "decode_gluon_seesaw_t32_h128": _decode("gluon_seesaw_t32", 128),
     "decode_merge_128_splits": _merge(128),
     "decode_adapters": _adapters,
     "grouped_add_r16": lambda: _grouped_add(16),

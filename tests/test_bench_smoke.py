@@ -190,7 +190,8 @@ def test_decode_bench_runs_on_tiny_dims(tmp_path):
     assert result["adapters"]["adapters"] == 8
     assert result["adapters"]["attention"]["ms_multi_adapter"] > 0 and result["adapters"]["layer"]["ratio"] > 0
     assert result["fold"]["bytes_folded"] == 4 * result["fold"]["cost"]["folded"]["params_per_layer"]
-    assert "attention backend 'gluon'" in result["engine_gluon_seesaw"]["skipped"]  # tiny dims: refused, with why
+    for schedule in ("seesaw", "seesaw_t32"):  # tiny dims: refused, with why
+        assert "attention backend 'gluon'" in result[f"engine_gluon_{schedule}"]["skipped"]
 
 
 def test_a_section_under_another_gluon_schedule_restores_the_default():
@@ -204,6 +205,7 @@ def test_a_section_under_another_gluon_schedule_restores_the_default():
         raise RuntimeError("section failed")
 
     bench, default = bench_module("decode_bench"), gluon_launch.SCHEDULE
+    assert set(bench.SEESAW_SCHEDULES) == set(gluon_launch.KERNELS) - {default}  # an engine section per schedule
     assert bench.with_schedule("seesaw", lambda: gluon_launch.SCHEDULE) == "seesaw"
     with pytest.raises(RuntimeError, match="section failed"):
         bench.with_schedule("seesaw", failing)

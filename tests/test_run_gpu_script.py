@@ -1,7 +1,7 @@
 """``bench/run_gpu.sh``'s decode steps decide on a CPU what a GPU window will run: its functions sourced with a fake
 ``python3`` (records its arguments; a smoke launch of the seesaw kernel can be made to hang) and a pass-through
-``timeout``. A seesaw kernel that hangs its smoke launch is left out of the tests, the sweep and the engine run, and
-the test step fails; otherwise every step takes both schedules."""
+``timeout``. A schedule of the Gluon kernel that hangs its smoke launch is left out of the tests, the sweep and the
+engine run, and the test step fails; otherwise every step takes every schedule."""
 
 import os
 import re
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("gluon_smoke", "gluon_tests", "decode_sweep", "decode_engine_4k")
+STEPS = ("gluon_smoke", "gluon_running", "gluon_tests", "decode_sweep", "decode_engine_4k")
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-printf '%s\\n' "$*" | tr '\\n' ' ' >> "$CALLS"; echo >> "$CALLS"
-if [ "$HANG_SEESAW" = 1 ] && [ "$1" = -c ] && [ "${@: -1}" = seesaw ]; then exit 124; fi
+printf 'GLUON_SCHEDULES=%s %s\\n' "${GLUON_SCHEDULES:-}" "$*" | tr '\\n' ' ' >> "$CALLS"; echo >> "$CALLS"
+if [ -n "$HANG" ] && [ "$1" = -c ] && [ "${@: -1}" = "$HANG" ]; then exit 124; fi
 """
 FAKE_TIMEOUT = """#!/usr/bin/env bash
 while [[ "$1" == -* ]]; do [ "$1" = -k ] && shift; shift; done; shift; exec "$@"
@@ -25,13 +25,13 @@ while [[ "$1" == -* ]]; do [ "$1" = -k ] && shift; shift; done; shift; exec "$@"
 def _functions() -> str:
     """The smoke program and the step functions, as run_gpu.sh defines them."""
     text = (ROOT / "bench/run_gpu.sh").read_text()
-    parts = [re.search(r"^GLUON_SMOKE='[^']*'$", text, re.M)]
+    parts = [re.search(r"^GLUON_SMOKE='[^']*'$", text, re.M), re.search(r"^GLUON_SCHEDULES_ALL=.*$", text, re.M)]
     parts += [re.search(rf"^{step}\(\) {{.*?^}}$", text, re.M | re.S) for step in STEPS]
     assert all(parts), "run_gpu.sh: GLUON_SMOKE or a decode step function not found"
     return "\n".join(m.group(0) for m in parts)
 
 
-def _run(tmp_path: Path, step: str, hang_seesaw: bool) -> tuple[int, list[str]]:
+def _run(tmp_path: Path, step: str, hang: str) -> tuple[int, list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, body in (("python3", FAKE_PYTHON), ("timeout", FAKE_TIMEOUT)):
@@ -47,22 +47,25 @@ def _run(tmp_path: Path, step: str, hang_seesaw: bool) -> tuple[int, list[str]]:
         REPO=str(ROOT),
         NCU="0",
         CALLS=str(calls),
-        HANG_SEESAW="1" if hang_seesaw else "0",
+        HANG=hang,
     )
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-    lines = calls.read_text().splitlines() if calls.exists() else []
-    return proc.returncode, [line for line in lines if not line.startswith("-c ")]
+    lines = [line.strip() for line in calls.read_text().splitlines()] if calls.exists() else []
+    return proc.returncode, [line for line in lines if " -c " not in line]
 
 
-@pytest.mark.parametrize("hang_seesaw", [False, True])
-def test_decode_steps_take_the_seesaw_kernel_only_where_its_smoke_launch_ran(tmp_path, hang_seesaw):
-    rc, calls = _run(tmp_path, "gluon_tests", hang_seesaw)
+@pytest.mark.parametrize("hang", ["", "seesaw", "seesaw_t32"])
+def test_decode_steps_take_a_gluon_schedule_only_where_its_smoke_launch_ran(tmp_path, hang):
+    others = [s for s in ("seesaw", "seesaw_t32") if s != hang]
+    rc, calls = _run(tmp_path, "gluon_tests", hang)
     (pytest_call,) = [c for c in calls if "pytest" in c]
-    assert ("-k not seesaw" in pytest_call) == hang_seesaw and rc == int(hang_seesaw)
-    rc, calls = _run(tmp_path, "decode_sweep", hang_seesaw)
+    assert pytest_call.startswith(f"GLUON_SCHEDULES={','.join(['pingpong', *others])} ") and rc == int(bool(hang))
+    rc, calls = _run(tmp_path, "decode_sweep", hang)
     (sweep,) = [c for c in calls if "decode_roofline.py" in c]
-    assert ("--skip gluon_seesaw" in sweep) == hang_seesaw and rc == 0
+    assert sweep.endswith(f"--skip gluon_{hang}" if hang else "--out " + str(tmp_path)) and rc == 0
     assert any("decode_goals.py" in c for c in calls)
-    rc, calls = _run(tmp_path, "decode_engine_4k", hang_seesaw)
+    rc, calls = _run(tmp_path, "decode_engine_4k", hang)
     (engine,) = [c for c in calls if "decode_bench.py" in c]
-    assert ("engine_gluon_seesaw" in engine) != hang_seesaw and "engine_gluon " in engine and rc == 0
+    sections = engine.split("--sections ")[1].split(" --prompt")[0].split()
+    assert sections == ["engine", "engine_flashmla", "engine_gluon", *(f"engine_gluon_{s}" for s in others)]
+    assert rc == 0

@@ -27,6 +27,7 @@ EXPECTED = {
     "decode_portable_h128": (["_split_kernel", "_merge_kernel"], True, False, False),
     "decode_gluon_ws_h128": (["_ws_decode_kernel"], True, True, True),
     "decode_gluon_seesaw_h128": (["_seesaw_decode_kernel"], True, True, True),
+    "decode_gluon_seesaw_t32_h128": (["_seesaw_decode_kernel"], True, True, True),
     "decode_merge_128_splits": (["_merge_kernel"], False, False, True),
     "decode_adapters": (["_expand_kernel", "_q_lat_kernel", "_o_kernel"], True, False, True),
     "grouped_add_r16": (["_grouped_add_kernel"], True, False, True),

@@ -39,9 +39,11 @@ def _decode(modules, schedule: str, q_lat, q_rope, c_kv, k_rope, lengths, splits
 
     launch, decode = modules["gluon_launch"], modules["gluon_decode"]
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
-    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, c_kv.shape[1], splits, decode.BLOCK_T)
-    grid, args, kwargs = decode.launch_args(q_lat, q_rope, c_kv, k_rope, lengths, SCALE, chunk, acc, m, l_sum)
-    gluon_emulator.launch(launch.KERNELS[schedule], grid, args, kwargs)
+    kernel = launch.KERNELS[schedule]
+    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, c_kv.shape[1], splits, kernel.block_t)
+    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
+    grid, args, kwargs = decode.launch_args(*tensors, SCALE, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    gluon_emulator.launch(kernel.kernel, grid, args, kwargs)
     if splits == 1:
         return out
     weight = torch.exp(m.double() - m.double().amax(-1, keepdim=True))  # [b, h, S]; m in natural-log units
@@ -54,7 +56,7 @@ def modules():
     return gluon_emulator.emulated_kernels()
 
 
-@pytest.mark.parametrize("schedule", ["pingpong", "seesaw"])
+@pytest.mark.parametrize("schedule", ["pingpong", "seesaw", "seesaw_t32"])
 @pytest.mark.parametrize(
     "heads, lens, splits",
     [
@@ -67,7 +69,7 @@ def modules():
     ],
 )
 def test_the_kernel_source_matches_the_equations(modules, schedule, heads, lens, splits):
-    assert set(modules["gluon_launch"].KERNELS) == {"pingpong", "seesaw"}
+    assert set(modules["gluon_launch"].KERNELS) == {"pingpong", "seesaw", "seesaw_t32"}
     q_lat, q_rope, c_kv, k_rope, lengths = _inputs(heads, lens)
     got = _decode(modules, schedule, q_lat, q_rope, c_kv, k_rope, lengths, splits)
     want = reference(q_lat, q_rope, c_kv.nan_to_num(0.0), k_rope.nan_to_num(0.0), lengths, SCALE)  # [b, h, c]

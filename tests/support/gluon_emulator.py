@@ -103,6 +103,11 @@ class Smem:
     def permute(self, order):
         return Smem(self.a.transpose(order), self.dtype)
 
+    def reinterpret(self, dtype, shape, layout):
+        return Smem(self.a.reshape(shape), dtype)  # the same bytes (a contiguous box) in another shape
+
+    _reinterpret = reinterpret  # Triton 3.6's name
+
     def load(self, layout=None):
         return _t(self.a.astype(np.float32))
 

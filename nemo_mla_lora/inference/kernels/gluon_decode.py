@@ -328,9 +328,13 @@ def _descriptor(t: torch.Tensor, rows: int, block: list[int]):
     return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], block, _shared_layout(tuple(block)))
 
 
-def launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, chunk: int, acc, m, l_sum):
-    """(grid, args, kwargs) of ``_ws_decode_kernel`` for these tensors; CPU tensors give the same signature (the
-    compile check in ``bench/gluon_compile.py`` uses them). ``acc`` is ``out`` itself with one split."""
+def launch_args(
+    q_lat, q_rope, c_kv, k_rope, lengths, scale: float, chunk: int, acc, m, l_sum, block_t=BLOCK_T, stages=STAGES
+):
+    """(grid, args, kwargs) of ``_ws_decode_kernel`` (or ``gluon_seesaw``'s kernel, same arguments) for these
+    tensors; CPU tensors give the same signature (the compile check in ``bench/gluon_compile.py`` uses them).
+    ``acc`` is ``out`` itself with one split; ``block_t`` positions per cache tile (the TMA boxes' rows), ``stages``
+    tiles in shared memory at once."""
     b, h, _ = q_lat.shape
     splits = 1 if acc.dim() == 3 else acc.shape[2]
     per_batch = c_kv.stride(0) // c_kv.stride(1)  # R: the buffer's positions per row
@@ -338,9 +342,9 @@ def launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale: float, chunk: int, 
     descs = (
         _descriptor(q_lat.view(b * h, LATENT), b * h, [BLOCK_H, HALF]),  # [b, h, c] -> [b * h, c]
         _descriptor(q_rope.view(b * h, ROPE), b * h, [BLOCK_H, ROPE]),  # [b, h, d] -> [b * h, d]
-        _descriptor(c_kv, cache_rows, [BLOCK_T, HALF]),  # [b, t, c] as rows b * R + t of [b * R, c]
-        _descriptor(k_rope, cache_rows, [BLOCK_T, ROPE]),  # [b, t, d] as rows b * R + t of [b * R, d]
+        _descriptor(c_kv, cache_rows, [block_t, HALF]),  # [b, t, c] as rows b * R + t of [b * R, c]
+        _descriptor(k_rope, cache_rows, [block_t, ROPE]),  # [b, t, d] as rows b * R + t of [b * R, d]
     )
     strides = (acc.stride(0), acc.stride(1), 0 if splits == 1 else acc.stride(2), m.stride(0), m.stride(1))
     args = (*descs, lengths, acc, m, l_sum, scale * math.log2(math.e), per_batch, chunk, *strides)
-    return (h // BLOCK_H, splits, b), args, dict(ONE_SPLIT=splits == 1, NSTAGE=STAGES, **LAUNCH)
+    return (h // BLOCK_H, splits, b), args, dict(ONE_SPLIT=splits == 1, NSTAGE=stages, **LAUNCH)

@@ -6,6 +6,8 @@ Index legend: b batch, h heads, t cached positions, c latent, d rope dim.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -15,17 +17,33 @@ from nemo_mla_lora.inference.kernels.gluon_decode import (
     BLOCK_T,
     LATENT,
     ROPE,
+    STAGES,
     _ws_decode_kernel,
     launch_args,
 )
 from nemo_mla_lora.inference.kernels.gluon_seesaw import _seesaw_decode_kernel
 from nemo_mla_lora.inference.kernels.triton_decode import merge_splits, split_buffers
 
-# The kernel of each schedule of the two consumer warpgroups (same arguments): ``gluon_decode``'s ping-pong (each
-# softmax waits for the other's P) and ``gluon_seesaw``'s (a softmax waits for the other's row max alone; stages
-# loaded and released in halves). The default is the one that has run on a GPU; the seesaw kernel has not yet (its
-# source is checked on the CPU through tests/support/gluon_emulator.py, its speed is not known).
-KERNELS = {"pingpong": _ws_decode_kernel, "seesaw": _seesaw_decode_kernel}
+
+class Schedule(NamedTuple):
+    """How the two consumer warpgroups share the work: the kernel (all take ``launch_args``' arguments), positions
+    per cache tile and tiles in shared memory at once (Q's 72 KiB + stages x tile within sm_90's 227 KiB)."""
+
+    kernel: object
+    block_t: int
+    stages: int
+
+
+# ``gluon_decode``'s ping-pong (each softmax waits for the other's P) and ``gluon_seesaw``'s (a softmax waits for the
+# other's row max alone; stages loaded and released in halves), the latter also with tiles of 32 positions in four
+# stages (the same bytes in flight, three tiles of slack between a stage's release and its next use instead of one).
+# The default is the one that has run on a GPU; the seesaw kernels have not yet (their source is checked on the CPU
+# through tests/support/gluon_emulator.py, their speed is not known).
+KERNELS = {
+    "pingpong": Schedule(_ws_decode_kernel, BLOCK_T, STAGES),
+    "seesaw": Schedule(_seesaw_decode_kernel, BLOCK_T, STAGES),
+    "seesaw_t32": Schedule(_seesaw_decode_kernel, 32, 4),
+}
 SCHEDULE = "pingpong"
 
 
@@ -140,9 +158,10 @@ def latent_decode_attention_ws(
         raise ValueError(f"latent_decode_attention_ws: lengths up to {t_max} but the cache holds {c_kv.shape[1]}")
     q_lat, q_rope, lengths = _aligned(q_lat), _aligned(q_rope), lengths.to(torch.int32)
     splits = splits or default_ws_splits(b, h, t_max, q_lat.device)
-    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, BLOCK_T)
-    grid, args, kwargs = launch_args(q_lat, q_rope, c_kv, k_rope, lengths, scale, chunk, acc, m, l_sum)
-    kernel[grid](*args, **kwargs)
+    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, kernel.block_t)
+    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
+    grid, args, kwargs = launch_args(*tensors, scale, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    kernel.kernel[grid](*args, **kwargs)
     merge_splits(acc, m, l_sum, out)
     return out
 

@@ -15,11 +15,16 @@ qk_rope_head_dim = 64), with two changes to how the two consumer warpgroups shar
    buffer of its own). A consumer adds the other's tile j - 1 right after publishing m_j, before its own
    exponentials and P V, so tile j - 1's part B is refilled as soon as the exchange allows; the producer loads tile
    k's part A once tile k - 2's owner is done with it, and tile k - 1's part B once tile k - 3's is released.
-Shared memory: Q 72 KiB + 2 stages x 72 KiB + row max and row sum per stage (1 KiB) + barriers, about 222 KiB.
-Host side, split count and merge pass: ``gluon_launch`` (``schedule="seesaw"``).
+Tiles as the launch asks (``gluon_launch.KERNELS``): 64 positions in two stages (``seesaw``; shared memory Q 72 KiB +
+2 x 72 KiB + row max and sum per stage + barriers, 217.4 KiB) or 32 in four (``seesaw_t32``: the same bytes in
+flight, but three tiles between a stage's release and its next use instead of one; 218.5 KiB); the rope box of a
+32-position tile holds P [64 h, 32 t] just as well (the same 4 KiB). Written above for 64: [64 h, t] wherever a tile
+shape appears. Host side, split count and merge pass: ``gluon_launch`` (``schedule=``).
 """
 
 from __future__ import annotations
+
+import triton
 
 from nemo_mla_lora.inference.kernels import gluon_decode as gd
 from nemo_mla_lora.inference.kernels.gluon_decode import (
@@ -42,6 +47,9 @@ if gd.gl is not None:  # Gluon's Hopper API (``gluon_decode`` says which Triton 
     )
 
     _tma_load, _cta_barrier = gd._tma_load, gd._cta_barrier
+
+# a host function evaluated at compile time (layouts from a tile size); plain where Triton predates it
+_constexpr_function = getattr(triton, "constexpr_function", lambda fn: fn)
 
 
 @_jit
@@ -74,6 +82,39 @@ def _producer(descs, bufs, bars, q_row, kv_row, n):
             _tma_load(kr_desc, [kv_row + i * TILE_T, 0], bar, kr_bufs.index(s))  # [64 t, 64 d]
 
 
+@_constexpr_function
+def _scores_layout(tile_t):
+    """The wgmma accumulator layout of S [64 h, tile_t t] on one warpgroup."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, tile_t, 16])
+
+
+@_constexpr_function
+def _p_layout(tile_t):
+    """P [64 h, tile_t t] bf16 in shared memory, as wgmma's A operand: rows of 2 x tile_t bytes, swizzled as wide."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=2 * tile_t, element_bitwidth=16, rank=2)
+
+
+@_jit
+def _p_box_reinterpret(kr_bufs, s):
+    """Stage s's rope box [tile_t t, 64 d] seen as P [64 h, tile_t t] (the same bytes): Triton 3.9's name."""
+    TILE_T: gl.constexpr = kr_bufs.shape[1]
+    return kr_bufs.index(s).reinterpret(gl.bfloat16, [kr_bufs.shape[2], TILE_T], _p_layout(TILE_T))
+
+
+@_jit
+def _p_box_underscore(kr_bufs, s):
+    """The same with Triton 3.6's name (``_reinterpret``)."""
+    TILE_T: gl.constexpr = kr_bufs.shape[1]
+    return kr_bufs.index(s)._reinterpret(gl.bfloat16, [kr_bufs.shape[2], TILE_T], _p_layout(TILE_T))
+
+
+_p_box = (
+    _p_box_reinterpret
+    if gd.gl is not None and hasattr(getattr(gl, "shared_memory_descriptor", None), "reinterpret")
+    else _p_box_underscore
+)
+
+
 @_jit
 def _scores(bufs, bars, j, W: gl.constexpr, zero):
     """S_j [64 h, 64 t] = Q [64 h, 576] . K_j^T: the wgmma over the owner's c_kv half starts when part A lands, the
@@ -82,7 +123,7 @@ def _scores(bufs, bars, j, W: gl.constexpr, zero):
     ready_a, ready_b = bars[1], bars[2]
     s = j % ready_a.shape[0]
     phase = (j // ready_a.shape[0]) & 1
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    s_layout: gl.constexpr = _scores_layout(kv_bufs.shape[1])
     acc = gl.full([q_bufs.shape[1], kv_bufs.shape[1]], 0.0, gl.float32, s_layout)
     mbarrier.wait(ready_a.index(s), phase)
     own, other = kv_bufs.index(2 * s + W).permute((1, 0)), kv_bufs.index(2 * s + 1 - W).permute((1, 0))
@@ -113,7 +154,7 @@ def _read_max(m_bufs, m_ready, k, like):
 def _hand_over(kr_bufs, r_bufs, p_ready, s, p, row_sum, scale):
     """P_j and its row sums scaled to the next running max (``scale`` [64 h] = exp2(m_j - m_{j+1})); P [64 h, 64 t]
     bf16 goes over the spent rope box of stage s."""
-    kr_bufs.index(s).store((p.to(gl.float32) * gl.expand_dims(scale, 1)).to(gl.bfloat16))
+    _p_box(kr_bufs, s).store((p.to(gl.float32) * gl.expand_dims(scale, 1)).to(gl.bfloat16))
     r_bufs.index(s).store(row_sum * scale)
     fence_async_shared()  # generic stores before the other warpgroup's wgmma (async proxy) reads P
     _cta_barrier()
@@ -130,7 +171,7 @@ def _add_other(bufs, bars, i, o, l_sum, W: gl.constexpr):
     mbarrier.wait(ready_b.index(s), (i // ready_b.shape[0]) & 1)  # its owner waited too; here for the async proxy
     mbarrier.wait(p_ready.index(s), (i // ready_b.shape[0]) & 1)
     l_sum = l_sum + r_bufs.index(s).load(l_sum.type.layout)
-    o = warpgroup_mma(kr_bufs.index(s), kv_bufs.index(2 * s + W), o)  # [64 h, 64 t] . [64 t, 256 c]
+    o = warpgroup_mma(_p_box(kr_bufs, s), kv_bufs.index(2 * s + W), o)  # [64 h, t] . [t, 256 c]
     mbarrier.arrive(bars[4].index(s), count=1)  # free_b: the producer may refill this half and the P box
     return o, l_sum
 
@@ -186,7 +227,7 @@ def _consumer(bufs, bars, span, outs, W: gl.constexpr, ONE_SPLIT: gl.constexpr):
     """Consumer warpgroup W: its tiles j = W, W + 2, ... (each with the other's tile j - 1), the other's last tile if
     it comes after, then its half of O."""
     n = span[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    s_layout: gl.constexpr = _scores_layout(bufs[2].shape[1])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     rows: gl.constexpr = bufs[0].shape[1]
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
