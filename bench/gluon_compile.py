@@ -6,7 +6,7 @@ Exits non-zero when a config fails to compile, spills, or needs more shared memo
 
     python bench/gluon_compile.py [--ptx DIR]   # DIR: also write each config's PTX, TTGIR and ptxas log there
     python bench/gluon_compile.py --time [--json F]  # on an sm_90 GPU instead: time it beside hopper_decode's TMA
-                                                     # kernel and FlashMLA's (both schedules)
+                                                     # kernel and FlashMLA's (every schedule)
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""The Gluon decode kernels' own source (both schedules of ``gluon_launch.KERNELS``), run on the CPU through
+"""The Gluon decode kernels' own source (every schedule of ``gluon_launch.KERNELS``), run on the CPU through
 ``support.gluon_emulator`` (numpy shared memory, mbarriers with phases and transaction bytes, TMA copies, wgmma as
 fp32 matmuls evaluated at their wait, one thread per partition): against the float64 decode step, with NaN in the
 cache past each row's length, rows of 1 to 2,000 positions, one split and several (0 to 32 tiles per split, both
