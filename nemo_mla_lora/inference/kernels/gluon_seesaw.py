@@ -14,7 +14,8 @@ qk_rope_head_dim = 64), with two changes to how the two consumer warpgroups shar
    then carries P_j to the other warpgroup: P [64 h, 64 t] bf16 is the size of k_rope [64 t, 64 d], so it needs no
    buffer of its own). A consumer adds the other's tile j - 1 right after publishing m_j, before its own
    exponentials and P V, so tile j - 1's part B is refilled as soon as the exchange allows; the producer loads tile
-   k's part A once tile k - 2's owner is done with it, and tile k - 1's part B once tile k - 3's is released.
+   k's part A once the owner of tile k - NSTAGE (same stage) is done with it, and tile k - 1's part B once tile
+   k - 1 - NSTAGE's is released.
 Tiles as the launch asks (``gluon_launch.KERNELS``): 64 positions in two stages (``seesaw``; shared memory Q 72 KiB +
 2 x 72 KiB + row max and sum per stage + barriers, 217.4 KiB) or 32 in four (``seesaw_t32``: the same bytes in
 flight, but three tiles between a stage's release and its next use instead of one; 218.5 KiB); the rope box of a
