@@ -155,7 +155,7 @@ def _barrier(buf: Smem) -> _Barrier:
 
 
 class Ptr:
-    """A pointer: a flat numpy array (float32, or int64 for integer tensors) and element offsets (an int or an array)."""
+    """A pointer: a flat numpy array (float32; int64 for integer tensors) and element offsets (an int or an array)."""
 
     def __init__(self, flat: np.ndarray, offset=0, element=FLOAT32):
         self.flat, self.offset, self.dtype = flat, offset, types.SimpleNamespace(element_ty=element)
