@@ -119,14 +119,13 @@ def gluon_kernel_launch(heads: int, batch: int, positions: int, splits: int, sch
         splits: splits of the positions (1: the kernel writes the output itself).
         schedule: the consumers' schedule (a key of ``gluon_launch.KERNELS``).
     """
-    from nemo_mla_lora.inference.kernels import gluon_decode, gluon_launch, triton_decode
+    from nemo_mla_lora.inference.kernels import gluon_launch
 
     q_lat, q_rope, c_kv, k_rope, lengths, scale = _decode_inputs(heads, batch, positions)
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     kernel = gluon_launch.KERNELS[schedule]
-    chunk, _, _, acc, m, l_sum = triton_decode.split_buffers(q_lat, positions, splits, kernel.block_t)
-    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
-    grid, args, kwargs = gluon_decode.launch_args(*tensors, scale, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    plan = gluon_launch.launch_plan(kernel, q_lat, q_rope, c_kv, k_rope, lengths, scale, positions, splits)
+    grid, args, kwargs, _ = plan
     return kernel.kernel[grid](*args, **kwargs)
 
 

@@ -35,16 +35,13 @@ def _inputs(heads: int, lens: list[int], seed: int = 0):
 def _decode(modules, schedule: str, q_lat, q_rope, c_kv, k_rope, lengths, splits: int) -> torch.Tensor:
     """``gluon_launch.latent_decode_attention_ws``'s host steps with the launch emulated; the splits merged in
     float64 (merge_splits' equations)."""
-    from nemo_mla_lora.inference.kernels.triton_decode import split_buffers
-
-    launch, decode = modules["gluon_launch"], modules["gluon_decode"]
+    launch = modules["gluon_launch"]
     q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()
     kernel = launch.KERNELS[schedule]
-    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, c_kv.shape[1], splits, kernel.block_t)
-    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
-    grid, args, kwargs = decode.launch_args(*tensors, SCALE, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    plan = launch.launch_plan(kernel, q_lat, q_rope, c_kv, k_rope, lengths, SCALE, c_kv.shape[1], splits)
+    grid, args, kwargs, (out, acc, m, l_sum) = plan
     gluon_emulator.launch(kernel.kernel, grid, args, kwargs)
-    if splits == 1:
+    if acc is out:  # one split: the kernel wrote the output
         return out
     weight = torch.exp(m.double() - m.double().amax(-1, keepdim=True))  # [b, h, S]; m in natural-log units
     num = (weight.unsqueeze(-1) * acc.double()).sum(2)  # [b, h, c]

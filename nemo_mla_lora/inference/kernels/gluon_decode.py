@@ -37,6 +37,8 @@ import math
 import torch
 import triton
 
+from nemo_mla_lora.inference.kernels.triton_decode import split_strides
+
 try:  # Gluon's Hopper API as Triton 3.6 (torch 2.11's) and 3.9 ship it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -345,6 +347,5 @@ def launch_args(
         _descriptor(c_kv, cache_rows, [block_t, HALF]),  # [b, t, c] as rows b * R + t of [b * R, c]
         _descriptor(k_rope, cache_rows, [block_t, ROPE]),  # [b, t, d] as rows b * R + t of [b * R, d]
     )
-    strides = (acc.stride(0), acc.stride(1), 0 if splits == 1 else acc.stride(2), m.stride(0), m.stride(1))
-    args = (*descs, lengths, acc, m, l_sum, scale * math.log2(math.e), per_batch, chunk, *strides)
+    args = (*descs, lengths, acc, m, l_sum, scale * math.log2(math.e), per_batch, chunk, *split_strides((), acc, m))
     return (h // BLOCK_H, splits, b), args, dict(ONE_SPLIT=splits == 1, NSTAGE=stages, **LAUNCH)

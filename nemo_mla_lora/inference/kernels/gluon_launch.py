@@ -158,12 +158,28 @@ def latent_decode_attention_ws(
         raise ValueError(f"latent_decode_attention_ws: lengths up to {t_max} but the cache holds {c_kv.shape[1]}")
     q_lat, q_rope, lengths = _aligned(q_lat), _aligned(q_rope), lengths.to(torch.int32)
     splits = splits or default_ws_splits(b, h, t_max, q_lat.device)
-    chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, kernel.block_t)
-    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
-    grid, args, kwargs = launch_args(*tensors, scale, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    grid, args, kwargs, (out, acc, m, l_sum) = launch_plan(
+        kernel, q_lat, q_rope, c_kv, k_rope, lengths, scale, t_max, splits
+    )
     kernel.kernel[grid](*args, **kwargs)
     merge_splits(acc, m, l_sum, out)
     return out
+
+
+def launch_plan(kernel: Schedule, q_lat, q_rope, c_kv, k_rope, lengths, scale: float, t_max: int, splits: int):
+    """The split buffers and the launch of ``kernel`` for tensors ``latent_decode_attention_ws`` has checked and
+    aligned: (grid, args, kwargs, (out, acc, m, l_sum)), acc being out itself with one split. Also what the CPU
+    compile check and the Gluon emulator launch.
+
+    Args:
+        kernel: a value of ``KERNELS``.
+        q_lat, q_rope, c_kv, k_rope, lengths, scale: as ``latent_decode_attention_ws`` takes them.
+        t_max: positions the kernel may read per row; splits: splits of them (fewer where chunks would be empty).
+    """
+    chunk, _, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, kernel.block_t)
+    tensors = (q_lat, q_rope, c_kv, k_rope, lengths)
+    grid, args, kwargs = launch_args(*tensors, scale, chunk, acc, m, l_sum, kernel.block_t, kernel.stages)
+    return grid, args, kwargs, (out, acc, m, l_sum)
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

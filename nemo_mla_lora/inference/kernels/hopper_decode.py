@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nemo_mla_lora.inference.kernels.triton_decode import default_splits, merge_splits, split_buffers
+from nemo_mla_lora.inference.kernels.triton_decode import default_splits, merge_splits, split_buffers, split_strides
 
 
 @triton.jit
@@ -276,9 +276,7 @@ def latent_decode_attention_tma(
     one = splits == 1
     if q_lat.device.type == "cuda":
         triton.set_allocator(_scratch)
-    # the row strides (batch, then head / position) of each tensor, in the kernel's argument order
-    strides = (*q_lat.stride()[:2], *q_rope.stride()[:2], *c_kv.stride()[:2], *k_rope.stride()[:2])
-    strides += (acc.stride(0), acc.stride(1), 0 if one else acc.stride(2), m.stride(0), m.stride(1))
+    strides = split_strides((q_lat, q_rope, c_kv, k_rope), acc, m)
     args = (q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, chunk, *strides)
     kernel[(triton.cdiv(h, block_h), splits, b)](
         *args,

@@ -160,6 +160,19 @@ def split_buffers(q_lat: torch.Tensor, t_max: int, splits: int, block_t: int):
     return chunk, splits, out, acc, m, torch.empty_like(m)
 
 
+def split_strides(row_major: tuple, acc: torch.Tensor, m: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments of the split kernels, in their order.
+
+    Args:
+        row_major: the tensors whose (batch, row) strides come first (q_lat, q_rope, c_kv, k_rope; none for the
+            Gluon kernel, whose TMA descriptors hold them).
+        acc, m: ``split_buffers``' partial sums and row maxima; acc's split stride is 0 where acc is ``out`` itself
+            (one split).
+    """
+    rows = tuple(s for t in row_major for s in t.stride()[:2])
+    return (*rows, acc.stride(0), acc.stride(1), acc.stride(2) if acc.dim() == 4 else 0, m.stride(0), m.stride(1))
+
+
 # Splits the merge pass sums at a time: [8, 512] fp32 is 32 values a thread at 4 warps. Holding every split at once
 # spilled 10-26 KB a thread at 66-256 splits (ptxas for sm_90a), the splits a single long row takes.
 MERGE_GROUP = 8
@@ -235,9 +248,7 @@ def latent_decode_attention(
     chunk, splits, out, acc, m, l_sum = split_buffers(q_lat, t_max, splits, block_t)
     one = splits == 1
     block_c, block_d = pow2(c), pow2(d)
-    # the row strides (batch, then head / position) of each tensor, in the kernel's argument order
-    strides = (*q_lat.stride()[:2], *q_rope.stride()[:2], *c_kv.stride()[:2], *k_rope.stride()[:2])
-    strides += (acc.stride(0), acc.stride(1), 0 if one else acc.stride(2), m.stride(0), m.stride(1))
+    strides = split_strides((q_lat, q_rope, c_kv, k_rope), acc, m)
     args = (q_lat, q_rope, c_kv, k_rope, lengths, acc, m, l_sum, scale, h, c, d, chunk, *strides)
     _split_kernel[(triton.cdiv(h, block_h), splits, b)](
         *args,
