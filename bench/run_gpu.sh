@@ -168,15 +168,16 @@ o = g.latent_decode_attention_ws(q[..., :512], q[..., 512:], buf[..., :512], buf
 torch.cuda.synchronize(); print(f"gluon smoke ({schedule}): ran, max |o|", o.float().abs().max().item())'
 
 GLUON_SCHEDULES_ALL=(pingpong seesaw seesaw_t32)  # gluon_launch.KERNELS, the default first
+SMOKED=$(mktemp -d)  # a mark per schedule whose smoke launch ran in this call (subshells too; not among $OUT's files)
 
 gluon_smoke() {  # one small launch of the Gluon kernel per schedule named (default all), 60 s at most each (a
   # barrier bug would hang); a schedule that ran once in this call is not launched again
   local s schedules=("$@"); [ $# = 0 ] && schedules=("${GLUON_SCHEDULES_ALL[@]}")
   for s in "${schedules[@]}"; do
-    [ -f "$OUT/gluon_smoke_$s.ok" ] && continue
+    [ -f "$SMOKED/$s" ] && continue
     timeout -k 5 60 python3 -c "$GLUON_SMOKE" "$s" 2>&1 | tee "$OUT/gluon_smoke_$s.log" | tail -n 3
     [ "${PIPESTATUS[0]}" = 0 ] || { echo "gluon smoke ($s) failed or hung"; return 1; }
-    touch "$OUT/gluon_smoke_$s.ok"
+    touch "$SMOKED/$s"
   done
 }
 
@@ -639,6 +640,7 @@ chain() {  # several steps in one call, in order, on one install (a step that fa
 }
 
 "$@"; rc=$?
+rm -rf "$SMOKED"
 # the device tool returns at most 8 files from $OUT: past that, the logs travel as one archive
 cd "$OUT" && [ "$(ls | wc -l)" -gt 8 ] && tar czf logs.tar.gz -- *.log && rm -f -- *.log
 exit "$rc"

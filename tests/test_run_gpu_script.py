@@ -25,9 +25,10 @@ while [[ "$1" == -* ]]; do [ "$1" = -k ] && shift; shift; done; shift; exec "$@"
 def _functions() -> str:
     """The smoke program and the step functions, as run_gpu.sh defines them."""
     text = (ROOT / "bench/run_gpu.sh").read_text()
-    parts = [re.search(r"^GLUON_SMOKE='[^']*'$", text, re.M), re.search(r"^GLUON_SCHEDULES_ALL=.*$", text, re.M)]
+    parts = [re.search(r"^GLUON_SMOKE='[^']*'$", text, re.M)]
+    parts += [re.search(rf"^{name}=.*$", text, re.M) for name in ("GLUON_SCHEDULES_ALL", "SMOKED")]
     parts += [re.search(rf"^{step}\(\) {{.*?^}}$", text, re.M | re.S) for step in STEPS]
-    assert all(parts), "run_gpu.sh: GLUON_SMOKE or a decode step function not found"
+    assert all(parts), "run_gpu.sh: GLUON_SMOKE, its schedules, SMOKED or a decode step function not found"
     return "\n".join(m.group(0) for m in parts)
 
 
@@ -39,7 +40,7 @@ def _run(tmp_path: Path, step: str, hang: str) -> tuple[int, list[str]]:
         (bin_dir / name).chmod(0o755)
     calls = tmp_path / "calls.log"
     calls.unlink(missing_ok=True)
-    script = f"set -uo pipefail\n{_functions()}\n{step}\n"
+    script = f'set -uo pipefail\n{_functions()}\n{step}\nrc=$?; rm -rf "$SMOKED"; exit $rc\n'
     env = dict(
         os.environ,
         PATH=f"{bin_dir}:{os.environ['PATH']}",
